@@ -1,0 +1,414 @@
+#include "sae_client.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <algorithm>
+#include <map>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+
+namespace sae::client {
+
+std::unique_ptr<SaeClient> SaeClient::Connect(const std::string& address) {
+  grpc::ChannelArguments args;
+  // Large k times many SAEs and big chunks can pass gRPC's 4 MiB default.
+  args.SetMaxReceiveMessageSize(256 << 20);
+  return std::make_unique<SaeClient>(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+}
+
+SaeClient::SaeClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)),
+      stub_(v1::SaeService::NewStub(channel_)),
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+void SaeClient::SetDeadline(grpc::ClientContext* context) const {
+  context->set_deadline(std::chrono::system_clock::now() + timeout_);
+}
+
+grpc::Status SaeClient::Extract(const v1::ExtractRequest& request, std::vector<v1::ExtractResponse>* responses) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  std::unique_ptr<grpc::ClientReader<v1::ExtractResponse>> reader = stub_->Extract(&context, request);
+  v1::ExtractResponse response;
+  while (reader->Read(&response)) responses->push_back(response);
+  return reader->Finish();
+}
+
+grpc::Status SaeClient::Tokenize(const v1::TokenizeRequest& request, v1::TokenizeResponse* response) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  return stub_->Tokenize(&context, request, response);
+}
+
+grpc::Status SaeClient::ListSaes(v1::ListSaesResponse* response) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  return stub_->ListSaes(&context, v1::ListSaesRequest(), response);
+}
+
+grpc::Status SaeClient::Info(v1::InfoResponse* response) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  return stub_->Info(&context, v1::InfoRequest(), response);
+}
+
+grpc::Status SaeClient::Health(const std::string& service, grpc::health::v1::HealthCheckResponse* response) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  return health_stub_->Check(&context, request, response);
+}
+
+std::string StatusCodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return absl::StrCat("CODE_", static_cast<int>(code));
+  }
+}
+
+std::string QuotePiece(const std::string& piece) {
+  std::string out = "\"";
+  for (unsigned char c : piece) {
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        if (c < 0x20 || c == 0x7f) {
+          out += absl::StrFormat("\\x%02x", c);
+        } else {
+          out += static_cast<char>(c);  // UTF-8 bytes pass through
+        }
+    }
+  }
+  return out + "\"";
+}
+
+namespace {
+
+// Display width of UTF-8 text, counting code points (good enough for aligning
+// pieces; wide CJK glyphs may overhang).
+size_t DisplayWidth(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+std::string PadRight(const std::string& s, size_t width) {
+  const size_t w = DisplayWidth(s);
+  return w >= width ? s : s + std::string(width - w, ' ');
+}
+
+std::string FormatFeatures(const v1::SaeFeatures& features) {
+  if (features.indices().empty()) return "-";
+  std::vector<std::string> parts;
+  for (int i = 0; i < features.indices_size(); ++i) {
+    parts.push_back(absl::StrFormat("%u:%.3f", features.indices(i), features.values(i)));
+  }
+  return absl::StrJoin(parts, " ");
+}
+
+}  // namespace
+
+std::string FormatExtractTable(const std::vector<v1::ExtractResponse>& responses) {
+  std::vector<const v1::TokenFeatures*> tokens;
+  for (const auto& r : responses) {
+    for (const auto& t : r.tokens()) tokens.push_back(&t);
+  }
+  size_t pos_w = 3, id_w = 2, piece_w = 5, sae_w = 3;
+  for (const v1::TokenFeatures* t : tokens) {
+    pos_w = std::max(pos_w, absl::StrCat(t->position()).size());
+    id_w = std::max(id_w, absl::StrCat(t->token_id()).size());
+    piece_w = std::max(piece_w, DisplayWidth(QuotePiece(t->piece())));
+    for (const auto& s : t->saes()) sae_w = std::max(sae_w, s.sae().size());
+  }
+  std::string out = absl::StrCat(PadRight("pos", pos_w), "  ", PadRight("id", id_w), "  ", PadRight("token", piece_w),
+                                 "  ", PadRight("sae", sae_w), "  features (index:value)\n");
+  const std::string indent(pos_w + 2 + id_w + 2 + piece_w + 2, ' ');
+  for (const v1::TokenFeatures* t : tokens) {
+    std::string head =
+        absl::StrCat(PadRight(absl::StrCat(t->position()), pos_w), "  ", PadRight(absl::StrCat(t->token_id()), id_w),
+                     "  ", PadRight(QuotePiece(t->piece()), piece_w), "  ");
+    if (t->saes().empty()) absl::StrAppend(&out, head, "\n");
+    for (int i = 0; i < t->saes_size(); ++i) {
+      absl::StrAppend(&out, i == 0 ? head : indent, PadRight(t->saes(i).sae(), sae_w), "  ", FormatFeatures(t->saes(i)),
+                      "\n");
+    }
+  }
+  if (!responses.empty()) absl::StrAppend(&out, responses.back().total_tokens(), " tokens\n");
+  return out;
+}
+
+std::string FormatTokens(const v1::TokenizeResponse& response) {
+  std::string out = "pos  id  token  chars\n";
+  for (int i = 0; i < response.tokens_size(); ++i) {
+    const v1::Token& t = response.tokens(i);
+    absl::StrAppend(&out, i, "  ", t.id(), "  ", QuotePiece(t.piece()), "  [", t.char_start(), ", ", t.char_end(),
+                    ")\n");
+  }
+  return out;
+}
+
+std::string FormatSaes(const v1::ListSaesResponse& response) {
+  std::string out;
+  for (const v1::SaeInfo& s : response.saes()) {
+    absl::StrAppend(&out, s.name(), "  hook=", s.hook(), " layer=", s.layer(), " site=", s.site(),
+                    " d_model=", s.d_model(), " d_sae=", s.d_sae(), " act_fn=", s.act_fn(),
+                    " threshold=", s.threshold(), " in=", s.hook_point_in(), " path=", s.path(), "\n");
+  }
+  return out;
+}
+
+std::string FormatInfo(const v1::InfoResponse& r) {
+  return absl::StrCat("model_path: ", r.model_path(), "\nbackend: ", r.backend(), "\nn_layers: ", r.n_layers(),
+                      "\nn_layers_run: ", r.n_layers_run(), "\nd_model: ", r.d_model(),
+                      "\nvocab_size: ", r.vocab_size(), "\nbos_token_id: ", r.bos_token_id(),
+                      "\ndefault_k: ", r.default_k(), "\nmax_k: ", r.max_k(),
+                      "\nmax_tokens_per_request: ", r.max_tokens_per_request(), "\nversion: ", r.version(), "\n");
+}
+
+std::string ToJson(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &json, options);
+  return json;
+}
+
+namespace {
+
+constexpr char kUsage[] =
+    "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] COMMAND ...\n"
+    "  extract TEXT [--sae NAME ...] [--k K] [--chunk-tokens N] [--no-bos] [--include-bos] [--json]\n"
+    "  extract --ids 1,2,3 [...]      token ids instead of text\n"
+    "  tokenize TEXT [--no-bos] [--json]\n"
+    "  info [--json]\n"
+    "  list-saes [--json]\n"
+    "  health [--service NAME]        exit 0 only when SERVING\n"
+    "default --addr: localhost:50051\n";
+
+struct Args {
+  std::string addr = "localhost:50051";
+  double timeout_s = 60;
+  std::vector<std::string> positional;
+  std::vector<std::string> saes;
+  std::string ids;
+  bool has_ids = false;
+  uint32_t k = 0;
+  uint32_t chunk_tokens = 0;
+  bool no_bos = false;
+  bool include_bos = false;
+  bool json = false;
+  std::string service;
+};
+
+// Empty on success, else the usage problem.
+std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
+  for (size_t i = 0; i < argv.size(); ++i) {
+    std::string arg = argv[i];
+    if (arg == "--") {
+      a->positional.insert(a->positional.end(), argv.begin() + i + 1, argv.end());
+      break;
+    }
+    if (arg.size() < 2 || arg.compare(0, 2, "--") != 0) {
+      a->positional.push_back(arg);
+      continue;
+    }
+    std::string value;
+    bool has_value = false;
+    if (size_t eq = arg.find('='); eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    std::replace(arg.begin(), arg.end(), '_', '-');
+    auto take = [&](std::string* out) -> bool {
+      if (has_value) {
+        *out = value;
+        return true;
+      }
+      if (i + 1 >= argv.size()) return false;
+      *out = argv[++i];
+      return true;
+    };
+    std::string v;
+    if (arg == "--json" || arg == "--no-bos" || arg == "--include-bos") {
+      if (has_value) return arg + " takes no value";
+      (arg == "--json" ? a->json : arg == "--no-bos" ? a->no_bos : a->include_bos) = true;
+    } else if (arg == "--addr") {
+      if (!take(&a->addr)) return "--addr needs HOST:PORT";
+    } else if (arg == "--sae") {
+      if (!take(&v)) return "--sae needs a name";
+      a->saes.push_back(v);
+    } else if (arg == "--ids") {
+      if (!take(&a->ids)) return "--ids needs a comma-separated list";
+      a->has_ids = true;
+    } else if (arg == "--service") {
+      if (!take(&a->service)) return "--service needs a name";
+    } else if (arg == "--k") {
+      if (!take(&v) || !absl::SimpleAtoi(v, &a->k)) return "--k needs a non-negative integer";
+    } else if (arg == "--chunk-tokens") {
+      if (!take(&v) || !absl::SimpleAtoi(v, &a->chunk_tokens)) return "--chunk-tokens needs a non-negative integer";
+    } else if (arg == "--timeout") {
+      if (!take(&v) || !absl::SimpleAtod(v, &a->timeout_s) || a->timeout_s <= 0) {
+        return "--timeout needs a positive number of seconds";
+      }
+    } else {
+      return "unknown option " + arg;
+    }
+  }
+  return "";
+}
+
+int Fail(const grpc::Status& status, std::ostream& err) {
+  err << "error: " << StatusCodeName(status.error_code()) << ": " << status.error_message() << "\n";
+  return 1;
+}
+
+}  // namespace
+
+int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  Args a;
+  if (std::string problem = ParseArgs(argv, &a); !problem.empty()) {
+    err << "sae-client: " << problem << "\n" << kUsage;
+    return 2;
+  }
+  if (a.positional.empty()) {
+    err << kUsage;
+    return 2;
+  }
+  const std::string command = a.positional[0];
+  const std::vector<std::string> rest(a.positional.begin() + 1, a.positional.end());
+  std::unique_ptr<SaeClient> client = SaeClient::Connect(a.addr);
+  client->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(a.timeout_s * 1000)));
+
+  if (command == "extract") {
+    v1::ExtractRequest request;
+    if (a.has_ids == (rest.size() == 1) || rest.size() > 1) {
+      err << "sae-client: extract takes one TEXT argument or --ids\n" << kUsage;
+      return 2;
+    }
+    if (a.has_ids) {
+      v1::TokenIds* ids = request.mutable_token_ids();
+      for (absl::string_view part : absl::StrSplit(a.ids, ',', absl::SkipWhitespace())) {
+        uint32_t id = 0;
+        if (!absl::SimpleAtoi(part, &id)) {
+          err << "sae-client: --ids: \"" << part << "\" is not a token id\n";
+          return 2;
+        }
+        ids->add_ids(id);
+      }
+    } else {
+      request.set_text(rest[0]);
+      if (a.no_bos) request.set_add_bos(false);
+    }
+    for (const std::string& s : a.saes) request.add_saes(s);
+    request.set_k(a.k);
+    request.set_chunk_tokens(a.chunk_tokens);
+    request.set_include_bos(a.include_bos);
+    std::vector<v1::ExtractResponse> responses;
+    grpc::Status status = client->Extract(request, &responses);
+    if (!status.ok()) return Fail(status, err);
+    if (a.json) {
+      for (const auto& r : responses) out << ToJson(r) << "\n";
+    } else {
+      out << FormatExtractTable(responses);
+    }
+    return 0;
+  }
+  if (command == "tokenize") {
+    if (rest.size() != 1) {
+      err << "sae-client: tokenize takes one TEXT argument\n" << kUsage;
+      return 2;
+    }
+    v1::TokenizeRequest request;
+    request.set_text(rest[0]);
+    if (a.no_bos) request.set_add_bos(false);
+    v1::TokenizeResponse response;
+    grpc::Status status = client->Tokenize(request, &response);
+    if (!status.ok()) return Fail(status, err);
+    out << (a.json ? ToJson(response) + "\n" : FormatTokens(response));
+    return 0;
+  }
+  if (!rest.empty()) {
+    err << "sae-client: " << command << " takes no argument\n" << kUsage;
+    return 2;
+  }
+  if (command == "info") {
+    v1::InfoResponse response;
+    grpc::Status status = client->Info(&response);
+    if (!status.ok()) return Fail(status, err);
+    out << (a.json ? ToJson(response) + "\n" : FormatInfo(response));
+    return 0;
+  }
+  if (command == "list-saes") {
+    v1::ListSaesResponse response;
+    grpc::Status status = client->ListSaes(&response);
+    if (!status.ok()) return Fail(status, err);
+    out << (a.json ? ToJson(response) + "\n" : FormatSaes(response));
+    return 0;
+  }
+  if (command == "health") {
+    grpc::health::v1::HealthCheckResponse response;
+    grpc::Status status = client->Health(a.service, &response);
+    if (!status.ok()) return Fail(status, err);
+    out << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()) << "\n";
+    return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
+  err << "sae-client: unknown command \"" << command << "\"\n" << kUsage;
+  return 2;
+}
+
+}  // namespace sae::client

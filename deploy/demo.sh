@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine, builds the service, starts it on the
+# embedded tiny demo model and queries it with the client:
+#   bash deploy/demo.sh
+# KEEP_RUNNING=1 leaves the server running afterwards (PORT picks the port).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port="${PORT:-50051}"
+build=build-demo
+
+bash deploy/install_deps.sh
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAE_BUILD_TESTS=OFF >/dev/null
+cmake --build "$build" -j "$(nproc)" --target sae-server sae-client sae-extract sae-make-demo
+
+client="$build/client/sae-client --addr=127.0.0.1:$port"
+"$build/server/rpc/sae-server" --demo --demo_dir="${DEMO_DIR:-/tmp/sae-demo}" --listen="127.0.0.1:$port" &
+server_pid=$!
+[[ "${KEEP_RUNNING:-0}" == "1" ]] || trap 'kill $server_pid 2>/dev/null; wait $server_pid 2>/dev/null || true' EXIT
+
+# grpc.health.v1 turns SERVING once the model and SAEs are loaded.
+for _ in $(seq 1 120); do
+  $client health >/dev/null 2>&1 && break
+  kill -0 $server_pid 2>/dev/null || { echo "sae-server exited" >&2; exit 1; }
+  sleep 0.5
+done
+
+set -x
+$client info
+$client list-saes
+$client extract "The cat sat on the red mat in Paris with two dogs." --sae=L1R-8x --sae=L3R-32x --k=3
+set +x
+echo
+echo "Concept features of the demo SAEs (see README): 3 = animals, 17 = colours, 42 = cities, 101 = numbers."
+if [[ "${KEEP_RUNNING:-0}" == "1" ]]; then
+  echo "sae-server (pid $server_pid) keeps serving on 127.0.0.1:$port"
+fi

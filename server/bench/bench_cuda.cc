@@ -1,0 +1,455 @@
+// Benchmark of the CUDA backend on Llama-3.1-8B shapes with random bf16
+// weights (nothing to download), through the same Backend ops the engine uses:
+//   * the 7 forward GEMMs per layer: time, TFLOP/s, % of the bf16 dense peak
+//     (target: >= 60% at 8k-token batches);
+//   * the forward pass (embed + L layers) for early exit at L = 8, 16, 32:
+//     tokens/s and MFU;
+//   * SAE encode + top-k for 8x (d_sae 32768) and 32x (d_sae 131072) SAEs,
+//     as a share of the forward time (target: < 10%).
+// Usage: sae-bench-cuda [--tokens=8192] [--seq_len=1024] [--iters=5]
+//                       [--layers=8,16,32] [--k=50] [--peak_tflops=X] [--no_sae]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/status_macros.h"
+#include "core/backend.h"
+#include "core/llama_config.h"
+
+#ifdef SAE_BENCH_HAVE_CUDART
+#include <cuda_runtime_api.h>
+#endif
+
+namespace sae {
+namespace {
+
+struct Options {
+  int tokens = 8192;
+  int seq_len = 1024;
+  int iters = 5;
+  std::vector<int> layers = {8, 16, 32};
+  int k = 50;
+  double peak_tflops = 0;  // 0: from the device
+  bool sae = true;
+};
+
+bool ParseFlags(int argc, char** argv, Options* o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* name) -> const char* {
+      const size_t n = std::strlen(name);
+      return a.compare(0, n, name) == 0 && a.size() > n && a[n] == '=' ? a.c_str() + n + 1 : nullptr;
+    };
+    if (const char* v = value("--tokens")) {
+      o->tokens = std::atoi(v);
+    } else if (const char* v = value("--seq_len")) {
+      o->seq_len = std::atoi(v);
+    } else if (const char* v = value("--iters")) {
+      o->iters = std::max(1, std::atoi(v));
+    } else if (const char* v = value("--k")) {
+      o->k = std::atoi(v);
+    } else if (const char* v = value("--peak_tflops")) {
+      o->peak_tflops = std::atof(v);
+    } else if (const char* v = value("--layers")) {
+      o->layers.clear();
+      for (absl::string_view s : absl::StrSplit(v, ',')) o->layers.push_back(std::atoi(std::string(s).c_str()));
+    } else if (a == "--no_sae") {
+      o->sae = false;
+    } else {
+      std::fprintf(stderr,
+                   "usage: %s [--tokens=8192] [--seq_len=1024] [--iters=5] [--layers=8,16,32] [--k=50] "
+                   "[--peak_tflops=X] [--no_sae]\n",
+                   argv[0]);
+      return false;
+    }
+  }
+  for (int l : o->layers) {
+    if (l < 1 || l > 32) return false;
+  }
+  return o->tokens > 0 && o->seq_len > 0 && !o->layers.empty() && o->k > 0;
+}
+
+// Llama-3.1-8B.
+LlamaConfig Llama8B() {
+  LlamaConfig c;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.max_position_embeddings = 131072;
+  c.rope_scaling = RopeScaling{"llama3", 8.0, 1.0, 4.0, 8192};
+  return c;
+}
+
+struct Device {
+  std::string name = "unknown";
+  double peak_tflops = 0;
+  std::string peak_source;
+};
+
+// bf16 dense tensor-core peak (fp32 accumulate), from NVIDIA's datasheets.
+Device QueryDevice(double override_tflops) {
+  Device d;
+#ifdef SAE_BENCH_HAVE_CUDART
+  cudaDeviceProp p;
+  int dev = 0;
+  if (const char* e = std::getenv("SAE_CUDA_DEVICE")) dev = std::atoi(e);
+  if (cudaGetDeviceProperties(&p, dev) == cudaSuccess) {
+    d.name = absl::StrCat(p.name, " (sm_", p.major, p.minor, ", ", p.multiProcessorCount, " SMs)");
+    const std::string n = p.name;
+    auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
+    if (has("H100") && has("PCIe")) {
+      d.peak_tflops = 756.5;
+    } else if (has("H100") && has("NVL")) {
+      d.peak_tflops = 835.5;
+    } else if (has("H100") || has("H200") || has("H800") || has("GH200")) {
+      d.peak_tflops = 989.4;
+    } else if (has("A100") || has("A800")) {
+      d.peak_tflops = 312.0;
+    } else if (has("L40S")) {
+      d.peak_tflops = 362.1;
+    }
+    if (d.peak_tflops > 0) {
+      d.peak_source = "datasheet";
+    } else {
+      int clock_khz = 0;
+      cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev);
+      const double flops_per_clock_per_sm = p.major >= 9 ? 4096 : 2048;
+      d.peak_tflops = p.multiProcessorCount * flops_per_clock_per_sm * clock_khz * 1e3 / 1e12;
+      d.peak_source = "estimated from SMs x clock; pass --peak_tflops to override";
+    }
+  }
+#endif
+  if (override_tflops > 0) {
+    d.peak_tflops = override_tflops;
+    d.peak_source = "--peak_tflops";
+  }
+  return d;
+}
+
+double Seconds(const std::function<absl::Status()>& fn, Backend* b, int iters, absl::Status* status) {
+  *status = fn();  // warm-up (cuBLAS heuristics, allocator, attribute setup)
+  if (status->ok()) *status = b->Synchronize();
+  if (!status->ok()) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters && status->ok(); ++i) *status = fn();
+  if (status->ok()) *status = b->Synchronize();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+}
+
+struct Layer {
+  OwnedTensor input_norm, post_norm, wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+int Run(const Options& o) {
+  auto backend_or = CreateBackend("cuda");
+  if (!backend_or.ok()) {
+    std::printf(
+        "sae-bench-cuda: no CUDA backend, nothing measured.\n  %s\n"
+        "This benchmark needs an NVIDIA GPU (sm_80 or newer) and libsae_cuda.so (built when nvcc is found;\n"
+        "set SAE_CUDA_BACKEND_LIB to its path if it is not found automatically).\n",
+        backend_or.status().ToString().c_str());
+    return 2;
+  }
+  std::unique_ptr<Backend> backend = *std::move(backend_or);
+  Backend* b = backend.get();
+  const LlamaConfig c = Llama8B();
+  const int64_t d = c.hidden_size, ffn = c.intermediate_size, hd = c.head_dim;
+  const int64_t q_dim = c.num_attention_heads * hd, kv_dim = c.num_key_value_heads * hd;
+  const int64_t n = o.tokens;
+  const int max_layers = *std::max_element(o.layers.begin(), o.layers.end());
+  const Device dev = QueryDevice(o.peak_tflops);
+  const double peak = dev.peak_tflops * 1e12;
+
+  std::printf("== sae-server CUDA benchmark: Llama-3.1-8B shapes, random bf16 weights ==\n");
+  std::printf("device: %s\n", dev.name.c_str());
+  if (peak > 0) {
+    std::printf("bf16 dense peak: %.1f TFLOP/s (%s)\n", dev.peak_tflops, dev.peak_source.c_str());
+  } else {
+    std::printf("bf16 dense peak: unknown (pass --peak_tflops=X for %% of peak / MFU)\n");
+  }
+
+  // Packed batch: sequences of seq_len tokens (the last one shorter).
+  std::vector<int32_t> ids(n), pos(n), starts = {0};
+  std::mt19937 rng(1234);
+  for (int64_t t = 0; t < n; ++t) {
+    ids[t] = static_cast<int32_t>(rng() % c.vocab_size);
+    pos[t] = static_cast<int32_t>(t % o.seq_len);
+    if (pos[t] == 0 && t > 0) starts.push_back(static_cast<int32_t>(t));
+  }
+  starts.push_back(static_cast<int32_t>(n));
+  const int n_seqs = static_cast<int>(starts.size()) - 1;
+  const int max_len = std::min<int>(o.seq_len, static_cast<int>(n));
+  double attn_pairs = 0;  // sum over sequences of len * (len + 1) / 2 (causal query-key pairs)
+  for (int s = 0; s < n_seqs; ++s) {
+    const double len = starts[s + 1] - starts[s];
+    attn_pairs += len * (len + 1) / 2;
+  }
+  std::printf("batch: %lld tokens = %d packed sequences of <= %d tokens\n", static_cast<long long>(n), n_seqs, max_len);
+
+  // Random weights, std ~0.02 like a trained model; one host buffer, sliced.
+  std::printf("uploading %d layers of random weights...\n", max_layers);
+  std::fflush(stdout);
+  const size_t host_elems = static_cast<size_t>(c.vocab_size) * d;
+  std::vector<uint16_t> host(host_elems);
+  {
+    uint32_t s = 0x9e3779b9u;
+    for (auto& v : host) {
+      s ^= s << 13;
+      s ^= s >> 17;
+      s ^= s << 5;
+      v = F32ToBf16((static_cast<float>(s >> 8) / 16777216.0f - 0.5f) * 0.07f);
+    }
+  }
+  std::vector<float> ones(ffn, 1.0f);
+  auto weight = [&](int64_t rows, int64_t cols, size_t salt) -> absl::StatusOr<OwnedTensor> {
+    HostTensor h;
+    const size_t off = (salt * 7919 * 64) % (host_elems - static_cast<size_t>(rows * cols) + 1);
+    h.data = host.data() + off;
+    h.dtype = DType::kBF16;
+    h.shape = {rows, cols};
+    return b->Upload(h, DType::kBF16);
+  };
+  auto norm = [&](int64_t dim) -> absl::StatusOr<OwnedTensor> {
+    HostTensor h;
+    h.data = ones.data();
+    h.dtype = DType::kF32;
+    h.shape = {dim};
+    return b->Upload(h, DType::kF32);
+  };
+  auto fail = [](const absl::Status& s) {
+    std::printf("FAILED: %s\n", s.ToString().c_str());
+    return 1;
+  };
+#define BENCH_ASSIGN(lhs, expr)             \
+  auto lhs##_or = (expr);                   \
+  if (!lhs##_or.ok()) return fail(lhs##_or.status()); \
+  auto lhs = *std::move(lhs##_or)
+
+  BENCH_ASSIGN(embed, weight(c.vocab_size, d, 0));
+  std::vector<Layer> layers;
+  for (int l = 0; l < max_layers; ++l) {
+    Layer L;
+    const size_t salt = static_cast<size_t>(l) * 10 + 1;
+    BENCH_ASSIGN(in_n, norm(d));
+    BENCH_ASSIGN(post_n, norm(d));
+    BENCH_ASSIGN(wq, weight(q_dim, d, salt));
+    BENCH_ASSIGN(wk, weight(kv_dim, d, salt + 1));
+    BENCH_ASSIGN(wv, weight(kv_dim, d, salt + 2));
+    BENCH_ASSIGN(wo, weight(d, q_dim, salt + 3));
+    BENCH_ASSIGN(wg, weight(ffn, d, salt + 4));
+    BENCH_ASSIGN(wu, weight(ffn, d, salt + 5));
+    BENCH_ASSIGN(wd, weight(d, ffn, salt + 6));
+    L.input_norm = std::move(in_n);
+    L.post_norm = std::move(post_n);
+    L.wq = std::move(wq);
+    L.wk = std::move(wk);
+    L.wv = std::move(wv);
+    L.wo = std::move(wo);
+    L.w_gate = std::move(wg);
+    L.w_up = std::move(wu);
+    L.w_down = std::move(wd);
+    layers.push_back(std::move(L));
+  }
+  const std::vector<float> inv = RopeInvFreq(c);
+  BENCH_ASSIGN(inv_freq, b->Alloc(DType::kF32, 1, static_cast<int64_t>(inv.size())));
+  BENCH_ASSIGN(t_ids, b->Alloc(DType::kI32, n, 1));
+  BENCH_ASSIGN(t_pos, b->Alloc(DType::kI32, n, 1));
+  BENCH_ASSIGN(t_starts, b->Alloc(DType::kI32, n_seqs + 1, 1));
+  BENCH_ASSIGN(x, b->Alloc(DType::kF32, n, d));
+  BENCH_ASSIGN(h, b->Alloc(DType::kF32, n, d));
+  BENCH_ASSIGN(q, b->Alloc(DType::kF32, n, q_dim));
+  BENCH_ASSIGN(k, b->Alloc(DType::kF32, n, kv_dim));
+  BENCH_ASSIGN(v, b->Alloc(DType::kF32, n, kv_dim));
+  BENCH_ASSIGN(attn, b->Alloc(DType::kF32, n, q_dim));
+  BENCH_ASSIGN(proj, b->Alloc(DType::kF32, n, d));
+  BENCH_ASSIGN(gate, b->Alloc(DType::kF32, n, ffn));
+  BENCH_ASSIGN(up, b->Alloc(DType::kF32, n, ffn));
+  for (auto [src, dst] : std::vector<std::pair<const void*, const Tensor*>>{
+           {inv.data(), &inv_freq.get()}, {ids.data(), &t_ids.get()}, {pos.data(), &t_pos.get()},
+           {starts.data(), &t_starts.get()}}) {
+    const absl::Status s = b->CopyFromHost(src, *dst);
+    if (!s.ok()) return fail(s);
+  }
+  if (absl::Status s = b->Synchronize(); !s.ok()) return fail(s);
+  host.clear();
+  host.shrink_to_fit();
+
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  auto forward = [&](int n_layers) -> absl::Status {
+    RETURN_IF_ERROR(b->Embed(embed.get(), t_ids.get(), x.get()));
+    for (int l = 0; l < n_layers; ++l) {
+      const Layer& L = layers[l];
+      RETURN_IF_ERROR(b->RmsNorm(x.get(), L.input_norm.get(), eps, h.get()));
+      RETURN_IF_ERROR(b->MatMul(h.get(), L.wq.get(), q.get()));
+      RETURN_IF_ERROR(b->MatMul(h.get(), L.wk.get(), k.get()));
+      RETURN_IF_ERROR(b->MatMul(h.get(), L.wv.get(), v.get()));
+      RETURN_IF_ERROR(b->Rope(q.get(), t_pos.get(), inv_freq.get(), static_cast<int>(hd)));
+      RETURN_IF_ERROR(b->Rope(k.get(), t_pos.get(), inv_freq.get(), static_cast<int>(hd)));
+      RETURN_IF_ERROR(b->Attention(q.get(), k.get(), v.get(), t_starts.get(), n_seqs, max_len, c.num_attention_heads,
+                                   c.num_key_value_heads, static_cast<int>(hd), attn.get()));
+      RETURN_IF_ERROR(b->MatMul(attn.get(), L.wo.get(), proj.get()));
+      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
+      RETURN_IF_ERROR(b->RmsNorm(x.get(), L.post_norm.get(), eps, h.get()));
+      RETURN_IF_ERROR(b->MatMul(h.get(), L.w_gate.get(), gate.get()));
+      RETURN_IF_ERROR(b->MatMul(h.get(), L.w_up.get(), up.get()));
+      RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), gate.get()));
+      RETURN_IF_ERROR(b->MatMul(gate.get(), L.w_down.get(), proj.get()));
+      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
+    }
+    return absl::OkStatus();
+  };
+  const double gemm_params = static_cast<double>(q_dim * d + 2 * kv_dim * d + d * q_dim + 3 * ffn * d);
+  const double gemm_flops_layer = 2.0 * n * gemm_params;
+  const double attn_flops_layer = 4.0 * hd * c.num_attention_heads * attn_pairs;  // QK^T + PV, causal
+  auto pct = [&](double flops, double sec) { return peak > 0 ? 100.0 * flops / sec / peak : 0.0; };
+  absl::Status st;
+
+  // ---- forward GEMMs ----
+  std::printf("\n-- forward GEMMs: bf16 x bf16 -> fp32 accumulate (cuBLAS), %lld tokens --\n",
+              static_cast<long long>(n));
+  struct Gemm {
+    const char* name;
+    const Tensor* in;
+    const OwnedTensor* w;
+    const Tensor* out;
+  };
+  const Layer& L0 = layers[0];
+  const std::vector<Gemm> gemms = {{"q_proj", &h.get(), &L0.wq, &q.get()},        {"k_proj", &h.get(), &L0.wk, &k.get()},
+                                   {"v_proj", &h.get(), &L0.wv, &v.get()},        {"o_proj", &attn.get(), &L0.wo, &proj.get()},
+                                   {"gate_proj", &h.get(), &L0.w_gate, &gate.get()}, {"up_proj", &h.get(), &L0.w_up, &up.get()},
+                                   {"down_proj", &gate.get(), &L0.w_down, &proj.get()}};
+  for (const Gemm& g : gemms) {
+    const double sec = Seconds([&] { return b->MatMul(*g.in, g.w->get(), *g.out); }, b, 4 * o.iters, &st);
+    if (!st.ok()) return fail(st);
+    const double flops = 2.0 * n * (*g.w)->rows * (*g.w)->cols;
+    std::printf("  %-9s [%lld x %lld] . [%lld x %lld]^T  %8.3f ms  %7.1f TFLOP/s  %5.1f%% of peak\n", g.name,
+                static_cast<long long>(n), static_cast<long long>((*g.w)->cols), static_cast<long long>((*g.w)->rows),
+                static_cast<long long>((*g.w)->cols), sec * 1e3, flops / sec / 1e12, pct(flops, sec));
+  }
+  const double gemm_sec = Seconds(
+      [&]() -> absl::Status {
+        for (int l = 0; l < max_layers; ++l) {
+          const Layer& L = layers[l];
+          RETURN_IF_ERROR(b->MatMul(h.get(), L.wq.get(), q.get()));
+          RETURN_IF_ERROR(b->MatMul(h.get(), L.wk.get(), k.get()));
+          RETURN_IF_ERROR(b->MatMul(h.get(), L.wv.get(), v.get()));
+          RETURN_IF_ERROR(b->MatMul(attn.get(), L.wo.get(), proj.get()));
+          RETURN_IF_ERROR(b->MatMul(h.get(), L.w_gate.get(), gate.get()));
+          RETURN_IF_ERROR(b->MatMul(h.get(), L.w_up.get(), up.get()));
+          RETURN_IF_ERROR(b->MatMul(gate.get(), L.w_down.get(), proj.get()));
+        }
+        return absl::OkStatus();
+      },
+      b, o.iters, &st);
+  if (!st.ok()) return fail(st);
+  const double gemm_pct = pct(gemm_flops_layer * max_layers, gemm_sec);
+  std::printf("  all 7 x %d GEMMs (incl. the F32->bf16 input rounding): %.2f ms  %.1f TFLOP/s  %.1f%% of peak  "
+              "[target >= 60%%: %s]\n",
+              max_layers, gemm_sec * 1e3, gemm_flops_layer * max_layers / gemm_sec / 1e12, gemm_pct,
+              peak > 0 ? (gemm_pct >= 60 ? "PASS" : "FAIL") : "n/a");
+
+  // ---- attention alone ----
+  const double attn_sec = Seconds(
+      [&] {
+        return b->Attention(q.get(), k.get(), v.get(), t_starts.get(), n_seqs, max_len, c.num_attention_heads,
+                            c.num_key_value_heads, static_cast<int>(hd), attn.get());
+      },
+      b, o.iters, &st);
+  if (!st.ok()) return fail(st);
+  std::printf("\n-- attention (fp32 flash kernel, packed causal, GQA 32/8, head_dim 128), one layer --\n");
+  std::printf("  %.3f ms  %.1f TFLOP/s  (%.1f%% of the bf16 peak)\n", attn_sec * 1e3,
+              attn_flops_layer / attn_sec / 1e12, pct(attn_flops_layer, attn_sec));
+
+  // ---- forward with early exit ----
+  std::printf("\n-- forward pass (embed + L layers; all ops, hooks excluded) --\n");
+  std::vector<std::pair<int, double>> fwd;
+  for (int nl : o.layers) {
+    const double sec = Seconds([&] { return forward(nl); }, b, o.iters, &st);
+    if (!st.ok()) return fail(st);
+    const double flops = nl * (gemm_flops_layer + attn_flops_layer);
+    std::printf("  early exit at layer %2d: %8.2f ms  %9.0f tokens/s  MFU %5.1f%%  (%.1f TFLOP/s)\n", nl, sec * 1e3,
+                n / sec, pct(flops, sec), flops / sec / 1e12);
+    fwd.emplace_back(nl, sec);
+  }
+
+  // ---- SAE encode + top-k ----
+  if (o.sae) {
+    std::printf("\n-- SAE encode + top-k (k=%d) over %lld tokens of d_model 4096 --\n", o.k, static_cast<long long>(n));
+    // Input: RMS-normalised activations; encoder rows scaled so w.x ~ N(0, 1).
+    BENCH_ASSIGN(sae_out_idx, b->Alloc(DType::kI32, n, o.k));
+    BENCH_ASSIGN(sae_out_val, b->Alloc(DType::kF32, n, o.k));
+    if (absl::Status s = b->RmsNorm(x.get(), Tensor(), eps, h.get()); !s.ok()) return fail(s);
+    const float a = std::sqrt(3.0f / 4096.0f);  // uniform(-a, a) has variance 1/4096
+    std::vector<uint16_t> enc_host(static_cast<size_t>(131072) * d);
+    {
+      uint32_t s = 0x12345678u;
+      for (auto& e : enc_host) {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        e = F32ToBf16((static_cast<float>(s >> 8) / 16777216.0f - 0.5f) * 2.0f * a);
+      }
+    }
+    for (auto [label, d_sae] : std::vector<std::pair<const char*, int64_t>>{{"8x", 32768}, {"32x", 131072}}) {
+      HostTensor eh;
+      eh.data = enc_host.data();
+      eh.dtype = DType::kBF16;
+      eh.shape = {d_sae, d};
+      BENCH_ASSIGN(enc, b->Upload(eh, DType::kBF16));
+      std::vector<float> bias(d_sae, 0.0f);
+      BENCH_ASSIGN(tb, b->Alloc(DType::kF32, 1, d_sae));
+      if (absl::Status s = b->CopyFromHost(bias.data(), tb.get()); !s.ok()) return fail(s);
+      // JumpReLU with ~0.1-0.2% active (like Llama Scope), and TopK-style (half active).
+      for (auto [mode, threshold] : std::vector<std::pair<const char*, float>>{{"jumprelu", 3.0f}, {"topk", 0.0f}}) {
+        SaeEncoderWeights w{enc.get(), tb.get(), Tensor(), 1.0f, threshold, 0};
+        for (int split : {1, 2}) {
+          setenv("SAE_CUDA_SAE_SPLIT", std::to_string(split).c_str(), 1);
+          const double sec = Seconds([&] { return b->SaeEncodeTopK(h.get(), w, o.k, sae_out_idx.get(), sae_out_val.get()); },
+                                     b, o.iters, &st);
+          if (!st.ok()) return fail(st);
+          const double flops = 2.0 * split * n * d_sae * d;
+          std::string shares;
+          double share_full = 0;
+          for (auto [nl, fsec] : fwd) {
+            absl::StrAppend(&shares, " ", nl, ":", absl::StrFormat("%.1f%%", 100 * sec / fsec));
+            if (nl == 32) share_full = 100 * sec / fsec;
+          }
+          std::printf("  %-3s d_sae %6lld %-8s split=%d%s %7.2f ms  %6.1f TFLOP/s  share of forward at L ->%s",
+                      label, static_cast<long long>(d_sae), mode, split, split == 2 ? " (default)" : "          ",
+                      sec * 1e3, flops / sec / 1e12, shares.c_str());
+          if (share_full > 0) std::printf("  [target < 10%% of the 32-layer forward: %s]", share_full < 10 ? "PASS" : "FAIL");
+          std::printf("\n");
+        }
+      }
+      unsetenv("SAE_CUDA_SAE_SPLIT");
+    }
+    std::printf("  (split = bf16 parts of the activations: 1 = plain bf16 GEMM; 2 = hi+lo, ~fp32-accurate top-k order)\n");
+  }
+  std::printf("\ndone.\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sae
+
+int main(int argc, char** argv) {
+  sae::Options o;
+  if (!sae::ParseFlags(argc, argv, &o)) return 1;
+  return sae::Run(o);
+}

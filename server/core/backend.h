@@ -1,0 +1,150 @@
+// The op-level compute interface. The CPU reference backend and the CUDA
+// backend implement it; the Llama forward pass and the SAE encoder are written
+// once against it. Adding an op = one implementation per backend + one case
+// in tests/core/backend_ops_test.cc.
+//
+// Conventions: tensors are 2-D row-major views in the backend's memory.
+// Activations are F32 [n_tokens, dim]; weights are [out_features, in_features]
+// in BF16, F16 or F32 (as stored). Ops run in issue order on the backend's one
+// stream; CopyToHost waits for the work before it.
+#ifndef SAE_CORE_BACKEND_H_
+#define SAE_CORE_BACKEND_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "core/safetensors.h"
+
+namespace sae {
+
+// A non-owning view of a 2-D row-major tensor in backend memory.
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+
+  int64_t numel() const { return rows * cols; }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype); }
+  // Rows [begin, begin + n) of this tensor.
+  Tensor Rows(int64_t begin, int64_t n) const {
+    Tensor t = *this;
+    t.data = static_cast<char*>(data) + static_cast<size_t>(begin * cols) * DTypeSize(dtype);
+    t.rows = n;
+    return t;
+  }
+  // The same memory seen with another shape (same element count).
+  Tensor Reshaped(int64_t r, int64_t c) const {
+    Tensor t = *this;
+    t.rows = r;
+    t.cols = c;
+    return t;
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data);
+  }
+};
+
+// Owns one backend allocation; frees it on destruction.
+class OwnedTensor {
+ public:
+  OwnedTensor() = default;
+  OwnedTensor(Tensor t, std::function<void(void*)> release) : t_(t), release_(std::move(release)) {}
+  ~OwnedTensor() { Reset(); }
+  OwnedTensor(OwnedTensor&& o) noexcept : t_(o.t_), release_(std::move(o.release_)) { o.release_ = nullptr; }
+  OwnedTensor& operator=(OwnedTensor&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      t_ = o.t_;
+      release_ = std::move(o.release_);
+      o.release_ = nullptr;
+    }
+    return *this;
+  }
+  OwnedTensor(const OwnedTensor&) = delete;
+  OwnedTensor& operator=(const OwnedTensor&) = delete;
+
+  const Tensor& get() const { return t_; }
+  const Tensor* operator->() const { return &t_; }
+  bool empty() const { return t_.data == nullptr; }
+
+ private:
+  void Reset() {
+    if (release_) release_(t_.data);
+    release_ = nullptr;
+    t_ = Tensor();
+  }
+  Tensor t_;
+  std::function<void(void*)> release_;
+};
+
+// Per-SAE encoder parameters, already folded for the chosen encode form:
+//   v_i = (scale_in * (w_i . x) + b_i) * (feature_scale ? feature_scale[i] : 1)
+//   f_i = v_i if v_i > threshold else 0
+// SAELens form: feature_scale = none, threshold = theta * scale_in.
+// lm_saes form:  feature_scale[i] = ||d_i|| / scale_out, threshold = theta.
+// TopK activation: threshold = 0 and at most `max_active` features survive.
+struct SaeEncoderWeights {
+  Tensor encoder;        // [d_sae, d_model], BF16/F16/F32
+  Tensor bias;           // [1, d_sae] F32
+  Tensor feature_scale;  // [1, d_sae] F32, or data == nullptr
+  float scale_in = 1.0f;
+  float threshold = 0.0f;
+  int max_active = 0;  // 0: no limit (JumpReLU); >0: TopK activation
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory ----
+  virtual absl::StatusOr<OwnedTensor> Alloc(DType dtype, int64_t rows, int64_t cols) = 0;
+  // Copies host data (e.g. a memory-mapped weight) into backend memory,
+  // converting to `dtype`. The result has rows = shape[0], cols = the rest.
+  virtual absl::StatusOr<OwnedTensor> Upload(const HostTensor& src, DType dtype) = 0;
+  virtual absl::Status CopyFromHost(const void* src, const Tensor& dst) = 0;  // dst.nbytes() bytes
+  virtual absl::Status CopyToHost(const Tensor& src, void* dst) = 0;          // waits for pending work
+  virtual absl::Status Synchronize() = 0;
+
+  // ---- ops ----
+  // out[t] = F32(table[ids[t]]). ids: I32 [n, 1]; table: [vocab, d]; out: F32 [n, d].
+  virtual absl::Status Embed(const Tensor& table, const Tensor& ids, const Tensor& out) = 0;
+  // out = x * rsqrt(mean(x^2) + eps) * weight (weight.data == nullptr: no weight).
+  virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;
+  // out[n, m] = x[n, k] . w[m, k]^T, fp32 accumulate.
+  virtual absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) = 0;
+  // In-place rotary embedding in half-split ("rotate_half") layout on each
+  // head of x [n, n_heads * head_dim]: angle = positions[t] * inv_freq[j] (fp32).
+  // positions: I32 [n, 1]; inv_freq: F32 [1, head_dim / 2].
+  virtual absl::Status Rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int head_dim) = 0;
+  // Causal attention over packed sequences: sequence s occupies rows
+  // [seq_starts[s], seq_starts[s+1]) of q/k/v. q: [n, n_heads*hd]; k, v:
+  // [n, n_kv_heads*hd]; out: [n, n_heads*hd]; seq_starts: I32 [n_seqs + 1, 1].
+  // Query head h reads kv head h / (n_heads / n_kv_heads). Scale 1/sqrt(hd).
+  virtual absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_starts,
+                                 int n_seqs, int max_seq_len, int n_heads, int n_kv_heads, int head_dim,
+                                 const Tensor& out) = 0;
+  // out = silu(gate) * up.
+  virtual absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) = 0;
+  // out = a + b (out may alias a).
+  virtual absl::Status Add(const Tensor& a, const Tensor& b, const Tensor& out) = 0;
+  // SAE encode fused with per-token top-k: for each row of x [n, d_model],
+  // the k largest active features, value-descending (ties: lower index
+  // first). out_indices: I32 [n, k]; out_values: F32 [n, k]; unused slots
+  // hold index -1 and value 0.
+  virtual absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k,
+                                     const Tensor& out_indices, const Tensor& out_values) = 0;
+};
+
+// "cpu" (always available) or "cuda" (when built with CUDA and a device is present).
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& name);
+
+}  // namespace sae
+
+#endif  // SAE_CORE_BACKEND_H_

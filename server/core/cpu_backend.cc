@@ -1,0 +1,286 @@
+#include "core/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace sae {
+namespace {
+
+// Weight rows converted to fp32 per sgemm call; bounds the scratch memory
+// so BF16 weights never need a full fp32 copy.
+constexpr int64_t kMatMulRowChunk = 1024;
+// Tokens encoded per SAE chunk (scratch = chunk * d_sae floats).
+constexpr int64_t kSaeTokenChunk = 32;
+
+absl::Status CheckF32(const Tensor& t, const char* what) {
+  if (t.dtype != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", DTypeName(t.dtype)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  if (t.rows != rows || t.cols != cols) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has shape [", t.rows, ", ", t.cols, "], expected [", rows, ", ", cols, "]"));
+  }
+  return absl::OkStatus();
+}
+
+void RowToF32(const Tensor& t, int64_t row, float* dst) {
+  const char* src = static_cast<const char*>(t.data) + static_cast<size_t>(row * t.cols) * DTypeSize(t.dtype);
+  ConvertToF32(src, t.dtype, static_cast<size_t>(t.cols), dst);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  absl::StatusOr<OwnedTensor> Alloc(DType dtype, int64_t rows, int64_t cols) override {
+    if (rows < 0 || cols < 0) return absl::InvalidArgumentError("negative tensor shape");
+    const size_t bytes = std::max<size_t>(64, static_cast<size_t>(rows * cols) * DTypeSize(dtype));
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
+    std::memset(p, 0, bytes);
+    return OwnedTensor(Tensor{p, dtype, rows, cols}, [](void* q) { std::free(q); });
+  }
+
+  absl::StatusOr<OwnedTensor> Upload(const HostTensor& src, DType dtype) override {
+    int64_t rows = src.shape.empty() ? 1 : src.shape[0];
+    int64_t cols = rows == 0 ? 0 : src.numel() / std::max<int64_t>(rows, 1);
+    if (src.shape.size() == 1) {
+      rows = 1;
+      cols = src.shape[0];
+    }
+    ASSIGN_OR_RETURN(OwnedTensor t, Alloc(dtype, rows, cols));
+    const size_t n = static_cast<size_t>(src.numel());
+    if (dtype == src.dtype) {
+      std::memcpy(t->data, src.data, src.nbytes());
+    } else if (dtype == DType::kF32) {
+      ConvertToF32(src.data, src.dtype, n, t->as<float>());
+    } else {
+      std::vector<float> tmp(n);
+      ConvertToF32(src.data, src.dtype, n, tmp.data());
+      auto* dst = t->as<uint16_t>();
+      for (size_t i = 0; i < n; ++i) dst[i] = dtype == DType::kBF16 ? F32ToBf16(tmp[i]) : F32ToF16(tmp[i]);
+    }
+    return t;
+  }
+
+  absl::Status CopyFromHost(const void* src, const Tensor& dst) override {
+    std::memcpy(dst.data, src, dst.nbytes());
+    return absl::OkStatus();
+  }
+  absl::Status CopyToHost(const Tensor& src, void* dst) override {
+    std::memcpy(dst, src.data, src.nbytes());
+    return absl::OkStatus();
+  }
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  absl::Status Embed(const Tensor& table, const Tensor& ids, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(out, "embed output"));
+    RETURN_IF_ERROR(CheckShape(out, ids.numel(), table.cols, "embed output"));
+    const int32_t* id = ids.as<int32_t>();
+    for (int64_t t = 0; t < ids.numel(); ++t) {
+      if (id[t] < 0 || id[t] >= table.rows) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", id[t], " outside the vocabulary [0, ", table.rows, ")"));
+      }
+      RowToF32(table, id[t], out.as<float>() + t * out.cols);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(x, "rmsnorm input"));
+    RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "rmsnorm output"));
+    std::vector<float> w;
+    if (weight.data != nullptr) {
+      RETURN_IF_ERROR(CheckShape(weight, 1, x.cols, "rmsnorm weight"));
+      w.resize(x.cols);
+      RowToF32(weight, 0, w.data());
+    }
+    for (int64_t r = 0; r < x.rows; ++r) {
+      const float* xi = x.as<float>() + r * x.cols;
+      float* yo = out.as<float>() + r * x.cols;
+      double ss = 0;
+      for (int64_t c = 0; c < x.cols; ++c) ss += static_cast<double>(xi[c]) * xi[c];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / x.cols) + eps);
+      for (int64_t c = 0; c < x.cols; ++c) yo[c] = xi[c] * inv * (w.empty() ? 1.0f : w[c]);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(x, "matmul input"));
+    RETURN_IF_ERROR(CheckF32(out, "matmul output"));
+    if (w.cols != x.cols) {
+      return absl::InvalidArgumentError(absl::StrCat("matmul: input has ", x.cols, " columns, weight has ", w.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(out, x.rows, w.rows, "matmul output"));
+    if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
+    const int n = static_cast<int>(x.rows), k = static_cast<int>(x.cols);
+    std::vector<float> chunk;
+    for (int64_t m0 = 0; m0 < w.rows; m0 += kMatMulRowChunk) {
+      const int mc = static_cast<int>(std::min<int64_t>(kMatMulRowChunk, w.rows - m0));
+      const float* wp;
+      if (w.dtype == DType::kF32) {
+        wp = w.as<float>() + m0 * k;
+      } else {
+        chunk.resize(static_cast<size_t>(mc) * k);
+        for (int r = 0; r < mc; ++r) RowToF32(w, m0 + r, chunk.data() + static_cast<size_t>(r) * k);
+        wp = chunk.data();
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, mc, k, 1.0f, x.as<float>(), k, wp, k, 0.0f,
+                  out.as<float>() + m0, static_cast<int>(out.cols));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int head_dim) override {
+    RETURN_IF_ERROR(CheckF32(x, "rope input"));
+    if (head_dim <= 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 || inv_freq.numel() != head_dim / 2 ||
+        positions.numel() != x.rows) {
+      return absl::InvalidArgumentError("rope: inconsistent shapes");
+    }
+    const int half = head_dim / 2;
+    const int64_t n_heads = x.cols / head_dim;
+    const float* inv = inv_freq.as<float>();
+    for (int64_t t = 0; t < x.rows; ++t) {
+      const float pos = static_cast<float>(positions.as<int32_t>()[t]);
+      for (int j = 0; j < half; ++j) {
+        const float angle = pos * inv[j];  // fp32, as HF computes it
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int64_t h = 0; h < n_heads; ++h) {
+          float* v = x.as<float>() + t * x.cols + h * head_dim;
+          const float a = v[j], b = v[j + half];
+          v[j] = a * c - b * s;
+          v[j + half] = b * c + a * s;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_starts, int n_seqs,
+                         int max_seq_len, int n_heads, int n_kv_heads, int head_dim, const Tensor& out) override {
+    if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || q.cols != n_heads * head_dim ||
+        k.cols != n_kv_heads * head_dim || v.cols != k.cols || out.cols != q.cols || out.rows != q.rows ||
+        k.rows != q.rows || v.rows != q.rows || seq_starts.numel() != n_seqs + 1) {
+      return absl::InvalidArgumentError("attention: inconsistent shapes");
+    }
+    const int32_t* starts = seq_starts.as<int32_t>();
+    if (starts[0] != 0 || starts[n_seqs] != q.rows) {
+      return absl::InvalidArgumentError("attention: seq_starts must cover all rows");
+    }
+    const int group = n_heads / n_kv_heads;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    std::vector<float> scores(static_cast<size_t>(std::max(max_seq_len, 1)));
+    for (int s = 0; s < n_seqs; ++s) {
+      const int64_t begin = starts[s], len = starts[s + 1] - starts[s];
+      if (len < 0 || len > max_seq_len) return absl::InvalidArgumentError("attention: bad sequence length");
+      for (int h = 0; h < n_heads; ++h) {
+        const int kvh = h / group;
+        for (int64_t i = 0; i < len; ++i) {
+          const float* qi = q.as<float>() + (begin + i) * q.cols + h * head_dim;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j <= i; ++j) {
+            const float* kj = k.as<float>() + (begin + j) * k.cols + kvh * head_dim;
+            float dot = 0;
+            for (int d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+            scores[j] = dot * scale;
+            mx = std::max(mx, scores[j]);
+          }
+          float sum = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            scores[j] = std::exp(scores[j] - mx);
+            sum += scores[j];
+          }
+          float* oi = out.as<float>() + (begin + i) * out.cols + h * head_dim;
+          std::fill(oi, oi + head_dim, 0.0f);
+          for (int64_t j = 0; j <= i; ++j) {
+            const float p = scores[j] / sum;
+            const float* vj = v.as<float>() + (begin + j) * v.cols + kvh * head_dim;
+            for (int d = 0; d < head_dim; ++d) oi[d] += p * vj[d];
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckShape(up, gate.rows, gate.cols, "silu_mul up"));
+    RETURN_IF_ERROR(CheckShape(out, gate.rows, gate.cols, "silu_mul output"));
+    const float* g = gate.as<float>();
+    const float* u = up.as<float>();
+    float* o = out.as<float>();
+    for (int64_t i = 0; i < gate.numel(); ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const Tensor& a, const Tensor& b, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckShape(b, a.rows, a.cols, "add rhs"));
+    RETURN_IF_ERROR(CheckShape(out, a.rows, a.cols, "add output"));
+    for (int64_t i = 0; i < a.numel(); ++i) out.as<float>()[i] = a.as<float>()[i] + b.as<float>()[i];
+    return absl::OkStatus();
+  }
+
+  absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
+                             const Tensor& out_values) override {
+    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    const int64_t d_sae = sae.encoder.rows;
+    if (sae.encoder.cols != x.cols) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
+    if (sae.feature_scale.data != nullptr) RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
+    RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
+    RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
+    const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
+    std::vector<float> pre(static_cast<size_t>(kSaeTokenChunk * d_sae));
+    std::vector<std::pair<float, int32_t>> cand;
+    const float* bias = sae.bias.as<float>();
+    const float* fscale = sae.feature_scale.as<float>();
+    for (int64_t t0 = 0; t0 < x.rows; t0 += kSaeTokenChunk) {
+      const int64_t tc = std::min(kSaeTokenChunk, x.rows - t0);
+      Tensor pre_t{pre.data(), DType::kF32, tc, d_sae};
+      RETURN_IF_ERROR(MatMul(x.Rows(t0, tc), sae.encoder, pre_t));
+      for (int64_t r = 0; r < tc; ++r) {
+        cand.clear();
+        const float* h = pre.data() + r * d_sae;
+        for (int64_t i = 0; i < d_sae; ++i) {
+          float val = sae.scale_in * h[i] + bias[i];
+          if (fscale != nullptr) val *= fscale[i];
+          if (val > sae.threshold) cand.emplace_back(val, static_cast<int32_t>(i));
+        }
+        const size_t n_keep = std::min<size_t>(keep, cand.size());
+        std::partial_sort(cand.begin(), cand.begin() + n_keep, cand.end(), [](const auto& a, const auto& b) {
+          return a.first != b.first ? a.first > b.first : a.second < b.second;
+        });
+        int32_t* idx = out_indices.as<int32_t>() + (t0 + r) * k;
+        float* val = out_values.as<float>() + (t0 + r) * k;
+        for (int j = 0; j < k; ++j) {
+          const bool have = static_cast<size_t>(j) < n_keep;
+          idx[j] = have ? cand[j].second : -1;
+          val[j] = have ? cand[j].first : 0.0f;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace sae

@@ -1,0 +1,2 @@
+// Compiles the attention kernels and launcher (see attention.cuh).
+#include "core/cuda/attention.cuh"

@@ -1,0 +1,677 @@
+// The CUDA backend (built into libsae_cuda.so; see cuda_backend.h for how it
+// is loaded). Host side: validation, memory, streams, cuBLAS, launching the
+// kernels declared in launchers.h. Every CUDA / cuBLAS error becomes an
+// absl::Status naming the op (RESOURCE_EXHAUSTED for out-of-memory, INTERNAL
+// otherwise); nothing here aborts the process.
+//
+// Streams: `stream` runs every op in issue order (the interface's contract);
+// `upload_stream` carries weight uploads through two pinned staging buffers
+// so the host read/convert of chunk i+1 overlaps the DMA of chunk i. Small
+// host->device copies go through a ring of pinned slots and return at once:
+// the caller (the one executor thread that owns this backend) keeps queueing
+// the batch while the GPU works; only CopyToHost / Synchronize wait.
+//
+// Memory: cudaMallocAsync on `stream` from the device's default pool with an
+// unlimited release threshold, i.e. a stream-ordered caching allocator:
+// per-batch activations cost no cudaMalloc/cudaFree round trip, and a free is
+// ordered after the kernels that used the buffer. Never managed memory.
+//
+// GEMMs: cublasGemmEx, bf16 x bf16 -> fp32 accumulate -> F32 output. The F32
+// activations are rounded to bf16 into a scratch buffer first. For the SAE
+// encoder the activations are split into 2 bf16 parts (x ~= hi + lo, 16
+// mantissa bits) so the pre-activations match an fp32 GEMM closely enough for
+// the top-k order to agree with the CPU; SAE_CUDA_SAE_SPLIT=1|2|3 changes it.
+// F32 weights use an fp32 GEMM (no TF32); F16 weights are widened to F32 in
+// bounded row chunks (activations may overflow fp16, so x is never narrowed to it).
+#include "core/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/cuda/launchers.h"
+
+namespace sae {
+namespace {
+
+using cuda::ElemType;
+
+// ---- errors ----
+
+absl::Status FromCuda(cudaError_t e, absl::string_view op) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  const std::string msg = absl::StrCat("cuda ", op, ": ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+  if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  return absl::InternalError(msg);
+}
+
+absl::Status FromCublas(cublasStatus_t s, absl::string_view op) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  const std::string msg = absl::StrCat("cuda ", op, ": cuBLAS ", cublasGetStatusName(s), ": ", cublasGetStatusString(s));
+  if (s == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(msg);
+  return absl::InternalError(msg);
+}
+
+#define CUDA_RETURN_IF_ERROR(expr, op) RETURN_IF_ERROR(FromCuda((expr), (op)))
+#define CUBLAS_RETURN_IF_ERROR(expr, op) RETURN_IF_ERROR(FromCublas((expr), (op)))
+
+// ---- dtypes (local: this library links no sae_* code) ----
+
+size_t ElemSize(DType t) { return t == DType::kBF16 || t == DType::kF16 ? 2 : 4; }
+size_t Bytes(const Tensor& t) { return static_cast<size_t>(t.rows * t.cols) * ElemSize(t.dtype); }
+const char* Name(DType t) {
+  switch (t) {
+    case DType::kF32: return "F32";
+    case DType::kBF16: return "BF16";
+    case DType::kF16: return "F16";
+    case DType::kI32: return "I32";
+  }
+  return "?";
+}
+bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
+ElemType ToElem(DType t) {
+  return t == DType::kBF16 ? ElemType::kBF16 : (t == DType::kF16 ? ElemType::kF16 : ElemType::kF32);
+}
+
+// IEEE binary16 <-> binary32 (round to nearest even), for host-side Upload conversion.
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24 (zero or subnormal)
+    return sign ? -f : f;
+  }
+  bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112u) << 23) | (mant << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof(x));
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {  // below 2^-14: subnormal half (or zero)
+    float a;
+    std::memcpy(&a, &abs, sizeof(a));
+    // a * 2^24 is exact in float; nearbyint rounds half to even (default mode).
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f)));
+  }
+  // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+  return static_cast<uint16_t>(sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13));
+}
+
+float LoadAsFloat(const void* src, DType t, size_t i) {
+  switch (t) {
+    case DType::kF32: return static_cast<const float*>(src)[i];
+    case DType::kBF16: return Bf16ToF32(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF16: return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kI32: break;
+  }
+  return 0.0f;
+}
+
+void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void* dst) {
+  for (size_t i = 0; i < n; ++i) {
+    const float f = LoadAsFloat(src, src_type, i);
+    switch (dst_type) {
+      case DType::kF32: static_cast<float*>(dst)[i] = f; break;
+      case DType::kBF16: static_cast<uint16_t*>(dst)[i] = F32ToBf16(f); break;
+      case DType::kF16: static_cast<uint16_t*>(dst)[i] = FloatToHalf(f); break;
+      case DType::kI32: break;
+    }
+  }
+}
+
+// ---- checks (same messages as the CPU twin where it has them) ----
+
+absl::Status CheckF32(const Tensor& t, const char* what) {
+  if (t.dtype != DType::kF32) return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", Name(t.dtype)));
+  return absl::OkStatus();
+}
+
+absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  if (t.rows != rows || t.cols != cols) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " has shape [", t.rows, ", ", t.cols, "], expected [", rows, ", ", cols, "]"));
+  }
+  return absl::OkStatus();
+}
+
+int EnvInt(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  const int x = std::atoi(v);
+  return x < lo || x > hi ? fallback : x;
+}
+
+// ---- the device state, shared with every tensor's release callback so
+// tensors that outlive the Backend object still free safely ----
+
+constexpr size_t kIoSlotBytes = 8 << 20;       // pinned slots for small copies
+constexpr int kIoSlots = 4;
+constexpr size_t kUploadSlotBytes = 64 << 20;  // pinned double buffer for weights
+constexpr size_t kCublasWorkspaceBytes = 32 << 20;
+
+struct PinnedSlot {
+  void* host = nullptr;
+  cudaEvent_t done = nullptr;  // last transfer that used `host`
+};
+
+struct Device {
+  int id = 0;
+  cudaStream_t stream = nullptr;
+  cudaStream_t upload_stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  void* cublas_workspace = nullptr;
+  int* error_word_host = nullptr;  // host-mapped: kernels store DeviceError codes
+  int* error_word_dev = nullptr;
+  std::array<PinnedSlot, kIoSlots> io;
+  std::array<PinnedSlot, 2> up;
+  cudaEvent_t order = nullptr;  // cross-stream ordering
+
+  ~Device() {
+    cudaSetDevice(id);
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    if (upload_stream != nullptr) cudaStreamSynchronize(upload_stream);
+    if (cublas != nullptr) cublasDestroy(cublas);
+    if (cublas_workspace != nullptr) cudaFree(cublas_workspace);
+    for (PinnedSlot* s : {&io[0], &io[1], &io[2], &io[3], &up[0], &up[1]}) {
+      if (s->host != nullptr) cudaFreeHost(s->host);
+      if (s->done != nullptr) cudaEventDestroy(s->done);
+    }
+    if (error_word_host != nullptr) cudaFreeHost(error_word_host);
+    if (order != nullptr) cudaEventDestroy(order);
+    if (upload_stream != nullptr) cudaStreamDestroy(upload_stream);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+};
+
+// Device scratch that grows on demand; the old buffer is freed in stream
+// order, after the kernels already queued on it.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create() {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no usable CUDA device (", e == cudaSuccess ? "device count is 0" : cudaGetErrorString(e), ")"));
+    }
+    auto dev = std::make_shared<Device>();
+    dev->id = EnvInt("SAE_CUDA_DEVICE", 0, 0, count - 1);
+    cudaDeviceProp prop;
+    CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev->id), "get device properties");
+    if (prop.major < 8) {
+      return absl::FailedPreconditionError(absl::StrCat("device ", dev->id, " (", prop.name, ") is sm_", prop.major,
+                                                        prop.minor, "; bf16 tensor cores need sm_80 or newer"));
+    }
+    int pools = 0;
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev->id), "query mempool");
+    if (!pools) return absl::FailedPreconditionError("device has no stream-ordered memory pools (cudaMallocAsync)");
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(dev->id), "set device");
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking), "create stream");
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->upload_stream, cudaStreamNonBlocking), "create stream");
+    CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&dev->order, cudaEventDisableTiming), "create event");
+    CUBLAS_RETURN_IF_ERROR(cublasCreate(&dev->cublas), "create cuBLAS handle");
+    CUBLAS_RETURN_IF_ERROR(cublasSetStream(dev->cublas, dev->stream), "cuBLAS set stream");
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&dev->cublas_workspace, kCublasWorkspaceBytes), "cuBLAS workspace");
+    CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(dev->cublas, dev->cublas_workspace, kCublasWorkspaceBytes),
+                           "cuBLAS set workspace");
+    for (PinnedSlot& s : dev->io) {
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kIoSlotBytes, cudaHostAllocDefault), "pinned staging");
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "create event");
+    }
+    for (PinnedSlot& s : dev->up) {
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kUploadSlotBytes, cudaHostAllocDefault), "pinned staging");
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "create event");
+    }
+    CUDA_RETURN_IF_ERROR(
+        cudaHostAlloc(reinterpret_cast<void**>(&dev->error_word_host), sizeof(int), cudaHostAllocMapped),
+        "mapped error word");
+    *dev->error_word_host = cuda::kDeviceErrorNone;
+    CUDA_RETURN_IF_ERROR(
+        cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev->error_word_dev), dev->error_word_host, 0),
+        "mapped error word");
+    // Keep freed blocks in the pool: a stream-ordered caching allocator.
+    cudaMemPool_t pool;
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, dev->id), "get mempool");
+    uint64_t keep = std::numeric_limits<uint64_t>::max();
+    CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "set mempool");
+    return std::unique_ptr<CudaBackend>(new CudaBackend(std::move(dev)));
+  }
+
+  ~CudaBackend() override {
+    cudaSetDevice(dev_->id);
+    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &tile_table_}) {
+      if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
+    }
+  }
+
+  std::string name() const override { return "cuda"; }
+
+  // ---- memory ----
+
+  absl::StatusOr<OwnedTensor> Alloc(DType dtype, int64_t rows, int64_t cols) override {
+    if (rows < 0 || cols < 0) return absl::InvalidArgumentError("negative tensor shape");
+    RETURN_IF_ERROR(Enter());
+    const size_t bytes = std::max<size_t>(256, static_cast<size_t>(rows * cols) * ElemSize(dtype));
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocAsync(&p, bytes, dev_->stream);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // an OOM is not sticky; clear it
+      return FromCuda(e, absl::StrCat("alloc ", bytes, " bytes (", Name(dtype), "[", rows, ", ", cols, "])"));
+    }
+    // Zeroed like the CPU twin's allocations.
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, dev_->stream), "alloc memset");
+    std::shared_ptr<Device> dev = dev_;
+    return OwnedTensor(Tensor{p, dtype, rows, cols}, [dev](void* q) {
+      cudaSetDevice(dev->id);
+      cudaFreeAsync(q, dev->stream);  // cannot report from a destructor; a failed free only leaks
+    });
+  }
+
+  absl::StatusOr<OwnedTensor> Upload(const HostTensor& src, DType dtype) override {
+    int64_t numel = 1;
+    for (int64_t s : src.shape) numel *= s;
+    int64_t rows = src.shape.empty() ? 1 : src.shape[0];
+    int64_t cols = rows == 0 ? 0 : numel / std::max<int64_t>(rows, 1);
+    if (src.shape.size() == 1) {
+      rows = 1;
+      cols = src.shape[0];
+    }
+    if (dtype != src.dtype && !(IsFloat(dtype) && IsFloat(src.dtype))) {
+      return absl::UnimplementedError(
+          absl::StrCat("cuda upload: cannot convert ", Name(src.dtype), " to ", Name(dtype)));
+    }
+    ASSIGN_OR_RETURN(OwnedTensor t, Alloc(dtype, rows, cols));
+    if (numel == 0) return t;
+    // The allocation (and its memset) is ordered on `stream`; the copy runs on upload_stream.
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev_->order, dev_->stream), "upload");
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->upload_stream, dev_->order, 0), "upload");
+    const size_t src_size = ElemSize(src.dtype), dst_size = ElemSize(dtype);
+    const size_t chunk = kUploadSlotBytes / std::max(src_size, dst_size);
+    char* dst = static_cast<char*>(t->data);
+    const char* from = static_cast<const char*>(src.data);
+    int slot_index = 0;
+    for (size_t off = 0; off < static_cast<size_t>(numel); off += chunk, slot_index ^= 1) {
+      const size_t n = std::min(chunk, static_cast<size_t>(numel) - off);
+      PinnedSlot& slot = dev_->up[slot_index];
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "upload");  // its previous DMA is done
+      if (dtype == src.dtype) {
+        std::memcpy(slot.host, from + off * src_size, n * src_size);
+      } else {
+        ConvertHost(from + off * src_size, src.dtype, n, dtype, slot.host);
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst + off * dst_size, slot.host, n * dst_size, cudaMemcpyHostToDevice,
+                                           dev_->upload_stream),
+                           "upload copy");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->upload_stream), "upload");
+    }
+    // Ops queued after this see the whole tensor.
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev_->order, dev_->upload_stream), "upload");
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->stream, dev_->order, 0), "upload");
+    return t;
+  }
+
+  absl::Status CopyFromHost(const void* src, const Tensor& dst) override {
+    RETURN_IF_ERROR(Enter());
+    const size_t bytes = Bytes(dst);
+    const char* from = static_cast<const char*>(src);
+    for (size_t off = 0; off < bytes; off += kIoSlotBytes) {
+      const size_t n = std::min(kIoSlotBytes, bytes - off);
+      PinnedSlot& slot = NextIoSlot();
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy from host");
+      std::memcpy(slot.host, from + off, n);  // the caller may reuse src as soon as we return
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(dst.data) + off, slot.host, n, cudaMemcpyHostToDevice,
+                                           dev_->stream),
+                           "copy from host");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy from host");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToHost(const Tensor& src, void* dst) override {
+    RETURN_IF_ERROR(Enter());
+    const size_t bytes = Bytes(src);
+    if (bytes == 0) return Synchronize();
+    // Pipelined through the slots: the DMA of chunk c+1 overlaps the host copy of chunk c.
+    struct Pending {
+      PinnedSlot* slot;
+      size_t off, n;
+    };
+    std::array<Pending, kIoSlots> pending{};
+    size_t n_pending = 0, first = 0;
+    auto drain_one = [&]() -> absl::Status {
+      Pending& p = pending[first];
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(p.slot->done), "copy to host");
+      std::memcpy(static_cast<char*>(dst) + p.off, p.slot->host, p.n);
+      first = (first + 1) % kIoSlots;
+      --n_pending;
+      return absl::OkStatus();
+    };
+    for (size_t off = 0; off < bytes; off += kIoSlotBytes) {
+      if (n_pending == kIoSlots) RETURN_IF_ERROR(drain_one());
+      const size_t n = std::min(kIoSlotBytes, bytes - off);
+      PinnedSlot& slot = NextIoSlot();
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy to host");
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.host, static_cast<const char*>(src.data) + off, n,
+                                           cudaMemcpyDeviceToHost, dev_->stream),
+                           "copy to host");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy to host");
+      pending[(first + n_pending) % kIoSlots] = Pending{&slot, off, n};
+      ++n_pending;
+    }
+    while (n_pending > 0) RETURN_IF_ERROR(drain_one());
+    return CheckErrorWord();  // everything before the copy has finished
+  }
+
+  absl::Status Synchronize() override {
+    RETURN_IF_ERROR(Enter());
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->upload_stream), "synchronize");
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->stream), "synchronize");
+    return CheckErrorWord();
+  }
+
+  // ---- ops ----
+
+  absl::Status Embed(const Tensor& table, const Tensor& ids, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(out, "embed output"));
+    RETURN_IF_ERROR(CheckShape(out, ids.rows * ids.cols, table.cols, "embed output"));
+    if (ids.dtype != DType::kI32) return absl::InvalidArgumentError("embed: ids must be I32");
+    if (!IsFloat(table.dtype)) return absl::InvalidArgumentError("embed: table must be F32, BF16 or F16");
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cuda::LaunchEmbed(table.data, ToElem(table.dtype), table.rows, table.cols, ids.as<int32_t>(),
+                                      ids.rows * ids.cols, out.as<float>(), dev_->error_word_dev, dev_->stream),
+                    "embed");
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(x, "rmsnorm input"));
+    RETURN_IF_ERROR(CheckF32(out, "rmsnorm output"));
+    RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "rmsnorm output"));
+    if (weight.data != nullptr) {
+      RETURN_IF_ERROR(CheckShape(weight, 1, x.cols, "rmsnorm weight"));
+      if (!IsFloat(weight.dtype)) return absl::InvalidArgumentError("rmsnorm: weight must be F32, BF16 or F16");
+    }
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cuda::LaunchRmsNorm(x.as<float>(), weight.data, ToElem(weight.dtype), x.rows, x.cols, eps,
+                                        out.as<float>(), dev_->stream),
+                    "rmsnorm");
+  }
+
+  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(x, "matmul input"));
+    RETURN_IF_ERROR(CheckF32(out, "matmul output"));
+    if (w.cols != x.cols) {
+      return absl::InvalidArgumentError(absl::StrCat("matmul: input has ", x.cols, " columns, weight has ", w.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(out, x.rows, w.rows, "matmul output"));
+    if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    int parts = 1;
+    return Gemm(x.as<float>(), x.rows, w, /*n_parts=*/1, out.as<float>(), &parts, "matmul");
+  }
+
+  absl::Status Rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int head_dim) override {
+    RETURN_IF_ERROR(CheckF32(x, "rope input"));
+    if (head_dim <= 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 || inv_freq.rows * inv_freq.cols != head_dim / 2 ||
+        positions.rows * positions.cols != x.rows) {
+      return absl::InvalidArgumentError("rope: inconsistent shapes");
+    }
+    if (positions.dtype != DType::kI32 || inv_freq.dtype != DType::kF32) {
+      return absl::InvalidArgumentError("rope: positions must be I32 and inv_freq F32");
+    }
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cuda::LaunchRope(x.as<float>(), x.rows, static_cast<int>(x.cols / head_dim), head_dim,
+                                     positions.as<int32_t>(), inv_freq.as<float>(), dev_->stream),
+                    "rope");
+  }
+
+  absl::Status Attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_starts, int n_seqs,
+                         int max_seq_len, int n_heads, int n_kv_heads, int head_dim, const Tensor& out) override {
+    if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || head_dim <= 0 ||
+        q.cols != static_cast<int64_t>(n_heads) * head_dim || k.cols != static_cast<int64_t>(n_kv_heads) * head_dim ||
+        v.cols != k.cols || out.cols != q.cols || out.rows != q.rows || k.rows != q.rows || v.rows != q.rows ||
+        n_seqs < 0 || seq_starts.rows * seq_starts.cols != static_cast<int64_t>(n_seqs) + 1 || max_seq_len < 0) {
+      return absl::InvalidArgumentError("attention: inconsistent shapes");
+    }
+    for (const Tensor* t : {&q, &k, &v, &out}) RETURN_IF_ERROR(CheckF32(*t, "attention tensor"));
+    if (seq_starts.dtype != DType::kI32) return absl::InvalidArgumentError("attention: seq_starts must be I32");
+    if (!cuda::AttentionSupportsHeadDim(head_dim)) {
+      return absl::UnimplementedError(absl::StrCat("cuda attention: head_dim ", head_dim, " > 256"));
+    }
+    if (q.rows == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    ASSIGN_OR_RETURN(void* table, Ensure(&tile_table_, (static_cast<size_t>(n_seqs) + 1) * sizeof(int32_t)));
+    // Bad seq_starts (which live on the device) are reported at the next
+    // CopyToHost / Synchronize as INVALID_ARGUMENT.
+    return FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(),
+                                          n_seqs, max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, out.as<float>(),
+                                          static_cast<int32_t*>(table), dev_->error_word_dev, dev_->stream),
+                    "attention");
+  }
+
+  absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckShape(up, gate.rows, gate.cols, "silu_mul up"));
+    RETURN_IF_ERROR(CheckShape(out, gate.rows, gate.cols, "silu_mul output"));
+    for (const Tensor* t : {&gate, &up, &out}) RETURN_IF_ERROR(CheckF32(*t, "silu_mul tensor"));
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(
+        cuda::LaunchSiluMul(gate.as<float>(), up.as<float>(), out.as<float>(), gate.rows * gate.cols, dev_->stream),
+        "silu_mul");
+  }
+
+  absl::Status Add(const Tensor& a, const Tensor& b, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckShape(b, a.rows, a.cols, "add rhs"));
+    RETURN_IF_ERROR(CheckShape(out, a.rows, a.cols, "add output"));
+    for (const Tensor* t : {&a, &b, &out}) RETURN_IF_ERROR(CheckF32(*t, "add tensor"));
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cuda::LaunchAdd(a.as<float>(), b.as<float>(), out.as<float>(), a.rows * a.cols, dev_->stream),
+                    "add");
+  }
+
+  absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
+                             const Tensor& out_values) override {
+    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    const int64_t d_sae = sae.encoder.rows, d = x.cols;
+    if (sae.encoder.cols != x.cols) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
+    RETURN_IF_ERROR(CheckF32(sae.bias, "sae bias"));
+    if (sae.feature_scale.data != nullptr) {
+      RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
+      RETURN_IF_ERROR(CheckF32(sae.feature_scale, "sae scale"));
+    }
+    if (k < 0) return absl::InvalidArgumentError("sae: k must be >= 0");
+    RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
+    RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
+    if (out_indices.dtype != DType::kI32) return absl::InvalidArgumentError("sae indices must be I32");
+    RETURN_IF_ERROR(CheckF32(out_values, "sae values"));
+    const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
+    if (keep > cuda::kSaeTopKMaxK) {
+      return absl::UnimplementedError(
+          absl::StrCat("cuda sae top-k: k=", keep, " is larger than the supported ", cuda::kSaeTopKMaxK));
+    }
+    if (x.rows == 0 || k == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    // Bounded scratch: tokens per chunk so that n_parts * chunk * d_sae floats
+    // fit the budget (d_sae = 131072 and 8k tokens would be 4 GiB at once).
+    const int n_parts = sae.encoder.dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1;
+    const size_t budget = static_cast<size_t>(EnvInt("SAE_CUDA_SAE_SCRATCH_MB", 512, 16, 1 << 20)) << 20;
+    const size_t row_bytes = static_cast<size_t>(n_parts) * d_sae * sizeof(float);
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(x.rows, static_cast<int64_t>(budget / row_bytes)));
+    ASSIGN_OR_RETURN(void* pre, Ensure(&sae_pre_, static_cast<size_t>(chunk) * row_bytes));
+    for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
+      const int64_t tc = std::min(chunk, x.rows - t0);
+      int parts = 1;
+      RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, static_cast<float*>(pre), &parts,
+                           "sae encode"));
+      RETURN_IF_ERROR(FromCuda(
+          cuda::LaunchSaeTopK(static_cast<const float*>(pre), parts, tc, d_sae, sae.bias.as<float>(),
+                              sae.feature_scale.as<float>(), sae.scale_in, sae.threshold, keep, k,
+                              out_indices.as<int32_t>() + t0 * k, out_values.as<float>() + t0 * k, dev_->stream),
+          "sae top-k"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  explicit CudaBackend(std::shared_ptr<Device> dev) : dev_(std::move(dev)) {}
+
+  // The CUDA current device is per host thread; the executor may not be the
+  // thread that created the backend.
+  absl::Status Enter() { return FromCuda(cudaSetDevice(dev_->id), "set device"); }
+
+  PinnedSlot& NextIoSlot() {
+    PinnedSlot& s = dev_->io[next_io_];
+    next_io_ = (next_io_ + 1) % kIoSlots;
+    return s;
+  }
+
+  absl::Status CheckErrorWord() {
+    const int code = *static_cast<volatile int*>(dev_->error_word_host);
+    if (code == cuda::kDeviceErrorNone) return absl::OkStatus();
+    *dev_->error_word_host = cuda::kDeviceErrorNone;
+    if (code == cuda::kDeviceErrorBadTokenId) {
+      return absl::InvalidArgumentError("cuda embed: a token id is outside the vocabulary");
+    }
+    if (code == cuda::kDeviceErrorBadSeqStarts) {
+      return absl::InvalidArgumentError(
+          "cuda attention: seq_starts must start at 0, increase, cover all rows and respect max_seq_len");
+    }
+    return absl::InternalError(absl::StrCat("cuda: kernel error code ", code));
+  }
+
+  absl::StatusOr<void*> Ensure(Scratch* s, size_t bytes) {
+    if (bytes <= s->bytes) return s->ptr;
+    if (s->ptr != nullptr) {
+      CUDA_RETURN_IF_ERROR(cudaFreeAsync(s->ptr, dev_->stream), "free scratch");
+      s->ptr = nullptr;
+      s->bytes = 0;
+    }
+    const size_t want = std::max(bytes, s->bytes + s->bytes / 2);
+    const cudaError_t e = cudaMallocAsync(&s->ptr, want, dev_->stream);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      s->ptr = nullptr;
+      return FromCuda(e, absl::StrCat("scratch of ", want, " bytes"));
+    }
+    s->bytes = want;
+    return s->ptr;
+  }
+
+  // out (row-major [n_parts_used * n, w.rows]) = x_parts [.., k] . w^T, where
+  // x [n, k] F32 is split into n_parts bf16 parts for BF16 weights (part p's
+  // product in rows [p n, (p+1) n)); F32/F16 weights give one exact-ish part.
+  absl::Status Gemm(const float* x, int64_t n, const Tensor& w, int n_parts, float* out, int* parts_used,
+                    const char* op) {
+    const int64_t m = w.rows, k = w.cols;
+    if (n * n_parts > std::numeric_limits<int>::max() || m > std::numeric_limits<int>::max() ||
+        k > std::numeric_limits<int>::max()) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": GEMM dimensions exceed int32"));
+    }
+    if (k == 0) {
+      *parts_used = 1;
+      return FromCuda(cudaMemsetAsync(out, 0, static_cast<size_t>(n * m) * sizeof(float), dev_->stream), op);
+    }
+    const float one = 1.0f, zero = 0.0f;
+    const int im = static_cast<int>(m), ik = static_cast<int>(k);
+    // Column-major view: out^T [m, n] = W^T-op [m, k] x X^T [k, n] ("TN", the
+    // layout cuBLAS is fastest at).
+    switch (w.dtype) {
+      case DType::kBF16: {
+        *parts_used = n_parts;
+        ASSIGN_OR_RETURN(void* xb, Ensure(&x_bf16_, static_cast<size_t>(n_parts * n * k) * 2));
+        RETURN_IF_ERROR(FromCuda(cuda::LaunchSplitToBf16(x, n * k, n_parts, xb, dev_->stream), op));
+        return FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, im, static_cast<int>(n_parts * n), ik,
+                                       &one, w.data, CUDA_R_16BF, ik, xb, CUDA_R_16BF, ik, &zero, out, CUDA_R_32F, im,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                          op);
+      }
+      case DType::kF32:
+        *parts_used = 1;
+        return FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, im, static_cast<int>(n), ik, &one,
+                                       w.data, CUDA_R_32F, ik, x, CUDA_R_32F, ik, &zero, out, CUDA_R_32F, im,
+                                       CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT),
+                          op);
+      case DType::kF16: {
+        *parts_used = 1;
+        // Widen bounded row chunks of W to F32 (x is never narrowed to fp16: it may overflow).
+        const int64_t rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>(m, (64 << 20) / (k * 4)));
+        ASSIGN_OR_RETURN(void* wf, Ensure(&w_f32_, static_cast<size_t>(rows_per_chunk * k) * sizeof(float)));
+        for (int64_t m0 = 0; m0 < m; m0 += rows_per_chunk) {
+          const int64_t mc = std::min(rows_per_chunk, m - m0);
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchToF32(static_cast<const uint16_t*>(w.data) + m0 * k, ElemType::kF16,
+                                                     mc * k, static_cast<float*>(wf), dev_->stream),
+                                   op));
+          RETURN_IF_ERROR(FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(mc),
+                                                  static_cast<int>(n), ik, &one, wf, CUDA_R_32F, ik, x, CUDA_R_32F, ik,
+                                                  &zero, out + m0, CUDA_R_32F, im, CUBLAS_COMPUTE_32F_PEDANTIC,
+                                                  CUBLAS_GEMM_DEFAULT),
+                                     op));
+        }
+        return absl::OkStatus();
+      }
+      case DType::kI32:
+        break;
+    }
+    return absl::UnimplementedError(absl::StrCat(op, ": weights of type ", Name(w.dtype), " are not supported"));
+  }
+
+  std::shared_ptr<Device> dev_;
+  int next_io_ = 0;
+  Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
+  Scratch w_f32_;       // F16 weight rows widened to F32
+  Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations
+  Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
+};
+
+}  // namespace
+}  // namespace sae
+
+extern "C" __attribute__((visibility("default"))) int SaeCudaBackendCreate(int abi_version, sae::Backend** out,
+                                                                           char* err, size_t err_len) {
+  auto fail = [&](const absl::Status& s) {
+    if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", std::string(s.message()).c_str());
+    return static_cast<int>(s.code());
+  };
+  if (out == nullptr) return fail(absl::InvalidArgumentError("null output pointer"));
+  *out = nullptr;
+  if (abi_version != SAE_CUDA_BACKEND_ABI_VERSION) {
+    return fail(absl::FailedPreconditionError(absl::StrCat("libsae_cuda.so has ABI version ",
+                                                           SAE_CUDA_BACKEND_ABI_VERSION, " but the caller expects ",
+                                                           abi_version, "; rebuild it with the server")));
+  }
+  try {
+    auto backend = sae::CudaBackend::Create();
+    if (!backend.ok()) return fail(backend.status());
+    *out = backend->release();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(absl::InternalError(absl::StrCat("creating the CUDA backend threw: ", e.what())));
+  }
+}

@@ -1,0 +1,73 @@
+// Host-side declarations of every kernel launcher, for cuda_backend.cc (plain
+// C++, compiled by the host compiler; the kernels live in the .cuh headers,
+// each compiled by exactly one .cu file). Launchers take raw device pointers,
+// dims and an explicit stream, validate nothing the caller already checked,
+// and return the launch's cudaError_t.
+#ifndef SAE_CORE_CUDA_LAUNCHERS_H_
+#define SAE_CORE_CUDA_LAUNCHERS_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace sae {
+namespace cuda {
+
+// Element types of weight-like inputs (activations are always F32).
+enum class ElemType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Codes kernels store into the backend's host-mapped error word; the host
+// turns them into INVALID_ARGUMENT at the next synchronisation point.
+enum DeviceError : int {
+  kDeviceErrorNone = 0,
+  kDeviceErrorBadTokenId = 1,
+  kDeviceErrorBadSeqStarts = 2,
+};
+
+// ---- elementwise.cuh ----
+// out[t, :] = F32(table[ids[t], :]); ids outside [0, vocab) give zeros and set *error_flag.
+cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids,
+                        int64_t n, float* out, int* error_flag, cudaStream_t stream);
+// x [n_elems] F32 -> n_parts BF16 arrays [n_parts, n_elems] with x ~= sum of parts
+// (part p is the bf16 rounding of what parts < p left over).
+cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void* out, cudaStream_t stream);
+// dst[i] = F32(src[i]).
+cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, cudaStream_t stream);
+// out = silu(gate) * up.
+cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+// out = a + b.
+cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
+
+// ---- rmsnorm.cuh ----
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight (weight == nullptr: none).
+cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_type, int64_t rows, int64_t cols,
+                          float eps, float* out, cudaStream_t stream);
+
+// ---- rope.cuh ----
+// In-place half-split rotary embedding of x [n, n_heads * head_dim].
+cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions,
+                       const float* inv_freq, cudaStream_t stream);
+
+// ---- attention.cuh ----
+bool AttentionSupportsHeadDim(int head_dim);
+// Causal attention over packed sequences. tile_table: device scratch of
+// n_seqs + 1 ints. Bad seq_starts set *error_flag (those sequences are skipped).
+cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
+                            int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim, float* out,
+                            int32_t* tile_table, int* error_flag, cudaStream_t stream);
+
+// ---- sae_topk.cuh ----
+// Largest k the top-k kernel handles (its candidate buffer lives in shared memory).
+constexpr int kSaeTopKMaxK = 8192;
+// For each of n_rows tokens: v_i = (scale_in * h_i + bias_i) * feature_scale_i,
+// h_i = sum over n_parts of pre[p][row][i]; keeps the k_keep largest v_i >
+// threshold (value-descending, ties to the lower index) in out_idx/out_val
+// [n_rows, k]; slots past them hold -1 / 0. pre: F32 [n_parts, n_rows, d_sae].
+cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
+                          const float* feature_scale, float scale_in, float threshold, int k_keep, int k,
+                          int32_t* out_idx, float* out_val, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sae
+
+#endif  // SAE_CORE_CUDA_LAUNCHERS_H_

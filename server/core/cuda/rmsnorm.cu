@@ -1,0 +1,2 @@
+// Compiles the RMSNorm kernel and launcher (see rmsnorm.cuh).
+#include "core/cuda/rmsnorm.cuh"

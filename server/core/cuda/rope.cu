@@ -1,0 +1,2 @@
+// Compiles the RoPE kernel and launcher (see rope.cuh).
+#include "core/cuda/rope.cuh"

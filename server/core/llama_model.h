@@ -1,0 +1,72 @@
+// Llama prefill forward pass (no KV cache: the service only reads activations)
+// with hook capture at R/A/M/TC points, written once against the Backend ops.
+#ifndef SAE_CORE_LLAMA_MODEL_H_
+#define SAE_CORE_LLAMA_MODEL_H_
+
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/backend.h"
+#include "core/hooks.h"
+#include "core/llama_config.h"
+
+namespace sae {
+
+// Token ids of several sequences packed back to back.
+struct PackedBatch {
+  std::vector<int32_t> ids;         // [n_tokens]
+  std::vector<int32_t> positions;   // [n_tokens], restarting at 0 per sequence
+  std::vector<int32_t> seq_starts;  // [n_seqs + 1]
+
+  void Append(const std::vector<int32_t>& seq_ids);
+  int n_tokens() const { return static_cast<int>(ids.size()); }
+  int n_seqs() const { return static_cast<int>(seq_starts.size()) - 1; }
+  PackedBatch() : seq_starts{0} {}
+};
+
+// Called at each requested hook with the activations [n_tokens, d_model] in
+// backend memory; valid only during the call.
+using HookFn = std::function<absl::Status(const HookPoint&, const Tensor&)>;
+
+class LlamaModel {
+ public:
+  // Loads config.json and the weights of layers 0..last_layer (all when
+  // last_layer < 0) from `model_dir` into `backend` as `weight_dtype`.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& model_dir, Backend* backend,
+                                                          int last_layer, DType weight_dtype);
+
+  const LlamaConfig& config() const { return config_; }
+  int n_layers_loaded() const { return static_cast<int>(layers_.size()); }
+
+  // Runs layers 0..(deepest hook layer) over the batch, calling on_hook at
+  // every hook in `hooks` (in forward order).
+  absl::Status Forward(const PackedBatch& batch, const std::set<HookPoint>& hooks, const HookFn& on_hook);
+
+ private:
+  struct Layer {
+    OwnedTensor input_norm;  // [1, d]
+    OwnedTensor post_norm;   // [1, d]
+    OwnedTensor wq;          // [n_heads*hd, d]
+    OwnedTensor wk;          // [n_kv*hd, d]
+    OwnedTensor wv;          // [n_kv*hd, d]
+    OwnedTensor wo;          // [d, n_heads*hd]
+    OwnedTensor w_gate;      // [ffn, d]
+    OwnedTensor w_up;        // [ffn, d]
+    OwnedTensor w_down;      // [d, ffn]
+  };
+
+  LlamaModel() = default;
+  Backend* backend_ = nullptr;
+  LlamaConfig config_;
+  OwnedTensor embed_;     // [vocab, d]
+  OwnedTensor inv_freq_;  // [1, hd/2]
+  std::vector<Layer> layers_;
+};
+
+}  // namespace sae
+
+#endif  // SAE_CORE_LLAMA_MODEL_H_

@@ -1,0 +1,148 @@
+#include "core/sae.h"
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/safetensors.h"
+#include "nlohmann/json.hpp"
+
+namespace sae {
+namespace {
+
+using json = nlohmann::json;
+
+absl::Status FieldError(const std::string& path, absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(path, ": field \"", field, "\": ", what));
+}
+
+}  // namespace
+
+float SaeHyperparams::scale_in() const {
+  return norm_activation == "dataset-wise" ? std::sqrt(static_cast<float>(d_model)) / avg_norm_in : 1.0f;
+}
+float SaeHyperparams::scale_out() const {
+  return norm_activation == "dataset-wise" ? std::sqrt(static_cast<float>(d_model)) / avg_norm_out : 1.0f;
+}
+
+absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
+  SaeHyperparams hp;
+  auto get_int = [&](const char* f, int* out) -> absl::Status {
+    auto it = j.find(f);
+    if (it == j.end()) return FieldError(path, f, "missing");
+    if (!it->is_number_integer() || it->get<int64_t>() <= 0) return FieldError(path, f, "must be a positive integer");
+    *out = it->get<int>();
+    return absl::OkStatus();
+  };
+  auto get_str = [&](const char* f, std::string* out) -> absl::Status {
+    auto it = j.find(f);
+    if (it == j.end()) return FieldError(path, f, "missing");
+    if (!it->is_string()) return FieldError(path, f, "must be a string");
+    *out = it->get<std::string>();
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(get_int("d_model", &hp.d_model));
+  RETURN_IF_ERROR(get_int("d_sae", &hp.d_sae));
+  RETURN_IF_ERROR(get_str("act_fn", &hp.act_fn));
+  RETURN_IF_ERROR(get_str("hook_point_in", &hp.hook_point_in));
+  hp.hook_point_out = hp.hook_point_in;
+  if (j.contains("hook_point_out")) RETURN_IF_ERROR(get_str("hook_point_out", &hp.hook_point_out));
+  if (hp.act_fn == "jumprelu") {
+    auto it = j.find("jump_relu_threshold");
+    if (it == j.end()) return FieldError(path, "jump_relu_threshold", "missing (required for act_fn jumprelu)");
+    if (!it->is_number()) return FieldError(path, "jump_relu_threshold", "must be a number");
+    hp.jump_relu_threshold = it->get<float>();
+  } else if (hp.act_fn == "topk") {
+    RETURN_IF_ERROR(get_int("top_k", &hp.top_k));
+  } else {
+    return FieldError(path, "act_fn", absl::StrCat("\"", hp.act_fn, "\" is not supported (jumprelu, topk)"));
+  }
+  if (j.contains("top_k") && j["top_k"].is_number_integer()) hp.top_k = j["top_k"].get<int>();
+  hp.norm_activation = "none";
+  if (j.contains("norm_activation")) RETURN_IF_ERROR(get_str("norm_activation", &hp.norm_activation));
+  if (hp.norm_activation == "dataset-wise") {
+    auto it = j.find("dataset_average_activation_norm");
+    if (it == j.end() || !it->is_object()) {
+      return FieldError(path, "dataset_average_activation_norm", "missing (required for dataset-wise norm)");
+    }
+    for (const char* key : {"in", "out"}) {
+      auto v = it->find(key);
+      if (v == it->end() || !v->is_number() || !(v->get<double>() > 0)) {
+        return FieldError(path, absl::StrCat("dataset_average_activation_norm.", key), "must be a positive number");
+      }
+    }
+    hp.avg_norm_in = (*it)["in"].get<float>();
+    hp.avg_norm_out = (*it)["out"].get<float>();
+  } else if (hp.norm_activation != "none") {
+    return FieldError(path, "norm_activation",
+                      absl::StrCat("\"", hp.norm_activation, "\" is not supported (dataset-wise, none)"));
+  }
+  return hp;
+}
+
+std::string SaeNameFromDir(const std::string& dir) {
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return std::filesystem::path(d).filename().string();
+}
+
+absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std::string& name, Backend* backend,
+                                               SaeEncodeForm form) {
+  std::unique_ptr<Sae> s(new Sae());
+  s->name_ = name.empty() ? SaeNameFromDir(dir) : name;
+  s->path_ = dir;
+  s->form_ = form;
+  const std::string hp_path = dir + "/hyperparams.json";
+  ASSIGN_OR_RETURN(s->hp_, SaeHyperparams::FromFile(hp_path));
+  const SaeHyperparams& hp = s->hp_;
+  auto hook = ParseHookPointIn(hp.hook_point_in);
+  if (!hook.ok()) return FieldError(hp_path, "hook_point_in", hook.status().message());
+  s->hook_ = *hook;
+
+  const std::string st_path = dir + "/checkpoints/final.safetensors";
+  ASSIGN_OR_RETURN(auto store, TensorStore::Open(st_path));
+  ASSIGN_OR_RETURN(HostTensor w_enc, store->GetWithShape("encoder.weight", {hp.d_sae, hp.d_model}));
+  ASSIGN_OR_RETURN(HostTensor b_enc, store->GetWithShape("encoder.bias", {hp.d_sae}));
+  ASSIGN_OR_RETURN(HostTensor w_dec, store->GetWithShape("decoder.weight", {hp.d_model, hp.d_sae}));
+  RETURN_IF_ERROR(store->GetWithShape("decoder.bias", {hp.d_model}).status());
+
+  ASSIGN_OR_RETURN(s->w_enc_, backend->Upload(w_enc, w_enc.dtype));
+  ASSIGN_OR_RETURN(s->b_enc_, backend->Upload(b_enc, DType::kF32));
+  SaeEncoderWeights& e = s->encoder_;
+  e.encoder = s->w_enc_.get();
+  e.bias = s->b_enc_.get();
+  e.scale_in = hp.scale_in();
+  e.max_active = hp.act_fn == "topk" ? hp.top_k : 0;
+  const float theta = hp.act_fn == "topk" ? 0.0f : hp.jump_relu_threshold;
+  if (form == SaeEncodeForm::kSaeLens) {
+    e.threshold = hp.act_fn == "topk" ? 0.0f : theta * hp.scale_in();
+  } else {
+    // ||d_i|| over the decoder column i (decoder.weight is [d_model, d_sae]).
+    std::vector<float> col(static_cast<size_t>(hp.d_model) * hp.d_sae);
+    ConvertToF32(w_dec.data, w_dec.dtype, col.size(), col.data());
+    std::vector<double> norm2(hp.d_sae, 0.0);
+    for (int r = 0; r < hp.d_model; ++r) {
+      const float* row = col.data() + static_cast<size_t>(r) * hp.d_sae;
+      for (int i = 0; i < hp.d_sae; ++i) norm2[i] += static_cast<double>(row[i]) * row[i];
+    }
+    std::vector<float> scale(hp.d_sae);
+    for (int i = 0; i < hp.d_sae; ++i) scale[i] = static_cast<float>(std::sqrt(norm2[i]) / hp.scale_out());
+    ASSIGN_OR_RETURN(s->feature_scale_, backend->Alloc(DType::kF32, 1, hp.d_sae));
+    RETURN_IF_ERROR(backend->CopyFromHost(scale.data(), s->feature_scale_.get()));
+    e.feature_scale = s->feature_scale_.get();
+    e.threshold = theta;
+  }
+  return s;
+}
+
+}  // namespace sae

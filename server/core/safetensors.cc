@@ -1,0 +1,270 @@
+#include "core/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace sae {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+// Guards against absurd headers (a corrupt length field) before allocating.
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+
+absl::Status FileError(const std::string& path, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
+}
+
+}  // namespace
+
+int64_t HostTensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string HostTensor::DebugString() const {
+  return absl::StrCat(DTypeName(dtype), "[", absl::StrJoin(shape, ", "), "]");
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    return FileError(path, "cannot stat");
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    return FileError(path, absl::StrCat("file is ", size, " bytes, too short for a safetensors header"));
+  }
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) return FileError(path, absl::StrCat("mmap failed: ", std::strerror(errno)));
+
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->map_ = map;
+  file->map_size_ = size;
+
+  const auto* bytes = static_cast<const uint8_t*>(map);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
+  if (header_len > kMaxHeaderBytes || header_len > size - 8) {
+    return FileError(path, absl::StrCat("header length ", header_len, " exceeds the file size ", size));
+  }
+  const char* header_begin = reinterpret_cast<const char*>(bytes + 8);
+  json header = json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded() || !header.is_object()) {
+    return FileError(path, "header is not a JSON object");
+  }
+  const uint8_t* data_begin = bytes + 8 + header_len;
+  const uint64_t data_size = size - 8 - header_len;
+
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const json& entry = it.value();
+    if (name == "__metadata__") {
+      if (!entry.is_object()) return FileError(path, "__metadata__ is not an object");
+      for (auto m = entry.begin(); m != entry.end(); ++m) {
+        if (m.value().is_string()) file->metadata_[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string where = absl::StrCat("tensor \"", name, "\"");
+    if (!entry.is_object()) return FileError(path, absl::StrCat(where, " is not an object"));
+    auto dt = entry.find("dtype");
+    auto sh = entry.find("shape");
+    auto off = entry.find("data_offsets");
+    if (dt == entry.end() || !dt->is_string()) return FileError(path, absl::StrCat(where, ": missing field \"dtype\""));
+    if (sh == entry.end() || !sh->is_array()) return FileError(path, absl::StrCat(where, ": missing field \"shape\""));
+    if (off == entry.end() || !off->is_array() || off->size() != 2) {
+      return FileError(path, absl::StrCat(where, ": field \"data_offsets\" must be [begin, end]"));
+    }
+    auto dtype = ParseDType(dt->get<std::string>());
+    if (!dtype.ok()) return FileError(path, absl::StrCat(where, ": field \"dtype\": ", dtype.status().message()));
+    HostTensor t;
+    t.dtype = *dtype;
+    for (const json& d : *sh) {
+      if (!d.is_number_unsigned()) return FileError(path, absl::StrCat(where, ": field \"shape\" has a non-integer entry"));
+      t.shape.push_back(d.get<int64_t>());
+    }
+    if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
+      return FileError(path, absl::StrCat(where, ": field \"data_offsets\" must be non-negative integers"));
+    }
+    const uint64_t begin = (*off)[0].get<uint64_t>();
+    const uint64_t end = (*off)[1].get<uint64_t>();
+    if (begin > end || end > data_size) {
+      return FileError(path, absl::StrCat(where, ": data_offsets [", begin, ", ", end,
+                                          "] fall outside the data section of ", data_size, " bytes"));
+    }
+    if (end - begin != t.nbytes()) {
+      return FileError(path, absl::StrCat(where, ": data_offsets span ", end - begin, " bytes but ",
+                                          t.DebugString(), " needs ", t.nbytes()));
+    }
+    t.data = data_begin + begin;
+    file->tensors_.emplace(name, std::move(t));
+  }
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_ != nullptr) ::munmap(map_, map_size_);
+}
+
+absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string& path) {
+  auto store = std::make_unique<TensorStore>();
+  store->origin_ = path;
+  std::vector<std::string> files;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    const fs::path index_path = fs::path(path) / "model.safetensors.index.json";
+    if (fs::exists(index_path, ec)) {
+      std::ifstream in(index_path);
+      json index = json::parse(in, nullptr, /*allow_exceptions=*/false);
+      if (index.is_discarded() || !index.is_object()) {
+        return FileError(index_path.string(), "not valid JSON");
+      }
+      auto wm = index.find("weight_map");
+      if (wm == index.end() || !wm->is_object()) {
+        return FileError(index_path.string(), "missing field \"weight_map\"");
+      }
+      for (auto it = wm->begin(); it != wm->end(); ++it) {
+        if (!it.value().is_string()) {
+          return FileError(index_path.string(), absl::StrCat("weight_map[\"", it.key(), "\"] is not a file name"));
+        }
+        std::string f = (fs::path(path) / it.value().get<std::string>()).string();
+        if (std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
+      }
+    } else {
+      for (const auto& entry : fs::directory_iterator(path, ec)) {
+        if (entry.path().extension() == ".safetensors") files.push_back(entry.path().string());
+      }
+      std::sort(files.begin(), files.end());
+    }
+    if (files.empty()) return absl::NotFoundError(absl::StrCat(path, ": no .safetensors files"));
+  } else {
+    files.push_back(path);
+  }
+  for (const std::string& f : files) {
+    ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(f));
+    for (const auto& [name, t] : file->tensors()) {
+      auto [it, inserted] = store->index_.emplace(name, std::make_pair(file.get(), t));
+      if (!inserted) {
+        return FileError(f, absl::StrCat("tensor \"", name, "\" also appears in ", it->second.first->path()));
+      }
+    }
+    store->files_.push_back(std::move(file));
+  }
+  return store;
+}
+
+absl::StatusOr<HostTensor> TensorStore::Get(absl::string_view name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    return absl::NotFoundError(absl::StrCat(origin_, ": missing tensor \"", name, "\""));
+  }
+  return it->second.second;
+}
+
+absl::StatusOr<HostTensor> TensorStore::GetWithShape(absl::string_view name,
+                                                     const std::vector<int64_t>& shape) const {
+  ASSIGN_OR_RETURN(HostTensor t, Get(name));
+  if (t.shape != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor \"", name, "\" has shape [",
+                                                   absl::StrJoin(t.shape, ", "), "], expected [",
+                                                   absl::StrJoin(shape, ", "), "]"));
+  }
+  return t;
+}
+
+bool TensorStore::Contains(absl::string_view name) const { return index_.find(name) != index_.end(); }
+
+std::string TensorStore::FileOf(absl::string_view name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? origin_ : it->second.first->path();
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<const TensorToWrite*> sorted;
+  for (const auto& t : tensors) sorted.push_back(&t);
+  std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->name < b->name; });
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const TensorToWrite* t : sorted) {
+    size_t expect = DTypeSize(t->dtype);
+    for (int64_t d : t->shape) expect *= static_cast<size_t>(d);
+    if (expect != t->bytes.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", t->name, ": ", t->bytes.size(),
+                                                     " bytes for a shape needing ", expect));
+    }
+    header[t->name] = {{"dtype", std::string(DTypeName(t->dtype))},
+                       {"shape", t->shape},
+                       {"data_offsets", {offset, offset + t->bytes.size()}}};
+    offset += t->bytes.size();
+  }
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8 != 0) h.push_back(' ');  // keep tensor data aligned
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create file"));
+  uint64_t len = h.size();
+  char len_bytes[8];
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  out.write(len_bytes, 8);
+  out.write(h.data(), static_cast<std::streamsize>(h.size()));
+  for (const TensorToWrite* t : sorted) out.write(t->bytes.data(), static_cast<std::streamsize>(t->bytes.size()));
+  out.close();
+  if (!out) return absl::DataLossError(absl::StrCat(path, ": write failed"));
+  return absl::OkStatus();
+}
+
+TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape,
+                         const std::vector<float>& values) {
+  TensorToWrite t{std::move(name), dtype, std::move(shape), {}};
+  t.bytes.resize(values.size() * DTypeSize(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    switch (dtype) {
+      case DType::kF32:
+        std::memcpy(&t.bytes[i * 4], &values[i], 4);
+        break;
+      case DType::kBF16: {
+        uint16_t v = F32ToBf16(values[i]);
+        std::memcpy(&t.bytes[i * 2], &v, 2);
+        break;
+      }
+      case DType::kF16: {
+        uint16_t v = F32ToF16(values[i]);
+        std::memcpy(&t.bytes[i * 2], &v, 2);
+        break;
+      }
+      case DType::kI32: {
+        int32_t v = static_cast<int32_t>(values[i]);
+        std::memcpy(&t.bytes[i * 4], &v, 4);
+        break;
+      }
+    }
+  }
+  return t;
+}
+
+}  // namespace sae

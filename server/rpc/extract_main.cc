@@ -1,0 +1,247 @@
+// sae-extract: offline bulk extraction with the same Engine as the server,
+// no network. Reads JSONL, writes JSONL (one output line per input line).
+//
+//   sae-extract --model DIR --sae DIR [--sae DIR ...] --input IN.jsonl --output OUT.jsonl
+//               [--k K] [--dump-hooks F.safetensors] [--demo]
+//
+// IN lines:  {"text": "..."} (optional "add_bos": false) or {"token_ids": [...]}
+// OUT lines: {"tokens": [{"id": 9906, "piece": "Hello", "offset": [0, 5],
+//             "features": {"L15R-8x": [[index, value], ...]}}]}
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "core/demo_model.h"
+#include "core/engine.h"
+#include "core/safetensors.h"
+#include "nlohmann/json.hpp"
+#include "rpc/flag_util.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
+ABSL_FLAG(std::vector<std::string>, sae, {}, "SAE folder (\"DIR\" or \"ALIAS=DIR\"); repeatable");
+ABSL_FLAG(std::string, input, "", "input JSONL: {\"text\": ...} or {\"token_ids\": [...]} per line");
+ABSL_FLAG(std::string, output, "", "output JSONL, one line per input line");
+ABSL_FLAG(int, k, 16, "features kept per token and SAE");
+ABSL_FLAG(std::string, dump_hooks, "",
+          "also write the hook activations (F32 [n_tokens, d_model] per hook) to this .safetensors file");
+ABSL_FLAG(bool, demo, false, "use the generated tiny demo model (and all demo SAEs when no --sae)");
+ABSL_FLAG(std::string, demo_dir, "/tmp/sae-demo", "where --demo writes the demo model");
+ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
+ABSL_FLAG(bool, include_bos, false, "also report features at BOS positions");
+ABSL_FLAG(int, batch_tokens, 2048, "input lines are packed into engine batches of about this many tokens");
+
+namespace sae {
+namespace {
+
+using json = nlohmann::json;
+
+struct Record {
+  int line = 0;  // 1-based line in the input file, for messages
+  std::vector<int32_t> ids;
+  std::vector<std::pair<uint32_t, uint32_t>> offsets;  // code points; (0, 0) for token_ids
+};
+
+absl::StatusOr<Record> ParseLine(const std::string& text, int line_number, const Engine& engine,
+                                 const std::string& origin) {
+  const std::string where = absl::StrCat(origin, ":", line_number, ": ");
+  Record record;
+  record.line = line_number;
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(where + "not valid JSON (or not valid UTF-8)");
+  if (!j.is_object()) return absl::InvalidArgumentError(where + "expected a JSON object");
+  const bool has_text = j.contains("text");
+  const bool has_ids = j.contains("token_ids");
+  if (has_text == has_ids)
+    return absl::InvalidArgumentError(where + "expected exactly one of \"text\" or \"token_ids\"");
+  if (has_text) {
+    if (!j["text"].is_string()) return absl::InvalidArgumentError(where + "\"text\" must be a string");
+    bool add_bos = true;
+    if (j.contains("add_bos")) {
+      if (!j["add_bos"].is_boolean()) return absl::InvalidArgumentError(where + "\"add_bos\" must be true or false");
+      add_bos = j["add_bos"].get<bool>();
+    }
+    absl::StatusOr<Encoding> enc = engine.tokenizer().Encode(j["text"].get<std::string>(), add_bos);
+    if (!enc.ok()) return absl::InvalidArgumentError(where + std::string(enc.status().message()));
+    record.ids = std::move(enc->ids);
+    record.offsets = std::move(enc->offsets);
+  } else {
+    const json& ids = j["token_ids"];
+    if (!ids.is_array()) return absl::InvalidArgumentError(where + "\"token_ids\" must be an array of integers");
+    const int64_t vocab = engine.model_config().vocab_size;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (!ids[i].is_number_integer() || ids[i].get<int64_t>() < 0 || ids[i].get<int64_t>() >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "token_ids[", i, "] = ", ids[i].dump(), " is not a token id in [0, ", vocab, ")"));
+      }
+      record.ids.push_back(static_cast<int32_t>(ids[i].get<int64_t>()));
+    }
+    record.offsets.assign(record.ids.size(), {0, 0});
+  }
+  if (record.ids.empty()) return absl::InvalidArgumentError(where + "no tokens");
+  return record;
+}
+
+json RecordToJson(const Record& record, const SequenceResult& result, const Engine& engine,
+                  const std::vector<int>& sae_indices) {
+  json tokens = json::array();
+  for (size_t t = 0; t < record.ids.size(); ++t) {
+    json features = json::object();
+    for (size_t j = 0; j < sae_indices.size(); ++j) {
+      const SaeTopK& top = result.saes[j];
+      json list = json::array();
+      for (int slot = 0; slot < top.k; ++slot) {
+        const int32_t index = top.indices[t * top.k + slot];
+        if (index < 0) break;  // active features come first, value-descending
+        list.push_back(json::array({index, top.values[t * top.k + slot]}));
+      }
+      features[engine.saes()[sae_indices[j]]->name()] = std::move(list);
+    }
+    tokens.push_back({{"id", record.ids[t]},
+                      {"piece", engine.tokenizer().TokenPiece(record.ids[t])},
+                      {"offset", json::array({record.offsets[t].first, record.offsets[t].second})},
+                      {"features", std::move(features)}});
+  }
+  return json{{"tokens", std::move(tokens)}};
+}
+
+void ShowProgress(size_t done, size_t total) {
+  constexpr int kWidth = 40;
+  const int filled = total == 0 ? kWidth : static_cast<int>(kWidth * done / total);
+  std::fprintf(stderr, "\r[%s%s] %zu/%zu lines", std::string(filled, '#').c_str(),
+               std::string(kWidth - filled, '.').c_str(), done, total);
+  if (done == total) std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
+absl::Status Run() {
+  const std::string input = absl::GetFlag(FLAGS_input);
+  const std::string output = absl::GetFlag(FLAGS_output);
+  const std::string dump_path = absl::GetFlag(FLAGS_dump_hooks);
+  const int k = absl::GetFlag(FLAGS_k);
+  if (input.empty() || output.empty()) return absl::InvalidArgumentError("--input and --output are required");
+  if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
+
+  EngineOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  for (const std::string& spec : absl::GetFlag(FLAGS_sae)) {
+    const size_t eq = spec.find('=');
+    if (eq == std::string::npos) {
+      options.saes.push_back({spec, ""});
+    } else {
+      options.saes.push_back({spec.substr(eq + 1), spec.substr(0, eq)});
+    }
+  }
+  if (absl::GetFlag(FLAGS_demo) && options.model_dir.empty()) {
+    ASSIGN_OR_RETURN(DemoLayout demo, WriteDemo(absl::GetFlag(FLAGS_demo_dir)));
+    options.model_dir = demo.model_dir;
+    if (options.saes.empty()) {
+      for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
+    }
+  }
+  if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required (or --demo)");
+  if (options.saes.empty()) return absl::InvalidArgumentError("at least one --sae is required");
+
+  std::ifstream in(input, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(input, ": cannot open the input file"));
+  ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(options));
+
+  // Every line is checked before any compute starts.
+  std::vector<Record> records;
+  std::string line;
+  for (int line_number = 1; std::getline(in, line); ++line_number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines carry no record
+    ASSIGN_OR_RETURN(Record record, ParseLine(line, line_number, *engine, input));
+    records.push_back(std::move(record));
+  }
+
+  std::ofstream out(output, std::ios::binary | std::ios::trunc);
+  if (!out) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot open the output file"));
+
+  std::vector<int> sae_indices;
+  for (size_t i = 0; i < engine->saes().size(); ++i) sae_indices.push_back(static_cast<int>(i));
+  const bool dump = !dump_path.empty();
+  const bool progress = isatty(STDERR_FILENO) == 1;
+  const int d_model = engine->model_config().hidden_size;
+  std::vector<TensorToWrite> tensors;
+
+  const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
+  size_t next = 0;
+  while (next < records.size()) {
+    // Pack consecutive lines up to the token budget (at least one line).
+    size_t end = next;
+    size_t n_tokens = 0;
+    std::vector<SequenceRequest> batch;
+    while (end < records.size() &&
+           (batch.empty() || n_tokens + records[end].ids.size() <= static_cast<size_t>(batch_tokens))) {
+      SequenceRequest request;
+      request.ids = records[end].ids;
+      request.sae_indices = sae_indices;
+      request.k = k;
+      request.include_bos = absl::GetFlag(FLAGS_include_bos);
+      request.capture_hooks = dump;
+      n_tokens += request.ids.size();
+      batch.push_back(std::move(request));
+      ++end;
+    }
+    absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
+    if (!results.ok()) {
+      return absl::Status(
+          results.status().code(),
+          absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, ": ", results.status().message()));
+    }
+    for (size_t i = next; i < end; ++i) {
+      const SequenceResult& result = (*results)[i - next];
+      out << RecordToJson(records[i], result, *engine, sae_indices).dump() << "\n";
+      if (!dump) continue;
+      const int64_t n = static_cast<int64_t>(records[i].ids.size());
+      for (const auto& [hook, values] : result.hooks) {
+        // Suffix by record index when there are several, so names stay unique.
+        std::string name = records.size() > 1 ? absl::StrCat(hook, ".", i) : hook;
+        tensors.push_back(MakeTensor(std::move(name), DType::kF32, {n, d_model}, values));
+      }
+    }
+    if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
+    next = end;
+    if (progress) ShowProgress(next, records.size());
+  }
+  out.close();
+  if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
+  if (dump) RETURN_IF_ERROR(WriteSafetensors(dump_path, tensors, {{"format", "pt"}}));
+  std::fprintf(stderr, "sae-extract: %zu lines -> %s%s\n", records.size(), output.c_str(),
+               dump ? absl::StrCat(", hooks -> ", dump_path).c_str() : "");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace sae
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Extracts SAE features offline.\n  sae-extract --model DIR --sae DIR [--sae DIR ...] --input IN.jsonl "
+      "--output OUT.jsonl [--k K] [--dump-hooks F.safetensors] [--demo]");
+  std::vector<std::string> args = sae::PrepareArgs(argc, argv, {"sae"});
+  std::vector<char*> merged_argv = sae::ToArgv(args);
+  std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(args.size()), merged_argv.data());
+  if (positional.size() > 1) {
+    std::fprintf(stderr, "sae-extract: unexpected argument \"%s\" (see --help)\n", positional[1]);
+    return 2;
+  }
+  absl::Status status = sae::Run();
+  if (!status.ok()) {
+    std::fprintf(stderr, "sae-extract: %s\n", std::string(status.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

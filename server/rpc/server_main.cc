@@ -1,0 +1,257 @@
+// sae-server: serves sae.v1.SaeService (plus grpc.health.v1 and server
+// reflection). The config file gives every setting; flags override fields.
+//
+//   sae-server --config=deploy/server.textproto
+//   sae-server --demo --listen=127.0.0.1:50051
+//   sae-server --model_dir=/models/Llama-3.1-8B --sae=/saes/L15R-8x --sae=res15=/saes/L15R-32x
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/demo_model.h"
+#include "core/engine.h"
+#include "rpc/config.h"
+#include "rpc/executor.h"
+#include "rpc/flag_util.h"
+#include "rpc/service.h"
+
+ABSL_FLAG(std::string, config, "", "ServerConfig textproto file; the flags below override its fields");
+ABSL_FLAG(std::optional<std::string>, model_dir, std::nullopt,
+          "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)");
+ABSL_FLAG(std::vector<std::string>, sae, {},
+          "SAE folder, \"DIR\" or \"ALIAS=DIR\"; repeatable; replaces the config's saes");
+ABSL_FLAG(std::optional<std::string>, backend, std::nullopt, "cpu or cuda (default cpu)");
+ABSL_FLAG(std::optional<std::string>, listen, std::nullopt,
+          "gRPC address (default 0.0.0.0:50051; port 0 picks a free port)");
+ABSL_FLAG(bool, demo, false,
+          "serve the generated tiny demo model and all demo SAEs (when no model_dir); or config demo: true");
+ABSL_FLAG(std::optional<std::string>, demo_dir, std::nullopt,
+          "where --demo writes the demo model (default /tmp/sae-demo)");
+ABSL_FLAG(std::optional<uint32_t>, default_k, std::nullopt,
+          "features per token and SAE when a request asks for k=0 (default 16)");
+ABSL_FLAG(std::optional<uint32_t>, max_k, std::nullopt, "largest k a request may ask for (default 256)");
+ABSL_FLAG(std::optional<uint32_t>, max_tokens_per_request, std::nullopt, "longest request in tokens (default 2048)");
+ABSL_FLAG(std::optional<uint32_t>, max_batch_tokens, std::nullopt, "tokens per executor batch (default 4096)");
+ABSL_FLAG(std::optional<uint32_t>, chunk_tokens, std::nullopt, "tokens per response message by default (default 64)");
+ABSL_FLAG(std::optional<uint32_t>, max_inflight_requests, std::nullopt, "requests admitted at once (default 64)");
+ABSL_FLAG(bool, lm_saes_encode, false,
+          "encode in the lm_saes release form instead of SAELens; or config lm_saes_encode: true");
+ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
+
+namespace sae {
+namespace {
+
+void Log(const std::string& line) { std::fprintf(stderr, "sae-server: %s\n", line.c_str()); }
+
+absl::StatusOr<v1::ServerConfig> BuildConfig() {
+  v1::ServerConfig config;
+  if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
+    Log(absl::StrCat("reading config ", path));
+    auto loaded = LoadServerConfig(path);
+    if (!loaded.ok()) return loaded.status();
+    config = std::move(*loaded);
+  }
+  if (auto v = absl::GetFlag(FLAGS_model_dir)) config.set_model_dir(*v);
+  if (const std::vector<std::string> saes = absl::GetFlag(FLAGS_sae); !saes.empty()) {
+    config.clear_saes();
+    for (const std::string& spec : saes) {
+      v1::SaeSource* source = config.add_saes();
+      const size_t eq = spec.find('=');
+      if (eq == std::string::npos) {
+        source->set_path(spec);
+      } else {
+        source->set_alias(spec.substr(0, eq));
+        source->set_path(spec.substr(eq + 1));
+      }
+    }
+  }
+  if (auto v = absl::GetFlag(FLAGS_backend)) config.set_backend(*v);
+  if (auto v = absl::GetFlag(FLAGS_listen)) config.set_listen(*v);
+  if (absl::GetFlag(FLAGS_demo)) config.set_demo(true);
+  if (auto v = absl::GetFlag(FLAGS_demo_dir)) config.set_demo_dir(*v);
+  if (auto v = absl::GetFlag(FLAGS_default_k)) config.set_default_k(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_k)) config.set_max_k(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_tokens_per_request)) config.set_max_tokens_per_request(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_batch_tokens)) config.set_max_batch_tokens(*v);
+  if (auto v = absl::GetFlag(FLAGS_chunk_tokens)) config.set_chunk_tokens(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_inflight_requests)) config.set_max_inflight_requests(*v);
+  if (absl::GetFlag(FLAGS_lm_saes_encode)) config.set_lm_saes_encode(true);
+  ApplyConfigDefaults(&config);
+  if (absl::Status s = ValidateServerConfig(config); !s.ok()) return s;
+  return config;
+}
+
+// SIGINT / SIGTERM: the handler only writes the signal number to a pipe
+// (async-signal-safe); a watcher thread reads it, so shutdown runs as ordinary
+// code. A handler rather than a blocked mask plus sigwait, because library
+// threads started before main (OpenBLAS's pool) would not have the mask.
+int g_signal_pipe[2] = {-1, -1};
+
+void OnSignal(int sig) {
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &byte, 1);
+}
+
+class SignalWaiter {
+ public:
+  SignalWaiter() {
+    if (pipe(g_signal_pipe) != 0) {
+      std::perror("sae-server: pipe");
+      std::exit(1);
+    }
+    struct sigaction action = {};
+    action.sa_handler = OnSignal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGTERM, &action, nullptr);
+    std::thread([this] {
+      unsigned char byte = 0;
+      while (read(g_signal_pipe[0], &byte, 1) != 1) {
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      signal_ = byte;
+      if (!serving_) {
+        // Nothing to drain yet (still loading): leave at once.
+        std::fprintf(stderr, "sae-server: signal %d during startup, exiting\n", signal_);
+        std::_Exit(1);
+      }
+      cv_.notify_all();
+    }).detach();
+  }
+
+  void SetServing() {
+    std::lock_guard<std::mutex> lock(mu_);
+    serving_ = true;
+  }
+
+  int Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return signal_ != 0; });
+    return signal_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int signal_ = 0;
+  bool serving_ = false;
+};
+
+int Main(int argc, char** argv) {
+  SignalWaiter signals;
+  absl::SetProgramUsageMessage("Serves SAE features of a Llama model over gRPC (sae.v1.SaeService).");
+  std::vector<std::string> args = PrepareArgs(argc, argv, {"sae"});
+  std::vector<char*> merged_argv = ToArgv(args);
+  absl::ParseCommandLine(static_cast<int>(args.size()), merged_argv.data());
+
+  absl::StatusOr<v1::ServerConfig> config_or = BuildConfig();
+  if (!config_or.ok()) {
+    Log(std::string(config_or.status().message()));
+    return 1;
+  }
+  v1::ServerConfig config = std::move(*config_or);
+
+  // Listen first so health checks can say NOT_SERVING while the model loads.
+  SaeServiceImpl service(ServiceOptionsFromConfig(config));
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(config.listen(), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    Log(absl::StrCat("cannot listen on ", config.listen()));
+    return 1;
+  }
+  const std::string service_name = v1::SaeService::service_full_name();
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(service_name, false);
+  health->SetServingStatus(false);
+  Log(absl::StrCat("listening on ", config.listen(), " (port ", port, "), health NOT_SERVING while loading"));
+  if (const std::string port_file = absl::GetFlag(FLAGS_port_file); !port_file.empty()) {
+    // Written to a temporary name and renamed, so a reader never sees half a number.
+    const std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << port << "\n";
+    std::rename(tmp.c_str(), port_file.c_str());
+  }
+
+  if (config.demo() && config.model_dir().empty()) {
+    Log(absl::StrCat("writing the demo model to ", config.demo_dir()));
+    absl::StatusOr<DemoLayout> demo = WriteDemo(config.demo_dir());
+    if (!demo.ok()) {
+      Log(std::string(demo.status().message()));
+      return 1;
+    }
+    config.set_model_dir(demo->model_dir);
+    if (config.saes().empty()) {
+      for (const std::string& dir : demo->sae_dirs) config.add_saes()->set_path(dir);
+    }
+  }
+
+  EngineOptions engine_options = EngineOptionsFromConfig(config);
+  Log(absl::StrCat("loading model ", engine_options.model_dir, " and ", engine_options.saes.size(),
+                   " SAE(s) on backend ", engine_options.backend));
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(engine_options);
+  if (!engine.ok()) {
+    Log(std::string(engine.status().message()));
+    return 1;
+  }
+  std::vector<std::string> names;
+  for (const auto& sae : (*engine)->saes()) names.push_back(sae->name() + " (" + sae->hook().Name() + ")");
+  Log(absl::StrCat("loaded ", (*engine)->model_config().num_hidden_layers, "-layer model (running ",
+                   (*engine)->n_layers_loaded(), " layers) with SAEs: ", absl::StrJoin(names, ", ")));
+
+  Engine* engine_ptr = engine->get();
+  absl::StatusOr<std::unique_ptr<Executor>> executor =
+      Executor::Create([engine_ptr](const std::vector<SequenceRequest>& batch) { return engine_ptr->Run(batch); },
+                       ExecutorOptionsFromConfig(config));
+  if (!executor.ok()) {
+    Log(std::string(executor.status().message()));
+    return 1;
+  }
+  service.Attach(engine->get(), executor->get());
+  health->SetServingStatus(true);
+  signals.SetServing();
+  Log(absl::StrCat("SERVING ", service_name, " (max_batch_tokens=", config.max_batch_tokens(),
+                   ", max_inflight_requests=", config.max_inflight_requests(), ")"));
+
+  const int sig = signals.Wait();
+  Log(absl::StrCat("signal ", sig, ": shutting down (draining for up to 10 s)"));
+  // In-flight RPCs still need the executor to finish (or to be dropped), so
+  // it stops only after the server stopped taking and finishing calls.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  (*executor)->Shutdown();
+  server->Wait();
+  server.reset();
+  executor->reset();
+  engine->reset();
+  Log("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sae
+
+int main(int argc, char** argv) { return sae::Main(argc, argv); }

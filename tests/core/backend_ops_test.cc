@@ -1,0 +1,453 @@
+// Every Backend op against a plain double-precision reference written here,
+// over swept shapes (odd sizes, head_dim 64/128, GQA ratios, packed sequences).
+// Runs for every backend this build has; a backend without its device skips.
+// Tolerance: |got - ref| <= atol + rtol * |ref| per element (llm.c style).
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "core/backend.h"
+#include "gtest/gtest.h"
+
+namespace sae {
+namespace {
+
+struct Tol {
+  double atol;
+  double rtol;
+};
+
+class BackendOpsTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    auto b = CreateBackend(GetParam());
+    if (!b.ok()) GTEST_SKIP() << GetParam() << " backend unavailable: " << b.status();
+    backend_ = *std::move(b);
+  }
+
+  OwnedTensor Upload(const std::vector<float>& v, int64_t rows, int64_t cols, DType dtype = DType::kF32) {
+    std::vector<char> bytes;
+    HostTensor h;
+    std::vector<uint16_t> half;
+    if (dtype == DType::kF32) {
+      h.data = v.data();
+    } else {
+      half.resize(v.size());
+      for (size_t i = 0; i < v.size(); ++i) half[i] = dtype == DType::kBF16 ? F32ToBf16(v[i]) : F32ToF16(v[i]);
+      h.data = half.data();
+    }
+    h.dtype = dtype;
+    h.shape = {rows, cols};
+    auto t = backend_->Upload(h, dtype);
+    EXPECT_TRUE(t.ok()) << t.status();
+    return *std::move(t);
+  }
+  OwnedTensor UploadI32(const std::vector<int32_t>& v) {
+    auto t = backend_->Alloc(DType::kI32, static_cast<int64_t>(v.size()), 1);
+    EXPECT_TRUE(t.ok());
+    EXPECT_TRUE(backend_->CopyFromHost(v.data(), t->get()).ok());
+    return *std::move(t);
+  }
+  OwnedTensor Zeros(int64_t rows, int64_t cols, DType dtype = DType::kF32) {
+    auto t = backend_->Alloc(dtype, rows, cols);
+    EXPECT_TRUE(t.ok());
+    return *std::move(t);
+  }
+  template <typename T>
+  std::vector<T> Download(const OwnedTensor& t) {
+    std::vector<T> v(t->numel());
+    EXPECT_TRUE(backend_->CopyToHost(t.get(), v.data()).ok());
+    return v;
+  }
+  static void ExpectClose(const std::vector<float>& got, const std::vector<double>& ref, Tol tol,
+                          const std::string& what) {
+    ASSERT_EQ(got.size(), ref.size()) << what;
+    int bad = 0;
+    for (size_t i = 0; i < got.size() && bad < 5; ++i) {
+      if (!(std::abs(got[i] - ref[i]) <= tol.atol + tol.rtol * std::abs(ref[i]))) {
+        ADD_FAILURE() << what << ": element " << i << " got " << got[i] << " want " << ref[i];
+        ++bad;
+      }
+    }
+  }
+  // Values rounded through the weight dtype, so the reference sees what the backend sees.
+  static std::vector<float> Rounded(std::vector<float> v, DType dtype) {
+    for (float& x : v) {
+      if (dtype == DType::kBF16) x = Bf16ToF32(F32ToBf16(x));
+      if (dtype == DType::kF16) x = F16ToF32(F32ToF16(x));
+    }
+    return v;
+  }
+  static std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> v(n);
+    for (float& x : v) x = scale * u(rng);
+    return v;
+  }
+
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_P(BackendOpsTest, MatMul) {
+  for (DType wt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (auto [n, k, m] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {3, 17, 5}, {37, 64, 130}, {8, 4096, 3}, {129, 96, 2049}}) {
+      const auto x = Random(static_cast<size_t>(n) * k, 1 + n);
+      const auto w = Rounded(Random(static_cast<size_t>(m) * k, 2 + m), wt);
+      auto tx = Upload(x, n, k), tw = Upload(w, m, k, wt), out = Zeros(n, m);
+      ASSERT_TRUE(backend_->MatMul(tx.get(), tw.get(), out.get()).ok());
+      std::vector<double> ref(static_cast<size_t>(n) * m);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < m; ++j) {
+          double s = 0;
+          for (int c = 0; c < k; ++c) s += static_cast<double>(x[i * k + c]) * w[static_cast<size_t>(j) * k + c];
+          ref[static_cast<size_t>(i) * m + j] = s;
+        }
+      // bf16 GEMM inputs on a GPU round x too: allow for it.
+      const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2 * std::sqrt(k / 64.0), 1e-2};
+      ExpectClose(Download<float>(out), ref, tol, "matmul " + std::string(DTypeName(wt)));
+    }
+  }
+}
+
+TEST_P(BackendOpsTest, MatMulRejectsMismatchedShapes) {
+  auto x = Zeros(2, 3), w = Zeros(4, 5), out = Zeros(2, 4);
+  EXPECT_EQ(backend_->MatMul(x.get(), w.get(), out.get()).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(BackendOpsTest, RmsNorm) {
+  for (int d : {1, 7, 64, 4096}) {
+    for (bool with_weight : {true, false}) {
+      const int n = 5;
+      const auto x = Random(static_cast<size_t>(n) * d, d, 3.0f);
+      const auto w = Random(d, d + 1);
+      auto tx = Upload(x, n, d), tw = Upload(w, 1, d), out = Zeros(n, d);
+      ASSERT_TRUE(backend_->RmsNorm(tx.get(), with_weight ? tw.get() : Tensor(), 1e-5f, out.get()).ok());
+      std::vector<double> ref(x.size());
+      for (int r = 0; r < n; ++r) {
+        double ss = 0;
+        for (int c = 0; c < d; ++c) ss += static_cast<double>(x[r * d + c]) * x[r * d + c];
+        const double inv = 1.0 / std::sqrt(ss / d + 1e-5);
+        for (int c = 0; c < d; ++c) ref[r * d + c] = x[r * d + c] * inv * (with_weight ? w[c] : 1.0);
+      }
+      ExpectClose(Download<float>(out), ref, {1e-5, 1e-4}, "rmsnorm d=" + std::to_string(d));
+    }
+  }
+}
+
+TEST_P(BackendOpsTest, Embed) {
+  const int vocab = 50, d = 33;
+  const auto table = Rounded(Random(vocab * d, 9), DType::kBF16);
+  const std::vector<int32_t> ids = {0, 49, 7, 7, 13};
+  auto tt = Upload(table, vocab, d, DType::kBF16), ti = UploadI32(ids), out = Zeros(5, d);
+  ASSERT_TRUE(backend_->Embed(tt.get(), ti.get(), out.get()).ok());
+  std::vector<double> ref;
+  for (int32_t id : ids)
+    for (int c = 0; c < d; ++c) ref.push_back(table[id * d + c]);
+  ExpectClose(Download<float>(out), ref, {0, 0}, "embed");
+}
+
+TEST_P(BackendOpsTest, Rope) {
+  for (int hd : {16, 64, 128}) {
+    const int n = 11, heads = 3;
+    const auto x = Random(static_cast<size_t>(n) * heads * hd, hd);
+    std::vector<int32_t> pos(n);
+    for (int i = 0; i < n; ++i) pos[i] = i * 977;  // large positions stress the angle precision
+    std::vector<float> inv(hd / 2);
+    for (int j = 0; j < hd / 2; ++j) inv[j] = 1.0f / std::pow(500000.0f, 2.0f * j / hd);
+    auto tx = Upload(x, n, heads * hd), tp = UploadI32(pos), ti = Upload(inv, 1, hd / 2);
+    ASSERT_TRUE(backend_->Rope(tx.get(), tp.get(), ti.get(), hd).ok());
+    std::vector<double> ref(x.size());
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int j = 0; j < hd / 2; ++j) {
+          const float angle = static_cast<float>(pos[t]) * inv[j];  // fp32 angle, by contract
+          const size_t base = static_cast<size_t>(t) * heads * hd + h * hd;
+          const double a = x[base + j], b = x[base + j + hd / 2];
+          ref[base + j] = a * std::cos(static_cast<double>(angle)) - b * std::sin(static_cast<double>(angle));
+          ref[base + j + hd / 2] = b * std::cos(static_cast<double>(angle)) + a * std::sin(static_cast<double>(angle));
+        }
+    ExpectClose(Download<float>(tx), ref, {1e-5, 1e-4}, "rope hd=" + std::to_string(hd));
+  }
+}
+
+TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
+  struct Case {
+    int hd, heads, kv_heads;
+    std::vector<int> lens;
+  };
+  for (const Case& c : std::vector<Case>{{64, 4, 4, {1}}, {64, 8, 2, {5, 1, 17}}, {128, 4, 1, {33, 2}},
+                                         {16, 6, 3, {300}}, {128, 32, 8, {3, 7}}}) {
+    std::vector<int32_t> starts = {0};
+    for (int l : c.lens) starts.push_back(starts.back() + l);
+    const int n = starts.back(), max_len = *std::max_element(c.lens.begin(), c.lens.end());
+    const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd;
+    const auto q = Random(static_cast<size_t>(n) * qd, 11, 2.0f), k = Random(static_cast<size_t>(n) * kvd, 12, 2.0f),
+               v = Random(static_cast<size_t>(n) * kvd, 13);
+    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
+         out = Zeros(n, qd);
+    ASSERT_TRUE(backend_->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                                    c.heads, c.kv_heads, c.hd, out.get())
+                    .ok());
+    std::vector<double> ref(static_cast<size_t>(n) * qd);
+    const int group = c.heads / c.kv_heads;
+    for (size_t s = 0; s + 1 < starts.size(); ++s)
+      for (int h = 0; h < c.heads; ++h)
+        for (int i = starts[s]; i < starts[s + 1]; ++i) {
+          std::vector<double> p;
+          double mx = -1e300;
+          for (int j = starts[s]; j <= i; ++j) {
+            double dot = 0;
+            for (int d = 0; d < c.hd; ++d)
+              dot += static_cast<double>(q[static_cast<size_t>(i) * qd + h * c.hd + d]) *
+                     k[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
+            p.push_back(dot / std::sqrt(static_cast<double>(c.hd)));
+            mx = std::max(mx, p.back());
+          }
+          double sum = 0;
+          for (double& x : p) sum += (x = std::exp(x - mx));
+          for (int d = 0; d < c.hd; ++d) {
+            double o = 0;
+            for (int j = starts[s]; j <= i; ++j)
+              o += p[j - starts[s]] / sum * v[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
+            ref[static_cast<size_t>(i) * qd + h * c.hd + d] = o;
+          }
+        }
+    const Tol tol = GetParam() == "cpu" ? Tol{1e-5, 1e-4} : Tol{2e-2, 2e-2};
+    ExpectClose(Download<float>(out), ref, tol, "attention hd=" + std::to_string(c.hd));
+  }
+}
+
+TEST_P(BackendOpsTest, SiluMulAndAdd) {
+  const int n = 7, d = 45;
+  const auto a = Random(n * d, 21, 4.0f), b = Random(n * d, 22, 4.0f);
+  auto ta = Upload(a, n, d), tb = Upload(b, n, d), out = Zeros(n, d);
+  ASSERT_TRUE(backend_->SiluMul(ta.get(), tb.get(), out.get()).ok());
+  std::vector<double> ref(a.size()), sum(a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ref[i] = a[i] / (1.0 + std::exp(-static_cast<double>(a[i]))) * b[i];
+    sum[i] = static_cast<double>(a[i]) + b[i];
+  }
+  ExpectClose(Download<float>(out), ref, {1e-6, 1e-5}, "silu_mul");
+  ASSERT_TRUE(backend_->Add(ta.get(), tb.get(), ta.get()).ok());  // in place
+  ExpectClose(Download<float>(ta), sum, {1e-6, 1e-6}, "add");
+}
+
+// Reference SAE encode + top-k: value-descending, ties by lower index.
+std::vector<std::pair<int32_t, float>> RefTopK(const std::vector<float>& x, const std::vector<float>& w,
+                                               const std::vector<float>& b, const std::vector<float>& scale,
+                                               int d, int d_sae, float s_in, float threshold, int k) {
+  std::vector<std::pair<double, int32_t>> cand;
+  for (int i = 0; i < d_sae; ++i) {
+    double h = 0;
+    for (int c = 0; c < d; ++c) h += static_cast<double>(w[static_cast<size_t>(i) * d + c]) * x[c];
+    h = s_in * h + b[i];
+    if (!scale.empty()) h *= scale[i];
+    if (h > threshold) cand.emplace_back(h, i);
+  }
+  std::sort(cand.begin(), cand.end(), [](auto& p, auto& q) { return p.first != q.first ? p.first > q.first : p.second < q.second; });
+  std::vector<std::pair<int32_t, float>> out;
+  for (int j = 0; j < k && j < static_cast<int>(cand.size()); ++j) out.emplace_back(cand[j].second, cand[j].first);
+  return out;
+}
+
+TEST_P(BackendOpsTest, SaeEncodeTopK) {
+  for (auto [n, d, d_sae, k, with_scale, max_active] : std::vector<std::tuple<int, int, int, int, bool, int>>{
+           {1, 8, 16, 4, false, 0}, {5, 64, 512, 50, false, 0}, {70, 33, 1000, 7, true, 0}, {3, 64, 2048, 64, false, 0},
+           {4, 16, 300, 10, false, 5}}) {
+    const auto x = Random(static_cast<size_t>(n) * d, 31 + n);
+    const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 32), DType::kBF16);
+    const auto b = Random(d_sae, 33, 0.5f);
+    const auto scale = with_scale ? Random(d_sae, 34) : std::vector<float>();
+    auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae);
+    OwnedTensor ts;
+    if (with_scale) ts = Upload(scale, 1, d_sae);
+    SaeEncoderWeights sae{tw.get(), tb.get(), with_scale ? ts.get() : Tensor(), 1.7f, 0.3f, max_active};
+    auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    for (int t = 0; t < n; ++t) {
+      const auto ref = RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, scale, d, d_sae,
+                               1.7f, 0.3f, max_active > 0 ? std::min(k, max_active) : k);
+      for (int j = 0; j < k; ++j) {
+        if (j < static_cast<int>(ref.size())) {
+          EXPECT_EQ(got_i[t * k + j], ref[j].first) << "token " << t << " slot " << j;
+          EXPECT_NEAR(got_v[t * k + j], ref[j].second, 1e-4 + 1e-4 * std::abs(ref[j].second));
+        } else {
+          EXPECT_EQ(got_i[t * k + j], -1) << "token " << t << " slot " << j;
+          EXPECT_EQ(got_v[t * k + j], 0.0f);
+        }
+      }
+    }
+  }
+}
+
+TEST_P(BackendOpsTest, SaeTopKBreaksTiesByLowerIndex) {
+  const int d = 4, d_sae = 6, k = 6;
+  const std::vector<float> x = {1, 0, 0, 0};
+  // Features 1, 3 and 4 have the same activation; 0 is below the threshold.
+  std::vector<float> w(d_sae * d, 0.0f);
+  const float row0[] = {0.0f, 2.0f, 1.0f, 2.0f, 2.0f, 3.0f};
+  for (int i = 0; i < d_sae; ++i) w[i * d] = row0[i];
+  auto tx = Upload(x, 1, d), tw = Upload(w, d_sae, d), tb = Upload(std::vector<float>(d_sae, 0.0f), 1, d_sae);
+  SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.5f, 0};
+  auto idx = Zeros(1, k, DType::kI32), val = Zeros(1, k);
+  ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+  EXPECT_EQ(Download<int32_t>(idx), (std::vector<int32_t>{5, 1, 3, 4, 2, -1}));
+}
+
+// Long packed sequences (lengths 1..4096), head_dim 64/128, GQA ratios 1/4/8.
+// The double reference is evaluated on a sample of rows (every 97th, the
+// first and the last few of each sequence) to keep the test fast.
+TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
+  struct Case {
+    int hd, heads, kv_heads;
+    std::vector<int> lens;
+  };
+  for (const Case& c : std::vector<Case>{{64, 2, 2, {4096, 3}},
+                                         {128, 4, 1, {1, 2500, 7, 640}},
+                                         {128, 8, 1, {1024, 33, 1}},
+                                         {64, 8, 2, {129, 511, 64, 1, 1000}}}) {
+    std::vector<int32_t> starts = {0};
+    for (int l : c.lens) starts.push_back(starts.back() + l);
+    const int n = starts.back(), max_len = *std::max_element(c.lens.begin(), c.lens.end());
+    const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd;
+    const auto q = Random(static_cast<size_t>(n) * qd, 41, 2.0f), k = Random(static_cast<size_t>(n) * kvd, 42, 2.0f),
+               v = Random(static_cast<size_t>(n) * kvd, 43);
+    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
+         out = Zeros(n, qd);
+    ASSERT_TRUE(backend_->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                                    c.heads, c.kv_heads, c.hd, out.get())
+                    .ok());
+    const auto got = Download<float>(out);
+    std::vector<float> got_rows;
+    std::vector<double> ref_rows;
+    const int group = c.heads / c.kv_heads;
+    for (size_t s = 0; s + 1 < starts.size(); ++s) {
+      for (int i = starts[s]; i < starts[s + 1]; ++i) {
+        const int rel = i - starts[s];
+        if (!(rel < 2 || i >= starts[s + 1] - 2 || rel % 97 == 0)) continue;
+        for (int h = 0; h < c.heads; ++h) {
+          std::vector<double> p;
+          double mx = -1e300;
+          for (int j = starts[s]; j <= i; ++j) {
+            double dot = 0;
+            for (int d = 0; d < c.hd; ++d)
+              dot += static_cast<double>(q[static_cast<size_t>(i) * qd + h * c.hd + d]) *
+                     k[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
+            p.push_back(dot / std::sqrt(static_cast<double>(c.hd)));
+            mx = std::max(mx, p.back());
+          }
+          double sum = 0;
+          for (double& x : p) sum += (x = std::exp(x - mx));
+          for (int d = 0; d < c.hd; ++d) {
+            double o = 0;
+            for (int j = starts[s]; j <= i; ++j)
+              o += p[j - starts[s]] / sum * v[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
+            ref_rows.push_back(o);
+            got_rows.push_back(got[static_cast<size_t>(i) * qd + h * c.hd + d]);
+          }
+        }
+      }
+    }
+    const Tol tol = GetParam() == "cpu" ? Tol{1e-5, 1e-4} : Tol{2e-2, 2e-2};
+    ExpectClose(got_rows, ref_rows, tol,
+                "attention hd=" + std::to_string(c.hd) + " gqa=" + std::to_string(group) +
+                    " max_len=" + std::to_string(max_len));
+  }
+}
+
+TEST_P(BackendOpsTest, RopeLargePositions) {
+  const int hd = 128, n = 9, heads = 2;
+  const auto x = Random(static_cast<size_t>(n) * heads * hd, 51);
+  const std::vector<int32_t> pos = {0, 1, 4095, 4096, 8191, 8192, 65535, 100000, 131071};
+  std::vector<float> inv(hd / 2);
+  for (int j = 0; j < hd / 2; ++j) inv[j] = 1.0f / std::pow(500000.0f, 2.0f * j / hd);
+  auto tx = Upload(x, n, heads * hd), tp = UploadI32(pos), ti = Upload(inv, 1, hd / 2);
+  ASSERT_TRUE(backend_->Rope(tx.get(), tp.get(), ti.get(), hd).ok());
+  std::vector<double> ref(x.size());
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int j = 0; j < hd / 2; ++j) {
+        const double angle = static_cast<float>(pos[t]) * inv[j];  // fp32 angle, by contract
+        const size_t base = static_cast<size_t>(t) * heads * hd + h * hd;
+        const double a = x[base + j], b = x[base + j + hd / 2];
+        ref[base + j] = a * std::cos(angle) - b * std::sin(angle);
+        ref[base + j + hd / 2] = b * std::cos(angle) + a * std::sin(angle);
+      }
+  ExpectClose(Download<float>(tx), ref, {1e-5, 1e-4}, "rope large positions");
+}
+
+TEST_P(BackendOpsTest, MatMulModelShapes) {
+  // Odd row counts against Llama-like widths, BF16 weights (what the engine loads).
+  for (auto [n, k, m] : std::vector<std::tuple<int, int, int>>{{65, 4096, 1000}, {7, 1000, 4096}}) {
+    const auto x = Random(static_cast<size_t>(n) * k, 61 + n);
+    const auto w = Rounded(Random(static_cast<size_t>(m) * k, 62 + m, 0.05f), DType::kBF16);
+    auto tx = Upload(x, n, k), tw = Upload(w, m, k, DType::kBF16), out = Zeros(n, m);
+    ASSERT_TRUE(backend_->MatMul(tx.get(), tw.get(), out.get()).ok());
+    std::vector<double> ref(static_cast<size_t>(n) * m);
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < m; ++j) {
+        double s = 0;
+        for (int c = 0; c < k; ++c) s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
+        ref[static_cast<size_t>(i) * m + j] = s;
+      }
+    const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2 * 0.05 * std::sqrt(k / 64.0), 1e-2};
+    ExpectClose(Download<float>(out), ref, tol, "matmul " + std::to_string(n) + "x" + std::to_string(k) + "x" +
+                                                    std::to_string(m));
+  }
+}
+
+// Selection paths of the top-k beyond "few active features": thousands of
+// active features (radix refinement), a dense ramp of nearly equal values,
+// and exact ties (lowest indices win).
+TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
+  {  // ~all of 40000 features active
+    const int n = 3, d = 64, d_sae = 40000, k = 50;
+    const auto x = Random(static_cast<size_t>(n) * d, 71);
+    const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 72), DType::kBF16);
+    const auto b = Random(d_sae, 73, 0.5f);
+    auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae);
+    SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, -100.0f, 0};
+    auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    for (int t = 0; t < n; ++t) {
+      const auto ref = RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, {}, d, d_sae,
+                               1.0f, -100.0f, k);
+      ASSERT_EQ(ref.size(), static_cast<size_t>(k));
+      for (int j = 0; j < k; ++j) {
+        EXPECT_EQ(got_i[t * k + j], ref[j].first) << "many active: token " << t << " slot " << j;
+        EXPECT_NEAR(got_v[t * k + j], ref[j].second, 1e-4 + 1e-4 * std::abs(ref[j].second));
+      }
+    }
+  }
+  for (bool ties : {false, true}) {
+    // w = 0, so v_i = bias_i exactly: a ramp 1 + i * 2^-20 or 5000 copies of 0.75.
+    const int d = 8, d_sae = 5000, k = 40;
+    std::vector<float> b(d_sae);
+    for (int i = 0; i < d_sae; ++i) b[i] = ties ? 0.75f : 1.0f + static_cast<float>(i) * (1.0f / 1048576.0f);
+    auto tx = Upload(Random(2 * d, 74), 2, d), tw = Upload(std::vector<float>(static_cast<size_t>(d_sae) * d, 0.0f),
+                                                         d_sae, d, DType::kBF16),
+         tb = Upload(b, 1, d_sae);
+    SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.5f, 0};
+    auto idx = Zeros(2, k, DType::kI32), val = Zeros(2, k);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    for (int t = 0; t < 2; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int want = ties ? j : d_sae - 1 - j;
+        EXPECT_EQ(got_i[t * k + j], want) << (ties ? "ties" : "ramp") << " token " << t << " slot " << j;
+        EXPECT_EQ(got_v[t * k + j], b[want]);
+      }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllBackends, BackendOpsTest, ::testing::Values("cpu", "cuda"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace sae

@@ -1,0 +1,130 @@
+#include "core/safetensors.h"
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/test_util.h"
+
+namespace sae {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string WriteRaw(const std::string& dir, const std::string& name, const std::string& header,
+                     const std::string& data, int64_t header_len_override = -1) {
+  const std::string path = dir + "/" + name;
+  std::ofstream out(path, std::ios::binary);
+  uint64_t len = header_len_override >= 0 ? static_cast<uint64_t>(header_len_override) : header.size();
+  for (int i = 0; i < 8; ++i) out.put(static_cast<char>((len >> (8 * i)) & 0xff));
+  out << header << data;
+  return path;
+}
+
+TEST(DTypeTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(F32ToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(Bf16ToF32(0x3f80), 1.0f);
+  // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to even.
+  EXPECT_EQ(F32ToBf16(1.00390625f), 0x3f80);
+  EXPECT_EQ(F32ToBf16(1.01171875f), 0x3f82);
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(NAN))));
+}
+
+TEST(DTypeTest, F16RoundTripsRepresentableValues) {
+  for (float v : {0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f}) {
+    EXPECT_EQ(F16ToF32(F32ToF16(v)), v) << v;
+  }
+  EXPECT_TRUE(std::isinf(F16ToF32(F32ToF16(1e6f))));
+}
+
+TEST(SafetensorsTest, RoundTripsEveryDType) {
+  const std::string dir = testing::MakeTempDir("st-roundtrip");
+  const std::vector<float> values = {1.0f, -2.0f, 0.5f, 3.25f, -0.125f, 7.0f};
+  ASSERT_TRUE(WriteSafetensors(dir + "/a.safetensors",
+                               {MakeTensor("f32", DType::kF32, {2, 3}, values),
+                                MakeTensor("bf16", DType::kBF16, {3, 2}, values),
+                                MakeTensor("f16", DType::kF16, {6}, values)},
+                               {{"format", "pt"}})
+                  .ok());
+  auto file = SafetensorsFile::Open(dir + "/a.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->metadata().at("format"), "pt");
+  for (const char* name : {"f32", "bf16", "f16"}) {
+    const HostTensor& t = (*file)->tensors().at(name);
+    std::vector<float> back(t.numel());
+    ConvertToF32(t.data, t.dtype, back.size(), back.data());
+    EXPECT_EQ(back, values) << name;
+  }
+  EXPECT_EQ((*file)->tensors().at("bf16").shape, (std::vector<int64_t>{3, 2}));
+}
+
+TEST(SafetensorsTest, ShardedStoreUsesTheIndex) {
+  const std::string dir = testing::MakeTempDir("st-sharded");
+  ASSERT_TRUE(WriteSafetensors(dir + "/s1.safetensors", {MakeTensor("a", DType::kF32, {1}, {1})}).ok());
+  ASSERT_TRUE(WriteSafetensors(dir + "/s2.safetensors", {MakeTensor("b", DType::kF32, {2}, {2, 3})}).ok());
+  std::ofstream(dir + "/model.safetensors.index.json")
+      << R"({"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}})";
+  auto store = TensorStore::Open(dir);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ((*store)->size(), 2u);
+  EXPECT_THAT((*store)->FileOf("b"), HasSubstr("s2.safetensors"));
+  auto missing = (*store)->Get("c");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), HasSubstr("\"c\""));
+  auto wrong = (*store)->GetWithShape("b", {3});
+  EXPECT_THAT(wrong.status().message(), HasSubstr("s2.safetensors"));
+  EXPECT_THAT(wrong.status().message(), HasSubstr("expected [3]"));
+}
+
+TEST(SafetensorsTest, DuplicateTensorAcrossShardsIsAnError) {
+  const std::string dir = testing::MakeTempDir("st-dup");
+  ASSERT_TRUE(WriteSafetensors(dir + "/s1.safetensors", {MakeTensor("a", DType::kF32, {1}, {1})}).ok());
+  ASSERT_TRUE(WriteSafetensors(dir + "/s2.safetensors", {MakeTensor("a", DType::kF32, {1}, {1})}).ok());
+  auto store = TensorStore::Open(dir);
+  EXPECT_THAT(store.status().message(), HasSubstr("also appears in"));
+}
+
+struct BadFile {
+  const char* name;
+  std::string header;
+  std::string data;
+  int64_t header_len;
+  const char* expect;
+};
+
+TEST(SafetensorsTest, BadFilesNameTheFileAndTheField) {
+  const std::string dir = testing::MakeTempDir("st-bad");
+  const std::vector<BadFile> cases = {
+      {"short", "", "", -1, "too short"},
+      {"huge_header", "{}", "", 1 << 20, "exceeds the file size"},
+      {"not_json", "{oops", "", -1, "not a JSON object"},
+      {"no_dtype", R"({"t": {"shape": [1], "data_offsets": [0, 4]}})", std::string(4, '\0'), -1, "\"dtype\""},
+      {"bad_dtype", R"({"t": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}})", std::string(4, '\0'), -1,
+       "unsupported dtype"},
+      {"bad_offsets", R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", std::string(4, '\0'), -1,
+       "outside the data section"},
+      {"size_mismatch", R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}})", std::string(8, '\0'),
+       -1, "needs 8"},
+      {"negative_shape", R"({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})",
+       std::string(4, '\0'), -1, "\"shape\""},
+  };
+  for (const BadFile& c : cases) {
+    std::string path;
+    if (std::string(c.name) == "short") {
+      path = dir + "/short.safetensors";
+      std::ofstream(path) << "abc";
+    } else {
+      path = WriteRaw(dir, std::string(c.name) + ".safetensors", c.header, c.data, c.header_len);
+    }
+    auto file = SafetensorsFile::Open(path);
+    ASSERT_FALSE(file.ok()) << c.name;
+    EXPECT_THAT(file.status().message(), HasSubstr(path)) << c.name;
+    EXPECT_THAT(file.status().message(), HasSubstr(c.expect)) << c.name;
+  }
+  EXPECT_EQ(SafetensorsFile::Open(dir + "/absent.safetensors").status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace sae

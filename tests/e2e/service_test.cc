@@ -1,0 +1,667 @@
+// End-to-end tests of sae.v1.SaeService in process: the demo model behind the
+// real executor and callback service, reached through a real gRPC channel on
+// a loopback port. Results are compared with Engine::Run called directly.
+#include "rpc/service.h"
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/engine.h"
+#include "rpc/executor.h"
+#include "sae_client.h"
+#include "testing/test_util.h"
+
+namespace sae {
+namespace {
+
+using client::SaeClient;
+
+constexpr char kText[] = "The cat sat on the red mat.";
+constexpr int kMaxInflight = 4;
+constexpr int kMaxTokens = 48;
+constexpr int kMaxK = 32;
+constexpr int kDefaultK = 8;
+constexpr int kStreamBacklog = 3;
+
+// Holds the executor inside the batch runner while closed, so tests can make
+// queueing, admission and cancellation happen in a known order.
+class Gate {
+ public:
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = false;
+    cv_.notify_all();
+  }
+  // Called by the runner before each batch.
+  void Pass(size_t batch_size) {
+    std::unique_lock<std::mutex> lock(mu_);
+    ++waiting_;
+    cv_.wait(lock, [this] { return !closed_; });
+    --waiting_;
+    sequences_run_ += static_cast<int>(batch_size);
+    max_batch_ = std::max(max_batch_, static_cast<int>(batch_size));
+  }
+  int waiting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return waiting_;
+  }
+  int sequences_run() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return sequences_run_;
+  }
+  int TakeMaxBatch() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::exchange(max_batch_, 0);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+  int waiting_ = 0;
+  int sequences_run_ = 0;
+  int max_batch_ = 0;
+};
+
+// Polls `condition` for up to 10 s.
+template <typename F>
+bool WaitFor(F condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return condition();
+}
+
+struct Env {
+  std::unique_ptr<Engine> engine;     // owned by the executor thread
+  std::unique_ptr<Engine> reference;  // the test thread's own, for Engine::Run comparisons
+  Gate gate;
+  std::unique_ptr<Executor> executor;
+  std::unique_ptr<SaeServiceImpl> service;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+Env* env = nullptr;
+
+EngineOptions DemoEngineOptions() {
+  const DemoLayout& demo = testing::Demo();
+  EngineOptions options;
+  options.model_dir = demo.model_dir;
+  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
+  return options;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    env = new Env();
+    auto engine = Engine::Create(DemoEngineOptions());
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    env->engine = std::move(*engine);
+    auto reference = Engine::Create(DemoEngineOptions());
+    ASSERT_TRUE(reference.ok()) << reference.status();
+    env->reference = std::move(*reference);
+
+    Engine* e = env->engine.get();
+    Gate* gate = &env->gate;
+    ExecutorOptions executor_options;
+    executor_options.max_batch_tokens = 4096;
+    executor_options.max_inflight_requests = kMaxInflight;
+    auto executor = Executor::Create(
+        [e, gate](const std::vector<SequenceRequest>& batch) {
+          gate->Pass(batch.size());
+          return e->Run(batch);
+        },
+        executor_options);
+    ASSERT_TRUE(executor.ok()) << executor.status();
+    env->executor = std::move(*executor);
+
+    ServiceOptions options;
+    options.limits.default_k = kDefaultK;
+    options.limits.max_k = kMaxK;
+    options.limits.max_tokens_per_request = kMaxTokens;
+    options.limits.chunk_tokens = 64;
+    options.limits.max_stream_backlog = kStreamBacklog;
+    options.version = "test";
+    env->service = std::make_unique<SaeServiceImpl>(options);
+    env->service->Attach(env->engine.get(), env->executor.get());
+
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &env->port);
+    builder.RegisterService(env->service.get());
+    env->server = builder.BuildAndStart();
+    ASSERT_NE(env->server, nullptr);
+    ASSERT_NE(env->port, 0);
+  }
+
+  static void TearDownTestSuite() {
+    if (env == nullptr) return;
+    env->gate.Open();
+    if (env->server) env->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    if (env->executor) env->executor->Shutdown();
+    if (env->server) env->server->Wait();
+    delete env;
+    env = nullptr;
+  }
+
+  void SetUp() override {
+    ASSERT_NE(env, nullptr);
+    ASSERT_NE(env->server, nullptr);
+    client_ = SaeClient::Connect("127.0.0.1:" + std::to_string(env->port));
+    client_->set_timeout(std::chrono::seconds(30));
+  }
+
+  void TearDown() override {
+    env->gate.Open();
+    // Leave no job behind for the next test.
+    EXPECT_TRUE(WaitFor([] { return env->executor->inflight() == 0; }));
+  }
+
+  std::unique_ptr<SaeClient> client_;
+};
+
+std::vector<v1::TokenFeatures> Tokens(const std::vector<v1::ExtractResponse>& responses) {
+  std::vector<v1::TokenFeatures> tokens;
+  for (const auto& r : responses) tokens.insert(tokens.end(), r.tokens().begin(), r.tokens().end());
+  return tokens;
+}
+
+// The reference: Engine::Run on the test thread's own engine.
+SequenceResult RunDirect(const std::vector<int32_t>& ids, const std::vector<int>& sae_indices, int k) {
+  SequenceRequest request;
+  request.ids = ids;
+  request.sae_indices = sae_indices;
+  request.k = k;
+  auto results = env->reference->Run({request});
+  EXPECT_TRUE(results.ok()) << results.status();
+  return results.ok() ? std::move(results->front()) : SequenceResult();
+}
+
+std::vector<int> AllSaeIndices() {
+  std::vector<int> all(env->reference->saes().size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
+  return all;
+}
+
+// Same active features as Engine::Run. `tolerance` 0 demands identical values;
+// a batch of several sequences may round differently in the last bits.
+void ExpectMatchesEngine(const std::vector<v1::TokenFeatures>& tokens, const std::vector<int>& sae_indices, int k,
+                         float tolerance = 0.0f) {
+  std::vector<int32_t> ids;
+  for (const auto& t : tokens) ids.push_back(static_cast<int32_t>(t.token_id()));
+  const SequenceResult expected = RunDirect(ids, sae_indices, k);
+  ASSERT_EQ(expected.saes.size(), sae_indices.size());
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    ASSERT_EQ(tokens[t].saes_size(), static_cast<int>(sae_indices.size()));
+    for (size_t j = 0; j < sae_indices.size(); ++j) {
+      const v1::SaeFeatures& got = tokens[t].saes(static_cast<int>(j));
+      EXPECT_EQ(got.sae(), env->reference->saes()[sae_indices[j]]->name());
+      const SaeTopK& want = expected.saes[j];
+      const int n_active = want.n_active(static_cast<int>(t));
+      ASSERT_EQ(got.indices_size(), n_active) << "token " << t << " sae " << got.sae();
+      for (int s = 0; s < n_active; ++s) {
+        const size_t slot = t * static_cast<size_t>(want.k) + s;
+        if (tolerance == 0.0f) {
+          EXPECT_EQ(got.indices(s), static_cast<uint32_t>(want.indices[slot])) << "token " << t << " slot " << s;
+          EXPECT_EQ(got.values(s), want.values[slot]) << "token " << t << " slot " << s;
+        } else {
+          // Near-ties may swap order; compare values by rank.
+          EXPECT_NEAR(got.values(s), want.values[slot], tolerance * (1.0f + std::abs(want.values[slot])));
+        }
+      }
+    }
+  }
+}
+
+void ExpectSortedDescending(const std::vector<v1::TokenFeatures>& tokens) {
+  for (const auto& t : tokens) {
+    for (const auto& s : t.saes()) {
+      ASSERT_EQ(s.indices_size(), s.values_size());
+      for (int i = 0; i < s.values_size(); ++i) {
+        EXPECT_GT(s.values(i), 0.0f) << s.sae();
+        if (i > 0) {
+          EXPECT_GE(s.values(i - 1), s.values(i)) << s.sae() << " at position " << t.position();
+        }
+      }
+    }
+  }
+}
+
+v1::ExtractRequest TextRequest(const std::string& text, const std::string& id = "") {
+  v1::ExtractRequest request;
+  request.set_request_id(id);
+  request.set_text(text);
+  return request;
+}
+
+TEST_F(ServiceTest, ExtractTextMatchesTokenizeAndIsChunked) {
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text(kText);
+  v1::TokenizeResponse tokenized;
+  ASSERT_TRUE(client_->Tokenize(tokenize, &tokenized).ok());
+  const int n = tokenized.tokens_size();
+  ASSERT_GT(n, 4);
+
+  v1::ExtractRequest request = TextRequest(kText, "r");
+  request.set_chunk_tokens(2);
+  request.set_k(5);
+  std::vector<v1::ExtractResponse> responses;
+  grpc::Status status = client_->Extract(request, &responses);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+
+  ASSERT_EQ(static_cast<int>(responses.size()), (n + 1) / 2);
+  for (size_t i = 0; i < responses.size(); ++i) {
+    EXPECT_EQ(responses[i].request_id(), "r");
+    EXPECT_EQ(static_cast<int>(responses[i].total_tokens()), n);
+    EXPECT_LE(responses[i].tokens_size(), 2);
+    EXPECT_EQ(responses[i].done(), i + 1 == responses.size());
+    EXPECT_FALSE(responses[i].has_error());
+  }
+  const std::vector<v1::TokenFeatures> tokens = Tokens(responses);
+  ASSERT_EQ(static_cast<int>(tokens.size()), n);
+  for (int t = 0; t < n; ++t) {
+    EXPECT_EQ(tokens[t].position(), static_cast<uint32_t>(t));
+    EXPECT_EQ(tokens[t].token_id(), tokenized.tokens(t).id());
+    EXPECT_EQ(tokens[t].piece(), tokenized.tokens(t).piece());
+    EXPECT_EQ(tokens[t].char_start(), tokenized.tokens(t).char_start());
+    EXPECT_EQ(tokens[t].char_end(), tokenized.tokens(t).char_end());
+    ASSERT_EQ(tokens[t].saes_size(), static_cast<int>(env->reference->saes().size()));
+    for (const auto& s : tokens[t].saes()) EXPECT_LE(s.indices_size(), 5);
+  }
+  // BOS first, and SAEs never saw it: no features there by default.
+  EXPECT_EQ(tokens[0].token_id(), static_cast<uint32_t>(*env->reference->tokenizer().bos_id()));
+  for (const auto& s : tokens[0].saes()) EXPECT_EQ(s.indices_size(), 0);
+  ExpectSortedDescending(tokens);
+  ExpectMatchesEngine(tokens, AllSaeIndices(), 5);
+}
+
+TEST_F(ServiceTest, ConceptFeatureFiresOnConceptWord) {
+  const DemoLayout& demo = testing::Demo();
+  ASSERT_FALSE(demo.concepts.empty());
+  const DemoConcept& concept_def = demo.concepts.front();
+  ASSERT_FALSE(concept_def.words.empty());
+  std::vector<v1::ExtractResponse> responses;
+  ASSERT_TRUE(client_->Extract(TextRequest("I saw a" + concept_def.words.front() + " today"), &responses).ok());
+  bool fired = false;
+  for (const auto& t : Tokens(responses)) {
+    if (t.piece() != concept_def.words.front()) continue;
+    for (const auto& s : t.saes()) {
+      fired |= std::find(s.indices().begin(), s.indices().end(), static_cast<uint32_t>(concept_def.feature)) !=
+               s.indices().end();
+    }
+  }
+  EXPECT_TRUE(fired) << "feature " << concept_def.feature << " (" << concept_def.label << ") on \""
+                     << concept_def.words.front() << "\"";
+}
+
+TEST_F(ServiceTest, ExtractTokenIdsSelectedSaes) {
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text(kText);
+  tokenize.set_add_bos(false);
+  v1::TokenizeResponse tokenized;
+  ASSERT_TRUE(client_->Tokenize(tokenize, &tokenized).ok());
+
+  const auto& saes = env->reference->saes();
+  ASSERT_GE(saes.size(), 2u);
+  v1::ExtractRequest request;
+  for (const auto& t : tokenized.tokens()) request.mutable_token_ids()->add_ids(t.id());
+  // Request order, not load order.
+  request.add_saes(saes.back()->name());
+  request.add_saes(saes.front()->name());
+  std::vector<v1::ExtractResponse> responses;
+  ASSERT_TRUE(client_->Extract(request, &responses).ok());
+  ASSERT_EQ(responses.size(), 1u);  // default chunk_tokens (64) holds it all
+  const std::vector<v1::TokenFeatures> tokens = Tokens(responses);
+  ASSERT_EQ(tokens.size(), static_cast<size_t>(tokenized.tokens_size()));  // no BOS added
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    EXPECT_EQ(tokens[t].token_id(), tokenized.tokens(static_cast<int>(t)).id());
+    EXPECT_EQ(tokens[t].piece(), tokenized.tokens(static_cast<int>(t)).piece());
+    EXPECT_EQ(tokens[t].char_start(), 0u);
+    EXPECT_EQ(tokens[t].char_end(), 0u);
+  }
+  ExpectSortedDescending(tokens);
+  ExpectMatchesEngine(tokens, {static_cast<int>(saes.size()) - 1, 0}, kDefaultK);
+}
+
+// Reads an ExtractStream until every id in `ids` got its done response.
+std::map<std::string, std::vector<v1::ExtractResponse>> ReadUntilDone(
+    grpc::ClientReaderWriter<v1::ExtractRequest, v1::ExtractResponse>* stream, std::set<std::string> ids) {
+  std::map<std::string, std::vector<v1::ExtractResponse>> by_id;
+  v1::ExtractResponse response;
+  while (!ids.empty() && stream->Read(&response)) {
+    EXPECT_TRUE(ids.count(response.request_id())) << "unexpected response for " << response.request_id();
+    by_id[response.request_id()].push_back(response);
+    if (response.done()) ids.erase(response.request_id());
+  }
+  EXPECT_TRUE(ids.empty()) << "stream ended early";
+  return by_id;
+}
+
+TEST_F(ServiceTest, ExtractStreamKeepsServingAfterBadRequest) {
+  const std::vector<std::string> texts = {"The cat sat on the red mat.", "A blue bird and a green fish.",
+                                          "Paris is far away."};
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  for (size_t i = 0; i < texts.size(); ++i) {
+    v1::ExtractRequest request = TextRequest(texts[i], "good" + std::to_string(i));
+    request.set_chunk_tokens(3);
+    ASSERT_TRUE(stream->Write(request));
+    if (i == 1) {
+      v1::ExtractRequest bad = TextRequest("oops", "bad");
+      bad.add_saes("no-such-sae");
+      ASSERT_TRUE(stream->Write(bad));
+    }
+  }
+  auto by_id = ReadUntilDone(stream.get(), {"good0", "good1", "good2", "bad"});
+
+  ASSERT_EQ(by_id["bad"].size(), 1u);
+  EXPECT_TRUE(by_id["bad"][0].done());
+  EXPECT_EQ(by_id["bad"][0].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(by_id["bad"][0].error().message().find("no-such-sae"), std::string::npos);
+
+  for (size_t i = 0; i < texts.size(); ++i) {
+    const auto& responses = by_id["good" + std::to_string(i)];
+    for (const auto& r : responses) EXPECT_FALSE(r.has_error());
+    std::vector<v1::ExtractResponse> single;
+    ASSERT_TRUE(client_->Extract(TextRequest(texts[i]), &single).ok());
+    const auto streamed_tokens = Tokens(responses);
+    const auto single_tokens = Tokens(single);
+    ASSERT_EQ(streamed_tokens.size(), single_tokens.size());
+    ExpectMatchesEngine(streamed_tokens, AllSaeIndices(), kDefaultK, 1e-4f);
+  }
+
+  // Still serving on the same stream.
+  ASSERT_TRUE(stream->Write(TextRequest("One more.", "after")));
+  auto after = ReadUntilDone(stream.get(), {"after"});
+  EXPECT_FALSE(after["after"].back().has_error());
+  stream->WritesDone();
+  grpc::Status status = stream->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST_F(ServiceTest, ExtractStreamRejectsDuplicateAndMissingRequestIds) {
+  env->gate.Close();
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "same")));
+  // The first is held inside the executor, so it is certainly in flight.
+  ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "same")));
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "")));
+  v1::ExtractResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.request_id(), "same");
+  EXPECT_TRUE(response.done());
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(response.error().message().find("already in flight"), std::string::npos);
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.request_id(), "");
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  env->gate.Open();
+  auto by_id = ReadUntilDone(stream.get(), {"same"});
+  for (const auto& r : by_id["same"]) EXPECT_FALSE(r.has_error());
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ServiceTest, StreamBacklogIsBounded) {
+  env->gate.Close();
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  std::set<std::string> admitted;
+  for (int i = 0; i < kStreamBacklog; ++i) {
+    admitted.insert("q" + std::to_string(i));
+    ASSERT_TRUE(stream->Write(TextRequest(kText, "q" + std::to_string(i))));
+  }
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == kStreamBacklog; }));
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "one-too-many")));
+  v1::ExtractResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.request_id(), "one-too-many");
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+  env->gate.Open();
+  auto by_id = ReadUntilDone(stream.get(), admitted);
+  for (const auto& [id, responses] : by_id) EXPECT_FALSE(responses.back().has_error()) << id;
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ServiceTest, QueuedRequestsRunAsOneBatchWithSameResults) {
+  env->gate.TakeMaxBatch();
+  env->gate.Close();
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  ASSERT_TRUE(stream->Write(TextRequest("First one.", "a")));
+  ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));
+  ASSERT_TRUE(stream->Write(TextRequest("The cat sat on the red mat.", "b")));
+  ASSERT_TRUE(stream->Write(TextRequest("A blue bird and a green fish.", "c")));
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == 3; }));
+  env->gate.Open();
+  auto by_id = ReadUntilDone(stream.get(), {"a", "b", "c"});
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(env->gate.TakeMaxBatch(), 2) << "b and c were queued together";
+  for (const std::string id : {"b", "c"}) ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK, 1e-4f);
+}
+
+TEST_F(ServiceTest, TokenizeListSaesInfo) {
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("héllo cat");
+  v1::TokenizeResponse tokenized;
+  ASSERT_TRUE(client_->Tokenize(tokenize, &tokenized).ok());
+  auto encoding = env->reference->tokenizer().Encode("héllo cat", true);
+  ASSERT_TRUE(encoding.ok());
+  ASSERT_EQ(tokenized.tokens_size(), static_cast<int>(encoding->ids.size()));
+  for (int i = 0; i < tokenized.tokens_size(); ++i) {
+    EXPECT_EQ(tokenized.tokens(i).id(), static_cast<uint32_t>(encoding->ids[i]));
+    EXPECT_EQ(tokenized.tokens(i).char_start(), encoding->offsets[i].first);
+    EXPECT_EQ(tokenized.tokens(i).char_end(), encoding->offsets[i].second);
+  }
+  EXPECT_EQ(tokenized.tokens(tokenized.tokens_size() - 1).char_end(), 9u);  // code points, not bytes
+
+  v1::ListSaesResponse saes;
+  ASSERT_TRUE(client_->ListSaes(&saes).ok());
+  ASSERT_EQ(saes.saes_size(), static_cast<int>(env->reference->saes().size()));
+  for (int i = 0; i < saes.saes_size(); ++i) {
+    const Sae& sae = *env->reference->saes()[i];
+    EXPECT_EQ(saes.saes(i).name(), sae.name());
+    EXPECT_EQ(saes.saes(i).hook(), sae.hook().Name());
+    EXPECT_EQ(saes.saes(i).layer(), static_cast<uint32_t>(sae.hook().layer));
+    EXPECT_EQ(saes.saes(i).d_sae(), static_cast<uint32_t>(sae.hyperparams().d_sae));
+    EXPECT_EQ(saes.saes(i).d_model(), 64u);
+    EXPECT_FALSE(saes.saes(i).site().empty());
+  }
+
+  v1::InfoResponse info;
+  ASSERT_TRUE(client_->Info(&info).ok());
+  EXPECT_EQ(info.backend(), "cpu");
+  EXPECT_EQ(info.d_model(), 64u);
+  EXPECT_EQ(info.n_layers(), static_cast<uint32_t>(env->reference->model_config().num_hidden_layers));
+  EXPECT_EQ(info.vocab_size(), static_cast<uint32_t>(env->reference->model_config().vocab_size));
+  EXPECT_EQ(info.default_k(), static_cast<uint32_t>(kDefaultK));
+  EXPECT_EQ(info.max_k(), static_cast<uint32_t>(kMaxK));
+  EXPECT_EQ(info.max_tokens_per_request(), static_cast<uint32_t>(kMaxTokens));
+  EXPECT_EQ(info.bos_token_id(), static_cast<uint32_t>(*env->reference->tokenizer().bos_id()));
+  EXPECT_EQ(info.version(), "test");
+}
+
+struct BadCase {
+  std::string name;
+  v1::ExtractRequest request;
+  grpc::StatusCode code;
+  std::string message_part;
+};
+
+std::vector<BadCase> BadCases() {
+  std::vector<BadCase> cases;
+  cases.push_back({"no input", v1::ExtractRequest(), grpc::StatusCode::INVALID_ARGUMENT, "neither text nor token_ids"});
+  v1::ExtractRequest unknown = TextRequest("hi");
+  unknown.add_saes("L99R-8x");
+  cases.push_back({"unknown SAE", unknown, grpc::StatusCode::INVALID_ARGUMENT, "L99R-8x"});
+  v1::ExtractRequest big_k = TextRequest("hi");
+  big_k.set_k(kMaxK + 1);
+  cases.push_back({"k too large", big_k, grpc::StatusCode::INVALID_ARGUMENT, "max_k"});
+  v1::ExtractRequest oov;
+  oov.mutable_token_ids()->add_ids(5);
+  oov.mutable_token_ids()->add_ids(1u << 20);
+  cases.push_back({"out-of-vocab id", oov, grpc::StatusCode::INVALID_ARGUMENT, "token_ids[1]"});
+  std::string long_text;
+  for (int i = 0; i < kMaxTokens; ++i) long_text += " cat";
+  cases.push_back({"too long", TextRequest(long_text), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens_per_request"});
+  v1::ExtractRequest empty_ids;
+  empty_ids.mutable_token_ids();
+  cases.push_back({"empty token_ids", empty_ids, grpc::StatusCode::INVALID_ARGUMENT, "no tokens"});
+  return cases;
+}
+
+TEST_F(ServiceTest, BadInputMatrixOnExtract) {
+  for (const BadCase& c : BadCases()) {
+    std::vector<v1::ExtractResponse> responses;
+    grpc::Status status = client_->Extract(c.request, &responses);
+    EXPECT_EQ(status.error_code(), c.code) << c.name << ": " << status.error_message();
+    EXPECT_NE(status.error_message().find(c.message_part), std::string::npos)
+        << c.name << ": " << status.error_message();
+    EXPECT_TRUE(responses.empty()) << c.name;
+  }
+}
+
+TEST_F(ServiceTest, BadInputMatrixOnExtractStream) {
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  std::vector<BadCase> cases = BadCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    cases[i].request.set_request_id("bad" + std::to_string(i));
+    ASSERT_TRUE(stream->Write(cases[i].request));
+  }
+  std::set<std::string> ids;
+  for (size_t i = 0; i < cases.size(); ++i) ids.insert("bad" + std::to_string(i));
+  auto by_id = ReadUntilDone(stream.get(), ids);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& responses = by_id["bad" + std::to_string(i)];
+    ASSERT_EQ(responses.size(), 1u) << cases[i].name;
+    EXPECT_EQ(responses[0].error().code(), static_cast<int>(cases[i].code)) << cases[i].name;
+    EXPECT_TRUE(responses[0].done());
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(ServiceTest, InvalidUtf8IsInvalidArgument) {
+  const std::string invalid = "ok \xff\xfe then";
+  // The service's own check (the request built in memory, not parsed).
+  RequestLimits limits;
+  auto prepared = PrepareRequest(*env->reference, limits, TextRequest(invalid));
+  ASSERT_FALSE(prepared.ok());
+  EXPECT_EQ(prepared.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(prepared.status().message().find("UTF-8"), std::string::npos) << prepared.status();
+
+  // Over the wire: protobuf refuses invalid UTF-8 in a proto3 `string` field
+  // before the service sees it, so only a `bytes` text field can give the
+  // precise INVALID_ARGUMENT.
+  const auto* field = v1::ExtractRequest::descriptor()->FindFieldByName("text");
+  if (field->type() != google::protobuf::FieldDescriptor::TYPE_BYTES) {
+    GTEST_SKIP() << "sae.v1.ExtractRequest.text is `string`: protobuf rejects invalid UTF-8 while parsing "
+                    "(the call fails without reaching the service); make it `bytes` to get INVALID_ARGUMENT";
+  }
+  std::vector<v1::ExtractResponse> responses;
+  grpc::Status status = client_->Extract(TextRequest(invalid), &responses);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text(invalid);
+  v1::TokenizeResponse tokenized;
+  EXPECT_EQ(client_->Tokenize(tokenize, &tokenized).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(ServiceTest, FullExecutorGivesResourceExhausted) {
+  env->gate.Close();
+  std::vector<std::thread> callers;
+  std::vector<grpc::Status> statuses(kMaxInflight);
+  for (int i = 0; i < kMaxInflight; ++i) {
+    callers.emplace_back([this, i, &statuses] {
+      std::vector<v1::ExtractResponse> responses;
+      statuses[i] = client_->Extract(TextRequest(kText), &responses);
+    });
+  }
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == kMaxInflight; }));
+  std::vector<v1::ExtractResponse> responses;
+  grpc::Status refused = client_->Extract(TextRequest(kText), &responses);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+
+  // On a stream, the refusal is that request's error response.
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "x")));
+  v1::ExtractResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::RESOURCE_EXHAUSTED));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+
+  env->gate.Open();
+  for (auto& t : callers) t.join();
+  for (const auto& s : statuses) EXPECT_TRUE(s.ok()) << s.error_message();
+}
+
+TEST_F(ServiceTest, CancelledRequestIsDroppedBeforeRunning) {
+  env->gate.Close();
+  grpc::Status first_status;
+  std::thread first([this, &first_status] {
+    std::vector<v1::ExtractResponse> responses;
+    first_status = client_->Extract(TextRequest(kText), &responses);
+  });
+  ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));
+  const int run_before = env->gate.sequences_run();
+
+  grpc::ClientContext context;
+  auto reader = client_->stub()->Extract(&context, TextRequest("This one is cancelled."));
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == 2; }));
+  context.TryCancel();
+  v1::ExtractResponse response;
+  EXPECT_FALSE(reader->Read(&response));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // Give the server's OnCancel time to mark the queued job.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+
+  env->gate.Open();
+  first.join();
+  EXPECT_TRUE(first_status.ok()) << first_status.error_message();
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == 0; }));
+  EXPECT_EQ(env->gate.sequences_run() - run_before, 1) << "the cancelled job must not run";
+}
+
+TEST(ServiceNotReadyTest, UnavailableUntilAttached) {
+  SaeServiceImpl service(ServiceOptions{});
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
+  v1::InfoResponse info;
+  EXPECT_EQ(client->Info(&info).error_code(), grpc::StatusCode::UNAVAILABLE);
+  std::vector<v1::ExtractResponse> responses;
+  EXPECT_EQ(client->Extract(TextRequest("hi"), &responses).error_code(), grpc::StatusCode::UNAVAILABLE);
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace sae

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine and runs the whole test suite:
+#   bash tests/run_all.sh
+# Installs packages (apt) and the reference tokenizer (npm), builds in
+# build/, runs ctest, then the tokenizer fuzzers briefly when clang is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+jobs=$(nproc)
+
+bash deploy/install_deps.sh --test
+
+# Independent references used by the tests (npm packages pinned by package-lock.json).
+(cd tests/tokenizer/reference && npm ci --no-audit --no-fund --loglevel=error)
+
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build build -j "$jobs"
+(cd build && ctest --output-on-failure -j "$jobs" --timeout 900)
+
+if [[ "${SAE_SKIP_FUZZ:-0}" != "1" ]] && command -v clang++ >/dev/null; then
+  bash tests/tokenizer/run_fuzz.sh
+fi
+echo "all tests passed"
