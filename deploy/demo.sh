@@ -27,7 +27,7 @@ done
 set -x
 $client info
 $client list-saes
-$client extract "The cat sat on the red mat in Paris with two dogs." --sae=L1R-8x --sae=L3R-32x --k=3
+$client extract "The cat sat on the red mat in Paris with one dog." --sae=L1R-8x --sae=L3R-32x --k=3
 set +x
 echo
 echo "Concept features of the demo SAEs (see README): 3 = animals, 17 = colours, 42 = cities, 101 = numbers."

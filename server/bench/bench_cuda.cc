@@ -236,8 +236,8 @@ int Run(const Options& o) {
     std::printf("FAILED: %s\n", s.ToString().c_str());
     return 1;
   };
-#define BENCH_ASSIGN(lhs, expr)             \
-  auto lhs##_or = (expr);                   \
+#define BENCH_ASSIGN(lhs, expr)                       \
+  auto lhs##_or = (expr);                             \
   if (!lhs##_or.ok()) return fail(lhs##_or.status()); \
   auto lhs = *std::move(lhs##_or)
 
@@ -280,9 +280,10 @@ int Run(const Options& o) {
   BENCH_ASSIGN(proj, b->Alloc(DType::kF32, n, d));
   BENCH_ASSIGN(gate, b->Alloc(DType::kF32, n, ffn));
   BENCH_ASSIGN(up, b->Alloc(DType::kF32, n, ffn));
-  for (auto [src, dst] : std::vector<std::pair<const void*, const Tensor*>>{
-           {inv.data(), &inv_freq.get()}, {ids.data(), &t_ids.get()}, {pos.data(), &t_pos.get()},
-           {starts.data(), &t_starts.get()}}) {
+  for (auto [src, dst] : std::vector<std::pair<const void*, const Tensor*>>{{inv.data(), &inv_freq.get()},
+                                                                            {ids.data(), &t_ids.get()},
+                                                                            {pos.data(), &t_pos.get()},
+                                                                            {starts.data(), &t_starts.get()}}) {
     const absl::Status s = b->CopyFromHost(src, *dst);
     if (!s.ok()) return fail(s);
   }
@@ -330,9 +331,12 @@ int Run(const Options& o) {
     const Tensor* out;
   };
   const Layer& L0 = layers[0];
-  const std::vector<Gemm> gemms = {{"q_proj", &h.get(), &L0.wq, &q.get()},        {"k_proj", &h.get(), &L0.wk, &k.get()},
-                                   {"v_proj", &h.get(), &L0.wv, &v.get()},        {"o_proj", &attn.get(), &L0.wo, &proj.get()},
-                                   {"gate_proj", &h.get(), &L0.w_gate, &gate.get()}, {"up_proj", &h.get(), &L0.w_up, &up.get()},
+  const std::vector<Gemm> gemms = {{"q_proj", &h.get(), &L0.wq, &q.get()},
+                                   {"k_proj", &h.get(), &L0.wk, &k.get()},
+                                   {"v_proj", &h.get(), &L0.wv, &v.get()},
+                                   {"o_proj", &attn.get(), &L0.wo, &proj.get()},
+                                   {"gate_proj", &h.get(), &L0.w_gate, &gate.get()},
+                                   {"up_proj", &h.get(), &L0.w_up, &up.get()},
                                    {"down_proj", &gate.get(), &L0.w_down, &proj.get()}};
   for (const Gemm& g : gemms) {
     const double sec = Seconds([&] { return b->MatMul(*g.in, g.w->get(), *g.out); }, b, 4 * o.iters, &st);
@@ -359,10 +363,11 @@ int Run(const Options& o) {
       b, o.iters, &st);
   if (!st.ok()) return fail(st);
   const double gemm_pct = pct(gemm_flops_layer * max_layers, gemm_sec);
-  std::printf("  all 7 x %d GEMMs (incl. the F32->bf16 input rounding): %.2f ms  %.1f TFLOP/s  %.1f%% of peak  "
-              "[target >= 60%%: %s]\n",
-              max_layers, gemm_sec * 1e3, gemm_flops_layer * max_layers / gemm_sec / 1e12, gemm_pct,
-              peak > 0 ? (gemm_pct >= 60 ? "PASS" : "FAIL") : "n/a");
+  std::printf(
+      "  all 7 x %d GEMMs (incl. the F32->bf16 input rounding): %.2f ms  %.1f TFLOP/s  %.1f%% of peak  "
+      "[target >= 60%%: %s]\n",
+      max_layers, gemm_sec * 1e3, gemm_flops_layer * max_layers / gemm_sec / 1e12, gemm_pct,
+      peak > 0 ? (gemm_pct >= 60 ? "PASS" : "FAIL") : "n/a");
 
   // ---- attention alone ----
   const double attn_sec = Seconds(
@@ -420,8 +425,8 @@ int Run(const Options& o) {
         SaeEncoderWeights w{enc.get(), tb.get(), Tensor(), 1.0f, threshold, 0};
         for (int split : {1, 2}) {
           setenv("SAE_CUDA_SAE_SPLIT", std::to_string(split).c_str(), 1);
-          const double sec = Seconds([&] { return b->SaeEncodeTopK(h.get(), w, o.k, sae_out_idx.get(), sae_out_val.get()); },
-                                     b, o.iters, &st);
+          const double sec = Seconds(
+              [&] { return b->SaeEncodeTopK(h.get(), w, o.k, sae_out_idx.get(), sae_out_val.get()); }, b, o.iters, &st);
           if (!st.ok()) return fail(st);
           const double flops = 2.0 * split * n * d_sae * d;
           std::string shares;
@@ -430,16 +435,18 @@ int Run(const Options& o) {
             absl::StrAppend(&shares, " ", nl, ":", absl::StrFormat("%.1f%%", 100 * sec / fsec));
             if (nl == 32) share_full = 100 * sec / fsec;
           }
-          std::printf("  %-3s d_sae %6lld %-8s split=%d%s %7.2f ms  %6.1f TFLOP/s  share of forward at L ->%s",
-                      label, static_cast<long long>(d_sae), mode, split, split == 2 ? " (default)" : "          ",
-                      sec * 1e3, flops / sec / 1e12, shares.c_str());
-          if (share_full > 0) std::printf("  [target < 10%% of the 32-layer forward: %s]", share_full < 10 ? "PASS" : "FAIL");
+          std::printf("  %-3s d_sae %6lld %-8s split=%d%s %7.2f ms  %6.1f TFLOP/s  share of forward at L ->%s", label,
+                      static_cast<long long>(d_sae), mode, split, split == 2 ? " (default)" : "          ", sec * 1e3,
+                      flops / sec / 1e12, shares.c_str());
+          if (share_full > 0)
+            std::printf("  [target < 10%% of the 32-layer forward: %s]", share_full < 10 ? "PASS" : "FAIL");
           std::printf("\n");
         }
       }
       unsetenv("SAE_CUDA_SAE_SPLIT");
     }
-    std::printf("  (split = bf16 parts of the activations: 1 = plain bf16 GEMM; 2 = hi+lo, ~fp32-accurate top-k order)\n");
+    std::printf(
+        "  (split = bf16 parts of the activations: 1 = plain bf16 GEMM; 2 = hi+lo, ~fp32-accurate top-k order)\n");
   }
   std::printf("\ndone.\n");
   return 0;

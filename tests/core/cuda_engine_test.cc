@@ -43,12 +43,16 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
   static void SetUpTestSuite() {
     engines_ = new std::map<SaeEncodeForm, Engines>();
     skip_reason_ = new std::string();
+    // Only a missing library / device skips; any other failure is a test failure.
+    auto probe = CreateBackend("cuda");
+    if (!probe.ok()) {
+      *skip_reason_ = probe.status().ToString();
+      return;
+    }
+    probe->reset();
     for (SaeEncodeForm form : {SaeEncodeForm::kSaeLens, SaeEncodeForm::kLmSaes}) {
       auto cuda = Engine::Create(DemoOptions("cuda", form));
-      if (!cuda.ok()) {
-        *skip_reason_ = cuda.status().ToString();
-        return;
-      }
+      ASSERT_TRUE(cuda.ok()) << cuda.status();
       auto cpu = Engine::Create(DemoOptions("cpu", form));
       ASSERT_TRUE(cpu.ok()) << cpu.status();
       (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda)};
@@ -60,6 +64,7 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
   }
   void SetUp() override {
     if (!skip_reason_->empty()) GTEST_SKIP() << "CUDA backend unavailable: " << *skip_reason_;
+    ASSERT_EQ(engines_->count(GetParam()), 1u) << "engine creation failed in SetUpTestSuite";
     cpu_ = (*engines_)[GetParam()].cpu.get();
     cuda_ = (*engines_)[GetParam()].cuda.get();
     ASSERT_EQ(cuda_->backend_name(), "cuda");
@@ -216,8 +221,7 @@ TEST_P(CudaEngineTest, BatchedEqualsSingleWithinTolerance) {
     int same = 0, total = 0;
     for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
       const Sae& sae = *cuda_->saes()[batch[i].sae_indices[j]];
-      ExpectTopKMatch((*alone)[0].saes[j], (*together)[i].saes[j], sae.encoder().threshold, sae.name(), &same,
-                      &total);
+      ExpectTopKMatch((*alone)[0].saes[j], (*together)[i].saes[j], sae.encoder().threshold, sae.name(), &same, &total);
     }
     EXPECT_GE(same, 0.95 * total);
   }

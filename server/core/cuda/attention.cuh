@@ -82,9 +82,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   constexpr int BQ = kAttnRowsPerBlock, BK = kAttnKeysPerTile, RPW = kAttnRowsPerWarp;
   extern __shared__ float smem[];
   const int hd = head_dim;
-  float* sq = smem;                 // [BQ][hd], pre-scaled
-  float* sk = sq + BQ * hd;         // [BK][hd + 1]
-  float* sv = sk + BK * (hd + 1);   // [BK][hd]
+  float* sq = smem;                // [BQ][hd], pre-scaled
+  float* sk = sq + BQ * hd;        // [BK][hd + 1]
+  float* sv = sk + BK * (hd + 1);  // [BK][hd]
 
   const int tile = blockIdx.x;
   if (tile >= tile_start[n_seqs]) return;  // the grid is an upper bound on the tile count
@@ -115,8 +115,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 
   for (int i = tid; i < BQ * hd; i += blockDim.x) {
     const int r = i / hd, d = i - r * hd;
-    sq[i] = r < n_rows ? q[(seq_begin + q_first + r) * q_stride + static_cast<int64_t>(h) * hd + d] * scale_log2
-                       : 0.0f;
+    sq[i] = r < n_rows ? q[(seq_begin + q_first + r) * q_stride + static_cast<int64_t>(h) * hd + d] * scale_log2 : 0.0f;
   }
 
   float m[RPW], l[RPW], acc[RPW][DPL];
@@ -221,8 +220,8 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
                                        static_cast<size_t>(kAttnKeysPerTile) * (head_dim + 1) +
                                        static_cast<size_t>(kAttnKeysPerTile) * head_dim);
   // head_dim 128 needs 48.5 KiB, just over the default 48 KiB limit.
-  cudaError_t err = cudaFuncSetAttribute(AttentionKernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err =
+      cudaFuncSetAttribute(AttentionKernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   // Upper bound on the tile count: each sequence adds at most one partial tile.
   const int64_t max_tiles = CeilDiv(n_tokens, kAttnRowsPerBlock) + n_seqs;
@@ -239,28 +238,28 @@ cudaError_t LaunchAttention(const float* q, const float* k, const float* v, cons
                             int32_t* tile_table, int* error_flag, cudaStream_t stream) {
   if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
   AttentionTileTableKernel<<<1, kAttnTableThreads, 0, stream>>>(seq_starts, n_seqs, max_seq_len, n_tokens, tile_table,
-                                                               error_flag);
+                                                                error_flag);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (head_dim <= 32) {
-    return LaunchAttentionDpl<1>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                 out, stream);
+    return LaunchAttentionDpl<1>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
+                                 stream);
   }
   if (head_dim <= 64) {
-    return LaunchAttentionDpl<2>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                 out, stream);
+    return LaunchAttentionDpl<2>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
+                                 stream);
   }
   if (head_dim <= 96) {
-    return LaunchAttentionDpl<3>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                 out, stream);
+    return LaunchAttentionDpl<3>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
+                                 stream);
   }
   if (head_dim <= 128) {
-    return LaunchAttentionDpl<4>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                 out, stream);
+    return LaunchAttentionDpl<4>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
+                                 stream);
   }
   if (head_dim <= 256) {
-    return LaunchAttentionDpl<8>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                 out, stream);
+    return LaunchAttentionDpl<8>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
+                                 stream);
   }
   return cudaErrorInvalidValue;
 }

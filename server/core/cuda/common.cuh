@@ -49,7 +49,7 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   __syncthreads();
   float total = 0.0f;
   for (int w = 0; w < n_warps; ++w) total += scratch[w];  // same order in every thread: same result
-  __syncthreads();  // scratch may be reused right after
+  __syncthreads();                                        // scratch may be reused right after
   return total;
 }
 

@@ -58,7 +58,8 @@ absl::Status FromCuda(cudaError_t e, absl::string_view op) {
 
 absl::Status FromCublas(cublasStatus_t s, absl::string_view op) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  const std::string msg = absl::StrCat("cuda ", op, ": cuBLAS ", cublasGetStatusName(s), ": ", cublasGetStatusString(s));
+  const std::string msg =
+      absl::StrCat("cuda ", op, ": cuBLAS ", cublasGetStatusName(s), ": ", cublasGetStatusString(s));
   if (s == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(msg);
   return absl::InternalError(msg);
 }
@@ -72,10 +73,14 @@ size_t ElemSize(DType t) { return t == DType::kBF16 || t == DType::kF16 ? 2 : 4;
 size_t Bytes(const Tensor& t) { return static_cast<size_t>(t.rows * t.cols) * ElemSize(t.dtype); }
 const char* Name(DType t) {
   switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
-    case DType::kI32: return "I32";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
+    case DType::kI32:
+      return "I32";
   }
   return "?";
 }
@@ -104,9 +109,9 @@ uint16_t FloatToHalf(float f) {
   std::memcpy(&x, &f, sizeof(x));
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {  // below 2^-14: subnormal half (or zero)
+  if (abs < 0x38800000u) {                                               // below 2^-14: subnormal half (or zero)
     float a;
     std::memcpy(&a, &abs, sizeof(a));
     // a * 2^24 is exact in float; nearbyint rounds half to even (default mode).
@@ -119,10 +124,14 @@ uint16_t FloatToHalf(float f) {
 
 float LoadAsFloat(const void* src, DType t, size_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(src)[i];
-    case DType::kBF16: return Bf16ToF32(static_cast<const uint16_t*>(src)[i]);
-    case DType::kF16: return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
-    case DType::kI32: break;
+    case DType::kF32:
+      return static_cast<const float*>(src)[i];
+    case DType::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kI32:
+      break;
   }
   return 0.0f;
 }
@@ -131,10 +140,17 @@ void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void
   for (size_t i = 0; i < n; ++i) {
     const float f = LoadAsFloat(src, src_type, i);
     switch (dst_type) {
-      case DType::kF32: static_cast<float*>(dst)[i] = f; break;
-      case DType::kBF16: static_cast<uint16_t*>(dst)[i] = F32ToBf16(f); break;
-      case DType::kF16: static_cast<uint16_t*>(dst)[i] = FloatToHalf(f); break;
-      case DType::kI32: break;
+      case DType::kF32:
+        static_cast<float*>(dst)[i] = f;
+        break;
+      case DType::kBF16:
+        static_cast<uint16_t*>(dst)[i] = F32ToBf16(f);
+        break;
+      case DType::kF16:
+        static_cast<uint16_t*>(dst)[i] = FloatToHalf(f);
+        break;
+      case DType::kI32:
+        break;
     }
   }
 }
@@ -142,7 +158,8 @@ void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void
 // ---- checks (same messages as the CPU twin where it has them) ----
 
 absl::Status CheckF32(const Tensor& t, const char* what) {
-  if (t.dtype != DType::kF32) return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", Name(t.dtype)));
+  if (t.dtype != DType::kF32)
+    return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", Name(t.dtype)));
   return absl::OkStatus();
 }
 
@@ -164,7 +181,7 @@ int EnvInt(const char* name, int fallback, int lo, int hi) {
 // ---- the device state, shared with every tensor's release callback so
 // tensors that outlive the Backend object still free safely ----
 
-constexpr size_t kIoSlotBytes = 8 << 20;       // pinned slots for small copies
+constexpr size_t kIoSlotBytes = 8 << 20;  // pinned slots for small copies
 constexpr int kIoSlots = 4;
 constexpr size_t kUploadSlotBytes = 64 << 20;  // pinned double buffer for weights
 constexpr size_t kCublasWorkspaceBytes = 32 << 20;
@@ -216,8 +233,8 @@ class CudaBackend final : public Backend {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "no usable CUDA device (", e == cudaSuccess ? "device count is 0" : cudaGetErrorString(e), ")"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("no usable CUDA device (", e == cudaSuccess ? "device count is 0" : cudaGetErrorString(e), ")"));
     }
     auto dev = std::make_shared<Device>();
     dev->id = EnvInt("SAE_CUDA_DEVICE", 0, 0, count - 1);
@@ -324,9 +341,9 @@ class CudaBackend final : public Backend {
       } else {
         ConvertHost(from + off * src_size, src.dtype, n, dtype, slot.host);
       }
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst + off * dst_size, slot.host, n * dst_size, cudaMemcpyHostToDevice,
-                                           dev_->upload_stream),
-                           "upload copy");
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(dst + off * dst_size, slot.host, n * dst_size, cudaMemcpyHostToDevice, dev_->upload_stream),
+          "upload copy");
       CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->upload_stream), "upload");
     }
     // Ops queued after this see the whole tensor.
@@ -344,9 +361,9 @@ class CudaBackend final : public Backend {
       PinnedSlot& slot = NextIoSlot();
       CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy from host");
       std::memcpy(slot.host, from + off, n);  // the caller may reuse src as soon as we return
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(dst.data) + off, slot.host, n, cudaMemcpyHostToDevice,
-                                           dev_->stream),
-                           "copy from host");
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(static_cast<char*>(dst.data) + off, slot.host, n, cudaMemcpyHostToDevice, dev_->stream),
+          "copy from host");
       CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy from host");
     }
     return absl::OkStatus();
@@ -376,9 +393,9 @@ class CudaBackend final : public Backend {
       const size_t n = std::min(kIoSlotBytes, bytes - off);
       PinnedSlot& slot = NextIoSlot();
       CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy to host");
-      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.host, static_cast<const char*>(src.data) + off, n,
-                                           cudaMemcpyDeviceToHost, dev_->stream),
-                           "copy to host");
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(slot.host, static_cast<const char*>(src.data) + off, n, cudaMemcpyDeviceToHost, dev_->stream),
+          "copy to host");
       CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy to host");
       pending[(first + n_pending) % kIoSlots] = Pending{&slot, off, n};
       ++n_pending;
@@ -467,8 +484,8 @@ class CudaBackend final : public Backend {
     ASSIGN_OR_RETURN(void* table, Ensure(&tile_table_, (static_cast<size_t>(n_seqs) + 1) * sizeof(int32_t)));
     // Bad seq_starts (which live on the device) are reported at the next
     // CopyToHost / Synchronize as INVALID_ARGUMENT.
-    return FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(),
-                                          n_seqs, max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, out.as<float>(),
+    return FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
+                                          max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, out.as<float>(),
                                           static_cast<int32_t*>(table), dev_->error_word_dev, dev_->stream),
                     "attention");
   }
@@ -528,8 +545,8 @@ class CudaBackend final : public Backend {
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
       int parts = 1;
-      RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, static_cast<float*>(pre), &parts,
-                           "sae encode"));
+      RETURN_IF_ERROR(
+          Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, static_cast<float*>(pre), &parts, "sae encode"));
       RETURN_IF_ERROR(FromCuda(
           cuda::LaunchSaeTopK(static_cast<const float*>(pre), parts, tc, d_sae, sae.bias.as<float>(),
                               sae.feature_scale.as<float>(), sae.scale_in, sae.threshold, keep, k,
@@ -628,11 +645,11 @@ class CudaBackend final : public Backend {
           RETURN_IF_ERROR(FromCuda(cuda::LaunchToF32(static_cast<const uint16_t*>(w.data) + m0 * k, ElemType::kF16,
                                                      mc * k, static_cast<float*>(wf), dev_->stream),
                                    op));
-          RETURN_IF_ERROR(FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(mc),
-                                                  static_cast<int>(n), ik, &one, wf, CUDA_R_32F, ik, x, CUDA_R_32F, ik,
-                                                  &zero, out + m0, CUDA_R_32F, im, CUBLAS_COMPUTE_32F_PEDANTIC,
-                                                  CUBLAS_GEMM_DEFAULT),
-                                     op));
+          RETURN_IF_ERROR(
+              FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(mc), static_cast<int>(n),
+                                      ik, &one, wf, CUDA_R_32F, ik, x, CUDA_R_32F, ik, &zero, out + m0, CUDA_R_32F, im,
+                                      CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT),
+                         op));
         }
         return absl::OkStatus();
       }

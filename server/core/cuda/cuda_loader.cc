@@ -71,8 +71,8 @@ const Loaded& LoadOnce() {
       l->create = reinterpret_cast<SaeCudaBackendCreateFn>(sym);
       return l;
     }
-    l->error = absl::StrCat("backend \"cuda\": cannot load ", kLibName, " (set SAE_CUDA_BACKEND_LIB to its path); tried: ",
-                            absl::StrJoin(failures, "; "));
+    l->error = absl::StrCat("backend \"cuda\": cannot load ", kLibName,
+                            " (set SAE_CUDA_BACKEND_LIB to its path); tried: ", absl::StrJoin(failures, "; "));
     return l;
   }();
   return *loaded;

@@ -75,8 +75,8 @@ __global__ void AddKernel(const float* a, const float* b, float* out, int64_t n)
 
 // ---- launchers ----
 
-cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids,
-                        int64_t n, float* out, int* error_flag, cudaStream_t stream) {
+cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids, int64_t n,
+                        float* out, int* error_flag, cudaStream_t stream) {
   if (n * d == 0) return cudaSuccess;
   const unsigned grid = GridFor(n * d, kElementwiseThreads);
   switch (table_type) {
@@ -85,8 +85,8 @@ cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, i
                                                             error_flag);
       break;
     case ElemType::kBF16:
-      EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(table), vocab, d, ids,
-                                                            n, out, error_flag);
+      EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(table), vocab, d, ids, n,
+                                                            out, error_flag);
       break;
     case ElemType::kF16:
       EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __half*>(table), vocab, d, ids, n, out,

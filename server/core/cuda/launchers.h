@@ -26,8 +26,8 @@ enum DeviceError : int {
 
 // ---- elementwise.cuh ----
 // out[t, :] = F32(table[ids[t], :]); ids outside [0, vocab) give zeros and set *error_flag.
-cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids,
-                        int64_t n, float* out, int* error_flag, cudaStream_t stream);
+cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids, int64_t n,
+                        float* out, int* error_flag, cudaStream_t stream);
 // x [n_elems] F32 -> n_parts BF16 arrays [n_parts, n_elems] with x ~= sum of parts
 // (part p is the bf16 rounding of what parts < p left over).
 cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void* out, cudaStream_t stream);
@@ -45,8 +45,8 @@ cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_ty
 
 // ---- rope.cuh ----
 // In-place half-split rotary embedding of x [n, n_heads * head_dim].
-cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions,
-                       const float* inv_freq, cudaStream_t stream);
+cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,
+                       cudaStream_t stream);
 
 // ---- attention.cuh ----
 bool AttentionSupportsHeadDim(int head_dim);

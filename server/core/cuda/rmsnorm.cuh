@@ -42,8 +42,7 @@ cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_ty
       RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const float*>(weight), cols, eps, out);
       break;
     case ElemType::kBF16:
-      RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const __nv_bfloat16*>(weight), cols, eps,
-                                                          out);
+      RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const __nv_bfloat16*>(weight), cols, eps, out);
       break;
     case ElemType::kF16:
       RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const __half*>(weight), cols, eps, out);

@@ -38,8 +38,8 @@ __global__ void RopeKernel(float* __restrict__ x, int64_t n, int n_heads, int he
 
 // ---- launchers ----
 
-cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions,
-                       const float* inv_freq, cudaStream_t stream) {
+cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int32_t* positions, const float* inv_freq,
+                       cudaStream_t stream) {
   const int64_t total = n * n_heads * (head_dim / 2);
   if (total == 0) return cudaSuccess;
   RopeKernel<<<GridFor(total, kRopeThreads), kRopeThreads, 0, stream>>>(x, n, n_heads, head_dim, positions, inv_freq);

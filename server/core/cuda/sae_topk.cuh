@@ -47,12 +47,12 @@ __device__ __forceinline__ uint64_t PackCandidate(uint32_t key, int64_t index) {
 }
 
 struct SaeRowParams {
-  const float* pre;      // [n_parts, n_rows, d_sae]
-  int64_t part_stride;   // n_rows * d_sae
+  const float* pre;     // [n_parts, n_rows, d_sae]
+  int64_t part_stride;  // n_rows * d_sae
   int n_parts;
   int64_t d_sae;
-  const float* bias;     // [d_sae]
-  const float* fscale;   // [d_sae] or nullptr
+  const float* bias;    // [d_sae]
+  const float* fscale;  // [d_sae] or nullptr
   float scale_in;
   float threshold;
 };
@@ -100,9 +100,9 @@ __global__ void __launch_bounds__(kTopKThreads)
   const float* row = p.pre + row_index * p.d_sae;
   const int64_t d_sae = p.d_sae;
 
-  uint32_t prefix = 0;   // known top bits of the k-th largest key
-  int known_bits = 0;    // how many
-  uint32_t n_above = 0;  // active keys above the prefix's range
+  uint32_t prefix = 0;                             // known top bits of the k-th largest key
+  int known_bits = 0;                              // how many
+  uint32_t n_above = 0;                            // active keys above the prefix's range
   uint32_t k_rem = static_cast<uint32_t>(k_keep);  // still to find inside the prefix's range
   uint32_t lower_key = 0;
   bool collect = false;  // block-uniform: collect every active key >= lower_key
