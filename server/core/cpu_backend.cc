@@ -40,6 +40,23 @@ void RowToF32(const Tensor& t, int64_t row, float* dst) {
   ConvertToF32(src, t.dtype, static_cast<size_t>(t.cols), dst);
 }
 
+// One element of a BF16/F16/F32 tensor (the decoder is read column-wise).
+inline float ElementToF32(const char* p, DType dtype) {
+  uint16_t half;
+  float f;
+  switch (dtype) {
+    case DType::kBF16:
+      std::memcpy(&half, p, sizeof(half));
+      return Bf16ToF32(half);
+    case DType::kF16:
+      std::memcpy(&half, p, sizeof(half));
+      return F16ToF32(half);
+    default:
+      std::memcpy(&f, p, sizeof(f));
+      return f;
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -235,37 +252,18 @@ class CpuBackend final : public Backend {
 
   absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
                              const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    RETURN_IF_ERROR(CheckSae(x, sae));
     const int64_t d_sae = sae.encoder.rows;
-    if (sae.encoder.cols != x.cols) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
-    }
-    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
-    if (sae.feature_scale.data != nullptr) RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
     RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
     RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
     const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
     std::vector<float> pre(static_cast<size_t>(kSaeTokenChunk * d_sae));
     std::vector<std::pair<float, int32_t>> cand;
-    const float* bias = sae.bias.as<float>();
-    const float* fscale = sae.feature_scale.as<float>();
     for (int64_t t0 = 0; t0 < x.rows; t0 += kSaeTokenChunk) {
       const int64_t tc = std::min(kSaeTokenChunk, x.rows - t0);
-      Tensor pre_t{pre.data(), DType::kF32, tc, d_sae};
-      RETURN_IF_ERROR(MatMul(x.Rows(t0, tc), sae.encoder, pre_t));
+      RETURN_IF_ERROR(PreActivations(x.Rows(t0, tc), sae, pre.data()));
       for (int64_t r = 0; r < tc; ++r) {
-        cand.clear();
-        const float* h = pre.data() + r * d_sae;
-        for (int64_t i = 0; i < d_sae; ++i) {
-          float val = sae.scale_in * h[i] + bias[i];
-          if (fscale != nullptr) val *= fscale[i];
-          if (val > sae.threshold) cand.emplace_back(val, static_cast<int32_t>(i));
-        }
-        const size_t n_keep = std::min<size_t>(keep, cand.size());
-        std::partial_sort(cand.begin(), cand.begin() + n_keep, cand.end(), [](const auto& a, const auto& b) {
-          return a.first != b.first ? a.first > b.first : a.second < b.second;
-        });
+        const size_t n_keep = TopActive(sae, pre.data() + r * d_sae, d_sae, keep, &cand);
         int32_t* idx = out_indices.as<int32_t>() + (t0 + r) * k;
         float* val = out_values.as<float>() + (t0 + r) * k;
         for (int j = 0; j < k; ++j) {
@@ -276,6 +274,158 @@ class CpuBackend final : public Backend {
       }
     }
     return absl::OkStatus();
+  }
+
+  absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
+                                 const Tensor& out_values) override {
+    RETURN_IF_ERROR(CheckSae(x, sae));
+    const int64_t d_sae = sae.encoder.rows, d = x.cols, m = out_values.cols;
+    RETURN_IF_ERROR(CheckF32(out_values, "sae selected values"));
+    RETURN_IF_ERROR(CheckShape(out_values, x.rows, m, "sae selected values"));
+    if (feature_ids.dtype != DType::kI32 || feature_ids.numel() != m) {
+      return absl::InvalidArgumentError(absl::StrCat("sae selected: feature_ids must be I32 with ", m, " elements"));
+    }
+    const int32_t* ids = feature_ids.as<int32_t>();
+    for (int64_t j = 0; j < m; ++j) {
+      if (ids[j] < 0 || ids[j] >= d_sae) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sae selected: feature id ", ids[j], " outside [0, ", d_sae, ")"));
+      }
+    }
+    if (x.rows == 0 || m == 0) return absl::OkStatus();
+    float* out = out_values.as<float>();
+    if (sae.max_active > 0) {
+      // TopK SAE: whether a feature is active depends on every feature, so
+      // encode them all and look the selected ones up.
+      ASSIGN_OR_RETURN(OwnedTensor idx, Alloc(DType::kI32, x.rows, sae.max_active));
+      ASSIGN_OR_RETURN(OwnedTensor val, Alloc(DType::kF32, x.rows, sae.max_active));
+      RETURN_IF_ERROR(SaeEncodeTopK(x, sae, sae.max_active, idx.get(), val.get()));
+      std::vector<float> dense(static_cast<size_t>(d_sae), 0.0f);
+      for (int64_t t = 0; t < x.rows; ++t) {
+        const int32_t* ti = idx->as<int32_t>() + t * sae.max_active;
+        const float* tv = val->as<float>() + t * sae.max_active;
+        for (int j = 0; j < sae.max_active && ti[j] >= 0; ++j) dense[ti[j]] = tv[j];
+        for (int64_t j = 0; j < m; ++j) out[t * m + j] = dense[ids[j]];
+        for (int j = 0; j < sae.max_active && ti[j] >= 0; ++j) dense[ti[j]] = 0.0f;
+      }
+      return absl::OkStatus();
+    }
+    // JumpReLU: each feature decides alone, so only the selected encoder rows are needed.
+    std::vector<float> rows(static_cast<size_t>(m * d));
+    for (int64_t j = 0; j < m; ++j) RowToF32(sae.encoder, ids[j], rows.data() + j * d);
+    RETURN_IF_ERROR(MatMul(x, Tensor{rows.data(), DType::kF32, m, d}, out_values));
+    const float* bias = sae.bias.as<float>();
+    const float* fscale = sae.feature_scale.as<float>();
+    for (int64_t t = 0; t < x.rows; ++t) {
+      for (int64_t j = 0; j < m; ++j) {
+        float v = sae.scale_in * out[t * m + j] + bias[ids[j]];
+        if (fscale != nullptr) v *= fscale[ids[j]];
+        out[t * m + j] = v > sae.threshold ? v : 0.0f;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SaeReconstruct(const Tensor& x, const SaeEncoderWeights& enc, const SaeDecoderWeights& dec,
+                              const Tensor& out) override {
+    RETURN_IF_ERROR(CheckSae(x, enc));
+    const int64_t d_sae = enc.encoder.rows, d = x.cols;
+    RETURN_IF_ERROR(CheckShape(dec.decoder, d, d_sae, "sae decoder"));
+    RETURN_IF_ERROR(CheckF32(dec.bias, "sae decoder bias"));
+    RETURN_IF_ERROR(CheckShape(dec.bias, 1, d, "sae decoder bias"));
+    RETURN_IF_ERROR(CheckF32(out, "sae reconstruction"));
+    RETURN_IF_ERROR(CheckShape(out, x.rows, d, "sae reconstruction"));
+    std::vector<float> pre(static_cast<size_t>(kSaeTokenChunk * d_sae));
+    std::vector<std::pair<float, int32_t>> cand;
+    std::vector<double> acc(static_cast<size_t>(d));
+    const int keep = enc.max_active > 0 ? enc.max_active : static_cast<int>(d_sae);
+    const size_t esize = DTypeSize(dec.decoder.dtype);
+    const char* w = static_cast<const char*>(dec.decoder.data);
+    for (int64_t t0 = 0; t0 < x.rows; t0 += kSaeTokenChunk) {
+      const int64_t tc = std::min(kSaeTokenChunk, x.rows - t0);
+      RETURN_IF_ERROR(PreActivations(x.Rows(t0, tc), enc, pre.data()));
+      for (int64_t r = 0; r < tc; ++r) {
+        const float* h = pre.data() + r * d_sae;
+        const size_t n_active = TopActive(enc, h, d_sae, keep, &cand);
+        // Sparse decode: only the active columns of the decoder contribute.
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (size_t a = 0; a < n_active; ++a) {
+          const int32_t i = cand[a].second;
+          const double hi = h[i];  // h_i, not the feature-scaled value that chose it
+          for (int64_t c = 0; c < d; ++c) {
+            acc[c] += hi * ElementToF32(w + static_cast<size_t>(c * d_sae + i) * esize, dec.decoder.dtype);
+          }
+        }
+        float* y = out.as<float>() + (t0 + r) * d;
+        for (int64_t c = 0; c < d; ++c) {
+          y[c] = static_cast<float>((acc[c] + dec.bias.as<float>()[c]) / dec.scale_out);
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(y_hat, "relative error y_hat"));
+    RETURN_IF_ERROR(CheckF32(y, "relative error target"));
+    RETURN_IF_ERROR(CheckShape(y_hat, y.rows, y.cols, "relative error y_hat"));
+    RETURN_IF_ERROR(CheckF32(out, "relative error output"));
+    RETURN_IF_ERROR(CheckShape(out, y.rows, 1, "relative error output"));
+    for (int64_t t = 0; t < y.rows; ++t) {
+      const float* a = y_hat.as<float>() + t * y.cols;
+      const float* b = y.as<float>() + t * y.cols;
+      double num = 0, den = 0;
+      for (int64_t c = 0; c < y.cols; ++c) {
+        const double diff = static_cast<double>(b[c]) - a[c];
+        num += diff * diff;
+        den += static_cast<double>(b[c]) * b[c];
+      }
+      out.as<float>()[t] = den > 0 ? static_cast<float>(num / den) : (num > 0 ? INFINITY : 0.0f);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status CheckSae(const Tensor& x, const SaeEncoderWeights& sae) {
+    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    const int64_t d_sae = sae.encoder.rows;
+    if (sae.encoder.cols != x.cols) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
+    if (sae.feature_scale.data != nullptr) RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
+    return absl::OkStatus();
+  }
+
+  // h_i = scale_in * (w_i . x) + b_i for every row of x: pre [x.rows, d_sae].
+  absl::Status PreActivations(const Tensor& x, const SaeEncoderWeights& sae, float* pre) {
+    const int64_t d_sae = sae.encoder.rows;
+    RETURN_IF_ERROR(MatMul(x, sae.encoder, Tensor{pre, DType::kF32, x.rows, d_sae}));
+    const float* bias = sae.bias.as<float>();
+    for (int64_t r = 0; r < x.rows; ++r) {
+      float* h = pre + r * d_sae;
+      for (int64_t i = 0; i < d_sae; ++i) h[i] = sae.scale_in * h[i] + bias[i];
+    }
+    return absl::OkStatus();
+  }
+
+  // The active features of one row of h, largest v_i first (ties: lower
+  // index), at most `keep`: (*cand)[0, returned) holds (v_i, i) with
+  // v_i = h_i * feature_scale_i > threshold.
+  static size_t TopActive(const SaeEncoderWeights& sae, const float* h, int64_t d_sae, int keep,
+                          std::vector<std::pair<float, int32_t>>* cand) {
+    const float* fscale = sae.feature_scale.as<float>();
+    cand->clear();
+    for (int64_t i = 0; i < d_sae; ++i) {
+      const float v = fscale != nullptr ? h[i] * fscale[i] : h[i];
+      if (v > sae.threshold) cand->emplace_back(v, static_cast<int32_t>(i));
+    }
+    const size_t n_keep = std::min<size_t>(static_cast<size_t>(keep), cand->size());
+    std::partial_sort(cand->begin(), cand->begin() + n_keep, cand->end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    return n_keep;
   }
 };
 

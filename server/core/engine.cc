@@ -1,7 +1,11 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
 #include <set>
+#include <tuple>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -65,30 +69,165 @@ absl::StatusOr<int> Engine::FindSae(absl::string_view name) const {
   return absl::NotFoundError(absl::StrCat("unknown SAE \"", name, "\"; loaded: ", absl::StrJoin(all, ", ")));
 }
 
+absl::Status Engine::Validate(const SequenceRequest& r) const {
+  const LlamaConfig& c = model_->config();
+  if (r.k <= 0) return absl::InvalidArgumentError("k must be positive");
+  for (int32_t id : r.ids) {
+    if (id < 0 || id >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  for (int si : r.sae_indices) {
+    if (si < 0 || si >= static_cast<int>(saes_.size())) return absl::InvalidArgumentError("bad SAE index");
+  }
+  if (!std::isfinite(r.min_activation) || r.min_activation < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("min_activation must be finite and >= 0, got ", r.min_activation));
+  }
+  if (!r.watch.empty() && r.watch.size() != r.sae_indices.size()) {
+    return absl::InvalidArgumentError("watch must be empty or have one list per requested SAE");
+  }
+  for (size_t j = 0; j < r.watch.size(); ++j) {
+    const Sae& sae = *saes_[r.sae_indices[j]];
+    absl::flat_hash_set<int32_t> seen;
+    for (int32_t f : r.watch[j]) {
+      if (f < 0 || f >= sae.hyperparams().d_sae) {
+        return absl::InvalidArgumentError(absl::StrCat("watched feature ", f, " of SAE \"", sae.name(),
+                                                       "\" is outside [0, ", sae.hyperparams().d_sae, ")"));
+      }
+      if (!seen.insert(f).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("watched feature ", f, " of SAE \"", sae.name(), "\" is listed twice"));
+      }
+    }
+  }
+  if (r.reconstruction_error) {
+    for (int si : r.sae_indices) {
+      const absl::Status& st = saes_[si]->reconstruction_status();
+      if (!st.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("SAE \"", saes_[si]->name(), "\" has no reconstruction error: ", st.message()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+constexpr float kNotComputed = std::numeric_limits<float>::quiet_NaN();
+
+// SAEs never saw BOS in training: its activations are off-distribution.
+bool SkipsPosition(const SequenceRequest& r, int t, std::optional<int32_t> bos) {
+  return !r.include_bos && bos && r.ids[t] == *bos;
+}
+
+// Copies token t's candidates (value-descending, index -1 ends them) into
+// out's row t, dropping values below min_activation (0: keep all).
+void FillRow(const SequenceRequest& r, int t, const int32_t* idx, const float* val, int n_cand, SaeTopK* out) {
+  int32_t* oi = out->indices.data() + static_cast<size_t>(t) * r.k;
+  float* ov = out->values.data() + static_cast<size_t>(t) * r.k;
+  int n = 0;
+  for (int c = 0; c < n_cand && n < r.k && idx[c] >= 0; ++c) {
+    if (r.min_activation > 0 && val[c] < r.min_activation) break;  // sorted: the rest are smaller
+    oi[n] = idx[c];
+    ov[n] = val[c];
+    ++n;
+  }
+}
+
+void InitTopK(const SequenceRequest& r, SaeTopK* out) {
+  const size_t n = r.ids.size();
+  out->k = r.k;
+  out->indices.assign(n * r.k, -1);
+  out->values.assign(n * r.k, 0.0f);
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<SequenceRequest>& batch) {
   const LlamaConfig& c = model_->config();
   PackedBatch packed;
   std::set<HookPoint> hooks;
   for (const SequenceRequest& r : batch) {
-    if (r.k <= 0) return absl::InvalidArgumentError("k must be positive");
-    for (int32_t id : r.ids) {
-      if (id < 0 || id >= c.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", id, " outside the vocabulary [0, ", c.vocab_size, ")"));
-      }
-    }
+    RETURN_IF_ERROR(Validate(r));
     for (int si : r.sae_indices) {
-      if (si < 0 || si >= static_cast<int>(saes_.size())) return absl::InvalidArgumentError("bad SAE index");
       hooks.insert(saes_[si]->hook());
+      // A transcoder's target (the MLP output) is only run for those who ask.
+      if (r.reconstruction_error) hooks.insert(saes_[si]->hook_out());
     }
     packed.Append(r.ids);
   }
   std::vector<SequenceResult> results(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) results[i].saes.resize(batch[i].sae_indices.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    results[i].saes.resize(batch[i].sae_indices.size());
+    for (SaeTopK& out : results[i].saes) {
+      InitTopK(batch[i], &out);
+      if (batch[i].reconstruction_error) out.reconstruction_error.assign(batch[i].ids.size(), kNotComputed);
+    }
+  }
 
   const std::optional<int32_t> bos = tokenizer_->bos_id();
   const int64_t d = c.hidden_size;
   std::vector<float> hook_host;
+  auto seq_rows = [&](const Tensor& act, size_t i) {
+    return act.Rows(packed.seq_starts[i], packed.seq_starts[i + 1] - packed.seq_starts[i]);
+  };
+  auto watched = [&](size_t i, size_t j) { return !batch[i].watch.empty() && !batch[i].watch[j].empty(); };
+
+  // Top-k among the watched features of request i, SAE slot j, on its own rows.
+  auto encode_watched = [&](size_t i, size_t j, const Sae& sae, const Tensor& act) -> absl::Status {
+    const SequenceRequest& r = batch[i];
+    const std::vector<int32_t>& ids = r.watch[j];
+    const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
+    ASSIGN_OR_RETURN(OwnedTensor ids_dev, backend_->Alloc(DType::kI32, 1, m));
+    ASSIGN_OR_RETURN(OwnedTensor val_dev, backend_->Alloc(DType::kF32, n, m));
+    RETURN_IF_ERROR(backend_->CopyFromHost(ids.data(), ids_dev.get()));
+    RETURN_IF_ERROR(backend_->SaeEncodeSelected(seq_rows(act, i), sae.encoder(), ids_dev.get(), val_dev.get()));
+    std::vector<float> val(static_cast<size_t>(n * m));
+    RETURN_IF_ERROR(backend_->CopyToHost(val_dev.get(), val.data()));
+    std::vector<std::pair<float, int32_t>> cand;
+    std::vector<int32_t> top_i;
+    std::vector<float> top_v;
+    for (int t = 0; t < n; ++t) {
+      if (SkipsPosition(r, t, bos)) continue;
+      cand.clear();
+      for (int64_t f = 0; f < m; ++f) {
+        const float v = val[static_cast<size_t>(t * m + f)];
+        if (v != 0.0f) cand.emplace_back(v, ids[f]);  // the op reports 0 for inactive features
+      }
+      const size_t keep = std::min<size_t>(r.k, cand.size());
+      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      top_i.resize(keep);
+      top_v.resize(keep);
+      for (size_t q = 0; q < keep; ++q) std::tie(top_v[q], top_i[q]) = cand[q];
+      FillRow(r, t, top_i.data(), top_v.data(), static_cast<int>(keep), &results[i].saes[j]);
+    }
+    return absl::OkStatus();
+  };
+
+  // A reconstruction waiting for its target hook (a transcoder's input buffer
+  // is reused before the MLP output exists, so y_hat is kept instead).
+  struct PendingError {
+    size_t seq;
+    size_t slot;
+    HookPoint target;
+    OwnedTensor y_hat;  // [n_tokens of seq, d_model]
+  };
+  std::vector<PendingError> pending;
+  auto finish_error = [&](const PendingError& p, const Tensor& target) -> absl::Status {
+    const SequenceRequest& r = batch[p.seq];
+    const int64_t n = static_cast<int64_t>(r.ids.size());
+    ASSIGN_OR_RETURN(OwnedTensor err_dev, backend_->Alloc(DType::kF32, n, 1));
+    RETURN_IF_ERROR(backend_->RelativeSquaredError(p.y_hat.get(), seq_rows(target, p.seq), err_dev.get()));
+    std::vector<float> err(static_cast<size_t>(n));
+    RETURN_IF_ERROR(backend_->CopyToHost(err_dev.get(), err.data()));
+    std::vector<float>& out = results[p.seq].saes[p.slot].reconstruction_error;
+    for (int t = 0; t < n; ++t) out[t] = SkipsPosition(r, t, bos) ? kNotComputed : err[t];
+    return absl::OkStatus();
+  };
 
   auto on_hook = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
     bool captured = false;
@@ -106,38 +245,57 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
       const size_t end = static_cast<size_t>(packed.seq_starts[i + 1]) * d;
       results[i].hooks[hp.Name()].assign(hook_host.begin() + begin, hook_host.begin() + end);
     }
+    for (auto it = pending.begin(); it != pending.end();) {
+      if (!(it->target == hp)) {
+        ++it;
+        continue;
+      }
+      RETURN_IF_ERROR(finish_error(*it, act));
+      it = pending.erase(it);
+    }
     for (size_t s = 0; s < saes_.size(); ++s) {
       const Sae& sae = *saes_[s];
       if (!(sae.hook() == hp)) continue;
       int k_max = 0;
-      for (const SequenceRequest& r : batch) {
-        if (std::find(r.sae_indices.begin(), r.sae_indices.end(), static_cast<int>(s)) != r.sae_indices.end()) {
-          k_max = std::max(k_max, r.k);
+      for (size_t i = 0; i < batch.size(); ++i) {
+        for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
+          if (batch[i].sae_indices[j] == static_cast<int>(s) && !watched(i, j)) k_max = std::max(k_max, batch[i].k);
         }
       }
-      if (k_max == 0) continue;
-      ASSIGN_OR_RETURN(OwnedTensor idx, backend_->Alloc(DType::kI32, act.rows, k_max));
-      ASSIGN_OR_RETURN(OwnedTensor val, backend_->Alloc(DType::kF32, act.rows, k_max));
-      RETURN_IF_ERROR(backend_->SaeEncodeTopK(act, sae.encoder(), k_max, idx.get(), val.get()));
-      std::vector<int32_t> idx_host(static_cast<size_t>(act.rows) * k_max);
-      std::vector<float> val_host(idx_host.size());
-      RETURN_IF_ERROR(backend_->CopyToHost(idx.get(), idx_host.data()));
-      RETURN_IF_ERROR(backend_->CopyToHost(val.get(), val_host.data()));
+      std::vector<int32_t> idx_host;
+      std::vector<float> val_host;
+      if (k_max > 0) {
+        ASSIGN_OR_RETURN(OwnedTensor idx, backend_->Alloc(DType::kI32, act.rows, k_max));
+        ASSIGN_OR_RETURN(OwnedTensor val, backend_->Alloc(DType::kF32, act.rows, k_max));
+        RETURN_IF_ERROR(backend_->SaeEncodeTopK(act, sae.encoder(), k_max, idx.get(), val.get()));
+        idx_host.resize(static_cast<size_t>(act.rows) * k_max);
+        val_host.resize(idx_host.size());
+        RETURN_IF_ERROR(backend_->CopyToHost(idx.get(), idx_host.data()));
+        RETURN_IF_ERROR(backend_->CopyToHost(val.get(), val_host.data()));
+      }
       for (size_t i = 0; i < batch.size(); ++i) {
         const SequenceRequest& r = batch[i];
         for (size_t j = 0; j < r.sae_indices.size(); ++j) {
           if (r.sae_indices[j] != static_cast<int>(s)) continue;
-          SaeTopK& out = results[i].saes[j];
-          const int n = static_cast<int>(r.ids.size());
-          out.k = r.k;
-          out.indices.assign(static_cast<size_t>(n) * r.k, -1);
-          out.values.assign(static_cast<size_t>(n) * r.k, 0.0f);
-          for (int t = 0; t < n; ++t) {
-            // SAEs never saw BOS in training: its activations are off-distribution.
-            if (!r.include_bos && bos && r.ids[t] == *bos) continue;
-            const size_t row = static_cast<size_t>(packed.seq_starts[i] + t) * k_max;
-            std::copy_n(idx_host.begin() + row, r.k, out.indices.begin() + static_cast<size_t>(t) * r.k);
-            std::copy_n(val_host.begin() + row, r.k, out.values.begin() + static_cast<size_t>(t) * r.k);
+          if (watched(i, j)) {
+            RETURN_IF_ERROR(encode_watched(i, j, sae, act));
+          } else {
+            for (int t = 0; t < static_cast<int>(r.ids.size()); ++t) {
+              if (SkipsPosition(r, t, bos)) continue;
+              const size_t row = static_cast<size_t>(packed.seq_starts[i] + t) * k_max;
+              FillRow(r, t, idx_host.data() + row, val_host.data() + row, r.k, &results[i].saes[j]);
+            }
+          }
+          if (r.reconstruction_error) {
+            const int64_t n = static_cast<int64_t>(r.ids.size());
+            PendingError p{i, j, sae.hook_out(), OwnedTensor()};
+            ASSIGN_OR_RETURN(p.y_hat, backend_->Alloc(DType::kF32, n, d));
+            RETURN_IF_ERROR(backend_->SaeReconstruct(seq_rows(act, i), sae.encoder(), sae.decoder(), p.y_hat.get()));
+            if (p.target == hp) {
+              RETURN_IF_ERROR(finish_error(p, act));
+            } else {
+              pending.push_back(std::move(p));
+            }
           }
         }
       }
@@ -145,6 +303,9 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(model_->Forward(packed, hooks, on_hook));
+  if (!pending.empty()) {
+    return absl::InternalError(absl::StrCat("reconstruction target ", pending.front().target.Name(), " never ran"));
+  }
   return results;
 }
 

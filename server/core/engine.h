@@ -31,13 +31,22 @@ struct EngineOptions {
   bool load_all_layers = false;
 };
 
-// One sequence of a batch.
+// One sequence of a batch. Options of one request never change another
+// request's results in the same batch.
 struct SequenceRequest {
   std::vector<int32_t> ids;       // [n_tokens]
   std::vector<int> sae_indices;   // into Engine::saes()
   int k = 0;                      // features kept per token and SAE
   bool include_bos = false;       // features at BOS positions too
   bool capture_hooks = false;     // return the raw hook activations
+  // Features with a value below this are dropped (finite, >= 0; 0 keeps every active one).
+  float min_activation = 0.0f;
+  // Empty, or parallel to sae_indices: for SAE j, a non-empty watch[j] means
+  // only those feature indices (distinct, < d_sae) are considered, so the
+  // top-k is taken among the watched features that are active.
+  std::vector<std::vector<int32_t>> watch;
+  // Per token and SAE: ||y - y_hat||^2 / ||y||^2 (see SaeDecoderWeights).
+  bool reconstruction_error = false;
 };
 
 // Top-k features of one SAE for each token: [n_tokens, k], sorted by value
@@ -46,6 +55,9 @@ struct SaeTopK {
   int k = 0;
   std::vector<int32_t> indices;
   std::vector<float> values;
+  // [n_tokens] when reconstruction_error was asked for, else empty; NaN at
+  // the BOS positions that carry no features (include_bos = false).
+  std::vector<float> reconstruction_error;
 
   int n_active(int token) const;
 };
@@ -73,6 +85,7 @@ class Engine {
 
  private:
   Engine() = default;
+  absl::Status Validate(const SequenceRequest& r) const;
   std::string model_dir_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Tokenizer> tokenizer_;

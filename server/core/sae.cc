@@ -16,6 +16,21 @@ namespace {
 
 using json = nlohmann::json;
 
+// Order of the hooks of one layer in the forward pass.
+int HookForwardRank(HookSite site) {
+  switch (site) {
+    case HookSite::kAttn:
+      return 0;
+    case HookSite::kTranscoderIn:
+      return 1;
+    case HookSite::kMlp:
+      return 2;
+    case HookSite::kResid:
+      return 3;
+  }
+  return 0;
+}
+
 absl::Status FieldError(const std::string& path, absl::string_view field, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": field \"", field, "\": ", what));
 }
@@ -108,13 +123,26 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   auto hook = ParseHookPointIn(hp.hook_point_in);
   if (!hook.ok()) return FieldError(hp_path, "hook_point_in", hook.status().message());
   s->hook_ = *hook;
+  s->hook_out_ = *hook;
+  auto hook_out = ParseHookPointIn(hp.hook_point_out);
+  if (!hook_out.ok()) {
+    // Features still work; only reconstruction errors need the target hook.
+    s->reconstruction_status_ = FieldError(hp_path, "hook_point_out", hook_out.status().message());
+  } else if (hook_out->layer != hook->layer || HookForwardRank(hook_out->site) < HookForwardRank(hook->site)) {
+    s->reconstruction_status_ = FieldError(hp_path, "hook_point_out",
+                                           absl::StrCat("\"", hp.hook_point_out,
+                                                        "\" is not at or after hook_point_in in the same layer; "
+                                                        "reconstruction errors are not available for this SAE"));
+  } else {
+    s->hook_out_ = *hook_out;
+  }
 
   const std::string st_path = dir + "/checkpoints/final.safetensors";
   ASSIGN_OR_RETURN(auto store, TensorStore::Open(st_path));
   ASSIGN_OR_RETURN(HostTensor w_enc, store->GetWithShape("encoder.weight", {hp.d_sae, hp.d_model}));
   ASSIGN_OR_RETURN(HostTensor b_enc, store->GetWithShape("encoder.bias", {hp.d_sae}));
   ASSIGN_OR_RETURN(HostTensor w_dec, store->GetWithShape("decoder.weight", {hp.d_model, hp.d_sae}));
-  RETURN_IF_ERROR(store->GetWithShape("decoder.bias", {hp.d_model}).status());
+  ASSIGN_OR_RETURN(HostTensor b_dec, store->GetWithShape("decoder.bias", {hp.d_model}));
 
   ASSIGN_OR_RETURN(s->w_enc_, backend->Upload(w_enc, w_enc.dtype));
   ASSIGN_OR_RETURN(s->b_enc_, backend->Upload(b_enc, DType::kF32));
@@ -123,6 +151,10 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   e.bias = s->b_enc_.get();
   e.scale_in = hp.scale_in();
   e.max_active = hp.act_fn == "topk" ? hp.top_k : 0;
+  // The decoder is always resident so any request may ask for reconstruction errors.
+  ASSIGN_OR_RETURN(s->w_dec_, backend->Upload(w_dec, w_dec.dtype));
+  ASSIGN_OR_RETURN(s->b_dec_, backend->Upload(b_dec, DType::kF32));
+  s->decoder_ = SaeDecoderWeights{s->w_dec_.get(), s->b_dec_.get(), hp.scale_out()};
   const float theta = hp.act_fn == "topk" ? 0.0f : hp.jump_relu_threshold;
   if (form == SaeEncodeForm::kSaeLens) {
     e.threshold = hp.act_fn == "topk" ? 0.0f : theta * hp.scale_in();

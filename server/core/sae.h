@@ -46,7 +46,14 @@ class Sae {
   const SaeHyperparams& hyperparams() const { return hp_; }
   const HookPoint& hook() const { return hook_; }
   const SaeEncoderWeights& encoder() const { return encoder_; }
+  const SaeDecoderWeights& decoder() const { return decoder_; }
   SaeEncodeForm form() const { return form_; }
+  // Where the reconstruction target (hook_point_out) is read: the input hook
+  // for R/A/M SAEs, the MLP output of the same layer for transcoders.
+  const HookPoint& hook_out() const { return hook_out_; }
+  // OK when reconstruction errors can be computed in one forward pass:
+  // hook_point_out is a supported hook of the same layer, not before the input.
+  const absl::Status& reconstruction_status() const { return reconstruction_status_; }
 
  private:
   Sae() = default;
@@ -54,11 +61,16 @@ class Sae {
   std::string path_;
   SaeHyperparams hp_;
   HookPoint hook_;
+  HookPoint hook_out_;
+  absl::Status reconstruction_status_;
   SaeEncodeForm form_ = SaeEncodeForm::kSaeLens;
   OwnedTensor w_enc_;          // [d_sae, d_model]
   OwnedTensor b_enc_;          // [1, d_sae] F32
   OwnedTensor feature_scale_;  // [1, d_sae] F32 (lm_saes form only)
+  OwnedTensor w_dec_;          // [d_model, d_sae]
+  OwnedTensor b_dec_;          // [1, d_model] F32
   SaeEncoderWeights encoder_;
+  SaeDecoderWeights decoder_;
 };
 
 // "L15R-8x" for the folder /path/L15R-8x/ (trailing slashes ignored).

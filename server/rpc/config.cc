@@ -4,6 +4,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -65,6 +66,19 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   if (config->max_batch_tokens() == 0) config->set_max_batch_tokens(4096);
   if (config->chunk_tokens() == 0) config->set_chunk_tokens(64);
   if (config->max_inflight_requests() == 0) config->set_max_inflight_requests(64);
+  if (config->max_seq_len() == 0) config->set_max_seq_len(std::min<uint32_t>(2048, config->max_batch_tokens()));
+  if (config->max_queued_tokens() == 0) {
+    config->set_max_queued_tokens(
+        std::max<uint64_t>(8 * static_cast<uint64_t>(config->max_batch_tokens()), config->max_tokens_per_request()));
+  }
+  if (config->long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {
+    config->set_long_input_policy(v1::ServerConfig::WINDOW);
+  }
+  if (config->overload_policy() == v1::ServerConfig::OVERLOAD_POLICY_UNSPECIFIED) {
+    config->set_overload_policy(v1::ServerConfig::OVERLOAD_REJECT);
+  }
+  if (config->shutdown_grace_seconds() == 0) config->set_shutdown_grace_seconds(30);
+  if (!config->has_warmup()) config->set_warmup(true);
 }
 
 absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
@@ -78,8 +92,50 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
                                     {"max_tokens_per_request", config.max_tokens_per_request()},
                                     {"max_batch_tokens", config.max_batch_tokens()},
                                     {"chunk_tokens", config.chunk_tokens()},
-                                    {"max_inflight_requests", config.max_inflight_requests()}}) {
+                                    {"max_inflight_requests", config.max_inflight_requests()},
+                                    {"max_seq_len", config.max_seq_len()}}) {
     if (value > kIntLimit) return absl::InvalidArgumentError(absl::StrCat("config: ", name, " is too large: ", value));
+  }
+  if (config.max_seq_len() > config.max_batch_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("config: max_seq_len (", config.max_seq_len(),
+                                                   ") is larger than max_batch_tokens (", config.max_batch_tokens(),
+                                                   "): a window must fit in one batch"));
+  }
+  if (config.max_seq_len() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: max_seq_len must be at least 2 (BOS and one token), got ", config.max_seq_len()));
+  }
+  if (config.max_queued_tokens() < config.max_tokens_per_request()) {
+    return absl::InvalidArgumentError(absl::StrCat("config: max_queued_tokens (", config.max_queued_tokens(),
+                                                   ") is smaller than max_tokens_per_request (",
+                                                   config.max_tokens_per_request(), ")"));
+  }
+  if (config.max_queued_tokens() > (uint64_t{1} << 40)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: max_queued_tokens is too large: ", config.max_queued_tokens()));
+  }
+  if (config.max_queue_delay_ms() > 60000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: max_queue_delay_ms is ", config.max_queue_delay_ms(), "; at most 60000 (one minute)"));
+  }
+  if (config.shutdown_grace_seconds() > 3600) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: shutdown_grace_seconds is ", config.shutdown_grace_seconds(), "; at most 3600"));
+  }
+  if (!v1::ServerConfig::LongInputPolicy_IsValid(config.long_input_policy()) ||
+      config.long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: long_input_policy has no valid value (", config.long_input_policy(), ")"));
+  }
+  if (!v1::ServerConfig::OverloadPolicy_IsValid(config.overload_policy()) ||
+      config.overload_policy() == v1::ServerConfig::OVERLOAD_POLICY_UNSPECIFIED) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: overload_policy has no valid value (", config.overload_policy(), ")"));
+  }
+  // Port 0 (any free port) gives two different ports.
+  const std::string& metrics = config.metrics_listen();
+  if (!metrics.empty() && metrics == config.listen() && metrics.substr(metrics.rfind(':') + 1) != "0") {
+    return absl::InvalidArgumentError("config: metrics_listen must differ from listen (a separate port)");
   }
   if (config.model_dir().empty() && !config.demo()) {
     return absl::InvalidArgumentError("config: model_dir is empty (set model_dir, or demo: true)");
@@ -100,6 +156,10 @@ ExecutorOptions ExecutorOptionsFromConfig(const v1::ServerConfig& config) {
   ExecutorOptions options;
   options.max_batch_tokens = static_cast<int>(config.max_batch_tokens());
   options.max_inflight_requests = static_cast<int>(config.max_inflight_requests());
+  options.max_queued_tokens = static_cast<int64_t>(config.max_queued_tokens());
+  options.max_queue_delay = std::chrono::milliseconds(config.max_queue_delay_ms());
+  // Only WINDOW lets a request longer than max_seq_len reach the executor.
+  options.max_seq_len = static_cast<int>(config.max_seq_len());
   return options;
 }
 
@@ -110,6 +170,9 @@ ServiceOptions ServiceOptionsFromConfig(const v1::ServerConfig& config) {
   options.limits.max_tokens_per_request = static_cast<int>(config.max_tokens_per_request());
   options.limits.chunk_tokens = static_cast<int>(config.chunk_tokens());
   options.limits.max_stream_backlog = static_cast<int>(config.max_inflight_requests());
+  options.max_seq_len = static_cast<int>(config.max_seq_len());
+  options.long_input_policy = config.long_input_policy();
+  options.overload_policy = config.overload_policy();
   options.version = kServerVersion;
   return options;
 }

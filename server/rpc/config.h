@@ -30,6 +30,8 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config);
 
 // model_dir and saes must be set (demo resolved by the caller).
 EngineOptions EngineOptionsFromConfig(const v1::ServerConfig& config);
+// The caller adds what the config cannot know: bos_id (from the loaded
+// tokenizer) and the shared metrics.
 ExecutorOptions ExecutorOptionsFromConfig(const v1::ServerConfig& config);
 ServiceOptions ServiceOptionsFromConfig(const v1::ServerConfig& config);
 

@@ -1,10 +1,37 @@
 #include "rpc/executor.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "rpc/windows.h"
 
 namespace sae {
+namespace {
+
+// How often the scheduler looks for cancelled and expired jobs while any are
+// queued: cancellation frees capacity within this long.
+constexpr std::chrono::milliseconds kSweepInterval(20);
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace
+
+// One submitted job. `job`, `windows`, `n_tokens` and `admitted_at` are set
+// before it is shared; the rest is guarded by Executor::mu_ unless noted.
+struct Executor::Pending {
+  Job job;
+  std::vector<Window> windows;
+  int64_t n_tokens = 0;  // tokens the engine runs for all windows
+  Clock::time_point admitted_at;
+  int64_t tokens_held = 0;  // admitted tokens not yet released
+  int next_window = 0;      // scheduler thread: next window to stage
+  int windows_active = 0;   // staged or running
+  int windows_done = 0;
+  absl::Status failure;    // first failure; the job stops there
+  bool completed = false;  // `done` has been queued
+  SequenceResult merged;   // engine thread: stitched windows (no on_window)
+};
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::Create(BatchRunner runner, const ExecutorOptions& options) {
   if (!runner) return absl::InvalidArgumentError("executor: no batch runner");
@@ -16,117 +43,395 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Create(BatchRunner runner, c
     return absl::InvalidArgumentError(
         absl::StrCat("executor: max_inflight_requests must be positive, got ", options.max_inflight_requests));
   }
+  if (options.max_queued_tokens < 0 || options.max_seq_len < 0 || options.max_queue_delay.count() < 0) {
+    return absl::InvalidArgumentError("executor: max_queued_tokens, max_seq_len and max_queue_delay must be >= 0");
+  }
   std::unique_ptr<Executor> e(new Executor(std::move(runner), options));
-  e->thread_ = std::thread([raw = e.get()] { raw->Loop(); });
+  e->scheduler_thread_ = std::thread([raw = e.get()] { raw->SchedulerLoop(); });
+  e->engine_thread_ = std::thread([raw = e.get()] { raw->EngineLoop(); });
   return e;
 }
 
 Executor::Executor(BatchRunner runner, const ExecutorOptions& options)
-    : runner_(std::move(runner)), options_(options) {}
+    : runner_(std::move(runner)),
+      options_(options),
+      metrics_(options.metrics ? options.metrics : std::make_shared<Metrics>()) {}
 
 Executor::~Executor() { Shutdown(); }
 
-absl::Status Executor::Submit(Job job) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (stopping_) return absl::UnavailableError("the server is shutting down");
-  if (inflight_.load() >= options_.max_inflight_requests) {
-    return absl::ResourceExhaustedError(absl::StrCat("the server is busy: ", options_.max_inflight_requests,
-                                                     " requests already in flight; retry later"));
+void Executor::Run(Actions& actions) {
+  for (auto& action : actions) action();
+  actions.clear();
+}
+
+absl::Status Executor::Submit(Job job, WhenFull when_full) {
+  auto pending = std::make_shared<Pending>();
+  pending->windows = SplitIntoWindows(job.request.ids, options_.max_seq_len, options_.bos_id);
+  for (const Window& w : pending->windows) pending->n_tokens += w.n_tokens();
+  pending->job = std::move(job);
+  Actions actions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!admitting_) return absl::UnavailableError("the server is shutting down");
+    // Nobody overtakes the admission line.
+    if (line_.empty() && CanAdmitLocked(pending->n_tokens)) {
+      AdmitLocked(std::move(pending), &actions);
+    } else if (when_full == WhenFull::kReject) {
+      if (inflight_.load() >= options_.max_inflight_requests) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("the server is busy: ", options_.max_inflight_requests,
+                         " requests already in flight (max_inflight_requests); retry later"));
+      }
+      return absl::ResourceExhaustedError(absl::StrCat("the server is busy: ", queued_tokens_.load(),
+                                                       " tokens already queued (max_queued_tokens ",
+                                                       options_.max_queued_tokens, "); retry later"));
+    } else {
+      line_.push_back(std::move(pending));
+      n_waiting_.store(static_cast<int>(line_.size()));
+      UpdateGaugesLocked();
+      // The scheduler sweeps the line for cancelled and expired jobs.
+      scheduler_cv_.notify_one();
+    }
   }
-  inflight_.fetch_add(1);
-  queue_.push_back(std::move(job));
-  cv_.notify_one();
+  Run(actions);
   return absl::OkStatus();
 }
 
+bool Executor::CanAdmitLocked(int64_t n_tokens) const {
+  if (inflight_.load() >= options_.max_inflight_requests) return false;
+  if (options_.max_queued_tokens == 0 || queued_tokens_.load() == 0) return true;
+  return queued_tokens_.load() + n_tokens <= options_.max_queued_tokens;
+}
+
+void Executor::AdmitLocked(std::shared_ptr<Pending> job, Actions* actions) {
+  inflight_.fetch_add(1);
+  queued_tokens_.fetch_add(job->n_tokens);
+  job->tokens_held = job->n_tokens;
+  job->admitted_at = Clock::now();
+  if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
+  inbox_.push_back(std::move(job));
+  UpdateGaugesLocked();
+  scheduler_cv_.notify_one();
+}
+
+void Executor::AdmitWaitersLocked(Actions* actions) {
+  while (admitting_ && !line_.empty() && CanAdmitLocked(line_.front()->n_tokens)) {
+    std::shared_ptr<Pending> next = std::move(line_.front());
+    line_.pop_front();
+    AdmitLocked(std::move(next), actions);
+  }
+  n_waiting_.store(static_cast<int>(line_.size()));
+  UpdateGaugesLocked();
+}
+
+void Executor::UpdateGaugesLocked() {
+  metrics_->SetInflightRequests(inflight_.load());
+  metrics_->SetQueuedTokens(queued_tokens_.load());
+  metrics_->SetWaitingRequests(static_cast<int64_t>(line_.size()));
+}
+
+void Executor::FailLocked(const std::shared_ptr<Pending>& job, const absl::Status& status, Actions* actions) {
+  if (job->failure.ok()) job->failure = status;
+  MaybeCompleteLocked(job, actions);
+}
+
+void Executor::MaybeCompleteLocked(const std::shared_ptr<Pending>& job, Actions* actions) {
+  // A window still staged or running will come back; `done` must be last.
+  if (job->completed || job->windows_active > 0) return;
+  if (job->failure.ok() && job->windows_done < static_cast<int>(job->windows.size())) return;
+  job->completed = true;
+  // Released before the callback, so a client that reacts to its result with
+  // a new request is not refused for its own finished one.
+  inflight_.fetch_sub(1);
+  queued_tokens_.fetch_sub(job->tokens_held);
+  job->tokens_held = 0;
+  AdmitWaitersLocked(actions);
+  actions->push_back([job] {
+    if (!job->failure.ok()) {
+      job->job.done(job->failure);
+    } else {
+      job->job.done(std::move(job->merged));
+    }
+  });
+}
+
+absl::Status Executor::DropReason(const Pending& job, Clock::time_point now) {
+  if (job.job.cancelled && job.job.cancelled->load()) return absl::CancelledError("the client cancelled the request");
+  if (now >= job.job.deadline) return absl::DeadlineExceededError("the deadline passed before the request ran");
+  return absl::OkStatus();
+}
+
+void Executor::SweepLocked(Clock::time_point now, Actions* actions) {
+  for (auto it = line_.begin(); it != line_.end();) {
+    absl::Status reason = DropReason(**it, now);
+    if (reason.ok()) {
+      ++it;
+      continue;
+    }
+    std::shared_ptr<Pending> job = std::move(*it);
+    it = line_.erase(it);
+    // Never admitted: nothing to release.
+    job->completed = true;
+    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
+    actions->push_back([job, reason] { job->job.done(reason); });
+  }
+  for (const auto& job : queue_) {
+    if (job->failure.ok() && !job->completed) {
+      absl::Status reason = DropReason(*job, now);
+      if (!reason.ok()) FailLocked(job, reason, actions);
+    }
+  }
+  for (auto it = staged_.begin(); it != staged_.end();) {
+    absl::Status reason = it->job->failure.ok() ? DropReason(*it->job, now) : it->job->failure;
+    if (reason.ok()) {
+      ++it;
+      continue;
+    }
+    std::shared_ptr<Pending> job = it->job;
+    staged_tokens_ -= static_cast<int64_t>(it->request.ids.size());
+    it = staged_.erase(it);
+    --job->windows_active;
+    FailLocked(job, reason, actions);
+  }
+  if (staged_.empty()) staged_ready_ = false;
+  n_waiting_.store(static_cast<int>(line_.size()));
+  UpdateGaugesLocked();
+}
+
+void Executor::StageLocked(Actions* actions) {
+  while (!queue_.empty()) {
+    const std::shared_ptr<Pending>& job = queue_.front();
+    if (!job->failure.ok() || job->completed || job->next_window >= static_cast<int>(job->windows.size())) {
+      queue_.pop_front();
+      continue;
+    }
+    const Window& window = job->windows[job->next_window];
+    const int64_t n = window.n_tokens();
+    // Arrival order; a window that alone is over budget still runs (alone).
+    if (!staged_.empty() && staged_tokens_ + n > options_.max_batch_tokens) {
+      staged_ready_ = true;
+      return;
+    }
+    staged_.push_back(Slot{job, job->next_window, WindowRequest(job->job.request, window, options_.bos_id)});
+    staged_tokens_ += n;
+    ++job->windows_active;
+    ++job->next_window;
+  }
+  if (staged_tokens_ >= options_.max_batch_tokens) staged_ready_ = true;
+}
+
+void Executor::FailEverythingLocked(Actions* actions) {
+  const absl::Status stopped = absl::UnavailableError("the server is shutting down");
+  for (auto& job : line_) {
+    job->completed = true;
+    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
+    actions->push_back([job, stopped] { job->job.done(stopped); });
+  }
+  line_.clear();
+  for (auto& job : inbox_) queue_.push_back(std::move(job));
+  inbox_.clear();
+  for (Slot& slot : staged_) --slot.job->windows_active;
+  for (Slot& slot : staged_) FailLocked(slot.job, stopped, actions);
+  staged_.clear();
+  staged_tokens_ = 0;
+  staged_ready_ = false;
+  for (auto& job : queue_) FailLocked(job, stopped, actions);
+  queue_.clear();
+  n_waiting_.store(0);
+  UpdateGaugesLocked();
+}
+
+void Executor::SchedulerLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  Actions actions;
+  for (;;) {
+    if (stopping_) {
+      FailEverythingLocked(&actions);
+      engine_cv_.notify_all();
+      lock.unlock();
+      Run(actions);
+      return;
+    }
+    for (auto& job : inbox_) queue_.push_back(std::move(job));
+    inbox_.clear();
+    scheduler_poked_ = false;
+    const Clock::time_point now = Clock::now();
+    SweepLocked(now, &actions);
+    StageLocked(&actions);
+    Clock::time_point wake = Clock::time_point::max();
+    if (!staged_.empty() && !staged_ready_) {
+      const Clock::time_point oldest = staged_.front().job->admitted_at;
+      if (now - oldest >= options_.max_queue_delay) {
+        staged_ready_ = true;
+      } else {
+        wake = oldest + options_.max_queue_delay;
+      }
+    }
+    if (staged_ready_) engine_cv_.notify_one();
+    if (!line_.empty() || !queue_.empty() || !staged_.empty()) wake = std::min(wake, now + kSweepInterval);
+    if (!actions.empty()) {
+      lock.unlock();
+      Run(actions);
+      lock.lock();
+      continue;
+    }
+    auto woken = [this] { return stopping_ || !inbox_.empty() || scheduler_poked_; };
+    if (wake == Clock::time_point::max()) {
+      scheduler_cv_.wait(lock, woken);
+    } else {
+      scheduler_cv_.wait_until(lock, wake, woken);
+    }
+  }
+}
+
+std::vector<absl::StatusOr<SequenceResult>> Executor::RunIsolated(const std::vector<SequenceRequest>& requests) {
+  std::vector<absl::StatusOr<SequenceResult>> out;
+  out.reserve(requests.size());
+  absl::StatusOr<std::vector<SequenceResult>> results = runner_(requests);
+  if (results.ok() && results->size() != requests.size()) {
+    results = absl::InternalError(
+        absl::StrCat("executor: runner returned ", results->size(), " results for ", requests.size(), " requests"));
+  }
+  if (results.ok()) {
+    for (SequenceResult& r : *results) out.push_back(std::move(r));
+    return out;
+  }
+  if (requests.size() == 1) {
+    out.push_back(results.status());
+    return out;
+  }
+  // Isolate the failure: each window gets its own verdict.
+  for (const SequenceRequest& request : requests) {
+    absl::StatusOr<std::vector<SequenceResult>> single = runner_({request});
+    if (single.ok() && single->size() == 1) {
+      out.push_back(std::move(single->front()));
+    } else {
+      out.push_back(single.ok() ? absl::InternalError("executor: runner returned no result") : single.status());
+    }
+  }
+  return out;
+}
+
+void Executor::EngineLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  Actions actions;
+  for (;;) {
+    engine_cv_.wait(lock, [this] { return stopping_ || (staged_ready_ && !staged_.empty()); });
+    if (stopping_) return;
+    // Take the staged batch; the scheduler starts filling the next one.
+    std::vector<Slot> batch = std::move(staged_);
+    staged_.clear();
+    staged_tokens_ = 0;
+    staged_ready_ = false;
+    scheduler_poked_ = true;
+    scheduler_cv_.notify_one();
+    // Last chance to skip a window nobody wants any more.
+    const Clock::time_point start = Clock::now();
+    std::vector<Slot> live;
+    for (Slot& slot : batch) {
+      absl::Status reason = slot.job->failure.ok() ? DropReason(*slot.job, start) : slot.job->failure;
+      if (reason.ok()) {
+        live.push_back(std::move(slot));
+      } else {
+        --slot.job->windows_active;
+        FailLocked(slot.job, reason, &actions);
+      }
+    }
+    lock.unlock();
+    Run(actions);
+    if (live.empty()) {
+      lock.lock();
+      continue;
+    }
+
+    std::vector<SequenceRequest> requests;
+    requests.reserve(live.size());
+    int64_t n_tokens = 0;
+    for (Slot& slot : live) {
+      metrics_->ObserveQueueTime(Seconds(start - slot.job->admitted_at));
+      n_tokens += static_cast<int64_t>(slot.request.ids.size());
+      requests.push_back(std::move(slot.request));
+    }
+    metrics_->ObserveBatch(n_tokens, static_cast<int>(requests.size()));
+    const Clock::time_point run_start = Clock::now();
+    std::vector<absl::StatusOr<SequenceResult>> results = RunIsolated(requests);
+    metrics_->ObserveForward(Seconds(Clock::now() - run_start));
+
+    // Deliver outside mu_ (callbacks may write to gRPC); a job that failed
+    // meanwhile gets nothing more. `done` cannot overtake these: the window
+    // stays active until accounted for below.
+    std::vector<bool> deliver(live.size());
+    lock.lock();
+    for (size_t i = 0; i < live.size(); ++i) deliver[i] = results[i].ok() && live[i].job->failure.ok();
+    lock.unlock();
+    for (size_t i = 0; i < live.size(); ++i) {
+      if (!deliver[i]) continue;
+      Pending& job = *live[i].job;
+      const Window& window = job.windows[live[i].window];
+      SequenceResult window_result = std::move(*results[i]);
+      DropPrependedRow(window, &window_result);
+      metrics_->AddTokens(window.end - window.begin);
+      if (job.job.on_window) {
+        job.job.on_window(window, std::move(window_result));
+      } else if (job.windows.size() == 1) {
+        job.merged = std::move(window_result);
+      } else {
+        if (live[i].window == 0) job.merged = EmptyResult(job.job.request);
+        PlaceWindow(window, window_result, static_cast<int>(job.job.request.ids.size()), &job.merged);
+      }
+    }
+    lock.lock();
+    for (size_t i = 0; i < live.size(); ++i) {
+      const std::shared_ptr<Pending>& job = live[i].job;
+      --job->windows_active;
+      const int64_t released = job->windows[live[i].window].n_tokens();
+      job->tokens_held -= released;
+      queued_tokens_.fetch_sub(released);
+      if (!results[i].ok()) {
+        FailLocked(job, results[i].status(), &actions);
+      } else {
+        ++job->windows_done;
+        MaybeCompleteLocked(job, &actions);
+      }
+    }
+    AdmitWaitersLocked(&actions);
+    if (!actions.empty()) {
+      lock.unlock();
+      Run(actions);
+      lock.lock();
+    }
+  }
+}
+
+void Executor::StopAdmitting() {
+  Actions actions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    admitting_ = false;
+    const absl::Status stopped = absl::UnavailableError("the server is shutting down");
+    for (auto& job : line_) {
+      job->completed = true;
+      if (job->job.on_admitted) actions.push_back(std::move(job->job.on_admitted));
+      actions.push_back([job, stopped] { job->job.done(stopped); });
+    }
+    line_.clear();
+    n_waiting_.store(0);
+    UpdateGaugesLocked();
+  }
+  Run(actions);
+}
+
 void Executor::Shutdown() {
+  StopAdmitting();
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
-  cv_.notify_all();
+  scheduler_cv_.notify_all();
+  engine_cv_.notify_all();
   std::lock_guard<std::mutex> lock(join_mu_);
-  if (thread_.joinable()) thread_.join();
-}
-
-void Executor::Complete(Job& job, absl::StatusOr<SequenceResult> result) {
-  // Released before the callback, so a client that reacts to its result with
-  // a new request is not refused for its own finished one.
-  inflight_.fetch_sub(1);
-  if (job.done) job.done(std::move(result));
-}
-
-void Executor::Loop() {
-  for (;;) {
-    std::vector<Job> batch;
-    std::vector<Job> dropped;
-    bool stop = false;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_) {
-        stop = true;
-        while (!queue_.empty()) {
-          dropped.push_back(std::move(queue_.front()));
-          queue_.pop_front();
-        }
-      } else {
-        // Pack in arrival order up to the token budget; a job that alone is
-        // over budget still runs (by itself).
-        int64_t n_tokens = 0;
-        while (!queue_.empty()) {
-          Job& next = queue_.front();
-          if (next.cancelled && next.cancelled->load()) {
-            dropped.push_back(std::move(next));
-            queue_.pop_front();
-            continue;
-          }
-          const int64_t n = static_cast<int64_t>(next.request.ids.size());
-          if (!batch.empty() && n_tokens + n > options_.max_batch_tokens) break;
-          n_tokens += n;
-          batch.push_back(std::move(next));
-          queue_.pop_front();
-        }
-      }
-    }
-    for (Job& job : dropped) {
-      if (stop) {
-        Complete(job, absl::UnavailableError("the server is shutting down"));
-      } else {
-        Complete(job, absl::CancelledError("the client cancelled the request"));
-      }
-    }
-    if (stop) return;
-    if (!batch.empty()) RunBatch(batch);
-  }
-}
-
-void Executor::RunBatch(std::vector<Job>& batch) {
-  std::vector<SequenceRequest> requests;
-  requests.reserve(batch.size());
-  for (Job& job : batch) requests.push_back(std::move(job.request));
-  absl::StatusOr<std::vector<SequenceResult>> results = runner_(requests);
-  if (results.ok() && results->size() != batch.size()) {
-    results = absl::InternalError(
-        absl::StrCat("executor: runner returned ", results->size(), " results for ", batch.size(), " requests"));
-  }
-  if (results.ok()) {
-    for (size_t i = 0; i < batch.size(); ++i) Complete(batch[i], std::move((*results)[i]));
-    return;
-  }
-  if (batch.size() == 1) {
-    Complete(batch[0], results.status());
-    return;
-  }
-  // Isolate the failure: each job gets its own verdict.
-  for (size_t i = 0; i < batch.size(); ++i) {
-    absl::StatusOr<std::vector<SequenceResult>> single = runner_({requests[i]});
-    if (single.ok() && single->size() == 1) {
-      Complete(batch[i], std::move(single->front()));
-    } else {
-      Complete(batch[i], single.ok() ? absl::InternalError("executor: runner returned no result") : single.status());
-    }
-  }
+  if (scheduler_thread_.joinable()) scheduler_thread_.join();
+  if (engine_thread_.joinable()) engine_thread_.join();
 }
 
 }  // namespace sae

@@ -1,33 +1,65 @@
-// The executor: one thread owns the Engine (and with it the device). gRPC
-// threads submit already-tokenized jobs; the executor packs everything queued
-// up to a token budget into one batch, runs it and calls each job back.
+// The serving engine behind the gRPC service, in the shape of
+// text-embeddings-inference:
+//
+//   Submit (gRPC threads) --admission--> inbox --> scheduler thread --> staged batch --> engine thread
+//
+//  - Admission: at most max_inflight_requests requests and max_queued_tokens
+//    tokens admitted at once; beyond that a job is refused at once
+//    (RESOURCE_EXHAUSTED) or, with WhenFull::kWait, waits in a FIFO admission
+//    line until capacity frees up (backpressure).
+//  - The scheduler thread alone owns the queue. It splits long jobs into
+//    windows of max_seq_len (see windows.h), drops jobs whose client cancelled
+//    or whose deadline passed before they cost compute, and packs windows in
+//    arrival order into the staged batch, up to max_batch_tokens.
+//  - The engine thread alone calls the BatchRunner (it owns the device). It
+//    takes the staged batch when it is free, so the scheduler prepares (and
+//    keeps filling) the next batch while the current one runs. A staged batch
+//    is taken once it is full or its oldest window waited max_queue_delay.
 #ifndef SAE_RPC_EXECUTOR_H_
 #define SAE_RPC_EXECUTOR_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/engine.h"
+#include "rpc/metrics.h"
+#include "rpc/windows.h"
 
 namespace sae {
 
 // Runs one packed batch; results are parallel to the requests. Called only
-// on the executor thread (Engine::Run in production, a fake in tests).
+// on the engine thread (Engine::Run in production, a fake in tests).
 using BatchRunner = std::function<absl::StatusOr<std::vector<SequenceResult>>(const std::vector<SequenceRequest>&)>;
 
+using Clock = std::chrono::steady_clock;
+
 struct ExecutorOptions {
-  // Tokens packed into one batch. A single longer job still runs, alone.
+  // Tokens packed into one batch. A single longer window still runs, alone.
   int max_batch_tokens = 8192;
-  // Jobs admitted (queued or running) at once; more are refused.
+  // Jobs admitted (queued or running) at once.
   int max_inflight_requests = 256;
+  // Tokens admitted and not yet computed; 0: no bound. A job is always
+  // admitted when nothing is queued, so one bigger than this still runs.
+  int64_t max_queued_tokens = 0;
+  // How long a batch that is not full may wait for more windows.
+  std::chrono::microseconds max_queue_delay{0};
+  // Jobs longer than this run as windows (windows.h); 0: never split.
+  int max_seq_len = 0;
+  // Prepended to windows after the first when the job starts with it.
+  std::optional<int32_t> bos_id;
+  // Where to record; null: a private registry nobody scrapes.
+  std::shared_ptr<Metrics> metrics;
 };
 
 // Set by the submitter when its client went away; the executor then drops
@@ -37,50 +69,109 @@ using CancelFlag = std::shared_ptr<std::atomic<bool>>;
 struct Job {
   SequenceRequest request;
   CancelFlag cancelled;  // may be null
-  // Called exactly once, on the executor thread (or in Shutdown): the result,
-  // CANCELLED when dropped, UNAVAILABLE when the executor shut down first.
-  // Must not block: it runs between batches.
+  // Not started by then: dropped with DEADLINE_EXCEEDED.
+  Clock::time_point deadline = Clock::time_point::max();
+  // Optional. Each window's result as soon as its batch finished, in request
+  // order: rows for the positions [window.begin, window.end) (a prepended BOS
+  // already removed). On the engine thread; must not block. When set, `done`
+  // gets an empty result on success.
+  std::function<void(const Window& window, SequenceResult result)> on_window;
+  // Only with WhenFull::kWait: called exactly once when the job leaves the
+  // admission line (admitted, or failed while waiting), before any other
+  // callback; possibly from inside Submit. Must not block.
+  std::function<void()> on_admitted;
+  // Called exactly once, last: the result (windows stitched together unless
+  // on_window is set), CANCELLED / DEADLINE_EXCEEDED when dropped,
+  // UNAVAILABLE when the executor stopped first. Must not block.
   std::function<void(absl::StatusOr<SequenceResult>)> done;
 };
 
 class Executor {
  public:
+  enum class WhenFull { kReject, kWait };
+
   static absl::StatusOr<std::unique_ptr<Executor>> Create(BatchRunner runner, const ExecutorOptions& options);
   // Shuts down (see Shutdown).
   ~Executor();
   Executor(const Executor&) = delete;
   Executor& operator=(const Executor&) = delete;
 
-  // Never blocks. RESOURCE_EXHAUSTED when max_inflight_requests jobs are
-  // already admitted, UNAVAILABLE after Shutdown; on error `job.done` is not
-  // called.
-  absl::Status Submit(Job job);
+  // Never blocks. kReject: RESOURCE_EXHAUSTED when the admission limits are
+  // reached; kWait: the job waits its turn instead. UNAVAILABLE once
+  // admission stopped. On error no callback of `job` is called.
+  absl::Status Submit(Job job, WhenFull when_full = WhenFull::kReject);
 
-  // Finishes the batch that is running, fails every queued job with
-  // UNAVAILABLE and joins the thread. Idempotent.
+  // New jobs get UNAVAILABLE and jobs waiting for admission fail with it;
+  // admitted jobs keep running. For graceful shutdown. Idempotent.
+  void StopAdmitting();
+
+  // Stops admitting, finishes the batch that is running, fails every other
+  // job with UNAVAILABLE and joins the threads. Idempotent.
   void Shutdown();
 
   // Jobs admitted and not yet called back.
   int inflight() const { return inflight_.load(); }
+  // Tokens admitted and not computed yet.
+  int64_t queued_tokens() const { return queued_tokens_.load(); }
+  // Jobs in the admission line.
+  int waiting() const { return n_waiting_.load(); }
 
  private:
+  struct Pending;
+  // One window staged or running.
+  struct Slot {
+    std::shared_ptr<Pending> job;
+    int window = 0;
+    SequenceRequest request;
+  };
+  using Actions = std::vector<std::function<void()>>;
+
   Executor(BatchRunner runner, const ExecutorOptions& options);
-  void Loop();
-  // Runs `batch` and calls every job back; a failed batch of several jobs is
-  // retried one job at a time so one bad job cannot fail the others.
-  void RunBatch(std::vector<Job>& batch);
-  void Complete(Job& job, absl::StatusOr<SequenceResult> result);
+  void SchedulerLoop();
+  void EngineLoop();
+  // Runs the batch; a failed batch of several windows is retried one window
+  // at a time so one bad request cannot fail the others.
+  std::vector<absl::StatusOr<SequenceResult>> RunIsolated(const std::vector<SequenceRequest>& requests);
+
+  // The helpers below run with mu_ held; callbacks are queued in `actions`
+  // and run after mu_ is released.
+  bool CanAdmitLocked(int64_t n_tokens) const;
+  void AdmitLocked(std::shared_ptr<Pending> job, Actions* actions);
+  void AdmitWaitersLocked(Actions* actions);
+  void FailLocked(const std::shared_ptr<Pending>& job, const absl::Status& status, Actions* actions);
+  void MaybeCompleteLocked(const std::shared_ptr<Pending>& job, Actions* actions);
+  // CANCELLED / DEADLINE_EXCEEDED for a job that should not run; OK otherwise.
+  static absl::Status DropReason(const Pending& job, Clock::time_point now);
+  void SweepLocked(Clock::time_point now, Actions* actions);
+  void StageLocked(Actions* actions);
+  void FailEverythingLocked(Actions* actions);
+  void UpdateGaugesLocked();
+  static void Run(Actions& actions);
 
   const BatchRunner runner_;
   const ExecutorOptions options_;
+  std::shared_ptr<Metrics> metrics_;
   std::atomic<int> inflight_{0};
+  std::atomic<int64_t> queued_tokens_{0};
+  std::atomic<int> n_waiting_{0};
 
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Job> queue_;  // guarded by mu_
-  bool stopping_ = false;  // guarded by mu_
-  std::mutex join_mu_;     // serializes concurrent Shutdown calls
-  std::thread thread_;
+  std::condition_variable scheduler_cv_;
+  std::condition_variable engine_cv_;
+  bool admitting_ = true;                       // guarded by mu_
+  bool stopping_ = false;                       // guarded by mu_
+  bool scheduler_poked_ = false;                // guarded by mu_: the engine took a batch
+  std::deque<std::shared_ptr<Pending>> line_;   // guarded by mu_: waiting for admission
+  std::deque<std::shared_ptr<Pending>> inbox_;  // guarded by mu_: admitted, not yet seen by the scheduler
+  // The scheduler thread's queue: only it touches this (with mu_ held, for
+  // the per-job state it reads).
+  std::deque<std::shared_ptr<Pending>> queue_;
+  std::vector<Slot> staged_;   // guarded by mu_: the next batch
+  int64_t staged_tokens_ = 0;  // guarded by mu_
+  bool staged_ready_ = false;  // guarded by mu_: full, or waited max_queue_delay
+  std::mutex join_mu_;         // serializes concurrent Shutdown calls
+  std::thread scheduler_thread_;
+  std::thread engine_thread_;
 };
 
 }  // namespace sae

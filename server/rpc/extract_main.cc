@@ -7,10 +7,19 @@
 // IN lines:  {"text": "..."} (optional "add_bos": false) or {"token_ids": [...]}
 // OUT lines: {"tokens": [{"id": 9906, "piece": "Hello", "offset": [0, 5],
 //             "features": {"L15R-8x": [[index, value], ...]}}]}
+// Blank input lines are skipped: output line i belongs to the i-th non-blank
+// input line. Offsets are [start, end) in code points ([0, 0] for token_ids);
+// features are the active ones, value descending, values written with at
+// most 9 significant digits (they read back as the same float).
+// --dump-hooks: one F32 tensor [n_tokens, d_model] per hook, named like the
+// hook ("L15R", "L15TC" = the transcoder input); with several input lines,
+// named "<hook>.<i>" for output line i.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -45,6 +54,12 @@ namespace sae {
 namespace {
 
 using json = nlohmann::json;
+// Output lines keep keys in the documented order (id, piece, offset,
+// features; SAEs in load order) and feature values as float, so they are
+// written with at most 9 significant digits ("1.5951071", not
+// "1.5951071000000001") and still read back as exactly the same float.
+using OutJson =
+    nlohmann::basic_json<nlohmann::ordered_map, std::vector, std::string, bool, std::int64_t, std::uint64_t, float>;
 
 struct Record {
   int line = 0;  // 1-based line in the input file, for messages
@@ -92,27 +107,27 @@ absl::StatusOr<Record> ParseLine(const std::string& text, int line_number, const
   return record;
 }
 
-json RecordToJson(const Record& record, const SequenceResult& result, const Engine& engine,
-                  const std::vector<int>& sae_indices) {
-  json tokens = json::array();
+OutJson RecordToJson(const Record& record, const SequenceResult& result, const Engine& engine,
+                     const std::vector<int>& sae_indices) {
+  OutJson tokens = OutJson::array();
   for (size_t t = 0; t < record.ids.size(); ++t) {
-    json features = json::object();
+    OutJson features = OutJson::object();
     for (size_t j = 0; j < sae_indices.size(); ++j) {
       const SaeTopK& top = result.saes[j];
-      json list = json::array();
+      OutJson list = OutJson::array();
       for (int slot = 0; slot < top.k; ++slot) {
         const int32_t index = top.indices[t * top.k + slot];
         if (index < 0) break;  // active features come first, value-descending
-        list.push_back(json::array({index, top.values[t * top.k + slot]}));
+        list.push_back(OutJson::array({index, top.values[t * top.k + slot]}));
       }
       features[engine.saes()[sae_indices[j]]->name()] = std::move(list);
     }
     tokens.push_back({{"id", record.ids[t]},
                       {"piece", engine.tokenizer().TokenPiece(record.ids[t])},
-                      {"offset", json::array({record.offsets[t].first, record.offsets[t].second})},
+                      {"offset", OutJson::array({record.offsets[t].first, record.offsets[t].second})},
                       {"features", std::move(features)}});
   }
-  return json{{"tokens", std::move(tokens)}};
+  return OutJson{{"tokens", std::move(tokens)}};
 }
 
 void ShowProgress(size_t done, size_t total) {

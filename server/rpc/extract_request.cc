@@ -1,6 +1,7 @@
 #include "rpc/extract_request.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -8,6 +9,78 @@
 #include "rpc/status_map.h"
 
 namespace sae {
+
+namespace {
+
+// min_activation, watch lists, omit_* and reconstruction_error; needs the SAEs resolved.
+absl::Status PrepareOptions(const Engine& engine, const v1::ExtractRequest& request, PreparedRequest* p) {
+  const float min_activation = request.min_activation();
+  if (!std::isfinite(min_activation) || min_activation < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("min_activation must be a finite number >= 0, got ", min_activation));
+  }
+  p->sequence.min_activation = min_activation;
+  p->omit_pieces = request.omit_pieces();
+  p->omit_offsets = request.omit_offsets();
+
+  if (!request.watch().empty()) p->sequence.watch.assign(p->sae_names.size(), {});
+  std::vector<int> watched_by(p->sae_names.size(), -1);  // slot -> index into request.watch
+  for (int w = 0; w < request.watch_size(); ++w) {
+    const v1::FeatureWatch& watch = request.watch(w);
+    const std::string& name = watch.sae();
+    const auto it = std::find(p->sae_names.begin(), p->sae_names.end(), name);
+    if (it == p->sae_names.end()) {
+      absl::StatusOr<int> loaded = engine.FindSae(name);
+      if (!loaded.ok())
+        return absl::InvalidArgumentError(absl::StrCat("watch[", w, "].sae: ", loaded.status().message()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("watch[", w, "].sae \"", name, "\" is not one of the requested saes"));
+    }
+    const size_t slot = static_cast<size_t>(it - p->sae_names.begin());
+    if (watched_by[slot] >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("watch[", w, "] names SAE \"", name, "\" again (already in watch[", watched_by[slot], "])"));
+    }
+    watched_by[slot] = w;
+    if (watch.features().empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("watch[", w, "] (SAE \"", name, "\") lists no features"));
+    }
+    if (watch.features_size() > kMaxWatchedFeaturesPerSae) {
+      return absl::InvalidArgumentError(absl::StrCat("watch[", w, "] (SAE \"", name, "\") lists ",
+                                                     watch.features_size(), " features; at most ",
+                                                     kMaxWatchedFeaturesPerSae, " per SAE"));
+    }
+    const int d_sae = engine.saes()[p->sequence.sae_indices[slot]]->hyperparams().d_sae;
+    absl::flat_hash_set<uint32_t> seen;
+    std::vector<int32_t>& out = p->sequence.watch[slot];
+    for (int f = 0; f < watch.features_size(); ++f) {
+      const uint32_t feature = watch.features(f);
+      if (feature >= static_cast<uint32_t>(d_sae)) {
+        return absl::InvalidArgumentError(absl::StrCat("watch[", w, "].features[", f, "] = ", feature,
+                                                       " is out of range for SAE \"", name, "\" (d_sae ", d_sae, ")"));
+      }
+      if (!seen.insert(feature).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("watch[", w, "].features[", f, "] = ", feature, " is listed twice"));
+      }
+      out.push_back(static_cast<int32_t>(feature));
+    }
+  }
+
+  p->sequence.reconstruction_error = request.reconstruction_error();
+  if (request.reconstruction_error()) {
+    for (int si : p->sequence.sae_indices) {
+      const absl::Status& st = engine.saes()[si]->reconstruction_status();
+      if (!st.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("reconstruction_error is not available for SAE \"",
+                                                       engine.saes()[si]->name(), "\": ", st.message()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<PreparedRequest> PrepareRequest(const Engine& engine, const RequestLimits& limits,
                                                const v1::ExtractRequest& request) {
@@ -44,6 +117,7 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const Engine& engine, const Reque
   }
   p.sequence.k = k;
   p.sequence.include_bos = request.include_bos();
+  RETURN_IF_ERROR(PrepareOptions(engine, request, &p));
   p.chunk_tokens = request.chunk_tokens() == 0 ? limits.chunk_tokens
                                                : static_cast<int>(std::min<uint32_t>(request.chunk_tokens(), 1u << 30));
 
@@ -87,14 +161,20 @@ v1::ExtractResponse BuildResponseChunk(const PreparedRequest& request, const Seq
     const int32_t id = request.sequence.ids[t];
     tf->set_position(static_cast<uint32_t>(t));
     tf->set_token_id(static_cast<uint32_t>(id));
-    tf->set_piece(tokenizer.TokenPiece(id));
-    tf->set_char_start(request.offsets[t].first);
-    tf->set_char_end(request.offsets[t].second);
+    if (!request.omit_pieces) tf->set_piece(tokenizer.TokenPiece(id));
+    if (!request.omit_offsets) {
+      tf->set_char_start(request.offsets[t].first);
+      tf->set_char_end(request.offsets[t].second);
+    }
     for (size_t j = 0; j < request.sae_names.size(); ++j) {
       v1::SaeFeatures* sf = tf->add_saes();
       sf->set_sae(request.sae_names[j]);
       if (j >= result.saes.size()) continue;
       const SaeTopK& top = result.saes[j];
+      // NaN marks positions without one (BOS unless include_bos).
+      if (static_cast<size_t>(t) < top.reconstruction_error.size() && !std::isnan(top.reconstruction_error[t])) {
+        sf->set_reconstruction_error(top.reconstruction_error[t]);
+      }
       const size_t row = static_cast<size_t>(t) * top.k;
       if (top.k <= 0 || top.indices.size() < row + top.k) continue;
       for (int slot = 0; slot < top.k; ++slot) {

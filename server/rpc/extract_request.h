@@ -26,12 +26,17 @@ struct RequestLimits {
   int max_stream_backlog = 64;
 };
 
+// Most features one FeatureWatch may list (documented in sae.proto).
+constexpr int kMaxWatchedFeaturesPerSae = 4096;
+
 struct PreparedRequest {
   std::string request_id;
   SequenceRequest sequence;
   std::vector<std::pair<uint32_t, uint32_t>> offsets;  // [n_tokens], code points; (0, 0) for token_ids
   std::vector<std::string> sae_names;                  // parallel to sequence.sae_indices
   int chunk_tokens = 0;
+  bool omit_pieces = false;
+  bool omit_offsets = false;
 
   int n_tokens() const { return static_cast<int>(sequence.ids.size()); }
   int n_chunks() const { return (n_tokens() + chunk_tokens - 1) / chunk_tokens; }
@@ -46,7 +51,8 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const Engine& engine, const Reque
 
 // Response `chunk` (0-based) of a finished request: tokens
 // [chunk * chunk_tokens, ...), done on the last chunk. Only active features
-// are listed, in the engine's order (value descending).
+// are listed, in the engine's order (value descending). Pieces and offsets
+// unless omitted; reconstruction_error where the engine computed one.
 v1::ExtractResponse BuildResponseChunk(const PreparedRequest& request, const SequenceResult& result,
                                        const Tokenizer& tokenizer, int chunk);
 

@@ -33,6 +33,7 @@
 #include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/flag_util.h"
+#include "rpc/metrics.h"
 #include "rpc/service.h"
 
 ABSL_FLAG(std::string, config, "", "ServerConfig textproto file; the flags below override its fields");
@@ -56,7 +57,22 @@ ABSL_FLAG(std::optional<uint32_t>, chunk_tokens, std::nullopt, "tokens per respo
 ABSL_FLAG(std::optional<uint32_t>, max_inflight_requests, std::nullopt, "requests admitted at once (default 64)");
 ABSL_FLAG(bool, lm_saes_encode, false,
           "encode in the lm_saes release form instead of SAELens; or config lm_saes_encode: true");
+ABSL_FLAG(std::optional<uint64_t>, max_queued_tokens, std::nullopt,
+          "tokens admitted and not yet computed (default 8 * max_batch_tokens)");
+ABSL_FLAG(std::optional<uint32_t>, max_queue_delay_ms, std::nullopt,
+          "how long a batch that is not full may wait for more requests (default 0)");
+ABSL_FLAG(std::optional<uint32_t>, max_seq_len, std::nullopt, "longest sequence per forward pass (default 2048)");
+ABSL_FLAG(std::optional<std::string>, long_input_policy, std::nullopt,
+          "requests longer than max_seq_len: REJECT, TRUNCATE or WINDOW (default WINDOW)");
+ABSL_FLAG(std::optional<std::string>, overload_policy, std::nullopt,
+          "ExtractStream when the server is full: OVERLOAD_REJECT or BACKPRESSURE (default OVERLOAD_REJECT)");
+ABSL_FLAG(std::optional<uint32_t>, shutdown_grace_seconds, std::nullopt,
+          "on SIGTERM, how long running requests may take to finish (default 30)");
+ABSL_FLAG(std::optional<bool>, warmup, std::nullopt, "run one batch before reporting SERVING (default true)");
+ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
+          "Prometheus metrics address, e.g. 0.0.0.0:9090 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
+ABSL_FLAG(std::string, metrics_port_file, "", "write the bound metrics port to this file once listening (for tests)");
 
 namespace sae {
 namespace {
@@ -96,6 +112,28 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_chunk_tokens)) config.set_chunk_tokens(*v);
   if (auto v = absl::GetFlag(FLAGS_max_inflight_requests)) config.set_max_inflight_requests(*v);
   if (absl::GetFlag(FLAGS_lm_saes_encode)) config.set_lm_saes_encode(true);
+  if (auto v = absl::GetFlag(FLAGS_max_queued_tokens)) config.set_max_queued_tokens(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_queue_delay_ms)) config.set_max_queue_delay_ms(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_seq_len)) config.set_max_seq_len(*v);
+  if (auto v = absl::GetFlag(FLAGS_long_input_policy)) {
+    v1::ServerConfig::LongInputPolicy policy;
+    if (!v1::ServerConfig::LongInputPolicy_Parse(*v, &policy)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--long_input_policy=", *v, ": expected REJECT, TRUNCATE or WINDOW"));
+    }
+    config.set_long_input_policy(policy);
+  }
+  if (auto v = absl::GetFlag(FLAGS_overload_policy)) {
+    v1::ServerConfig::OverloadPolicy policy;
+    if (!v1::ServerConfig::OverloadPolicy_Parse(*v, &policy)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--overload_policy=", *v, ": expected OVERLOAD_REJECT or BACKPRESSURE"));
+    }
+    config.set_overload_policy(policy);
+  }
+  if (auto v = absl::GetFlag(FLAGS_shutdown_grace_seconds)) config.set_shutdown_grace_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_warmup)) config.set_warmup(*v);
+  if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) return s;
   return config;
@@ -158,6 +196,38 @@ class SignalWaiter {
   bool serving_ = false;
 };
 
+// Writes `port` to `path` via a temporary name, so a reader never sees half a number.
+void WritePortFile(const std::string& path, int port) {
+  if (path.empty()) return;
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << port << "\n";
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+// One short request through the executor, as a client would send it: the
+// first real request then does not pay for lazy initialisation (allocator
+// pools, BLAS threads, CUDA kernels and handles).
+absl::Status WarmUp(const Engine& engine, Executor* executor) {
+  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode("The quick brown fox jumps over the lazy dog.", true);
+  if (!enc.ok()) return enc.status();
+  Job job;
+  job.request.ids = enc->ids;
+  for (size_t i = 0; i < engine.saes().size(); ++i) job.request.sae_indices.push_back(static_cast<int>(i));
+  job.request.k = 1;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::optional<absl::Status> result;
+  job.done = [&](absl::StatusOr<SequenceResult> r) {
+    std::lock_guard<std::mutex> lock(mu);
+    result = r.status();
+    cv.notify_all();
+  };
+  if (absl::Status s = executor->Submit(std::move(job)); !s.ok()) return s;
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return result.has_value(); });
+  return *result;
+}
+
 int Main(int argc, char** argv) {
   SignalWaiter signals;
   absl::SetProgramUsageMessage("Serves SAE features of a Llama model over gRPC (sae.v1.SaeService).");
@@ -172,8 +242,25 @@ int Main(int argc, char** argv) {
   }
   v1::ServerConfig config = std::move(*config_or);
 
+  // One registry for the executor and the service; scraped on its own port.
+  auto metrics = std::make_shared<Metrics>();
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (!config.metrics_listen().empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsServer>> started =
+        MetricsServer::Start(config.metrics_listen(), metrics->registry());
+    if (!started.ok()) {
+      Log(std::string(started.status().message()));
+      return 1;
+    }
+    metrics_server = std::move(*started);
+    Log(absl::StrCat("metrics on ", config.metrics_listen(), " (port ", metrics_server->port(), "), GET /metrics"));
+    WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
+  }
+
   // Listen first so health checks can say NOT_SERVING while the model loads.
-  SaeServiceImpl service(ServiceOptionsFromConfig(config));
+  ServiceOptions service_options = ServiceOptionsFromConfig(config);
+  service_options.metrics = metrics;
+  SaeServiceImpl service(service_options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -190,12 +277,7 @@ int Main(int argc, char** argv) {
   health->SetServingStatus(service_name, false);
   health->SetServingStatus(false);
   Log(absl::StrCat("listening on ", config.listen(), " (port ", port, "), health NOT_SERVING while loading"));
-  if (const std::string port_file = absl::GetFlag(FLAGS_port_file); !port_file.empty()) {
-    // Written to a temporary name and renamed, so a reader never sees half a number.
-    const std::string tmp = port_file + ".tmp";
-    std::ofstream(tmp) << port << "\n";
-    std::rename(tmp.c_str(), port_file.c_str());
-  }
+  WritePortFile(absl::GetFlag(FLAGS_port_file), port);
 
   if (config.demo() && config.model_dir().empty()) {
     Log(absl::StrCat("writing the demo model to ", config.demo_dir()));
@@ -224,28 +306,49 @@ int Main(int argc, char** argv) {
                    (*engine)->n_layers_loaded(), " layers) with SAEs: ", absl::StrJoin(names, ", ")));
 
   Engine* engine_ptr = engine->get();
-  absl::StatusOr<std::unique_ptr<Executor>> executor =
-      Executor::Create([engine_ptr](const std::vector<SequenceRequest>& batch) { return engine_ptr->Run(batch); },
-                       ExecutorOptionsFromConfig(config));
+  ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
+  executor_options.bos_id = engine_ptr->tokenizer().bos_id();
+  executor_options.metrics = metrics;
+  absl::StatusOr<std::unique_ptr<Executor>> executor = Executor::Create(
+      [engine_ptr](const std::vector<SequenceRequest>& batch) { return engine_ptr->Run(batch); }, executor_options);
   if (!executor.ok()) {
     Log(std::string(executor.status().message()));
     return 1;
   }
+  if (config.warmup()) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = WarmUp(*engine_ptr, executor->get()); !s.ok()) {
+      Log(absl::StrCat("warm-up failed: ", s.message()));
+      return 1;
+    }
+    Log(absl::StrCat("warm-up done in ",
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s"));
+  }
   service.Attach(engine->get(), executor->get());
+  health->SetServingStatus(service_name, true);
   health->SetServingStatus(true);
   signals.SetServing();
   Log(absl::StrCat("SERVING ", service_name, " (max_batch_tokens=", config.max_batch_tokens(),
-                   ", max_inflight_requests=", config.max_inflight_requests(), ")"));
+                   ", max_seq_len=", config.max_seq_len(), ", max_inflight_requests=", config.max_inflight_requests(),
+                   ", max_queued_tokens=", config.max_queued_tokens(),
+                   ", max_queue_delay_ms=", config.max_queue_delay_ms(), ")"));
 
   const int sig = signals.Wait();
-  Log(absl::StrCat("signal ", sig, ": shutting down (draining for up to 10 s)"));
-  // In-flight RPCs still need the executor to finish (or to be dropped), so
+  const int grace = static_cast<int>(config.shutdown_grace_seconds());
+  Log(absl::StrCat("signal ", sig, ": NOT_SERVING, refusing new requests, draining for up to ", grace, " s"));
+  // Load balancers stop sending first; then new requests (also on open
+  // streams) are refused while admitted ones finish.
+  health->Shutdown();
+  (*executor)->StopAdmitting();
+  // Waits for running RPCs until the grace period ends, then cancels them
+  // (the executor drops their jobs). The executor keeps running meanwhile, so
   // it stops only after the server stopped taking and finishing calls.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
   (*executor)->Shutdown();
   server->Wait();
   server.reset();
   executor->reset();
+  metrics_server.reset();
   engine->reset();
   Log("stopped");
   return 0;

@@ -1,14 +1,17 @@
 // sae.v1.SaeService on the gRPC callback API. RPC threads validate and
-// tokenize; the model runs only on the Executor's thread.
+// tokenize; the model runs only on the Executor's engine thread.
 #ifndef SAE_RPC_SERVICE_H_
 #define SAE_RPC_SERVICE_H_
 
 #include <atomic>
+#include <memory>
 #include <string>
 
 #include "core/engine.h"
 #include "rpc/executor.h"
 #include "rpc/extract_request.h"
+#include "rpc/metrics.h"
+#include "sae/v1/config.pb.h"
 #include "sae/v1/sae.grpc.pb.h"
 
 namespace sae {
@@ -16,11 +19,20 @@ namespace sae {
 struct ServiceOptions {
   RequestLimits limits;
   std::string version;  // reported by Info
+  // Requests longer than this follow long_input_policy; 0: no limit beyond
+  // limits.max_tokens_per_request. WINDOW leaves the splitting to the
+  // executor (ExecutorOptions::max_seq_len must be the same).
+  int max_seq_len = 0;
+  v1::ServerConfig::LongInputPolicy long_input_policy = v1::ServerConfig::WINDOW;
+  // ExtractStream only: Extract always answers RESOURCE_EXHAUSTED at once.
+  v1::ServerConfig::OverloadPolicy overload_policy = v1::ServerConfig::OVERLOAD_REJECT;
+  // Null: a private registry nobody scrapes.
+  std::shared_ptr<Metrics> metrics;
 };
 
 class SaeServiceImpl final : public v1::SaeService::CallbackService {
  public:
-  explicit SaeServiceImpl(const ServiceOptions& options) : options_(options) {}
+  explicit SaeServiceImpl(const ServiceOptions& options);
 
   // Starts serving; until then every RPC fails with UNAVAILABLE (the server
   // listens, and reports NOT_SERVING, while the model loads). `engine` is only
@@ -42,12 +54,17 @@ class SaeServiceImpl final : public v1::SaeService::CallbackService {
  private:
   bool ready() const { return ready_.load(std::memory_order_acquire); }
 
-  const ServiceOptions options_;
+  ServiceOptions options_;
   // Written once by Attach before ready_ is set.
   const Engine* engine_ = nullptr;
   Executor* executor_ = nullptr;
   std::atomic<bool> ready_{false};
 };
+
+// Applies the long-input policy to a prepared request: INVALID_ARGUMENT
+// naming max_seq_len (REJECT), or the first max_seq_len tokens (TRUNCATE);
+// WINDOW leaves it as is.
+absl::Status ApplyLongInputPolicy(const ServiceOptions& options, PreparedRequest* request);
 
 }  // namespace sae
 

@@ -446,6 +446,181 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
   }
 }
 
+// Double-precision SAE pre-activations of one token: h_i = s_in * (w_i . x) + b_i,
+// and the active set under the encoder's rule (v_i = h_i * scale_i > threshold;
+// TopK SAEs keep only the max_active largest v_i, ties to the lower index).
+struct RefEncoded {
+  std::vector<double> h;      // [d_sae]
+  std::vector<double> v;      // [d_sae]
+  std::vector<bool> active;   // [d_sae]
+  double min_margin = 1e300;  // min |v_i - threshold|: how close a decision came to flipping
+};
+RefEncoded RefEncode(const float* x, const std::vector<float>& w, const std::vector<float>& b,
+                     const std::vector<float>& scale, int d, int d_sae, float s_in, float threshold, int max_active) {
+  RefEncoded e;
+  e.h.resize(d_sae);
+  e.v.resize(d_sae);
+  e.active.assign(d_sae, false);
+  std::vector<std::pair<double, int>> cand;
+  for (int i = 0; i < d_sae; ++i) {
+    double dot = 0;
+    for (int c = 0; c < d; ++c) dot += static_cast<double>(w[static_cast<size_t>(i) * d + c]) * x[c];
+    e.h[i] = s_in * dot + b[i];
+    e.v[i] = scale.empty() ? e.h[i] : e.h[i] * scale[i];
+    e.min_margin = std::min(e.min_margin, std::abs(e.v[i] - threshold));
+    if (e.v[i] > threshold) cand.emplace_back(e.v[i], i);
+  }
+  std::sort(cand.begin(), cand.end(),
+            [](auto& p, auto& q) { return p.first != q.first ? p.first > q.first : p.second < q.second; });
+  const size_t keep = max_active > 0 ? std::min<size_t>(max_active, cand.size()) : cand.size();
+  for (size_t j = 0; j < keep; ++j) e.active[cand[j].second] = true;
+  // For TopK SAEs the cut between rank max_active and the next one can flip too.
+  if (max_active > 0 && cand.size() > keep) {
+    e.min_margin = std::min(e.min_margin, cand[keep - 1].first - cand[keep].first);
+  }
+  return e;
+}
+
+TEST_P(BackendOpsTest, SaeEncodeSelected) {
+  for (auto [n, d, d_sae, with_scale, max_active] :
+       std::vector<std::tuple<int, int, int, bool, int>>{{1, 8, 16, false, 0},
+                                                         {5, 64, 512, false, 0},
+                                                         {70, 33, 1000, true, 0},
+                                                         {4, 16, 300, false, 5},
+                                                         {3, 64, 2048, true, 7}}) {
+    const auto x = Random(static_cast<size_t>(n) * d, 81 + n);
+    const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 82), DType::kBF16);
+    const auto b = Random(d_sae, 83, 0.5f);
+    const auto scale = with_scale ? Random(d_sae, 84) : std::vector<float>();
+    // Every 3rd feature in descending order, then a few repeats of the lowest ids: order is the caller's.
+    std::vector<int32_t> ids;
+    for (int i = d_sae - 1; i >= 0; i -= 3) ids.push_back(i);
+    ids.push_back(0);
+    if (d_sae > 1) ids.push_back(1);
+    const int m = static_cast<int>(ids.size());
+    auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae);
+    OwnedTensor ts;
+    if (with_scale) ts = Upload(scale, 1, d_sae);
+    SaeEncoderWeights sae{tw.get(), tb.get(), with_scale ? ts.get() : Tensor(), 1.7f, 0.3f, max_active};
+    auto tid = Zeros(1, m, DType::kI32), out = Zeros(n, m);
+    ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
+    const absl::Status st = backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), out.get());
+    ASSERT_TRUE(st.ok()) << st;
+    const auto got = Download<float>(out);
+    const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2, 1e-2};
+    int compared = 0;
+    for (int t = 0; t < n; ++t) {
+      const RefEncoded e =
+          RefEncode(x.data() + static_cast<size_t>(t) * d, w, b, scale, d, d_sae, 1.7f, 0.3f, max_active);
+      if (e.min_margin < tol.atol) continue;  // a decision within rounding of its cut may legitimately flip
+      ++compared;
+      for (int j = 0; j < m; ++j) {
+        const double want = e.active[ids[j]] ? e.v[ids[j]] : 0.0;
+        EXPECT_NEAR(got[static_cast<size_t>(t) * m + j], want, tol.atol + tol.rtol * std::abs(want))
+            << "d_sae " << d_sae << " token " << t << " feature " << ids[j];
+      }
+    }
+    EXPECT_GE(compared, (n + 1) / 2) << "too many near-threshold tokens to compare, d_sae " << d_sae;
+  }
+}
+
+TEST_P(BackendOpsTest, SaeEncodeSelectedRejectsBadFeatureIds) {
+  const int d = 4, d_sae = 6;
+  auto tx = Upload(Random(2 * d, 85), 2, d), tw = Upload(Random(d_sae * d, 86), d_sae, d),
+       tb = Upload(Random(d_sae, 87), 1, d_sae);
+  SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+  for (int32_t bad : {-1, d_sae}) {
+    const std::vector<int32_t> ids = {0, bad};
+    auto tid = Zeros(1, 2, DType::kI32), out = Zeros(2, 2);
+    ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
+    EXPECT_EQ(backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), out.get()).code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+}
+
+// y_hat = (sum_{i active} h_i d_i + b_dec) / s_out against a double reference,
+// for BF16 and F32 decoders, JumpReLU and TopK, with and without feature_scale
+// (which decides activity but never scales h_i in the sum).
+TEST_P(BackendOpsTest, SaeReconstruct) {
+  for (auto [n, d, d_sae, with_scale, max_active, dec_type] :
+       std::vector<std::tuple<int, int, int, bool, int, DType>>{{1, 8, 16, false, 0, DType::kF32},
+                                                                {5, 64, 512, false, 0, DType::kBF16},
+                                                                {37, 33, 1000, true, 0, DType::kBF16},
+                                                                {4, 16, 300, false, 5, DType::kF32},
+                                                                {3, 64, 2048, true, 0, DType::kF16}}) {
+    const float s_in = 1.7f, s_out = 0.6f, threshold = 0.3f;
+    const auto x = Random(static_cast<size_t>(n) * d, 91 + n);
+    const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 92), DType::kBF16);
+    const auto b = Random(d_sae, 93, 0.5f);
+    const auto scale = with_scale ? Random(d_sae, 94) : std::vector<float>();
+    const auto dec = Rounded(Random(static_cast<size_t>(d) * d_sae, 95), dec_type);  // [d, d_sae]
+    const auto b_dec = Random(d, 96, 2.0f);
+    auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae),
+         tdec = Upload(dec, d, d_sae, dec_type), tbd = Upload(b_dec, 1, d), out = Zeros(n, d);
+    OwnedTensor ts;
+    if (with_scale) ts = Upload(scale, 1, d_sae);
+    SaeEncoderWeights enc{tw.get(), tb.get(), with_scale ? ts.get() : Tensor(), s_in, threshold, max_active};
+    SaeDecoderWeights decw{tdec.get(), tbd.get(), s_out};
+    const absl::Status st = backend_->SaeReconstruct(tx.get(), enc, decw, out.get());
+    ASSERT_TRUE(st.ok()) << st;
+    const auto got = Download<float>(out);
+    const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2, 1e-2};
+    std::vector<float> got_rows;
+    std::vector<double> ref_rows;
+    int n_active = 0;
+    for (int t = 0; t < n; ++t) {
+      const RefEncoded e =
+          RefEncode(x.data() + static_cast<size_t>(t) * d, w, b, scale, d, d_sae, s_in, threshold, max_active);
+      if (e.min_margin < tol.atol) continue;
+      for (int c = 0; c < d; ++c) {
+        double y = b_dec[c];
+        for (int i = 0; i < d_sae; ++i) {
+          if (e.active[i]) y += e.h[i] * dec[static_cast<size_t>(c) * d_sae + i];
+        }
+        ref_rows.push_back(y / s_out);
+        got_rows.push_back(got[static_cast<size_t>(t) * d + c]);
+      }
+      for (int i = 0; i < d_sae; ++i) n_active += e.active[i];
+    }
+    EXPECT_GE(ref_rows.size(), static_cast<size_t>((n + 1) / 2 * d)) << "too many near-threshold tokens";
+    EXPECT_GT(n_active, 0) << "the case must exercise the decoder";
+    ExpectClose(got_rows, ref_rows, tol, "reconstruct d_sae=" + std::to_string(d_sae));
+  }
+}
+
+TEST_P(BackendOpsTest, RelativeSquaredError) {
+  const int n = 6, d = 129;
+  auto y = Random(static_cast<size_t>(n) * d, 97, 3.0f), y_hat = Random(static_cast<size_t>(n) * d, 98, 3.0f);
+  // Row 1: perfect; row 2: predicts zero (error 1); rows 4/5: zero target with zero / nonzero y_hat.
+  for (int c = 0; c < d; ++c) {
+    y_hat[1 * d + c] = y[1 * d + c];
+    y_hat[2 * d + c] = 0.0f;
+    y[4 * d + c] = 0.0f;
+    y_hat[4 * d + c] = 0.0f;
+    y[5 * d + c] = 0.0f;
+  }
+  auto ty = Upload(y, n, d), ty_hat = Upload(y_hat, n, d), out = Zeros(n, 1);
+  const absl::Status st = backend_->RelativeSquaredError(ty_hat.get(), ty.get(), out.get());
+  ASSERT_TRUE(st.ok()) << st;
+  const auto got = Download<float>(out);
+  std::vector<double> ref;
+  for (int t = 0; t < 4; ++t) {
+    double num = 0, den = 0;
+    for (int c = 0; c < d; ++c) {
+      const double diff = static_cast<double>(y[t * d + c]) - y_hat[t * d + c];
+      num += diff * diff;
+      den += static_cast<double>(y[t * d + c]) * y[t * d + c];
+    }
+    ref.push_back(num / den);
+  }
+  ExpectClose(std::vector<float>(got.begin(), got.begin() + 4), ref, {1e-6, 1e-5}, "relative squared error");
+  EXPECT_EQ(got[1], 0.0f);
+  EXPECT_NEAR(got[2], 1.0f, 1e-6f);
+  EXPECT_EQ(got[4], 0.0f) << "0/0 is a perfect reconstruction of a zero target";
+  EXPECT_TRUE(std::isinf(got[5]) && got[5] > 0) << got[5];
+}
+
 INSTANTIATE_TEST_SUITE_P(AllBackends, BackendOpsTest, ::testing::Values("cpu", "cuda"),
                          [](const auto& info) { return info.param; });
 

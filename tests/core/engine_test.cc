@@ -1,9 +1,16 @@
 #include "core/engine.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <set>
 
+#include "core/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "testing/test_util.h"
 
 namespace sae {
@@ -147,6 +154,288 @@ TEST_F(EngineTest, CapturesHooks) {
     for (int c = 0; c < 64; ++c) ss += tc[t * 64 + c] * tc[t * 64 + c];
     EXPECT_NEAR(ss / 64, 1.0, 1e-3);
   }
+}
+
+// ---- per-request options: min_activation, watch lists, reconstruction error ----
+
+// (index, value) of token t's reported features.
+std::vector<std::pair<int32_t, float>> Reported(const SaeTopK& s, int t) {
+  std::vector<std::pair<int32_t, float>> out;
+  for (int j = 0; j < s.n_active(t); ++j) out.emplace_back(s.indices[t * s.k + j], s.values[t * s.k + j]);
+  return out;
+}
+
+TEST_F(EngineTest, MinActivationDropsOnlyFeaturesBelowIt) {
+  SequenceRequest r = Request("The red cat and the dog in Paris.", 16);
+  auto all = engine_->Run({r});
+  ASSERT_TRUE(all.ok()) << all.status();
+  // A cut inside the observed range, equal to one reported value (which must survive).
+  const SaeTopK& l1r = (*all)[0].saes[0];
+  std::vector<float> vals;
+  for (size_t t = 0; t < r.ids.size(); ++t)
+    for (const auto& [i, v] : Reported(l1r, static_cast<int>(t))) vals.push_back(v);
+  ASSERT_GT(vals.size(), 4u);
+  std::sort(vals.begin(), vals.end());
+  r.min_activation = vals[vals.size() / 2];
+  auto cut = engine_->Run({r});
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  int dropped = 0, kept = 0;
+  for (size_t s = 0; s < engine_->saes().size(); ++s) {
+    for (int t = 0; t < static_cast<int>(r.ids.size()); ++t) {
+      std::vector<std::pair<int32_t, float>> want;
+      for (const auto& f : Reported((*all)[0].saes[s], t)) {
+        if (f.second >= r.min_activation) {
+          want.push_back(f);
+        } else {
+          ++dropped;
+        }
+      }
+      EXPECT_EQ(Reported((*cut)[0].saes[s], t), want) << "sae " << s << " token " << t;
+      kept += static_cast<int>(want.size());
+    }
+  }
+  EXPECT_GT(dropped, 0);
+  EXPECT_GT(kept, 0);
+}
+
+TEST_F(EngineTest, WatchListReportsWatchedFeaturesOutsideTheGlobalTopK) {
+  SequenceRequest full = Request("The red cat and the green dog flew to Rome and Paris.", 512);
+  full.sae_indices = {0, 4};  // L1R-8x (d_sae 512), L3R-32x (d_sae 2048)
+  auto all = engine_->Run({full});
+  ASSERT_TRUE(all.ok()) << all.status();
+  // Watch, for L1R only, features that fire somewhere but never rank first, plus some that never fire.
+  const SaeTopK& every = (*all)[0].saes[0];
+  std::set<int32_t> firing, first;
+  for (int t = 0; t < static_cast<int>(full.ids.size()); ++t) {
+    const auto rep = Reported(every, t);
+    for (const auto& f : rep) firing.insert(f.first);
+    if (!rep.empty()) first.insert(rep[0].first);
+  }
+  std::vector<int32_t> watch;
+  for (int32_t f : firing)
+    if (!first.count(f) && watch.size() < 12) watch.push_back(f);
+  for (int32_t f = 0; f < 512 && watch.size() < 20; ++f)
+    if (!firing.count(f)) watch.push_back(f);
+  ASSERT_GE(watch.size(), 13u);
+  std::reverse(watch.begin(), watch.end());  // the engine must not rely on the caller's order
+
+  SequenceRequest r = full;
+  r.k = 2;
+  r.watch = {watch, {}};  // no list for L3R: its global top-k as usual
+  auto got = engine_->Run({r});
+  ASSERT_TRUE(got.ok()) << got.status();
+  const std::set<int32_t> watched(watch.begin(), watch.end());
+  int reported_outside_top_k = 0;
+  for (int t = 0; t < static_cast<int>(r.ids.size()); ++t) {
+    std::vector<std::pair<int32_t, float>> want;
+    for (const auto& f : Reported(every, t))
+      if (watched.count(f.first) && want.size() < 2) want.push_back(f);  // already value-descending
+    const auto have = Reported((*got)[0].saes[0], t);
+    ASSERT_EQ(have.size(), want.size()) << "token " << t;
+    for (size_t j = 0; j < want.size(); ++j) {
+      EXPECT_EQ(have[j].first, want[j].first) << "token " << t << " slot " << j;
+      EXPECT_NEAR(have[j].second, want[j].second, 1e-4f * (1 + std::abs(want[j].second)));
+      const auto global = Reported(every, t);
+      const auto global_end = global.begin() + std::min<size_t>(2, global.size());
+      reported_outside_top_k +=
+          std::none_of(global.begin(), global_end, [&](const auto& f) { return f.first == have[j].first; });
+    }
+    auto l3r_top2 = Reported((*all)[0].saes[1], t);
+    l3r_top2.resize(std::min<size_t>(2, l3r_top2.size()));
+    EXPECT_EQ(Reported((*got)[0].saes[1], t), l3r_top2) << "token " << t;
+  }
+  EXPECT_GT(reported_outside_top_k, 0) << "some watched feature must be reported outside the global top 2";
+
+  // With a cut, watched features below it disappear too.
+  r.min_activation = 1e9f;
+  auto none = engine_->Run({r});
+  ASSERT_TRUE(none.ok());
+  for (int t = 0; t < static_cast<int>(r.ids.size()); ++t) EXPECT_EQ((*none)[0].saes[0].n_active(t), 0);
+}
+
+// The reconstruction error of every demo SAE recomputed on the host in double
+// from the captured hooks and the SAE files: y_hat over ALL active features
+// (not the top-k), the transcoder against the MLP output of its layer.
+TEST_F(EngineTest, ReconstructionErrorMatchesAHostComputation) {
+  SequenceRequest r = Request("The cat sat on the red mat in Rome.", 1);
+  r.capture_hooks = true;  // L1R, L2A, L2M, L2TC, L3R: every input and every target
+  r.reconstruction_error = true;
+  auto res = engine_->Run({r});
+  ASSERT_TRUE(res.ok()) << res.status();
+  const auto& hooks = (*res)[0].hooks;
+  const int n = static_cast<int>(r.ids.size()), d = 64;
+  for (size_t s = 0; s < engine_->saes().size(); ++s) {
+    const Sae& sae = *engine_->saes()[s];
+    const SaeHyperparams& hp = sae.hyperparams();
+    auto store = TensorStore::Open(sae.path() + "/checkpoints/final.safetensors");
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto host = [&](const char* name) {
+      HostTensor t = *(*store)->Get(name);
+      std::vector<float> v(static_cast<size_t>(t.numel()));
+      ConvertToF32(t.data, t.dtype, v.size(), v.data());
+      return v;
+    };
+    const auto w_enc = host("encoder.weight"), b_enc = host("encoder.bias"), w_dec = host("decoder.weight"),
+               b_dec = host("decoder.bias");
+    const std::string in_name = sae.hook().Name();
+    const std::string out_name =
+        sae.hook().site == HookSite::kTranscoderIn ? HookPoint{sae.hook().layer, HookSite::kMlp}.Name() : in_name;
+    const std::vector<float>& x = hooks.at(in_name);
+    const std::vector<float>& y = hooks.at(out_name);
+    const std::vector<float>& err = (*res)[0].saes[s].reconstruction_error;
+    ASSERT_EQ(err.size(), static_cast<size_t>(n)) << sae.name();
+    EXPECT_TRUE(std::isnan(err[0])) << sae.name() << ": BOS carries no reconstruction error by default";
+    const double s_in = hp.scale_in(), s_out = hp.scale_out(), thr = hp.jump_relu_threshold * s_in;
+    for (int t = 1; t < n; ++t) {
+      std::vector<double> y_hat(d);
+      for (int c = 0; c < d; ++c) y_hat[c] = b_dec[c];
+      double margin = 1e300;
+      for (int i = 0; i < hp.d_sae; ++i) {
+        double h = b_enc[i];
+        for (int c = 0; c < d; ++c) h += s_in * w_enc[static_cast<size_t>(i) * d + c] * x[t * d + c];
+        margin = std::min(margin, std::abs(h - thr));
+        if (h <= thr) continue;
+        for (int c = 0; c < d; ++c) y_hat[c] += h * w_dec[static_cast<size_t>(c) * hp.d_sae + i];
+      }
+      if (margin < 1e-4) continue;  // a flip at the threshold is legitimate
+      double num = 0, den = 0;
+      for (int c = 0; c < d; ++c) {
+        const double diff = y[t * d + c] - y_hat[c] / s_out;
+        num += diff * diff;
+        den += static_cast<double>(y[t * d + c]) * y[t * d + c];
+      }
+      EXPECT_NEAR(err[t], num / den, 1e-4 * (1 + num / den)) << sae.name() << " token " << t;
+    }
+  }
+  // Not asked: no errors.
+  r.reconstruction_error = false;
+  auto plain = engine_->Run({r});
+  ASSERT_TRUE(plain.ok());
+  for (const auto& s : (*plain)[0].saes) EXPECT_TRUE(s.reconstruction_error.empty());
+  // include_bos: BOS gets one too.
+  r.reconstruction_error = true;
+  r.include_bos = true;
+  auto bos = engine_->Run({r});
+  ASSERT_TRUE(bos.ok());
+  for (const auto& s : (*bos)[0].saes) EXPECT_TRUE(std::isfinite(s.reconstruction_error[0]));
+}
+
+// One request's options never change another's results in the same batch,
+// and a transcoder's extra target hook is not handed to requests that did not ask.
+TEST_F(EngineTest, OptionsAreBatchInvariant) {
+  SequenceRequest plain = Request("The cat sat on the mat.");
+  plain.sae_indices = {3, 0};
+  plain.capture_hooks = true;
+  SequenceRequest options = Request("Two green birds flew over London.", 4);
+  options.min_activation = 2.0f;  // demo features fire above 1: this drops some
+  options.watch = std::vector<std::vector<int32_t>>(engine_->saes().size());
+  options.watch[0] = {5, 1, 40, 300, 17, 2, 99};
+  options.watch[3] = {0, 7, 250, 511};
+  options.reconstruction_error = true;
+  SequenceRequest bos = Request("Paris and Rome.", 3);
+  bos.include_bos = true;
+  bos.reconstruction_error = true;
+  bos.sae_indices = {3, 2};
+
+  std::vector<SequenceResult> alone;
+  for (const SequenceRequest& r : {plain, options, bos}) {
+    auto res = engine_->Run({r});
+    ASSERT_TRUE(res.ok()) << res.status();
+    alone.push_back((*res)[0]);
+  }
+  auto mixed = engine_->Run({bos, plain, options});
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  const std::vector<const SequenceResult*> batched = {&(*mixed)[1], &(*mixed)[2], &(*mixed)[0]};
+  for (size_t q = 0; q < alone.size(); ++q) {
+    ASSERT_EQ(alone[q].saes.size(), batched[q]->saes.size());
+    for (size_t s = 0; s < alone[q].saes.size(); ++s) {
+      const SaeTopK& a = alone[q].saes[s];
+      const SaeTopK& b = batched[q]->saes[s];
+      EXPECT_EQ(a.indices, b.indices) << "request " << q << " sae slot " << s;
+      ASSERT_EQ(a.values.size(), b.values.size());
+      for (size_t j = 0; j < a.values.size(); ++j)
+        EXPECT_NEAR(a.values[j], b.values[j], 1e-5f * (1 + std::abs(a.values[j])));
+      ASSERT_EQ(a.reconstruction_error.size(), b.reconstruction_error.size()) << "request " << q;
+      for (size_t t = 0; t < a.reconstruction_error.size(); ++t) {
+        if (std::isnan(a.reconstruction_error[t])) {
+          EXPECT_TRUE(std::isnan(b.reconstruction_error[t]));
+        } else {
+          EXPECT_NEAR(a.reconstruction_error[t], b.reconstruction_error[t], 1e-5f * (1 + a.reconstruction_error[t]));
+        }
+      }
+    }
+  }
+  int options_reported = 0;
+  for (const SaeTopK& s : batched[1]->saes)
+    for (size_t t = 0; t < options.ids.size(); ++t) options_reported += s.n_active(static_cast<int>(t));
+  EXPECT_GT(options_reported, 0) << "the options request must report something to compare";
+  EXPECT_TRUE(batched[0]->saes[0].reconstruction_error.empty()) << "the plain request did not ask";
+  std::vector<std::string> plain_hooks;
+  for (const auto& [name, act] : batched[0]->hooks) plain_hooks.push_back(name);
+  EXPECT_THAT(plain_hooks, ::testing::ElementsAre("L1R", "L2TC"));
+  EXPECT_TRUE(std::isfinite(batched[2]->saes[0].reconstruction_error[0])) << "include_bos: BOS has an error";
+  EXPECT_TRUE(std::isnan(batched[1]->saes[0].reconstruction_error[0]));
+}
+
+TEST_F(EngineTest, RejectsBadOptions) {
+  struct Case {
+    const char* name;
+    std::function<void(SequenceRequest*)> edit;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {"NaN min_activation", [](SequenceRequest* r) { r->min_activation = std::nanf(""); }, "min_activation"},
+      {"negative min_activation", [](SequenceRequest* r) { r->min_activation = -1; }, "min_activation"},
+      {"infinite min_activation",
+       [](SequenceRequest* r) { r->min_activation = std::numeric_limits<float>::infinity(); }, "min_activation"},
+      {"watch not parallel", [](SequenceRequest* r) { r->watch = {{1}}; }, "one list per requested SAE"},
+      {"feature >= d_sae",
+       [](SequenceRequest* r) {
+         r->watch = {{512}, {}, {}, {}, {}};
+       },
+       "outside [0, 512)"},
+      {"negative feature",
+       [](SequenceRequest* r) {
+         r->watch = {{-1}, {}, {}, {}, {}};
+       },
+       "outside"},
+      {"duplicate feature",
+       [](SequenceRequest* r) {
+         r->watch = {{}, {3, 4, 3}, {}, {}, {}};
+       },
+       "listed twice"},
+  };
+  for (const Case& c : cases) {
+    SequenceRequest r = Request("x");
+    c.edit(&r);
+    auto res = engine_->Run({Request("fine"), r});
+    EXPECT_EQ(res.status().code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_THAT(res.status().message(), HasSubstr(c.message)) << c.name;
+  }
+}
+
+// An SAE whose hook_point_out cannot be read in the same pass still extracts
+// features; only reconstruction errors are refused, naming the field.
+TEST(EngineLoadTest, ReconstructionErrorNeedsAUsableHookPointOut) {
+  const std::string dir = testing::MakeTempDir("bad-hook-out") + "/L1R-8x";
+  std::filesystem::copy(testing::Demo().sae_dirs[0], dir, std::filesystem::copy_options::recursive);
+  nlohmann::json hp;
+  std::ifstream(dir + "/hyperparams.json") >> hp;
+  hp["hook_point_out"] = "blocks.3.hook_resid_post";  // a later layer: not available in the same pass
+  std::ofstream(dir + "/hyperparams.json") << hp.dump();
+  EngineOptions o = DemoOptions();
+  o.saes = {{dir, ""}};
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  SequenceRequest r;
+  r.ids = (*e)->tokenizer().Encode("The cat.", true)->ids;
+  r.sae_indices = {0};
+  r.k = 4;
+  EXPECT_TRUE((*e)->Run({r}).ok());
+  r.reconstruction_error = true;
+  auto res = (*e)->Run({r});
+  EXPECT_EQ(res.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(res.status().message(), HasSubstr("hook_point_out"));
 }
 
 TEST(EngineLoadTest, LoadsOnlyTheLayersItNeeds) {

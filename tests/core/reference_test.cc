@@ -54,6 +54,7 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
                                    dir, "/in.jsonl --output ", dir, "/ref.safetensors");
     for (const auto& d : demo.sae_dirs) absl::StrAppend(&cmd, " --sae ", d);
     if (GetParam() == SaeEncodeForm::kLmSaes) cmd += " --lm-saes-form";
+    cmd += " --recon-err";  // sae.<name>.recon_err.<i>, for ReconstructionErrorMatches
     // The reference is part of the evidence: a missing python3-torch fails the test.
     ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd
                                            << "\n(needs Debian's python3-torch: apt-get install python3-torch)";
@@ -133,6 +134,46 @@ TEST_P(ReferenceTest, FeaturesMatch) {
           EXPECT_TRUE(got_map.count(idx)) << sae.name() << " seq " << i << " token " << t << " misses feature " << idx;
           ++compared;
         }
+      }
+    }
+  }
+  EXPECT_GT(compared, 50);
+}
+
+// Per-token reconstruction error (form B, all active features, transcoders
+// against the MLP output) vs the float64 reference's sae.<name>.recon_err.<i>.
+TEST_P(ReferenceTest, ReconstructionErrorMatches) {
+  std::vector<SequenceRequest> batch;
+  for (const auto& ids : ids_) {
+    SequenceRequest r;
+    r.ids = ids;
+    for (size_t s = 0; s < engine_->saes().size(); ++s) r.sae_indices.push_back(static_cast<int>(s));
+    r.k = 1;
+    r.reconstruction_error = true;
+    batch.push_back(r);
+  }
+  auto res = engine_->Run(batch);
+  ASSERT_TRUE(res.ok()) << res.status();
+  int compared = 0;
+  for (size_t i = 0; i < ids_.size(); ++i) {
+    for (size_t s = 0; s < engine_->saes().size(); ++s) {
+      const Sae& sae = *engine_->saes()[s];
+      const int d_sae = sae.hyperparams().d_sae;
+      const std::vector<float> want = ref_.Get(absl::StrCat("sae.", sae.name(), ".recon_err.", i));
+      const std::vector<float> pre = ref_.Get(absl::StrCat("sae.", sae.name(), ".pre.", i));
+      const std::vector<float>& got = (*res)[i].saes[s].reconstruction_error;
+      ASSERT_EQ(got.size(), ids_[i].size()) << sae.name();
+      ASSERT_EQ(want.size(), ids_[i].size()) << sae.name();
+      EXPECT_TRUE(std::isnan(got[0])) << sae.name() << ": BOS is excluded by default";
+      const float thr = sae.encoder().threshold;
+      for (size_t t = 1; t < ids_[i].size(); ++t) {
+        // One feature within float noise of the threshold may legitimately flip and move y_hat.
+        bool near_threshold = false;
+        for (int j = 0; j < d_sae; ++j)
+          near_threshold |= std::abs(pre[t * d_sae + j] - thr) < 1e-3 * (1 + std::abs(thr));
+        if (near_threshold) continue;
+        EXPECT_NEAR(got[t], want[t], 1e-3 * (1 + std::abs(want[t]))) << sae.name() << " seq " << i << " token " << t;
+        ++compared;
       }
     }
   }

@@ -1,21 +1,32 @@
 // End-to-end tests of the shipped binaries: sae-server as a subprocess
-// (health, reflection, config errors, graceful shutdown), the sae-client CLI
-// against it, and sae-extract's JSONL and hook dumps.
+// (health, reflection, config errors, graceful shutdown), the client library
+// (ExtractStream, ExtractMany) and the sae-client CLI (bench included)
+// against it, and sae-extract's JSONL contract and hook dumps.
 #include <google/protobuf/descriptor.pb.h>
+#include <google/protobuf/util/field_comparator.h>
+#include <google/protobuf/util/message_differencer.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <map>
+#include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "bench.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
 #include "core/safetensors.h"
@@ -228,6 +239,85 @@ TEST_F(ServerBinaryTest, ClientJsonAndOtherCommands) {
   EXPECT_EQ(out, "SERVING\n");
 }
 
+// Reads `sae-client extract --json` output: per token, per SAE, the
+// (index, value) list.
+std::vector<std::map<std::string, std::vector<std::pair<uint32_t, float>>>> ParseJsonFeatures(const std::string& out) {
+  std::vector<std::map<std::string, std::vector<std::pair<uint32_t, float>>>> tokens;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    const json chunk = json::parse(line, nullptr, false);
+    if (chunk.is_discarded()) return {};
+    for (const json& token : chunk["tokens"]) {
+      auto& saes = tokens.emplace_back();
+      for (const json& s : token["saes"]) {
+        auto& list = saes[s["sae"].get<std::string>()];
+        for (size_t i = 0; i < s["indices"].size(); ++i) {
+          list.emplace_back(s["indices"][i].get<uint32_t>(), s["values"][i].get<float>());
+        }
+      }
+    }
+  }
+  return tokens;
+}
+
+TEST_F(ServerBinaryTest, ClientWatchReportsListedFeatures) {
+  const std::string text = "The cat sat on the red mat.";
+  const std::vector<uint32_t> watched = {17, 428, 5, 0};
+  std::string out;
+  ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract " + Quote(text) +
+                         " --json --k 4 --sae L1R-8x --sae L3R-32x --watch L1R-8x:17,428,5,0",
+                     &out),
+            0)
+      << out;
+  const auto got = ParseJsonFeatures(out);
+  // Reference: no watch list, k large enough to hold every active feature.
+  ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract " + Quote(text) +
+                         " --json --k 256 --sae L1R-8x --sae L3R-32x",
+                     &out),
+            0)
+      << out;
+  const auto all = ParseJsonFeatures(out);
+  ASSERT_EQ(got.size(), 9u);
+  ASSERT_EQ(all.size(), got.size());
+  int beyond_top_k = 0;
+  for (size_t t = 0; t < got.size(); ++t) {
+    // The watched SAE reports exactly the watched features that fire (at most
+    // 4 = k of them), with the values they have without a watch list.
+    std::vector<std::pair<uint32_t, float>> want;
+    const auto& reference = all[t].at("L1R-8x");
+    ASSERT_LT(reference.size(), 256u) << "reference truncated";
+    for (const auto& [index, value] : reference) {
+      if (std::find(watched.begin(), watched.end(), index) != watched.end()) want.emplace_back(index, value);
+    }
+    const auto& reported = got[t].at("L1R-8x");
+    ASSERT_EQ(reported.size(), want.size()) << "token " << t;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(reported[i].first, want[i].first) << "token " << t;
+      EXPECT_NEAR(reported[i].second, want[i].second, 1e-4 * std::fabs(want[i].second)) << "token " << t;
+      // Reported although outside the token's global top 4.
+      beyond_top_k += std::find_if(reference.begin(), reference.begin() + std::min<size_t>(4, reference.size()),
+                                   [&](const auto& f) { return f.first == want[i].first; }) ==
+                      reference.begin() + std::min<size_t>(4, reference.size());
+    }
+    // The SAE without a watch list keeps its global top k.
+    const auto& other = got[t].at("L3R-32x");
+    const auto& other_all = all[t].at("L3R-32x");
+    ASSERT_EQ(other.size(), std::min<size_t>(4, other_all.size())) << "token " << t;
+    for (size_t i = 0; i < other.size(); ++i) EXPECT_EQ(other[i].first, other_all[i].first) << "token " << t;
+  }
+  EXPECT_GT(beyond_top_k, 0) << "the demo text should fire a watched feature outside some token's top k";
+  EXPECT_FALSE(got[6].at("L1R-8x").empty()) << "\" red\" fires the demo colour feature 17";
+
+  const std::string extract = std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract hi ";
+  EXPECT_EQ(RunShell(extract + "--watch L1R-8x", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--watch L1R-8x:1,x", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--watch :1", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--watch L1R-8x:999999", &out), 1) << out;
+  EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
+  EXPECT_EQ(RunShell(extract + "--sae L3R-32x --watch L1R-8x:1", &out), 1) << out;
+  EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
+}
+
 TEST_F(ServerBinaryTest, ClientReportsErrors) {
   std::string out;
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract hi --sae nope", &out), 1);
@@ -238,6 +328,302 @@ TEST_F(ServerBinaryTest, ClientReportsErrors) {
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr 127.0.0.1:1 --timeout 2 info", &out), 1);
   EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " frobnicate", &out), 2);
+}
+
+// ---- the streaming client API ----
+
+// Tokens of all chunks of one request, in order.
+std::vector<v1::TokenFeatures> TokensOf(const std::vector<v1::ExtractResponse>& responses) {
+  std::vector<v1::TokenFeatures> tokens;
+  for (const auto& r : responses) tokens.insert(tokens.end(), r.tokens().begin(), r.tokens().end());
+  return tokens;
+}
+
+v1::ExtractRequest TextRequest(const std::string& id, const std::string& text) {
+  v1::ExtractRequest request;
+  request.set_request_id(id);
+  request.set_text(text);
+  request.set_k(3);
+  request.set_chunk_tokens(2);
+  request.add_saes("L3R-32x");
+  request.add_saes("L1R-8x");
+  return request;
+}
+
+TEST_F(ServerBinaryTest, ExtractStreamMatchesExtractPerRequest) {
+  auto client = client::SaeClient::Connect(address_);
+  client->set_timeout(std::chrono::seconds(20));
+  const std::vector<v1::ExtractRequest> requests = {TextRequest("a", "The cat sat on the red mat."),
+                                                    TextRequest("b", "A blue bird flew over the green tree."),
+                                                    TextRequest("bad", "hi"), TextRequest("c", "red cat")};
+  std::vector<v1::ExtractRequest> sent = requests;
+  sent[2].add_saes("nope");  // unknown SAE: an error response, the stream goes on
+
+  // Everything is sent before anything is read.
+  auto stream = client->OpenExtractStream();
+  for (const auto& r : sent) ASSERT_TRUE(stream->Send(r));
+  ASSERT_TRUE(stream->CloseSend());
+  std::map<std::string, std::vector<v1::ExtractResponse>> by_id;
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) by_id[response.request_id()].push_back(response);
+  grpc::Status status = stream->Finish();
+  ASSERT_TRUE(status.ok()) << status.error_message();
+
+  ASSERT_EQ(by_id.size(), 4u);
+  ASSERT_EQ(by_id["bad"].size(), 1u);
+  EXPECT_TRUE(by_id["bad"][0].done());
+  EXPECT_EQ(by_id["bad"][0].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(by_id["bad"][0].error().message().find("nope"), std::string::npos);
+  for (const v1::ExtractRequest& request : requests) {
+    if (request.request_id() == "bad") continue;
+    const std::vector<v1::ExtractResponse>& chunks = by_id[request.request_id()];
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      EXPECT_EQ(chunks[i].done(), i + 1 == chunks.size()) << request.request_id();
+      EXPECT_FALSE(chunks[i].has_error());
+    }
+    std::vector<v1::ExtractResponse> unary;
+    ASSERT_TRUE(client->Extract(request, &unary).ok());
+    const std::vector<v1::TokenFeatures> got = TokensOf(chunks), want = TokensOf(unary);
+    ASSERT_EQ(got.size(), want.size()) << request.request_id();
+    // Batched with other requests, BLAS sums in another order: values agree
+    // to float rounding, not bit for bit.
+    google::protobuf::util::DefaultFieldComparator comparator;
+    comparator.set_float_comparison(google::protobuf::util::DefaultFieldComparator::APPROXIMATE);
+    comparator.SetDefaultFractionAndMargin(1e-4, 1e-5);
+    google::protobuf::util::MessageDifferencer differencer;
+    differencer.set_field_comparator(&comparator);
+    for (size_t t = 0; t < got.size(); ++t) {
+      EXPECT_TRUE(differencer.Compare(got[t], want[t])) << request.request_id() << " token " << t << "\n"
+                                                        << got[t].DebugString() << "vs\n"
+                                                        << want[t].DebugString();
+    }
+  }
+}
+
+TEST_F(ServerBinaryTest, ExtractStreamDestructorCancelsAnUnfinishedCall) {
+  auto client = client::SaeClient::Connect(address_);
+  client->set_timeout(std::chrono::seconds(20));
+  const auto start = std::chrono::steady_clock::now();
+  {
+    auto stream = client->OpenExtractStream();
+    ASSERT_TRUE(stream->Send(TextRequest("a", "The cat sat on the red mat.")));
+    // Neither CloseSend nor Finish: the destructor must not hang.
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  v1::InfoResponse info;
+  EXPECT_TRUE(client->Info(&info).ok()) << "the server still serves";
+}
+
+// A server that lets one stream hold at most 4 unanswered requests (and
+// admits at most 4 at once): sending 12 at once would get RESOURCE_EXHAUSTED
+// answers; ExtractMany's window of 2 must not. (The limit is twice the window
+// because the server may stream a request's last chunk a moment before its
+// admission slot is released.)
+TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
+  ServerProcess server({"--max_inflight_requests=4"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  client->set_timeout(std::chrono::seconds(20));
+  ASSERT_TRUE(WaitFor([&] {
+    v1::InfoResponse info;
+    return client->Info(&info).ok();
+  })) << server.log();
+
+  const std::vector<std::string> texts = {"red cat", "The cat sat on the red mat.", "A blue bird.", "green tree"};
+  std::vector<v1::ExtractRequest> requests;
+  std::vector<size_t> want_tokens;
+  for (int i = 0; i < 12; ++i) {
+    v1::ExtractRequest request = TextRequest("", texts[i % texts.size()]);
+    request.set_chunk_tokens(1);
+    requests.push_back(request);
+    v1::TokenizeRequest tokenize;
+    tokenize.set_text(request.text());
+    v1::TokenizeResponse tokens;
+    ASSERT_TRUE(client->Tokenize(tokenize, &tokens).ok());
+    want_tokens.push_back(static_cast<size_t>(tokens.tokens_size()));
+  }
+  std::map<std::string, size_t> tokens_by_id;
+  std::map<std::string, int> done_by_id;
+  std::vector<std::string> errors;
+  grpc::Status status = client->ExtractMany(requests, 2, [&](const v1::ExtractResponse& r) {
+    tokens_by_id[r.request_id()] += static_cast<size_t>(r.tokens_size());
+    done_by_id[r.request_id()] += r.done();
+    if (r.has_error()) errors.push_back(r.request_id() + ": " + r.error().message());
+  });
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(errors.empty()) << errors[0];
+  ASSERT_EQ(tokens_by_id.size(), requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const std::string id = std::to_string(i);  // ids given by ExtractMany
+    EXPECT_EQ(tokens_by_id[id], want_tokens[i]) << id;
+    EXPECT_EQ(done_by_id[id], 1) << id;
+  }
+}
+
+// ---- sae-client bench ----
+
+TEST(BenchStatsTest, NearestRankPercentiles) {
+  std::vector<double> samples;
+  for (int i = 100; i >= 1; --i) samples.push_back(i);  // unsorted on purpose
+  client::LatencySummary s = client::Summarize(samples);
+  EXPECT_EQ(s.count, 100);
+  EXPECT_DOUBLE_EQ(s.p50, 50);
+  EXPECT_DOUBLE_EQ(s.p90, 90);
+  EXPECT_DOUBLE_EQ(s.p99, 99);
+  EXPECT_DOUBLE_EQ(s.max, 100);
+  EXPECT_DOUBLE_EQ(s.mean, 50.5);
+
+  // 10 samples: p99 is the largest, p50 the 5th, p90 the 9th.
+  s = client::Summarize({5, 1, 9, 3, 7, 2, 8, 4, 10, 6});
+  EXPECT_DOUBLE_EQ(s.p50, 5);
+  EXPECT_DOUBLE_EQ(s.p90, 9);
+  EXPECT_DOUBLE_EQ(s.p99, 10);
+  s = client::Summarize({42});
+  EXPECT_DOUBLE_EQ(s.p50, 42);
+  EXPECT_DOUBLE_EQ(s.p99, 42);
+  s = client::Summarize({});
+  EXPECT_EQ(s.count, 0);
+  EXPECT_DOUBLE_EQ(s.p99, 0);
+}
+
+TEST(BenchStatsTest, RequestsJsonl) {
+  std::istringstream good("{\"text\": \"hi\"}\n\n{\"text\": \"x\", \"add_bos\": false}\n{\"token_ids\": [1, 2]}\n");
+  auto requests = client::ParseRequestsJsonl(good, "in.jsonl");
+  ASSERT_TRUE(requests.ok()) << requests.status();
+  ASSERT_EQ(requests->size(), 3u);
+  EXPECT_EQ((*requests)[0].text(), "hi");
+  EXPECT_FALSE((*requests)[0].has_add_bos());
+  EXPECT_FALSE((*requests)[1].add_bos());
+  EXPECT_EQ((*requests)[2].token_ids().ids_size(), 2);
+  for (const std::string bad :
+       {"{\"text\": 1}", "[1]", "{\"token_ids\": [-1]}", "{\"text\": \"a\", \"token_ids\": []}"}) {
+    std::istringstream in("{\"text\": \"fine\"}\n" + bad + "\n");
+    auto parsed = client::ParseRequestsJsonl(in, "in.jsonl");
+    ASSERT_FALSE(parsed.ok()) << bad;
+    EXPECT_NE(parsed.status().message().find("in.jsonl:2:"), std::string::npos) << parsed.status();
+  }
+}
+
+class BenchTest : public ServerBinaryTest {
+ protected:
+  // Tokens of `text` as the server counts them.
+  static int64_t CountTokens(const std::string& text) {
+    auto client = client::SaeClient::Connect(address_);
+    v1::TokenizeRequest request;
+    request.set_text(text);
+    v1::TokenizeResponse response;
+    EXPECT_TRUE(client->Tokenize(request, &response).ok());
+    return response.tokens_size();
+  }
+
+  // Runs `sae-client bench ARGS --json`; the parsed report (null on failure).
+  static json Bench(const std::string& args, int want_exit, double* seconds = nullptr) {
+    std::string out;
+    const auto start = std::chrono::steady_clock::now();
+    const int rc = RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " bench --json " + args, &out);
+    if (seconds) *seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(rc, want_exit) << out;
+    json report = json::parse(out, nullptr, false);
+    EXPECT_FALSE(report.is_discarded()) << out;
+    return report;
+  }
+
+  static void ExpectConsistent(const json& r) {
+    for (const char* key : {"latency_ms", "first_chunk_ms"}) {
+      const json& s = r[key];
+      EXPECT_EQ(s["count"], r["ok"]) << key;
+      EXPECT_LE(s["p50"].get<double>(), s["p90"].get<double>()) << key;
+      EXPECT_LE(s["p90"].get<double>(), s["p99"].get<double>()) << key;
+      EXPECT_LE(s["p99"].get<double>(), s["max"].get<double>()) << key;
+      EXPECT_GT(s["p50"].get<double>(), 0) << key;
+    }
+    // The first chunk never comes after the last.
+    EXPECT_LE(r["first_chunk_ms"]["max"].get<double>(), r["latency_ms"]["max"].get<double>());
+    EXPECT_NEAR(r["requests_per_s"].get<double>(), r["ok"].get<double>() / r["wall_s"].get<double>(), 1e-6);
+    EXPECT_NEAR(r["tokens_per_s"].get<double>(), r["tokens"].get<double>() / r["wall_s"].get<double>(), 1e-6);
+  }
+};
+
+TEST_F(BenchTest, StreamStopsAtTheRequestBound) {
+  // 12 requests round-robin over the 4 built-in texts: each text 3 times.
+  int64_t mix_tokens = 0;
+  for (const v1::ExtractRequest& r : client::DefaultBenchMix()) mix_tokens += CountTokens(r.text());
+  const json r = Bench("--requests 12 --concurrency 3 --in-flight 2 --k 4 --chunk-tokens 3", 0);
+  EXPECT_EQ(r["mode"], "stream");
+  EXPECT_EQ(r["ok"], 12);
+  EXPECT_EQ(r["failed"], 0);
+  EXPECT_EQ(r["tokens"].get<int64_t>(), 3 * mix_tokens);
+  ExpectConsistent(r);
+}
+
+TEST_F(BenchTest, UnaryReadsJsonlInput) {
+  const std::string dir = testing::MakeTempDir("e2e-bench-input");
+  const std::string input = dir + "/in.jsonl";
+  std::ofstream(input) << "{\"text\": \"The cat sat on the red mat.\"}\n{\"token_ids\": [1, 2, 3, 4, 5, 6, 7]}\n";
+  const json r = Bench("--mode unary --concurrency 2 --requests 5 --input " + Quote(input), 0);
+  EXPECT_EQ(r["mode"], "unary");
+  EXPECT_EQ(r["ok"], 5);
+  EXPECT_EQ(r["tokens"].get<int64_t>(), 3 * CountTokens("The cat sat on the red mat.") + 2 * 7);
+  ExpectConsistent(r);
+}
+
+TEST_F(BenchTest, StopsAtTheDurationBound) {
+  for (const std::string mode : {"stream", "unary"}) {
+    double seconds = 0;
+    const json r = Bench("--mode " + mode + " --duration 0.5 --concurrency 2", 0, &seconds);
+    EXPECT_GT(r["ok"].get<int64_t>(), 0) << mode;
+    EXPECT_GE(r["wall_s"].get<double>(), 0.5) << mode;
+    EXPECT_LT(seconds, 5) << mode << ": in-flight requests finish, nothing more is sent";
+    ExpectConsistent(r);
+  }
+}
+
+TEST_F(BenchTest, CountsFailuresByCode) {
+  for (const std::string mode : {"stream", "unary"}) {
+    const json r = Bench("--mode " + mode + " --requests 3 --sae nope", 1);
+    EXPECT_EQ(r["ok"], 0) << mode;
+    EXPECT_EQ(r["failed"], 3) << mode;
+    EXPECT_EQ(r["errors"]["INVALID_ARGUMENT"], 3) << mode;
+    EXPECT_NE(r["first_error"].get<std::string>().find("nope"), std::string::npos) << mode;
+  }
+}
+
+TEST_F(BenchTest, TextReportAndUsageErrors) {
+  std::string out;
+  ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " bench --requests 4 --concurrency 2", &out),
+            0)
+      << out;
+  for (const std::string want : {"mode: ExtractStream, 2 streams x 1 in flight", "requests: 4 ok, 0 failed",
+                                 "requests/s", "tokens/s", "p50", "p90", "p99", "latency ms", "first chunk ms"}) {
+    EXPECT_NE(out.find(want), std::string::npos) << want << " in\n" << out;
+  }
+  const std::string bench = std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " bench ";
+  EXPECT_EQ(RunShell(bench + "--duration -1", &out), 2) << out;
+  EXPECT_EQ(RunShell(bench + "--requests 0", &out), 2) << out;
+  EXPECT_EQ(RunShell(bench + "--mode bidi", &out), 2) << out;
+  EXPECT_EQ(RunShell(bench + "--input /nonexistent/in.jsonl", &out), 2) << out;
+  const std::string dir = testing::MakeTempDir("e2e-bench-bad");
+  std::ofstream(dir + "/in.jsonl") << "{\"text\": \"ok\"}\nnope\n";
+  EXPECT_EQ(RunShell(bench + "--input " + Quote(dir + "/in.jsonl"), &out), 2) << out;
+  EXPECT_NE(out.find("in.jsonl:2:"), std::string::npos) << out;
+}
+
+TEST(BenchUnreachableTest, FailsFastWithoutAServer) {
+  for (const std::string mode : {"stream", "unary"}) {
+    std::string out;
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) +
+                           " --addr 127.0.0.1:1 --timeout 2 bench --json --requests 4 --mode " + mode,
+                       &out),
+              1)
+        << out;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10)) << mode;
+    const json r = json::parse(out.substr(0, out.find('\n')), nullptr, false);
+    ASSERT_FALSE(r.is_discarded()) << out;
+    EXPECT_EQ(r["ok"], 0) << mode;
+    EXPECT_GT(r["errors"]["UNAVAILABLE"].get<int>(), 0) << out;
+  }
 }
 
 TEST(ServerShutdownTest, SigtermStopsGracefully) {
@@ -364,6 +750,220 @@ TEST(ExtractBinaryTest, WritesJsonlAndHookDump) {
       EXPECT_EQ(tensor->dtype, DType::kF32);
     }
   }
+}
+
+// A safetensors file read with nothing but its spec (8-byte little-endian
+// header size, JSON header, raw data), independent of core/safetensors.
+struct RawTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<float> values;  // only for F32
+};
+std::map<std::string, RawTensor> ReadSafetensorsRaw(const std::string& path) {
+  const std::string bytes = ReadFile(path);
+  std::map<std::string, RawTensor> tensors;
+  if (bytes.size() < 8) return tensors;
+  uint64_t header_size = 0;
+  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | static_cast<unsigned char>(bytes[i]);
+  const json header = json::parse(bytes.substr(8, header_size), nullptr, false);
+  if (header.is_discarded()) return tensors;
+  const size_t data = 8 + header_size;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    RawTensor& t = tensors[name];
+    t.dtype = info["dtype"].get<std::string>();
+    t.shape = info["shape"].get<std::vector<int64_t>>();
+    const auto offsets = info["data_offsets"].get<std::vector<size_t>>();
+    if (t.dtype == "F32") {
+      t.values.resize((offsets[1] - offsets[0]) / sizeof(float));
+      std::memcpy(t.values.data(), bytes.data() + data + offsets[0], offsets[1] - offsets[0]);
+    }
+  }
+  return tensors;
+}
+
+std::vector<std::string> CodePoints(const std::string& utf8) {
+  std::vector<std::string> out;
+  for (unsigned char c : utf8) {
+    if ((c & 0xC0) != 0x80) out.emplace_back();
+    out.back() += static_cast<char>(c);
+  }
+  return out;
+}
+
+// Significant digits of a JSON number as written ("0.0012" -> 2, "1.5e-07" -> 2).
+int SignificantDigits(const std::string& number) {
+  std::string mantissa = number.substr(0, number.find_first_of("eE"));
+  mantissa.erase(std::remove(mantissa.begin(), mantissa.end(), '-'), mantissa.end());
+  mantissa.erase(std::remove(mantissa.begin(), mantissa.end(), '.'), mantissa.end());
+  const size_t first = mantissa.find_first_not_of('0');
+  if (first == std::string::npos) return 0;
+  const size_t last = mantissa.find_last_not_of('0');
+  return static_cast<int>(last - first + 1);
+}
+
+// The DESIGN.md contract, line by line: keys, BOS handling, code-point
+// offsets on non-ASCII text, compact float values, blank lines, and the hook
+// dump read back with a spec-only reader (names ".<output line>", F32
+// [n_tokens, d_model], values == the engine's hook activations).
+TEST(ExtractBinaryTest, ContractOnNonAsciiTextAndHookDumpValues) {
+  auto engine = Engine::Create(DemoOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const Tokenizer& tokenizer = (*engine)->tokenizer();
+  const int32_t bos = tokenizer.bos_id().value();
+  const std::string text = "naïve café — 猫 sat on the red mat.";
+  ASSERT_NE(CodePoints(text).size(), text.size()) << "the test needs text where bytes != code points";
+  const std::vector<int32_t> raw_ids = {bos, 5, 6, 7};
+
+  const std::string dir = testing::MakeTempDir("e2e-extract-contract");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", dump = dir + "/hooks.safetensors";
+  std::ofstream(input) << json{{"text", text}}.dump() << "\n\n"
+                       << json{{"text", "red cat"}, {"add_bos", false}}.dump() << "\n"
+                       << json{{"token_ids", raw_ids}}.dump() << "\n";
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--k 5 --dump-hooks " + Quote(dump)), &out), 0) << out;
+  EXPECT_EQ(out.find('\r'), std::string::npos) << "no progress bar when stderr is not a terminal:\n" << out;
+
+  std::vector<std::string> raw_lines;
+  {
+    std::istringstream in(ReadFile(output));
+    for (std::string line; std::getline(in, line);) raw_lines.push_back(line);
+  }
+  ASSERT_EQ(raw_lines.size(), 3u) << "the blank input line has no output line";
+  std::vector<std::vector<int32_t>> ids(3);
+  std::set<std::string> sae_names;
+  for (const auto& sae : (*engine)->saes()) sae_names.insert(sae->name());
+  for (size_t i = 0; i < raw_lines.size(); ++i) {
+    const json line = json::parse(raw_lines[i], nullptr, false);
+    ASSERT_TRUE(line.is_object()) << raw_lines[i];
+    ASSERT_EQ(line.size(), 1u) << "only \"tokens\": " << raw_lines[i];
+    for (const json& token : line["tokens"]) {
+      ASSERT_EQ(token.size(), 4u) << token.dump();
+      ids[i].push_back(token["id"].get<int32_t>());
+      std::set<std::string> names;
+      for (const auto& [name, features] : token["features"].items()) {
+        names.insert(name);
+        ASSERT_LE(features.size(), 5u);
+        for (size_t f = 0; f < features.size(); ++f) {
+          EXPECT_GT(features[f][1].get<double>(), 0) << "only active features";
+          if (f > 0) {
+            EXPECT_GE(features[f - 1][1].get<double>(), features[f][1].get<double>());
+          }
+        }
+      }
+      EXPECT_EQ(names, sae_names);
+      EXPECT_EQ(token["piece"].get<std::string>(), tokenizer.TokenPiece(ids[i].back()));
+    }
+  }
+
+  // Line 0: BOS first at [0, 0]; then code-point spans that tile the text
+  // and hold the piece, ending at the number of code points (not bytes).
+  // Byte-fallback tokens (piece U+FFFD) each carry their whole character's
+  // span, like Hugging Face's offsets.
+  const json line0 = json::parse(raw_lines[0]);
+  const std::vector<std::string> chars = CodePoints(text);
+  ASSERT_EQ(line0["tokens"][0]["id"].get<int32_t>(), bos);
+  EXPECT_EQ(line0["tokens"][0]["offset"], json::array({0, 0}));
+  for (const json& f : line0["tokens"][0]["features"]) EXPECT_TRUE(f.empty()) << "BOS carries no features";
+  std::vector<uint32_t> previous = {0, 0};
+  int n_partial = 0;
+  for (size_t t = 1; t < line0["tokens"].size(); ++t) {
+    const json& token = line0["tokens"][t];
+    const auto offset = token["offset"].get<std::vector<uint32_t>>();
+    ASSERT_EQ(offset.size(), 2u);
+    ASSERT_LE(offset[1], chars.size()) << token.dump();
+    const std::string piece = token["piece"].get<std::string>();
+    if (piece.find("\xEF\xBF\xBD") != std::string::npos) {  // one byte of a character
+      ++n_partial;
+      EXPECT_EQ(offset[1], offset[0] + 1) << token.dump();
+      EXPECT_TRUE(offset == previous || offset[0] == previous[1]) << token.dump();
+      EXPECT_GT(chars[offset[0]].size(), 1u) << token.dump();
+    } else {
+      EXPECT_EQ(offset[0], previous[1]) << token.dump();
+      std::string span;
+      for (uint32_t c = offset[0]; c < offset[1]; ++c) span += chars[c];
+      EXPECT_EQ(span, piece) << token.dump();
+    }
+    previous = offset;
+  }
+  EXPECT_EQ(previous[1], chars.size());
+  EXPECT_GT(n_partial, 0) << "the demo vocab should split some characters into bytes";
+  // Line 1: add_bos false.
+  auto red_cat = tokenizer.Encode("red cat", false);
+  ASSERT_TRUE(red_cat.ok());
+  EXPECT_EQ(ids[1], red_cat->ids);
+  EXPECT_EQ(ids[2], raw_ids);
+
+  // Keys in the documented order, SAEs in load order.
+  EXPECT_TRUE(std::regex_search(
+      raw_lines[1],
+      std::regex(absl::StrCat(R"(^\{"tokens":\[\{"id":\d+,"piece":"[^"]*","offset":\[\d+,\d+\],"features":\{")",
+                              (*engine)->saes()[0]->name(), R"(":)"))))
+      << raw_lines[1];
+
+  // Values are written as floats (at most 9 significant digits), not as
+  // widened doubles ("1.5951071000000001").
+  const std::regex number(R"(\[\d+,(-?[0-9.eE+-]+)\])");
+  int n_values = 0;
+  for (const std::string& line : raw_lines) {
+    for (std::sregex_iterator m(line.begin(), line.end(), number), end; m != end; ++m, ++n_values) {
+      EXPECT_LE(SignificantDigits((*m)[1].str()), 9) << (*m)[1].str();
+    }
+  }
+  EXPECT_GT(n_values, 10);
+
+  // The hook dump, against the engine's own capture of the same sequences.
+  std::vector<SequenceRequest> batch(3);
+  for (int i = 0; i < 3; ++i) {
+    batch[i].ids = ids[i];
+    for (size_t s = 0; s < (*engine)->saes().size(); ++s) batch[i].sae_indices.push_back(static_cast<int>(s));
+    batch[i].k = 1;
+    batch[i].capture_hooks = true;
+  }
+  auto expected = (*engine)->Run(batch);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  const std::map<std::string, RawTensor> tensors = ReadSafetensorsRaw(dump);
+  std::set<std::string> hooks;
+  for (const auto& sae : (*engine)->saes()) hooks.insert(sae->hook().Name());
+  EXPECT_EQ(tensors.size(), 3 * hooks.size());
+  const int64_t d_model = (*engine)->model_config().hidden_size;
+  for (const std::string& hook : hooks) {
+    for (int i = 0; i < 3; ++i) {
+      const std::string name = hook + "." + std::to_string(i);
+      auto it = tensors.find(name);
+      ASSERT_NE(it, tensors.end()) << name;
+      const RawTensor& t = it->second;
+      EXPECT_EQ(t.dtype, "F32") << name;
+      ASSERT_EQ(t.shape, (std::vector<int64_t>{static_cast<int64_t>(ids[i].size()), d_model})) << name;
+      const std::vector<float>& want = (*expected)[i].hooks.at(hook);
+      ASSERT_EQ(t.values.size(), want.size()) << name;
+      for (size_t v = 0; v < want.size(); ++v) {
+        ASSERT_NEAR(t.values[v], want[v], 1e-5 + 1e-4 * std::fabs(want[v])) << name << "[" << v << "]";
+      }
+      if (hook.size() > 2 && hook.substr(hook.size() - 2) == "TC") {
+        // Transcoder input: RMS-normalised residual WITHOUT the norm weight,
+        // so every row has mean square ~1.
+        for (int64_t row = 0; row < t.shape[0]; ++row) {
+          double ms = 0;
+          for (int64_t c = 0; c < d_model; ++c) ms += t.values[row * d_model + c] * t.values[row * d_model + c];
+          EXPECT_NEAR(ms / d_model, 1.0, 1e-3) << name << " row " << row;
+        }
+      }
+    }
+  }
+}
+
+TEST(ExtractBinaryTest, ProgressBarOnATerminal) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-tty");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl";
+  std::ofstream(input) << "{\"text\": \"red cat\"}\n{\"text\": \"blue bird\"}\n";
+  // script(1) gives the command a pseudo-terminal.
+  std::string out;
+  ASSERT_EQ(RunShell("script -qec " + Quote(ExtractCommand(input, output, "--batch_tokens 1")) + " /dev/null", &out), 0)
+      << out;
+  EXPECT_NE(out.find("\r[####################...................."), std::string::npos) << out;
+  EXPECT_NE(out.find("] 1/2 lines"), std::string::npos) << out;
+  EXPECT_NE(out.find("] 2/2 lines"), std::string::npos) << out;
 }
 
 TEST(ExtractBinaryTest, SingleLineHookNamesHaveNoSuffix) {

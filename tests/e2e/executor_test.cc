@@ -1,5 +1,7 @@
-// The executor with a fake batch runner: packing, failure isolation, and
-// shutdown, independent of the model.
+// The executor with a fake batch runner, independent of the model: packing to
+// the token budget while a batch runs, failure isolation, admission (requests
+// and tokens), backpressure, cancellation and deadlines, windows, queue delay
+// and shutdown.
 #include "rpc/executor.h"
 
 #include <gtest/gtest.h>
@@ -8,8 +10,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
+
+#include "rpc/windows.h"
 
 namespace sae {
 namespace {
@@ -17,22 +22,44 @@ namespace {
 SequenceRequest Seq(std::vector<int32_t> ids) {
   SequenceRequest r;
   r.ids = std::move(ids);
+  r.sae_indices = {0};
   r.k = 1;
   return r;
 }
 
-// Records batches; holds the runner while `hold` is set.
+ExecutorOptions Options(int max_batch_tokens, int max_inflight_requests) {
+  ExecutorOptions options;
+  options.max_batch_tokens = max_batch_tokens;
+  options.max_inflight_requests = max_inflight_requests;
+  return options;
+}
+
+// Polls `condition` for up to 10 s.
+template <typename F>
+bool WaitFor(F condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return condition();
+}
+
+// Records batches; holds the runner while `hold` is set. Its result for a
+// sequence has one SAE with k=1: index = the token id, value = the position
+// in the sequence, so stitching and windowing can be checked.
 struct FakeRunner {
   std::mutex mu;
   std::condition_variable cv;
   bool hold = false;
-  bool entered = false;
+  int entered = 0;
   std::vector<size_t> batch_sizes;
+  std::vector<std::vector<int32_t>> sequences;
 
   BatchRunner Runner() {
     return [this](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<std::vector<SequenceResult>> {
       std::unique_lock<std::mutex> lock(mu);
-      entered = true;
+      ++entered;
       cv.notify_all();
       cv.wait(lock, [this] { return !hold; });
       batch_sizes.push_back(batch.size());
@@ -41,18 +68,35 @@ struct FakeRunner {
         if (!r.ids.empty() && r.ids[0] == 13) return absl::InvalidArgumentError("poisoned");
       }
       std::vector<SequenceResult> results(batch.size());
-      for (size_t i = 0; i < batch.size(); ++i) results[i].hooks["n"] = std::vector<float>(batch[i].ids.size());
+      for (size_t i = 0; i < batch.size(); ++i) {
+        sequences.push_back(batch[i].ids);
+        SaeTopK top;
+        top.k = 1;
+        for (size_t t = 0; t < batch[i].ids.size(); ++t) {
+          top.indices.push_back(batch[i].ids[t]);
+          top.values.push_back(static_cast<float>(t));
+        }
+        results[i].saes.push_back(std::move(top));
+      }
       return results;
     };
+  }
+  void Hold() {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = true;
   }
   void Release() {
     std::lock_guard<std::mutex> lock(mu);
     hold = false;
     cv.notify_all();
   }
-  void WaitEntered() {
+  void WaitEntered(int n = 1) {
     std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [this] { return entered; });
+    cv.wait(lock, [&] { return entered >= n; });
+  }
+  std::vector<size_t> Batches() {
+    std::lock_guard<std::mutex> lock(mu);
+    return batch_sizes;
   }
 };
 
@@ -60,24 +104,34 @@ struct Outcome {
   std::mutex mu;
   std::condition_variable cv;
   std::vector<absl::Status> statuses;
-  std::vector<size_t> n_tokens;
+  std::vector<SequenceResult> results;
+  std::vector<int> admitted_order;  // slots, in on_admitted order
+  std::vector<bool> admitted_before_done;
   int n_done = 0;
 
-  Job MakeJob(SequenceRequest request, size_t slot, CancelFlag cancelled = nullptr) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      if (statuses.size() <= slot) {
-        statuses.resize(slot + 1);
-        n_tokens.resize(slot + 1);
-      }
+  void Reserve(size_t slot) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (statuses.size() <= slot) {
+      statuses.resize(slot + 1, absl::UnknownError("not called"));
+      results.resize(slot + 1);
+      admitted_before_done.resize(slot + 1);
     }
+  }
+  Job MakeJob(SequenceRequest request, size_t slot, CancelFlag cancelled = nullptr) {
+    Reserve(slot);
     Job job;
     job.request = std::move(request);
     job.cancelled = std::move(cancelled);
+    job.on_admitted = [this, slot] {
+      std::lock_guard<std::mutex> lock(mu);
+      admitted_order.push_back(static_cast<int>(slot));
+    };
     job.done = [this, slot](absl::StatusOr<SequenceResult> result) {
       std::lock_guard<std::mutex> lock(mu);
       statuses[slot] = result.status();
-      if (result.ok()) n_tokens[slot] = result->hooks["n"].size();
+      if (result.ok()) results[slot] = std::move(*result);
+      admitted_before_done[slot] =
+          std::find(admitted_order.begin(), admitted_order.end(), static_cast<int>(slot)) != admitted_order.end();
       ++n_done;
       cv.notify_all();
     };
@@ -87,29 +141,68 @@ struct Outcome {
     std::unique_lock<std::mutex> lock(mu);
     ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return n_done >= n; }));
   }
+  absl::Status Status(size_t slot) {
+    std::lock_guard<std::mutex> lock(mu);
+    return statuses[slot];
+  }
+  int Done() {
+    std::lock_guard<std::mutex> lock(mu);
+    return n_done;
+  }
 };
 
-TEST(ExecutorTest, PacksQueuedJobsUpToTheTokenBudget) {
+TEST(WindowsTest, SplitPrependsBosOnlyWhenTheRequestStartsWithIt) {
+  const std::vector<int32_t> with_bos = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+  std::vector<Window> w = SplitIntoWindows(with_bos, 4, /*bos=*/0);
+  ASSERT_EQ(w.size(), 3u);
+  EXPECT_EQ(w[0].begin, 0);
+  EXPECT_EQ(w[0].end, 4);
+  EXPECT_FALSE(w[0].bos_prepended);
+  EXPECT_EQ(w[1].begin, 4);
+  EXPECT_EQ(w[1].end, 7);
+  EXPECT_TRUE(w[1].bos_prepended);
+  EXPECT_EQ(w[2].begin, 7);
+  EXPECT_EQ(w[2].end, 10);
+  for (const Window& window : w) EXPECT_LE(window.n_tokens(), 4);
+  EXPECT_EQ(WindowRequest(Seq(with_bos), w[1], 0).ids, (std::vector<int32_t>{0, 4, 5, 6}));
+
+  const std::vector<int32_t> no_bos = {5, 1, 2, 3, 4, 5, 6, 7, 8};
+  w = SplitIntoWindows(no_bos, 4, /*bos=*/0);
+  ASSERT_EQ(w.size(), 3u);
+  EXPECT_EQ(w[1].begin, 4);
+  EXPECT_EQ(w[1].end, 8);
+  EXPECT_FALSE(w[1].bos_prepended);
+  EXPECT_EQ(w[2].n_tokens(), 1);
+
+  EXPECT_EQ(SplitIntoWindows(with_bos, 0, 0).size(), 1u);
+  EXPECT_EQ(SplitIntoWindows(with_bos, 10, 0).size(), 1u);
+}
+
+TEST(ExecutorTest, PacksQueuedJobsUpToTheTokenBudgetWhileABatchRuns) {
   FakeRunner fake;
-  fake.hold = true;
-  auto executor = Executor::Create(fake.Runner(), {/*max_batch_tokens=*/10, /*max_inflight_requests=*/16});
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(/*max_batch_tokens=*/10, /*max_inflight_requests=*/16));
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
   fake.WaitEntered();
-  // Queued behind the held batch: 4 + 4 fit in 10 tokens, the third does not.
+  // Staged behind the held batch: 4 + 4 fit in 10 tokens, the third does not.
   for (size_t i = 1; i <= 3; ++i) ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1, 2, 3, 4}), i)).ok());
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->queued_tokens() == 13; }));
   fake.Release();
   outcome.WaitDone(4);
-  EXPECT_EQ(fake.batch_sizes, (std::vector<size_t>{1, 2, 1}));
+  EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1, 2, 1}));
   for (size_t i = 0; i < 4; ++i) EXPECT_TRUE(outcome.statuses[i].ok());
-  EXPECT_EQ(outcome.n_tokens[2], 4u);  // results go back to their own job
+  // Results go back to their own job.
+  EXPECT_EQ(outcome.results[2].saes[0].indices, (std::vector<int32_t>{1, 2, 3, 4}));
+  EXPECT_EQ((*executor)->queued_tokens(), 0);
+  EXPECT_EQ((*executor)->inflight(), 0);
 }
 
 TEST(ExecutorTest, OneBadJobDoesNotFailItsBatch) {
   FakeRunner fake;
-  fake.hold = true;
-  auto executor = Executor::Create(fake.Runner(), {100, 16});
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 16));
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
@@ -124,20 +217,20 @@ TEST(ExecutorTest, OneBadJobDoesNotFailItsBatch) {
   EXPECT_TRUE(outcome.statuses[3].ok());
 }
 
-TEST(ExecutorTest, AdmissionCancellationAndShutdown) {
+TEST(ExecutorTest, RequestAdmissionAndShutdown) {
   FakeRunner fake;
-  fake.hold = true;
-  auto executor = Executor::Create(fake.Runner(), {100, 3});
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 3));
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
   fake.WaitEntered();
-  auto cancelled = std::make_shared<std::atomic<bool>>(false);
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1, cancelled)).ok());
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2)).ok());
-  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kResourceExhausted);
+  absl::Status refused = (*executor)->Submit(outcome.MakeJob(Seq({4}), 3));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("max_inflight_requests"), std::string::npos) << refused;
   EXPECT_EQ((*executor)->inflight(), 3);
-  cancelled->store(true);
 
   std::thread stopper([&] { (*executor)->Shutdown(); });
   // Shutdown refuses new work at once, then waits for the running batch.
@@ -151,8 +244,175 @@ TEST(ExecutorTest, AdmissionCancellationAndShutdown) {
   // Queued jobs are failed, not run, once shutdown started.
   EXPECT_EQ(outcome.statuses[1].code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(outcome.statuses[2].code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(fake.batch_sizes, (std::vector<size_t>{1}));
+  EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1}));
   EXPECT_EQ((*executor)->inflight(), 0);
+}
+
+TEST(ExecutorTest, QueuedTokensAreBounded) {
+  FakeRunner fake;
+  fake.Hold();
+  ExecutorOptions options = Options(100, 16);
+  options.max_queued_tokens = 10;
+  auto executor = Executor::Create(fake.Runner(), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1, 2, 3, 4, 5, 6}), 0)).ok());
+  fake.WaitEntered();
+  absl::Status refused = (*executor)->Submit(outcome.MakeJob(Seq({1, 2, 3, 4, 5}), 1));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("max_queued_tokens"), std::string::npos) << refused;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1, 2, 3, 4}), 2)).ok());  // exactly 10
+  EXPECT_EQ((*executor)->queued_tokens(), 10);
+  fake.Release();
+  outcome.WaitDone(2);
+  EXPECT_EQ((*executor)->queued_tokens(), 0);
+  // With nothing queued, a job bigger than the bound still runs (alone).
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq(std::vector<int32_t>(12, 1)), 3)).ok());
+  outcome.WaitDone(3);
+  EXPECT_TRUE(outcome.Status(3).ok());
+}
+
+TEST(ExecutorTest, CancelledQueuedJobIsDroppedAndFreesItsSlotAtOnce) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 2));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  fake.WaitEntered();
+  auto cancelled = std::make_shared<std::atomic<bool>>(false);
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1, cancelled)).ok());
+  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({3}), 2)).code(), absl::StatusCode::kResourceExhausted);
+  cancelled->store(true);
+  // Freed while the running batch is still held.
+  outcome.WaitDone(1);
+  EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ((*executor)->inflight(), 1);
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).ok());
+  fake.Release();
+  outcome.WaitDone(3);
+  EXPECT_TRUE(outcome.Status(3).ok());
+  for (const auto& s : fake.sequences) EXPECT_NE(s, (std::vector<int32_t>{2})) << "the cancelled job ran";
+}
+
+TEST(ExecutorTest, JobPastItsDeadlineIsDroppedBeforeRunning) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 4));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  fake.WaitEntered();
+  Job late = outcome.MakeJob(Seq({2}), 1);
+  late.deadline = Clock::now() + std::chrono::milliseconds(50);
+  ASSERT_TRUE((*executor)->Submit(std::move(late)).ok());
+  outcome.WaitDone(1);
+  EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kDeadlineExceeded);
+  fake.Release();
+  outcome.WaitDone(2);
+  EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1}));
+}
+
+TEST(ExecutorTest, BackpressureWaitsInLineInOrder) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0), Executor::WhenFull::kWait).ok());
+  fake.WaitEntered();
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1), Executor::WhenFull::kWait).ok());
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2), Executor::WhenFull::kWait).ok());
+  EXPECT_EQ((*executor)->waiting(), 2);
+  {
+    std::lock_guard<std::mutex> lock(outcome.mu);
+    EXPECT_EQ(outcome.admitted_order, (std::vector<int>{0})) << "only the first was admitted";
+  }
+  // Nobody overtakes the line, even a rejecting submitter.
+  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kResourceExhausted);
+  fake.Release();
+  outcome.WaitDone(3);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(outcome.statuses[i].ok()) << i;
+    EXPECT_TRUE(outcome.admitted_before_done[i]) << i;
+  }
+  EXPECT_EQ(outcome.admitted_order, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ((*executor)->waiting(), 0);
+}
+
+TEST(ExecutorTest, StopAdmittingFailsTheLineAndFinishesAdmittedJobs) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  fake.WaitEntered();
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1), Executor::WhenFull::kWait).ok());
+  (*executor)->StopAdmitting();
+  outcome.WaitDone(1);
+  EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(outcome.admitted_before_done[1]) << "on_admitted comes first even on failure";
+  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({3}), 2)).code(), absl::StatusCode::kUnavailable);
+  fake.Release();
+  outcome.WaitDone(2);
+  EXPECT_TRUE(outcome.Status(0).ok());
+}
+
+TEST(ExecutorTest, LongJobRunsAsWindowsStitchedOrStreamedInOrder) {
+  FakeRunner fake;
+  ExecutorOptions options = Options(/*max_batch_tokens=*/4, 4);
+  options.max_seq_len = 4;
+  options.bos_id = 0;
+  auto executor = Executor::Create(fake.Runner(), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  const std::vector<int32_t> ids = {0, 11, 12, 13, 14, 15, 16, 17, 18, 19};
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq(ids), 0)).ok());
+  outcome.WaitDone(1);
+  ASSERT_TRUE(outcome.statuses[0].ok()) << outcome.statuses[0];
+  // One window per batch (budget 4); later windows start with BOS.
+  EXPECT_EQ(fake.sequences, (std::vector<std::vector<int32_t>>{{0, 11, 12, 13}, {0, 14, 15, 16}, {0, 17, 18, 19}}));
+  // Stitched: the prepended BOS rows are gone; positions restart per window.
+  EXPECT_EQ(outcome.results[0].saes[0].indices, ids);
+  EXPECT_EQ(outcome.results[0].saes[0].values, (std::vector<float>{0, 1, 2, 3, 1, 2, 3, 1, 2, 3}));
+
+  // Streamed: one callback per window, in order, before done.
+  std::mutex mu;
+  std::vector<std::pair<int, int>> windows;
+  std::vector<int32_t> streamed;
+  Job job = outcome.MakeJob(Seq(ids), 1);
+  job.on_window = [&](const Window& window, SequenceResult result) {
+    std::lock_guard<std::mutex> lock(mu);
+    windows.push_back({window.begin, window.end});
+    streamed.insert(streamed.end(), result.saes[0].indices.begin(), result.saes[0].indices.end());
+  };
+  ASSERT_TRUE((*executor)->Submit(std::move(job)).ok());
+  outcome.WaitDone(2);
+  ASSERT_TRUE(outcome.Status(1).ok());
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(windows, (std::vector<std::pair<int, int>>{{0, 4}, {4, 7}, {7, 10}}));
+  EXPECT_EQ(streamed, ids);
+}
+
+TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
+  FakeRunner fake;
+  ExecutorOptions options = Options(100, 8);
+  options.max_queue_delay = std::chrono::milliseconds(300);
+  auto executor = Executor::Create(fake.Runner(), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  const auto start = Clock::now();
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
+  outcome.WaitDone(2);
+  EXPECT_EQ(fake.Batches(), (std::vector<size_t>{2})) << "the engine was idle, yet the first job waited for company";
+  EXPECT_GE(Clock::now() - start, std::chrono::milliseconds(250));
+  // A full batch does not wait.
+  const auto full_start = Clock::now();
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq(std::vector<int32_t>(100, 1)), 2)).ok());
+  outcome.WaitDone(3);
+  EXPECT_LT(Clock::now() - full_start, std::chrono::milliseconds(250));
 }
 
 }  // namespace

@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -20,6 +22,7 @@
 
 #include "core/engine.h"
 #include "rpc/executor.h"
+#include "rpc/extract_request.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
 
@@ -661,6 +664,263 @@ TEST(ServiceNotReadyTest, UnavailableUntilAttached) {
   std::vector<v1::ExtractResponse> responses;
   EXPECT_EQ(client->Extract(TextRequest("hi"), &responses).error_code(), grpc::StatusCode::UNAVAILABLE);
   server->Shutdown();
+}
+
+// ---- per-request options: min_activation, watch, omit_pieces/offsets, reconstruction_error ----
+
+// Engine::Run of one request with options, on the test thread's own engine.
+SequenceResult RunDirectRequest(const SequenceRequest& request) {
+  auto results = env->reference->Run({request});
+  EXPECT_TRUE(results.ok()) << results.status();
+  return results.ok() ? std::move(results->front()) : SequenceResult();
+}
+
+std::vector<int32_t> IdsOf(const std::vector<v1::TokenFeatures>& tokens) {
+  std::vector<int32_t> ids;
+  for (const auto& t : tokens) ids.push_back(static_cast<int32_t>(t.token_id()));
+  return ids;
+}
+
+std::vector<v1::TokenFeatures> ExtractTokens(SaeClient* client, const v1::ExtractRequest& request) {
+  std::vector<v1::ExtractResponse> responses;
+  const grpc::Status status = client->Extract(request, &responses);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return Tokens(responses);
+}
+
+std::vector<std::pair<uint32_t, float>> Features(const v1::SaeFeatures& s) {
+  std::vector<std::pair<uint32_t, float>> out;
+  for (int i = 0; i < s.indices_size(); ++i) out.emplace_back(s.indices(i), s.values(i));
+  return out;
+}
+
+TEST_F(ServiceTest, OmitPiecesAndOffsetsLeaveFeaturesAlone) {
+  const std::vector<v1::TokenFeatures> base = ExtractTokens(client_.get(), TextRequest(kText));
+  ASSERT_GT(base.size(), 3u);
+  ASSERT_GT(base.back().char_end(), 0u) << "text input must carry offsets";
+  for (int mode = 1; mode <= 3; ++mode) {
+    const bool omit_pieces = mode & 1, omit_offsets = mode & 2;
+    v1::ExtractRequest request = TextRequest(kText);
+    request.set_omit_pieces(omit_pieces);
+    request.set_omit_offsets(omit_offsets);
+    const std::vector<v1::TokenFeatures> got = ExtractTokens(client_.get(), request);
+    ASSERT_EQ(got.size(), base.size());
+    for (size_t t = 0; t < got.size(); ++t) {
+      EXPECT_EQ(got[t].token_id(), base[t].token_id());
+      EXPECT_EQ(got[t].piece(), omit_pieces ? "" : base[t].piece()) << "mode " << mode << " token " << t;
+      EXPECT_EQ(got[t].char_start(), omit_offsets ? 0u : base[t].char_start()) << "mode " << mode;
+      EXPECT_EQ(got[t].char_end(), omit_offsets ? 0u : base[t].char_end()) << "mode " << mode;
+      ASSERT_EQ(got[t].saes_size(), base[t].saes_size());
+      for (int s = 0; s < got[t].saes_size(); ++s) EXPECT_EQ(Features(got[t].saes(s)), Features(base[t].saes(s)));
+    }
+  }
+}
+
+TEST_F(ServiceTest, MinActivationDropsOnlySmallerFeatures) {
+  v1::ExtractRequest request = TextRequest("The red cat and the green dog in Paris.");
+  request.set_k(kMaxK);
+  const std::vector<v1::TokenFeatures> base = ExtractTokens(client_.get(), request);
+  std::vector<float> values;
+  for (const auto& t : base)
+    for (const auto& s : t.saes()) values.insert(values.end(), s.values().begin(), s.values().end());
+  ASSERT_GT(values.size(), 10u);
+  std::sort(values.begin(), values.end());
+  const float cut = values[values.size() / 2];  // a reported value: kept, since only values < cut drop
+  request.set_min_activation(cut);
+  const std::vector<v1::TokenFeatures> got = ExtractTokens(client_.get(), request);
+  ASSERT_EQ(got.size(), base.size());
+  int dropped = 0, kept = 0;
+  for (size_t t = 0; t < got.size(); ++t) {
+    for (int s = 0; s < got[t].saes_size(); ++s) {
+      std::vector<std::pair<uint32_t, float>> want;
+      for (const auto& f : Features(base[t].saes(s))) (f.second >= cut ? want.push_back(f) : void(++dropped));
+      kept += static_cast<int>(want.size());
+      EXPECT_EQ(Features(got[t].saes(s)), want) << "token " << t << " sae " << got[t].saes(s).sae();
+    }
+  }
+  EXPECT_GT(dropped, 0);
+  EXPECT_GT(kept, 0);
+}
+
+TEST_F(ServiceTest, WatchListReportsWatchedFeaturesAndMatchesEngine) {
+  const auto& saes = env->reference->saes();
+  const std::string watched_sae = saes[0]->name(), other_sae = saes.back()->name();
+  v1::ExtractRequest request = TextRequest("The red cat and the green dog flew to Rome and Paris.");
+  request.add_saes(watched_sae);
+  request.add_saes(other_sae);
+  request.set_k(kMaxK);
+  const std::vector<v1::TokenFeatures> base = ExtractTokens(client_.get(), request);
+  // Features that fire but rank below 3 somewhere, plus features that never fire.
+  std::set<uint32_t> fired;
+  std::vector<uint32_t> watch;
+  for (const auto& t : base) {
+    const auto f = Features(t.saes(0));
+    for (size_t j = 0; j < f.size(); ++j) {
+      fired.insert(f[j].first);
+      if (j >= 3 && watch.size() < 10 && std::find(watch.begin(), watch.end(), f[j].first) == watch.end()) {
+        watch.push_back(f[j].first);
+      }
+    }
+  }
+  ASSERT_FALSE(watch.empty());
+  for (uint32_t f = 0; watch.size() < 16; ++f)
+    if (!fired.count(f)) watch.push_back(f);
+
+  request.set_k(3);
+  v1::FeatureWatch* w = request.add_watch();
+  w->set_sae(watched_sae);
+  for (uint32_t f : watch) w->add_features(f);
+  const std::vector<v1::TokenFeatures> got = ExtractTokens(client_.get(), request);
+  ASSERT_EQ(got.size(), base.size());
+
+  SequenceRequest direct;
+  direct.ids = IdsOf(got);
+  direct.sae_indices = {0, static_cast<int>(saes.size()) - 1};
+  direct.k = 3;
+  direct.watch = {std::vector<int32_t>(watch.begin(), watch.end()), {}};
+  const SequenceResult want = RunDirectRequest(direct);
+  ASSERT_EQ(want.saes.size(), 2u);
+  int outside_top3 = 0;
+  for (size_t t = 0; t < got.size(); ++t) {
+    for (int s = 0; s < 2; ++s) {
+      const auto have = Features(got[t].saes(s));
+      const SaeTopK& top = want.saes[s];
+      ASSERT_EQ(static_cast<int>(have.size()), top.n_active(static_cast<int>(t))) << "token " << t << " sae " << s;
+      for (size_t j = 0; j < have.size(); ++j) {
+        EXPECT_EQ(have[j].first, static_cast<uint32_t>(top.indices[t * top.k + j])) << "token " << t;
+        EXPECT_NEAR(have[j].second, top.values[t * top.k + j], 1e-6f * (1 + std::abs(have[j].second)));
+      }
+    }
+    const auto base_top = Features(base[t].saes(0));
+    for (const auto& f : Features(got[t].saes(0))) {
+      EXPECT_NE(std::find(watch.begin(), watch.end(), f.first), watch.end()) << "unwatched feature " << f.first;
+      bool in_top3 = false;
+      for (size_t j = 0; j < base_top.size() && j < 3; ++j) in_top3 |= base_top[j].first == f.first;
+      outside_top3 += !in_top3;
+    }
+    // The SAE without a watch list keeps its global top 3.
+    auto other = Features(base[t].saes(1));
+    other.resize(std::min<size_t>(3, other.size()));
+    EXPECT_EQ(Features(got[t].saes(1)), other) << "token " << t;
+  }
+  EXPECT_GT(outside_top3, 0) << "a watched feature outside the global top 3 must be reported";
+}
+
+TEST_F(ServiceTest, ReconstructionErrorPerTokenAndSae) {
+  v1::ExtractRequest request = TextRequest(kText);
+  const std::vector<v1::TokenFeatures> plain = ExtractTokens(client_.get(), request);
+  for (const auto& t : plain)
+    for (const auto& s : t.saes()) EXPECT_FALSE(s.has_reconstruction_error()) << "not asked for";
+
+  request.set_reconstruction_error(true);
+  const std::vector<v1::TokenFeatures> got = ExtractTokens(client_.get(), request);
+  ASSERT_GT(got.size(), 2u);
+  SequenceRequest direct;
+  direct.ids = IdsOf(got);
+  direct.sae_indices = AllSaeIndices();
+  direct.k = kDefaultK;
+  direct.reconstruction_error = true;
+  const SequenceResult want = RunDirectRequest(direct);
+  for (size_t t = 0; t < got.size(); ++t) {
+    ASSERT_EQ(got[t].saes_size(), static_cast<int>(want.saes.size()));
+    for (int s = 0; s < got[t].saes_size(); ++s) {
+      const v1::SaeFeatures& f = got[t].saes(s);
+      if (t == 0) {  // BOS
+        EXPECT_FALSE(f.has_reconstruction_error()) << f.sae();
+        continue;
+      }
+      ASSERT_TRUE(f.has_reconstruction_error()) << f.sae() << " token " << t;
+      EXPECT_TRUE(std::isfinite(f.reconstruction_error()) && f.reconstruction_error() >= 0) << f.sae();
+      EXPECT_NEAR(f.reconstruction_error(), want.saes[s].reconstruction_error[t],
+                  1e-6f * (1 + want.saes[s].reconstruction_error[t]))
+          << f.sae() << " token " << t;
+    }
+  }
+  request.set_include_bos(true);
+  const std::vector<v1::TokenFeatures> with_bos = ExtractTokens(client_.get(), request);
+  ASSERT_FALSE(with_bos.empty());
+  for (const auto& s : with_bos[0].saes()) EXPECT_TRUE(s.has_reconstruction_error()) << s.sae() << " at BOS";
+}
+
+TEST_F(ServiceTest, OptionsOverExtractStreamMatchExtract) {
+  v1::ExtractRequest request = TextRequest("Two green birds flew over London.", "opts");
+  request.set_min_activation(1.5f);
+  request.set_omit_pieces(true);
+  request.set_reconstruction_error(true);
+  v1::FeatureWatch* w = request.add_watch();
+  w->set_sae(env->reference->saes()[1]->name());
+  for (uint32_t f : {3u, 1u, 4u, 100u, 200u, 300u, 400u, 500u}) w->add_features(f);
+  const std::vector<v1::TokenFeatures> single = ExtractTokens(client_.get(), request);
+
+  grpc::ClientContext context;
+  auto stream = client_->stub()->ExtractStream(&context);
+  ASSERT_TRUE(stream->Write(request));
+  auto by_id = ReadUntilDone(stream.get(), {"opts"});
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  const std::vector<v1::TokenFeatures> streamed = Tokens(by_id["opts"]);
+  ASSERT_EQ(streamed.size(), single.size());
+  for (size_t t = 0; t < single.size(); ++t) {
+    EXPECT_EQ(streamed[t].SerializeAsString(), single[t].SerializeAsString()) << "token " << t;
+    EXPECT_EQ(streamed[t].piece(), "");
+  }
+}
+
+TEST_F(ServiceTest, BadOptionsAreInvalidArgument) {
+  const auto& saes = env->reference->saes();
+  const std::string first = saes[0]->name();
+  const int d_sae = saes[0]->hyperparams().d_sae;
+  struct Case {
+    std::string name;
+    v1::ExtractRequest request;
+    std::string message_part;
+  };
+  std::vector<Case> cases;
+  auto add = [&](const std::string& name, const std::string& message_part, auto edit) {
+    v1::ExtractRequest request = TextRequest("hi");
+    edit(&request);
+    cases.push_back({name, request, message_part});
+  };
+  auto watch = [](v1::ExtractRequest* r, const std::string& sae, std::vector<uint32_t> features) {
+    v1::FeatureWatch* w = r->add_watch();
+    w->set_sae(sae);
+    for (uint32_t f : features) w->add_features(f);
+  };
+  add("NaN min_activation", "min_activation", [](v1::ExtractRequest* r) { r->set_min_activation(std::nanf("")); });
+  add("negative min_activation", "min_activation must be a finite number >= 0",
+      [](v1::ExtractRequest* r) { r->set_min_activation(-0.5f); });
+  add("infinite min_activation", "min_activation",
+      [](v1::ExtractRequest* r) { r->set_min_activation(std::numeric_limits<float>::infinity()); });
+  add("watch names an unknown SAE", "watch[0].sae", [&](v1::ExtractRequest* r) { watch(r, "L99R-8x", {1}); });
+  add("watch names an SAE not requested", "is not one of the requested saes", [&](v1::ExtractRequest* r) {
+    r->add_saes(saes[1]->name());
+    watch(r, first, {1});
+  });
+  add("feature >= d_sae", "watch[0].features[1] = " + std::to_string(d_sae) + " is out of range",
+      [&](v1::ExtractRequest* r) {
+        watch(r, first, {0, static_cast<uint32_t>(d_sae)});
+      });
+  add("duplicate feature", "watch[0].features[2] = 7 is listed twice", [&](v1::ExtractRequest* r) {
+    watch(r, first, {7, 8, 7});
+  });
+  add("SAE watched twice", "watch[1] names SAE", [&](v1::ExtractRequest* r) {
+    watch(r, first, {1});
+    watch(r, first, {2});
+  });
+  add("empty watch", "lists no features", [&](v1::ExtractRequest* r) { watch(r, first, {}); });
+  add("too many watched features", "at most " + std::to_string(kMaxWatchedFeaturesPerSae), [&](v1::ExtractRequest* r) {
+    std::vector<uint32_t> many(kMaxWatchedFeaturesPerSae + 1);
+    for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<uint32_t>(i % d_sae);
+    watch(r, first, many);
+  });
+  for (const Case& c : cases) {
+    std::vector<v1::ExtractResponse> responses;
+    const grpc::Status status = client_->Extract(c.request, &responses);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.name << ": " << status.error_message();
+    EXPECT_NE(status.error_message().find(c.message_part), std::string::npos)
+        << c.name << ": " << status.error_message();
+    EXPECT_TRUE(responses.empty()) << c.name;
+  }
 }
 
 }  // namespace

@@ -8,7 +8,7 @@ standard library (Debian python3-torch 1.13 works).
 Usage
 -----
   /usr/bin/python3 tests/reference/llama_reference.py --model DIR --sae DIR [--sae DIR ...] \
-      --input IN.jsonl --output OUT.safetensors [--lm-saes-form] [--hook L3R ...]
+      --input IN.jsonl --output OUT.safetensors [--lm-saes-form] [--hook L3R ...] [--recon-err]
   /usr/bin/python3 tests/reference/llama_reference.py --selfcheck
 
 IN.jsonl: one {"token_ids": [...]} per line. Every line is its own sequence, with
@@ -18,6 +18,8 @@ OUT.safetensors (every tensor F32, computed in float64 and rounded once):
   hook.<HOOK>.<i>      [n_tokens, d_model]  hook activation for line i (HOOK = L3R, L3A, L3M, L3TC)
   sae.<NAME>.pre.<i>   [n_tokens, d_sae]    value before thresholding (h, or h'' with --lm-saes-form)
   sae.<NAME>.f.<i>     [n_tokens, d_sae]    feature activation after JumpReLU / TopK
+  sae.<NAME>.recon_err.<i>  [n_tokens]      with --recon-err: fraction of variance unexplained
+                                            (also writes hook.<HOOK_OUT>.<i>, the target)
 NAME is the SAE folder name (trailing slashes ignored). All token positions are
 written, BOS included; drop position 0 yourself when comparing with output that
 excludes BOS.
@@ -74,6 +76,13 @@ default form is the SAELens / Neuronpedia conversion of the same checkpoints):
         jumprelu: f_i = h''_i if h''_i > theta else 0
   * act_fn "topk" (either form): f keeps the top_k largest pre-activations that are
     also > 0 and zeroes the rest (ties broken toward the lower feature index).
+  * Reconstruction ("form B"), with --recon-err: for the features active under the
+    chosen form's rule (f_i != 0 above; ALL of them, not a top-k),
+        y_hat = (sum_i h_i d_i + b_dec) / s_out,   h_i = w_i . (s_in x) + b_i
+    (h is the SAELens-form value in both forms; b_dec = decoder.bias), and
+        recon_err = ||y - y_hat||^2 / ||y||^2      per token (fraction of variance unexplained)
+    where y is the activation at hyperparams.hook_point_out (the input hook for R/A/M
+    SAEs; blocks.N.hook_mlp_out, i.e. L{N}M, for transcoders).
 """
 
 import argparse
@@ -424,17 +433,19 @@ def hook_from_point(point, origin):
         m = rx.match(point)
         if m:
             return "L%d%s" % (int(m.group(1)), kind)
-    fail("%s: unsupported hook_point_in %r" % (origin, point))
+    fail("%s: unsupported hook point %r" % (origin, point))
 
 
 class Sae:
-    def __init__(self, name, hp, w_enc, b_enc, w_dec, origin="sae"):
-        """hp: parsed hyperparams dict; tensors float64 (w_dec may be None unless lm-saes form)."""
+    def __init__(self, name, hp, w_enc, b_enc, w_dec, origin="sae", b_dec=None):
+        """hp: parsed hyperparams dict; tensors float64 (w_dec may be None unless lm-saes form;
+        b_dec is only needed for reconstructions)."""
         self.name = name
         self.d_model = int(_req(hp, "d_model", origin))
         self.d_sae = int(_req(hp, "d_sae", origin))
         self.act_fn = _req(hp, "act_fn", origin)
         self.hook = hook_from_point(_req(hp, "hook_point_in", origin), origin)
+        self.hook_out = hook_from_point(hp.get("hook_point_out") or hp["hook_point_in"], origin)
         if self.act_fn == "jumprelu":
             self.theta = float(_req(hp, "jump_relu_threshold", origin))
         elif self.act_fn == "topk":
@@ -464,10 +475,12 @@ class Sae:
         if w_dec is not None and list(w_dec.shape) != [self.d_model, self.d_sae]:
             fail("%s: decoder.weight shape %s != [d_model %d, d_sae %d]"
                  % (origin, list(w_dec.shape), self.d_model, self.d_sae))
-        self.w_enc, self.b_enc, self.w_dec = w_enc, b_enc, w_dec
+        if b_dec is not None and list(b_dec.shape) != [self.d_model]:
+            fail("%s: decoder.bias shape %s != [%d]" % (origin, list(b_dec.shape), self.d_model))
+        self.w_enc, self.b_enc, self.w_dec, self.b_dec = w_enc, b_enc, w_dec, b_dec
 
     @staticmethod
-    def from_dir(sae_dir, need_decoder):
+    def from_dir(sae_dir, need_decoder, need_decoder_bias=False):
         name = os.path.basename(os.path.normpath(sae_dir))
         hp_path = os.path.join(sae_dir, "hyperparams.json")
         try:
@@ -479,8 +492,9 @@ class Sae:
         if not os.path.exists(ck):
             fail("%s: missing checkpoint file" % ck)
         st = SafetensorsFile(ck)
-        w_dec = st.get("decoder.weight") if need_decoder else None
-        return Sae(name, hp, st.get("encoder.weight"), st.get("encoder.bias"), w_dec, hp_path)
+        w_dec = st.get("decoder.weight") if need_decoder or need_decoder_bias else None
+        b_dec = st.get("decoder.bias") if need_decoder_bias else None
+        return Sae(name, hp, st.get("encoder.weight"), st.get("encoder.bias"), w_dec, hp_path, b_dec)
 
     def encode(self, x, lm_saes_form):
         """x [T, d_model] float64 -> (pre, f) float64 [T, d_sae]."""
@@ -495,6 +509,19 @@ class Sae:
         else:
             f = topk_activation(pre, self.top_k)
         return pre, f
+
+    def recon_err(self, x, y, lm_saes_form):
+        """x: input hook [T, d_model], y: hook_point_out [T, d_model] -> [T] float64."""
+        if self.w_dec is None or self.b_dec is None:
+            fail("SAE %s: decoder.weight and decoder.bias are needed for --recon-err" % self.name)
+        pre, f = self.encode(x, lm_saes_form)
+        if self.act_fn == "jumprelu":
+            active = pre > (self.theta if lm_saes_form else self.theta * self.s_in)
+        else:
+            active = f != 0
+        h = (self.s_in * x) @ self.w_enc.t() + self.b_enc  # SAELens-form value in both forms
+        y_hat = ((h * active) @ self.w_dec.t() + self.b_dec) / self.s_out
+        return ((y - y_hat) ** 2).sum(dim=1) / (y * y).sum(dim=1)
 
 
 def topk_activation(pre, k):
@@ -538,8 +565,9 @@ def read_inputs(path):
     return seqs
 
 
-def run(model, saes, seqs, extra_hooks, lm_saes_form):
-    hooks = sorted(set([s.hook for s in saes] + list(extra_hooks)))
+def run(model, saes, seqs, extra_hooks, lm_saes_form, recon=False):
+    targets = [s.hook_out for s in saes] if recon else []
+    hooks = sorted(set([s.hook for s in saes] + targets + list(extra_hooks)))
     out = {}
     for i, ids in enumerate(seqs):
         acts = forward(model, ids, hooks)
@@ -549,6 +577,8 @@ def run(model, saes, seqs, extra_hooks, lm_saes_form):
             pre, f = s.encode(acts[s.hook], lm_saes_form)
             out["sae.%s.pre.%d" % (s.name, i)] = pre
             out["sae.%s.f.%d" % (s.name, i)] = f
+            if recon:
+                out["sae.%s.recon_err.%d" % (s.name, i)] = s.recon_err(acts[s.hook], acts[s.hook_out], lm_saes_form)
     return out
 
 
@@ -559,14 +589,15 @@ def main_cli(args):
         fail("give at least one --sae (or --hook)")
     torch.set_num_threads(1)  # deterministic reduction order
     cfg = Config.from_dir(args.model)
-    saes = [Sae.from_dir(d, args.lm_saes_form) for d in (args.sae or [])]
+    recon = bool(getattr(args, "recon_err", False))
+    saes = [Sae.from_dir(d, args.lm_saes_form, recon) for d in (args.sae or [])]
     names = [s.name for s in saes]
     if len(set(names)) != len(names):
         fail("two --sae folders share the name %s" % names)
     for h in args.hook or []:
         if not HOOK_RE.match(h):
             fail("bad --hook %r (expected like L3R, L3A, L3M, L3TC)" % h)
-    hooks = set([s.hook for s in saes] + list(args.hook or []))
+    hooks = set([s.hook for s in saes] + list(args.hook or []) + ([s.hook_out for s in saes] if recon else []))
     last = max(int(HOOK_RE.match(h).group(1)) for h in hooks)
     if last >= cfg.n_layers:
         fail("hook layer %d but the model has %d layers" % (last, cfg.n_layers))
@@ -576,7 +607,7 @@ def main_cli(args):
     store = WeightStore(args.model)
     model = Model(cfg, store.get, last + 1)
     seqs = read_inputs(args.input)
-    out = run(model, saes, seqs, args.hook or [], args.lm_saes_form)
+    out = run(model, saes, seqs, args.hook or [], args.lm_saes_form, recon)
     write_safetensors(args.output, out, "F32")
     print("wrote %d tensors for %d sequences to %s" % (len(out), len(seqs), args.output))
 
@@ -680,6 +711,25 @@ def naive_encode(sae, x, lm_saes_form):
                 if pre[t, i] > 0:
                     f[t, i] = pre[t, i]
     return pre, f
+
+
+def naive_recon_err(sae, x, y, lm_saes_form):
+    """Per-token scalar loops: ||y - y_hat||^2 / ||y||^2 over the active features."""
+    pre, f = naive_encode(sae, x, lm_saes_form)
+    errs = []
+    for t in range(x.shape[0]):
+        y_hat = [float(sae.b_dec[c]) for c in range(sae.d_model)]
+        for i in range(sae.d_sae):
+            if float(f[t, i]) == 0.0:
+                continue
+            h = sum(float(sae.w_enc[i, j]) * sae.s_in * float(x[t, j]) for j in range(sae.d_model))
+            h += float(sae.b_enc[i])
+            for c in range(sae.d_model):
+                y_hat[c] += h * float(sae.w_dec[c, i])
+        num = sum((float(y[t, c]) - y_hat[c] / sae.s_out) ** 2 for c in range(sae.d_model))
+        den = sum(float(y[t, c]) ** 2 for c in range(sae.d_model))
+        errs.append(num / den)
+    return torch.tensor(errs, dtype=torch.float64)
 
 
 def _to_bf16_bytes(t):
@@ -836,13 +886,15 @@ def selfcheck():
         sae_dirs, mem_saes = [], []
         d_sae = 48
         for nm, point, act in sae_specs:
+            # A transcoder reconstructs the MLP output of its layer.
+            point_out = point.replace("ln2.hook_normalized", "hook_mlp_out")
             sd = os.path.join(tmp, "saes", nm)
             os.makedirs(os.path.join(sd, "checkpoints"))
             hp = {"d_model": c.hidden, "d_sae": d_sae, "act_fn": act, "jump_relu_threshold": 0.3,
                   "top_k": 5, "norm_activation": "dataset-wise",
                   "dataset_average_activation_norm": {"in": 3.7, "out": 2.1},
                   "sparsity_include_decoder_norm": True, "hook_point_in": point,
-                  "hook_point_out": point}
+                  "hook_point_out": point_out}
             with open(os.path.join(sd, "hyperparams.json"), "w") as fh:
                 json.dump(hp, fh)
             ents, mem = [], {}
@@ -855,7 +907,7 @@ def selfcheck():
             _write_raw_safetensors(os.path.join(sd, "checkpoints", "final.safetensors"), ents)
             sae_dirs.append(sd + "/")
             mem_saes.append(Sae(nm, hp, mem["encoder.weight"], mem["encoder.bias"],
-                                mem["decoder.weight"], nm))
+                                mem["decoder.weight"], nm, mem["decoder.bias"]))
         inp = os.path.join(tmp, "in.jsonl")
         with open(inp, "w") as fh:
             for ids in seqs:
@@ -864,12 +916,12 @@ def selfcheck():
         for form in (False, True):
             outp = os.path.join(tmp, "out%d.safetensors" % form)
             ns = argparse.Namespace(model=mdir, sae=sae_dirs, input=inp, output=outp,
-                                    lm_saes_form=form, hook=["L1R"])
+                                    lm_saes_form=form, hook=["L1R"], recon_err=True)
             main_cli(ns)
             st = SafetensorsFile(outp)
             expect_names = set()
             for i, ids in enumerate(seqs):
-                acts = naive_forward(model, ids, [s.hook for s in mem_saes] + ["L1R"])
+                acts = naive_forward(model, ids, [s.hook for s in mem_saes] + [s.hook_out for s in mem_saes] + ["L1R"])
                 for hn, val in acts.items():
                     expect_names.add("hook.%s.%d" % (hn, i))
                     cmp("file form=%d seq%d hook %s" % (form, i, hn), st.get("hook.%s.%d" % (hn, i)),
@@ -884,6 +936,10 @@ def selfcheck():
                     # f: file values are float64 decisions rounded to float32
                     cmp("file form=%d seq%d %s f" % (form, i, s.name), ff, f, tol)
                     # in-memory float64 encode vs naive, exact decisions
+                    rerr = naive_recon_err(s, acts[s.hook], acts[s.hook_out], form)
+                    expect_names.add("sae.%s.recon_err.%d" % (s.name, i))
+                    cmp("file form=%d seq%d %s recon_err" % (form, i, s.name),
+                        st.get("sae.%s.recon_err.%d" % (s.name, i)), rerr, 1e-6 * max(1.0, float(rerr.abs().max())))
                     p64, f64 = s.encode(acts[s.hook], form)
                     cmp("mem  form=%d seq%d %s pre/f" % (form, i, s.name),
                         torch.cat([p64, f64]), torch.cat([pre, f]))
@@ -923,6 +979,8 @@ def main(argv=None):
     ap.add_argument("--output", help="output .safetensors")
     ap.add_argument("--lm-saes-form", action="store_true", help="encode in the lm_saes release form")
     ap.add_argument("--hook", action="append", help="extra hook to dump, e.g. L3R (repeatable)")
+    ap.add_argument("--recon-err", action="store_true",
+                    help="also write sae.<NAME>.recon_err.<i> (and the target hooks)")
     ap.add_argument("--selfcheck", action="store_true", help="run the built-in self-check")
     args = ap.parse_args(argv)
     try:

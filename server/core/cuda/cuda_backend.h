@@ -19,7 +19,7 @@
 
 // Bumped whenever Backend, Tensor, OwnedTensor or SaeEncoderWeights change
 // layout, so a stale libsae_cuda.so is refused instead of crashing.
-#define SAE_CUDA_BACKEND_ABI_VERSION 1
+#define SAE_CUDA_BACKEND_ABI_VERSION 2
 
 extern "C" {
 // The library's one C entry point. On success returns 0 and stores a new

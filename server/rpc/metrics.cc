@@ -1,0 +1,153 @@
+#include "rpc/metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace sae {
+namespace {
+
+// Latencies from 0.5 ms (a tiny CPU batch) to 60 s (a long request queued
+// behind a full server).
+prometheus::Histogram::BucketBoundaries SecondsBuckets() {
+  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+}
+
+prometheus::Histogram::BucketBoundaries PowersOfTwo(double last) {
+  prometheus::Histogram::BucketBoundaries buckets;
+  for (double b = 1; b <= last; b *= 2) buckets.push_back(b);
+  return buckets;
+}
+
+// Failure reasons: the gRPC status code, lower case. Fixed, so every series
+// exists (at 0) from the first scrape and rate() works from the start.
+constexpr absl::StatusCode kReasonCodes[] = {absl::StatusCode::kInvalidArgument, absl::StatusCode::kResourceExhausted,
+                                             absl::StatusCode::kCancelled,       absl::StatusCode::kDeadlineExceeded,
+                                             absl::StatusCode::kUnavailable,     absl::StatusCode::kInternal};
+constexpr const char* kReasonNames[] = {"invalid_argument",  "resource_exhausted", "cancelled",
+                                        "deadline_exceeded", "unavailable",        "internal"};
+constexpr int kNumReasons = sizeof(kReasonCodes) / sizeof(kReasonCodes[0]);
+
+}  // namespace
+
+struct Metrics::Failures {
+  prometheus::Counter* by_reason[kNumReasons];
+  prometheus::Counter* other;
+};
+
+Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failures_(std::make_unique<Failures>()) {
+  auto& request = prometheus::BuildHistogram()
+                      .Name("sae_request_duration_seconds")
+                      .Help("Time from a request's arrival to its last response, by RPC (ExtractStream: per request)")
+                      .Register(*registry_);
+  request_extract_ = &request.Add({{"rpc", "Extract"}}, SecondsBuckets());
+  request_extract_stream_ = &request.Add({{"rpc", "ExtractStream"}}, SecondsBuckets());
+  tokenization_ = &prometheus::BuildHistogram()
+                       .Name("sae_tokenization_seconds")
+                       .Help("Validation and tokenization of one request")
+                       .Register(*registry_)
+                       .Add({}, SecondsBuckets());
+  queue_time_ = &prometheus::BuildHistogram()
+                     .Name("sae_queue_time_seconds")
+                     .Help("Time a window waited from admission to the start of its batch")
+                     .Register(*registry_)
+                     .Add({}, SecondsBuckets());
+  forward_ = &prometheus::BuildHistogram()
+                  .Name("sae_forward_seconds")
+                  .Help("Engine time of one batch: model forward including the SAE encoders at their hooks")
+                  .Register(*registry_)
+                  .Add({}, SecondsBuckets());
+  batch_tokens_ = &prometheus::BuildHistogram()
+                       .Name("sae_batch_tokens")
+                       .Help("Tokens per batch run by the engine")
+                       .Register(*registry_)
+                       .Add({}, PowersOfTwo(65536));
+  batch_sequences_ = &prometheus::BuildHistogram()
+                          .Name("sae_batch_requests")
+                          .Help("Sequences (requests or windows of long requests) per batch run by the engine")
+                          .Register(*registry_)
+                          .Add({}, PowersOfTwo(1024));
+  tokens_ = &prometheus::BuildCounter()
+                 .Name("sae_tokens_total")
+                 .Help("Request tokens whose features were computed")
+                 .Register(*registry_)
+                 .Add({});
+  inflight_ = &prometheus::BuildGauge()
+                   .Name("sae_inflight_requests")
+                   .Help("Requests admitted and not finished (queued or running)")
+                   .Register(*registry_)
+                   .Add({});
+  queued_tokens_ = &prometheus::BuildGauge()
+                        .Name("sae_queued_tokens")
+                        .Help("Tokens admitted whose features are not computed yet")
+                        .Register(*registry_)
+                        .Add({});
+  waiting_ = &prometheus::BuildGauge()
+                  .Name("sae_admission_waiting_requests")
+                  .Help("ExtractStream requests held back by backpressure, waiting for admission")
+                  .Register(*registry_)
+                  .Add({});
+  auto& failures = prometheus::BuildCounter()
+                       .Name("sae_request_failures_total")
+                       .Help("Requests that ended with an error, by reason (the gRPC status code)")
+                       .Register(*registry_);
+  for (int i = 0; i < kNumReasons; ++i) failures_->by_reason[i] = &failures.Add({{"reason", kReasonNames[i]}});
+  failures_->other = &failures.Add({{"reason", "other"}});
+}
+
+Metrics::~Metrics() = default;
+
+void Metrics::ObserveRequest(Rpc rpc, double seconds) {
+  (rpc == Rpc::kExtract ? request_extract_ : request_extract_stream_)->Observe(seconds);
+}
+void Metrics::ObserveTokenization(double seconds) { tokenization_->Observe(seconds); }
+void Metrics::ObserveQueueTime(double seconds) { queue_time_->Observe(seconds); }
+void Metrics::ObserveForward(double seconds) { forward_->Observe(seconds); }
+void Metrics::ObserveBatch(int64_t n_tokens, int n_sequences) {
+  batch_tokens_->Observe(static_cast<double>(n_tokens));
+  batch_sequences_->Observe(n_sequences);
+}
+void Metrics::AddTokens(int64_t n) { tokens_->Increment(static_cast<double>(n)); }
+void Metrics::CountFailure(absl::StatusCode code) {
+  if (code == absl::StatusCode::kOk) return;
+  for (int i = 0; i < kNumReasons; ++i) {
+    if (kReasonCodes[i] == code) {
+      failures_->by_reason[i]->Increment();
+      return;
+    }
+  }
+  failures_->other->Increment();
+}
+void Metrics::SetInflightRequests(int64_t n) { inflight_->Set(static_cast<double>(n)); }
+void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<double>(n)); }
+void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }
+
+absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& address,
+                                                                    std::shared_ptr<prometheus::Registry> registry) {
+  std::unique_ptr<MetricsServer> server(new MetricsServer());
+  try {
+    // Two worker threads: scrapes are rare and cheap.
+    server->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
+  } catch (const std::exception& e) {
+    // civetweb reports bind failures by throwing; nothing else here throws.
+    return absl::InvalidArgumentError(absl::StrCat("config: metrics_listen \"", address, "\": ", e.what()));
+  }
+  server->exposer_->RegisterCollectable(registry);
+  const std::vector<int> ports = server->exposer_->GetListeningPorts();
+  if (ports.empty())
+    return absl::InvalidArgumentError(absl::StrCat("config: metrics_listen \"", address, "\": no port"));
+  server->port_ = ports.front();
+  return server;
+}
+
+MetricsServer::~MetricsServer() = default;
+
+}  // namespace sae

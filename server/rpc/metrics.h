@@ -1,0 +1,98 @@
+// Every Prometheus metric of sae-server, declared (name, help, buckets) in
+// metrics.cc and nowhere else. Call sites use the typed accessors below, so no
+// metric name string appears outside metrics.cc. All methods are thread-safe.
+#ifndef SAE_RPC_METRICS_H_
+#define SAE_RPC_METRICS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace prometheus {
+class Counter;
+class Exposer;
+class Gauge;
+class Histogram;
+class Registry;
+}  // namespace prometheus
+
+namespace sae {
+
+class Metrics {
+ public:
+  enum class Rpc { kExtract, kExtractStream };
+
+  Metrics();
+  ~Metrics();
+  Metrics(const Metrics&) = delete;
+  Metrics& operator=(const Metrics&) = delete;
+
+  const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
+
+  // One finished Extract call, or one request of an ExtractStream (success or
+  // failure), from arrival to its last response.
+  void ObserveRequest(Rpc rpc, double seconds);
+  // Validation and tokenization of one request, on the gRPC thread.
+  void ObserveTokenization(double seconds);
+  // One window, from admission to the start of the batch that runs it.
+  void ObserveQueueTime(double seconds);
+  // One batch through the engine (model forward, which in Engine::Run also
+  // runs the SAE encoders at their hooks).
+  void ObserveForward(double seconds);
+  // Size of one batch: tokens and sequences (windows).
+  void ObserveBatch(int64_t n_tokens, int n_sequences);
+  // Request tokens whose features were computed.
+  void AddTokens(int64_t n);
+  // A request that ended with `code` (not OK): counted under its reason.
+  void CountFailure(absl::StatusCode code);
+
+  void SetInflightRequests(int64_t n);
+  void SetQueuedTokens(int64_t n);
+  void SetWaitingRequests(int64_t n);
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Histogram* request_extract_;
+  prometheus::Histogram* request_extract_stream_;
+  prometheus::Histogram* tokenization_;
+  prometheus::Histogram* queue_time_;
+  prometheus::Histogram* forward_;
+  prometheus::Histogram* batch_tokens_;
+  prometheus::Histogram* batch_sequences_;
+  prometheus::Counter* tokens_;
+  prometheus::Gauge* inflight_;
+  prometheus::Gauge* queued_tokens_;
+  prometheus::Gauge* waiting_;
+  struct Failures;
+  std::unique_ptr<Failures> failures_;
+};
+
+// The HTTP endpoint (GET /metrics, text exposition format) of a registry.
+//
+// prometheus-cpp serves through civetweb, whose worker threads ask for
+// ~100 KiB stacks; glibc carves static TLS out of the stack, so once a library
+// with a large static TLS block (libcublasLt) is linked, those threads fail to
+// start. sae-server avoids it twice: the CUDA backend is dlopen'ed (its TLS is
+// dynamic), and thread_stack.cc raises any requested stack below 1 MiB.
+class MetricsServer {
+ public:
+  // `address` "host:port" (port 0: any free port). INVALID_ARGUMENT naming
+  // metrics_listen when it cannot listen there.
+  static absl::StatusOr<std::unique_ptr<MetricsServer>> Start(const std::string& address,
+                                                              std::shared_ptr<prometheus::Registry> registry);
+  ~MetricsServer();
+
+  int port() const { return port_; }
+
+ private:
+  MetricsServer() = default;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+}  // namespace sae
+
+#endif  // SAE_RPC_METRICS_H_
