@@ -1,11 +1,10 @@
 #include "core/cpu_backend.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -14,9 +13,32 @@
 namespace sae {
 namespace {
 
-// Weight rows converted to fp32 per sgemm call; bounds the scratch memory
-// so BF16 weights never need a full fp32 copy.
-constexpr int64_t kMatMulRowChunk = 1024;
+// Weight rows converted to fp32 at a time; bounds the scratch memory so BF16
+// weights never need a full fp32 copy, and keeps the chunk in cache.
+constexpr int64_t kMatMulRowChunk = 64;
+
+// A dot product with one fixed summation order (16 interleaved partial sums,
+// then a fixed tree). Every MatMul output is one such dot of its own two rows,
+// so a token's result is bit-identical whatever else is in the batch (batch
+// invariance by construction; a BLAS sgemm picks kernels by matrix shape).
+inline float DotF32(const float* a, const float* b, int64_t k) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  for (int l = 0; i < k; ++i, ++l) acc[l] += a[i] * b[i];
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+int MatMulThreads() {
+  static const int n = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+  return n;
+}
 // Tokens encoded per SAE chunk (scratch = chunk * d_sae floats).
 constexpr int64_t kSaeTokenChunk = 32;
 
@@ -143,21 +165,41 @@ class CpuBackend final : public Backend {
     }
     RETURN_IF_ERROR(CheckShape(out, x.rows, w.rows, "matmul output"));
     if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
-    const int n = static_cast<int>(x.rows), k = static_cast<int>(x.cols);
-    std::vector<float> chunk;
-    for (int64_t m0 = 0; m0 < w.rows; m0 += kMatMulRowChunk) {
-      const int mc = static_cast<int>(std::min<int64_t>(kMatMulRowChunk, w.rows - m0));
-      const float* wp;
-      if (w.dtype == DType::kF32) {
-        wp = w.as<float>() + m0 * k;
-      } else {
-        chunk.resize(static_cast<size_t>(mc) * k);
-        for (int r = 0; r < mc; ++r) RowToF32(w, m0 + r, chunk.data() + static_cast<size_t>(r) * k);
-        wp = chunk.data();
+    const int64_t n = x.rows, k = x.cols;
+    // Weight rows are split among threads; every output element is one
+    // DotF32 whatever the split, so results never depend on threading.
+    const int64_t work = n * w.rows * k;
+    const int n_threads = static_cast<int>(std::clamp<int64_t>(work >> 22, 1, MatMulThreads()));
+    auto run = [&](int64_t m_begin, int64_t m_end) {
+      std::vector<float> chunk;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kMatMulRowChunk) {
+        const int64_t mc = std::min(kMatMulRowChunk, m_end - m0);
+        const float* wp;
+        if (w.dtype == DType::kF32) {
+          wp = w.as<float>() + m0 * k;
+        } else {
+          chunk.resize(static_cast<size_t>(mc * k));
+          for (int64_t r = 0; r < mc; ++r) RowToF32(w, m0 + r, chunk.data() + r * k);
+          wp = chunk.data();
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const float* xi = x.as<float>() + i * k;
+          float* oi = out.as<float>() + i * out.cols + m0;
+          for (int64_t r = 0; r < mc; ++r) oi[r] = DotF32(xi, wp + r * k, k);
+        }
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, mc, k, 1.0f, x.as<float>(), k, wp, k, 0.0f,
-                  out.as<float>() + m0, static_cast<int>(out.cols));
+    };
+    if (n_threads == 1) {
+      run(0, w.rows);
+      return absl::OkStatus();
     }
+    std::vector<std::thread> threads;
+    const int64_t per = (w.rows + n_threads - 1) / n_threads;
+    for (int t = 0; t < n_threads; ++t) {
+      const int64_t b = t * per, e = std::min(w.rows, b + per);
+      if (b < e) threads.emplace_back(run, b, e);
+    }
+    for (auto& th : threads) th.join();
     return absl::OkStatus();
   }
 

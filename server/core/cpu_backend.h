@@ -1,4 +1,5 @@
-// The CPU reference backend: plain loops plus OpenBLAS sgemm. Every CUDA op
+// The CPU reference backend: plain loops; MatMul sums each dot product in one
+// fixed order, so results are batch-invariant by construction. Every CUDA op
 // is validated against this one.
 #ifndef SAE_CORE_CPU_BACKEND_H_
 #define SAE_CORE_CPU_BACKEND_H_

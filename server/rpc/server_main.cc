@@ -142,7 +142,7 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
 // SIGINT / SIGTERM: the handler only writes the signal number to a pipe
 // (async-signal-safe); a watcher thread reads it, so shutdown runs as ordinary
 // code. A handler rather than a blocked mask plus sigwait, because library
-// threads started before main (OpenBLAS's pool) would not have the mask.
+// threads started before main (a BLAS or CUDA runtime pool) would not have the mask.
 int g_signal_pipe[2] = {-1, -1};
 
 void OnSignal(int sig) {

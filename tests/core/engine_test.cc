@@ -103,7 +103,7 @@ TEST_F(EngineTest, BatchInvariance) {
     for (int t = 0; t < n; ++t)
       for (int j = 0; j < k; ++j) {
         EXPECT_EQ(a.indices[t * a.k + j], b.indices[t * b.k + j]) << "token " << t << " slot " << j;
-        EXPECT_NEAR(a.values[t * a.k + j], b.values[t * b.k + j], 1e-5f * (1 + std::abs(a.values[t * a.k + j])));
+        EXPECT_EQ(a.values[t * a.k + j], b.values[t * b.k + j]);  // bit for bit
       }
   };
   for (size_t s = 0; s < engine_->saes().size(); ++s) {
@@ -354,13 +354,13 @@ TEST_F(EngineTest, OptionsAreBatchInvariant) {
       EXPECT_EQ(a.indices, b.indices) << "request " << q << " sae slot " << s;
       ASSERT_EQ(a.values.size(), b.values.size());
       for (size_t j = 0; j < a.values.size(); ++j)
-        EXPECT_NEAR(a.values[j], b.values[j], 1e-5f * (1 + std::abs(a.values[j])));
+        EXPECT_EQ(a.values[j], b.values[j]);
       ASSERT_EQ(a.reconstruction_error.size(), b.reconstruction_error.size()) << "request " << q;
       for (size_t t = 0; t < a.reconstruction_error.size(); ++t) {
         if (std::isnan(a.reconstruction_error[t])) {
           EXPECT_TRUE(std::isnan(b.reconstruction_error[t]));
         } else {
-          EXPECT_NEAR(a.reconstruction_error[t], b.reconstruction_error[t], 1e-5f * (1 + a.reconstruction_error[t]));
+          EXPECT_EQ(a.reconstruction_error[t], b.reconstruction_error[t]);
         }
       }
     }

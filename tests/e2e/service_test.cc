@@ -388,7 +388,7 @@ TEST_F(ServiceTest, ExtractStreamKeepsServingAfterBadRequest) {
     const auto streamed_tokens = Tokens(responses);
     const auto single_tokens = Tokens(single);
     ASSERT_EQ(streamed_tokens.size(), single_tokens.size());
-    ExpectMatchesEngine(streamed_tokens, AllSaeIndices(), kDefaultK, 1e-4f);
+    ExpectMatchesEngine(streamed_tokens, AllSaeIndices(), kDefaultK, 0.0f);
   }
 
   // Still serving on the same stream.
@@ -462,7 +462,7 @@ TEST_F(ServiceTest, QueuedRequestsRunAsOneBatchWithSameResults) {
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(env->gate.TakeMaxBatch(), 2) << "b and c were queued together";
-  for (const std::string id : {"b", "c"}) ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK, 1e-4f);
+  for (const std::string id : {"b", "c"}) ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK, 0.0f);
 }
 
 TEST_F(ServiceTest, TokenizeListSaesInfo) {

@@ -50,10 +50,9 @@ std::vector<v1::TokenFeatures> Tokens(const std::vector<v1::ExtractResponse>& re
   return tokens;
 }
 
-// The CPU backend is not bitwise batch-invariant: its GEMMs round the same
-// row differently depending on how many rows the batch has (seen: ~1e-5
-// relative). Feature indices must match exactly; values within this.
-constexpr float kBatchRelTolerance = 5e-5f;
+// The CPU backend is batch-invariant by construction (each MatMul output is
+// one fixed-order dot product), so values must match bit for bit.
+constexpr float kBatchRelTolerance = 0.0f;
 
 // Same features token by token: identical indices, values within
 // kBatchRelTolerance.
@@ -70,7 +69,7 @@ void ExpectSameFeatures(const std::vector<v1::TokenFeatures>& got, const std::ve
       ASSERT_EQ(a.indices_size(), b.indices_size()) << what << " token " << t << " " << a.sae();
       for (int s = 0; s < a.indices_size(); ++s) {
         EXPECT_EQ(a.indices(s), b.indices(s)) << what << " token " << t << " " << a.sae();
-        EXPECT_NEAR(a.values(s), b.values(s), 1e-6f + kBatchRelTolerance * std::fabs(b.values(s)))
+        EXPECT_NEAR(a.values(s), b.values(s), kBatchRelTolerance * std::fabs(b.values(s)))
             << what << " token " << t << " " << a.sae();
       }
     }

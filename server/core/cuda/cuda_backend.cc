@@ -23,6 +23,13 @@
 // the top-k order to agree with the CPU; SAE_CUDA_SAE_SPLIT=1|2|3 changes it.
 // F32 weights use an fp32 GEMM (no TF32); F16 weights are widened to F32 in
 // bounded row chunks (activations may overflow fp16, so x is never narrowed to it).
+//
+// SAE watch lists and reconstructions (sae_decode.cuh) reuse that GEMM path
+// and the top-k kernel, chunked over tokens under the same scratch budget as
+// SaeEncodeTopK. The decode is a dense GEMM on the activation matrix F
+// [n, d_sae] (zeros where inactive, split into bf16 parts like x for BF16
+// decoders): it costs as much as the encode even when only ~100 of 131072
+// features fire; a gather of the active decoder columns would be the next step.
 #include "core/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -37,6 +44,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -281,7 +289,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaSetDevice(dev_->id);
-    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &tile_table_}) {
+    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -511,18 +519,8 @@ class CudaBackend final : public Backend {
 
   absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
                              const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    RETURN_IF_ERROR(CheckSae(x, sae));
     const int64_t d_sae = sae.encoder.rows, d = x.cols;
-    if (sae.encoder.cols != x.cols) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
-    }
-    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
-    RETURN_IF_ERROR(CheckF32(sae.bias, "sae bias"));
-    if (sae.feature_scale.data != nullptr) {
-      RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
-      RETURN_IF_ERROR(CheckF32(sae.feature_scale, "sae scale"));
-    }
     if (k < 0) return absl::InvalidArgumentError("sae: k must be >= 0");
     RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
     RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
@@ -535,12 +533,9 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0 || k == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    // Bounded scratch: tokens per chunk so that n_parts * chunk * d_sae floats
-    // fit the budget (d_sae = 131072 and 8k tokens would be 4 GiB at once).
-    const int n_parts = sae.encoder.dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1;
-    const size_t budget = static_cast<size_t>(EnvInt("SAE_CUDA_SAE_SCRATCH_MB", 512, 16, 1 << 20)) << 20;
+    const int n_parts = SaeSplitParts(sae.encoder.dtype);
     const size_t row_bytes = static_cast<size_t>(n_parts) * d_sae * sizeof(float);
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(x.rows, static_cast<int64_t>(budget / row_bytes)));
+    const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre, Ensure(&sae_pre_, static_cast<size_t>(chunk) * row_bytes));
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
@@ -556,8 +551,210 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
+                                 const Tensor& out_values) override {
+    RETURN_IF_ERROR(CheckSae(x, sae));
+    const int64_t d_sae = sae.encoder.rows, d = x.cols, m = out_values.cols;
+    RETURN_IF_ERROR(CheckF32(out_values, "sae selected values"));
+    RETURN_IF_ERROR(CheckShape(out_values, x.rows, m, "sae selected values"));
+    if (feature_ids.dtype != DType::kI32 || feature_ids.numel() != m) {
+      return absl::InvalidArgumentError(absl::StrCat("sae selected: feature_ids must be I32 with ", m, " elements"));
+    }
+    // TopK: every feature's top-k membership is needed, capped by d_sae (no
+    // more can be active). The top-k kernel's candidate buffer bounds it.
+    const int k = sae.max_active > 0 ? static_cast<int>(std::min<int64_t>(sae.max_active, d_sae)) : 0;
+    if (k > cuda::kSaeTopKMaxK) {
+      return absl::UnimplementedError(
+          absl::StrCat("cuda sae selected: max_active=", k, " is larger than the supported ", cuda::kSaeTopKMaxK));
+    }
+    if (m == 0) return absl::OkStatus();
+    // The ids live in device memory, but a bad one must fail this call with
+    // INVALID_ARGUMENT like the CPU twin, not surface at a later sync: read
+    // them back (m ints; this waits for the work queued before). The kernels
+    // still zero an out-of-range id instead of reading out of bounds.
+    std::vector<int32_t> ids(static_cast<size_t>(m));
+    RETURN_IF_ERROR(CopyToHost(feature_ids, ids.data()));
+    for (const int32_t id : ids) {
+      if (id < 0 || id >= d_sae) {
+        return absl::InvalidArgumentError(absl::StrCat("sae selected: feature id ", id, " outside [0, ", d_sae, ")"));
+      }
+    }
+    if (x.rows == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    const int n_parts = SaeSplitParts(sae.encoder.dtype);
+    const int32_t* ids_dev = feature_ids.as<int32_t>();
+    float* out = out_values.as<float>();
+    if (k > 0) {
+      // pre [n_parts, chunk, d_sae]; top-k idx [chunk, k] I32 then val [chunk, k] F32.
+      const size_t row_bytes = static_cast<size_t>(n_parts) * (d_sae * sizeof(float) + d * 2) + k * 8;
+      const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
+      ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_parts * chunk * d_sae) * sizeof(float)));
+      ASSIGN_OR_RETURN(void* topk, Ensure(&sae_topk_, static_cast<size_t>(chunk) * k * 8));
+      float* pre = static_cast<float*>(pre_v);
+      int32_t* idx = static_cast<int32_t*>(topk);
+      float* val = reinterpret_cast<float*>(idx + chunk * k);
+      for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
+        const int64_t tc = std::min(chunk, x.rows - t0);
+        int parts = 1;
+        RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, pre, &parts, "sae selected encode"));
+        RETURN_IF_ERROR(
+            FromCuda(cuda::LaunchSaeTopK(pre, parts, tc, d_sae, sae.bias.as<float>(), sae.feature_scale.as<float>(),
+                                         sae.scale_in, sae.threshold, k, k, idx, val, dev_->stream),
+                     "sae selected top-k"));
+        // The pre-activations are spent: reuse part 0 as the dense [tc, d_sae] activation rows.
+        CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
+                             "sae selected");
+        RETURN_IF_ERROR(
+            FromCuda(cuda::LaunchSaeScatter(idx, val, tc, k, d_sae, pre, dev_->stream), "sae selected scatter"));
+        RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeGatherColumns(pre, tc, d_sae, ids_dev, m, out + t0 * m, dev_->stream),
+                                 "sae selected gather"));
+      }
+      return absl::OkStatus();
+    }
+    // JumpReLU: each feature decides alone, so GEMM against the m watched
+    // encoder rows only (m << d_sae), kept in the encoder's dtype.
+    const size_t esize = ElemSize(sae.encoder.dtype);
+    ASSIGN_OR_RETURN(void* rows, Ensure(&sae_rows_, static_cast<size_t>(m * d) * esize));
+    RETURN_IF_ERROR(FromCuda(
+        cuda::LaunchGatherRows(sae.encoder.data, static_cast<int>(esize), d_sae, d, ids_dev, m, rows, dev_->stream),
+        "sae selected gather rows"));
+    const Tensor watched{rows, sae.encoder.dtype, m, d};  // [m, d_model]
+    const size_t row_bytes = static_cast<size_t>(n_parts) * (m * sizeof(float) + d * 2);
+    const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
+    ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_parts * chunk * m) * sizeof(float)));
+    float* pre = static_cast<float*>(pre_v);  // [n_parts, chunk, m]
+    for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
+      const int64_t tc = std::min(chunk, x.rows - t0);
+      int parts = 1;
+      RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, watched, n_parts, pre, &parts, "sae selected encode"));
+      RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeSelectedEpilogue(pre, parts, tc, m, ids_dev, d_sae, sae.bias.as<float>(),
+                                                               sae.feature_scale.as<float>(), sae.scale_in,
+                                                               sae.threshold, out + t0 * m, dev_->stream),
+                               "sae selected epilogue"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SaeReconstruct(const Tensor& x, const SaeEncoderWeights& enc, const SaeDecoderWeights& dec,
+                              const Tensor& out) override {
+    RETURN_IF_ERROR(CheckSae(x, enc));
+    const int64_t d_sae = enc.encoder.rows, d = x.cols;
+    RETURN_IF_ERROR(CheckShape(dec.decoder, d, d_sae, "sae decoder"));
+    if (!IsFloat(dec.decoder.dtype)) return absl::InvalidArgumentError("sae decoder must be F32, BF16 or F16");
+    RETURN_IF_ERROR(CheckF32(dec.bias, "sae decoder bias"));
+    RETURN_IF_ERROR(CheckShape(dec.bias, 1, d, "sae decoder bias"));
+    RETURN_IF_ERROR(CheckF32(out, "sae reconstruction"));
+    RETURN_IF_ERROR(CheckShape(out, x.rows, d, "sae reconstruction"));
+    const int k = enc.max_active > 0 ? static_cast<int>(std::min<int64_t>(enc.max_active, d_sae)) : 0;
+    if (k > cuda::kSaeTopKMaxK) {
+      return absl::UnimplementedError(
+          absl::StrCat("cuda sae reconstruct: max_active=", k, " is larger than the supported ", cuda::kSaeTopKMaxK));
+    }
+    if (x.rows == 0 || d == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    const int n_enc = SaeSplitParts(enc.encoder.dtype), n_dec = SaeSplitParts(dec.decoder.dtype);
+    // Per token: encoder parts, the bf16 GEMM input (x for the encode, F for
+    // the decode: the larger), decoder output parts, the top-k list.
+    const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) +
+                             static_cast<size_t>(std::max<int64_t>(n_enc * d, n_dec * d_sae)) * 2 +
+                             static_cast<size_t>(n_dec) * d * sizeof(float) + static_cast<size_t>(k) * 8;
+    const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
+    ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
+    ASSIGN_OR_RETURN(void* y_v, Ensure(&sae_dec_, static_cast<size_t>(n_dec * chunk * d) * sizeof(float)));
+    float* pre = static_cast<float*>(pre_v);  // [n_enc, chunk, d_sae]; part 0 then F [chunk, d_sae]
+    float* y = static_cast<float*>(y_v);      // [n_dec, chunk, d] decode GEMM parts
+    int32_t* idx = nullptr;                   // [chunk, k]
+    float* val = nullptr;                     // [chunk, k]
+    if (k > 0) {
+      ASSIGN_OR_RETURN(void* topk, Ensure(&sae_topk_, static_cast<size_t>(chunk) * k * 8));
+      idx = static_cast<int32_t*>(topk);
+      val = reinterpret_cast<float*>(idx + chunk * k);
+    }
+    for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
+      const int64_t tc = std::min(chunk, x.rows - t0);
+      int dec_parts = 1;
+      if (d_sae == 0) {  // no features: y_hat = b_dec / scale_out
+        CUDA_RETURN_IF_ERROR(cudaMemsetAsync(y, 0, static_cast<size_t>(tc * d) * sizeof(float), dev_->stream),
+                             "sae reconstruct");
+      } else {
+        int parts = 1;
+        RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
+        if (k > 0) {
+          // Which features: the top-k kernel (v = h * scale, ties to the lower
+          // index, exactly SaeEncodeTopK's set). What they add: h, read back
+          // from the pre-activations before those are overwritten by F.
+          RETURN_IF_ERROR(
+              FromCuda(cuda::LaunchSaeTopK(pre, parts, tc, d_sae, enc.bias.as<float>(), enc.feature_scale.as<float>(),
+                                           enc.scale_in, enc.threshold, k, k, idx, val, dev_->stream),
+                       "sae reconstruct top-k"));
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopKValuesToH(pre, parts, tc, d_sae, enc.bias.as<float>(),
+                                                                enc.scale_in, idx, k, val, dev_->stream),
+                                   "sae reconstruct top-k"));
+          CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
+                               "sae reconstruct");
+          RETURN_IF_ERROR(
+              FromCuda(cuda::LaunchSaeScatter(idx, val, tc, k, d_sae, pre, dev_->stream), "sae reconstruct scatter"));
+        } else {
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluActivations(pre, parts, tc, d_sae, enc.bias.as<float>(),
+                                                                      enc.feature_scale.as<float>(), enc.scale_in,
+                                                                      enc.threshold, dev_->stream),
+                                   "sae reconstruct activations"));
+        }
+        // Dense decode of F [tc, d_sae] against D [d, d_sae]: the MatMul
+        // layout (D's rows are output features), through the same GEMM path.
+        RETURN_IF_ERROR(Gemm(pre, tc, dec.decoder, n_dec, y, &dec_parts, "sae reconstruct decode"));
+      }
+      RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeDecodeEpilogue(y, dec_parts, tc, d, dec.bias.as<float>(), dec.scale_out,
+                                                             out.as<float>() + t0 * d, dev_->stream),
+                               "sae reconstruct epilogue"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckF32(y_hat, "relative error y_hat"));
+    RETURN_IF_ERROR(CheckF32(y, "relative error target"));
+    RETURN_IF_ERROR(CheckShape(y_hat, y.rows, y.cols, "relative error y_hat"));
+    RETURN_IF_ERROR(CheckF32(out, "relative error output"));
+    RETURN_IF_ERROR(CheckShape(out, y.rows, 1, "relative error output"));
+    if (y.rows == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cuda::LaunchRelativeSquaredError(y_hat.as<float>(), y.as<float>(), y.rows, y.cols, out.as<float>(),
+                                                     dev_->stream),
+                    "relative squared error");
+  }
+
  private:
   explicit CudaBackend(std::shared_ptr<Device> dev) : dev_(std::move(dev)) {}
+
+  // Encoder weights against an input (same messages as the CPU twin).
+  static absl::Status CheckSae(const Tensor& x, const SaeEncoderWeights& sae) {
+    RETURN_IF_ERROR(CheckF32(x, "sae input"));
+    const int64_t d_sae = sae.encoder.rows;
+    if (sae.encoder.cols != x.cols) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
+    }
+    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
+    RETURN_IF_ERROR(CheckF32(sae.bias, "sae bias"));
+    if (sae.feature_scale.data != nullptr) {
+      RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
+      RETURN_IF_ERROR(CheckF32(sae.feature_scale, "sae scale"));
+    }
+    return absl::OkStatus();
+  }
+
+  // How many bf16 parts F32 activations are split into for a GEMM against
+  // SAE weights of `dtype` (see the file comment; only BF16 weights split).
+  static int SaeSplitParts(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1; }
+
+  // Tokens per SAE chunk so the per-token scratch (row_bytes) fits the
+  // budget: d_sae = 131072 and 8k tokens would be 4 GiB at once.
+  static int64_t SaeChunkRows(int64_t n_rows, size_t row_bytes) {
+    const size_t budget = static_cast<size_t>(EnvInt("SAE_CUDA_SAE_SCRATCH_MB", 512, 16, 1 << 20)) << 20;
+    return std::max<int64_t>(1,
+                             std::min<int64_t>(n_rows, static_cast<int64_t>(budget / std::max<size_t>(row_bytes, 1))));
+  }
 
   // The CUDA current device is per host thread; the executor may not be the
   // thread that created the backend.
@@ -663,7 +860,10 @@ class CudaBackend final : public Backend {
   int next_io_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch w_f32_;       // F16 weight rows widened to F32
-  Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations
+  Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
+  Scratch sae_topk_;    // [chunk, k] I32 indices, then [chunk, k] F32 values
+  Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
+  Scratch sae_dec_;     // [n_parts, chunk, d_model] F32 decode GEMM parts
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
 };
 

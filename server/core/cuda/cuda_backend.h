@@ -17,8 +17,10 @@
 #include "absl/status/statusor.h"
 #include "core/backend.h"
 
-// Bumped whenever Backend, Tensor, OwnedTensor or SaeEncoderWeights change
-// layout, so a stale libsae_cuda.so is refused instead of crashing.
+// Bumped whenever Backend (its vtable included), Tensor, OwnedTensor,
+// SaeEncoderWeights or SaeDecoderWeights change layout, so a stale
+// libsae_cuda.so is refused instead of crashing. 2: SaeEncodeSelected,
+// SaeReconstruct and RelativeSquaredError joined the vtable.
 #define SAE_CUDA_BACKEND_ABI_VERSION 2
 
 extern "C" {

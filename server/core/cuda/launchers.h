@@ -67,6 +67,35 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
                           const float* feature_scale, float scale_in, float threshold, int k_keep, int k,
                           int32_t* out_idx, float* out_val, cudaStream_t stream);
 
+// ---- sae_decode.cuh ----
+// Pre-activation inputs are [n_parts, n_rows, cols] GEMM parts (summed here).
+// dst [m, cols] = src [ids[j], :] (elem_bytes 2 or 4; the encoder's own dtype).
+cudaError_t LaunchGatherRows(const void* src, int elem_bytes, int64_t n_src_rows, int64_t cols, const int32_t* ids,
+                             int64_t m, void* dst, cudaStream_t stream);
+// out [n_rows, m] = JumpReLU value of feature ids[j] from pre [n_parts, n_rows, m].
+cudaError_t LaunchSaeSelectedEpilogue(const float* pre, int n_parts, int64_t n_rows, int64_t m, const int32_t* ids,
+                                      int64_t d_sae, const float* bias, const float* feature_scale, float scale_in,
+                                      float threshold, float* out, cudaStream_t stream);
+// In place: part 0 of pre [n_parts, n_rows, d_sae] <- h if active else 0.
+cudaError_t LaunchSaeJumpReluActivations(float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
+                                         const float* feature_scale, float scale_in, float threshold,
+                                         cudaStream_t stream);
+// val [n_rows, k] <- h_{idx[r, j]} (unfeature-scaled) for slots with idx >= 0.
+cudaError_t LaunchSaeTopKValuesToH(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
+                                   float scale_in, const int32_t* idx, int k, float* val, cudaStream_t stream);
+// dense [n_rows, d_sae] (pre-zeroed) [r, idx[r, j]] = val[r, j].
+cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae, float* dense,
+                             cudaStream_t stream);
+// out [n_rows, m] = dense [r, ids[j]].
+cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
+                                   float* out, cudaStream_t stream);
+// out [n_rows, d] = (sum of parts of y [n_parts, n_rows, d] + b_dec) / scale_out.
+cudaError_t LaunchSaeDecodeEpilogue(const float* y, int n_parts, int64_t n_rows, int64_t d, const float* b_dec,
+                                    float scale_out, float* out, cudaStream_t stream);
+// out [n_rows] = ||y - y_hat||^2 / ||y||^2 per row (fp64 sums; 0/0 -> 0, x/0 -> +inf).
+cudaError_t LaunchRelativeSquaredError(const float* y_hat, const float* y, int64_t n_rows, int64_t cols, float* out,
+                                       cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace sae
 

@@ -1,0 +1,279 @@
+// SAE ops around the fused top-k encode (sae_topk.cuh): values of a watch
+// list of features, the reconstruction y_hat, and its per-row relative error.
+// The heavy lifting is cuBLAS (cuda_backend.cc): the encoder GEMM gives the
+// pre-activations, and the decode is a dense GEMM on the activation matrix
+// F [n, d_sae] (zero where a feature is inactive). The kernels here are the
+// cheap memory-bound glue between those GEMMs:
+//   SaeEncodeSelected, JumpReLU: gather the m watched encoder rows, GEMM
+//     against them only, then apply the rule per (token, feature).
+//   SaeEncodeSelected, TopK: activity depends on every feature, so the full
+//     pre-activations go through the top-k kernel; its (index, value) list is
+//     scattered into a zeroed dense row and the watched columns gathered.
+//   SaeReconstruct: F = h where active (JumpReLU: in place over the
+//     pre-activations; TopK: the top-k kernel's indices, values replaced by
+//     h), then y_hat = (F . D^T + b_dec) / scale_out.
+// Pre-activation buffers are [n_parts, n_rows, cols]: the GEMM's partial
+// products for the bf16 split of x (see LaunchSplitToBf16); every reader adds
+// the parts smallest first, the order SaeTopKKernel uses.
+#ifndef SAE_CORE_CUDA_SAE_DECODE_CUH_
+#define SAE_CORE_CUDA_SAE_DECODE_CUH_
+
+#include <math_constants.h>
+
+#include "core/cuda/common.cuh"
+
+namespace sae {
+namespace cuda {
+
+constexpr int kSaeGlueThreads = 256;
+constexpr int kRelErrThreads = 256;  // a multiple of 32 (warp reduction below)
+
+// ---- kernels ----
+
+// h = scale_in * (sum of the parts at `off`) + bias: the SAELens-form value,
+// computed as the CPU twin and SaeTopKKernel compute it.
+__device__ __forceinline__ float SaeH(const float* pre, int64_t part_stride, int n_parts, int64_t off, float bias,
+                                      float scale_in) {
+  float s = pre[(n_parts - 1) * part_stride + off];
+  for (int p = n_parts - 2; p >= 0; --p) s += pre[p * part_stride + off];
+  return scale_in * s + bias;
+}
+
+// dst [m, cols] = src [ids[j], :] for each j, raw elements (T = uint16_t for
+// BF16/F16, float for F32), so the GEMM sees the encoder's own dtype. An id
+// outside [0, n_src_rows) gives a zero row (the host validated ids already;
+// this only keeps a bad one from reading out of bounds).
+template <typename T>
+__global__ void GatherRowsKernel(const T* __restrict__ src, int64_t n_src_rows, int64_t cols,
+                                 const int32_t* __restrict__ ids, int64_t m, T* __restrict__ dst) {
+  const int64_t total = m * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i / cols, c = i - j * cols;
+    const int32_t id = ids[j];
+    dst[i] = (id >= 0 && id < n_src_rows) ? src[static_cast<int64_t>(id) * cols + c] : T(0);
+  }
+}
+
+// JumpReLU watch list: pre [n_parts, n_rows, m] holds w_{ids[j]} . x_t;
+// out [n_rows, m] = v if v > threshold else 0, v = h * feature_scale (same
+// expression as the CPU twin).
+__global__ void SaeSelectedEpilogueKernel(const float* __restrict__ pre, int n_parts, int64_t n_rows, int64_t m,
+                                          const int32_t* __restrict__ ids, int64_t d_sae,
+                                          const float* __restrict__ bias, const float* __restrict__ fscale,
+                                          float scale_in, float threshold, float* __restrict__ out) {
+  const int64_t total = n_rows * m;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t id = ids[i % m];
+    if (id < 0 || id >= d_sae) {
+      out[i] = 0.0f;
+      continue;
+    }
+    float v = SaeH(pre, total, n_parts, i, bias[id], scale_in);
+    if (fscale != nullptr) v *= fscale[id];
+    out[i] = v > threshold ? v : 0.0f;  // NaN is never active
+  }
+}
+
+// JumpReLU reconstruction: part 0 of pre [n_parts, n_rows, d_sae] becomes
+// F [n_rows, d_sae] in place: h where v = h * feature_scale > threshold,
+// else 0. In place is safe: element i (all its parts) is read and written by
+// one thread only. feature_scale only picks the active set; F carries h.
+__global__ void SaeJumpReluActivationsKernel(float* pre, int n_parts, int64_t n_rows, int64_t d_sae,
+                                             const float* __restrict__ bias, const float* __restrict__ fscale,
+                                             float scale_in, float threshold) {
+  const int64_t total = n_rows * d_sae;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % d_sae;
+    const float h = SaeH(pre, total, n_parts, i, bias[c], scale_in);
+    const float v = fscale != nullptr ? h * fscale[c] : h;
+    pre[i] = v > threshold ? h : 0.0f;
+  }
+}
+
+// TopK reconstruction: the top-k kernel's values are v (feature-scaled); the
+// decode sums h. val[r, j] <- h_{idx[r, j]} read back from pre [n_parts,
+// n_rows, d_sae] (slots with idx -1 are left alone). Recomputing h rather
+// than dividing v by the scale keeps it exact and safe for a zero scale.
+__global__ void SaeTopKValuesToHKernel(const float* __restrict__ pre, int n_parts, int64_t n_rows, int64_t d_sae,
+                                       const float* __restrict__ bias, float scale_in, const int32_t* __restrict__ idx,
+                                       int k, float* __restrict__ val) {
+  const int64_t total = n_rows * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t id = idx[i];
+    if (id < 0 || id >= d_sae) continue;
+    const int64_t r = i / k;
+    val[i] = SaeH(pre, n_rows * d_sae, n_parts, r * d_sae + id, bias[id], scale_in);
+  }
+}
+
+// dense [n_rows, d_sae] (zeroed by the caller) [r, idx[r, j]] = val[r, j].
+// A row's indices are distinct (top-k output), so no two threads write the
+// same element and no atomics are needed.
+__global__ void SaeScatterKernel(const int32_t* __restrict__ idx, const float* __restrict__ val, int64_t n_rows, int k,
+                                 int64_t d_sae, float* __restrict__ dense) {
+  const int64_t total = n_rows * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t id = idx[i];
+    if (id < 0 || id >= d_sae) continue;
+    dense[(i / k) * d_sae + id] = val[i];
+  }
+}
+
+// out [n_rows, m] = dense [r, ids[j]] (dense: [n_rows, d_sae]).
+__global__ void SaeGatherColumnsKernel(const float* __restrict__ dense, int64_t n_rows, int64_t d_sae,
+                                       const int32_t* __restrict__ ids, int64_t m, float* __restrict__ out) {
+  const int64_t total = n_rows * m;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / m;
+    const int32_t id = ids[i - r * m];
+    out[i] = (id >= 0 && id < d_sae) ? dense[r * d_sae + id] : 0.0f;
+  }
+}
+
+// y [n_parts, n_rows, d] (decode GEMM parts) -> out [n_rows, d] =
+// (sum of parts + b_dec) / scale_out: a division, as in the CPU twin, not a
+// multiply by a rounded reciprocal.
+__global__ void SaeDecodeEpilogueKernel(const float* __restrict__ y, int n_parts, int64_t n_rows, int64_t d,
+                                        const float* __restrict__ b_dec, float scale_out, float* __restrict__ out) {
+  const int64_t total = n_rows * d;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = y[(n_parts - 1) * total + i];
+    for (int p = n_parts - 2; p >= 0; --p) s += y[p * total + i];
+    out[i] = (s + b_dec[i % d]) / scale_out;
+  }
+}
+
+__device__ __forceinline__ double WarpSumDouble(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// One block per row; fp64 accumulation like the CPU twin (the ratio of two
+// nearly equal sums for a good reconstruction would lose digits in fp32).
+// num and den run through the same fixed thread/warp order, so y_hat = 0
+// gives exactly 1 and y_hat = y exactly 0.
+__global__ void __launch_bounds__(kRelErrThreads)
+    RelativeSquaredErrorKernel(const float* __restrict__ y_hat, const float* __restrict__ y, int64_t cols,
+                               float* __restrict__ out) {
+  __shared__ double s_num[kRelErrThreads / 32], s_den[kRelErrThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* a = y_hat + blockIdx.x * cols;
+  const float* b = y + blockIdx.x * cols;
+  double num = 0.0, den = 0.0;
+  for (int64_t c = threadIdx.x; c < cols; c += kRelErrThreads) {
+    const double yb = b[c];
+    const double diff = yb - static_cast<double>(a[c]);
+    num += diff * diff;
+    den += yb * yb;
+  }
+  num = WarpSumDouble(num);
+  den = WarpSumDouble(den);
+  if (lane == 0) {
+    s_num[warp] = num;
+    s_den[warp] = den;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    num = 0.0;
+    den = 0.0;
+    for (int w = 0; w < kRelErrThreads / 32; ++w) {
+      num += s_num[w];
+      den += s_den[w];
+    }
+    // 0/0: a zero target reproduced exactly; x/0: any miss of a zero target is infinitely bad.
+    out[blockIdx.x] = den > 0.0 ? static_cast<float>(num / den) : (num > 0.0 ? CUDART_INF_F : 0.0f);
+  }
+}
+
+// ---- launchers ----
+
+cudaError_t LaunchGatherRows(const void* src, int elem_bytes, int64_t n_src_rows, int64_t cols, const int32_t* ids,
+                             int64_t m, void* dst, cudaStream_t stream) {
+  if (m * cols == 0) return cudaSuccess;
+  const unsigned grid = GridFor(m * cols, kSaeGlueThreads);
+  if (elem_bytes == 2) {
+    GatherRowsKernel<<<grid, kSaeGlueThreads, 0, stream>>>(static_cast<const uint16_t*>(src), n_src_rows, cols, ids, m,
+                                                           static_cast<uint16_t*>(dst));
+  } else if (elem_bytes == 4) {
+    GatherRowsKernel<<<grid, kSaeGlueThreads, 0, stream>>>(static_cast<const float*>(src), n_src_rows, cols, ids, m,
+                                                           static_cast<float*>(dst));
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeSelectedEpilogue(const float* pre, int n_parts, int64_t n_rows, int64_t m, const int32_t* ids,
+                                      int64_t d_sae, const float* bias, const float* feature_scale, float scale_in,
+                                      float threshold, float* out, cudaStream_t stream) {
+  if (n_rows * m == 0) return cudaSuccess;
+  if (n_parts < 1) return cudaErrorInvalidValue;
+  SaeSelectedEpilogueKernel<<<GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
+      pre, n_parts, n_rows, m, ids, d_sae, bias, feature_scale, scale_in, threshold, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeJumpReluActivations(float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
+                                         const float* feature_scale, float scale_in, float threshold,
+                                         cudaStream_t stream) {
+  if (n_rows * d_sae == 0) return cudaSuccess;
+  if (n_parts < 1) return cudaErrorInvalidValue;
+  SaeJumpReluActivationsKernel<<<GridFor(n_rows * d_sae, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
+      pre, n_parts, n_rows, d_sae, bias, feature_scale, scale_in, threshold);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeTopKValuesToH(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
+                                   float scale_in, const int32_t* idx, int k, float* val, cudaStream_t stream) {
+  if (n_rows * k == 0) return cudaSuccess;
+  if (n_parts < 1) return cudaErrorInvalidValue;
+  SaeTopKValuesToHKernel<<<GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
+      pre, n_parts, n_rows, d_sae, bias, scale_in, idx, k, val);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae, float* dense,
+                             cudaStream_t stream) {
+  if (n_rows * k == 0) return cudaSuccess;
+  SaeScatterKernel<<<GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(idx, val, n_rows, k, d_sae,
+                                                                                         dense);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
+                                   float* out, cudaStream_t stream) {
+  if (n_rows * m == 0) return cudaSuccess;
+  SaeGatherColumnsKernel<<<GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(dense, n_rows, d_sae,
+                                                                                               ids, m, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeDecodeEpilogue(const float* y, int n_parts, int64_t n_rows, int64_t d, const float* b_dec,
+                                    float scale_out, float* out, cudaStream_t stream) {
+  if (n_rows * d == 0) return cudaSuccess;
+  if (n_parts < 1) return cudaErrorInvalidValue;
+  SaeDecodeEpilogueKernel<<<GridFor(n_rows * d, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(y, n_parts, n_rows, d,
+                                                                                                b_dec, scale_out, out);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRelativeSquaredError(const float* y_hat, const float* y, int64_t n_rows, int64_t cols, float* out,
+                                       cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row: gridDim.x limit
+  RelativeSquaredErrorKernel<<<static_cast<unsigned>(n_rows), kRelErrThreads, 0, stream>>>(y_hat, y, cols, out);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sae
+
+#endif  // SAE_CORE_CUDA_SAE_DECODE_CUH_
