@@ -155,7 +155,8 @@ class Backend {
   virtual absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k,
                                      const Tensor& out_indices, const Tensor& out_values) = 0;
 
-  // ---- ops without a CUDA twin yet (the default answers UNIMPLEMENTED) ----
+  // ---- ops added after the first CUDA backend: the default answers
+  // UNIMPLEMENTED so a backend without a twin fails clearly ----
   // SAE encode of selected features only (feature watch lists):
   // out_values[t, j] = f_{feature_ids[j]}(x[t]), the activation after the
   // encoder's rule, 0 when that feature is not active (for TopK SAEs: not

@@ -357,12 +357,28 @@ void Executor::EngineLoop() {
     std::vector<absl::StatusOr<SequenceResult>> results = RunIsolated(requests);
     metrics_->ObserveForward(Seconds(Clock::now() - run_start));
 
-    // Deliver outside mu_ (callbacks may write to gRPC); a job that failed
-    // meanwhile gets nothing more. `done` cannot overtake these: the window
-    // stays active until accounted for below.
+    // Account first, then deliver outside mu_ (callbacks may write to gRPC),
+    // then run the `done` actions: a finished request's admission slot is
+    // free before its last chunk can reach the client (who may send the next
+    // request at once), and `done` still comes after every window. A job that
+    // failed meanwhile gets nothing more.
     std::vector<bool> deliver(live.size());
     lock.lock();
     for (size_t i = 0; i < live.size(); ++i) deliver[i] = results[i].ok() && live[i].job->failure.ok();
+    for (size_t i = 0; i < live.size(); ++i) {
+      const std::shared_ptr<Pending>& job = live[i].job;
+      --job->windows_active;
+      const int64_t released = job->windows[live[i].window].n_tokens();
+      job->tokens_held -= released;
+      queued_tokens_.fetch_sub(released);
+      if (!results[i].ok()) {
+        FailLocked(job, results[i].status(), &actions);
+      } else {
+        ++job->windows_done;
+        MaybeCompleteLocked(job, &actions);
+      }
+    }
+    AdmitWaitersLocked(&actions);
     lock.unlock();
     for (size_t i = 0; i < live.size(); ++i) {
       if (!deliver[i]) continue;
@@ -380,26 +396,8 @@ void Executor::EngineLoop() {
         PlaceWindow(window, window_result, static_cast<int>(job.job.request.ids.size()), &job.merged);
       }
     }
+    Run(actions);
     lock.lock();
-    for (size_t i = 0; i < live.size(); ++i) {
-      const std::shared_ptr<Pending>& job = live[i].job;
-      --job->windows_active;
-      const int64_t released = job->windows[live[i].window].n_tokens();
-      job->tokens_held -= released;
-      queued_tokens_.fetch_sub(released);
-      if (!results[i].ok()) {
-        FailLocked(job, results[i].status(), &actions);
-      } else {
-        ++job->windows_done;
-        MaybeCompleteLocked(job, &actions);
-      }
-    }
-    AdmitWaitersLocked(&actions);
-    if (!actions.empty()) {
-      lock.unlock();
-      Run(actions);
-      lock.lock();
-    }
   }
 }
 

@@ -420,7 +420,7 @@ TEST_F(ServerBinaryTest, ExtractStreamDestructorCancelsAnUnfinishedCall) {
 // because the server may stream a request's last chunk a moment before its
 // admission slot is released.)
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
-  ServerProcess server({"--max_inflight_requests=4"});
+  ServerProcess server({"--max_inflight_requests=2"});
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   auto client = client::SaeClient::Connect(address);
