@@ -1,6 +1,7 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -229,7 +230,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     return absl::OkStatus();
   };
 
-  auto on_hook = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
+  auto hook_work = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
     bool captured = false;
     for (size_t i = 0; i < batch.size(); ++i) {
       if (!batch[i].capture_hooks) continue;
@@ -302,7 +303,19 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     }
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(model_->Forward(packed, hooks, on_hook));
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point run_start = Clock::now();
+  last_timing_ = RunTiming();
+  auto on_hook = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
+    RETURN_IF_ERROR(backend_->Synchronize());
+    const Clock::time_point start = Clock::now();
+    absl::Status status = hook_work(hp, act);
+    last_timing_.sae_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    return status;
+  };
+  absl::Status forward = model_->Forward(packed, hooks, on_hook);
+  last_timing_.total_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+  RETURN_IF_ERROR(forward);
   if (!pending.empty()) {
     return absl::InternalError(absl::StrCat("reconstruction target ", pending.front().target.Name(), " never ran"));
   }

@@ -67,6 +67,14 @@ struct SequenceResult {
   std::map<std::string, std::vector<float>> hooks;    // hook name -> [n_tokens, d_model]
 };
 
+// Where one Engine::Run spent its wall-clock time. The backend is
+// synchronised when a hook fires, so queued model work is not billed to the
+// SAEs.
+struct RunTiming {
+  double total_seconds = 0;
+  double sae_seconds = 0;  // SAE encode/top-k, watch lists, reconstruction, hook copies
+};
+
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
@@ -82,6 +90,8 @@ class Engine {
 
   // Runs one packed batch. Token ids are validated (INVALID_ARGUMENT).
   absl::StatusOr<std::vector<SequenceResult>> Run(const std::vector<SequenceRequest>& batch);
+  // Timing of the last Run (also of one that failed).
+  const RunTiming& last_run_timing() const { return last_timing_; }
 
  private:
   Engine() = default;
@@ -91,6 +101,7 @@ class Engine {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<LlamaModel> model_;
   std::vector<std::unique_ptr<Sae>> saes_;
+  RunTiming last_timing_;
 };
 
 }  // namespace sae

@@ -57,6 +57,14 @@ Executor::Executor(BatchRunner runner, const ExecutorOptions& options)
       options_(options),
       metrics_(options.metrics ? options.metrics : std::make_shared<Metrics>()) {}
 
+BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
+  return [engine, metrics = std::move(metrics)](const std::vector<SequenceRequest>& batch) {
+    absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
+    if (metrics != nullptr) metrics->ObserveSae(engine->last_run_timing().sae_seconds);
+    return results;
+  };
+}
+
 Executor::~Executor() { Shutdown(); }
 
 void Executor::Run(Actions& actions) {

@@ -42,6 +42,10 @@ namespace sae {
 // on the engine thread (Engine::Run in production, a fake in tests).
 using BatchRunner = std::function<absl::StatusOr<std::vector<SequenceResult>>(const std::vector<SequenceRequest>&)>;
 
+// The production runner: Engine::Run, recording the SAE share of every run in
+// `metrics` (may be null).
+BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics);
+
 using Clock = std::chrono::steady_clock;
 
 struct ExecutorOptions {

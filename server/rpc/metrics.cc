@@ -65,6 +65,11 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                   .Help("Engine time of one batch: model forward including the SAE encoders at their hooks")
                   .Register(*registry_)
                   .Add({}, SecondsBuckets());
+  sae_ = &prometheus::BuildHistogram()
+              .Name("sae_encode_seconds")
+              .Help("SAE time of one engine run: encode + top-k, watch lists, reconstruction (part of sae_forward_seconds)")
+              .Register(*registry_)
+              .Add({}, SecondsBuckets());
   batch_tokens_ = &prometheus::BuildHistogram()
                        .Name("sae_batch_tokens")
                        .Help("Tokens per batch run by the engine")
@@ -111,6 +116,7 @@ void Metrics::ObserveRequest(Rpc rpc, double seconds) {
 void Metrics::ObserveTokenization(double seconds) { tokenization_->Observe(seconds); }
 void Metrics::ObserveQueueTime(double seconds) { queue_time_->Observe(seconds); }
 void Metrics::ObserveForward(double seconds) { forward_->Observe(seconds); }
+void Metrics::ObserveSae(double seconds) { sae_->Observe(seconds); }
 void Metrics::ObserveBatch(int64_t n_tokens, int n_sequences) {
   batch_tokens_->Observe(static_cast<double>(n_tokens));
   batch_sequences_->Observe(n_sequences);

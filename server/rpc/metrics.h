@@ -42,6 +42,8 @@ class Metrics {
   // One batch through the engine (model forward, which in Engine::Run also
   // runs the SAE encoders at their hooks).
   void ObserveForward(double seconds);
+  // The SAE part of one engine run (Engine::last_run_timing().sae_seconds).
+  void ObserveSae(double seconds);
   // Size of one batch: tokens and sequences (windows).
   void ObserveBatch(int64_t n_tokens, int n_sequences);
   // Request tokens whose features were computed.
@@ -60,6 +62,7 @@ class Metrics {
   prometheus::Histogram* tokenization_;
   prometheus::Histogram* queue_time_;
   prometheus::Histogram* forward_;
+  prometheus::Histogram* sae_;
   prometheus::Histogram* batch_tokens_;
   prometheus::Histogram* batch_sequences_;
   prometheus::Counter* tokens_;

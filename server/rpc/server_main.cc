@@ -310,7 +310,7 @@ int Main(int argc, char** argv) {
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;
   absl::StatusOr<std::unique_ptr<Executor>> executor = Executor::Create(
-      [engine_ptr](const std::vector<SequenceRequest>& batch) { return engine_ptr->Run(batch); }, executor_options);
+EngineRunner(engine_ptr, metrics), executor_options);
   if (!executor.ok()) {
     Log(std::string(executor.status().message()));
     return 1;

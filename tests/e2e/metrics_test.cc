@@ -146,6 +146,9 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   EXPECT_EQ(s.Get("sae_request_failures_total{reason=\"resource_exhausted\"}"), 0);
   // Sequential requests: one batch each, of exactly their tokens.
   EXPECT_EQ(s.Get("sae_forward_seconds_count"), 3);
+  EXPECT_EQ(s.Get("sae_encode_seconds_count"), 3);
+  EXPECT_GT(s.Get("sae_encode_seconds_sum"), 0);
+  EXPECT_LE(s.Get("sae_encode_seconds_sum"), s.Get("sae_forward_seconds_sum"));
   EXPECT_EQ(s.Get("sae_batch_requests_count"), 3);
   EXPECT_EQ(s.Get("sae_batch_requests_sum"), 3);
   EXPECT_EQ(s.Get("sae_batch_tokens_sum"), static_cast<double>(n_tokens));

@@ -84,9 +84,9 @@ std::unique_ptr<ServingEnv> ServingEnv::Start(ExecutorOptions executor_options, 
   Engine* e = env->engine.get();
   Gate* gate = &env->gate;
   auto executor = Executor::Create(
-      [e, gate](const std::vector<SequenceRequest>& batch) {
+      [gate, run = EngineRunner(e, env->metrics)](const std::vector<SequenceRequest>& batch) {
         gate->Pass(batch);
-        return e->Run(batch);
+        return run(batch);
       },
       executor_options);
   if (!executor.ok()) {
