@@ -37,8 +37,7 @@ absl::StatusOr<DType> ParseDType(absl::string_view name) {
   if (name == "BF16") return DType::kBF16;
   if (name == "F16") return DType::kF16;
   if (name == "I32") return DType::kI32;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unsupported dtype \"", name, "\" (supported: F32, BF16, F16, I32)"));
+  return absl::InvalidArgumentError(absl::StrCat("unsupported dtype \"", name, "\" (supported: F32, BF16, F16, I32)"));
 }
 
 float F16ToF32(uint16_t h) {
@@ -61,7 +60,7 @@ uint16_t F32ToF16(float f) {
   std::memcpy(&x, &f, sizeof(x));
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
   if (abs < 0x38800000u) {
     // Subnormal or zero in half: scale to an integer count of 2^-24 units.

@@ -9,15 +9,14 @@
 #define SAE_CONCAT_(a, b) SAE_CONCAT_INNER_(a, b)
 
 // Returns from the current function when `expr` (an absl::Status) is not OK.
-#define RETURN_IF_ERROR(expr)                              \
-  do {                                                     \
-    ::absl::Status sae_status_ = (expr);                   \
-    if (!sae_status_.ok()) return sae_status_;             \
+#define RETURN_IF_ERROR(expr)                  \
+  do {                                         \
+    ::absl::Status sae_status_ = (expr);       \
+    if (!sae_status_.ok()) return sae_status_; \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, MakeX());` unwraps an absl::StatusOr<T>.
-#define ASSIGN_OR_RETURN(lhs, expr) \
-  SAE_ASSIGN_OR_RETURN_IMPL_(SAE_CONCAT_(sae_statusor_, __LINE__), lhs, expr)
+#define ASSIGN_OR_RETURN(lhs, expr) SAE_ASSIGN_OR_RETURN_IMPL_(SAE_CONCAT_(sae_statusor_, __LINE__), lhs, expr)
 #define SAE_ASSIGN_OR_RETURN_IMPL_(var, lhs, expr) \
   auto var = (expr);                               \
   if (!var.ok()) return std::move(var).status();   \

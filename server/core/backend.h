@@ -152,8 +152,8 @@ class Backend {
   // the k largest active features, value-descending (ties: lower index
   // first). out_indices: I32 [n, k]; out_values: F32 [n, k]; unused slots
   // hold index -1 and value 0.
-  virtual absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k,
-                                     const Tensor& out_indices, const Tensor& out_values) = 0;
+  virtual absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
+                                     const Tensor& out_values) = 0;
 
   // ---- ops added after the first CUDA backend: the default answers
   // UNIMPLEMENTED so a backend without a twin fails clearly ----

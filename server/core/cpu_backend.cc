@@ -130,7 +130,8 @@ class CpuBackend final : public Backend {
     const int32_t* id = ids.as<int32_t>();
     for (int64_t t = 0; t < ids.numel(); ++t) {
       if (id[t] < 0 || id[t] >= table.rows) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", id[t], " outside the vocabulary [0, ", table.rows, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id[t], " outside the vocabulary [0, ", table.rows, ")"));
       }
       RowToF32(table, id[t], out.as<float>() + t * out.cols);
     }

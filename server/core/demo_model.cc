@@ -1,5 +1,7 @@
 #include "core/demo_model.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -7,8 +9,6 @@
 #include <map>
 #include <set>
 #include <sstream>
-
-#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -43,8 +43,8 @@ struct DemoSaeSpec {
   int expansion;
 };
 const DemoSaeSpec kDemoSaes[] = {
-    {"L1R-8x", {1, HookSite::kResid}, 8},        {"L2A-8x", {2, HookSite::kAttn}, 8},
-    {"L2M-8x", {2, HookSite::kMlp}, 8},          {"L2TC-8x", {2, HookSite::kTranscoderIn}, 8},
+    {"L1R-8x", {1, HookSite::kResid}, 8},   {"L2A-8x", {2, HookSite::kAttn}, 8},
+    {"L2M-8x", {2, HookSite::kMlp}, 8},     {"L2TC-8x", {2, HookSite::kTranscoderIn}, 8},
     {"L3R-32x", {3, HookSite::kResid}, 32},
 };
 
@@ -228,8 +228,8 @@ absl::Status WriteModel(const fs::path& dir, const LlamaConfig& c,
 
 // Hook activations of the calibration corpus (BOS rows dropped).
 struct Activations {
-  std::vector<int32_t> ids;                           // [n_rows]
-  std::map<HookPoint, std::vector<float>> by_hook;    // [n_rows, d]
+  std::vector<int32_t> ids;                         // [n_rows]
+  std::map<HookPoint, std::vector<float>> by_hook;  // [n_rows, d]
 };
 
 absl::StatusOr<Activations> CollectActivations(const std::string& model_dir, const Tokenizer& tok) {

@@ -20,8 +20,8 @@ struct DemoConcept {
 };
 
 struct DemoLayout {
-  std::string model_dir;               // <dir>/model
-  std::vector<std::string> sae_dirs;   // <dir>/saes/L1R-8x, ...
+  std::string model_dir;              // <dir>/model
+  std::vector<std::string> sae_dirs;  // <dir>/saes/L1R-8x, ...
   std::vector<DemoConcept> concepts;
 };
 

@@ -49,13 +49,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                                                      c.hidden_size));
     }
     if (s->hook().layer >= c.num_hidden_layers) {
-      return absl::InvalidArgumentError(absl::StrCat(s->path(), "/hyperparams.json: field \"hook_point_in\" names layer ",
-                                                     s->hook().layer, " but the model has ", c.num_hidden_layers,
-                                                     " layers"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(s->path(), "/hyperparams.json: field \"hook_point_in\" names layer ", s->hook().layer,
+                       " but the model has ", c.num_hidden_layers, " layers"));
     }
   }
   if (e->tokenizer_->vocab_size() > c.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(options.model_dir, "/tokenizer.json has ", e->tokenizer_->vocab_size(),
+    return absl::InvalidArgumentError(absl::StrCat(options.model_dir, "/tokenizer.json has ",
+                                                   e->tokenizer_->vocab_size(),
                                                    " tokens but config.json vocab_size is ", c.vocab_size));
   }
   return e;

@@ -34,11 +34,11 @@ struct EngineOptions {
 // One sequence of a batch. Options of one request never change another
 // request's results in the same batch.
 struct SequenceRequest {
-  std::vector<int32_t> ids;       // [n_tokens]
-  std::vector<int> sae_indices;   // into Engine::saes()
-  int k = 0;                      // features kept per token and SAE
-  bool include_bos = false;       // features at BOS positions too
-  bool capture_hooks = false;     // return the raw hook activations
+  std::vector<int32_t> ids;      // [n_tokens]
+  std::vector<int> sae_indices;  // into Engine::saes()
+  int k = 0;                     // features kept per token and SAE
+  bool include_bos = false;      // features at BOS positions too
+  bool capture_hooks = false;    // return the raw hook activations
   // Features with a value below this are dropped (finite, >= 0; 0 keeps every active one).
   float min_activation = 0.0f;
   // Empty, or parallel to sae_indices: for SAE j, a non-empty watch[j] means
@@ -63,8 +63,8 @@ struct SaeTopK {
 };
 
 struct SequenceResult {
-  std::vector<SaeTopK> saes;                          // parallel to sae_indices
-  std::map<std::string, std::vector<float>> hooks;    // hook name -> [n_tokens, d_model]
+  std::vector<SaeTopK> saes;                        // parallel to sae_indices
+  std::map<std::string, std::vector<float>> hooks;  // hook name -> [n_tokens, d_model]
 };
 
 // Where one Engine::Run spent its wall-clock time. The backend is

@@ -61,10 +61,10 @@ absl::StatusOr<HookPoint> ParseHookPointIn(absl::string_view hook_point) {
   if (rest == "hook_attn_out") return HookPoint{layer, HookSite::kAttn};
   if (rest == "hook_mlp_out") return HookPoint{layer, HookSite::kMlp};
   if (rest == "ln2.hook_normalized") return HookPoint{layer, HookSite::kTranscoderIn};
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unsupported hook point \"", hook_point,
-      "\" (supported: blocks.N.hook_resid_post, blocks.N.hook_attn_out, blocks.N.hook_mlp_out, "
-      "blocks.N.ln2.hook_normalized)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported hook point \"", hook_point,
+                   "\" (supported: blocks.N.hook_resid_post, blocks.N.hook_attn_out, blocks.N.hook_mlp_out, "
+                   "blocks.N.ln2.hook_normalized)"));
 }
 
 }  // namespace sae

@@ -4,9 +4,9 @@
 #define SAE_CORE_HOOKS_H_
 
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace sae {
 

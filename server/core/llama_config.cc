@@ -49,7 +49,8 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromFile(const std::string& path) {
 
 absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const std::string& origin) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(origin, ": not a JSON object"));
+  if (j.is_discarded() || !j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(origin, ": not a JSON object"));
   LlamaConfig c;
   if (auto it = j.find("model_type"); it != j.end() && (!it->is_string() || it->get<std::string>() != "llama")) {
     return FieldError(origin, "model_type", absl::StrCat("must be \"llama\", got ", it->dump()));
@@ -67,10 +68,12 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const
   RETURN_IF_ERROR(GetDouble(j, origin, "rms_norm_eps", &c.rms_norm_eps));
   RETURN_IF_ERROR(GetDouble(j, origin, "rope_theta", &c.rope_theta));
   if (auto it = j.find("bos_token_id"); it != j.end() && it->is_number_integer()) c.bos_token_id = it->get<int>();
-  if (auto it = j.find("tie_word_embeddings"); it != j.end() && it->is_boolean()) c.tie_word_embeddings = it->get<bool>();
+  if (auto it = j.find("tie_word_embeddings"); it != j.end() && it->is_boolean())
+    c.tie_word_embeddings = it->get<bool>();
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
-    return FieldError(origin, "num_key_value_heads",
-                      absl::StrCat(c.num_key_value_heads, " does not divide num_attention_heads ", c.num_attention_heads));
+    return FieldError(
+        origin, "num_key_value_heads",
+        absl::StrCat(c.num_key_value_heads, " does not divide num_attention_heads ", c.num_attention_heads));
   }
   if (c.head_dim % 2 != 0) return FieldError(origin, "head_dim", "must be even for RoPE");
   if (auto it = j.find("hidden_act"); it != j.end() && it->is_string() && it->get<std::string>() != "silu") {
@@ -93,7 +96,7 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const
       RETURN_IF_ERROR(GetDouble(rs, origin + " rope_scaling", "low_freq_factor", &c.rope_scaling.low_freq_factor));
       RETURN_IF_ERROR(GetDouble(rs, origin + " rope_scaling", "high_freq_factor", &c.rope_scaling.high_freq_factor));
       RETURN_IF_ERROR(GetInt(rs, origin + " rope_scaling", "original_max_position_embeddings", false,
-                                  &c.rope_scaling.original_max_position_embeddings));
+                             &c.rope_scaling.original_max_position_embeddings));
       if (!(c.rope_scaling.high_freq_factor > c.rope_scaling.low_freq_factor)) {
         return FieldError(origin, "rope_scaling.high_freq_factor", "must exceed low_freq_factor");
       }

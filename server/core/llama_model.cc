@@ -68,7 +68,8 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   if (n == 0) return absl::OkStatus();
   for (int32_t id : batch.ids) {
     if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " outside the vocabulary [0, ", c.vocab_size, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", id, " outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
   int max_len = 0;
@@ -86,13 +87,13 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   RETURN_IF_ERROR(b->CopyFromHost(batch.positions.data(), pos.get()));
   RETURN_IF_ERROR(b->CopyFromHost(batch.seq_starts.data(), starts.get()));
 
-  ASSIGN_OR_RETURN(OwnedTensor x, b->Alloc(DType::kF32, n, d));       // residual stream
-  ASSIGN_OR_RETURN(OwnedTensor h, b->Alloc(DType::kF32, n, d));       // normed input
+  ASSIGN_OR_RETURN(OwnedTensor x, b->Alloc(DType::kF32, n, d));  // residual stream
+  ASSIGN_OR_RETURN(OwnedTensor h, b->Alloc(DType::kF32, n, d));  // normed input
   ASSIGN_OR_RETURN(OwnedTensor q, b->Alloc(DType::kF32, n, q_dim));
   ASSIGN_OR_RETURN(OwnedTensor k, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor v, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor attn, b->Alloc(DType::kF32, n, q_dim));
-  ASSIGN_OR_RETURN(OwnedTensor proj, b->Alloc(DType::kF32, n, d));    // o_proj / down_proj output
+  ASSIGN_OR_RETURN(OwnedTensor proj, b->Alloc(DType::kF32, n, d));  // o_proj / down_proj output
   ASSIGN_OR_RETURN(OwnedTensor gate, b->Alloc(DType::kF32, n, ffn));
   ASSIGN_OR_RETURN(OwnedTensor up, b->Alloc(DType::kF32, n, ffn));
 

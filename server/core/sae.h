@@ -14,7 +14,7 @@ namespace sae {
 struct SaeHyperparams {
   int d_model = 0;
   int d_sae = 0;
-  std::string act_fn;        // "jumprelu" or "topk"
+  std::string act_fn;  // "jumprelu" or "topk"
   float jump_relu_threshold = 0.0f;
   int top_k = 0;
   std::string norm_activation;  // "dataset-wise" or "none"
@@ -38,8 +38,8 @@ enum class SaeEncodeForm {
 class Sae {
  public:
   // `name` is what clients use (folder name or config alias).
-  static absl::StatusOr<std::unique_ptr<Sae>> Load(const std::string& dir, const std::string& name,
-                                                   Backend* backend, SaeEncodeForm form);
+  static absl::StatusOr<std::unique_ptr<Sae>> Load(const std::string& dir, const std::string& name, Backend* backend,
+                                                   SaeEncodeForm form);
 
   const std::string& name() const { return name_; }
   const std::string& path() const { return path_; }

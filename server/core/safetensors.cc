@@ -104,7 +104,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     HostTensor t;
     t.dtype = *dtype;
     for (const json& d : *sh) {
-      if (!d.is_number_unsigned()) return FileError(path, absl::StrCat(where, ": field \"shape\" has a non-integer entry"));
+      if (!d.is_number_unsigned())
+        return FileError(path, absl::StrCat(where, ": field \"shape\" has a non-integer entry"));
       t.shape.push_back(d.get<int64_t>());
     }
     if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
@@ -117,8 +118,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
                                           "] fall outside the data section of ", data_size, " bytes"));
     }
     if (end - begin != t.nbytes()) {
-      return FileError(path, absl::StrCat(where, ": data_offsets span ", end - begin, " bytes but ",
-                                          t.DebugString(), " needs ", t.nbytes()));
+      return FileError(path, absl::StrCat(where, ": data_offsets span ", end - begin, " bytes but ", t.DebugString(),
+                                          " needs ", t.nbytes()));
     }
     t.data = data_begin + begin;
     file->tensors_.emplace(name, std::move(t));
@@ -185,8 +186,7 @@ absl::StatusOr<HostTensor> TensorStore::Get(absl::string_view name) const {
   return it->second.second;
 }
 
-absl::StatusOr<HostTensor> TensorStore::GetWithShape(absl::string_view name,
-                                                     const std::vector<int64_t>& shape) const {
+absl::StatusOr<HostTensor> TensorStore::GetWithShape(absl::string_view name, const std::vector<int64_t>& shape) const {
   ASSIGN_OR_RETURN(HostTensor t, Get(name));
   if (t.shape != shape) {
     return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor \"", name, "\" has shape [",
@@ -215,8 +215,8 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
     size_t expect = DTypeSize(t->dtype);
     for (int64_t d : t->shape) expect *= static_cast<size_t>(d);
     if (expect != t->bytes.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor ", t->name, ": ", t->bytes.size(),
-                                                     " bytes for a shape needing ", expect));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", t->name, ": ", t->bytes.size(), " bytes for a shape needing ", expect));
     }
     header[t->name] = {{"dtype", std::string(DTypeName(t->dtype))},
                        {"shape", t->shape},
@@ -238,8 +238,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   return absl::OkStatus();
 }
 
-TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape,
-                         const std::vector<float>& values) {
+TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape, const std::vector<float>& values) {
   TensorToWrite t{std::move(name), dtype, std::move(shape), {}};
   t.bytes.resize(values.size() * DTypeSize(dtype));
   for (size_t i = 0; i < values.size(); ++i) {

@@ -10,10 +10,10 @@
 #include <map>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/dtype.h"
 
 namespace sae {
@@ -60,8 +60,7 @@ class TensorStore {
   // NOT_FOUND naming the tensor and the store when missing.
   absl::StatusOr<HostTensor> Get(absl::string_view name) const;
   // Get() plus a shape check; the error names the tensor, the file and both shapes.
-  absl::StatusOr<HostTensor> GetWithShape(absl::string_view name,
-                                          const std::vector<int64_t>& shape) const;
+  absl::StatusOr<HostTensor> GetWithShape(absl::string_view name, const std::vector<int64_t>& shape) const;
   bool Contains(absl::string_view name) const;
   // The file a tensor lives in (for error messages).
   std::string FileOf(absl::string_view name) const;
@@ -86,8 +85,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
                               const std::map<std::string, std::string>& metadata = {});
 
 // Helpers to build TensorToWrite from float data, converting to `dtype`.
-TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape,
-                         const std::vector<float>& values);
+TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape, const std::vector<float>& values);
 
 }  // namespace sae
 

@@ -65,11 +65,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                   .Help("Engine time of one batch: model forward including the SAE encoders at their hooks")
                   .Register(*registry_)
                   .Add({}, SecondsBuckets());
-  sae_ = &prometheus::BuildHistogram()
-              .Name("sae_encode_seconds")
-              .Help("SAE time of one engine run: encode + top-k, watch lists, reconstruction (part of sae_forward_seconds)")
-              .Register(*registry_)
-              .Add({}, SecondsBuckets());
+  sae_ =
+      &prometheus::BuildHistogram()
+           .Name("sae_encode_seconds")
+           .Help(
+               "SAE time of one engine run: encode + top-k, watch lists, reconstruction (part of sae_forward_seconds)")
+           .Register(*registry_)
+           .Add({}, SecondsBuckets());
   batch_tokens_ = &prometheus::BuildHistogram()
                        .Name("sae_batch_tokens")
                        .Help("Tokens per batch run by the engine")

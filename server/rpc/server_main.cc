@@ -309,8 +309,8 @@ int Main(int argc, char** argv) {
   ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;
-  absl::StatusOr<std::unique_ptr<Executor>> executor = Executor::Create(
-EngineRunner(engine_ptr, metrics), executor_options);
+  absl::StatusOr<std::unique_ptr<Executor>> executor =
+      Executor::Create(EngineRunner(engine_ptr, metrics), executor_options);
   if (!executor.ok()) {
     Log(std::string(executor.status().message()));
     return 1;

@@ -89,16 +89,13 @@ std::map<std::string, int64_t> CountPreTokens(std::string_view text) {
   std::map<std::string, int64_t> counts;
   int error = 0;
   PCRE2_SIZE error_offset = 0;
-  pcre2_code* re =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kLlama3SplitPattern.data()),
-                    kLlama3SplitPattern.size(), PCRE2_UTF | PCRE2_UCP, &error,
-                    &error_offset, nullptr);
+  pcre2_code* re = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kLlama3SplitPattern.data()), kLlama3SplitPattern.size(),
+                                 PCRE2_UTF | PCRE2_UCP, &error, &error_offset, nullptr);
   if (re == nullptr) return counts;  // cannot happen: fixed pattern
   pcre2_match_data* md = pcre2_match_data_create_from_pattern(re, nullptr);
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   size_t pos = 0;
-  while (pos < text.size() &&
-         pcre2_match(re, subject, text.size(), pos, 0, md, nullptr) > 0) {
+  while (pos < text.size() && pcre2_match(re, subject, text.size(), pos, 0, md, nullptr) > 0) {
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     if (ov[1] <= ov[0]) break;
     ++counts[std::string(text.substr(ov[0], ov[1] - ov[0]))];
@@ -110,7 +107,7 @@ std::map<std::string, int64_t> CountPreTokens(std::string_view text) {
 }
 
 struct Trained {
-  std::vector<std::string> tokens;  // [n_tokens] raw bytes, id = index
+  std::vector<std::string> tokens;                  // [n_tokens] raw bytes, id = index
   std::vector<std::pair<int32_t, int32_t>> merges;  // in rank order
 };
 
@@ -144,9 +141,7 @@ Trained Train() {
       const bool better =
           best == nullptr || count > best_count ||
           (count == best_count &&
-           (text < best_text ||
-            (text == best_text &&
-             t.tokens[pair.first].size() < t.tokens[best->first].size())));
+           (text < best_text || (text == best_text && t.tokens[pair.first].size() < t.tokens[best->first].size())));
       if (better) {
         best = &pair;
         best_count = count;
@@ -168,8 +163,7 @@ Trained Train() {
       Word merged;
       merged.reserve(w.size());
       for (size_t i = 0; i < w.size(); ++i) {
-        if (i + 1 < w.size() && w[i] == merge.first &&
-            w[i + 1] == merge.second) {
+        if (i + 1 < w.size() && w[i] == merge.first && w[i + 1] == merge.second) {
           merged.push_back(new_id);
           ++i;
         } else {
@@ -216,37 +210,25 @@ std::string MakeDemoTokenizerJson() {
                   {"pattern", {{"Regex", std::string(kLlama3SplitPattern)}}},
                   {"behavior", "Isolated"},
                   {"invert", false}},
-            OJson{{"type", "ByteLevel"},
-                  {"add_prefix_space", false},
-                  {"trim_offsets", true},
-                  {"use_regex", false}}})}};
+            OJson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}};
 
-  const OJson bos_item = {
-      {"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}};
+  const OJson bos_item = {{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}};
   OJson post = {
       {"type", "Sequence"},
       {"processors",
        OJson::array(
-           {OJson{{"type", "ByteLevel"},
-                  {"add_prefix_space", true},
-                  {"trim_offsets", false},
-                  {"use_regex", true}},
-            OJson{
-                {"type", "TemplateProcessing"},
-                {"single",
-                 OJson::array({bos_item,
-                               {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
-                {"pair", OJson::array(
-                             {bos_item,
-                              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                              {{"SpecialToken",
-                                {{"id", "<|begin_of_text|>"}, {"type_id", 1}}}},
-                              {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
-                {"special_tokens",
-                 {{"<|begin_of_text|>",
-                   {{"id", "<|begin_of_text|>"},
-                    {"ids", OJson::array({kDemoBosId})},
-                    {"tokens", OJson::array({"<|begin_of_text|>"})}}}}}}})}};
+           {OJson{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}},
+            OJson{{"type", "TemplateProcessing"},
+                  {"single", OJson::array({bos_item, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}})},
+                  {"pair", OJson::array({bos_item,
+                                         {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                         {{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 1}}}},
+                                         {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}})},
+                  {"special_tokens",
+                   {{"<|begin_of_text|>",
+                     {{"id", "<|begin_of_text|>"},
+                      {"ids", OJson::array({kDemoBosId})},
+                      {"tokens", OJson::array({"<|begin_of_text|>"})}}}}}}})}};
 
   OJson vocab = OJson::object();
   for (int32_t id = 0; id < n_model; ++id) {
@@ -254,33 +236,29 @@ std::string MakeDemoTokenizerJson() {
   }
   OJson merges = OJson::array();
   for (const auto& [l, r] : t.merges) {
-    merges.push_back(absl::StrCat(BytesToByteLevel(t.tokens[l]), " ",
-                                  BytesToByteLevel(t.tokens[r])));
+    merges.push_back(absl::StrCat(BytesToByteLevel(t.tokens[l]), " ", BytesToByteLevel(t.tokens[r])));
   }
 
-  OJson root = {{"version", "1.0"},
-                {"truncation", nullptr},
-                {"padding", nullptr},
-                {"added_tokens", std::move(added)},
-                {"normalizer", nullptr},
-                {"pre_tokenizer", std::move(pre)},
-                {"post_processor", std::move(post)},
-                {"decoder",
-                 {{"type", "ByteLevel"},
-                  {"add_prefix_space", true},
-                  {"trim_offsets", true},
-                  {"use_regex", true}}},
-                {"model",
-                 {{"type", "BPE"},
-                  {"dropout", nullptr},
-                  {"unk_token", nullptr},
-                  {"continuing_subword_prefix", nullptr},
-                  {"end_of_word_suffix", nullptr},
-                  {"fuse_unk", false},
-                  {"byte_fallback", false},
-                  {"ignore_merges", true},
-                  {"vocab", std::move(vocab)},
-                  {"merges", std::move(merges)}}}};
+  OJson root = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", std::move(added)},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", std::move(pre)},
+      {"post_processor", std::move(post)},
+      {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", nullptr},
+        {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr},
+        {"fuse_unk", false},
+        {"byte_fallback", false},
+        {"ignore_merges", true},
+        {"vocab", std::move(vocab)},
+        {"merges", std::move(merges)}}}};
   return root.dump(2) + "\n";
 }
 

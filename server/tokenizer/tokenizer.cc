@@ -44,8 +44,7 @@ std::array<uint32_t, 256> MakeByteToCodePoint() {
   std::array<uint32_t, 256> table{};
   uint32_t n = 0;
   for (uint32_t b = 0; b < 256; ++b) {
-    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) ||
-                           (b >= 174 && b <= 255);
+    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
     table[b] = printable ? b : 256 + n++;
   }
   return table;
@@ -257,8 +256,7 @@ class AddedTokenTrie {
   bool empty() const { return empty_; }
 
   // Finds the leftmost-longest match in text[from, to); returns false if none.
-  bool Find(std::string_view text, size_t from, size_t to, size_t* start,
-            size_t* end, int32_t* id) const {
+  bool Find(std::string_view text, size_t from, size_t to, size_t* start, size_t* end, int32_t* id) const {
     for (size_t pos = from; pos < to; ++pos) {
       if (!first_byte_[static_cast<uint8_t>(text[pos])]) continue;
       int32_t node = 0;
@@ -299,8 +297,7 @@ struct MergeInfo {
 };
 
 uint64_t PairKey(int32_t left, int32_t right) {
-  return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) |
-         static_cast<uint32_t>(right);
+  return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
 
 // Per-thread scratch space, so Encode does not allocate per pre-token.
@@ -314,9 +311,7 @@ struct Scratch {
     int32_t rank;
     int32_t pos;
     int32_t left, right;  // the pair when pushed, to detect stale entries
-    bool operator>(const HeapEntry& o) const {
-      return rank != o.rank ? rank > o.rank : pos > o.pos;
-    }
+    bool operator>(const HeapEntry& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
   };
   std::vector<HeapEntry> heap;
 };
@@ -328,8 +323,7 @@ struct MatchDataDeleter {
 pcre2_match_data* ThreadMatchData() {
   // One ovector pair is enough: we only need the whole match. Independent of
   // the pattern, so it is shared by all Tokenizer instances on this thread.
-  thread_local std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(
-      pcre2_match_data_create(1, nullptr));
+  thread_local std::unique_ptr<pcre2_match_data, MatchDataDeleter> md(pcre2_match_data_create(1, nullptr));
   return md.get();
 }
 
@@ -442,27 +436,21 @@ struct Tokenizer::Impl {
   }
 
   absl::Status Fail(std::string_view field, std::string_view what) const {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokenizer ", origin, ": field '", Av(field), "': ", Av(what)));
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer ", origin, ": field '", Av(field), "': ", Av(what)));
   }
 
   absl::Status Load(const Json& root);
   absl::Status LoadModel(const Json& model);
   absl::Status LoadAddedTokens(const Json& added);
   absl::Status LoadPreTokenizer(const Json& pre);
-  absl::Status LoadPostProcessor(const Json& post, std::string_view field,
-                                 const Json& root);
+  absl::Status LoadPostProcessor(const Json& post, std::string_view field, const Json& root);
   absl::Status CompileRegex(const std::string& pattern);
 
-  absl::Status EncodeSegment(std::string_view text, size_t from, size_t to,
-                             bool normalized_pass, CodePointCursor* cursor,
-                             Encoding* out) const;
-  absl::Status PreTokenize(std::string_view text, size_t from, size_t to,
-                           CodePointCursor* cursor, Encoding* out) const;
-  void EncodePiece(std::string_view text, size_t from, size_t to,
-                   CodePointCursor* cursor, Encoding* out) const;
-  void Emit(int32_t id, size_t from, size_t to, CodePointCursor* cursor,
-            Encoding* out) const {
+  absl::Status EncodeSegment(std::string_view text, size_t from, size_t to, bool normalized_pass,
+                             CodePointCursor* cursor, Encoding* out) const;
+  absl::Status PreTokenize(std::string_view text, size_t from, size_t to, CodePointCursor* cursor, Encoding* out) const;
+  void EncodePiece(std::string_view text, size_t from, size_t to, CodePointCursor* cursor, Encoding* out) const;
+  void Emit(int32_t id, size_t from, size_t to, CodePointCursor* cursor, Encoding* out) const {
     const uint32_t start = cursor->CodePointAt(from);
     const uint32_t end = cursor->CodePointAt(to - 1) + 1;
     out->ids.push_back(id);
@@ -515,8 +503,7 @@ absl::Status Tokenizer::Impl::Load(const Json& root) {
 
   const Json* pre = Find(root, "pre_tokenizer");
   if (pre == nullptr || pre->is_null()) {
-    return Fail("pre_tokenizer",
-                "missing (byte-level BPE needs a ByteLevel pre-tokenizer)");
+    return Fail("pre_tokenizer", "missing (byte-level BPE needs a ByteLevel pre-tokenizer)");
   }
   RETURN_IF_ERROR(LoadPreTokenizer(*pre));
 
@@ -525,13 +512,10 @@ absl::Status Tokenizer::Impl::Load(const Json& root) {
     return Fail("decoder", "missing (expected type ByteLevel)");
   }
   if (TypeOf(*decoder) != "ByteLevel") {
-    return Fail("decoder.type",
-                absl::StrCat("unsupported '", TypeOf(*decoder),
-                             "' (only ByteLevel is supported)"));
+    return Fail("decoder.type", absl::StrCat("unsupported '", TypeOf(*decoder), "' (only ByteLevel is supported)"));
   }
 
-  if (const Json* post = Find(root, "post_processor");
-      post != nullptr && !post->is_null()) {
+  if (const Json* post = Find(root, "post_processor"); post != nullptr && !post->is_null()) {
     RETURN_IF_ERROR(LoadPostProcessor(*post, "post_processor", root));
   }
   return absl::OkStatus();
@@ -541,14 +525,12 @@ absl::Status Tokenizer::Impl::LoadModel(const Json& model) {
   if (!model.is_object()) return Fail("model", "must be an object");
   const std::string type = TypeOf(model);
   if (!type.empty() && type != "BPE") {
-    return Fail("model.type", absl::StrCat("unsupported '", type,
-                                           "' (only BPE is supported)"));
+    return Fail("model.type", absl::StrCat("unsupported '", type, "' (only BPE is supported)"));
   }
   if (type.empty() && Find(model, "merges") == nullptr) {
     return Fail("model.type", "missing (only BPE is supported)");
   }
-  for (const char* key :
-       {"continuing_subword_prefix", "end_of_word_suffix", "dropout"}) {
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix", "dropout"}) {
     const Json* v = Find(model, key);
     if (v != nullptr && !v->is_null()) {
       return Fail(absl::StrCat("model.", key), "unsupported (must be null)");
@@ -574,13 +556,11 @@ absl::Status Tokenizer::Impl::LoadModel(const Json& model) {
   std::string bytes;
   for (auto it = vocab->begin(); it != vocab->end(); ++it) {
     if (!it.value().is_number_integer()) {
-      return Fail("model.vocab",
-                  absl::StrCat("id of '", it.key(), "' is not an integer"));
+      return Fail("model.vocab", absl::StrCat("id of '", it.key(), "' is not an integer"));
     }
     const int64_t id = it.value().get<int64_t>();
     if (id < 0 || id > kMaxTokenId) {
-      return Fail("model.vocab",
-                  absl::StrCat("id ", id, " of '", it.key(), "' out of range"));
+      return Fail("model.vocab", absl::StrCat("id ", id, " of '", it.key(), "' out of range"));
     }
     max_id = std::max(max_id, id);
     entries.emplace_back(static_cast<int32_t>(id), it.key());
@@ -606,10 +586,9 @@ absl::Status Tokenizer::Impl::LoadModel(const Json& model) {
     if (it == bytes_to_id.end()) {
       std::string sym;
       AppendUtf8(ByteToCodePoint()[b], &sym);
-      return Fail("model.vocab",
-                  absl::StrFormat("missing byte-level symbol '%s' for byte "
-                                  "0x%02X (every byte must be in the vocab)",
-                                  sym, b));
+      return Fail("model.vocab", absl::StrFormat("missing byte-level symbol '%s' for byte "
+                                                 "0x%02X (every byte must be in the vocab)",
+                                                 sym, b));
     }
     byte_id[b] = it->second;
   }
@@ -634,15 +613,13 @@ absl::Status Tokenizer::Impl::LoadModel(const Json& model) {
       }
       left = s.substr(0, sp);
       right = s.substr(sp + 1);
-    } else if (m.is_array() && m.size() == 2 && m[0].is_string() &&
-               m[1].is_string()) {
+    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       left = m[0].get<std::string>();
       right = m[1].get<std::string>();
     } else {
       return Fail(field, "must be \"a b\" or [\"a\", \"b\"]");
     }
-    const auto find_id = [&](const std::string& tok,
-                             std::string* raw) -> std::optional<int32_t> {
+    const auto find_id = [&](const std::string& tok, std::string* raw) -> std::optional<int32_t> {
       if (!ByteLevelToBytes(tok, raw)) return std::nullopt;
       const auto it = bytes_to_id.find(*raw);
       if (it == bytes_to_id.end()) return std::nullopt;
@@ -657,8 +634,7 @@ absl::Status Tokenizer::Impl::LoadModel(const Json& model) {
       return Fail(field, absl::StrCat("'", left, right, "' not in vocab"));
     }
     // Like HF, a repeated pair takes the later rank.
-    merges.insert_or_assign(
-        PairKey(*l, *r), MergeInfo{static_cast<int32_t>(rank), merged->second});
+    merges.insert_or_assign(PairKey(*l, *r), MergeInfo{static_cast<int32_t>(rank), merged->second});
   }
   return absl::OkStatus();
 }
@@ -688,8 +664,7 @@ absl::Status Tokenizer::Impl::LoadAddedTokens(const Json& added) {
       auto v = GetBool(t, key, false);
       if (!v.ok()) return Fail(absl::StrCat(field, ".", key), "must be bool");
       if (*v) {
-        return Fail(absl::StrCat(field, ".", key),
-                    "unsupported (must be false)");
+        return Fail(absl::StrCat(field, ".", key), "unsupported (must be false)");
       }
     }
     auto special = GetBool(t, "special", false);
@@ -703,8 +678,7 @@ absl::Status Tokenizer::Impl::LoadAddedTokens(const Json& added) {
     if (id_special.size() < id_bytes.size()) id_special.resize(id_bytes.size());
     id_special[tid] = *special ? 1 : 0;
     added_by_content.insert_or_assign(text, static_cast<int32_t>(tid));
-    (*normalized ? normalized_added : raw_added)
-        .Insert(text, static_cast<int32_t>(tid));
+    (*normalized ? normalized_added : raw_added).Insert(text, static_cast<int32_t>(tid));
   }
   id_special.resize(id_bytes.size());
   return absl::OkStatus();
@@ -714,15 +688,13 @@ absl::Status Tokenizer::Impl::CompileRegex(const std::string& pattern) {
   int error = 0;
   PCRE2_SIZE error_offset = 0;
   const std::string translated = OnigToPcre2Pattern(pattern);
-  regex = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()),
-                        translated.size(), PCRE2_UTF | PCRE2_UCP, &error,
-                        &error_offset, nullptr);
+  regex = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(), PCRE2_UTF | PCRE2_UCP,
+                        &error, &error_offset, nullptr);
   if (regex == nullptr) {
     PCRE2_UCHAR msg[256];
     pcre2_get_error_message(error, msg, sizeof(msg));
     return Fail("pre_tokenizer",
-                absl::StrCat("regex '", pattern, "' does not compile: ",
-                             reinterpret_cast<const char*>(msg)));
+                absl::StrCat("regex '", pattern, "' does not compile: ", reinterpret_cast<const char*>(msg)));
   }
   jit = pcre2_jit_compile(regex, PCRE2_JIT_COMPLETE) == 0;
   return absl::OkStatus();
@@ -747,9 +719,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const Json& pre) {
   bool byte_level = false;
   for (size_t i = 0; i < steps.size(); ++i) {
     const Json& p = *steps[i];
-    const std::string field = steps.size() == 1 && base == "pre_tokenizer"
-                                  ? base
-                                  : absl::StrCat(base, "[", i, "]");
+    const std::string field = steps.size() == 1 && base == "pre_tokenizer" ? base : absl::StrCat(base, "[", i, "]");
     const std::string type = TypeOf(p);
     if (byte_level) {
       return Fail(field, "nothing may follow the ByteLevel pre-tokenizer");
@@ -767,8 +737,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const Json& pre) {
         return Fail(field + ".pattern", "missing {\"Regex\": ...}");
       }
       const Json* behavior = Find(p, "behavior");
-      if (behavior == nullptr || !behavior->is_string() ||
-          behavior->get<std::string>() != "Isolated") {
+      if (behavior == nullptr || !behavior->is_string() || behavior->get<std::string>() != "Isolated") {
         return Fail(field + ".behavior", "unsupported (only Isolated)");
       }
       auto invert = GetBool(p, "invert", false);
@@ -785,15 +754,12 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const Json& pre) {
       if (!use_regex.ok()) return Fail(field + ".use_regex", "must be bool");
       if (*use_regex) {
         if (pattern) {
-          return Fail(field + ".use_regex",
-                      "unsupported: must be false after a Split");
+          return Fail(field + ".use_regex", "unsupported: must be false after a Split");
         }
         pattern = std::string(kGpt2Pattern);
       }
     } else {
-      return Fail(field + ".type",
-                  absl::StrCat("unsupported '", type,
-                               "' (only Split and ByteLevel are supported)"));
+      return Fail(field + ".type", absl::StrCat("unsupported '", type, "' (only Split and ByteLevel are supported)"));
     }
   }
   if (!byte_level) {
@@ -805,9 +771,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const Json& pre) {
   return CompileRegex(*pattern);
 }
 
-absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post,
-                                                std::string_view field,
-                                                const Json& root) {
+absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post, std::string_view field, const Json& root) {
   const std::string type = TypeOf(post);
   const std::string f(field);
   if (type == "Sequence") {
@@ -816,8 +780,7 @@ absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post,
       return Fail(f + ".processors", "missing or not an array");
     }
     for (size_t i = 0; i < list->size(); ++i) {
-      RETURN_IF_ERROR(LoadPostProcessor(
-          (*list)[i], absl::StrCat(f, ".processors[", i, "]"), root));
+      RETURN_IF_ERROR(LoadPostProcessor((*list)[i], absl::StrCat(f, ".processors[", i, "]"), root));
     }
     return absl::OkStatus();
   }
@@ -830,10 +793,9 @@ absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post,
     return absl::OkStatus();
   }
   if (type != "TemplateProcessing") {
-    return Fail(f + ".type",
-                absl::StrCat("unsupported '", type,
-                             "' (only TemplateProcessing, ByteLevel and "
-                             "Sequence are supported)"));
+    return Fail(f + ".type", absl::StrCat("unsupported '", type,
+                                          "' (only TemplateProcessing, ByteLevel and "
+                                          "Sequence are supported)"));
   }
   if (!prefix_ids.empty() || !suffix_ids.empty()) {
     return Fail(f, "only one TemplateProcessing is supported");
@@ -857,22 +819,18 @@ absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post,
     if (name == nullptr || !name->is_string()) {
       return Fail(item_field, "expected {\"SpecialToken\": {\"id\": ...}}");
     }
-    const Json* entry =
-        specials ? Find(*specials, name->get<std::string>().c_str()) : nullptr;
+    const Json* entry = specials ? Find(*specials, name->get<std::string>().c_str()) : nullptr;
     const Json* ids = entry ? Find(*entry, "ids") : nullptr;
     if (ids == nullptr || !ids->is_array()) {
-      return Fail(f + ".special_tokens",
-                  absl::StrCat("no ids for '", name->get<std::string>(), "'"));
+      return Fail(f + ".special_tokens", absl::StrCat("no ids for '", name->get<std::string>(), "'"));
     }
     for (const Json& id : *ids) {
       if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
           id.get<int64_t>() >= static_cast<int64_t>(id_bytes.size())) {
         return Fail(f + ".special_tokens",
-                    absl::StrCat("bad id for '", name->get<std::string>(),
-                                 "' (must be a token in the vocab)"));
+                    absl::StrCat("bad id for '", name->get<std::string>(), "' (must be a token in the vocab)"));
       }
-      (seen_sequence ? suffix_ids : prefix_ids)
-          .push_back(static_cast<int32_t>(id.get<int64_t>()));
+      (seen_sequence ? suffix_ids : prefix_ids).push_back(static_cast<int32_t>(id.get<int64_t>()));
     }
   }
   if (!seen_sequence) return Fail(f + ".single", "no {\"Sequence\": ...}");
@@ -963,8 +921,7 @@ void Tokenizer::Impl::BpeHeap(Scratch* s) const {
   s->starts.resize(out);
 }
 
-void Tokenizer::Impl::EncodePiece(std::string_view text, size_t from, size_t to,
-                                  CodePointCursor* cursor,
+void Tokenizer::Impl::EncodePiece(std::string_view text, size_t from, size_t to, CodePointCursor* cursor,
                                   Encoding* out) const {
   const std::string_view piece = text.substr(from, to - from);
   if (piece.size() == 1) {
@@ -999,8 +956,7 @@ void Tokenizer::Impl::EncodePiece(std::string_view text, size_t from, size_t to,
   }
 }
 
-absl::Status Tokenizer::Impl::PreTokenize(std::string_view text, size_t from,
-                                          size_t to, CodePointCursor* cursor,
+absl::Status Tokenizer::Impl::PreTokenize(std::string_view text, size_t from, size_t to, CodePointCursor* cursor,
                                           Encoding* out) const {
   // The segment is matched as its own subject: HF splits on added tokens
   // first, so lookaheads must not see past the segment.
@@ -1010,22 +966,18 @@ absl::Status Tokenizer::Impl::PreTokenize(std::string_view text, size_t from,
   size_t pos = 0;  // next unconsumed byte in the segment
   size_t search = 0;
   while (search < length) {
-    int rc =
-        jit ? pcre2_jit_match(regex, subject, length, search, 0, md, nullptr)
-            : pcre2_match(regex, subject, length, search, PCRE2_NO_UTF_CHECK,
-                          md, nullptr);
+    int rc = jit ? pcre2_jit_match(regex, subject, length, search, 0, md, nullptr)
+                 : pcre2_match(regex, subject, length, search, PCRE2_NO_UTF_CHECK, md, nullptr);
     if (rc == PCRE2_ERROR_JIT_STACKLIMIT) {
       // The interpreter keeps its backtracking state on the heap.
-      rc = pcre2_match(regex, subject, length, search,
-                       PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md, nullptr);
+      rc = pcre2_match(regex, subject, length, search, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, md, nullptr);
     }
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(rc, msg, sizeof(msg));
       return absl::InternalError(
-          absl::StrCat("tokenizer ", origin, ": pre-tokenizer regex failed: ",
-                       reinterpret_cast<const char*>(msg)));
+          absl::StrCat("tokenizer ", origin, ": pre-tokenizer regex failed: ", reinterpret_cast<const char*>(msg)));
     }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     const size_t ms = ov[0], me = ov[1];
@@ -1044,10 +996,8 @@ absl::Status Tokenizer::Impl::PreTokenize(std::string_view text, size_t from,
   return absl::OkStatus();
 }
 
-absl::Status Tokenizer::Impl::EncodeSegment(std::string_view text, size_t from,
-                                            size_t to, bool normalized_pass,
-                                            CodePointCursor* cursor,
-                                            Encoding* out) const {
+absl::Status Tokenizer::Impl::EncodeSegment(std::string_view text, size_t from, size_t to, bool normalized_pass,
+                                            CodePointCursor* cursor, Encoding* out) const {
   // HF first splits on non-normalized added tokens, then (after the
   // normalizer, which we require to be null) on normalized ones.
   const AddedTokenTrie& trie = normalized_pass ? normalized_added : raw_added;
@@ -1074,24 +1024,20 @@ absl::Status Tokenizer::Impl::EncodeSegment(std::string_view text, size_t from,
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(
-    const std::string& path) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    return absl::NotFoundError(
-        absl::StrCat("tokenizer ", path, ": cannot open file"));
+    return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open file"));
   }
   std::ostringstream buf;
   buf << in.rdbuf();
   if (in.bad()) {
-    return absl::DataLossError(
-        absl::StrCat("tokenizer ", path, ": read error"));
+    return absl::DataLossError(absl::StrCat("tokenizer ", path, ": read error"));
   }
   return FromJson(buf.str(), path);
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
-    std::string_view json, std::string_view origin) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view json, std::string_view origin) {
   auto impl = std::make_unique<Impl>();
   impl->origin = std::string(origin);
   try {
@@ -1099,21 +1045,17 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
     RETURN_IF_ERROR(impl->Load(root));
   } catch (const Json::exception& e) {
     // parse_error messages give the byte position.
-    return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer ", Av(origin), ": invalid JSON: ", e.what()));
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer ", Av(origin), ": invalid JSON: ", e.what()));
   } catch (const std::exception& e) {
-    return absl::InternalError(
-        absl::StrCat("tokenizer ", Av(origin), ": load failed: ", e.what()));
+    return absl::InternalError(absl::StrCat("tokenizer ", Av(origin), ": load failed: ", e.what()));
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
-absl::StatusOr<Encoding> Tokenizer::Encode(std::string_view text,
-                                           bool add_bos) const {
+absl::StatusOr<Encoding> Tokenizer::Encode(std::string_view text, bool add_bos) const {
   if (const auto bad = FindInvalidUtf8(text); bad.has_value()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "text is not valid UTF-8: invalid byte 0x%02X at byte offset %d",
-        static_cast<uint8_t>(text[*bad]), *bad));
+    return absl::InvalidArgumentError(absl::StrFormat("text is not valid UTF-8: invalid byte 0x%02X at byte offset %d",
+                                                      static_cast<uint8_t>(text[*bad]), *bad));
   }
   Encoding out;
   // ~4 bytes per token on English text.
@@ -1126,8 +1068,7 @@ absl::StatusOr<Encoding> Tokenizer::Encode(std::string_view text,
     }
   }
   CodePointCursor cursor(text);
-  RETURN_IF_ERROR(
-      impl_->EncodeSegment(text, 0, text.size(), false, &cursor, &out));
+  RETURN_IF_ERROR(impl_->EncodeSegment(text, 0, text.size(), false, &cursor, &out));
   if (add_bos) {
     for (int32_t id : impl_->suffix_ids) {
       out.ids.push_back(id);
@@ -1143,18 +1084,14 @@ std::string Tokenizer::Decode(absl::Span<const int32_t> ids) const {
   return Utf8Lossy(bytes);
 }
 
-std::string Tokenizer::TokenPiece(int32_t id) const {
-  return Utf8Lossy(TokenBytes(id));
-}
+std::string Tokenizer::TokenPiece(int32_t id) const { return Utf8Lossy(TokenBytes(id)); }
 
 std::string_view Tokenizer::TokenBytes(int32_t id) const {
   if (id < 0 || static_cast<size_t>(id) >= impl_->id_bytes.size()) return {};
   return impl_->id_bytes[id];
 }
 
-int32_t Tokenizer::vocab_size() const {
-  return static_cast<int32_t>(impl_->id_bytes.size());
-}
+int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->id_bytes.size()); }
 
 std::optional<int32_t> Tokenizer::bos_id() const {
   if (impl_->prefix_ids.empty()) return std::nullopt;
@@ -1162,8 +1099,7 @@ std::optional<int32_t> Tokenizer::bos_id() const {
 }
 
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
-  if (const auto it = impl_->added_by_content.find(Av(token));
-      it != impl_->added_by_content.end()) {
+  if (const auto it = impl_->added_by_content.find(Av(token)); it != impl_->added_by_content.end()) {
     return it->second;
   }
   std::string bytes;
@@ -1174,8 +1110,7 @@ std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
 }
 
 bool Tokenizer::IsSpecial(int32_t id) const {
-  return id >= 0 && static_cast<size_t>(id) < impl_->id_special.size() &&
-         impl_->id_special[id] != 0;
+  return id >= 0 && static_cast<size_t>(id) < impl_->id_special.size() && impl_->id_special[id] != 0;
 }
 
 }  // namespace sae

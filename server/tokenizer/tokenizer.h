@@ -28,11 +28,9 @@ struct Encoding {
 class Tokenizer {
  public:
   // Errors name the file and the JSON field that is missing or unsupported.
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(
-      const std::string& path);
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(const std::string& path);
   // `origin` names the source in error messages (e.g. a path or "demo").
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
-      std::string_view json, std::string_view origin);
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(std::string_view json, std::string_view origin);
 
   ~Tokenizer();
   Tokenizer(const Tokenizer&) = delete;

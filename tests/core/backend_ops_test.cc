@@ -91,7 +91,8 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
 
 TEST_P(BackendOpsTest, MatMul) {
   for (DType wt : {DType::kF32, DType::kBF16, DType::kF16}) {
-    for (auto [n, k, m] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {3, 17, 5}, {37, 64, 130}, {8, 4096, 3}, {129, 96, 2049}}) {
+    for (auto [n, k, m] :
+         std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {3, 17, 5}, {37, 64, 130}, {8, 4096, 3}, {129, 96, 2049}}) {
       const auto x = Random(static_cast<size_t>(n) * k, 1 + n);
       const auto w = Rounded(Random(static_cast<size_t>(m) * k, 2 + m), wt);
       auto tx = Upload(x, n, k), tw = Upload(w, m, k, wt), out = Zeros(n, m);
@@ -176,8 +177,8 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
     int hd, heads, kv_heads;
     std::vector<int> lens;
   };
-  for (const Case& c : std::vector<Case>{{64, 4, 4, {1}}, {64, 8, 2, {5, 1, 17}}, {128, 4, 1, {33, 2}},
-                                         {16, 6, 3, {300}}, {128, 32, 8, {3, 7}}}) {
+  for (const Case& c : std::vector<Case>{
+           {64, 4, 4, {1}}, {64, 8, 2, {5, 1, 17}}, {128, 4, 1, {33, 2}}, {16, 6, 3, {300}}, {128, 32, 8, {3, 7}}}) {
     std::vector<int32_t> starts = {0};
     for (int l : c.lens) starts.push_back(starts.back() + l);
     const int n = starts.back(), max_len = *std::max_element(c.lens.begin(), c.lens.end());
@@ -186,8 +187,9 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
                v = Random(static_cast<size_t>(n) * kvd, 13);
     auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
          out = Zeros(n, qd);
-    ASSERT_TRUE(backend_->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
-                                    c.heads, c.kv_heads, c.hd, out.get())
+    ASSERT_TRUE(backend_
+                    ->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                                c.heads, c.kv_heads, c.hd, out.get())
                     .ok());
     std::vector<double> ref(static_cast<size_t>(n) * qd);
     const int group = c.heads / c.kv_heads;
@@ -235,8 +237,8 @@ TEST_P(BackendOpsTest, SiluMulAndAdd) {
 
 // Reference SAE encode + top-k: value-descending, ties by lower index.
 std::vector<std::pair<int32_t, float>> RefTopK(const std::vector<float>& x, const std::vector<float>& w,
-                                               const std::vector<float>& b, const std::vector<float>& scale,
-                                               int d, int d_sae, float s_in, float threshold, int k) {
+                                               const std::vector<float>& b, const std::vector<float>& scale, int d,
+                                               int d_sae, float s_in, float threshold, int k) {
   std::vector<std::pair<double, int32_t>> cand;
   for (int i = 0; i < d_sae; ++i) {
     double h = 0;
@@ -245,16 +247,20 @@ std::vector<std::pair<int32_t, float>> RefTopK(const std::vector<float>& x, cons
     if (!scale.empty()) h *= scale[i];
     if (h > threshold) cand.emplace_back(h, i);
   }
-  std::sort(cand.begin(), cand.end(), [](auto& p, auto& q) { return p.first != q.first ? p.first > q.first : p.second < q.second; });
+  std::sort(cand.begin(), cand.end(),
+            [](auto& p, auto& q) { return p.first != q.first ? p.first > q.first : p.second < q.second; });
   std::vector<std::pair<int32_t, float>> out;
   for (int j = 0; j < k && j < static_cast<int>(cand.size()); ++j) out.emplace_back(cand[j].second, cand[j].first);
   return out;
 }
 
 TEST_P(BackendOpsTest, SaeEncodeTopK) {
-  for (auto [n, d, d_sae, k, with_scale, max_active] : std::vector<std::tuple<int, int, int, int, bool, int>>{
-           {1, 8, 16, 4, false, 0}, {5, 64, 512, 50, false, 0}, {70, 33, 1000, 7, true, 0}, {3, 64, 2048, 64, false, 0},
-           {4, 16, 300, 10, false, 5}}) {
+  for (auto [n, d, d_sae, k, with_scale, max_active] :
+       std::vector<std::tuple<int, int, int, int, bool, int>>{{1, 8, 16, 4, false, 0},
+                                                              {5, 64, 512, 50, false, 0},
+                                                              {70, 33, 1000, 7, true, 0},
+                                                              {3, 64, 2048, 64, false, 0},
+                                                              {4, 16, 300, 10, false, 5}}) {
     const auto x = Random(static_cast<size_t>(n) * d, 31 + n);
     const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 32), DType::kBF16);
     const auto b = Random(d_sae, 33, 0.5f);
@@ -317,8 +323,9 @@ TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
                v = Random(static_cast<size_t>(n) * kvd, 43);
     auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
          out = Zeros(n, qd);
-    ASSERT_TRUE(backend_->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
-                                    c.heads, c.kv_heads, c.hd, out.get())
+    ASSERT_TRUE(backend_
+                    ->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                                c.heads, c.kv_heads, c.hd, out.get())
                     .ok());
     const auto got = Download<float>(out);
     std::vector<float> got_rows;
@@ -390,12 +397,13 @@ TEST_P(BackendOpsTest, MatMulModelShapes) {
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < m; ++j) {
         double s = 0;
-        for (int c = 0; c < k; ++c) s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
+        for (int c = 0; c < k; ++c)
+          s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
         ref[static_cast<size_t>(i) * m + j] = s;
       }
     const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2 * 0.05 * std::sqrt(k / 64.0), 1e-2};
-    ExpectClose(Download<float>(out), ref, tol, "matmul " + std::to_string(n) + "x" + std::to_string(k) + "x" +
-                                                    std::to_string(m));
+    ExpectClose(Download<float>(out), ref, tol,
+                "matmul " + std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(m));
   }
 }
 
@@ -415,8 +423,8 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
     const auto got_i = Download<int32_t>(idx);
     const auto got_v = Download<float>(val);
     for (int t = 0; t < n; ++t) {
-      const auto ref = RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, {}, d, d_sae,
-                               1.0f, -100.0f, k);
+      const auto ref =
+          RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, {}, d, d_sae, 1.0f, -100.0f, k);
       ASSERT_EQ(ref.size(), static_cast<size_t>(k));
       for (int j = 0; j < k; ++j) {
         EXPECT_EQ(got_i[t * k + j], ref[j].first) << "many active: token " << t << " slot " << j;
@@ -429,8 +437,8 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
     const int d = 8, d_sae = 5000, k = 40;
     std::vector<float> b(d_sae);
     for (int i = 0; i < d_sae; ++i) b[i] = ties ? 0.75f : 1.0f + static_cast<float>(i) * (1.0f / 1048576.0f);
-    auto tx = Upload(Random(2 * d, 74), 2, d), tw = Upload(std::vector<float>(static_cast<size_t>(d_sae) * d, 0.0f),
-                                                         d_sae, d, DType::kBF16),
+    auto tx = Upload(Random(2 * d, 74), 2, d),
+         tw = Upload(std::vector<float>(static_cast<size_t>(d_sae) * d, 0.0f), d_sae, d, DType::kBF16),
          tb = Upload(b, 1, d_sae);
     SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.5f, 0};
     auto idx = Zeros(2, k, DType::kI32), val = Zeros(2, k);

@@ -353,8 +353,7 @@ TEST_F(EngineTest, OptionsAreBatchInvariant) {
       const SaeTopK& b = batched[q]->saes[s];
       EXPECT_EQ(a.indices, b.indices) << "request " << q << " sae slot " << s;
       ASSERT_EQ(a.values.size(), b.values.size());
-      for (size_t j = 0; j < a.values.size(); ++j)
-        EXPECT_EQ(a.values[j], b.values[j]);
+      for (size_t j = 0; j < a.values.size(); ++j) EXPECT_EQ(a.values[j], b.values[j]);
       ASSERT_EQ(a.reconstruction_error.size(), b.reconstruction_error.size()) << "request " << q;
       for (size_t t = 0; t < a.reconstruction_error.size(); ++t) {
         if (std::isnan(a.reconstruction_error[t])) {

@@ -40,8 +40,7 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
 
     const std::vector<std::string> texts = {
         "The cat sat on the red mat in Paris.",
-        "Two dogs and three birds flew from London to Rome, and the green fish swam.",
-        "x",
+        "Two dogs and three birds flew from London to Rome, and the green fish swam.", "x",
         "Numbers: one two three four five six seven; colours: blue yellow black white."};
     const std::string dir = testing::MakeTempDir(GetParam() == SaeEncodeForm::kSaeLens ? "ref-sl" : "ref-lm");
     std::ofstream in(dir + "/in.jsonl");
@@ -50,14 +49,14 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
       in << nlohmann::json{{"token_ids", ids_.back()}}.dump() << "\n";
     }
     in.close();
-    std::string cmd = absl::StrCat(SAE_PYTHON, " ", SAE_REFERENCE_SCRIPT, " --model ", demo.model_dir, " --input ",
-                                   dir, "/in.jsonl --output ", dir, "/ref.safetensors");
+    std::string cmd = absl::StrCat(SAE_PYTHON, " ", SAE_REFERENCE_SCRIPT, " --model ", demo.model_dir, " --input ", dir,
+                                   "/in.jsonl --output ", dir, "/ref.safetensors");
     for (const auto& d : demo.sae_dirs) absl::StrAppend(&cmd, " --sae ", d);
     if (GetParam() == SaeEncodeForm::kLmSaes) cmd += " --lm-saes-form";
     cmd += " --recon-err";  // sae.<name>.recon_err.<i>, for ReconstructionErrorMatches
     // The reference is part of the evidence: a missing python3-torch fails the test.
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference failed: " << cmd
-                                           << "\n(needs Debian's python3-torch: apt-get install python3-torch)";
+    ASSERT_EQ(std::system(cmd.c_str()), 0)
+        << "reference failed: " << cmd << "\n(needs Debian's python3-torch: apt-get install python3-torch)";
     auto store = TensorStore::Open(dir + "/ref.safetensors");
     ASSERT_TRUE(store.ok()) << store.status();
     ref_.store = *std::move(store);

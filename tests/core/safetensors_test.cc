@@ -42,12 +42,12 @@ TEST(DTypeTest, F16RoundTripsRepresentableValues) {
 TEST(SafetensorsTest, RoundTripsEveryDType) {
   const std::string dir = testing::MakeTempDir("st-roundtrip");
   const std::vector<float> values = {1.0f, -2.0f, 0.5f, 3.25f, -0.125f, 7.0f};
-  ASSERT_TRUE(WriteSafetensors(dir + "/a.safetensors",
-                               {MakeTensor("f32", DType::kF32, {2, 3}, values),
-                                MakeTensor("bf16", DType::kBF16, {3, 2}, values),
-                                MakeTensor("f16", DType::kF16, {6}, values)},
-                               {{"format", "pt"}})
-                  .ok());
+  ASSERT_TRUE(
+      WriteSafetensors(dir + "/a.safetensors",
+                       {MakeTensor("f32", DType::kF32, {2, 3}, values),
+                        MakeTensor("bf16", DType::kBF16, {3, 2}, values), MakeTensor("f16", DType::kF16, {6}, values)},
+                       {{"format", "pt"}})
+          .ok());
   auto file = SafetensorsFile::Open(dir + "/a.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
   EXPECT_EQ((*file)->metadata().at("format"), "pt");
@@ -105,10 +105,10 @@ TEST(SafetensorsTest, BadFilesNameTheFileAndTheField) {
        "unsupported dtype"},
       {"bad_offsets", R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", std::string(4, '\0'), -1,
        "outside the data section"},
-      {"size_mismatch", R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}})", std::string(8, '\0'),
-       -1, "needs 8"},
-      {"negative_shape", R"({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})",
-       std::string(4, '\0'), -1, "\"shape\""},
+      {"size_mismatch", R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}})", std::string(8, '\0'), -1,
+       "needs 8"},
+      {"negative_shape", R"({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", std::string(4, '\0'), -1,
+       "\"shape\""},
   };
   for (const BadFile& c : cases) {
     std::string path;

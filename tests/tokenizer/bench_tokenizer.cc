@@ -35,10 +35,8 @@ void BM_EncodeCorpus(benchmark::State& state) {
   }
   const double bytes = static_cast<double>(g_corpus_bytes) * state.iterations();
   state.SetBytesProcessed(static_cast<int64_t>(bytes));
-  state.counters["MB/s"] = benchmark::Counter(
-      bytes / 1e6, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n_tokens),
-                                                  benchmark::Counter::kIsRate);
+  state.counters["MB/s"] = benchmark::Counter(bytes / 1e6, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n_tokens), benchmark::Counter::kIsRate);
 }
 
 // Plain English prose (the demo corpus), the common case.
@@ -50,19 +48,12 @@ void BM_EncodeEnglish(benchmark::State& state) {
   }
   const double bytes = static_cast<double>(text.size()) * state.iterations();
   state.SetBytesProcessed(static_cast<int64_t>(bytes));
-  state.counters["MB/s"] = benchmark::Counter(
-      bytes / 1e6, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["MB/s"] = benchmark::Counter(bytes / 1e6, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 
 // Wall time, as the reference script measures.
-BENCHMARK(BM_EncodeCorpus)
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(2.0)
-    ->UseRealTime();
-BENCHMARK(BM_EncodeEnglish)
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(1.0)
-    ->UseRealTime();
+BENCHMARK(BM_EncodeCorpus)->Unit(benchmark::kMillisecond)->MinTime(2.0)->UseRealTime();
+BENCHMARK(BM_EncodeEnglish)->Unit(benchmark::kMicrosecond)->MinTime(1.0)->UseRealTime();
 
 }  // namespace
 
@@ -104,8 +95,7 @@ int main(int argc, char** argv) {
     g_corpus.push_back(j["text"].get<std::string>());
     g_corpus_bytes += g_corpus.back().size();
   }
-  std::printf("corpus: %zu strings, %zu bytes\n", g_corpus.size(),
-              g_corpus_bytes);
+  std::printf("corpus: %zu strings, %zu bytes\n", g_corpus.size(), g_corpus_bytes);
 
   int rest_argc = static_cast<int>(rest.size());
   benchmark::Initialize(&rest_argc, rest.data());
@@ -113,8 +103,7 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
 
   if (!reference.empty()) {
-    const std::string cmd =
-        reference + " '" + tokenizer_path + "' '" + corpus_path + "'";
+    const std::string cmd = reference + " '" + tokenizer_path + "' '" + corpus_path + "'";
     std::printf("\nreference (same corpus, same run): %s\n", cmd.c_str());
     std::fflush(stdout);
     const int rc = std::system(cmd.c_str());

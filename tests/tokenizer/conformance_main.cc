@@ -39,13 +39,10 @@ bool ReadJsonl(const std::string& path, std::vector<Json>* out) {
   return true;
 }
 
-std::string FormatEncoding(
-    const std::vector<int32_t>& ids,
-    const std::vector<std::pair<uint32_t, uint32_t>>& offsets) {
+std::string FormatEncoding(const std::vector<int32_t>& ids, const std::vector<std::pair<uint32_t, uint32_t>>& offsets) {
   std::string s;
   for (size_t i = 0; i < ids.size() && i < 40; ++i) {
-    absl::StrAppend(&s, ids[i], "(", offsets[i].first, ",", offsets[i].second,
-                    ") ");
+    absl::StrAppend(&s, ids[i], "(", offsets[i].first, ",", offsets[i].second, ") ");
   }
   if (ids.size() > 40) absl::StrAppend(&s, "... [", ids.size(), " tokens]");
   return s;
@@ -54,8 +51,7 @@ std::string FormatEncoding(
 using Spans = std::vector<std::pair<uint32_t, uint32_t>>;
 
 // Pre-token spans (code points) of `text` under the Split regex, Isolated.
-Spans PreTokenSpans(pcre2_code* re, pcre2_match_data* md,
-                    const std::string& text) {
+Spans PreTokenSpans(pcre2_code* re, pcre2_match_data* md, const std::string& text) {
   Spans out;
   std::vector<uint32_t> cp_of(text.size() + 1);  // byte -> code point index
   uint32_t cp = 0;
@@ -67,8 +63,7 @@ Spans PreTokenSpans(pcre2_code* re, pcre2_match_data* md,
   size_t pos = 0;
   while (pos < text.size()) {
     const int rc =
-        pcre2_match(re, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(),
-                    pos, PCRE2_NO_UTF_CHECK, md, nullptr);
+        pcre2_match(re, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
     if (rc < 0) break;
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     if (ov[1] <= ov[0]) break;  // cannot happen with the Llama 3 regex
@@ -103,8 +98,7 @@ int UnicodeSweep(const std::string& path) {
   std::ifstream in(path);
   std::string header;
   if (!in || !std::getline(in, header)) {
-    std::fprintf(stderr, "cannot read %s (written by tokenizer.golden)\n",
-                 path.c_str());
+    std::fprintf(stderr, "cannot read %s (written by tokenizer.golden)\n", path.c_str());
     return 1;
   }
   const Json head = Json::parse(header, nullptr, false);
@@ -112,13 +106,11 @@ int UnicodeSweep(const std::string& path) {
     std::fprintf(stderr, "%s: bad header\n", path.c_str());
     return 1;
   }
-  const std::string pattern =
-      sae::OnigToPcre2Pattern(head["pattern"].get<std::string>());
+  const std::string pattern = sae::OnigToPcre2Pattern(head["pattern"].get<std::string>());
   int error = 0;
   PCRE2_SIZE error_offset = 0;
-  pcre2_code* re = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()),
-                                 pattern.size(), PCRE2_UTF | PCRE2_UCP, &error,
-                                 &error_offset, nullptr);
+  pcre2_code* re = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+                                 &error, &error_offset, nullptr);
   if (re == nullptr) {
     std::fprintf(stderr, "pattern does not compile\n");
     return 1;
@@ -138,8 +130,7 @@ int UnicodeSweep(const std::string& path) {
       ref.emplace_back(ref.empty() ? 0 : ref.back().second, end);
     }
     if (first != next_first) {
-      std::fprintf(stderr, "%s: line %zu does not continue the sweep\n",
-                   path.c_str(), n + 2);
+      std::fprintf(stderr, "%s: line %zu does not continue the sweep\n", path.c_str(), n + 2);
       return 1;
     }
     next_first = last + 1;
@@ -165,10 +156,8 @@ int UnicodeSweep(const std::string& path) {
       std::fprintf(stderr,
                    "[unicode] code points U+%04X..U+%04X: pre-token #%zu "
                    "differs near U+%04X: ours (%u,%u) ref (%u,%u)\n",
-                   first, last, k, first + at / 6,
-                   k < ours.size() ? ours[k].first : 0,
-                   k < ours.size() ? ours[k].second : 0, at,
-                   k < ref.size() ? ref[k].second : 0);
+                   first, last, k, first + at / 6, k < ours.size() ? ours[k].first : 0,
+                   k < ours.size() ? ours[k].second : 0, at, k < ref.size() ? ref[k].second : 0);
     }
   }
   pcre2_match_data_free(md);
@@ -218,8 +207,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (corpus.size() != golden.size()) {
-    std::fprintf(stderr, "corpus has %zu lines but golden has %zu\n",
-                 corpus.size(), golden.size());
+    std::fprintf(stderr, "corpus has %zu lines but golden has %zu\n", corpus.size(), golden.size());
     return 1;
   }
   size_t match[2] = {0, 0};  // [bos, nobos]
@@ -231,13 +219,12 @@ int main(int argc, char** argv) {
       const bool add_bos = k == 0;
       const Json& ref = golden[i][add_bos ? "bos" : "nobos"];
       const auto ref_ids = ref["ids"].get<std::vector<int32_t>>();
-      const auto ref_offsets =
-          ref["offsets"].get<std::vector<std::pair<uint32_t, uint32_t>>>();
+      const auto ref_offsets = ref["offsets"].get<std::vector<std::pair<uint32_t, uint32_t>>>();
       auto enc = (*tok)->Encode(text, add_bos);
       if (!enc.ok()) {
         if (reported++ < 10) {
-          std::fprintf(stderr, "[%s] line %zu: encode failed: %s\n",
-                       name.c_str(), i + 1, enc.status().ToString().c_str());
+          std::fprintf(stderr, "[%s] line %zu: encode failed: %s\n", name.c_str(), i + 1,
+                       enc.status().ToString().c_str());
         }
         continue;
       }
@@ -250,10 +237,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr,
                      "[%s] line %zu (%s) MISMATCH\n  text: %s\n  ours: %s\n"
                      "  ref:  %s\n",
-                     name.c_str(), i + 1, add_bos ? "with BOS" : "no BOS",
-                     Json(text).dump().substr(0, 300).c_str(),
-                     FormatEncoding(enc->ids, enc->offsets).c_str(),
-                     FormatEncoding(ref_ids, ref_offsets).c_str());
+                     name.c_str(), i + 1, add_bos ? "with BOS" : "no BOS", Json(text).dump().substr(0, 300).c_str(),
+                     FormatEncoding(enc->ids, enc->offsets).c_str(), FormatEncoding(ref_ids, ref_offsets).c_str());
       }
     }
   }
@@ -261,7 +246,6 @@ int main(int argc, char** argv) {
   std::printf(
       "[%s] %zu strings, %zu tokens: with BOS %zu/%zu match (%.2f%%), "
       "without BOS %zu/%zu match (%.2f%%)\n",
-      name.c_str(), n, n_tokens, match[0], n, 100.0 * match[0] / n, match[1], n,
-      100.0 * match[1] / n);
+      name.c_str(), n, n_tokens, match[0], n, 100.0 * match[0] / n, match[1], n, 100.0 * match[1] / n);
   return (match[0] == n && match[1] == n) ? 0 : 1;
 }

@@ -16,8 +16,7 @@ const sae::Tokenizer& GetTokenizer() {
   static const sae::Tokenizer* tok = [] {
     const char* path = std::getenv("SAE_FUZZ_TOKENIZER");
     auto t = path != nullptr ? sae::Tokenizer::FromFile(path)
-                             : sae::Tokenizer::FromJson(
-                                   sae::MakeDemoTokenizerJson(), "demo");
+                             : sae::Tokenizer::FromJson(sae::MakeDemoTokenizerJson(), "demo");
     if (!t.ok()) std::abort();
     return t->release();
   }();

@@ -11,8 +11,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view json(reinterpret_cast<const char*>(data), size);
   auto tok = sae::Tokenizer::FromJson(json, "fuzz");
   if (!tok.ok()) return 0;
-  for (std::string_view text :
-       {"", "Hello world, it's 2024!", "  é😀\n\n<|begin_of_text|>x"}) {
+  for (std::string_view text : {"", "Hello world, it's 2024!", "  é😀\n\n<|begin_of_text|>x"}) {
     auto enc = (*tok)->Encode(text, /*add_bos=*/true);
     if (!enc.ok()) std::abort();
     auto plain = (*tok)->Encode(text, /*add_bos=*/false);

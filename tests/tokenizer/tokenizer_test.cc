@@ -33,8 +33,7 @@ Json BaseJson(bool pair_merges = false) {
   Json vocab = Json::object();
   for (int b = 0; b < 256; ++b) vocab[Bl(std::string(1, char(b)))] = b;
   const std::vector<std::pair<std::string, std::string>> merges = {
-      {" ", "t"},   {"h", "e"}, {" t", "he"}, {"c", "a"}, {"ca", "t"},
-      {" ", "cat"}, {" ", " "}, {"b", "c"},   {"a", "bc"}};
+      {" ", "t"}, {"h", "e"}, {" t", "he"}, {"c", "a"}, {"ca", "t"}, {" ", "cat"}, {" ", " "}, {"b", "c"}, {"a", "bc"}};
   int32_t next = 256;
   Json merge_list = Json::array();
   for (const auto& [l, r] : merges) {
@@ -47,37 +46,30 @@ Json BaseJson(bool pair_merges = false) {
   }
   vocab[Bl("xyz")] = next++;  // in the vocab but not reachable by merges
   const auto added = [](int32_t id, const char* content, bool special) {
-    return Json{
-        {"id", id},          {"content", content}, {"single_word", false},
-        {"lstrip", false},   {"rstrip", false},    {"normalized", false},
-        {"special", special}};
+    return Json{{"id", id},        {"content", content},  {"single_word", false}, {"lstrip", false},
+                {"rstrip", false}, {"normalized", false}, {"special", special}};
   };
   return Json{
       {"version", "1.0"},
       {"truncation", nullptr},
       {"padding", nullptr},
-      {"added_tokens",
-       Json::array({added(kBos, "<|bos|>", true), added(kEot, "<|eot|>", true),
-                    added(1002, "<x>", false), added(1003, "<x>y", false)})},
+      {"added_tokens", Json::array({added(kBos, "<|bos|>", true), added(kEot, "<|eot|>", true),
+                                    added(1002, "<x>", false), added(1003, "<x>y", false)})},
       {"normalizer", nullptr},
       {"pre_tokenizer",
        {{"type", "Sequence"},
-        {"pretokenizers",
-         Json::array(
-             {Json{{"type", "Split"},
-                   {"pattern", {{"Regex", std::string(kLlama3SplitPattern)}}},
-                   {"behavior", "Isolated"},
-                   {"invert", false}},
-              Json{{"type", "ByteLevel"},
-                   {"add_prefix_space", false},
-                   {"trim_offsets", true},
-                   {"use_regex", false}}})}}},
+        {"pretokenizers", Json::array({Json{{"type", "Split"},
+                                            {"pattern", {{"Regex", std::string(kLlama3SplitPattern)}}},
+                                            {"behavior", "Isolated"},
+                                            {"invert", false}},
+                                       Json{{"type", "ByteLevel"},
+                                            {"add_prefix_space", false},
+                                            {"trim_offsets", true},
+                                            {"use_regex", false}}})}}},
       {"post_processor",
        {{"type", "TemplateProcessing"},
-        {"single", Json::array({Json{{"SpecialToken", {{"id", "<|bos|>"}}}},
-                                Json{{"Sequence", {{"id", "A"}}}}})},
-        {"special_tokens",
-         {{"<|bos|>", {{"id", "<|bos|>"}, {"ids", {kBos}}}}}}}},
+        {"single", Json::array({Json{{"SpecialToken", {{"id", "<|bos|>"}}}}, Json{{"Sequence", {{"id", "A"}}}}})},
+        {"special_tokens", {{"<|bos|>", {{"id", "<|bos|>"}, {"ids", {kBos}}}}}}}},
       {"decoder", {{"type", "ByteLevel"}}},
       {"model",
        {{"type", "BPE"},
@@ -95,8 +87,7 @@ std::unique_ptr<Tokenizer> Load(const Json& j) {
   return tok.ok() ? std::move(*tok) : nullptr;
 }
 
-std::vector<int32_t> Ids(const Tokenizer& tok, std::string_view text,
-                         bool bos = false) {
+std::vector<int32_t> Ids(const Tokenizer& tok, std::string_view text, bool bos = false) {
   auto enc = tok.Encode(text, bos);
   EXPECT_TRUE(enc.ok()) << enc.status();
   return enc.ok() ? enc->ids : std::vector<int32_t>{};
@@ -173,8 +164,7 @@ TEST(TokenizerTest, LongPreTokenUsesSameMergeOrder) {
   }
   // "    " and " x" are pre-tokens; "  " merges pairwise from the left and
   // there is no " x" merge.
-  EXPECT_THAT(Pieces(*tok, std::string(5, ' ') + "x"),
-              ElementsAre("  ", "  ", " ", "x"));
+  EXPECT_THAT(Pieces(*tok, std::string(5, ' ') + "x"), ElementsAre("  ", "  ", " ", "x"));
 }
 
 TEST(TokenizerTest, AddedTokensMatchedInRawText) {
@@ -184,8 +174,7 @@ TEST(TokenizerTest, AddedTokensMatchedInRawText) {
   ASSERT_TRUE(enc.ok()) << enc.status();
   EXPECT_EQ(enc->ids.front(), kBos);
   EXPECT_EQ(enc->ids[3], kEot);
-  EXPECT_THAT(enc->offsets, ElementsAre(Pair(0, 0), Pair(0, 1), Pair(1, 3),
-                                        Pair(3, 10), Pair(10, 13)));
+  EXPECT_THAT(enc->offsets, ElementsAre(Pair(0, 0), Pair(0, 1), Pair(1, 3), Pair(3, 10), Pair(10, 13)));
   // Leftmost-longest: "<x>y" beats "<x>"; a partial token is plain text.
   EXPECT_THAT(Ids(*tok, "<x>y<x>z"), ElementsAre(1003, 1002, 'z'));
   EXPECT_THAT(Ids(*tok, "<|eot|"), ::testing::Not(::testing::Contains(kEot)));
@@ -199,8 +188,7 @@ TEST(TokenizerTest, OffsetsAreCodePoints) {
   // "é" has no merge: two byte tokens, both spanning the whole character.
   auto enc = tok->Encode("aé😀 b", false);
   ASSERT_TRUE(enc.ok());
-  EXPECT_THAT(enc->offsets, ElementsAre(Pair(0, 1), Pair(1, 2), Pair(1, 2),
-                                        Pair(2, 3), Pair(2, 3), Pair(2, 3),
+  EXPECT_THAT(enc->offsets, ElementsAre(Pair(0, 1), Pair(1, 2), Pair(1, 2), Pair(2, 3), Pair(2, 3), Pair(2, 3),
                                         Pair(2, 3), Pair(3, 4), Pair(4, 5)));
   enc = tok->Encode("", true);
   ASSERT_TRUE(enc.ok());
@@ -225,19 +213,16 @@ TEST(TokenizerTest, InvalidUtf8IsRejectedWithOffset) {
     auto enc = tok->Encode(text, true);
     ASSERT_FALSE(enc.ok()) << text;
     EXPECT_EQ(enc.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(std::string(enc.status().message()),
-                HasSubstr("byte offset " + std::to_string(offset)));
+    EXPECT_THAT(std::string(enc.status().message()), HasSubstr("byte offset " + std::to_string(offset)));
     EXPECT_EQ(FindInvalidUtf8(text), static_cast<size_t>(offset));
   }
-  EXPECT_EQ(FindInvalidUtf8(std::string("a\0b\xf4\x8f\xbf\xbf", 7)),
-            std::nullopt);
+  EXPECT_EQ(FindInvalidUtf8(std::string("a\0b\xf4\x8f\xbf\xbf", 7)), std::nullopt);
 }
 
 TEST(TokenizerTest, DecodeRoundTripsAndReplacesPartialUtf8) {
   auto tok = Load(BaseJson());
   ASSERT_NE(tok, nullptr);
-  for (const char* s :
-       {"the cat", "aé😀 b\n\t", "<|eot|>x<x>y", "", "  \r\n 123 'll"}) {
+  for (const char* s : {"the cat", "aé😀 b\n\t", "<|eot|>x<x>y", "", "  \r\n 123 'll"}) {
     EXPECT_EQ(tok->Decode(Ids(*tok, s, /*bos=*/false)), s);
   }
   const auto ids = Ids(*tok, "é");
@@ -267,33 +252,19 @@ TEST(TokenizerTest, LoaderErrorMatrix) {
   const std::vector<Case> cases = {
       {"root not object", [](Json& j) { j = Json::array(); }, "(root)"},
       {"no model", [](Json& j) { j.erase("model"); }, "'model'"},
-      {"model type", [](Json& j) { j["model"]["type"] = "WordPiece"; },
-       "'model.type': unsupported 'WordPiece'"},
-      {"no vocab", [](Json& j) { j["model"].erase("vocab"); },
-       "'model.vocab': missing"},
-      {"vocab id type", [](Json& j) { j["model"]["vocab"]["zz"] = "x"; },
-       "'model.vocab'"},
-      {"vocab id range", [](Json& j) { j["model"]["vocab"]["zz"] = -1; },
-       "out of range"},
-      {"duplicate id", [](Json& j) { j["model"]["vocab"]["zz"] = 5; },
-       "used twice"},
-      {"missing byte", [](Json& j) { j["model"]["vocab"].erase("A"); },
-       "byte 0x41"},
-      {"no merges", [](Json& j) { j["model"].erase("merges"); },
-       "'model.merges': missing"},
-      {"bad merge form", [](Json& j) { j["model"]["merges"][0] = "abc"; },
-       "'model.merges[0]'"},
-      {"bad merge pair",
-       [](Json& j) { j["model"]["merges"][1] = Json::array({"a"}); },
-       "'model.merges[1]'"},
-      {"merge not in vocab", [](Json& j) { j["model"]["merges"][2] = "q z"; },
-       "not in vocab"},
-      {"byte_fallback", [](Json& j) { j["model"]["byte_fallback"] = true; },
-       "model.byte_fallback"},
-      {"dropout", [](Json& j) { j["model"]["dropout"] = 0.1; },
-       "model.dropout"},
-      {"subword prefix",
-       [](Json& j) { j["model"]["continuing_subword_prefix"] = "##"; },
+      {"model type", [](Json& j) { j["model"]["type"] = "WordPiece"; }, "'model.type': unsupported 'WordPiece'"},
+      {"no vocab", [](Json& j) { j["model"].erase("vocab"); }, "'model.vocab': missing"},
+      {"vocab id type", [](Json& j) { j["model"]["vocab"]["zz"] = "x"; }, "'model.vocab'"},
+      {"vocab id range", [](Json& j) { j["model"]["vocab"]["zz"] = -1; }, "out of range"},
+      {"duplicate id", [](Json& j) { j["model"]["vocab"]["zz"] = 5; }, "used twice"},
+      {"missing byte", [](Json& j) { j["model"]["vocab"].erase("A"); }, "byte 0x41"},
+      {"no merges", [](Json& j) { j["model"].erase("merges"); }, "'model.merges': missing"},
+      {"bad merge form", [](Json& j) { j["model"]["merges"][0] = "abc"; }, "'model.merges[0]'"},
+      {"bad merge pair", [](Json& j) { j["model"]["merges"][1] = Json::array({"a"}); }, "'model.merges[1]'"},
+      {"merge not in vocab", [](Json& j) { j["model"]["merges"][2] = "q z"; }, "not in vocab"},
+      {"byte_fallback", [](Json& j) { j["model"]["byte_fallback"] = true; }, "model.byte_fallback"},
+      {"dropout", [](Json& j) { j["model"]["dropout"] = 0.1; }, "model.dropout"},
+      {"subword prefix", [](Json& j) { j["model"]["continuing_subword_prefix"] = "##"; },
        "model.continuing_subword_prefix"},
       {"normalizer",
        [](Json& j) {
@@ -305,68 +276,47 @@ TEST(TokenizerTest, LoaderErrorMatrix) {
          j["truncation"] = {{"max_length", 8}};
        },
        "'truncation'"},
-      {"no pre_tokenizer", [](Json& j) { j.erase("pre_tokenizer"); },
-       "'pre_tokenizer': missing"},
+      {"no pre_tokenizer", [](Json& j) { j.erase("pre_tokenizer"); }, "'pre_tokenizer': missing"},
       {"pre_tokenizer kind",
        [](Json& j) {
          j["pre_tokenizer"] = {{"type", "Whitespace"}};
        },
        "'pre_tokenizer.type': unsupported 'Whitespace'"},
-      {"split behavior",
-       [](Json& j) {
-         j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed";
-       },
+      {"split behavior", [](Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed"; },
        "pre_tokenizer.pretokenizers[0].behavior"},
-      {"bad regex",
-       [](Json& j) {
-         j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(";
-       },
+      {"bad regex", [](Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "("; },
        "does not compile"},
-      {"no byte level",
-       [](Json& j) { j["pre_tokenizer"]["pretokenizers"].erase(1); },
-       "no ByteLevel"},
-      {"prefix space",
-       [](Json& j) {
-         j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true;
-       },
+      {"no byte level", [](Json& j) { j["pre_tokenizer"]["pretokenizers"].erase(1); }, "no ByteLevel"},
+      {"prefix space", [](Json& j) { j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true; },
        "add_prefix_space"},
       {"no decoder", [](Json& j) { j.erase("decoder"); }, "'decoder'"},
-      {"decoder kind", [](Json& j) { j["decoder"]["type"] = "WordPiece"; },
-       "'decoder.type'"},
+      {"decoder kind", [](Json& j) { j["decoder"]["type"] = "WordPiece"; }, "'decoder.type'"},
       {"post kind",
        [](Json& j) {
          j["post_processor"] = {{"type", "BertProcessing"}};
        },
        "'post_processor.type'"},
-      {"post ids",
-       [](Json& j) { j["post_processor"]["special_tokens"] = Json::object(); },
+      {"post ids", [](Json& j) { j["post_processor"]["special_tokens"] = Json::object(); },
        "post_processor.special_tokens"},
-      {"added lstrip", [](Json& j) { j["added_tokens"][0]["lstrip"] = true; },
-       "'added_tokens[0].lstrip'"},
-      {"added content", [](Json& j) { j["added_tokens"][1].erase("content"); },
-       "'added_tokens[1].content'"},
+      {"added lstrip", [](Json& j) { j["added_tokens"][0]["lstrip"] = true; }, "'added_tokens[0].lstrip'"},
+      {"added content", [](Json& j) { j["added_tokens"][1].erase("content"); }, "'added_tokens[1].content'"},
   };
   for (const auto& c : cases) {
     Json j = BaseJson();
     c.mutate(j);
     auto tok = Tokenizer::FromJson(j.dump(), "my.json");
     ASSERT_FALSE(tok.ok()) << c.name;
-    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument)
-        << c.name;
-    EXPECT_THAT(std::string(tok.status().message()), HasSubstr(c.expected))
-        << c.name;
-    EXPECT_THAT(std::string(tok.status().message()), HasSubstr("my.json"))
-        << c.name;
+    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_THAT(std::string(tok.status().message()), HasSubstr(c.expected)) << c.name;
+    EXPECT_THAT(std::string(tok.status().message()), HasSubstr("my.json")) << c.name;
   }
   auto bad_json = Tokenizer::FromJson("{\"model\": [1, 2", "broken.json");
   ASSERT_FALSE(bad_json.ok());
-  EXPECT_THAT(std::string(bad_json.status().message()),
-              HasSubstr("broken.json: invalid JSON"));
+  EXPECT_THAT(std::string(bad_json.status().message()), HasSubstr("broken.json: invalid JSON"));
   auto missing = Tokenizer::FromFile("/nonexistent/tokenizer.json");
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(missing.status().message()),
-              HasSubstr("/nonexistent/tokenizer.json"));
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("/nonexistent/tokenizer.json"));
 }
 
 TEST(DemoTokenizerTest, DeterministicAndLlama3Shaped) {
@@ -386,8 +336,7 @@ TEST(DemoTokenizerTest, DeterministicAndLlama3Shaped) {
   const Json j = Json::parse(json);
   EXPECT_EQ(j["model"]["ignore_merges"], true);
   EXPECT_EQ(j["model"]["byte_fallback"], false);
-  EXPECT_EQ(j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"],
-            std::string(kLlama3SplitPattern));
+  EXPECT_EQ(j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"], std::string(kLlama3SplitPattern));
   // Learned words become single tokens; the corpus round-trips.
   auto enc = (*tok)->Encode("The cat sat on the mat.", true);
   ASSERT_TRUE(enc.ok());
@@ -404,9 +353,8 @@ TEST(DemoTokenizerTest, DeterministicAndLlama3Shaped) {
 TEST(TokenizerTest, LargeInputsEncodeAndRoundTrip) {
   auto tok = Tokenizer::FromJson(MakeDemoTokenizerJson(), "demo");
   ASSERT_TRUE(tok.ok());
-  for (const std::string unit :
-       {" ", "\n", " \n", "\t ", "a", "1", "!", " !", "'s", "\xC2\xA0",
-        "\xE4\xB8\xAD", "\xF0\x9F\x98\x80", "e\xCC\x81", "<|"}) {
+  for (const std::string unit : {" ", "\n", " \n", "\t ", "a", "1", "!", " !", "'s", "\xC2\xA0", "\xE4\xB8\xAD",
+                                 "\xF0\x9F\x98\x80", "e\xCC\x81", "<|"}) {
     std::string text;
     while (text.size() < (1 << 16)) text += unit;
     text += "x";
@@ -429,8 +377,8 @@ TEST(TokenizerTest, ConcurrentEncodeMatchesSerial) {
   ASSERT_TRUE(tok.ok());
   std::vector<std::string> texts;
   for (int i = 0; i < 64; ++i) {
-    texts.push_back(std::string(DemoTrainingCorpus().substr(i * 37, 200 + i)) +
-                    std::string(i, 'x') + " <|end_of_text|> é😀");
+    texts.push_back(std::string(DemoTrainingCorpus().substr(i * 37, 200 + i)) + std::string(i, 'x') +
+                    " <|end_of_text|> é😀");
   }
   std::vector<std::vector<int32_t>> serial;
   for (const auto& t : texts) serial.push_back(Ids(**tok, t));
