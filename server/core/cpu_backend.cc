@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "core/op_checks.h"
 
 namespace sae {
 namespace {
@@ -41,21 +42,6 @@ int MatMulThreads() {
 }
 // Tokens encoded per SAE chunk (scratch = chunk * d_sae floats).
 constexpr int64_t kSaeTokenChunk = 32;
-
-absl::Status CheckF32(const Tensor& t, const char* what) {
-  if (t.dtype != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", DTypeName(t.dtype)));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
-  if (t.rows != rows || t.cols != cols) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, " has shape [", t.rows, ", ", t.cols, "], expected [", rows, ", ", cols, "]"));
-  }
-  return absl::OkStatus();
-}
 
 void RowToF32(const Tensor& t, int64_t row, float* dst) {
   const char* src = static_cast<const char*>(t.data) + static_cast<size_t>(row * t.cols) * DTypeSize(t.dtype);

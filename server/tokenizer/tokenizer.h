@@ -86,6 +86,9 @@ inline constexpr std::string_view kLlama3SplitPattern =
 // \p{L}/\p{N} with the reference's newer Unicode assignments.
 std::string OnigToPcre2Pattern(std::string_view onig_pattern);
 
+// Appends the UTF-8 encoding of code point `cp` (<= U+10FFFF) to `out`.
+void AppendUtf8(uint32_t cp, std::string* out);
+
 // Replaces each maximal invalid subsequence with U+FFFD (the same policy as
 // Rust's String::from_utf8_lossy and the WHATWG decoder).
 std::string Utf8Lossy(std::string_view bytes);

@@ -22,9 +22,9 @@ function load(file, includeDir) {
 }
 
 const sae = load('sae/v1/sae.proto', path.join(REPO, 'proto')).sae.v1;
-const health = load('grpc/health/v1/health.proto', path.join(__dirname, 'proto')).grpc.health.v1;
+const health = load('grpc/health/v1/health.proto', path.join(REPO, 'client')).grpc.health.v1;
 const reflection =
-    load('grpc/reflection/v1alpha/reflection.proto', path.join(__dirname, 'proto')).grpc.reflection.v1alpha;
+    load('grpc/reflection/v1alpha/reflection.proto', path.join(REPO, 'tests', 'e2e')).grpc.reflection.v1alpha;
 
 function deadline(seconds = 10) {
   return new Date(Date.now() + seconds * 1000);

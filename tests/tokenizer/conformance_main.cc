@@ -75,24 +75,6 @@ Spans PreTokenSpans(pcre2_code* re, pcre2_match_data* md, const std::string& tex
   return out;
 }
 
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
 // See unicodeSweep in reference/golden.js for the file format.
 int UnicodeSweep(const std::string& path) {
   std::ifstream in(path);
@@ -138,7 +120,7 @@ int UnicodeSweep(const std::string& path) {
     for (uint32_t cp = first; cp <= last; ++cp) {
       if (cp >= 0xD800 && cp <= 0xDFFF) continue;
       std::string c;
-      AppendUtf8(cp, &c);
+      sae::AppendUtf8(cp, &c);
       text += "=" + c + "\n" + c + "=\n";
     }
     ++n;

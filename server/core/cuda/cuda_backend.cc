@@ -49,6 +49,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/cuda/launchers.h"
+#include "core/op_checks.h"
 
 namespace sae {
 namespace {
@@ -75,59 +76,11 @@ absl::Status FromCublas(cublasStatus_t s, absl::string_view op) {
 #define CUDA_RETURN_IF_ERROR(expr, op) RETURN_IF_ERROR(FromCuda((expr), (op)))
 #define CUBLAS_RETURN_IF_ERROR(expr, op) RETURN_IF_ERROR(FromCublas((expr), (op)))
 
-// ---- dtypes (local: this library links no sae_* code) ----
+// ---- dtypes (conversions come from common/dtype.h) ----
 
-size_t ElemSize(DType t) { return t == DType::kBF16 || t == DType::kF16 ? 2 : 4; }
-size_t Bytes(const Tensor& t) { return static_cast<size_t>(t.rows * t.cols) * ElemSize(t.dtype); }
-const char* Name(DType t) {
-  switch (t) {
-    case DType::kF32:
-      return "F32";
-    case DType::kBF16:
-      return "BF16";
-    case DType::kF16:
-      return "F16";
-    case DType::kI32:
-      return "I32";
-  }
-  return "?";
-}
 bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
 ElemType ToElem(DType t) {
   return t == DType::kBF16 ? ElemType::kBF16 : (t == DType::kF16 ? ElemType::kF16 : ElemType::kF32);
-}
-
-// IEEE binary16 <-> binary32 (round to nearest even), for host-side Upload conversion.
-float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24 (zero or subnormal)
-    return sign ? -f : f;
-  }
-  bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112u) << 23) | (mant << 13));
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-uint16_t FloatToHalf(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
-  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                                               // below 2^-14: subnormal half (or zero)
-    float a;
-    std::memcpy(&a, &abs, sizeof(a));
-    // a * 2^24 is exact in float; nearbyint rounds half to even (default mode).
-    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f)));
-  }
-  // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
-  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
-  return static_cast<uint16_t>(sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13));
 }
 
 float LoadAsFloat(const void* src, DType t, size_t i) {
@@ -137,7 +90,7 @@ float LoadAsFloat(const void* src, DType t, size_t i) {
     case DType::kBF16:
       return Bf16ToF32(static_cast<const uint16_t*>(src)[i]);
     case DType::kF16:
-      return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
+      return F16ToF32(static_cast<const uint16_t*>(src)[i]);
     case DType::kI32:
       break;
   }
@@ -155,28 +108,12 @@ void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void
         static_cast<uint16_t*>(dst)[i] = F32ToBf16(f);
         break;
       case DType::kF16:
-        static_cast<uint16_t*>(dst)[i] = FloatToHalf(f);
+        static_cast<uint16_t*>(dst)[i] = F32ToF16(f);
         break;
       case DType::kI32:
         break;
     }
   }
-}
-
-// ---- checks (same messages as the CPU twin where it has them) ----
-
-absl::Status CheckF32(const Tensor& t, const char* what) {
-  if (t.dtype != DType::kF32)
-    return absl::InvalidArgumentError(absl::StrCat(what, " must be F32, got ", Name(t.dtype)));
-  return absl::OkStatus();
-}
-
-absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
-  if (t.rows != rows || t.cols != cols) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, " has shape [", t.rows, ", ", t.cols, "], expected [", rows, ", ", cols, "]"));
-  }
-  return absl::OkStatus();
 }
 
 int EnvInt(const char* name, int fallback, int lo, int hi) {
@@ -301,12 +238,12 @@ class CudaBackend final : public Backend {
   absl::StatusOr<OwnedTensor> Alloc(DType dtype, int64_t rows, int64_t cols) override {
     if (rows < 0 || cols < 0) return absl::InvalidArgumentError("negative tensor shape");
     RETURN_IF_ERROR(Enter());
-    const size_t bytes = std::max<size_t>(256, static_cast<size_t>(rows * cols) * ElemSize(dtype));
+    const size_t bytes = std::max<size_t>(256, static_cast<size_t>(rows * cols) * DTypeSize(dtype));
     void* p = nullptr;
     const cudaError_t e = cudaMallocAsync(&p, bytes, dev_->stream);
     if (e != cudaSuccess) {
       cudaGetLastError();  // an OOM is not sticky; clear it
-      return FromCuda(e, absl::StrCat("alloc ", bytes, " bytes (", Name(dtype), "[", rows, ", ", cols, "])"));
+      return FromCuda(e, absl::StrCat("alloc ", bytes, " bytes (", DTypeName(dtype), "[", rows, ", ", cols, "])"));
     }
     // Zeroed like the CPU twin's allocations.
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, dev_->stream), "alloc memset");
@@ -328,14 +265,14 @@ class CudaBackend final : public Backend {
     }
     if (dtype != src.dtype && !(IsFloat(dtype) && IsFloat(src.dtype))) {
       return absl::UnimplementedError(
-          absl::StrCat("cuda upload: cannot convert ", Name(src.dtype), " to ", Name(dtype)));
+          absl::StrCat("cuda upload: cannot convert ", DTypeName(src.dtype), " to ", DTypeName(dtype)));
     }
     ASSIGN_OR_RETURN(OwnedTensor t, Alloc(dtype, rows, cols));
     if (numel == 0) return t;
     // The allocation (and its memset) is ordered on `stream`; the copy runs on upload_stream.
     CUDA_RETURN_IF_ERROR(cudaEventRecord(dev_->order, dev_->stream), "upload");
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->upload_stream, dev_->order, 0), "upload");
-    const size_t src_size = ElemSize(src.dtype), dst_size = ElemSize(dtype);
+    const size_t src_size = DTypeSize(src.dtype), dst_size = DTypeSize(dtype);
     const size_t chunk = kUploadSlotBytes / std::max(src_size, dst_size);
     char* dst = static_cast<char*>(t->data);
     const char* from = static_cast<const char*>(src.data);
@@ -362,7 +299,7 @@ class CudaBackend final : public Backend {
 
   absl::Status CopyFromHost(const void* src, const Tensor& dst) override {
     RETURN_IF_ERROR(Enter());
-    const size_t bytes = Bytes(dst);
+    const size_t bytes = dst.nbytes();
     const char* from = static_cast<const char*>(src);
     for (size_t off = 0; off < bytes; off += kIoSlotBytes) {
       const size_t n = std::min(kIoSlotBytes, bytes - off);
@@ -379,7 +316,7 @@ class CudaBackend final : public Backend {
 
   absl::Status CopyToHost(const Tensor& src, void* dst) override {
     RETURN_IF_ERROR(Enter());
-    const size_t bytes = Bytes(src);
+    const size_t bytes = src.nbytes();
     if (bytes == 0) return Synchronize();
     // Pipelined through the slots: the DMA of chunk c+1 overlaps the host copy of chunk c.
     struct Pending {
@@ -613,7 +550,7 @@ class CudaBackend final : public Backend {
     }
     // JumpReLU: each feature decides alone, so GEMM against the m watched
     // encoder rows only (m << d_sae), kept in the encoder's dtype.
-    const size_t esize = ElemSize(sae.encoder.dtype);
+    const size_t esize = DTypeSize(sae.encoder.dtype);
     ASSIGN_OR_RETURN(void* rows, Ensure(&sae_rows_, static_cast<size_t>(m * d) * esize));
     RETURN_IF_ERROR(FromCuda(
         cuda::LaunchGatherRows(sae.encoder.data, static_cast<int>(esize), d_sae, d, ids_dev, m, rows, dev_->stream),
@@ -853,7 +790,7 @@ class CudaBackend final : public Backend {
       case DType::kI32:
         break;
     }
-    return absl::UnimplementedError(absl::StrCat(op, ": weights of type ", Name(w.dtype), " are not supported"));
+    return absl::UnimplementedError(absl::StrCat(op, ": weights of type ", DTypeName(w.dtype), " are not supported"));
   }
 
   std::shared_ptr<Device> dev_;
