@@ -29,4 +29,4 @@ RUN useradd --system --create-home sae
 USER sae
 EXPOSE 50051 9090
 ENTRYPOINT ["/usr/local/bin/sae-server"]
-CMD ["--demo", "--demo_dir=/home/sae/demo", "--listen=0.0.0.0:50051"]
+CMD ["--demo", "--demo_dir=/home/sae/demo", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
