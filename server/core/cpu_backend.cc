@@ -281,10 +281,8 @@ class CpuBackend final : public Backend {
 
   absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
                              const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckSae(x, sae));
+    RETURN_IF_ERROR(CheckSaeTopKArgs(x, sae, k, out_indices, out_values));
     const int64_t d_sae = sae.encoder.rows;
-    RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
-    RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
     const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
     std::vector<float> pre(static_cast<size_t>(kSaeTokenChunk * d_sae));
     std::vector<std::pair<float, int32_t>> cand;
@@ -307,13 +305,8 @@ class CpuBackend final : public Backend {
 
   absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                  const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckSae(x, sae));
+    RETURN_IF_ERROR(CheckSaeSelectedArgs(x, sae, feature_ids, out_values));
     const int64_t d_sae = sae.encoder.rows, d = x.cols, m = out_values.cols;
-    RETURN_IF_ERROR(CheckF32(out_values, "sae selected values"));
-    RETURN_IF_ERROR(CheckShape(out_values, x.rows, m, "sae selected values"));
-    if (feature_ids.dtype != DType::kI32 || feature_ids.numel() != m) {
-      return absl::InvalidArgumentError(absl::StrCat("sae selected: feature_ids must be I32 with ", m, " elements"));
-    }
     const int32_t* ids = feature_ids.as<int32_t>();
     for (int64_t j = 0; j < m; ++j) {
       if (ids[j] < 0 || ids[j] >= d_sae) {
@@ -357,13 +350,8 @@ class CpuBackend final : public Backend {
 
   absl::Status SaeReconstruct(const Tensor& x, const SaeEncoderWeights& enc, const SaeDecoderWeights& dec,
                               const Tensor& out) override {
-    RETURN_IF_ERROR(CheckSae(x, enc));
+    RETURN_IF_ERROR(CheckSaeReconstructArgs(x, enc, dec, out));
     const int64_t d_sae = enc.encoder.rows, d = x.cols;
-    RETURN_IF_ERROR(CheckShape(dec.decoder, d, d_sae, "sae decoder"));
-    RETURN_IF_ERROR(CheckF32(dec.bias, "sae decoder bias"));
-    RETURN_IF_ERROR(CheckShape(dec.bias, 1, d, "sae decoder bias"));
-    RETURN_IF_ERROR(CheckF32(out, "sae reconstruction"));
-    RETURN_IF_ERROR(CheckShape(out, x.rows, d, "sae reconstruction"));
     std::vector<float> pre(static_cast<size_t>(kSaeTokenChunk * d_sae));
     std::vector<std::pair<float, int32_t>> cand;
     std::vector<double> acc(static_cast<size_t>(d));
@@ -395,11 +383,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
-    RETURN_IF_ERROR(CheckF32(y_hat, "relative error y_hat"));
-    RETURN_IF_ERROR(CheckF32(y, "relative error target"));
-    RETURN_IF_ERROR(CheckShape(y_hat, y.rows, y.cols, "relative error y_hat"));
-    RETURN_IF_ERROR(CheckF32(out, "relative error output"));
-    RETURN_IF_ERROR(CheckShape(out, y.rows, 1, "relative error output"));
+    RETURN_IF_ERROR(CheckRelativeSquaredErrorArgs(y_hat, y, out));
     for (int64_t t = 0; t < y.rows; ++t) {
       const float* a = y_hat.as<float>() + t * y.cols;
       const float* b = y.as<float>() + t * y.cols;
@@ -415,18 +399,6 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  absl::Status CheckSae(const Tensor& x, const SaeEncoderWeights& sae) {
-    RETURN_IF_ERROR(CheckF32(x, "sae input"));
-    const int64_t d_sae = sae.encoder.rows;
-    if (sae.encoder.cols != x.cols) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
-    }
-    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
-    if (sae.feature_scale.data != nullptr) RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
-    return absl::OkStatus();
-  }
-
   // h_i = scale_in * (w_i . x) + b_i for every row of x: pre [x.rows, d_sae].
   absl::Status PreActivations(const Tensor& x, const SaeEncoderWeights& sae, float* pre) {
     const int64_t d_sae = sae.encoder.rows;

@@ -78,7 +78,6 @@ absl::Status FromCublas(cublasStatus_t s, absl::string_view op) {
 
 // ---- dtypes (conversions come from common/dtype.h) ----
 
-bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
 ElemType ToElem(DType t) {
   return t == DType::kBF16 ? ElemType::kBF16 : (t == DType::kF16 ? ElemType::kF16 : ElemType::kF32);
 }
@@ -263,7 +262,7 @@ class CudaBackend final : public Backend {
       rows = 1;
       cols = src.shape[0];
     }
-    if (dtype != src.dtype && !(IsFloat(dtype) && IsFloat(src.dtype))) {
+    if (dtype != src.dtype && !(IsFloatDType(dtype) && IsFloatDType(src.dtype))) {
       return absl::UnimplementedError(
           absl::StrCat("cuda upload: cannot convert ", DTypeName(src.dtype), " to ", DTypeName(dtype)));
     }
@@ -362,7 +361,7 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(CheckF32(out, "embed output"));
     RETURN_IF_ERROR(CheckShape(out, ids.rows * ids.cols, table.cols, "embed output"));
     if (ids.dtype != DType::kI32) return absl::InvalidArgumentError("embed: ids must be I32");
-    if (!IsFloat(table.dtype)) return absl::InvalidArgumentError("embed: table must be F32, BF16 or F16");
+    if (!IsFloatDType(table.dtype)) return absl::InvalidArgumentError("embed: table must be F32, BF16 or F16");
     RETURN_IF_ERROR(Enter());
     return FromCuda(cuda::LaunchEmbed(table.data, ToElem(table.dtype), table.rows, table.cols, ids.as<int32_t>(),
                                       ids.rows * ids.cols, out.as<float>(), dev_->error_word_dev, dev_->stream),
@@ -375,7 +374,7 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "rmsnorm output"));
     if (weight.data != nullptr) {
       RETURN_IF_ERROR(CheckShape(weight, 1, x.cols, "rmsnorm weight"));
-      if (!IsFloat(weight.dtype)) return absl::InvalidArgumentError("rmsnorm: weight must be F32, BF16 or F16");
+      if (!IsFloatDType(weight.dtype)) return absl::InvalidArgumentError("rmsnorm: weight must be F32, BF16 or F16");
     }
     RETURN_IF_ERROR(Enter());
     return FromCuda(cuda::LaunchRmsNorm(x.as<float>(), weight.data, ToElem(weight.dtype), x.rows, x.cols, eps,
@@ -456,13 +455,8 @@ class CudaBackend final : public Backend {
 
   absl::Status SaeEncodeTopK(const Tensor& x, const SaeEncoderWeights& sae, int k, const Tensor& out_indices,
                              const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckSae(x, sae));
+    RETURN_IF_ERROR(CheckSaeTopKArgs(x, sae, k, out_indices, out_values));
     const int64_t d_sae = sae.encoder.rows, d = x.cols;
-    if (k < 0) return absl::InvalidArgumentError("sae: k must be >= 0");
-    RETURN_IF_ERROR(CheckShape(out_indices, x.rows, k, "sae indices"));
-    RETURN_IF_ERROR(CheckShape(out_values, x.rows, k, "sae values"));
-    if (out_indices.dtype != DType::kI32) return absl::InvalidArgumentError("sae indices must be I32");
-    RETURN_IF_ERROR(CheckF32(out_values, "sae values"));
     const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
     if (keep > cuda::kSaeTopKMaxK) {
       return absl::UnimplementedError(
@@ -490,13 +484,8 @@ class CudaBackend final : public Backend {
 
   absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                  const Tensor& out_values) override {
-    RETURN_IF_ERROR(CheckSae(x, sae));
+    RETURN_IF_ERROR(CheckSaeSelectedArgs(x, sae, feature_ids, out_values));
     const int64_t d_sae = sae.encoder.rows, d = x.cols, m = out_values.cols;
-    RETURN_IF_ERROR(CheckF32(out_values, "sae selected values"));
-    RETURN_IF_ERROR(CheckShape(out_values, x.rows, m, "sae selected values"));
-    if (feature_ids.dtype != DType::kI32 || feature_ids.numel() != m) {
-      return absl::InvalidArgumentError(absl::StrCat("sae selected: feature_ids must be I32 with ", m, " elements"));
-    }
     // TopK: every feature's top-k membership is needed, capped by d_sae (no
     // more can be active). The top-k kernel's candidate buffer bounds it.
     const int k = sae.max_active > 0 ? static_cast<int>(std::min<int64_t>(sae.max_active, d_sae)) : 0;
@@ -574,14 +563,8 @@ class CudaBackend final : public Backend {
 
   absl::Status SaeReconstruct(const Tensor& x, const SaeEncoderWeights& enc, const SaeDecoderWeights& dec,
                               const Tensor& out) override {
-    RETURN_IF_ERROR(CheckSae(x, enc));
+    RETURN_IF_ERROR(CheckSaeReconstructArgs(x, enc, dec, out));
     const int64_t d_sae = enc.encoder.rows, d = x.cols;
-    RETURN_IF_ERROR(CheckShape(dec.decoder, d, d_sae, "sae decoder"));
-    if (!IsFloat(dec.decoder.dtype)) return absl::InvalidArgumentError("sae decoder must be F32, BF16 or F16");
-    RETURN_IF_ERROR(CheckF32(dec.bias, "sae decoder bias"));
-    RETURN_IF_ERROR(CheckShape(dec.bias, 1, d, "sae decoder bias"));
-    RETURN_IF_ERROR(CheckF32(out, "sae reconstruction"));
-    RETURN_IF_ERROR(CheckShape(out, x.rows, d, "sae reconstruction"));
     const int k = enc.max_active > 0 ? static_cast<int>(std::min<int64_t>(enc.max_active, d_sae)) : 0;
     if (k > cuda::kSaeTopKMaxK) {
       return absl::UnimplementedError(
@@ -649,11 +632,7 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
-    RETURN_IF_ERROR(CheckF32(y_hat, "relative error y_hat"));
-    RETURN_IF_ERROR(CheckF32(y, "relative error target"));
-    RETURN_IF_ERROR(CheckShape(y_hat, y.rows, y.cols, "relative error y_hat"));
-    RETURN_IF_ERROR(CheckF32(out, "relative error output"));
-    RETURN_IF_ERROR(CheckShape(out, y.rows, 1, "relative error output"));
+    RETURN_IF_ERROR(CheckRelativeSquaredErrorArgs(y_hat, y, out));
     if (y.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     return FromCuda(cuda::LaunchRelativeSquaredError(y_hat.as<float>(), y.as<float>(), y.rows, y.cols, out.as<float>(),
@@ -665,22 +644,6 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(std::shared_ptr<Device> dev) : dev_(std::move(dev)) {}
 
   // Encoder weights against an input (same messages as the CPU twin).
-  static absl::Status CheckSae(const Tensor& x, const SaeEncoderWeights& sae) {
-    RETURN_IF_ERROR(CheckF32(x, "sae input"));
-    const int64_t d_sae = sae.encoder.rows;
-    if (sae.encoder.cols != x.cols) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sae: input has ", x.cols, " columns, encoder expects ", sae.encoder.cols));
-    }
-    RETURN_IF_ERROR(CheckShape(sae.bias, 1, d_sae, "sae bias"));
-    RETURN_IF_ERROR(CheckF32(sae.bias, "sae bias"));
-    if (sae.feature_scale.data != nullptr) {
-      RETURN_IF_ERROR(CheckShape(sae.feature_scale, 1, d_sae, "sae scale"));
-      RETURN_IF_ERROR(CheckF32(sae.feature_scale, "sae scale"));
-    }
-    return absl::OkStatus();
-  }
-
   // How many bf16 parts F32 activations are split into for a GEMM against
   // SAE weights of `dtype` (see the file comment; only BF16 weights split).
   static int SaeSplitParts(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1; }
