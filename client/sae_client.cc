@@ -286,7 +286,11 @@ std::string FormatExtractTable(const std::vector<v1::ExtractResponse>& responses
                      "  ", PadRight(QuotePiece(t->piece()), piece_w), "  ");
     if (t->saes().empty()) absl::StrAppend(&out, head, "\n");
     for (int i = 0; i < t->saes_size(); ++i) {
-      absl::StrAppend(&out, i == 0 ? head : indent, PadRight(t->saes(i).sae(), sae_w), "  ", FormatFeatures(t->saes(i)),
+      const v1::SaeFeatures& s = t->saes(i);
+      absl::StrAppend(&out, i == 0 ? head : indent, PadRight(s.sae(), sae_w), "  ", FormatFeatures(s),
+                      s.has_reconstruction_error()
+                          ? absl::StrFormat("  (reconstruction error %.4f)", s.reconstruction_error())
+                          : "",
                       "\n");
     }
   }
@@ -336,10 +340,12 @@ namespace {
 constexpr char kUsage[] =
     "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] COMMAND ...\n"
     "  extract TEXT [--sae NAME ...] [--k K] [--watch SAE:F1,F2,... ...] [--chunk-tokens N] [--no-bos]\n"
-    "          [--include-bos] [--json]\n"
+    "          [--include-bos] [--min-activation X] [--reconstruction-error] [--json]\n"
     "  extract --ids 1,2,3 [...]      token ids instead of text\n"
     "      --watch SAE:1,2,3          for that SAE report only these features (the k largest that fire);\n"
     "                                 repeatable, one per SAE\n"
+    "      --min-activation X         drop features whose value is below X\n"
+    "      --reconstruction-error     also show each SAE's per-token reconstruction error (FVU)\n"
     "  tokenize TEXT [--no-bos] [--json]\n"
     "  info [--json]\n"
     "  list-saes [--json]\n"
@@ -362,6 +368,8 @@ struct Args {
   uint32_t chunk_tokens = 0;
   bool no_bos = false;
   bool include_bos = false;
+  double min_activation = 0;
+  bool reconstruction_error = false;
   bool json = false;
   std::string service;
   // bench
@@ -420,9 +428,16 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
       return true;
     };
     std::string v;
-    if (arg == "--json" || arg == "--no-bos" || arg == "--include-bos") {
+    if (arg == "--json" || arg == "--no-bos" || arg == "--include-bos" || arg == "--reconstruction-error") {
       if (has_value) return arg + " takes no value";
-      (arg == "--json" ? a->json : arg == "--no-bos" ? a->no_bos : a->include_bos) = true;
+      (arg == "--json"          ? a->json
+       : arg == "--no-bos"      ? a->no_bos
+       : arg == "--include-bos" ? a->include_bos
+                                : a->reconstruction_error) = true;
+    } else if (arg == "--min-activation") {
+      if (!take(&v) || !absl::SimpleAtod(v, &a->min_activation) || !(a->min_activation >= 0)) {
+        return "--min-activation needs a non-negative number";
+      }
     } else if (arg == "--addr") {
       if (!take(&a->addr)) return "--addr needs HOST:PORT";
     } else if (arg == "--sae") {
@@ -471,6 +486,18 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
   return "";
 }
 
+// The per-request options of the command line, shared by extract and bench.
+void ApplyRequestOptions(const Args& a, v1::ExtractRequest* request) {
+  for (const std::string& s : a.saes) request->add_saes(s);
+  for (const v1::FeatureWatch& w : a.watch) *request->add_watch() = w;
+  request->set_k(a.k);
+  request->set_chunk_tokens(a.chunk_tokens);
+  request->set_include_bos(a.include_bos);
+  request->set_min_activation(static_cast<float>(a.min_activation));
+  request->set_reconstruction_error(a.reconstruction_error);
+  if (a.no_bos && request->has_text()) request->set_add_bos(false);
+}
+
 int Fail(const grpc::Status& status, std::ostream& err) {
   err << "error: " << StatusCodeName(status.error_code()) << ": " << status.error_message() << "\n";
   return 1;
@@ -497,14 +524,7 @@ int RunBenchCommand(const Args& a, SaeClient* client, std::ostream& out, std::os
     }
     mix = std::move(*parsed);
   }
-  for (v1::ExtractRequest& request : mix) {
-    for (const std::string& s : a.saes) request.add_saes(s);
-    for (const v1::FeatureWatch& w : a.watch) *request.add_watch() = w;
-    request.set_k(a.k);
-    request.set_chunk_tokens(a.chunk_tokens);
-    request.set_include_bos(a.include_bos);
-    if (a.no_bos && request.has_text()) request.set_add_bos(false);
-  }
+  for (v1::ExtractRequest& request : mix) ApplyRequestOptions(a, &request);
   BenchOptions options;
   options.stream = a.mode == "stream";
   options.concurrency = a.concurrency;
@@ -556,13 +576,8 @@ int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostr
       }
     } else {
       request.set_text(rest[0]);
-      if (a.no_bos) request.set_add_bos(false);
     }
-    for (const std::string& s : a.saes) request.add_saes(s);
-    for (const v1::FeatureWatch& w : a.watch) *request.add_watch() = w;
-    request.set_k(a.k);
-    request.set_chunk_tokens(a.chunk_tokens);
-    request.set_include_bos(a.include_bos);
+    ApplyRequestOptions(a, &request);
     std::vector<v1::ExtractResponse> responses;
     grpc::Status status = client->Extract(request, &responses);
     if (!status.ok()) return Fail(status, err);

@@ -318,6 +318,39 @@ TEST_F(ServerBinaryTest, ClientWatchReportsListedFeatures) {
   EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
 }
 
+TEST_F(ServerBinaryTest, ClientMinActivationAndReconstructionError) {
+  const std::string text = "The cat sat on the red mat.";
+  const std::string extract =
+      std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract " + Quote(text) + " --sae L1R-8x --k 8 ";
+  std::string out;
+  ASSERT_EQ(RunShell(extract + "--json", &out), 0) << out;
+  const auto all = ParseJsonFeatures(out);
+  ASSERT_EQ(RunShell(extract + "--json --min-activation 2.5", &out), 0) << out;
+  const auto high = ParseJsonFeatures(out);
+  ASSERT_EQ(high.size(), all.size());
+  int dropped = 0;
+  for (size_t t = 0; t < all.size(); ++t) {
+    std::vector<std::pair<uint32_t, float>> want;
+    for (const auto& f : all[t].at("L1R-8x")) {
+      if (f.second >= 2.5f) want.push_back(f);
+    }
+    dropped += static_cast<int>(all[t].at("L1R-8x").size() - want.size());
+    ASSERT_EQ(high[t].at("L1R-8x").size(), want.size()) << "token " << t;
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(high[t].at("L1R-8x")[i].first, want[i].first);
+  }
+  EXPECT_GT(dropped, 0);
+  // The table shows one reconstruction error per token and SAE, none at BOS.
+  ASSERT_EQ(RunShell(extract + "--reconstruction-error", &out), 0) << out;
+  size_t n_errors = 0;
+  for (size_t at = out.find("(reconstruction error "); at != std::string::npos;
+       at = out.find("(reconstruction error ", at + 1)) {
+    ++n_errors;
+  }
+  EXPECT_EQ(n_errors, all.size() - 1) << out;
+  EXPECT_EQ(RunShell(extract + "--min-activation -1", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--reconstruction-error=yes", &out), 2) << out;
+}
+
 TEST_F(ServerBinaryTest, ClientReportsErrors) {
   std::string out;
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " extract hi --sae nope", &out), 1);
