@@ -65,15 +65,8 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-template <typename F>
-bool WaitFor(F condition, int seconds = 20) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return condition();
-}
+// Child processes (start, exit) get longer than in-process waits.
+constexpr std::chrono::seconds kProcessTimeout(20);
 
 // sae-server --demo on a free loopback port, as a child process.
 class ServerProcess {
@@ -107,7 +100,7 @@ class ServerProcess {
 
   // Waits for the port file; the address, or "" on timeout.
   std::string WaitForAddress() {
-    if (!WaitFor([this] { return !ReadFile(port_file_).empty(); })) return "";
+    if (!testing::WaitFor([this] { return !ReadFile(port_file_).empty(); }, kProcessTimeout)) return "";
     return "127.0.0.1:" + std::to_string(std::stoi(ReadFile(port_file_)));
   }
 
@@ -115,7 +108,7 @@ class ServerProcess {
   int Terminate() {
     kill(pid_, SIGTERM);
     int status = 0;
-    const bool exited = WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; });
+    const bool exited = testing::WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, kProcessTimeout);
     if (!exited) return -1;
     pid_ = -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -137,10 +130,14 @@ class ServerBinaryTest : public ::testing::Test {
     auto client = client::SaeClient::Connect(address_);
     client->set_timeout(std::chrono::seconds(2));
     // Listening comes before loading: wait for SERVING.
-    ASSERT_TRUE(WaitFor([&] {
-      grpc::health::v1::HealthCheckResponse response;
-      return client->Health("", &response).ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-    })) << server_->log();
+    ASSERT_TRUE(testing::WaitFor(
+        [&] {
+          grpc::health::v1::HealthCheckResponse response;
+          return client->Health("", &response).ok() &&
+                 response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+        },
+        kProcessTimeout))
+        << server_->log();
   }
   static void TearDownTestSuite() {
     delete server_;
@@ -458,10 +455,13 @@ TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
   ASSERT_FALSE(address.empty()) << server.log();
   auto client = client::SaeClient::Connect(address);
   client->set_timeout(std::chrono::seconds(20));
-  ASSERT_TRUE(WaitFor([&] {
-    v1::InfoResponse info;
-    return client->Info(&info).ok();
-  })) << server.log();
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        v1::InfoResponse info;
+        return client->Info(&info).ok();
+      },
+      kProcessTimeout))
+      << server.log();
 
   const std::vector<std::string> texts = {"red cat", "The cat sat on the red mat.", "A blue bird.", "green tree"};
   std::vector<v1::ExtractRequest> requests;
@@ -664,10 +664,13 @@ TEST(ServerShutdownTest, SigtermStopsGracefully) {
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   auto client = client::SaeClient::Connect(address);
-  ASSERT_TRUE(WaitFor([&] {
-    v1::InfoResponse info;
-    return client->Info(&info).ok();
-  })) << server.log();
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        v1::InfoResponse info;
+        return client->Info(&info).ok();
+      },
+      kProcessTimeout))
+      << server.log();
   client.reset();
   EXPECT_EQ(server.Terminate(), 0) << server.log();
   EXPECT_NE(server.log().find("stopped"), std::string::npos) << server.log();

@@ -15,9 +15,12 @@
 #include <vector>
 
 #include "rpc/windows.h"
+#include "testing/test_util.h"
 
 namespace sae {
 namespace {
+
+using testing::WaitFor;
 
 SequenceRequest Seq(std::vector<int32_t> ids) {
   SequenceRequest r;
@@ -32,17 +35,6 @@ ExecutorOptions Options(int max_batch_tokens, int max_inflight_requests) {
   options.max_batch_tokens = max_batch_tokens;
   options.max_inflight_requests = max_inflight_requests;
   return options;
-}
-
-// Polls `condition` for up to 10 s.
-template <typename F>
-bool WaitFor(F condition) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return condition();
 }
 
 // Records batches; holds the runner while `hold` is set. Its result for a

@@ -30,6 +30,7 @@ namespace sae {
 namespace {
 
 using client::SaeClient;
+using testing::WaitFor;
 
 constexpr char kText[] = "The cat sat on the red mat.";
 constexpr int kMaxInflight = 4;
@@ -81,17 +82,6 @@ class Gate {
   int sequences_run_ = 0;
   int max_batch_ = 0;
 };
-
-// Polls `condition` for up to 10 s.
-template <typename F>
-bool WaitFor(F condition) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return condition();
-}
 
 struct Env {
   std::unique_ptr<Engine> engine;     // owned by the executor thread

@@ -19,6 +19,7 @@
 #include "rpc/metrics.h"
 #include "rpc/service.h"
 #include "sae_client.h"
+#include "testing/test_util.h"
 
 namespace sae::testing {
 
@@ -64,17 +65,6 @@ struct ServingEnv {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
-
-// Polls `condition` for up to 10 s.
-template <typename F>
-bool WaitFor(F condition) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return condition();
-}
 
 }  // namespace sae::testing
 

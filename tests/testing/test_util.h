@@ -2,7 +2,9 @@
 #ifndef SAE_TESTS_TESTING_TEST_UTIL_H_
 #define SAE_TESTS_TESTING_TEST_UTIL_H_
 
+#include <chrono>
 #include <string>
+#include <thread>
 
 #include "core/demo_model.h"
 
@@ -14,6 +16,17 @@ const DemoLayout& Demo();
 
 // A fresh empty directory under the build tree's test scratch area.
 std::string MakeTempDir(const std::string& name);
+
+// Polls `condition` until it holds or `timeout` passes; returns its last value.
+template <typename F>
+bool WaitFor(F condition, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return condition();
+}
 
 }  // namespace sae::testing
 
