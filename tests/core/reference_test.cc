@@ -62,6 +62,15 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
     ref_.store = *std::move(store);
   }
 
+  // Sequence i of the test texts, asking every SAE for k features.
+  SequenceRequest AllSaes(size_t i, int k) const {
+    SequenceRequest r;
+    r.ids = ids_[i];
+    for (size_t s = 0; s < engine_->saes().size(); ++s) r.sae_indices.push_back(static_cast<int>(s));
+    r.k = k;
+    return r;
+  }
+
   std::unique_ptr<Engine> engine_;
   std::vector<std::vector<int32_t>> ids_;
   Reference ref_;
@@ -69,10 +78,7 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
 
 TEST_P(ReferenceTest, HooksMatch) {
   for (size_t i = 0; i < ids_.size(); ++i) {
-    SequenceRequest r;
-    r.ids = ids_[i];
-    for (size_t s = 0; s < engine_->saes().size(); ++s) r.sae_indices.push_back(static_cast<int>(s));
-    r.k = 1;
+    SequenceRequest r = AllSaes(i, 1);
     r.capture_hooks = true;
     auto res = engine_->Run({r});
     ASSERT_TRUE(res.ok()) << res.status();
@@ -94,13 +100,7 @@ TEST_P(ReferenceTest, HooksMatch) {
 TEST_P(ReferenceTest, FeaturesMatch) {
   const int k = 64;
   std::vector<SequenceRequest> batch;
-  for (const auto& ids : ids_) {
-    SequenceRequest r;
-    r.ids = ids;
-    for (size_t s = 0; s < engine_->saes().size(); ++s) r.sae_indices.push_back(static_cast<int>(s));
-    r.k = k;
-    batch.push_back(r);
-  }
+  for (size_t i = 0; i < ids_.size(); ++i) batch.push_back(AllSaes(i, k));
   auto res = engine_->Run(batch);
   ASSERT_TRUE(res.ok()) << res.status();
   int compared = 0;
@@ -143,13 +143,9 @@ TEST_P(ReferenceTest, FeaturesMatch) {
 // against the MLP output) vs the float64 reference's sae.<name>.recon_err.<i>.
 TEST_P(ReferenceTest, ReconstructionErrorMatches) {
   std::vector<SequenceRequest> batch;
-  for (const auto& ids : ids_) {
-    SequenceRequest r;
-    r.ids = ids;
-    for (size_t s = 0; s < engine_->saes().size(); ++s) r.sae_indices.push_back(static_cast<int>(s));
-    r.k = 1;
-    r.reconstruction_error = true;
-    batch.push_back(r);
+  for (size_t i = 0; i < ids_.size(); ++i) {
+    batch.push_back(AllSaes(i, 1));
+    batch.back().reconstruction_error = true;
   }
   auto res = engine_->Run(batch);
   ASSERT_TRUE(res.ok()) << res.status();
