@@ -2,14 +2,26 @@
 // captured hooks match the CPU backend's. Skips (GTEST_SKIP) when this build
 // or machine has no usable CUDA backend.
 //
-// Tolerance: the CUDA forward pass rounds GEMM inputs to bf16 (the CPU one is
-// fp32 throughout), so hook activations differ by ~1e-2 relative after a few
-// layers. Feature values must agree within 5% of the row's largest value;
-// a feature present on one side only must sit within that distance of the
-// other side's cut-off (the k-th value, or the JumpReLU threshold), i.e. it
+// Two CUDA engines per encode form:
+// - default: the forward pass rounds GEMM inputs to bf16 (the CPU one is fp32
+//   throughout), so hook activations differ by ~1e-2 of the row RMS after a
+//   few layers, and an SAE feature whose pre-activation cancels (w.x ~ -b)
+//   can move by ~10% of the row's largest value (seen on the demo: 1.47 vs
+//   1.33 with 1.7 the largest). Feature values must agree within 15% of the
+//   row's largest value.
+// - exact (SAE_CUDA_MODEL_SPLIT=3: activations split into 3 bf16 parts, the
+//   full fp32 mantissa): hooks within 1e-5 of the row RMS and feature values
+//   within 1e-4 of the row's largest, i.e. only accumulation order differs.
+//   This is the check that the kernels compute the right thing; the default
+//   engine's looser one checks the production numerics stay close.
+// In both, a feature present on one side only must sit within the tolerance
+// of the other side's cut-off (the k-th value, or the JumpReLU threshold): it
 // may only be a near-tie at the boundary.
+#include <stdlib.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -32,8 +44,11 @@ EngineOptions DemoOptions(const std::string& backend, SaeEncodeForm form) {
 }
 
 struct Engines {
-  std::unique_ptr<Engine> cpu, cuda;
+  std::unique_ptr<Engine> cpu, cuda, cuda_exact;
 };
+
+constexpr float kDefaultTol = 0.15f;  // of the row's largest feature value
+constexpr float kExactTol = 1e-4f;
 
 class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
  protected:
@@ -53,9 +68,13 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     for (SaeEncodeForm form : {SaeEncodeForm::kSaeLens, SaeEncodeForm::kLmSaes}) {
       auto cuda = Engine::Create(DemoOptions("cuda", form));
       ASSERT_TRUE(cuda.ok()) << cuda.status();
+      setenv("SAE_CUDA_MODEL_SPLIT", "3", 1);  // read when the backend is created
+      auto cuda_exact = Engine::Create(DemoOptions("cuda", form));
+      unsetenv("SAE_CUDA_MODEL_SPLIT");
+      ASSERT_TRUE(cuda_exact.ok()) << cuda_exact.status();
       auto cpu = Engine::Create(DemoOptions("cpu", form));
       ASSERT_TRUE(cpu.ok()) << cpu.status();
-      (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda)};
+      (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda), *std::move(cuda_exact)};
     }
   }
   static void TearDownTestSuite() {
@@ -63,10 +82,15 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     delete skip_reason_;
   }
   void SetUp() override {
-    if (!skip_reason_->empty()) GTEST_SKIP() << "CUDA backend unavailable: " << *skip_reason_;
+    if (!skip_reason_->empty()) {
+      // ctest's emulated-CUDA entry sets this: there a missing backend is a failure, not a skip.
+      if (std::getenv("SAE_TEST_REQUIRE_CUDA") != nullptr) FAIL() << "CUDA backend unavailable: " << *skip_reason_;
+      GTEST_SKIP() << "CUDA backend unavailable: " << *skip_reason_;
+    }
     ASSERT_EQ(engines_->count(GetParam()), 1u) << "engine creation failed in SetUpTestSuite";
     cpu_ = (*engines_)[GetParam()].cpu.get();
     cuda_ = (*engines_)[GetParam()].cuda.get();
+    cuda_exact_ = (*engines_)[GetParam()].cuda_exact.get();
     ASSERT_EQ(cuda_->backend_name(), "cuda");
   }
 
@@ -82,8 +106,8 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
   }
 
   // Compares one sequence's top-k lists of one SAE (see the file comment).
-  static void ExpectTopKMatch(const SaeTopK& cpu, const SaeTopK& gpu, float threshold, const std::string& what,
-                              int* n_same, int* n_total) {
+  static void ExpectTopKMatch(const SaeTopK& cpu, const SaeTopK& gpu, float threshold, float rel_tol,
+                              const std::string& what, int* n_same, int* n_total) {
     ASSERT_EQ(cpu.k, gpu.k) << what;
     ASSERT_EQ(cpu.indices.size(), gpu.indices.size()) << what;
     const int k = cpu.k, n = static_cast<int>(cpu.indices.size()) / k;
@@ -99,7 +123,7 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
           EXPECT_GE(gpu.values[i - 1], gpu.values[i]) << what << " token " << t << ": not value-descending";
         }
       }
-      const float tol = 0.05f * scale + 1e-4f;
+      const float tol = rel_tol * scale + 1e-5f;
       const float cut_a = cpu.n_active(t) == k ? cpu.values[static_cast<size_t>(t) * k + k - 1] : threshold;
       const float cut_b = gpu.n_active(t) == k ? gpu.values[static_cast<size_t>(t) * k + k - 1] : threshold;
       for (const auto& [idx, v] : b) {
@@ -121,16 +145,17 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     }
   }
 
-  void ExpectRunsMatch(const std::vector<SequenceRequest>& batch) {
+  // Runs `batch` on the CPU engine and on `cuda` (default: the default engine).
+  void ExpectRunsMatch(const std::vector<SequenceRequest>& batch, Engine* cuda = nullptr, float rel_tol = kDefaultTol) {
     auto a = cpu_->Run(batch);
-    auto b = cuda_->Run(batch);
+    auto b = (cuda != nullptr ? cuda : cuda_)->Run(batch);
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
     int same = 0, total = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
         const Sae& sae = *cpu_->saes()[batch[i].sae_indices[j]];
-        ExpectTopKMatch((*a)[i].saes[j], (*b)[i].saes[j], sae.encoder().threshold,
+        ExpectTopKMatch((*a)[i].saes[j], (*b)[i].saes[j], sae.encoder().threshold, rel_tol,
                         "seq " + std::to_string(i) + " " + sae.name(), &same, &total);
       }
     }
@@ -138,8 +163,46 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     EXPECT_GE(same, 0.9 * total) << same << " of " << total << " features agree";
   }
 
+  // Every hook of `text` on `cuda` against the CPU, within rel_rms of each row's RMS.
+  void ExpectHooksMatch(const std::string& text, Engine* cuda, double rel_rms) {
+    SequenceRequest r = Request(text, 4, /*capture=*/true);
+    auto a = cpu_->Run({r});
+    auto b = cuda->Run({r});
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    const auto& ha = (*a)[0].hooks;
+    const auto& hb = (*b)[0].hooks;
+    ASSERT_EQ(ha.size(), hb.size());
+    const int d = cpu_->model_config().hidden_size;
+    for (const auto& [name, va] : ha) {
+      ASSERT_TRUE(hb.count(name)) << name;
+      const auto& vb = hb.at(name);
+      ASSERT_EQ(va.size(), vb.size()) << name;
+      int bad = 0;
+      for (size_t t = 0; t * d < va.size() && bad < 3; ++t) {
+        double ss = 0;
+        for (int c = 0; c < d; ++c) ss += static_cast<double>(va[t * d + c]) * va[t * d + c];
+        const double rms = std::sqrt(ss / d);
+        for (int c = 0; c < d && bad < 3; ++c) {
+          if (std::abs(va[t * d + c] - vb[t * d + c]) > rel_rms * rms + 1e-6) {
+            ADD_FAILURE() << name << " token " << t << " dim " << c << ": cpu " << va[t * d + c] << " cuda "
+                          << vb[t * d + c] << " (row rms " << rms << ")";
+            ++bad;
+          }
+        }
+      }
+    }
+  }
+
+  static std::string LongText() {
+    std::string longer;
+    for (int i = 0; i < 40; ++i) longer += " the red fish and the blue bird swim";
+    return longer;
+  }
+
   Engine* cpu_ = nullptr;
   Engine* cuda_ = nullptr;
+  Engine* cuda_exact_ = nullptr;
 };
 
 std::map<SaeEncodeForm, Engines>* CudaEngineTest::engines_ = nullptr;
@@ -155,9 +218,17 @@ TEST_P(CudaEngineTest, TopKFeaturesMatchCpu) {
 
 TEST_P(CudaEngineTest, LongPackedBatchMatchesCpu) {
   // Several sequences of different lengths (one long: many attention tiles).
-  std::string longer;
-  for (int i = 0; i < 40; ++i) longer += " the red fish and the blue bird swim";
+  const std::string longer = LongText();
   ExpectRunsMatch({Request("x"), Request(longer, 32), Request("Paris is big."), Request(longer.substr(0, 200))});
+}
+
+// With fp32-faithful GEMM inputs the CUDA engine must match the CPU up to
+// accumulation order, hooks and features alike, over a long packed batch.
+TEST_P(CudaEngineTest, ExactModeMatchesCpuClosely) {
+  const std::string longer = LongText();
+  ExpectRunsMatch({Request("x"), Request(longer, 32), Request("Paris is big."), Request(longer.substr(0, 200))},
+                  cuda_exact_, kExactTol);
+  ExpectHooksMatch(longer, cuda_exact_, 1e-5);
 }
 
 TEST_P(CudaEngineTest, ConceptFeaturesFireOnTheirTokens) {
@@ -179,34 +250,8 @@ TEST_P(CudaEngineTest, ConceptFeaturesFireOnTheirTokens) {
 }
 
 TEST_P(CudaEngineTest, CapturedHooksMatchCpu) {
-  SequenceRequest r = Request("The cat and the dog.", 4, /*capture=*/true);
-  auto a = cpu_->Run({r});
-  auto b = cuda_->Run({r});
-  ASSERT_TRUE(a.ok()) << a.status();
-  ASSERT_TRUE(b.ok()) << b.status();
-  const auto& ha = (*a)[0].hooks;
-  const auto& hb = (*b)[0].hooks;
-  ASSERT_EQ(ha.size(), hb.size());
-  const int d = cpu_->model_config().hidden_size;
-  for (const auto& [name, va] : ha) {
-    ASSERT_TRUE(hb.count(name)) << name;
-    const auto& vb = hb.at(name);
-    ASSERT_EQ(va.size(), vb.size()) << name;
-    for (size_t t = 0; t * d < va.size(); ++t) {
-      double ss = 0;
-      for (int c = 0; c < d; ++c) ss += static_cast<double>(va[t * d + c]) * va[t * d + c];
-      const double rms = std::sqrt(ss / d);
-      int bad = 0;
-      for (int c = 0; c < d && bad < 3; ++c) {
-        // bf16 GEMM inputs: a few 1e-3 of the row's RMS per layer.
-        if (std::abs(va[t * d + c] - vb[t * d + c]) > 3e-2 * rms + 1e-5) {
-          ADD_FAILURE() << name << " token " << t << " dim " << c << ": cpu " << va[t * d + c] << " cuda "
-                        << vb[t * d + c] << " (row rms " << rms << ")";
-          ++bad;
-        }
-      }
-    }
-  }
+  // bf16 GEMM inputs: a few 1e-3 of the row's RMS per layer.
+  ExpectHooksMatch("The cat and the dog.", cuda_, 3e-2);
 }
 
 TEST_P(CudaEngineTest, BatchedEqualsSingleWithinTolerance) {
@@ -221,7 +266,8 @@ TEST_P(CudaEngineTest, BatchedEqualsSingleWithinTolerance) {
     int same = 0, total = 0;
     for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
       const Sae& sae = *cuda_->saes()[batch[i].sae_indices[j]];
-      ExpectTopKMatch((*alone)[0].saes[j], (*together)[i].saes[j], sae.encoder().threshold, sae.name(), &same, &total);
+      ExpectTopKMatch((*alone)[0].saes[j], (*together)[i].saes[j], sae.encoder().threshold, kDefaultTol, sae.name(),
+                      &same, &total);
     }
     EXPECT_GE(same, 0.95 * total);
   }

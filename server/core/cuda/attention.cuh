@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
                     const int32_t* __restrict__ seq_starts, const int32_t* __restrict__ tile_start, int n_seqs,
                     int n_heads, int n_kv_heads, int head_dim, float scale_log2, float* __restrict__ out) {
   constexpr int BQ = kAttnRowsPerBlock, BK = kAttnKeysPerTile, RPW = kAttnRowsPerWarp;
-  extern __shared__ float smem[];
+  SAE_DYNAMIC_SHARED(float, smem);
   const int hd = head_dim;
   float* sq = smem;                // [BQ][hd], pre-scaled
   float* sk = sq + BQ * hd;        // [BK][hd + 1]
@@ -228,8 +228,8 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
   if (max_tiles > 0x7fffffff || n_heads > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(n_heads));
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(head_dim));
-  AttentionKernel<DPL><<<grid, kAttnWarps * 32, smem, stream>>>(q, k, v, seq_starts, tile_table, n_seqs, n_heads,
-                                                                n_kv_heads, head_dim, scale_log2, out);
+  SAE_KERNEL_LAUNCH(AttentionKernel<DPL>, grid, kAttnWarps * 32, smem, stream)
+  (q, k, v, seq_starts, tile_table, n_seqs, n_heads, n_kv_heads, head_dim, scale_log2, out);
   return cudaGetLastError();
 }
 
@@ -237,8 +237,8 @@ cudaError_t LaunchAttention(const float* q, const float* k, const float* v, cons
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim, float* out,
                             int32_t* tile_table, int* error_flag, cudaStream_t stream) {
   if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
-  AttentionTileTableKernel<<<1, kAttnTableThreads, 0, stream>>>(seq_starts, n_seqs, max_seq_len, n_tokens, tile_table,
-                                                                error_flag);
+  SAE_KERNEL_LAUNCH(AttentionTileTableKernel, 1, kAttnTableThreads, 0, stream)
+  (seq_starts, n_seqs, max_seq_len, n_tokens, tile_table, error_flag);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (head_dim <= 32) {

@@ -10,6 +10,14 @@
 
 #include "core/cuda/launchers.h"
 
+// Kernels are launched, and dynamic shared memory declared, through these
+// macros: the CPU emulator that tests the kernels (tests/cuda_emu) compiles
+// the same headers with the host compiler and defines its own versions.
+#ifndef SAE_KERNEL_LAUNCH
+#define SAE_KERNEL_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define SAE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace sae {
 namespace cuda {
 

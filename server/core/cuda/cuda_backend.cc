@@ -21,6 +21,10 @@
 // encoder the activations are split into 2 bf16 parts (x ~= hi + lo, 16
 // mantissa bits) so the pre-activations match an fp32 GEMM closely enough for
 // the top-k order to agree with the CPU; SAE_CUDA_SAE_SPLIT=1|2|3 changes it.
+// The model's own GEMMs use one part (bf16 activations, as bf16 inference
+// does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
+// hook activations within ~1e-6 of an fp32 forward pass. Both are read when
+// the backend is created.
 // F32 weights use an fp32 GEMM (no TF32); F16 weights are widened to F32 in
 // bounded row chunks (activations may overflow fp16, so x is never narrowed to it).
 //
@@ -225,7 +229,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaSetDevice(dev_->id);
-    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_}) {
+    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -392,7 +396,21 @@ class CudaBackend final : public Backend {
     if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     int parts = 1;
-    return Gemm(x.as<float>(), x.rows, w, /*n_parts=*/1, out.as<float>(), &parts, "matmul");
+    if (w.dtype != DType::kBF16 || model_split_ == 1) {
+      return Gemm(x.as<float>(), x.rows, w, /*n_parts=*/1, out.as<float>(), &parts, "matmul");
+    }
+    // Split activations: part products [n_parts, chunk, m], then summed.
+    const int64_t m = w.rows, k = w.cols;
+    const int64_t chunk = SaeChunkRows(x.rows, static_cast<size_t>(model_split_) * m * sizeof(float));
+    ASSIGN_OR_RETURN(void* tmp, Ensure(&mm_parts_, static_cast<size_t>(model_split_ * chunk * m) * sizeof(float)));
+    for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
+      const int64_t tc = std::min(chunk, x.rows - t0);
+      RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * k, tc, w, model_split_, static_cast<float*>(tmp), &parts, "matmul"));
+      RETURN_IF_ERROR(FromCuda(
+          cuda::LaunchSumParts(static_cast<const float*>(tmp), parts, tc * m, out.as<float>() + t0 * m, dev_->stream),
+          "matmul"));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int head_dim) override {
@@ -641,12 +659,15 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  explicit CudaBackend(std::shared_ptr<Device> dev) : dev_(std::move(dev)) {}
+  explicit CudaBackend(std::shared_ptr<Device> dev)
+      : dev_(std::move(dev)),
+        model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)),
+        sae_split_(EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3)) {}
 
   // Encoder weights against an input (same messages as the CPU twin).
   // How many bf16 parts F32 activations are split into for a GEMM against
   // SAE weights of `dtype` (see the file comment; only BF16 weights split).
-  static int SaeSplitParts(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1; }
+  int SaeSplitParts(DType dtype) const { return dtype == DType::kBF16 ? sae_split_ : 1; }
 
   // Tokens per SAE chunk so the per-token scratch (row_bytes) fits the
   // budget: d_sae = 131072 and 8k tokens would be 4 GiB at once.
@@ -757,9 +778,12 @@ class CudaBackend final : public Backend {
   }
 
   std::shared_ptr<Device> dev_;
+  const int model_split_;  // bf16 parts of the activations in model GEMMs
+  const int sae_split_;    // ... and in SAE GEMMs
   int next_io_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch w_f32_;       // F16 weight rows widened to F32
+  Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
   Scratch sae_topk_;    // [chunk, k] I32 indices, then [chunk, k] F32 values
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype

@@ -48,6 +48,16 @@ __global__ void SplitToBf16Kernel(const float* __restrict__ x, int64_t n, int n_
   }
 }
 
+// Sums GEMM part products (see SplitToBf16Kernel), smallest part first.
+__global__ void SumPartsKernel(const float* __restrict__ parts, int n_parts, int64_t n, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = parts[(n_parts - 1) * n + i];
+    for (int p = n_parts - 2; p >= 0; --p) s += parts[p * n + i];
+    out[i] = s;
+  }
+}
+
 template <typename T>
 __global__ void ToF32Kernel(const T* __restrict__ src, int64_t n, float* __restrict__ dst) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -81,16 +91,16 @@ cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, i
   const unsigned grid = GridFor(n * d, kElementwiseThreads);
   switch (table_type) {
     case ElemType::kF32:
-      EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const float*>(table), vocab, d, ids, n, out,
-                                                            error_flag);
+      SAE_KERNEL_LAUNCH(EmbedKernel<float>, grid, kElementwiseThreads, 0, stream)
+      (static_cast<const float*>(table), vocab, d, ids, n, out, error_flag);
       break;
     case ElemType::kBF16:
-      EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(table), vocab, d, ids, n,
-                                                            out, error_flag);
+      SAE_KERNEL_LAUNCH(EmbedKernel<__nv_bfloat16>, grid, kElementwiseThreads, 0, stream)
+      (static_cast<const __nv_bfloat16*>(table), vocab, d, ids, n, out, error_flag);
       break;
     case ElemType::kF16:
-      EmbedKernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __half*>(table), vocab, d, ids, n, out,
-                                                            error_flag);
+      SAE_KERNEL_LAUNCH(EmbedKernel<__half>, grid, kElementwiseThreads, 0, stream)
+      (static_cast<const __half*>(table), vocab, d, ids, n, out, error_flag);
       break;
   }
   return cudaGetLastError();
@@ -98,8 +108,15 @@ cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, i
 
 cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void* out, cudaStream_t stream) {
   if (n_elems == 0) return cudaSuccess;
-  SplitToBf16Kernel<<<GridFor(n_elems, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-      x, n_elems, n_parts, static_cast<__nv_bfloat16*>(out));
+  SAE_KERNEL_LAUNCH(SplitToBf16Kernel, GridFor(n_elems, kElementwiseThreads), kElementwiseThreads, 0, stream)
+  (x, n_elems, n_parts, static_cast<__nv_bfloat16*>(out));
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSumParts(const float* parts, int n_parts, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SAE_KERNEL_LAUNCH(SumPartsKernel, GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream)
+  (parts, n_parts, n, out);
   return cudaGetLastError();
 }
 
@@ -110,10 +127,12 @@ cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, c
     case ElemType::kF32:
       return cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream);
     case ElemType::kBF16:
-      ToF32Kernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(src), n, dst);
+      SAE_KERNEL_LAUNCH(ToF32Kernel<__nv_bfloat16>, grid, kElementwiseThreads, 0, stream)
+      (static_cast<const __nv_bfloat16*>(src), n, dst);
       break;
     case ElemType::kF16:
-      ToF32Kernel<<<grid, kElementwiseThreads, 0, stream>>>(static_cast<const __half*>(src), n, dst);
+      SAE_KERNEL_LAUNCH(ToF32Kernel<__half>, grid, kElementwiseThreads, 0, stream)
+      (static_cast<const __half*>(src), n, dst);
       break;
   }
   return cudaGetLastError();
@@ -121,13 +140,13 @@ cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, c
 
 cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  SiluMulKernel<<<GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(gate, up, out, n);
+  SAE_KERNEL_LAUNCH(SiluMulKernel, GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream)(gate, up, out, n);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  AddKernel<<<GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(a, b, out, n);
+  SAE_KERNEL_LAUNCH(AddKernel, GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream)(a, b, out, n);
   return cudaGetLastError();
 }
 

@@ -31,6 +31,8 @@ cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, i
 // x [n_elems] F32 -> n_parts BF16 arrays [n_parts, n_elems] with x ~= sum of parts
 // (part p is the bf16 rounding of what parts < p left over).
 cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void* out, cudaStream_t stream);
+// out[i] = sum over p of parts[p * n + i], the smallest (last) part first.
+cudaError_t LaunchSumParts(const float* parts, int n_parts, int64_t n, float* out, cudaStream_t stream);
 // dst[i] = F32(src[i]).
 cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, cudaStream_t stream);
 // out = silu(gate) * up.

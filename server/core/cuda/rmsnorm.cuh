@@ -39,13 +39,16 @@ cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_ty
   const dim3 grid(static_cast<unsigned>(rows));
   switch (weight_type) {
     case ElemType::kF32:
-      RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const float*>(weight), cols, eps, out);
+      SAE_KERNEL_LAUNCH(RmsNormKernel<float>, grid, kRmsNormThreads, 0, stream)
+      (x, static_cast<const float*>(weight), cols, eps, out);
       break;
     case ElemType::kBF16:
-      RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const __nv_bfloat16*>(weight), cols, eps, out);
+      SAE_KERNEL_LAUNCH(RmsNormKernel<__nv_bfloat16>, grid, kRmsNormThreads, 0, stream)
+      (x, static_cast<const __nv_bfloat16*>(weight), cols, eps, out);
       break;
     case ElemType::kF16:
-      RmsNormKernel<<<grid, kRmsNormThreads, 0, stream>>>(x, static_cast<const __half*>(weight), cols, eps, out);
+      SAE_KERNEL_LAUNCH(RmsNormKernel<__half>, grid, kRmsNormThreads, 0, stream)
+      (x, static_cast<const __half*>(weight), cols, eps, out);
       break;
   }
   return cudaGetLastError();

@@ -42,7 +42,8 @@ cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int
                        cudaStream_t stream) {
   const int64_t total = n * n_heads * (head_dim / 2);
   if (total == 0) return cudaSuccess;
-  RopeKernel<<<GridFor(total, kRopeThreads), kRopeThreads, 0, stream>>>(x, n, n_heads, head_dim, positions, inv_freq);
+  SAE_KERNEL_LAUNCH(RopeKernel, GridFor(total, kRopeThreads), kRopeThreads, 0, stream)
+  (x, n, n_heads, head_dim, positions, inv_freq);
   return cudaGetLastError();
 }
 

@@ -200,11 +200,11 @@ cudaError_t LaunchGatherRows(const void* src, int elem_bytes, int64_t n_src_rows
   if (m * cols == 0) return cudaSuccess;
   const unsigned grid = GridFor(m * cols, kSaeGlueThreads);
   if (elem_bytes == 2) {
-    GatherRowsKernel<<<grid, kSaeGlueThreads, 0, stream>>>(static_cast<const uint16_t*>(src), n_src_rows, cols, ids, m,
-                                                           static_cast<uint16_t*>(dst));
+    SAE_KERNEL_LAUNCH(GatherRowsKernel<uint16_t>, grid, kSaeGlueThreads, 0, stream)
+    (static_cast<const uint16_t*>(src), n_src_rows, cols, ids, m, static_cast<uint16_t*>(dst));
   } else if (elem_bytes == 4) {
-    GatherRowsKernel<<<grid, kSaeGlueThreads, 0, stream>>>(static_cast<const float*>(src), n_src_rows, cols, ids, m,
-                                                           static_cast<float*>(dst));
+    SAE_KERNEL_LAUNCH(GatherRowsKernel<float>, grid, kSaeGlueThreads, 0, stream)
+    (static_cast<const float*>(src), n_src_rows, cols, ids, m, static_cast<float*>(dst));
   } else {
     return cudaErrorInvalidValue;
   }
@@ -216,8 +216,8 @@ cudaError_t LaunchSaeSelectedEpilogue(const float* pre, int n_parts, int64_t n_r
                                       float threshold, float* out, cudaStream_t stream) {
   if (n_rows * m == 0) return cudaSuccess;
   if (n_parts < 1) return cudaErrorInvalidValue;
-  SaeSelectedEpilogueKernel<<<GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
-      pre, n_parts, n_rows, m, ids, d_sae, bias, feature_scale, scale_in, threshold, out);
+  SAE_KERNEL_LAUNCH(SaeSelectedEpilogueKernel, GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (pre, n_parts, n_rows, m, ids, d_sae, bias, feature_scale, scale_in, threshold, out);
   return cudaGetLastError();
 }
 
@@ -226,8 +226,8 @@ cudaError_t LaunchSaeJumpReluActivations(float* pre, int n_parts, int64_t n_rows
                                          cudaStream_t stream) {
   if (n_rows * d_sae == 0) return cudaSuccess;
   if (n_parts < 1) return cudaErrorInvalidValue;
-  SaeJumpReluActivationsKernel<<<GridFor(n_rows * d_sae, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
-      pre, n_parts, n_rows, d_sae, bias, feature_scale, scale_in, threshold);
+  SAE_KERNEL_LAUNCH(SaeJumpReluActivationsKernel, GridFor(n_rows * d_sae, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (pre, n_parts, n_rows, d_sae, bias, feature_scale, scale_in, threshold);
   return cudaGetLastError();
 }
 
@@ -235,24 +235,24 @@ cudaError_t LaunchSaeTopKValuesToH(const float* pre, int n_parts, int64_t n_rows
                                    float scale_in, const int32_t* idx, int k, float* val, cudaStream_t stream) {
   if (n_rows * k == 0) return cudaSuccess;
   if (n_parts < 1) return cudaErrorInvalidValue;
-  SaeTopKValuesToHKernel<<<GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(
-      pre, n_parts, n_rows, d_sae, bias, scale_in, idx, k, val);
+  SAE_KERNEL_LAUNCH(SaeTopKValuesToHKernel, GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (pre, n_parts, n_rows, d_sae, bias, scale_in, idx, k, val);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae, float* dense,
                              cudaStream_t stream) {
   if (n_rows * k == 0) return cudaSuccess;
-  SaeScatterKernel<<<GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(idx, val, n_rows, k, d_sae,
-                                                                                         dense);
+  SAE_KERNEL_LAUNCH(SaeScatterKernel, GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (idx, val, n_rows, k, d_sae, dense);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
                                    float* out, cudaStream_t stream) {
   if (n_rows * m == 0) return cudaSuccess;
-  SaeGatherColumnsKernel<<<GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(dense, n_rows, d_sae,
-                                                                                               ids, m, out);
+  SAE_KERNEL_LAUNCH(SaeGatherColumnsKernel, GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (dense, n_rows, d_sae, ids, m, out);
   return cudaGetLastError();
 }
 
@@ -260,8 +260,8 @@ cudaError_t LaunchSaeDecodeEpilogue(const float* y, int n_parts, int64_t n_rows,
                                     float scale_out, float* out, cudaStream_t stream) {
   if (n_rows * d == 0) return cudaSuccess;
   if (n_parts < 1) return cudaErrorInvalidValue;
-  SaeDecodeEpilogueKernel<<<GridFor(n_rows * d, kSaeGlueThreads), kSaeGlueThreads, 0, stream>>>(y, n_parts, n_rows, d,
-                                                                                                b_dec, scale_out, out);
+  SAE_KERNEL_LAUNCH(SaeDecodeEpilogueKernel, GridFor(n_rows * d, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (y, n_parts, n_rows, d, b_dec, scale_out, out);
   return cudaGetLastError();
 }
 
@@ -269,7 +269,8 @@ cudaError_t LaunchRelativeSquaredError(const float* y_hat, const float* y, int64
                                        cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row: gridDim.x limit
-  RelativeSquaredErrorKernel<<<static_cast<unsigned>(n_rows), kRelErrThreads, 0, stream>>>(y_hat, y, cols, out);
+  SAE_KERNEL_LAUNCH(RelativeSquaredErrorKernel, static_cast<unsigned>(n_rows), kRelErrThreads, 0, stream)
+  (y_hat, y, cols, out);
   return cudaGetLastError();
 }
 

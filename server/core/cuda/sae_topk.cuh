@@ -89,7 +89,7 @@ __device__ __forceinline__ uint32_t BlockSuffixSum(uint32_t v, uint32_t* warp_to
 __global__ void __launch_bounds__(kTopKThreads)
     SaeTopKKernel(SaeRowParams p, int k_keep, int k, uint32_t cap, int32_t* __restrict__ out_idx,
                   float* __restrict__ out_val) {
-  extern __shared__ uint64_t smem_u64[];
+  SAE_DYNAMIC_SHARED(uint64_t, smem_u64);
   uint64_t* cand = smem_u64;                                 // [cap]
   uint32_t* hist = reinterpret_cast<uint32_t*>(cand + cap);  // [kTopKBins0]
   __shared__ uint32_t warp_tot[kTopKWarps];
@@ -259,8 +259,8 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
       cudaFuncSetAttribute(SaeTopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const SaeRowParams params{pre, n_rows * d_sae, n_parts, d_sae, bias, feature_scale, scale_in, threshold};
-  SaeTopKKernel<<<static_cast<unsigned>(n_rows), kTopKThreads, smem, stream>>>(params, k_keep, k, cap, out_idx,
-                                                                               out_val);
+  SAE_KERNEL_LAUNCH(SaeTopKKernel, static_cast<unsigned>(n_rows), kTopKThreads, smem, stream)
+  (params, k_keep, k, cap, out_idx, out_val);
   return cudaGetLastError();
 }
 
