@@ -158,7 +158,8 @@ std::map<const void*, int>& MaxDynamicShared() {
   return *m;
 }
 constexpr int kDefaultDynamicShared = 48 << 10;
-constexpr int kMaxDynamicShared = 227 << 10;  // H100 opt-in limit per block
+// The smallest opt-in limit of the targeted archs (sm_80: 163 KiB; sm_90: 227 KiB).
+constexpr int kMaxDynamicShared = 163 << 10;
 
 // ---- fibers ----
 

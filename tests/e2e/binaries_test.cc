@@ -116,6 +116,15 @@ class ServerProcess {
 
   std::string log() const { return ReadFile(log_); }
 
+  // Whether the child has exited (reaps it).
+  bool Exited() {
+    if (pid_ <= 0) return true;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) != pid_) return false;
+    pid_ = -1;
+    return true;
+  }
+
  private:
   std::string dir_, port_file_, log_;
   pid_t pid_ = -1;
@@ -449,6 +458,47 @@ TEST_F(ServerBinaryTest, ExtractStreamDestructorCancelsAnUnfinishedCall) {
 // answers; ExtractMany's window of 2 must not. (The limit is twice the window
 // because the server may stream a request's last chunk a moment before its
 // admission slot is released.)
+// sae-server --backend=cuda end to end: the engine thread drives the CUDA
+// backend (on a GPU, or on the CPU emulator when ctest's cuda_emulated.server
+// entry points SAE_CUDA_BACKEND_LIB at it). Without a usable CUDA backend the
+// server exits at load: skipped, unless SAE_TEST_REQUIRE_CUDA is set.
+TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
+  ServerProcess server({"--backend=cuda"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  client->set_timeout(std::chrono::seconds(2));
+  bool serving = false;
+  testing::WaitFor(
+      [&] {
+        grpc::health::v1::HealthCheckResponse response;
+        serving = client->Health("", &response).ok() &&
+                  response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+        return serving || server.Exited();
+      },
+      kProcessTimeout);
+  if (!serving) {
+    if (std::getenv("SAE_TEST_REQUIRE_CUDA") != nullptr) FAIL() << "no CUDA server:\n" << server.log();
+    GTEST_SKIP() << "no usable CUDA backend:\n" << server.log();
+  }
+  std::string out;
+  ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address + " info --json", &out), 0) << out;
+  EXPECT_EQ(json::parse(out)["backend"], "cuda") << out;
+  ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address +
+                         " extract 'The cat sat in Paris on the red mat.' --json --k 1 --sae L1R-8x",
+                     &out),
+            0)
+      << out;
+  const auto tokens = ParseJsonFeatures(out);
+  ASSERT_EQ(tokens.size(), 11u) << out;
+  // " cat" (2): animals 3; " Paris" (5): cities 42; " red" (8): colours 17.
+  for (const auto& [pos, feature] : std::vector<std::pair<size_t, uint32_t>>{{2, 3}, {5, 42}, {8, 17}}) {
+    ASSERT_EQ(tokens[pos].at("L1R-8x").size(), 1u) << out;
+    EXPECT_EQ(tokens[pos].at("L1R-8x")[0].first, feature) << "token " << pos << "\n" << out;
+  }
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
+}
+
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
   ServerProcess server({"--max_inflight_requests=2"});
   const std::string address = server.WaitForAddress();

@@ -23,8 +23,9 @@
 // the top-k order to agree with the CPU; SAE_CUDA_SAE_SPLIT=1|2|3 changes it.
 // The model's own GEMMs use one part (bf16 activations, as bf16 inference
 // does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
-// hook activations within ~1e-6 of an fp32 forward pass. Both are read when
-// the backend is created.
+// hook activations within ~1e-6 of an fp32 forward pass (read when the
+// backend is created; SAE_CUDA_SAE_SPLIT at every call, so sae-bench-cuda can
+// compare settings on one backend).
 // F32 weights use an fp32 GEMM (no TF32); F16 weights are widened to F32 in
 // bounded row chunks (activations may overflow fp16, so x is never narrowed to it).
 //
@@ -660,14 +661,12 @@ class CudaBackend final : public Backend {
 
  private:
   explicit CudaBackend(std::shared_ptr<Device> dev)
-      : dev_(std::move(dev)),
-        model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)),
-        sae_split_(EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3)) {}
+      : dev_(std::move(dev)), model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)) {}
 
   // Encoder weights against an input (same messages as the CPU twin).
   // How many bf16 parts F32 activations are split into for a GEMM against
   // SAE weights of `dtype` (see the file comment; only BF16 weights split).
-  int SaeSplitParts(DType dtype) const { return dtype == DType::kBF16 ? sae_split_ : 1; }
+  static int SaeSplitParts(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1; }
 
   // Tokens per SAE chunk so the per-token scratch (row_bytes) fits the
   // budget: d_sae = 131072 and 8k tokens would be 4 GiB at once.
@@ -779,7 +778,6 @@ class CudaBackend final : public Backend {
 
   std::shared_ptr<Device> dev_;
   const int model_split_;  // bf16 parts of the activations in model GEMMs
-  const int sae_split_;    // ... and in SAE GEMMs
   int next_io_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch w_f32_;       // F16 weight rows widened to F32
