@@ -423,21 +423,21 @@ int Run(const Options& o) {
       // JumpReLU with ~0.1-0.2% active (like Llama Scope), and TopK-style (half active).
       for (auto [mode, threshold] : std::vector<std::pair<const char*, float>>{{"jumprelu", 3.0f}, {"topk", 0.0f}}) {
         SaeEncoderWeights w{enc.get(), tb.get(), Tensor(), 1.0f, threshold, 0};
-        for (int split : {1, 2}) {
+        for (int split : {0, 1, 2}) {  // 0: rescoring (the default)
           setenv("SAE_CUDA_SAE_SPLIT", std::to_string(split).c_str(), 1);
           const double sec = Seconds(
               [&] { return b->SaeEncodeTopK(h.get(), w, o.k, sae_out_idx.get(), sae_out_val.get()); }, b, o.iters, &st);
           if (!st.ok()) return fail(st);
-          const double flops = 2.0 * split * n * d_sae * d;
+          const double flops = 2.0 * std::max(split, 1) * n * d_sae * d;  // the encoder GEMM(s)
           std::string shares;
           double share_full = 0;
           for (auto [nl, fsec] : fwd) {
             absl::StrAppend(&shares, " ", nl, ":", absl::StrFormat("%.1f%%", 100 * sec / fsec));
             if (nl == 32) share_full = 100 * sec / fsec;
           }
-          std::printf("  %-3s d_sae %6lld %-8s split=%d%s %7.2f ms  %6.1f TFLOP/s  share of forward at L ->%s", label,
-                      static_cast<long long>(d_sae), mode, split, split == 2 ? " (default)" : "          ", sec * 1e3,
-                      flops / sec / 1e12, shares.c_str());
+          const std::string how = split == 0 ? "rescore (default)" : absl::StrCat("split=", split);
+          std::printf("  %-3s d_sae %6lld %-8s %-17s %7.2f ms  %6.1f TFLOP/s  share of forward at L ->%s", label,
+                      static_cast<long long>(d_sae), mode, how.c_str(), sec * 1e3, flops / sec / 1e12, shares.c_str());
           if (share_full > 0)
             std::printf("  [target < 10%% of the 32-layer forward: %s]", share_full < 10 ? "PASS" : "FAIL");
           std::printf("\n");
@@ -446,7 +446,8 @@ int Run(const Options& o) {
       unsetenv("SAE_CUDA_SAE_SPLIT");
     }
     std::printf(
-        "  (split = bf16 parts of the activations: 1 = plain bf16 GEMM; 2 = hi+lo, ~fp32-accurate top-k order)\n");
+        "  (rescore = one bf16 GEMM, candidates rescored from fp32 activations: exact top-k; split = bf16 parts\n"
+        "   of the activations: 1 = plain bf16 GEMM, near-ties may swap; 2 = hi+lo, twice the GEMM)\n");
   }
   std::printf("\ndone.\n");
   return 0;

@@ -477,6 +477,35 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
       }
     }
   }
+  for (bool scaled : {false, true}) {
+    // 200 identical (nonzero) encoder rows dominate: exact ties among features
+    // that do read x. The top k are the 50 lowest of them, and with a
+    // rescoring backend the candidate list is all ties, so this needs its
+    // exact fallback.
+    const int n = 2, d = 64, d_sae = 3000, k = 50;
+    const auto x = Random(static_cast<size_t>(n) * d, 75);
+    auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 76, 0.1f), DType::kBF16);
+    std::vector<float> dup(d);
+    for (int c = 0; c < d; ++c) dup[c] = Bf16ToF32(F32ToBf16(x[c] > 0 ? 1.0f : -1.0f));  // large for token 0
+    for (int i = 0; i < 200; ++i) std::copy(dup.begin(), dup.end(), w.begin() + static_cast<size_t>(i) * d);
+    const std::vector<float> b(d_sae, 0.0f), scale(d_sae, 0.5f);
+    auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae),
+         ts = Upload(scale, 1, d_sae);
+    SaeEncoderWeights sae{tw.get(), tb.get(), scaled ? ts.get() : Tensor(), 1.0f, 0.0f, 0};
+    auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    for (int j = 0; j < k; ++j) {
+      EXPECT_EQ(got_i[j], j) << "duplicate rows, slot " << j;
+      EXPECT_EQ(got_v[j], got_v[0]) << "duplicate rows, slot " << j;
+    }
+    const auto ref = RefTopK(std::vector<float>(x.begin() + d, x.end()), w, b, scaled ? scale : std::vector<float>{}, d,
+                             d_sae, 1.0f, 0.0f, k);
+    for (size_t j = 0; j < ref.size(); ++j) {
+      EXPECT_NEAR(got_v[k + j], ref[j].second, 1e-4 + 1e-4 * std::abs(ref[j].second)) << "token 1 slot " << j;
+    }
+  }
   for (bool ties : {false, true}) {
     // w = 0, so v_i = bias_i exactly: a ramp 1 + i * 2^-20 or 5000 copies of 0.75.
     const int d = 8, d_sae = 5000, k = 40;
@@ -496,6 +525,32 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
         EXPECT_EQ(got_i[t * k + j], want) << (ties ? "ties" : "ramp") << " token " << t << " slot " << j;
         EXPECT_EQ(got_v[t * k + j], b[want]);
       }
+  }
+}
+
+// A feature that beats 200 others only by less than the bf16 rounding of x:
+// x0 = 1 + 2^-10 rounds to 1 = x1, so from bf16 activations feature 1000
+// (w = e0) ties with features 0..199 (w = e1) and loses on index. The exact
+// top-k puts it first. (A backend that selects from bf16 GEMMs must rescore.)
+TEST_P(BackendOpsTest, SaeTopKResolvesDifferencesBelowBf16) {
+  const int d = 16, d_sae = 2000, k = 50;
+  std::vector<float> x(d, 0.0f), w(static_cast<size_t>(d_sae) * d, 0.0f);
+  x[0] = 1.0f + 1.0f / 1024.0f;
+  x[1] = 1.0f;
+  for (int i = 0; i < 200; ++i) w[static_cast<size_t>(i) * d + 1] = 1.0f;
+  w[static_cast<size_t>(1000) * d + 0] = 1.0f;
+  auto tx = Upload(x, 1, d), tw = Upload(w, d_sae, d, DType::kBF16),
+       tb = Upload(std::vector<float>(d_sae, 0.0f), 1, d_sae);
+  SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+  auto idx = Zeros(1, k, DType::kI32), val = Zeros(1, k);
+  ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+  const auto got_i = Download<int32_t>(idx);
+  const auto got_v = Download<float>(val);
+  EXPECT_EQ(got_i[0], 1000);
+  EXPECT_EQ(got_v[0], x[0]);
+  for (int j = 1; j < k; ++j) {
+    EXPECT_EQ(got_i[j], j - 1) << "slot " << j;
+    EXPECT_EQ(got_v[j], 1.0f) << "slot " << j;
   }
 }
 

@@ -5,4 +5,5 @@
 #include "core/cuda/rmsnorm.cuh"
 #include "core/cuda/rope.cuh"
 #include "core/cuda/sae_decode.cuh"
+#include "core/cuda/sae_rescore.cuh"
 #include "core/cuda/sae_topk.cuh"

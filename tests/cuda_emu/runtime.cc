@@ -24,6 +24,10 @@
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 struct CUstream_st {
   std::deque<std::function<void()>> ops;
@@ -104,8 +108,10 @@ namespace {
 
 void* AllocBytes(size_t bytes, Region region) {
   if (region == Region::kDevice && device_bytes + bytes > DeviceCapacity()) return nullptr;
-  void* p = std::aligned_alloc(256, (std::max<size_t>(bytes, 1) + 255) / 256 * 256);
-  if (p == nullptr) return nullptr;
+  // Exactly `bytes` (256-aligned, like cudaMalloc): under AddressSanitizer a
+  // kernel reading past the end of a buffer is reported.
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return nullptr;
   Allocations()[reinterpret_cast<uintptr_t>(p)] = Allocation{bytes, region};
   if (region == Region::kDevice) device_bytes += bytes;
   return p;
@@ -209,6 +215,7 @@ struct Fiber {
   Wait wait = Wait::kNone;
   uint64_t wait_gen = 0;
   char* stack = nullptr;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
 #if defined(__x86_64__)
   void* sp = nullptr;
 #else
@@ -234,6 +241,28 @@ struct BlockState {
   int line_of_kernel = 0;
 };
 
+// AddressSanitizer must be told about every stack switch.
+#if defined(__SANITIZE_ADDRESS__)
+thread_local const void* scheduler_stack_bottom = nullptr;
+thread_local size_t scheduler_stack_size = 0;
+thread_local void* scheduler_fake_stack = nullptr;
+void BeforeSwitchToFiber(const char* stack) {
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, stack, kStackBytes);
+}
+void AfterSwitchToScheduler() { __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr); }
+void BeforeSwitchToScheduler(Fiber* f, bool exiting) {
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &f->fake_stack, scheduler_stack_bottom, scheduler_stack_size);
+}
+void AfterSwitchToFiber(Fiber* f) {
+  __sanitizer_finish_switch_fiber(f->fake_stack, &scheduler_stack_bottom, &scheduler_stack_size);
+}
+#else
+void BeforeSwitchToFiber(const char*) {}
+void AfterSwitchToScheduler() {}
+void BeforeSwitchToScheduler(Fiber*, bool) {}
+void AfterSwitchToFiber(Fiber*) {}
+#endif
+
 thread_local BlockState* cur_block = nullptr;
 thread_local Fiber* cur_fiber = nullptr;
 #if defined(__x86_64__)
@@ -255,13 +284,15 @@ char* StackFor(int tid) {
   return stacks[static_cast<size_t>(tid)];
 }
 
-void YieldToScheduler() {
+void YieldToScheduler(bool exiting = false) {
   Fiber* f = cur_fiber;
+  BeforeSwitchToScheduler(f, exiting);
 #if defined(__x86_64__)
   sae_emu_switch(&f->sp, scheduler_sp);
 #else
   swapcontext(&f->ctx, &scheduler_ctx);
 #endif
+  AfterSwitchToFiber(f);
 }
 
 void OnExit(Fiber* f) {
@@ -282,14 +313,19 @@ void OnExit(Fiber* f) {
 }
 
 void FiberMain() {
+  AfterSwitchToFiber(cur_fiber);
   (*cur_block->body)();
   OnExit(cur_fiber);
-  YieldToScheduler();
+  YieldToScheduler(/*exiting=*/true);
   Fatal("a finished fiber was resumed");
 }
 
 void StartFiber(Fiber* f) {
   char* stack = f->stack;
+#if defined(__SANITIZE_ADDRESS__)
+  // The previous fiber on this stack never returned: clear its frames' poison.
+  ASAN_UNPOISON_MEMORY_REGION(stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   auto top = reinterpret_cast<uintptr_t>(stack + kStackBytes) & ~static_cast<uintptr_t>(15);
   auto* sp = reinterpret_cast<uint64_t*>(top);
@@ -335,11 +371,13 @@ void RunBlock(BlockState& b) {
       if (f.wait == Wait::kWarp && f.wait_gen == b.warps[static_cast<size_t>(f.warp)].gen) continue;
       f.wait = Wait::kNone;
       cur_fiber = &f;
+      BeforeSwitchToFiber(f.stack);
 #if defined(__x86_64__)
       sae_emu_switch(&scheduler_sp, f.sp);
 #else
       swapcontext(&scheduler_ctx, &f.ctx);
 #endif
+      AfterSwitchToScheduler();
       ran = true;
     }
     if (!ran) {

@@ -17,10 +17,17 @@
 // ordered after the kernels that used the buffer. Never managed memory.
 //
 // GEMMs: cublasGemmEx, bf16 x bf16 -> fp32 accumulate -> F32 output. The F32
-// activations are rounded to bf16 into a scratch buffer first. For the SAE
-// encoder the activations are split into 2 bf16 parts (x ~= hi + lo, 16
-// mantissa bits) so the pre-activations match an fp32 GEMM closely enough for
-// the top-k order to agree with the CPU; SAE_CUDA_SAE_SPLIT=1|2|3 changes it.
+// activations are rounded to bf16 into a scratch buffer first. SAE encoders
+// (BF16) select their top-k by rescoring (sae_rescore.cuh): a plain bf16
+// GEMM, a top-k with a few extra candidates under a proven error bound, the
+// candidates' values recomputed from the fp32 activations, and an exact
+// recompute of the rare rows where the bound cannot rule out a swap. The
+// result is the top-k of exactly computed values at about the cost of one
+// bf16 GEMM. SAE_CUDA_SAE_SPLIT=1|2|3 instead splits the activations into
+// that many bf16 parts (x ~= hi + lo + ..., 8/16/24 mantissa bits) and takes
+// the top-k of the summed GEMM parts (2 is the precision rescoring replaced;
+// sae-bench-cuda compares them). Paths that need every feature's value (the
+// JumpReLU reconstruction, decoders) use 2 parts in the default mode.
 // The model's own GEMMs use one part (bf16 activations, as bf16 inference
 // does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
 // hook activations within ~1e-6 of an fp32 forward pass (read when the
@@ -48,6 +55,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -152,6 +160,30 @@ struct Device {
   std::array<PinnedSlot, 2> up;
   cudaEvent_t order = nullptr;  // cross-stream ordering
 
+  // SAE value bounds for rescoring (see SaeBounds), per encoder; an entry is
+  // dropped when the memory of its encoder or feature scale is freed, so a
+  // new tensor at a reused address never sees a stale bound.
+  struct SaeBound {
+    const void* encoder;
+    size_t encoder_bytes;
+    const void* feature_scale;
+    float scale_in;
+    std::array<float, 2> bound;
+  };
+  std::mutex bounds_mu;
+  std::vector<SaeBound> bounds;
+
+  void ForgetBounds(const void* p, size_t bytes) {
+    const auto* lo = static_cast<const char*>(p);
+    auto inside = [&](const void* q) {
+      return q != nullptr && static_cast<const char*>(q) >= lo && static_cast<const char*>(q) < lo + bytes;
+    };
+    std::lock_guard<std::mutex> lock(bounds_mu);
+    bounds.erase(std::remove_if(bounds.begin(), bounds.end(),
+                                [&](const SaeBound& b) { return inside(b.encoder) || inside(b.feature_scale); }),
+                 bounds.end());
+  }
+
   ~Device() {
     cudaSetDevice(id);
     if (stream != nullptr) cudaStreamSynchronize(stream);
@@ -230,7 +262,8 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaSetDevice(dev_->id);
-    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_}) {
+    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_,
+                       &sae_cand_, &sae_bound_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -252,7 +285,8 @@ class CudaBackend final : public Backend {
     // Zeroed like the CPU twin's allocations.
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, dev_->stream), "alloc memset");
     std::shared_ptr<Device> dev = dev_;
-    return OwnedTensor(Tensor{p, dtype, rows, cols}, [dev](void* q) {
+    return OwnedTensor(Tensor{p, dtype, rows, cols}, [dev, bytes](void* q) {
+      dev->ForgetBounds(q, bytes);
       cudaSetDevice(dev->id);
       cudaFreeAsync(q, dev->stream);  // cannot report from a destructor; a failed free only leaks
     });
@@ -483,20 +517,15 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0 || k == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    const int n_parts = SaeSplitParts(sae.encoder.dtype);
-    const size_t row_bytes = static_cast<size_t>(n_parts) * d_sae * sizeof(float);
-    const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
-    ASSIGN_OR_RETURN(void* pre, Ensure(&sae_pre_, static_cast<size_t>(chunk) * row_bytes));
+    const int mode = SaeTopKMode(sae.encoder.dtype);
+    const int64_t chunk = SaeChunkRows(x.rows, SaeTopKRowBytes(mode, d_sae, d, keep));
+    ASSIGN_OR_RETURN(void* pre, Ensure(&sae_pre_, static_cast<size_t>(std::max(mode, 1) * chunk * d_sae) * 4));
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
       int parts = 1;
-      RETURN_IF_ERROR(
-          Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, static_cast<float*>(pre), &parts, "sae encode"));
-      RETURN_IF_ERROR(FromCuda(
-          cuda::LaunchSaeTopK(static_cast<const float*>(pre), parts, tc, d_sae, sae.bias.as<float>(),
-                              sae.feature_scale.as<float>(), sae.scale_in, sae.threshold, keep, k,
-                              out_indices.as<int32_t>() + t0 * k, out_values.as<float>() + t0 * k, dev_->stream),
-          "sae top-k"));
+      RETURN_IF_ERROR(ChunkTopK(x.as<float>() + t0 * d, tc, sae, mode, keep, k, static_cast<float*>(pre),
+                                out_indices.as<int32_t>() + t0 * k, out_values.as<float>() + t0 * k, &parts,
+                                "sae encode"));
     }
     return absl::OkStatus();
   }
@@ -526,14 +555,14 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    const int n_parts = SaeSplitParts(sae.encoder.dtype);
     const int32_t* ids_dev = feature_ids.as<int32_t>();
     float* out = out_values.as<float>();
     if (k > 0) {
-      // pre [n_parts, chunk, d_sae]; top-k idx [chunk, k] I32 then val [chunk, k] F32.
-      const size_t row_bytes = static_cast<size_t>(n_parts) * (d_sae * sizeof(float) + d * 2) + k * 8;
+      // pre [parts, chunk, d_sae]; top-k idx [chunk, k] I32 then val [chunk, k] F32.
+      const int mode = SaeTopKMode(sae.encoder.dtype);
+      const size_t row_bytes = SaeTopKRowBytes(mode, d_sae, d, k) + static_cast<size_t>(k) * 8;
       const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
-      ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_parts * chunk * d_sae) * sizeof(float)));
+      ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(std::max(mode, 1) * chunk * d_sae) * 4));
       ASSIGN_OR_RETURN(void* topk, Ensure(&sae_topk_, static_cast<size_t>(chunk) * k * 8));
       float* pre = static_cast<float*>(pre_v);
       int32_t* idx = static_cast<int32_t*>(topk);
@@ -541,11 +570,8 @@ class CudaBackend final : public Backend {
       for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
         const int64_t tc = std::min(chunk, x.rows - t0);
         int parts = 1;
-        RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, sae.encoder, n_parts, pre, &parts, "sae selected encode"));
         RETURN_IF_ERROR(
-            FromCuda(cuda::LaunchSaeTopK(pre, parts, tc, d_sae, sae.bias.as<float>(), sae.feature_scale.as<float>(),
-                                         sae.scale_in, sae.threshold, k, k, idx, val, dev_->stream),
-                     "sae selected top-k"));
+            ChunkTopK(x.as<float>() + t0 * d, tc, sae, mode, k, k, pre, idx, val, &parts, "sae selected encode"));
         // The pre-activations are spent: reuse part 0 as the dense [tc, d_sae] activation rows.
         CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
                              "sae selected");
@@ -564,6 +590,7 @@ class CudaBackend final : public Backend {
         cuda::LaunchGatherRows(sae.encoder.data, static_cast<int>(esize), d_sae, d, ids_dev, m, rows, dev_->stream),
         "sae selected gather rows"));
     const Tensor watched{rows, sae.encoder.dtype, m, d};  // [m, d_model]
+    const int n_parts = SaeGemmParts(sae.encoder.dtype);
     const size_t row_bytes = static_cast<size_t>(n_parts) * (m * sizeof(float) + d * 2);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_parts * chunk * m) * sizeof(float)));
@@ -591,12 +618,17 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0 || d == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    const int n_enc = SaeSplitParts(enc.encoder.dtype), n_dec = SaeSplitParts(dec.decoder.dtype);
+    // TopK SAEs select by ChunkTopK (mode 0: rescoring, 1 GEMM part); JumpReLU
+    // ones need every feature's value, from a split GEMM.
+    const int mode = k > 0 ? SaeTopKMode(enc.encoder.dtype) : -1;
+    const int n_enc = mode >= 0 ? std::max(mode, 1) : SaeGemmParts(enc.encoder.dtype);
+    const int n_dec = SaeGemmParts(dec.decoder.dtype);
     // Per token: encoder parts, the bf16 GEMM input (x for the encode, F for
     // the decode: the larger), decoder output parts, the top-k list.
     const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) +
                              static_cast<size_t>(std::max<int64_t>(n_enc * d, n_dec * d_sae)) * 2 +
-                             static_cast<size_t>(n_dec) * d * sizeof(float) + static_cast<size_t>(k) * 8;
+                             static_cast<size_t>(n_dec) * d * sizeof(float) + static_cast<size_t>(k) * 8 +
+                             (mode == 0 ? SaeCandidateBytesPerRow(k) : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
     ASSIGN_OR_RETURN(void* y_v, Ensure(&sae_dec_, static_cast<size_t>(n_dec * chunk * d) * sizeof(float)));
@@ -617,23 +649,29 @@ class CudaBackend final : public Backend {
                              "sae reconstruct");
       } else {
         int parts = 1;
-        RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
         if (k > 0) {
-          // Which features: the top-k kernel (v = h * scale, ties to the lower
-          // index, exactly SaeEncodeTopK's set). What they add: h, read back
-          // from the pre-activations before those are overwritten by F.
+          // Which features: ChunkTopK (v = h * scale, ties to the lower index,
+          // exactly SaeEncodeTopK's set). What they add: h, recomputed exactly
+          // (rescoring) or read back from the pre-activations before those are
+          // overwritten by F.
           RETURN_IF_ERROR(
-              FromCuda(cuda::LaunchSaeTopK(pre, parts, tc, d_sae, enc.bias.as<float>(), enc.feature_scale.as<float>(),
-                                           enc.scale_in, enc.threshold, k, k, idx, val, dev_->stream),
-                       "sae reconstruct top-k"));
-          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopKValuesToH(pre, parts, tc, d_sae, enc.bias.as<float>(),
-                                                                enc.scale_in, idx, k, val, dev_->stream),
-                                   "sae reconstruct top-k"));
+              ChunkTopK(x.as<float>() + t0 * d, tc, enc, mode, k, k, pre, idx, val, &parts, "sae reconstruct encode"));
+          if (mode == 0) {
+            RETURN_IF_ERROR(
+                FromCuda(cuda::LaunchSaeExactH(x.as<float>() + t0 * d, enc.encoder.data, tc, d, enc.bias.as<float>(),
+                                               enc.scale_in, idx, k, val, dev_->stream),
+                         "sae reconstruct exact h"));
+          } else {
+            RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopKValuesToH(pre, parts, tc, d_sae, enc.bias.as<float>(),
+                                                                  enc.scale_in, idx, k, val, dev_->stream),
+                                     "sae reconstruct top-k"));
+          }
           CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
                                "sae reconstruct");
           RETURN_IF_ERROR(
               FromCuda(cuda::LaunchSaeScatter(idx, val, tc, k, d_sae, pre, dev_->stream), "sae reconstruct scatter"));
         } else {
+          RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
           RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluActivations(pre, parts, tc, d_sae, enc.bias.as<float>(),
                                                                       enc.feature_scale.as<float>(), enc.scale_in,
                                                                       enc.threshold, dev_->stream),
@@ -663,10 +701,94 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(std::shared_ptr<Device> dev)
       : dev_(std::move(dev)), model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)) {}
 
-  // Encoder weights against an input (same messages as the CPU twin).
-  // How many bf16 parts F32 activations are split into for a GEMM against
-  // SAE weights of `dtype` (see the file comment; only BF16 weights split).
-  static int SaeSplitParts(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 2, 1, 3) : 1; }
+  // How SAE top-k selection runs for encoder weights of `dtype` (see the
+  // file comment): 0 = rescoring (BF16, the default), else the number of
+  // bf16 parts of the activations in the encoder GEMM (1 for F32/F16 weights,
+  // whose GEMMs are fp32).
+  static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
+  // Parts for SAE GEMMs that need every output accurately (JumpReLU
+  // reconstructions, decoders, watch lists): 2 in the default mode.
+  static int SaeGemmParts(DType dtype) {
+    const int mode = SaeTopKMode(dtype);
+    return mode == 0 ? 2 : mode;
+  }
+  // Rescoring keeps this many candidates per row for a top-k of k_keep.
+  static int SaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
+  // Rescoring scratch per row: candidates (index + value), margin, fallback flag.
+  static size_t SaeCandidateBytesPerRow(int k_keep) { return static_cast<size_t>(SaeCandidates(k_keep)) * 8 + 8; }
+  // Device bytes per token of ChunkTopK in `mode` (pre-activations, the bf16 GEMM input, candidates).
+  static size_t SaeTopKRowBytes(int mode, int64_t d_sae, int64_t d, int k_keep) {
+    const int parts = std::max(mode, 1);
+    return static_cast<size_t>(parts) * (d_sae * sizeof(float) + d * 2) +
+           (mode == 0 ? SaeCandidateBytesPerRow(k_keep) : 0);
+  }
+
+  // max_i |scale_in| ||w_i|| |fs_i| and max_i |b_i| |fs_i| of a BF16 encoder,
+  // computed on the device once per encoder (cached in the Device).
+  absl::StatusOr<std::array<float, 2>> SaeBounds(const SaeEncoderWeights& sae) {
+    {
+      std::lock_guard<std::mutex> lock(dev_->bounds_mu);
+      for (const Device::SaeBound& b : dev_->bounds) {
+        if (b.encoder == sae.encoder.data && b.encoder_bytes == sae.encoder.nbytes() &&
+            b.feature_scale == sae.feature_scale.data && b.scale_in == sae.scale_in) {
+          return b.bound;
+        }
+      }
+    }
+    ASSIGN_OR_RETURN(void* scratch, Ensure(&sae_bound_, 2 * sizeof(float)));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, 2 * sizeof(float), dev_->stream), "sae bound");
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeValueBound(sae.encoder.data, sae.bias.as<float>(), sae.encoder.rows,
+                                                       sae.encoder.cols, sae.feature_scale.as<float>(), sae.scale_in,
+                                                       static_cast<float*>(scratch), dev_->stream),
+                             "sae bound"));
+    std::array<float, 2> bound{};
+    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 2}, bound.data()));
+    std::lock_guard<std::mutex> lock(dev_->bounds_mu);
+    dev_->bounds.push_back(
+        Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.feature_scale.data, sae.scale_in, bound});
+    return bound;
+  }
+
+  // The encoder GEMM and top-k of rows [0, tc) of x (F32 [tc, d]) into idx /
+  // val [tc, k] (the k_keep largest active features). pre: scratch of
+  // max(mode, 1) * tc * d_sae floats; on return it holds *parts GEMM parts
+  // of the pre-activations (split modes) or is spent (rescoring, *parts = 0).
+  absl::Status ChunkTopK(const float* x, int64_t tc, const SaeEncoderWeights& sae, int mode, int k_keep, int k,
+                         float* pre, int32_t* idx, float* val, int* parts, const char* op) {
+    const int64_t d_sae = sae.encoder.rows, d = sae.encoder.cols;
+    const float* bias = sae.bias.as<float>();
+    const float* fscale = sae.feature_scale.as<float>();
+    if (mode != 0 || k_keep == 0 || d_sae == 0) {
+      RETURN_IF_ERROR(Gemm(x, tc, sae.encoder, std::max(mode, 1), pre, parts, op));
+      return FromCuda(cuda::LaunchSaeTopK(pre, *parts, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, nullptr,
+                                          nullptr, k_keep, k, idx, val, dev_->stream),
+                      op);
+    }
+    *parts = 0;
+    ASSIGN_OR_RETURN(const auto bound, SaeBounds(sae));
+    const int n_cand = SaeCandidates(k_keep);
+    ASSIGN_OR_RETURN(void* cand_v, Ensure(&sae_cand_, static_cast<size_t>(tc) * SaeCandidateBytesPerRow(k_keep)));
+    auto* cand_idx = static_cast<int32_t*>(cand_v);
+    auto* cand_val = reinterpret_cast<float*>(cand_idx + tc * n_cand);
+    float* margin = cand_val + tc * n_cand;
+    auto* fallback = reinterpret_cast<int32_t*>(margin + tc);
+    int gemm_parts = 1;
+    RETURN_IF_ERROR(Gemm(x, tc, sae.encoder, 1, pre, &gemm_parts, op));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(x, tc, d, bound[0], bound[1], margin, dev_->stream), op));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopK(pre, 1, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, margin,
+                                                 nullptr, n_cand, n_cand, cand_idx, cand_val, dev_->stream),
+                             op));
+    RETURN_IF_ERROR(
+        FromCuda(cuda::LaunchSaeRescore(x, sae.encoder.data, tc, d, bias, fscale, sae.scale_in, sae.threshold, margin,
+                                        cand_idx, cand_val, n_cand, k_keep, k, idx, val, fallback, dev_->stream),
+                 op));
+    // Rows the bound could not settle: every feature exactly, then the plain top-k.
+    RETURN_IF_ERROR(
+        FromCuda(cuda::LaunchSaeExactRows(x, sae.encoder.data, tc, d, d_sae, fallback, pre, dev_->stream), op));
+    return FromCuda(cuda::LaunchSaeTopK(pre, 1, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, nullptr, fallback,
+                                        k_keep, k, idx, val, dev_->stream),
+                    op);
+  }
 
   // Tokens per SAE chunk so the per-token scratch (row_bytes) fits the
   // budget: d_sae = 131072 and 8k tokens would be 4 GiB at once.
@@ -784,6 +906,8 @@ class CudaBackend final : public Backend {
   Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
   Scratch sae_topk_;    // [chunk, k] I32 indices, then [chunk, k] F32 values
+  Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags
+  Scratch sae_bound_;   // 2 floats: SaeBounds' device result
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
   Scratch sae_dec_;     // [n_parts, chunk, d_model] F32 decode GEMM parts
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table

@@ -63,11 +63,47 @@ cudaError_t LaunchAttention(const float* q, const float* k, const float* v, cons
 constexpr int kSaeTopKMaxK = 8192;
 // For each of n_rows tokens: v_i = (scale_in * h_i + bias_i) * feature_scale_i,
 // h_i = sum over n_parts of pre[p][row][i]; keeps the k_keep largest v_i >
-// threshold (value-descending, ties to the lower index) in out_idx/out_val
-// [n_rows, k]; slots past them hold -1 / 0. pre: F32 [n_parts, n_rows, d_sae].
+// threshold - margin[row] (margin == nullptr: 0) (value-descending, ties to
+// the lower index) in out_idx/out_val [n_rows, k]; slots past them hold -1 /
+// 0. pre: F32 [n_parts, n_rows, d_sae]. row_mask (nullable): rows whose mask
+// is 0 are left untouched.
 cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
-                          const float* feature_scale, float scale_in, float threshold, int k_keep, int k,
-                          int32_t* out_idx, float* out_val, cudaStream_t stream);
+                          const float* feature_scale, float scale_in, float threshold, const float* margin,
+                          const int32_t* row_mask, int k_keep, int k, int32_t* out_idx, float* out_val,
+                          cudaStream_t stream);
+
+// ---- sae_rescore.cuh: exact top-k from a plain-bf16 encoder GEMM ----
+// The encoder GEMM runs on bf16-rounded activations (one part); the top-k
+// kernel keeps a few more candidates than k with the threshold lowered by a
+// per-row error bound; these kernels recompute the candidates' values from
+// the fp32 activations and prove, per row, that no other feature can enter
+// the exact top-k (rows where that fails are recomputed exactly).
+// bound[0] = max_i |scale_in| * ||w_i||_2 * |feature_scale_i| over a BF16
+// encoder [d_sae, d], bound[1] = max_i |bias_i| * |feature_scale_i| (both
+// running maxima: bound must hold zeros before).
+cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
+                                const float* feature_scale, float scale_in, float* bound, cudaStream_t stream);
+// margin[r] >= |v_i(x_r) computed exactly - v_i from the bf16 GEMM| for every
+// feature i (bf16 rounding of x, fp32 accumulation in both, epilogue rounding);
+// m_bound, b_bound: LaunchSaeValueBound's bound[0], bound[1].
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, float m_bound, float b_bound, float* margin,
+                             cudaStream_t stream);
+// Per row: exact values of the candidates cand_idx [n_rows, n_cand] (the
+// top-k kernel's output at k_keep = n_cand, threshold lowered by margin), then
+// the k_keep largest exact values > threshold into out_idx/out_val [n_rows, k]
+// when provably right: fallback[r] = 0; else fallback[r] = 1 and the row's
+// outputs are left for LaunchSaeExactRows + LaunchSaeTopK(row_mask = fallback).
+cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
+                             const float* feature_scale, float scale_in, float threshold, const float* margin,
+                             const int32_t* cand_idx, const float* cand_val, int n_cand, int k_keep, int k,
+                             int32_t* out_idx, float* out_val, int32_t* fallback, cudaStream_t stream);
+// pre [n_rows, d_sae] <- exact w_i . x_r for the rows with fallback[r] != 0.
+cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
+                               const int32_t* fallback, float* pre, cudaStream_t stream);
+// h [n_rows, k] <- scale_in * (w_idx . x_r) + bias_idx (exact, as the rescore
+// computes it) for slots with idx >= 0, 0 elsewhere.
+cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
+                            float scale_in, const int32_t* idx, int k, float* h, cudaStream_t stream);
 
 // ---- sae_decode.cuh ----
 // Pre-activation inputs are [n_parts, n_rows, cols] GEMM parts (summed here).

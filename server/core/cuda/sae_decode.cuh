@@ -6,12 +6,14 @@
 // cheap memory-bound glue between those GEMMs:
 //   SaeEncodeSelected, JumpReLU: gather the m watched encoder rows, GEMM
 //     against them only, then apply the rule per (token, feature).
-//   SaeEncodeSelected, TopK: activity depends on every feature, so the full
-//     pre-activations go through the top-k kernel; its (index, value) list is
-//     scattered into a zeroed dense row and the watched columns gathered.
+//   SaeEncodeSelected, TopK: activity depends on every feature, so the
+//     encode goes through the same top-k as SaeEncodeTopK (rescoring by
+//     default, sae_rescore.cuh); its (index, value) list is scattered into a
+//     zeroed dense row and the watched columns gathered.
 //   SaeReconstruct: F = h where active (JumpReLU: in place over the
-//     pre-activations; TopK: the top-k kernel's indices, values replaced by
-//     h), then y_hat = (F . D^T + b_dec) / scale_out.
+//     pre-activations; TopK: the top-k's indices, values replaced by h,
+//     recomputed exactly or read from the GEMM parts), then
+//     y_hat = (F . D^T + b_dec) / scale_out.
 // Pre-activation buffers are [n_parts, n_rows, cols]: the GEMM's partial
 // products for the bf16 split of x (see LaunchSplitToBf16); every reader adds
 // the parts smallest first, the order SaeTopKKernel uses.

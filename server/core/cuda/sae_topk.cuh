@@ -22,6 +22,7 @@
 #define SAE_CORE_CUDA_SAE_TOPK_CUH_
 
 #include "core/cuda/common.cuh"
+#include "core/cuda/sae_keys.cuh"
 
 namespace sae {
 namespace cuda {
@@ -32,20 +33,6 @@ constexpr int kTopKBins0 = 1 << 12;
 
 // ---- kernels ----
 
-__device__ __forceinline__ uint32_t OrderedKey(float v) {
-  const uint32_t b = __float_as_uint(v);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ __forceinline__ float KeyToFloat(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-// Larger packed value = larger key, or the same key and a lower index.
-__device__ __forceinline__ uint64_t PackCandidate(uint32_t key, int64_t index) {
-  return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(index));
-}
-
 struct SaeRowParams {
   const float* pre;     // [n_parts, n_rows, d_sae]
   int64_t part_stride;  // n_rows * d_sae
@@ -55,18 +42,21 @@ struct SaeRowParams {
   const float* fscale;  // [d_sae] or nullptr
   float scale_in;
   float threshold;
+  const float* margin;      // [n_rows] or nullptr: row r keeps values > threshold - margin[r]
+  const int32_t* row_mask;  // [n_rows] or nullptr: rows with row_mask[r] == 0 are skipped
 };
 
 // The encoded value of feature i of one row (same expression as the CPU
-// twin). Returns whether it is active and its key.
-__device__ __forceinline__ bool SaeValue(const SaeRowParams& p, const float* row, int64_t i, uint32_t* key) {
+// twin). Returns whether it is above `threshold` and its key.
+__device__ __forceinline__ bool SaeValue(const SaeRowParams& p, float threshold, const float* row, int64_t i,
+                                         uint32_t* key) {
   float h = row[(p.n_parts - 1) * p.part_stride + i];
   for (int part = p.n_parts - 2; part >= 0; --part) h += row[part * p.part_stride + i];  // small parts first
   float val = p.scale_in * h + p.bias[i];
   if (p.fscale != nullptr) val *= p.fscale[i];
   if (val == 0.0f) val = 0.0f;  // -0 -> +0: equal values must get equal keys
   *key = OrderedKey(val);
-  return val > p.threshold;  // NaN is never active
+  return val > threshold;  // NaN is never active
 }
 
 // Inclusive suffix sum over the block's threads (sum over threads >= tid).
@@ -97,6 +87,8 @@ __global__ void __launch_bounds__(kTopKThreads)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_index = blockIdx.x;
+  if (p.row_mask != nullptr && p.row_mask[row_index] == 0) return;  // block-uniform
+  const float thr = p.threshold - (p.margin != nullptr ? p.margin[row_index] : 0.0f);
   const float* row = p.pre + row_index * p.d_sae;
   const int64_t d_sae = p.d_sae;
 
@@ -115,7 +107,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     __syncthreads();
     for (int64_t i = tid; i < d_sae; i += kTopKThreads) {
       uint32_t key;
-      if (!SaeValue(p, row, i, &key)) continue;
+      if (!SaeValue(p, thr, row, i, &key)) continue;
       if (known_bits > 0 && (key >> (32 - known_bits)) != prefix) continue;
       atomicAdd(&hist[(key >> shift) & (n_bins - 1)], 1u);
     }
@@ -167,7 +159,7 @@ __global__ void __launch_bounds__(kTopKThreads)
   } else if (collect) {
     for (int64_t i = tid; i < d_sae; i += kTopKThreads) {
       uint32_t key;
-      if (!SaeValue(p, row, i, &key) || key < lower_key) continue;
+      if (!SaeValue(p, thr, row, i, &key) || key < lower_key) continue;
       const uint32_t slot = atomicAdd(&s_count, 1u);
       if (slot < cap) cand[slot] = PackCandidate(key, i);
     }
@@ -177,7 +169,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     // prefix is now the exact k-th key K: n_above keys are > K (n_above < k_keep <= cap).
     for (int64_t i = tid; i < d_sae; i += kTopKThreads) {
       uint32_t key;
-      if (!SaeValue(p, row, i, &key) || key <= prefix) continue;
+      if (!SaeValue(p, thr, row, i, &key) || key <= prefix) continue;
       const uint32_t slot = atomicAdd(&s_count, 1u);
       if (slot < cap) cand[slot] = PackCandidate(key, i);
     }
@@ -188,7 +180,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     for (int64_t i0 = 0; i0 < d_sae && taken < k_rem; i0 += kTopKThreads) {
       const int64_t i = i0 + tid;
       uint32_t key = 0;
-      const bool tie = i < d_sae && SaeValue(p, row, i, &key) && key == prefix;
+      const bool tie = i < d_sae && SaeValue(p, thr, row, i, &key) && key == prefix;
       const unsigned ballot = __ballot_sync(kFullMask, tie);
       if (lane == 0) warp_tot[warp] = __popc(ballot);
       __syncthreads();
@@ -205,28 +197,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     n_cand = min(base + min(taken, k_rem), cap);
   }
 
-  // Bitonic sort of cand[0, n_pow2), descending, zero padded (0 sorts last:
-  // key 0 is a negative NaN, never active).
-  uint32_t n_pow2 = 1;
-  while (n_pow2 < n_cand) n_pow2 <<= 1;
-  for (uint32_t i = n_cand + tid; i < n_pow2; i += kTopKThreads) cand[i] = 0;
-  __syncthreads();
-  for (uint32_t size = 2; size <= n_pow2; size <<= 1) {
-    for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {
-      for (uint32_t i = tid; i < n_pow2; i += kTopKThreads) {
-        const uint32_t j = i ^ stride;
-        if (j > i) {
-          const uint64_t a = cand[i], b = cand[j];
-          const bool descending = (i & size) == 0;
-          if (descending ? (a < b) : (a > b)) {
-            cand[i] = b;
-            cand[j] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  BlockSortCandidatesDesc(cand, n_cand);
 
   const uint32_t n_out = min(n_cand, static_cast<uint32_t>(k_keep));
   int32_t* oi = out_idx + row_index * k;
@@ -246,8 +217,9 @@ __global__ void __launch_bounds__(kTopKThreads)
 // ---- launchers ----
 
 cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
-                          const float* feature_scale, float scale_in, float threshold, int k_keep, int k,
-                          int32_t* out_idx, float* out_val, cudaStream_t stream) {
+                          const float* feature_scale, float scale_in, float threshold, const float* margin,
+                          const int32_t* row_mask, int k_keep, int k, int32_t* out_idx, float* out_val,
+                          cudaStream_t stream) {
   if (n_rows == 0 || k == 0) return cudaSuccess;
   if (k_keep > kSaeTopKMaxK || k_keep > k || n_rows > 0x7fffffff || d_sae >= 0xffffffffLL) return cudaErrorInvalidValue;
   // A larger candidate buffer than k lets pass 0 finish more rows (and all
@@ -258,7 +230,8 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
   cudaError_t err =
       cudaFuncSetAttribute(SaeTopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const SaeRowParams params{pre, n_rows * d_sae, n_parts, d_sae, bias, feature_scale, scale_in, threshold};
+  const SaeRowParams params{pre,           n_rows * d_sae, n_parts,   d_sae,  bias,
+                            feature_scale, scale_in,       threshold, margin, row_mask};
   SAE_KERNEL_LAUNCH(SaeTopKKernel, static_cast<unsigned>(n_rows), kTopKThreads, smem, stream)
   (params, k_keep, k, cap, out_idx, out_val);
   return cudaGetLastError();

@@ -1,0 +1,310 @@
+// Exact SAE top-k from a plain-bf16 encoder GEMM ("rescoring", the default
+// for BF16 encoders; see cuda_backend.cc for the sequence of launches).
+//
+// The expensive part of an SAE encode is the GEMM x . W^T over all d_sae
+// features. Running it on bf16-rounded activations (one part) halves it
+// against the hi+lo split, but moves every value by up to
+//   |v_i(x) - v_i(bf16(x))| <= |scale_in| ||w_i|| |fs_i| ||x - bf16(x)|| (+ fp32 accumulation error),
+// enough to swap features near the k-th value. So the top-k kernel keeps
+// n_cand > k candidates with the threshold lowered by that per-row bound
+// (margin), these kernels recompute the candidates' values exactly (fp32
+// activations, one fixed summation order) and select the k best of those.
+// That is provably the exact top-k unless the candidate list was full and a
+// feature outside it could still beat the k-th exact value: those rows are
+// flagged and recomputed exactly over all features (rare: it needs many
+// features within ~1e-3 relative of the k-th value).
+#ifndef SAE_CORE_CUDA_SAE_RESCORE_CUH_
+#define SAE_CORE_CUDA_SAE_RESCORE_CUH_
+
+#include "core/cuda/common.cuh"
+#include "core/cuda/sae_keys.cuh"
+
+namespace sae {
+namespace cuda {
+
+constexpr int kRescoreThreads = 256;
+constexpr int kRescoreWarps = kRescoreThreads / 32;
+constexpr float kUnitRoundoff = 5.9604645e-8f;  // 2^-24
+
+// ---- kernels ----
+
+// w . x for one BF16 encoder row against x in shared memory, summed in one
+// fixed order (lane-strided fmas, then the xor butterfly, which leaves the
+// same bits in every lane). Every reader of exact values uses this.
+__device__ __forceinline__ float ExactDot(const __nv_bfloat16* __restrict__ w, const float* xs, int64_t d, int lane) {
+  float s = 0.0f;
+  for (int64_t c = lane; c < d; c += 32) s = fmaf(__bfloat162float(w[c]), xs[c], s);
+  return WarpSum(s);
+}
+
+// The encoded value of a feature from its exact dot product (the expression
+// of SaeValue in sae_topk.cuh), -0 normalised to +0.
+__device__ __forceinline__ float ExactValue(float dot, float scale_in, float bias, const float* fscale, int64_t i) {
+  float v = scale_in * dot + bias;
+  if (fscale != nullptr) v *= fscale[i];
+  return v == 0.0f ? 0.0f : v;
+}
+
+// Loads row `row` of x [.., d] into shared memory; ends with a barrier.
+__device__ __forceinline__ void LoadRow(const float* __restrict__ x, int64_t row, int64_t d, float* xs) {
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) xs[c] = x[row * d + c];
+  __syncthreads();
+}
+
+// bound[0] = max_i |scale_in| ||w_i|| |fs_i| (a running max: bound starts at
+// 0); one warp per row. Non-negative floats order as their bit patterns, so
+// atomicMax on the bits is a float max.
+__global__ void SaeValueBoundKernel(const __nv_bfloat16* __restrict__ w, int64_t d_sae, int64_t d,
+                                    const float* __restrict__ fscale, float scale_in, float* bound) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
+  float local = 0.0f;
+  for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; r < d_sae; r += warps) {
+    float s = 0.0f;
+    for (int64_t c = lane; c < d; c += 32) {
+      const float v = __bfloat162float(w[r * d + c]);
+      s = fmaf(v, v, s);
+    }
+    s = WarpSum(s);
+    local = fmaxf(local, fabsf(scale_in) * sqrtf(s) * (fscale != nullptr ? fabsf(fscale[r]) : 1.0f));
+  }
+  if (lane == 0) atomicMax(reinterpret_cast<unsigned*>(bound), __float_as_uint(local));
+}
+
+// bound[1] = max_i |b_i| |fs_i| (running max).
+__global__ void SaeBiasBoundKernel(const float* __restrict__ bias, int64_t d_sae, const float* __restrict__ fscale,
+                                   float* bound) {
+  float local = 0.0f;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < d_sae;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    local = fmaxf(local, fabsf(bias[i]) * (fscale != nullptr ? fabsf(fscale[i]) : 1.0f));
+  }
+  atomicMax(reinterpret_cast<unsigned*>(bound + 1), __float_as_uint(local));
+}
+
+// One block per row: margin = [M (||x - bf16(x)|| + 2.01 d u ||x||) + 8 u (M ||x|| + B)] (1 + 2^-10),
+// M = bound[0], B = bound[1]: the bf16 rounding of x, the fp32 accumulation
+// of both GEMMs (cuBLAS's and ExactDot, <= d u sum |w_i x_i| each) and the
+// epilogue's roundings, with slack for rounding the bound itself.
+__global__ void __launch_bounds__(kRescoreThreads)
+    SaeMarginKernel(const float* __restrict__ x, int64_t d, float m_bound, float b_bound, float* __restrict__ margin) {
+  __shared__ float scratch[32];
+  const float* xr = x + blockIdx.x * d;
+  float d2 = 0.0f, x2 = 0.0f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float v = xr[c];
+    const float r = v - __bfloat162float(__float2bfloat16_rn(v));
+    d2 = fmaf(r, r, d2);
+    x2 = fmaf(v, v, x2);
+  }
+  d2 = BlockSum(d2, scratch);
+  x2 = BlockSum(x2, scratch);
+  if (threadIdx.x == 0) {
+    const float nx = sqrtf(x2), u = kUnitRoundoff;
+    const float m =
+        m_bound * (sqrtf(d2) + 2.01f * static_cast<float>(d) * u * nx) + 8.0f * u * (m_bound * nx + b_bound);
+    margin[blockIdx.x] = m * (1.0f + 1.0f / 1024.0f);
+  }
+}
+
+struct RescoreParams {
+  const float* x;          // [n_rows, d] F32 activations
+  const __nv_bfloat16* w;  // [d_sae, d]
+  int64_t d;
+  const float* bias;    // [d_sae]
+  const float* fscale;  // [d_sae] or nullptr
+  float scale_in;
+  float threshold;
+  const float* margin;      // [n_rows]
+  const int32_t* cand_idx;  // [n_rows, n_cand], valid slots first
+  const float* cand_val;    // [n_rows, n_cand], approximate values, descending
+  int n_cand;
+  int k_keep;
+  int k;
+  uint32_t cap;       // power of two >= n_cand
+  int32_t* out_idx;   // [n_rows, k]
+  float* out_val;     // [n_rows, k]
+  int32_t* fallback;  // [n_rows]
+};
+
+// One block per row; shared memory: cap packed candidates, then x's row.
+__global__ void __launch_bounds__(kRescoreThreads) SaeRescoreKernel(RescoreParams p) {
+  SAE_DYNAMIC_SHARED(uint64_t, smem_u64);
+  uint64_t* cand = smem_u64;
+  float* xs = reinterpret_cast<float*>(cand + p.cap);
+  __shared__ uint32_t s_n_active;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t row = blockIdx.x;
+  const int32_t* ci = p.cand_idx + row * p.n_cand;
+  const float* cv = p.cand_val + row * p.n_cand;
+  LoadRow(p.x, row, p.d, xs);
+
+  int n_c = 0;  // the top-k kernel writes its valid slots first
+  while (n_c < p.n_cand && ci[n_c] >= 0) ++n_c;
+  for (int c = warp; c < n_c; c += kRescoreWarps) {
+    const int32_t i = ci[c];
+    const float v =
+        ExactValue(ExactDot(p.w + static_cast<int64_t>(i) * p.d, xs, p.d, lane), p.scale_in, p.bias[i], p.fscale, i);
+    if (lane == 0) cand[c] = v > p.threshold ? PackCandidate(OrderedKey(v), i) : 0;
+  }
+  __syncthreads();
+  BlockSortCandidatesDesc(cand, static_cast<uint32_t>(n_c));
+  if (tid == 0) {
+    uint32_t n = 0;
+    while (n < static_cast<uint32_t>(n_c) && cand[n] != 0) ++n;
+    s_n_active = n;
+  }
+  __syncthreads();
+  const uint32_t n_active = s_n_active;
+
+  // Provably exact? If the list is not full, every feature whose exact value
+  // can pass the threshold was a candidate. If it is full, a feature outside
+  // it has an approximate value <= the last candidate's, so an exact value
+  // <= limit; it cannot enter if the k-th exact value beats limit (or, with
+  // fewer than k exact actives, if limit cannot pass the threshold).
+  bool exact = true;
+  if (n_c == p.n_cand) {
+    const float last = cv[p.n_cand - 1], m = p.margin[row];
+    const float limit = last + m + (fabsf(last) + m) * (1.0f / 1048576.0f);
+    if (n_active >= static_cast<uint32_t>(p.k_keep)) {
+      exact = KeyToFloat(static_cast<uint32_t>(cand[p.k_keep - 1] >> 32)) > limit;
+    } else {
+      exact = limit <= p.threshold;
+    }
+  }
+  if (tid == 0) p.fallback[row] = exact ? 0 : 1;
+  if (!exact) return;  // block-uniform: the outputs come from the exact-row path
+  const uint32_t n_out = min(n_active, static_cast<uint32_t>(p.k_keep));
+  int32_t* oi = p.out_idx + row * p.k;
+  float* ov = p.out_val + row * p.k;
+  for (int j = tid; j < p.k; j += kRescoreThreads) {
+    if (static_cast<uint32_t>(j) < n_out) {
+      const uint64_t c = cand[j];
+      oi[j] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(c & 0xffffffffu));
+      ov[j] = KeyToFloat(static_cast<uint32_t>(c >> 32));
+    } else {
+      oi[j] = -1;
+      ov[j] = 0.0f;
+    }
+  }
+}
+
+// One block per flagged row: pre [n_rows, d_sae] <- exact dot products.
+__global__ void __launch_bounds__(kRescoreThreads)
+    SaeExactRowsKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d, int64_t d_sae,
+                       const int32_t* __restrict__ fallback, float* __restrict__ pre) {
+  SAE_DYNAMIC_SHARED(float, xs);
+  const int64_t row = blockIdx.x;
+  if (fallback[row] == 0) return;  // block-uniform
+  LoadRow(x, row, d, xs);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t i = warp; i < d_sae; i += kRescoreWarps) {
+    const float dot = ExactDot(w + i * d, xs, d, lane);
+    if (lane == 0) pre[row * d_sae + i] = dot;
+  }
+}
+
+// One block per row: h [n_rows, k] = scale_in * exact dot + bias for idx >= 0.
+__global__ void __launch_bounds__(kRescoreThreads)
+    SaeExactHKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d,
+                    const float* __restrict__ bias, float scale_in, const int32_t* __restrict__ idx, int k,
+                    float* __restrict__ h) {
+  SAE_DYNAMIC_SHARED(float, xs);
+  const int64_t row = blockIdx.x;
+  LoadRow(x, row, d, xs);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int j = warp; j < k; j += kRescoreWarps) {
+    const int32_t i = idx[row * k + j];
+    float v = 0.0f;
+    if (i >= 0) v = scale_in * ExactDot(w + static_cast<int64_t>(i) * d, xs, d, lane) + bias[i];
+    if (lane == 0) h[row * k + j] = v;
+  }
+}
+
+// ---- launchers ----
+
+cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
+                                const float* feature_scale, float scale_in, float* bound, cudaStream_t stream) {
+  if (d_sae == 0) return cudaSuccess;
+  const auto* w = static_cast<const __nv_bfloat16*>(encoder_bf16);
+  SAE_KERNEL_LAUNCH(SaeValueBoundKernel, GridFor(d_sae * 32, kRescoreThreads), kRescoreThreads, 0, stream)
+  (w, d_sae, d, feature_scale, scale_in, bound);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  SAE_KERNEL_LAUNCH(SaeBiasBoundKernel, GridFor(d_sae, kRescoreThreads), kRescoreThreads, 0, stream)
+  (bias, d_sae, feature_scale, bound);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, float m_bound, float b_bound, float* margin,
+                             cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
+  SAE_KERNEL_LAUNCH(SaeMarginKernel, static_cast<unsigned>(n_rows), kRescoreThreads, 0, stream)
+  (x, d, m_bound, b_bound, margin);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
+                             const float* feature_scale, float scale_in, float threshold, const float* margin,
+                             const int32_t* cand_idx, const float* cand_val, int n_cand, int k_keep, int k,
+                             int32_t* out_idx, float* out_val, int32_t* fallback, cudaStream_t stream) {
+  if (n_rows == 0 || k == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff || n_cand < 1 || k_keep < 1 || k_keep > n_cand || k_keep > k) return cudaErrorInvalidValue;
+  uint32_t cap = 1;
+  while (cap < static_cast<uint32_t>(n_cand)) cap <<= 1;
+  const size_t smem = cap * sizeof(uint64_t) + static_cast<size_t>(d) * sizeof(float);
+  cudaError_t err =
+      cudaFuncSetAttribute(SaeRescoreKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const RescoreParams params{x,
+                             static_cast<const __nv_bfloat16*>(encoder_bf16),
+                             d,
+                             bias,
+                             feature_scale,
+                             scale_in,
+                             threshold,
+                             margin,
+                             cand_idx,
+                             cand_val,
+                             n_cand,
+                             k_keep,
+                             k,
+                             cap,
+                             out_idx,
+                             out_val,
+                             fallback};
+  SAE_KERNEL_LAUNCH(SaeRescoreKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)(params);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
+                               const int32_t* fallback, float* pre, cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  cudaError_t err =
+      cudaFuncSetAttribute(SaeExactRowsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  SAE_KERNEL_LAUNCH(SaeExactRowsKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
+  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, d_sae, fallback, pre);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
+                            float scale_in, const int32_t* idx, int k, float* h, cudaStream_t stream) {
+  if (n_rows == 0 || k == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  cudaError_t err =
+      cudaFuncSetAttribute(SaeExactHKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  SAE_KERNEL_LAUNCH(SaeExactHKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
+  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, bias, scale_in, idx, k, h);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sae
+
+#endif  // SAE_CORE_CUDA_SAE_RESCORE_CUH_
