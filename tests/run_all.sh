@@ -2,7 +2,8 @@
 # Sets up a fresh Debian 12 machine and runs the whole test suite:
 #   bash tests/run_all.sh
 # Installs packages (apt) and the reference tokenizer (npm), builds in
-# build/, runs ctest, then the tokenizer fuzzers briefly when clang is there.
+# build/, runs ctest, then the tokenizer fuzzers briefly when clang is there,
+# then the emulated CUDA tests under AddressSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -20,5 +21,10 @@ cmake --build build -j "$jobs"
 
 if [[ "${SAE_SKIP_FUZZ:-0}" != "1" ]] && command -v clang++ >/dev/null; then
   bash tests/tokenizer/run_fuzz.sh
+fi
+# The CUDA backend's kernels and host code on the CPU emulator under
+# AddressSanitizer (a second build in build-asan/; tests/cuda_emu/README.md).
+if [[ "${SAE_SKIP_ASAN:-0}" != "1" ]]; then
+  bash tests/cuda_emu/run_asan.sh
 fi
 echo "all tests passed"

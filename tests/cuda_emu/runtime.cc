@@ -112,6 +112,9 @@ void* AllocBytes(size_t bytes, Region region) {
   // kernel reading past the end of a buffer is reported.
   void* p = nullptr;
   if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return nullptr;
+  // Fresh device memory holds garbage on a GPU (the pool recycles blocks):
+  // 0xff bytes (NaN floats, -1 ints) make a read before the first write show.
+  if (region == Region::kDevice) std::memset(p, 0xff, bytes);
   Allocations()[reinterpret_cast<uintptr_t>(p)] = Allocation{bytes, region};
   if (region == Region::kDevice) device_bytes += bytes;
   return p;
