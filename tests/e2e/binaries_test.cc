@@ -472,8 +472,8 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
   testing::WaitFor(
       [&] {
         grpc::health::v1::HealthCheckResponse response;
-        serving = client->Health("", &response).ok() &&
-                  response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+        serving =
+            client->Health("", &response).ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
         return serving || server.Exited();
       },
       kProcessTimeout);

@@ -39,7 +39,7 @@ cp tests/gpu/run_bundle.sh "$dir/run.sh"
   echo "cuda code: $(grep -o -- 'arch=compute_[0-9a-z]*,code=\[[^]]*\]' build/build.ninja | sort -u | tr '\n' ' ')"
 } >"$dir/MANIFEST"
 size=$(du -sm "$dir" | cut -f1)
-echo "bundle: $dir ($size MiB, $(ls "$dir/lib" | wc -l) libraries)"
+echo "bundle: $dir ($size MiB, $(find "$dir/lib" -type f | wc -l) libraries)"
 if ((size > 60)); then
   echo "make_bundle.sh: $size MiB is over the 60 MiB budget" >&2
   exit 1

@@ -38,7 +38,7 @@ step() {
   ((rc == 0)) || failed=1
 }
 
-cat "$here/MANIFEST" | tee -a "$out/summary.txt"
+tee -a "$out/summary.txt" <"$here/MANIFEST"
 if [[ "$emulate" != 1 ]]; then
   step nvidia-smi nvidia-smi
 fi
