@@ -183,6 +183,21 @@ class Backend {
     return Unimplemented("RelativeSquaredError");
   }
 
+  // ---- device timing (with pipelined batches the host no longer waits at
+  // each step, so elapsed device time has to be measured on the device) ----
+  // Records a point after all work issued so far; the id is released by
+  // SecondsBetween or ReleaseTimePoint. The CPU backend's ops have finished
+  // when they return, so its points are host clock readings.
+  virtual absl::StatusOr<int64_t> RecordTimePoint() { return Unimplemented("RecordTimePoint"); }
+  // Waits until `end` has been reached and returns the device time from
+  // `start` to `end` in seconds; releases both points.
+  virtual absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) { return Unimplemented("SecondsBetween"); }
+  virtual void ReleaseTimePoint(int64_t point) {}
+  // True when ops return before their work has finished (a GPU queue), so a
+  // caller gains by issuing more work before it waits; false when each op
+  // computes before it returns (the CPU).
+  virtual bool asynchronous() const { return false; }
+
  protected:
   absl::Status Unimplemented(absl::string_view op) const {
     return absl::UnimplementedError(absl::StrCat(op, " is not implemented on backend ", name()));

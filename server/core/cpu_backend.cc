@@ -1,6 +1,7 @@
 #include "core/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -380,6 +381,14 @@ class CpuBackend final : public Backend {
       }
     }
     return absl::OkStatus();
+  }
+
+  absl::StatusOr<int64_t> RecordTimePoint() override {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) override {
+    return static_cast<double>(end - start) * 1e-9;
   }
 
   absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {

@@ -147,9 +147,54 @@ void InitTopK(const SequenceRequest& r, SaeTopK* out) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<SequenceRequest>& batch) {
-  const LlamaConfig& c = model_->config();
+// Device outputs of a submitted batch, read back by Collect.
+struct Engine::PendingBatch {
+  std::vector<SequenceRequest> batch;
   PackedBatch packed;
+  std::vector<SequenceResult> results;  // shaped by Submit; hooks already filled
+  struct TopK {                         // one SAE's top-k over all rows of the batch
+    size_t sae;
+    int k;
+    OwnedTensor idx, val;
+  };
+  struct Watched {  // request seq, SAE slot: its watch list's values [n_tokens, m]
+    size_t seq, slot;
+    OwnedTensor val;
+  };
+  struct Error {  // request seq, SAE slot: per-token relative error [n_tokens, 1]
+    size_t seq, slot;
+    OwnedTensor err;
+  };
+  std::vector<TopK> topk;
+  std::vector<Watched> watched;
+  std::vector<Error> errors;
+  // Device time points: the whole batch, and around each hook's SAE work.
+  std::vector<std::pair<int64_t, int64_t>> sae_spans;
+  int64_t start = -1, end = -1;
+  Backend* backend = nullptr;
+
+  ~PendingBatch() {  // points of a batch never collected
+    for (auto [a, b] : sae_spans) {
+      backend->ReleaseTimePoint(a);
+      backend->ReleaseTimePoint(b);
+    }
+    if (start >= 0) backend->ReleaseTimePoint(start);
+    if (end >= 0) backend->ReleaseTimePoint(end);
+  }
+};
+
+void Engine::PendingBatchDeleter::operator()(PendingBatch* p) const { delete p; }
+
+absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<SequenceRequest>& batch) {
+  ASSIGN_OR_RETURN(Pending pending, Submit(batch));
+  return Collect(std::move(pending));
+}
+
+absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest>& batch) {
+  const LlamaConfig& c = model_->config();
+  Pending p(new PendingBatch());
+  p->backend = backend_.get();
+  p->batch = batch;
   std::set<HookPoint> hooks;
   for (const SequenceRequest& r : batch) {
     RETURN_IF_ERROR(Validate(r));
@@ -158,9 +203,11 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
       // A transcoder's target (the MLP output) is only run for those who ask.
       if (r.reconstruction_error) hooks.insert(saes_[si]->hook_out());
     }
-    packed.Append(r.ids);
+    p->packed.Append(r.ids);
   }
-  std::vector<SequenceResult> results(batch.size());
+  const PackedBatch& packed = p->packed;
+  std::vector<SequenceResult>& results = p->results;
+  results.resize(batch.size());
   for (size_t i = 0; i < batch.size(); ++i) {
     results[i].saes.resize(batch[i].sae_indices.size());
     for (SaeTopK& out : results[i].saes) {
@@ -169,46 +216,12 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     }
   }
 
-  const std::optional<int32_t> bos = tokenizer_->bos_id();
   const int64_t d = c.hidden_size;
   std::vector<float> hook_host;
   auto seq_rows = [&](const Tensor& act, size_t i) {
     return act.Rows(packed.seq_starts[i], packed.seq_starts[i + 1] - packed.seq_starts[i]);
   };
   auto watched = [&](size_t i, size_t j) { return !batch[i].watch.empty() && !batch[i].watch[j].empty(); };
-
-  // Top-k among the watched features of request i, SAE slot j, on its own rows.
-  auto encode_watched = [&](size_t i, size_t j, const Sae& sae, const Tensor& act) -> absl::Status {
-    const SequenceRequest& r = batch[i];
-    const std::vector<int32_t>& ids = r.watch[j];
-    const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
-    ASSIGN_OR_RETURN(OwnedTensor ids_dev, backend_->Alloc(DType::kI32, 1, m));
-    ASSIGN_OR_RETURN(OwnedTensor val_dev, backend_->Alloc(DType::kF32, n, m));
-    RETURN_IF_ERROR(backend_->CopyFromHost(ids.data(), ids_dev.get()));
-    RETURN_IF_ERROR(backend_->SaeEncodeSelected(seq_rows(act, i), sae.encoder(), ids_dev.get(), val_dev.get()));
-    std::vector<float> val(static_cast<size_t>(n * m));
-    RETURN_IF_ERROR(backend_->CopyToHost(val_dev.get(), val.data()));
-    std::vector<std::pair<float, int32_t>> cand;
-    std::vector<int32_t> top_i;
-    std::vector<float> top_v;
-    for (int t = 0; t < n; ++t) {
-      if (SkipsPosition(r, t, bos)) continue;
-      cand.clear();
-      for (int64_t f = 0; f < m; ++f) {
-        const float v = val[static_cast<size_t>(t * m + f)];
-        if (v != 0.0f) cand.emplace_back(v, ids[f]);  // the op reports 0 for inactive features
-      }
-      const size_t keep = std::min<size_t>(r.k, cand.size());
-      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), [](const auto& a, const auto& b) {
-        return a.first != b.first ? a.first > b.first : a.second < b.second;
-      });
-      top_i.resize(keep);
-      top_v.resize(keep);
-      for (size_t q = 0; q < keep; ++q) std::tie(top_v[q], top_i[q]) = cand[q];
-      FillRow(r, t, top_i.data(), top_v.data(), static_cast<int>(keep), &results[i].saes[j]);
-    }
-    return absl::OkStatus();
-  };
 
   // A reconstruction waiting for its target hook (a transcoder's input buffer
   // is reused before the MLP output exists, so y_hat is kept instead).
@@ -219,18 +232,17 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     OwnedTensor y_hat;  // [n_tokens of seq, d_model]
   };
   std::vector<PendingError> pending;
-  auto finish_error = [&](const PendingError& p, const Tensor& target) -> absl::Status {
-    const SequenceRequest& r = batch[p.seq];
-    const int64_t n = static_cast<int64_t>(r.ids.size());
-    ASSIGN_OR_RETURN(OwnedTensor err_dev, backend_->Alloc(DType::kF32, n, 1));
-    RETURN_IF_ERROR(backend_->RelativeSquaredError(p.y_hat.get(), seq_rows(target, p.seq), err_dev.get()));
-    std::vector<float> err(static_cast<size_t>(n));
-    RETURN_IF_ERROR(backend_->CopyToHost(err_dev.get(), err.data()));
-    std::vector<float>& out = results[p.seq].saes[p.slot].reconstruction_error;
-    for (int t = 0; t < n; ++t) out[t] = SkipsPosition(r, t, bos) ? kNotComputed : err[t];
+  auto finish_error = [&](PendingError& e, const Tensor& target) -> absl::Status {
+    const int64_t n = static_cast<int64_t>(batch[e.seq].ids.size());
+    ASSIGN_OR_RETURN(OwnedTensor err, backend_->Alloc(DType::kF32, n, 1));
+    RETURN_IF_ERROR(backend_->RelativeSquaredError(e.y_hat.get(), seq_rows(target, e.seq), err.get()));
+    p->errors.push_back(PendingBatch::Error{e.seq, e.slot, std::move(err)});
     return absl::OkStatus();
   };
 
+  // Queues the SAE work of one hook; its outputs stay on the device until
+  // Collect. Only hook capture copies to the host here (the activations do
+  // not outlive the hook).
   auto hook_work = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
     bool captured = false;
     for (size_t i = 0; i < batch.size(); ++i) {
@@ -264,39 +276,37 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
           if (batch[i].sae_indices[j] == static_cast<int>(s) && !watched(i, j)) k_max = std::max(k_max, batch[i].k);
         }
       }
-      std::vector<int32_t> idx_host;
-      std::vector<float> val_host;
       if (k_max > 0) {
-        ASSIGN_OR_RETURN(OwnedTensor idx, backend_->Alloc(DType::kI32, act.rows, k_max));
-        ASSIGN_OR_RETURN(OwnedTensor val, backend_->Alloc(DType::kF32, act.rows, k_max));
-        RETURN_IF_ERROR(backend_->SaeEncodeTopK(act, sae.encoder(), k_max, idx.get(), val.get()));
-        idx_host.resize(static_cast<size_t>(act.rows) * k_max);
-        val_host.resize(idx_host.size());
-        RETURN_IF_ERROR(backend_->CopyToHost(idx.get(), idx_host.data()));
-        RETURN_IF_ERROR(backend_->CopyToHost(val.get(), val_host.data()));
+        PendingBatch::TopK t{s, k_max, OwnedTensor(), OwnedTensor()};
+        ASSIGN_OR_RETURN(t.idx, backend_->Alloc(DType::kI32, act.rows, k_max));
+        ASSIGN_OR_RETURN(t.val, backend_->Alloc(DType::kF32, act.rows, k_max));
+        RETURN_IF_ERROR(backend_->SaeEncodeTopK(act, sae.encoder(), k_max, t.idx.get(), t.val.get()));
+        p->topk.push_back(std::move(t));
       }
       for (size_t i = 0; i < batch.size(); ++i) {
         const SequenceRequest& r = batch[i];
         for (size_t j = 0; j < r.sae_indices.size(); ++j) {
           if (r.sae_indices[j] != static_cast<int>(s)) continue;
           if (watched(i, j)) {
-            RETURN_IF_ERROR(encode_watched(i, j, sae, act));
-          } else {
-            for (int t = 0; t < static_cast<int>(r.ids.size()); ++t) {
-              if (SkipsPosition(r, t, bos)) continue;
-              const size_t row = static_cast<size_t>(packed.seq_starts[i] + t) * k_max;
-              FillRow(r, t, idx_host.data() + row, val_host.data() + row, r.k, &results[i].saes[j]);
-            }
+            // The watched features' values on this request's rows; the top-k among them is taken in Collect.
+            const std::vector<int32_t>& ids = r.watch[j];
+            const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
+            ASSIGN_OR_RETURN(OwnedTensor ids_dev, backend_->Alloc(DType::kI32, 1, m));
+            PendingBatch::Watched w{i, j, OwnedTensor()};
+            ASSIGN_OR_RETURN(w.val, backend_->Alloc(DType::kF32, n, m));
+            RETURN_IF_ERROR(backend_->CopyFromHost(ids.data(), ids_dev.get()));
+            RETURN_IF_ERROR(backend_->SaeEncodeSelected(seq_rows(act, i), sae.encoder(), ids_dev.get(), w.val.get()));
+            p->watched.push_back(std::move(w));
           }
           if (r.reconstruction_error) {
             const int64_t n = static_cast<int64_t>(r.ids.size());
-            PendingError p{i, j, sae.hook_out(), OwnedTensor()};
-            ASSIGN_OR_RETURN(p.y_hat, backend_->Alloc(DType::kF32, n, d));
-            RETURN_IF_ERROR(backend_->SaeReconstruct(seq_rows(act, i), sae.encoder(), sae.decoder(), p.y_hat.get()));
-            if (p.target == hp) {
-              RETURN_IF_ERROR(finish_error(p, act));
+            PendingError e{i, j, sae.hook_out(), OwnedTensor()};
+            ASSIGN_OR_RETURN(e.y_hat, backend_->Alloc(DType::kF32, n, d));
+            RETURN_IF_ERROR(backend_->SaeReconstruct(seq_rows(act, i), sae.encoder(), sae.decoder(), e.y_hat.get()));
+            if (e.target == hp) {
+              RETURN_IF_ERROR(finish_error(e, act));
             } else {
-              pending.push_back(std::move(p));
+              pending.push_back(std::move(e));
             }
           }
         }
@@ -304,23 +314,109 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Run(const std::vector<Sequen
     }
     return absl::OkStatus();
   };
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point run_start = Clock::now();
-  last_timing_ = RunTiming();
   auto on_hook = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
-    RETURN_IF_ERROR(backend_->Synchronize());
-    const Clock::time_point start = Clock::now();
-    absl::Status status = hook_work(hp, act);
-    last_timing_.sae_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    ASSIGN_OR_RETURN(const int64_t before, backend_->RecordTimePoint());
+    const absl::Status status = hook_work(hp, act);
+    absl::StatusOr<int64_t> after = backend_->RecordTimePoint();
+    if (!after.ok()) {
+      backend_->ReleaseTimePoint(before);
+      return after.status();
+    }
+    p->sae_spans.emplace_back(before, *after);
     return status;
   };
-  absl::Status forward = model_->Forward(packed, hooks, on_hook);
-  last_timing_.total_seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
-  RETURN_IF_ERROR(forward);
+  ASSIGN_OR_RETURN(p->start, backend_->RecordTimePoint());
+  RETURN_IF_ERROR(model_->Forward(packed, hooks, on_hook));
   if (!pending.empty()) {
     return absl::InternalError(absl::StrCat("reconstruction target ", pending.front().target.Name(), " never ran"));
   }
-  return results;
+  ASSIGN_OR_RETURN(p->end, backend_->RecordTimePoint());
+  return p;
+}
+
+absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
+  last_timing_ = RunTiming();
+  const std::vector<SequenceRequest>& batch = p->batch;
+  const PackedBatch& packed = p->packed;
+  std::vector<SequenceResult>& results = p->results;
+  const std::optional<int32_t> bos = tokenizer_->bos_id();
+  auto watched = [&](size_t i, size_t j) { return !batch[i].watch.empty() && !batch[i].watch[j].empty(); };
+
+  std::vector<int32_t> idx_host;
+  std::vector<float> val_host;
+  for (const PendingBatch::TopK& t : p->topk) {
+    idx_host.resize(static_cast<size_t>(t.idx->numel()));
+    val_host.resize(idx_host.size());
+    RETURN_IF_ERROR(backend_->CopyToHost(t.idx.get(), idx_host.data()));
+    RETURN_IF_ERROR(backend_->CopyToHost(t.val.get(), val_host.data()));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SequenceRequest& r = batch[i];
+      for (size_t j = 0; j < r.sae_indices.size(); ++j) {
+        if (r.sae_indices[j] != static_cast<int>(t.sae) || watched(i, j)) continue;
+        for (int tok = 0; tok < static_cast<int>(r.ids.size()); ++tok) {
+          if (SkipsPosition(r, tok, bos)) continue;
+          const size_t row = static_cast<size_t>(packed.seq_starts[i] + tok) * t.k;
+          FillRow(r, tok, idx_host.data() + row, val_host.data() + row, r.k, &results[i].saes[j]);
+        }
+      }
+    }
+  }
+
+  // Watch lists: the top-k among the watched features of each row.
+  std::vector<std::pair<float, int32_t>> cand;
+  std::vector<int32_t> top_i;
+  std::vector<float> top_v;
+  for (const PendingBatch::Watched& w : p->watched) {
+    const SequenceRequest& r = batch[w.seq];
+    const std::vector<int32_t>& ids = r.watch[w.slot];
+    const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
+    std::vector<float> val(static_cast<size_t>(n * m));
+    RETURN_IF_ERROR(backend_->CopyToHost(w.val.get(), val.data()));
+    for (int t = 0; t < n; ++t) {
+      if (SkipsPosition(r, t, bos)) continue;
+      cand.clear();
+      for (int64_t f = 0; f < m; ++f) {
+        const float v = val[static_cast<size_t>(t * m + f)];
+        if (v != 0.0f) cand.emplace_back(v, ids[f]);  // the op reports 0 for inactive features
+      }
+      const size_t keep = std::min<size_t>(r.k, cand.size());
+      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      top_i.resize(keep);
+      top_v.resize(keep);
+      for (size_t q = 0; q < keep; ++q) std::tie(top_v[q], top_i[q]) = cand[q];
+      FillRow(r, t, top_i.data(), top_v.data(), static_cast<int>(keep), &results[w.seq].saes[w.slot]);
+    }
+  }
+
+  for (const PendingBatch::Error& e : p->errors) {
+    const SequenceRequest& r = batch[e.seq];
+    const int64_t n = static_cast<int64_t>(r.ids.size());
+    std::vector<float> err(static_cast<size_t>(n));
+    RETURN_IF_ERROR(backend_->CopyToHost(e.err.get(), err.data()));
+    std::vector<float>& out = results[e.seq].saes[e.slot].reconstruction_error;
+    for (int t = 0; t < n; ++t) out[t] = SkipsPosition(r, t, bos) ? kNotComputed : err[t];
+  }
+
+  // Device time; every point is released here (SecondsBetween) even on error.
+  absl::Status timing = absl::OkStatus();
+  for (auto& [a, b] : p->sae_spans) {
+    absl::StatusOr<double> s = backend_->SecondsBetween(a, b);
+    a = b = -1;
+    if (s.ok()) {
+      last_timing_.sae_seconds += *s;
+    } else if (timing.ok()) {
+      timing = s.status();
+    }
+  }
+  p->sae_spans.clear();
+  absl::StatusOr<double> total = backend_->SecondsBetween(p->start, p->end);
+  p->start = p->end = -1;
+  if (total.ok()) last_timing_.total_seconds = *total;
+  RETURN_IF_ERROR(timing);
+  RETURN_IF_ERROR(total.status());
+  return std::move(p->results);
 }
 
 }  // namespace sae

@@ -67,12 +67,11 @@ struct SequenceResult {
   std::map<std::string, std::vector<float>> hooks;  // hook name -> [n_tokens, d_model]
 };
 
-// Where one Engine::Run spent its wall-clock time. The backend is
-// synchronised when a hook fires, so queued model work is not billed to the
-// SAEs.
+// Where one batch spent its device time (measured with the backend's time
+// points: on a GPU, events in the stream; on the CPU, the clock).
 struct RunTiming {
-  double total_seconds = 0;
-  double sae_seconds = 0;  // SAE encode/top-k, watch lists, reconstruction, hook copies
+  double total_seconds = 0;  // the forward pass and the SAE work of the batch
+  double sae_seconds = 0;    // SAE encode/top-k, watch lists, reconstruction, hook copies
 };
 
 class Engine {
@@ -88,9 +87,30 @@ class Engine {
   // Index into saes() of the SAE called `name`; NOT_FOUND lists the names.
   absl::StatusOr<int> FindSae(absl::string_view name) const;
 
-  // Runs one packed batch. Token ids are validated (INVALID_ARGUMENT).
+  // Runs one packed batch: Collect(Submit(batch)). Token ids are validated (INVALID_ARGUMENT).
   absl::StatusOr<std::vector<SequenceResult>> Run(const std::vector<SequenceRequest>& batch);
-  // Timing of the last Run (also of one that failed).
+
+  // The two halves of Run, so a caller can queue the next batch on the
+  // device before it reads the last one back (the device then never waits
+  // for the host between batches). Submit validates the batch and issues all
+  // its device work: the forward pass and every SAE op, whose outputs stay on
+  // the device (only hook capture copies to the host during Submit). Collect
+  // waits for them and builds the results. Batches are collected in the
+  // order they were submitted; a batch that is never collected only costs
+  // its device memory until it is destroyed.
+  struct PendingBatch;
+  struct PendingBatchDeleter {  // PendingBatch is complete only in engine.cc
+    void operator()(PendingBatch* p) const;
+  };
+  using Pending = std::unique_ptr<PendingBatch, PendingBatchDeleter>;
+  absl::StatusOr<Pending> Submit(const std::vector<SequenceRequest>& batch);
+  absl::StatusOr<std::vector<SequenceResult>> Collect(Pending pending);
+
+  // Whether Submit returns before the device has finished the batch (the
+  // backend is asynchronous), i.e. whether overlapping batches pays off.
+  bool asynchronous() const { return backend_->asynchronous(); }
+
+  // Timing of the last collected batch (also of one that failed).
   const RunTiming& last_run_timing() const { return last_timing_; }
 
  private:

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "rpc/windows.h"
 
 namespace sae {
@@ -34,7 +35,7 @@ struct Executor::Pending {
 };
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::Create(BatchRunner runner, const ExecutorOptions& options) {
-  if (!runner) return absl::InvalidArgumentError("executor: no batch runner");
+  if (!runner.start) return absl::InvalidArgumentError("executor: no batch runner");
   if (options.max_batch_tokens <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("executor: max_batch_tokens must be positive, got ", options.max_batch_tokens));
@@ -57,12 +58,33 @@ Executor::Executor(BatchRunner runner, const ExecutorOptions& options)
       options_(options),
       metrics_(options.metrics ? options.metrics : std::make_shared<Metrics>()) {}
 
-BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
-  return [engine, metrics = std::move(metrics)](const std::vector<SequenceRequest>& batch) {
-    absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
-    if (metrics != nullptr) metrics->ObserveSae(engine->last_run_timing().sae_seconds);
-    return results;
+BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<SequenceRequest>&)> run) {
+  BatchRunner runner;
+  runner.start = [run = std::move(run)](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
+    auto results = std::make_shared<BatchResults>(run(batch));
+    return BatchCollector([results] { return std::move(*results); });
   };
+  return runner;
+}
+
+BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
+  BatchRunner runner;
+  runner.overlapped = engine->asynchronous();
+  runner.start = [engine, metrics = std::move(metrics)](
+                     const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
+    ASSIGN_OR_RETURN(Engine::Pending submitted, engine->Submit(batch));
+    // A std::function must be copyable: the batch is moved out of a shared holder.
+    auto pending = std::make_shared<Engine::Pending>(std::move(submitted));
+    return BatchCollector([engine, metrics, pending]() -> BatchResults {
+      BatchResults results = engine->Collect(std::move(*pending));
+      if (metrics != nullptr) {
+        metrics->ObserveForward(engine->last_run_timing().total_seconds);
+        metrics->ObserveSae(engine->last_run_timing().sae_seconds);
+      }
+      return results;
+    });
+  };
+  return runner;
 }
 
 Executor::~Executor() { Shutdown(); }
@@ -103,6 +125,11 @@ absl::Status Executor::Submit(Job job, WhenFull when_full) {
   }
   Run(actions);
   return absl::OkStatus();
+}
+
+int Executor::staged_windows() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int>(staged_.size());
 }
 
 bool Executor::CanAdmitLocked(int64_t n_tokens) const {
@@ -292,14 +319,19 @@ void Executor::SchedulerLoop() {
   }
 }
 
-std::vector<absl::StatusOr<SequenceResult>> Executor::RunIsolated(const std::vector<SequenceRequest>& requests) {
+std::vector<absl::StatusOr<SequenceResult>> Executor::CollectIsolated(Started& started) {
+  const std::vector<SequenceRequest>& requests = started.requests;
+  auto run = [this](const std::vector<SequenceRequest>& batch, absl::StatusOr<BatchCollector> collect) {
+    BatchResults results = collect.ok() ? (*collect)() : BatchResults(collect.status());
+    if (results.ok() && results->size() != batch.size()) {
+      results = absl::InternalError(
+          absl::StrCat("executor: runner returned ", results->size(), " results for ", batch.size(), " requests"));
+    }
+    return results;
+  };
   std::vector<absl::StatusOr<SequenceResult>> out;
   out.reserve(requests.size());
-  absl::StatusOr<std::vector<SequenceResult>> results = runner_(requests);
-  if (results.ok() && results->size() != requests.size()) {
-    results = absl::InternalError(
-        absl::StrCat("executor: runner returned ", results->size(), " results for ", requests.size(), " requests"));
-  }
+  BatchResults results = run(requests, std::move(started.collect));
   if (results.ok()) {
     for (SequenceResult& r : *results) out.push_back(std::move(r));
     return out;
@@ -310,68 +342,91 @@ std::vector<absl::StatusOr<SequenceResult>> Executor::RunIsolated(const std::vec
   }
   // Isolate the failure: each window gets its own verdict.
   for (const SequenceRequest& request : requests) {
-    absl::StatusOr<std::vector<SequenceResult>> single = runner_({request});
-    if (single.ok() && single->size() == 1) {
-      out.push_back(std::move(single->front()));
-    } else {
-      out.push_back(single.ok() ? absl::InternalError("executor: runner returned no result") : single.status());
-    }
+    const std::vector<SequenceRequest> single = {request};
+    BatchResults one = run(single, runner_.start(single));
+    out.push_back(one.ok() ? absl::StatusOr<SequenceResult>(std::move(one->front()))
+                           : absl::StatusOr<SequenceResult>(one.status()));
   }
   return out;
+}
+
+std::vector<Executor::Slot> Executor::TakeStagedLocked(Actions* actions) {
+  // Take the staged batch; the scheduler starts filling the next one.
+  std::vector<Slot> batch = std::move(staged_);
+  staged_.clear();
+  staged_tokens_ = 0;
+  staged_ready_ = false;
+  scheduler_poked_ = true;
+  scheduler_cv_.notify_one();
+  // Last chance to skip a window nobody wants any more.
+  const Clock::time_point now = Clock::now();
+  std::vector<Slot> live;
+  for (Slot& slot : batch) {
+    absl::Status reason = slot.job->failure.ok() ? DropReason(*slot.job, now) : slot.job->failure;
+    if (reason.ok()) {
+      metrics_->ObserveQueueTime(Seconds(now - slot.job->admitted_at));
+      live.push_back(std::move(slot));
+    } else {
+      --slot.job->windows_active;
+      FailLocked(slot.job, reason, actions);
+    }
+  }
+  return live;
+}
+
+Executor::Started Executor::Start(std::vector<Slot> live) {
+  Started started;
+  started.requests.reserve(live.size());
+  int64_t n_tokens = 0;
+  for (Slot& slot : live) {
+    n_tokens += static_cast<int64_t>(slot.request.ids.size());
+    started.requests.push_back(std::move(slot.request));
+  }
+  started.live = std::move(live);
+  metrics_->ObserveBatch(n_tokens, static_cast<int>(started.requests.size()));
+  started.collect = runner_.start(started.requests);
+  return started;
 }
 
 void Executor::EngineLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   Actions actions;
+  std::optional<Started> running;  // started, not yet collected
   for (;;) {
-    engine_cv_.wait(lock, [this] { return stopping_ || (staged_ready_ && !staged_.empty()); });
-    if (stopping_) return;
-    // Take the staged batch; the scheduler starts filling the next one.
-    std::vector<Slot> batch = std::move(staged_);
-    staged_.clear();
-    staged_tokens_ = 0;
-    staged_ready_ = false;
-    scheduler_poked_ = true;
-    scheduler_cv_.notify_one();
-    // Last chance to skip a window nobody wants any more.
-    const Clock::time_point start = Clock::now();
-    std::vector<Slot> live;
-    for (Slot& slot : batch) {
-      absl::Status reason = slot.job->failure.ok() ? DropReason(*slot.job, start) : slot.job->failure;
-      if (reason.ok()) {
-        live.push_back(std::move(slot));
-      } else {
-        --slot.job->windows_active;
-        FailLocked(slot.job, reason, &actions);
-      }
-    }
-    lock.unlock();
-    Run(actions);
-    if (live.empty()) {
+    auto staged = [this] { return staged_ready_ && !staged_.empty(); };
+    if (!running) engine_cv_.wait(lock, [&] { return stopping_ || staged(); });
+    // With an overlapped runner the next batch goes to the device before the
+    // running one is collected; stopping starts nothing new.
+    std::optional<Started> next;
+    if (!stopping_ && staged() && (!running || runner_.overlapped)) {
+      std::vector<Slot> live = TakeStagedLocked(&actions);
+      lock.unlock();
+      Run(actions);
+      if (!live.empty()) next = Start(std::move(live));
       lock.lock();
-      continue;
     }
-
-    std::vector<SequenceRequest> requests;
-    requests.reserve(live.size());
-    int64_t n_tokens = 0;
-    for (Slot& slot : live) {
-      metrics_->ObserveQueueTime(Seconds(start - slot.job->admitted_at));
-      n_tokens += static_cast<int64_t>(slot.request.ids.size());
-      requests.push_back(std::move(slot.request));
+    if (running) {
+      lock.unlock();
+      Finish(std::move(*running));
+      lock.lock();
     }
-    metrics_->ObserveBatch(n_tokens, static_cast<int>(requests.size()));
-    const Clock::time_point run_start = Clock::now();
-    std::vector<absl::StatusOr<SequenceResult>> results = RunIsolated(requests);
-    metrics_->ObserveForward(Seconds(Clock::now() - run_start));
+    running = std::move(next);
+    if (stopping_ && !running) return;
+  }
+}
 
-    // Account first, then deliver outside mu_ (callbacks may write to gRPC),
-    // then run the `done` actions: a finished request's admission slot is
-    // free before its last chunk can reach the client (who may send the next
-    // request at once), and `done` still comes after every window. A job that
-    // failed meanwhile gets nothing more.
-    std::vector<bool> deliver(live.size());
-    lock.lock();
+void Executor::Finish(Started started) {
+  std::vector<absl::StatusOr<SequenceResult>> results = CollectIsolated(started);
+  const std::vector<Slot>& live = started.live;
+  // Account first, then deliver outside mu_ (callbacks may write to gRPC),
+  // then run the `done` actions: a finished request's admission slot is
+  // free before its last chunk can reach the client (who may send the next
+  // request at once), and `done` still comes after every window. A job that
+  // failed meanwhile gets nothing more.
+  Actions actions;
+  std::vector<bool> deliver(live.size());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < live.size(); ++i) deliver[i] = results[i].ok() && live[i].job->failure.ok();
     for (size_t i = 0; i < live.size(); ++i) {
       const std::shared_ptr<Pending>& job = live[i].job;
@@ -387,26 +442,24 @@ void Executor::EngineLoop() {
       }
     }
     AdmitWaitersLocked(&actions);
-    lock.unlock();
-    for (size_t i = 0; i < live.size(); ++i) {
-      if (!deliver[i]) continue;
-      Pending& job = *live[i].job;
-      const Window& window = job.windows[live[i].window];
-      SequenceResult window_result = std::move(*results[i]);
-      DropPrependedRow(window, &window_result);
-      metrics_->AddTokens(window.end - window.begin);
-      if (job.job.on_window) {
-        job.job.on_window(window, std::move(window_result));
-      } else if (job.windows.size() == 1) {
-        job.merged = std::move(window_result);
-      } else {
-        if (live[i].window == 0) job.merged = EmptyResult(job.job.request);
-        PlaceWindow(window, window_result, static_cast<int>(job.job.request.ids.size()), &job.merged);
-      }
-    }
-    Run(actions);
-    lock.lock();
   }
+  for (size_t i = 0; i < live.size(); ++i) {
+    if (!deliver[i]) continue;
+    Pending& job = *live[i].job;
+    const Window& window = job.windows[live[i].window];
+    SequenceResult window_result = std::move(*results[i]);
+    DropPrependedRow(window, &window_result);
+    metrics_->AddTokens(window.end - window.begin);
+    if (job.job.on_window) {
+      job.job.on_window(window, std::move(window_result));
+    } else if (job.windows.size() == 1) {
+      job.merged = std::move(window_result);
+    } else {
+      if (live[i].window == 0) job.merged = EmptyResult(job.job.request);
+      PlaceWindow(window, window_result, static_cast<int>(job.job.request.ids.size()), &job.merged);
+    }
+  }
+  Run(actions);
 }
 
 void Executor::StopAdmitting() {

@@ -15,6 +15,9 @@
 //    takes the staged batch when it is free, so the scheduler prepares (and
 //    keeps filling) the next batch while the current one runs. A staged batch
 //    is taken once it is full or its oldest window waited max_queue_delay.
+//    With an overlapped runner (the GPU) up to two batches are on the device:
+//    the engine thread starts the next staged batch before it collects and
+//    delivers the one running.
 #ifndef SAE_RPC_EXECUTOR_H_
 #define SAE_RPC_EXECUTOR_H_
 
@@ -38,12 +41,29 @@
 
 namespace sae {
 
-// Runs one packed batch; results are parallel to the requests. Called only
-// on the engine thread (Engine::Run in production, a fake in tests).
-using BatchRunner = std::function<absl::StatusOr<std::vector<SequenceResult>>(const std::vector<SequenceRequest>&)>;
+using BatchResults = absl::StatusOr<std::vector<SequenceResult>>;
+// Waits for a started batch and returns its results, parallel to the requests.
+using BatchCollector = std::function<BatchResults()>;
 
-// The production runner: Engine::Run, recording the SAE share of every run in
-// `metrics` (may be null).
+// How the engine thread runs packed batches (the Engine in production, fakes
+// in tests). Called only on the engine thread.
+struct BatchRunner {
+  // Issues one batch and returns what collects it. Fails for a bad batch.
+  std::function<absl::StatusOr<BatchCollector>(const std::vector<SequenceRequest>&)> start;
+  // True when `start` returns before the device has finished (a GPU queue):
+  // the engine thread then starts the next batch before it collects this
+  // one, so the device computes batch i+1 while the host reads back and
+  // delivers batch i. False when `start` does the work itself (the CPU): a
+  // second batch would only delay the first one's delivery.
+  bool overlapped = false;
+};
+
+// A runner whose `start` does the whole batch (tests, simple backends).
+BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<SequenceRequest>&)> run);
+
+// The production runner: Engine::Submit / Engine::Collect, overlapped when
+// the engine's backend is asynchronous. Records every collected batch's
+// device time and its SAE share in `metrics` (may be null).
 BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics);
 
 using Clock = std::chrono::steady_clock;
@@ -119,6 +139,8 @@ class Executor {
   int64_t queued_tokens() const { return queued_tokens_.load(); }
   // Jobs in the admission line.
   int waiting() const { return n_waiting_.load(); }
+  // Windows staged for the next batch.
+  int staged_windows() const;
 
  private:
   struct Pending;
@@ -131,11 +153,22 @@ class Executor {
   using Actions = std::vector<std::function<void()>>;
 
   Executor(BatchRunner runner, const ExecutorOptions& options);
+  // A batch started on the runner, not yet collected.
+  struct Started {
+    std::vector<Slot> live;
+    std::vector<SequenceRequest> requests;
+    absl::StatusOr<BatchCollector> collect;
+  };
   void SchedulerLoop();
   void EngineLoop();
-  // Runs the batch; a failed batch of several windows is retried one window
-  // at a time so one bad request cannot fail the others.
-  std::vector<absl::StatusOr<SequenceResult>> RunIsolated(const std::vector<SequenceRequest>& requests);
+  // Takes the staged batch (mu_ held); drops the windows nobody wants any more.
+  std::vector<Slot> TakeStagedLocked(Actions* actions);
+  Started Start(std::vector<Slot> live);
+  // Collects a started batch, then accounts for and delivers its windows.
+  void Finish(Started started);
+  // The batch's results; a failed batch of several windows is rerun one
+  // window at a time so one bad request cannot fail the others.
+  std::vector<absl::StatusOr<SequenceResult>> CollectIsolated(Started& started);
 
   // The helpers below run with mu_ held; callbacks are queued in `actions`
   // and run after mu_ is released.
@@ -159,7 +192,7 @@ class Executor {
   std::atomic<int64_t> queued_tokens_{0};
   std::atomic<int> n_waiting_{0};
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable scheduler_cv_;
   std::condition_variable engine_cv_;
   bool admitting_ = true;                       // guarded by mu_

@@ -376,6 +376,59 @@ TEST_F(EngineTest, OptionsAreBatchInvariant) {
   EXPECT_TRUE(std::isnan(batched[1]->saes[0].reconstruction_error[0]));
 }
 
+// Requests that use every output the engine gathers after the forward pass:
+// top-k, watch lists, reconstruction errors and captured hooks.
+std::vector<SequenceRequest> EveryOutput(const std::vector<SequenceRequest>& base, size_t n_saes) {
+  std::vector<SequenceRequest> out = base;
+  out[0].capture_hooks = true;
+  out[0].reconstruction_error = true;
+  if (out.size() > 1) {
+    out[1].watch = std::vector<std::vector<int32_t>>(n_saes);
+    out[1].watch[0] = {3, 17, 42, 101, 7};
+  }
+  return out;
+}
+
+// Submit / Collect are Run's two halves: two batches in flight at once give
+// what two Runs give, and a batch never collected costs nothing else.
+TEST_F(EngineTest, SubmitAndCollectOverlappedEqualRun) {
+  EXPECT_FALSE(engine_->asynchronous()) << "the CPU backend computes each op before it returns";
+  const size_t n_saes = engine_->saes().size();
+  const auto a =
+      EveryOutput({Request("The cat sat on the mat."), Request("Two green birds flew over London.")}, n_saes);
+  const auto b = EveryOutput({Request("One two three, the dog ran.", 5)}, n_saes);
+  auto run_a = engine_->Run(a);
+  auto run_b = engine_->Run(b);
+  ASSERT_TRUE(run_a.ok()) << run_a.status();
+  ASSERT_TRUE(run_b.ok()) << run_b.status();
+
+  auto dropped = engine_->Submit(b);
+  ASSERT_TRUE(dropped.ok()) << dropped.status();
+  dropped->reset();
+  auto pending_a = engine_->Submit(a);
+  auto pending_b = engine_->Submit(b);
+  ASSERT_TRUE(pending_a.ok()) << pending_a.status();
+  ASSERT_TRUE(pending_b.ok()) << pending_b.status();
+  auto got_a = engine_->Collect(*std::move(pending_a));
+  ASSERT_TRUE(got_a.ok()) << got_a.status();
+  const RunTiming timing_a = engine_->last_run_timing();
+  auto got_b = engine_->Collect(*std::move(pending_b));
+  ASSERT_TRUE(got_b.ok()) << got_b.status();
+  testing::ExpectSameResults(*run_a, *got_a, "batch a");
+  testing::ExpectSameResults(*run_b, *got_b, "batch b");
+  // Each collected batch reports its own time, the SAE part within it.
+  EXPECT_GT(timing_a.sae_seconds, 0.0);
+  EXPECT_LE(timing_a.sae_seconds, timing_a.total_seconds);
+  EXPECT_GT(engine_->last_run_timing().sae_seconds, 0.0);
+  EXPECT_LE(engine_->last_run_timing().sae_seconds, engine_->last_run_timing().total_seconds);
+}
+
+TEST_F(EngineTest, SubmitRejectsBadTokenIdsBeforeAnyWork) {
+  SequenceRequest r = Request("x");
+  r.ids.push_back(engine_->model_config().vocab_size);
+  EXPECT_EQ(engine_->Submit({r}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(EngineTest, RejectsBadOptions) {
   struct Case {
     const char* name;

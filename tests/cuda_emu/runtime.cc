@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -36,6 +37,10 @@ struct CUstream_st {
 struct CUevent_st {
   CUstream_st* stream = nullptr;  // nullptr: never recorded (complete)
   uint64_t target = 0;            // complete once stream->executed >= target
+  bool timing = true;             // created without cudaEventDisableTiming
+  // Host clock (ms) when the last record was reached; shared with the queued
+  // op that stamps it, which may outlive the event.
+  std::shared_ptr<double> reached_ms = std::make_shared<double>(-1.0);
 };
 struct CUmemPoolHandle_st {};
 
@@ -553,6 +558,8 @@ const char* cudaGetErrorName(cudaError_t e) {
       return "cudaErrorInvalidDevice";
     case cudaErrorInvalidResourceHandle:
       return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady:
+      return "cudaErrorNotReady";
     case cudaErrorNotSupported:
       return "cudaErrorNotSupported";
     case cudaErrorLaunchFailure:
@@ -577,6 +584,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid device ordinal";
     case cudaErrorInvalidResourceHandle:
       return "invalid resource handle";
+    case cudaErrorNotReady:
+      return "device not ready";
     case cudaErrorNotSupported:
       return "operation not supported";
     case cudaErrorLaunchFailure:
@@ -826,6 +835,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   if (event == nullptr) return Fail(cudaErrorInvalidValue);
   *event = new CUevent_st();
+  (*event)->timing = (flags & cudaEventDisableTiming) == 0;
   return cudaSuccess;
 }
 
@@ -843,6 +853,12 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     event->stream = nullptr;
     return cudaSuccess;
   }
+  // A queued op stamps the time the stream reaches the record.
+  auto stamp = std::make_shared<double>(-1.0);
+  event->reached_ms = stamp;
+  sae_emu::Enqueue(stream, [stamp]() {
+    *stamp = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  });
   event->stream = stream;
   event->target = sae_emu::Enqueued(stream);
   return cudaSuccess;
@@ -854,5 +870,16 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (event->stream != nullptr && sae_emu::Streams().count(event->stream) > 0) {
     sae_emu::Flush(event->stream, event->target);
   }
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  Lock lock(Mu());
+  if (ms == nullptr || start == nullptr || end == nullptr) return Fail(cudaErrorInvalidValue);
+  if (!start->timing || !end->timing || start->stream == nullptr || end->stream == nullptr) {
+    return Fail(cudaErrorInvalidResourceHandle);  // timing disabled, or never recorded on a stream
+  }
+  if (*start->reached_ms < 0 || *end->reached_ms < 0) return Fail(cudaErrorNotReady);
+  *ms = static_cast<float>(*end->reached_ms - *start->reached_ms);
   return cudaSuccess;
 }

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "rpc/windows.h"
 #include "testing/test_util.h"
 
@@ -49,7 +50,7 @@ struct FakeRunner {
   std::vector<std::vector<int32_t>> sequences;
 
   BatchRunner Runner() {
-    return [this](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<std::vector<SequenceResult>> {
+    return BlockingRunner([this](const std::vector<SequenceRequest>& batch) -> BatchResults {
       std::unique_lock<std::mutex> lock(mu);
       ++entered;
       cv.notify_all();
@@ -71,7 +72,7 @@ struct FakeRunner {
         results[i].saes.push_back(std::move(top));
       }
       return results;
-    };
+    });
   }
   void Hold() {
     std::lock_guard<std::mutex> lock(mu);
@@ -405,6 +406,115 @@ TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq(std::vector<int32_t>(100, 1)), 2)).ok());
   outcome.WaitDone(3);
   EXPECT_LT(Clock::now() - full_start, std::chrono::milliseconds(250));
+}
+
+// A runner that logs when each batch (named by its first token) is started
+// and collected. While `hold_start` / `hold_collect` is set, starting /
+// collecting the batch named 1 waits.
+struct LoggingRunner {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold_start = false;
+  bool hold_collect = false;
+  std::vector<std::string> events;
+
+  BatchRunner Runner(bool overlapped) {
+    BatchRunner runner;
+    runner.overlapped = overlapped;
+    runner.start = [this](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
+      const int32_t name = batch.front().ids.front();
+      Log("start", name, &hold_start);
+      return BatchCollector([this, batch, name]() -> BatchResults {
+        Log("collect", name, &hold_collect);
+        std::vector<SequenceResult> results(batch.size());
+        for (size_t i = 0; i < batch.size(); ++i) {
+          SaeTopK top;
+          top.k = 1;
+          top.indices = batch[i].ids;
+          top.values.assign(batch[i].ids.size(), 1.0f);
+          results[i].saes.push_back(std::move(top));
+        }
+        return results;
+      });
+    };
+    return runner;
+  }
+  void Log(const char* what, int32_t name, const bool* hold) {
+    std::unique_lock<std::mutex> lock(mu);
+    events.push_back(absl::StrCat(what, " ", name));
+    cv.notify_all();
+    if (name == 1) cv.wait(lock, [hold] { return !*hold; });
+  }
+  void Set(bool* flag, bool value) {
+    std::lock_guard<std::mutex> lock(mu);
+    *flag = value;
+    cv.notify_all();
+  }
+  bool WaitEvents(size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(10), [&] { return events.size() >= n; });
+  }
+  std::vector<std::string> Events() {
+    std::lock_guard<std::mutex> lock(mu);
+    return events;
+  }
+};
+
+// On a GPU the next batch is queued on the device before the running one is
+// read back; on the CPU that would only delay the first batch's results.
+TEST(ExecutorTest, OverlappedRunnerStartsTheNextBatchBeforeCollectingTheRunningOne) {
+  for (bool overlapped : {true, false}) {
+    SCOPED_TRACE(overlapped ? "overlapped" : "blocking");
+    LoggingRunner runner;
+    runner.hold_start = true;
+    auto executor = Executor::Create(runner.Runner(overlapped), Options(100, 16));
+    ASSERT_TRUE(executor.ok());
+    Outcome outcome;
+    ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+    ASSERT_TRUE(runner.WaitEvents(1));
+    ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2, 3}), 1)).ok());
+    ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
+    runner.Set(&runner.hold_start, false);
+    outcome.WaitDone(2);
+    const std::vector<std::string> want =
+        overlapped ? std::vector<std::string>{"start 1", "start 2", "collect 1", "collect 2"}
+                   : std::vector<std::string>{"start 1", "collect 1", "start 2", "collect 2"};
+    EXPECT_EQ(runner.Events(), want);
+    ASSERT_TRUE(outcome.Status(0).ok());
+    ASSERT_TRUE(outcome.Status(1).ok());
+    EXPECT_EQ(outcome.results[1].saes[0].indices, (std::vector<int32_t>{2, 3}));
+    EXPECT_EQ((*executor)->inflight(), 0);
+    EXPECT_EQ((*executor)->queued_tokens(), 0);
+  }
+}
+
+// Shutdown finishes both batches on the device, in order.
+TEST(ExecutorTest, ShutdownFinishesBothOverlappedBatches) {
+  LoggingRunner runner;
+  runner.hold_start = true;
+  runner.hold_collect = true;
+  auto executor = Executor::Create(runner.Runner(/*overlapped=*/true), Options(100, 16));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  ASSERT_TRUE(runner.WaitEvents(1));
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
+  runner.Set(&runner.hold_start, false);
+  // start 1, start 2, collect 1 (held); on failure the batches are let go.
+  if (!runner.WaitEvents(3)) {
+    runner.Set(&runner.hold_collect, false);
+    (*executor)->Shutdown();
+    FAIL() << "the second batch did not start while the first was on the device";
+  }
+  std::thread stopper([&] { (*executor)->Shutdown(); });
+  ASSERT_TRUE(WaitFor([&] { return !(*executor)->Submit(outcome.MakeJob(Seq({5}), 2)).ok(); }));
+  runner.Set(&runner.hold_collect, false);
+  stopper.join();
+  outcome.WaitDone(2);
+  EXPECT_TRUE(outcome.Status(0).ok());
+  EXPECT_TRUE(outcome.Status(1).ok());
+  EXPECT_EQ(runner.Events(), (std::vector<std::string>{"start 1", "start 2", "collect 1", "collect 2"}));
 }
 
 }  // namespace

@@ -118,12 +118,11 @@ class ServiceTest : public ::testing::Test {
     ExecutorOptions executor_options;
     executor_options.max_batch_tokens = 4096;
     executor_options.max_inflight_requests = kMaxInflight;
-    auto executor = Executor::Create(
-        [e, gate](const std::vector<SequenceRequest>& batch) {
-          gate->Pass(batch.size());
-          return e->Run(batch);
-        },
-        executor_options);
+    auto executor = Executor::Create(BlockingRunner([e, gate](const std::vector<SequenceRequest>& batch) {
+                                       gate->Pass(batch.size());
+                                       return e->Run(batch);
+                                     }),
+                                     executor_options);
     ASSERT_TRUE(executor.ok()) << executor.status();
     env->executor = std::move(*executor);
 

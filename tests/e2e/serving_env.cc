@@ -83,12 +83,12 @@ std::unique_ptr<ServingEnv> ServingEnv::Start(ExecutorOptions executor_options, 
   executor_options.metrics = env->metrics;
   Engine* e = env->engine.get();
   Gate* gate = &env->gate;
-  auto executor = Executor::Create(
-      [gate, run = EngineRunner(e, env->metrics)](const std::vector<SequenceRequest>& batch) {
-        gate->Pass(batch);
-        return run(batch);
-      },
-      executor_options);
+  BatchRunner runner = EngineRunner(e, env->metrics);
+  runner.start = [gate, start = std::move(runner.start)](const std::vector<SequenceRequest>& batch) {
+    gate->Pass(batch);
+    return start(batch);
+  };
+  auto executor = Executor::Create(std::move(runner), executor_options);
   if (!executor.ok()) {
     *error = executor.status().ToString();
     return nullptr;

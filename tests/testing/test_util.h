@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "core/demo_model.h"
+#include "core/engine.h"
 
 namespace sae::testing {
 
@@ -16,6 +17,11 @@ const DemoLayout& Demo();
 
 // A fresh empty directory under the build tree's test scratch area.
 std::string MakeTempDir(const std::string& name);
+
+// Fails the test unless `got` equals `want` bit for bit: every top-k list,
+// value, reconstruction error (NaN where `want` has NaN) and captured hook.
+void ExpectSameResults(const std::vector<SequenceResult>& want, const std::vector<SequenceResult>& got,
+                       const std::string& what);
 
 // Polls `condition` until it holds or `timeout` passes; returns its last value.
 template <typename F>

@@ -262,6 +262,8 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaSetDevice(dev_->id);
+    cudaStreamSynchronize(dev_->stream);
+    for (cudaEvent_t e : points_) cudaEventDestroy(e);
     for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_,
                        &sae_cand_, &sae_bound_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
@@ -269,6 +271,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  bool asynchronous() const override { return true; }
 
   // ---- memory ----
 
@@ -688,6 +691,43 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // Time points are timing events on the stream, recycled through a free list.
+  absl::StatusOr<int64_t> RecordTimePoint() override {
+    RETURN_IF_ERROR(Enter());
+    int64_t id;
+    if (!free_points_.empty()) {
+      id = free_points_.back();
+      free_points_.pop_back();
+    } else {
+      cudaEvent_t e = nullptr;
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDefault), "time point");
+      points_.push_back(e);
+      id = static_cast<int64_t>(points_.size()) - 1;
+    }
+    const cudaError_t e = cudaEventRecord(points_[id], dev_->stream);
+    if (e != cudaSuccess) {
+      free_points_.push_back(id);
+      return FromCuda(e, "time point");
+    }
+    return id;
+  }
+
+  absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) override {
+    if (!ValidPoint(start) || !ValidPoint(end)) return absl::InvalidArgumentError("cuda: unknown time point");
+    RETURN_IF_ERROR(Enter());
+    const cudaError_t sync = cudaEventSynchronize(points_[end]);
+    float ms = 0.0f;
+    const cudaError_t elapsed = sync == cudaSuccess ? cudaEventElapsedTime(&ms, points_[start], points_[end]) : sync;
+    ReleaseTimePoint(start);
+    ReleaseTimePoint(end);
+    CUDA_RETURN_IF_ERROR(elapsed, "elapsed time");
+    return static_cast<double>(ms) * 1e-3;
+  }
+
+  void ReleaseTimePoint(int64_t point) override {
+    if (ValidPoint(point)) free_points_.push_back(point);
+  }
+
   absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
     RETURN_IF_ERROR(CheckRelativeSquaredErrorArgs(y_hat, y, out));
     if (y.rows == 0) return absl::OkStatus();
@@ -802,6 +842,8 @@ class CudaBackend final : public Backend {
   // thread that created the backend.
   absl::Status Enter() { return FromCuda(cudaSetDevice(dev_->id), "set device"); }
 
+  bool ValidPoint(int64_t p) const { return p >= 0 && p < static_cast<int64_t>(points_.size()); }
+
   PinnedSlot& NextIoSlot() {
     PinnedSlot& s = dev_->io[next_io_];
     next_io_ = (next_io_ + 1) % kIoSlots;
@@ -899,7 +941,9 @@ class CudaBackend final : public Backend {
   }
 
   std::shared_ptr<Device> dev_;
-  const int model_split_;  // bf16 parts of the activations in model GEMMs
+  std::vector<cudaEvent_t> points_;   // time points (timing events)
+  std::vector<int64_t> free_points_;  // ids in points_ not in use
+  const int model_split_;             // bf16 parts of the activations in model GEMMs
   int next_io_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch w_f32_;       // F16 weight rows widened to F32

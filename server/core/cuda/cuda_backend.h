@@ -20,8 +20,9 @@
 // Bumped whenever Backend (its vtable included), Tensor, OwnedTensor,
 // SaeEncoderWeights or SaeDecoderWeights change layout, so a stale
 // libsae_cuda.so is refused instead of crashing. 2: SaeEncodeSelected,
-// SaeReconstruct and RelativeSquaredError joined the vtable.
-#define SAE_CUDA_BACKEND_ABI_VERSION 2
+// SaeReconstruct and RelativeSquaredError joined the vtable. 3: device time
+// points (RecordTimePoint, SecondsBetween, ReleaseTimePoint) and asynchronous().
+#define SAE_CUDA_BACKEND_ABI_VERSION 3
 
 extern "C" {
 // The library's one C entry point. On success returns 0 and stores a new
