@@ -2,6 +2,7 @@
 // weights (nothing to download), through the same Backend ops the engine uses:
 //   * the 7 forward GEMMs per layer: time, TFLOP/s, % of the bf16 dense peak
 //     (target: >= 60% at 8k-token batches);
+//   * the attention kernels (bf16 tensor cores, the default; fp32 CUDA cores);
 //   * the forward pass (embed + L layers) for early exit at L = 8, 16, 32:
 //     tokens/s and MFU;
 //   * SAE encode + top-k for 8x (d_sae 32768) and 32x (d_sae 131072) SAEs,
@@ -369,17 +370,22 @@ int Run(const Options& o) {
       max_layers, gemm_sec * 1e3, gemm_flops_layer * max_layers / gemm_sec / 1e12, gemm_pct,
       peak > 0 ? (gemm_pct >= 60 ? "PASS" : "FAIL") : "n/a");
 
-  // ---- attention alone ----
-  const double attn_sec = Seconds(
-      [&] {
-        return b->Attention(q.get(), k.get(), v.get(), t_starts.get(), n_seqs, max_len, c.num_attention_heads,
-                            c.num_key_value_heads, static_cast<int>(hd), attn.get());
-      },
-      b, o.iters, &st);
-  if (!st.ok()) return fail(st);
-  std::printf("\n-- attention (fp32 flash kernel, packed causal, GQA 32/8, head_dim 128), one layer --\n");
-  std::printf("  %.3f ms  %.1f TFLOP/s  (%.1f%% of the bf16 peak)\n", attn_sec * 1e3,
-              attn_flops_layer / attn_sec / 1e12, pct(attn_flops_layer, attn_sec));
+  // ---- attention alone: both kernels (SAE_CUDA_ATTENTION picks one per call) ----
+  std::printf("\n-- attention (packed causal, GQA 32/8, head_dim 128), one layer --\n");
+  for (const char* kernel : {"mma", "fp32"}) {
+    setenv("SAE_CUDA_ATTENTION", kernel, 1);
+    const double attn_sec = Seconds(
+        [&] {
+          return b->Attention(q.get(), k.get(), v.get(), t_starts.get(), n_seqs, max_len, c.num_attention_heads,
+                              c.num_key_value_heads, static_cast<int>(hd), attn.get());
+        },
+        b, o.iters, &st);
+    if (!st.ok()) return fail(st);
+    std::printf("  %-4s %-40s %8.3f ms  %6.1f TFLOP/s  (%.1f%% of the bf16 peak)\n", kernel,
+                std::strcmp(kernel, "mma") == 0 ? "(bf16 tensor cores, the default)" : "(fp32 CUDA cores, exact mode)",
+                attn_sec * 1e3, attn_flops_layer / attn_sec / 1e12, pct(attn_flops_layer, attn_sec));
+  }
+  unsetenv("SAE_CUDA_ATTENTION");
 
   // ---- forward with early exit ----
   std::printf("\n-- forward pass (embed + L layers; all ops, hooks excluded) --\n");

@@ -94,6 +94,27 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
     return v;
   }
 
+  // The attention kernels of this backend, each with the tolerance it is held
+  // to: the CPU's fp32 loop; on CUDA the fp32 kernel (exact mode) and the
+  // tensor-core one (the default: Q, K, P and V rounded to bf16, ~2^-8 of a
+  // value per product), chosen per call by SAE_CUDA_ATTENTION.
+  struct AttentionKernel {
+    const char* name;  // SAE_CUDA_ATTENTION, or nullptr: the backend's only kernel
+    Tol tol;
+  };
+  std::vector<AttentionKernel> AttentionKernels() const {
+    if (GetParam() == "cpu") return {{nullptr, {1e-5, 1e-4}}};
+    return {{"fp32", {1e-5, 1e-4}}, {"mma", {1.5e-2, 1e-2}}};
+  }
+  absl::Status RunAttention(const AttentionKernel& kernel, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& starts, int n_seqs, int max_len, int heads, int kv_heads, int hd,
+                            const Tensor& out) {
+    if (kernel.name != nullptr) setenv("SAE_CUDA_ATTENTION", kernel.name, 1);
+    absl::Status s = backend_->Attention(q, k, v, starts, n_seqs, max_len, heads, kv_heads, hd, out);
+    unsetenv("SAE_CUDA_ATTENTION");
+    return s;
+  }
+
   std::unique_ptr<Backend> backend_;
 };
 
@@ -230,12 +251,7 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
     const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd;
     const auto q = Random(static_cast<size_t>(n) * qd, 11, 2.0f), k = Random(static_cast<size_t>(n) * kvd, 12, 2.0f),
                v = Random(static_cast<size_t>(n) * kvd, 13);
-    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
-         out = Zeros(n, qd);
-    ASSERT_TRUE(backend_
-                    ->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
-                                c.heads, c.kv_heads, c.hd, out.get())
-                    .ok());
+    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
     std::vector<double> ref(static_cast<size_t>(n) * qd);
     const int group = c.heads / c.kv_heads;
     for (size_t s = 0; s + 1 < starts.size(); ++s)
@@ -260,8 +276,14 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
             ref[static_cast<size_t>(i) * qd + h * c.hd + d] = o;
           }
         }
-    const Tol tol = GetParam() == "cpu" ? Tol{1e-5, 1e-4} : Tol{2e-2, 2e-2};
-    ExpectClose(Download<float>(out), ref, tol, "attention hd=" + std::to_string(c.hd));
+    for (const AttentionKernel& kernel : AttentionKernels()) {
+      auto out = Zeros(n, qd);
+      ASSERT_TRUE(RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                               c.heads, c.kv_heads, c.hd, out.get())
+                      .ok());
+      ExpectClose(Download<float>(out), ref, kernel.tol,
+                  "attention hd=" + std::to_string(c.hd) + " " + (kernel.name ? kernel.name : ""));
+    }
   }
 }
 
@@ -366,14 +388,16 @@ TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
     const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd;
     const auto q = Random(static_cast<size_t>(n) * qd, 41, 2.0f), k = Random(static_cast<size_t>(n) * kvd, 42, 2.0f),
                v = Random(static_cast<size_t>(n) * kvd, 43);
-    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts),
-         out = Zeros(n, qd);
-    ASSERT_TRUE(backend_
-                    ->Attention(tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
-                                c.heads, c.kv_heads, c.hd, out.get())
-                    .ok());
-    const auto got = Download<float>(out);
-    std::vector<float> got_rows;
+    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
+    std::vector<std::vector<float>> got;  // per kernel
+    for (const AttentionKernel& kernel : AttentionKernels()) {
+      auto out = Zeros(n, qd);
+      ASSERT_TRUE(RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                               c.heads, c.kv_heads, c.hd, out.get())
+                      .ok());
+      got.push_back(Download<float>(out));
+    }
+    std::vector<std::vector<float>> got_rows(got.size());
     std::vector<double> ref_rows;
     const int group = c.heads / c.kv_heads;
     for (size_t s = 0; s + 1 < starts.size(); ++s) {
@@ -398,15 +422,19 @@ TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
             for (int j = starts[s]; j <= i; ++j)
               o += p[j - starts[s]] / sum * v[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
             ref_rows.push_back(o);
-            got_rows.push_back(got[static_cast<size_t>(i) * qd + h * c.hd + d]);
+            for (size_t kn = 0; kn < got.size(); ++kn) {
+              got_rows[kn].push_back(got[kn][static_cast<size_t>(i) * qd + h * c.hd + d]);
+            }
           }
         }
       }
     }
-    const Tol tol = GetParam() == "cpu" ? Tol{1e-5, 1e-4} : Tol{2e-2, 2e-2};
-    ExpectClose(got_rows, ref_rows, tol,
-                "attention hd=" + std::to_string(c.hd) + " gqa=" + std::to_string(group) +
-                    " max_len=" + std::to_string(max_len));
+    for (size_t kn = 0; kn < got.size(); ++kn) {
+      const AttentionKernel kernel = AttentionKernels()[kn];
+      ExpectClose(got_rows[kn], ref_rows, kernel.tol,
+                  "attention hd=" + std::to_string(c.hd) + " gqa=" + std::to_string(group) +
+                      " max_len=" + std::to_string(max_len) + " " + (kernel.name ? kernel.name : ""));
+    }
   }
 }
 

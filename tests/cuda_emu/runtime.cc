@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_bf16.h"
 #include "cuda_runtime_api.h"
 #include "emu_internal.h"
 #include "sae_emu_device.h"
@@ -490,6 +491,56 @@ const uint64_t* WarpGather(unsigned mask, uint64_t bits, int line) {
   f->wait_gen = w.gen;
   YieldToScheduler();
   return slots;
+}
+
+void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b) {
+  struct Operands {
+    const uint32_t* a;  // 4 registers
+    const uint32_t* b;  // 2 registers
+  };
+  const Operands mine{a, b};
+  // Every lane publishes where its fragments are; each lane then reads the
+  // rows of A and the columns of B its outputs need from their owners. The
+  // second gather keeps every lane here until all have read, so no fragment
+  // changes under a reader.
+  const uint64_t* all = WarpGather(0xffffffffu, reinterpret_cast<uint64_t>(&mine), line);
+  auto operands = [&](int lane) { return reinterpret_cast<const Operands*>(all[lane]); };
+  auto half = [](uint32_t reg, int i) {
+    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(reg >> (16 * (i & 1)))});
+  };
+  const int lane = LaneId(), g = lane >> 2, t = lane & 3;
+  // A rows g and g + 8, from the four lanes of group g: lane 4g + tt holds
+  // columns 2tt, 2tt+1 (a[0] / a[1]) and 2tt+8, 2tt+9 (a[2] / a[3]).
+  float rows[2][16];
+  for (int tt = 0; tt < 4; ++tt) {
+    const uint32_t* fa = operands(4 * g + tt)->a;
+    for (int i = 0; i < 2; ++i) {
+      rows[0][2 * tt + i] = half(fa[0], i);
+      rows[1][2 * tt + i] = half(fa[1], i);
+      rows[0][2 * tt + 8 + i] = half(fa[2], i);
+      rows[1][2 * tt + 8 + i] = half(fa[3], i);
+    }
+  }
+  // B columns 2t and 2t + 1: column n lives in the lanes of group n; lane
+  // 4n + tt holds rows 2tt, 2tt+1 (b[0]) and 2tt+8, 2tt+9 (b[1]).
+  float cols[2][16];
+  for (int c = 0; c < 2; ++c) {
+    for (int tt = 0; tt < 4; ++tt) {
+      const uint32_t* fb = operands(4 * (2 * t + c) + tt)->b;
+      for (int i = 0; i < 2; ++i) {
+        cols[c][2 * tt + i] = half(fb[0], i);
+        cols[c][2 * tt + 8 + i] = half(fb[1], i);
+      }
+    }
+  }
+  WarpGather(0xffffffffu, 0, line);
+  for (int r = 0; r < 2; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      float acc = d[2 * r + c];
+      for (int kk = 0; kk < 16; ++kk) acc += rows[r][kk] * cols[c][kk];
+      d[2 * r + c] = acc;
+    }
+  }
 }
 
 void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {

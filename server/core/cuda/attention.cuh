@@ -16,8 +16,11 @@
 // probability of key j broadcast by shuffle. Scores are pre-scaled by
 // log2(e) / sqrt(head_dim) so the softmax is exp2f.
 //
-// This is the simple CUDA-core version (fp32 FMA); a tensor-core (mma.sync
-// bf16) version is the next step if attention shows up in the profile.
+// Two kernels share that layout. AttentionKernel (fp32 FMA on the CUDA
+// cores) is the exact one: the backend uses it when the model's GEMMs carry
+// fp32 activations (SAE_CUDA_MODEL_SPLIT >= 2). AttentionMmaKernel (below)
+// runs QK^T and PV on the tensor cores with bf16 inputs and fp32
+// accumulation, as bf16 inference does; it is the default.
 #ifndef SAE_CORE_CUDA_ATTENTION_CUH_
 #define SAE_CORE_CUDA_ATTENTION_CUH_
 
@@ -28,7 +31,7 @@
 namespace sae {
 namespace cuda {
 
-constexpr int kAttnRowsPerBlock = 32;  // query rows per block (one sequence, one head)
+constexpr int kAttnRowsPerBlock = 32;  // query rows per block (one sequence, one head) of AttentionKernel
 constexpr int kAttnKeysPerTile = 32;   // keys per shared-memory tile: one per lane
 constexpr int kAttnWarps = 4;
 constexpr int kAttnRowsPerWarp = kAttnRowsPerBlock / kAttnWarps;
@@ -36,11 +39,12 @@ constexpr int kAttnTableThreads = 1024;
 
 // ---- kernels ----
 
-// One block. tile_start[s] = number of query tiles in sequences < s;
+// One block. tile_start[s] = number of query tiles (of rows_per_tile rows) in sequences < s;
 // tile_start[n_seqs] = total. A sequence with bad bounds counts as empty and
 // raises the error word.
 __global__ void AttentionTileTableKernel(const int32_t* __restrict__ seq_starts, int n_seqs, int max_seq_len,
-                                         int64_t n_tokens, int32_t* __restrict__ tile_start, int* error_flag) {
+                                         int64_t n_tokens, int rows_per_tile, int32_t* __restrict__ tile_start,
+                                         int* error_flag) {
   __shared__ int32_t scan[kAttnTableThreads];
   const int tid = threadIdx.x;
   const int per = (n_seqs + kAttnTableThreads - 1) / kAttnTableThreads;
@@ -52,7 +56,7 @@ __global__ void AttentionTileTableKernel(const int32_t* __restrict__ seq_starts,
       *error_flag = kDeviceErrorBadSeqStarts;
       return 0;
     }
-    return (len + kAttnRowsPerBlock - 1) / kAttnRowsPerBlock;
+    return (len + rows_per_tile - 1) / rows_per_tile;
   };
   int32_t local = 0;
   for (int s = s0; s < s1; ++s) local += tiles_of(s);
@@ -73,6 +77,41 @@ __global__ void AttentionTileTableKernel(const int32_t* __restrict__ seq_starts,
   if (tid == kAttnTableThreads - 1) tile_start[n_seqs] = scan[tid];
 }
 
+// The query tile of block blockIdx.x: rows [q_first, q_first + n_rows) of the
+// sequence starting at token seq_begin; keys [0, kv_len) are visible to some
+// row. False when the block has no tile (the grid is an upper bound).
+struct AttnTile {
+  int64_t seq_begin;
+  int q_first, n_rows, kv_len;
+};
+__device__ __forceinline__ bool FindAttnTile(const int32_t* __restrict__ seq_starts,
+                                             const int32_t* __restrict__ tile_start, int n_seqs, int rows_per_tile,
+                                             AttnTile* out) {
+  const int tile = blockIdx.x;
+  if (tile >= tile_start[n_seqs]) return false;
+  // Last s with tile_start[s] <= tile; invariant tile_start[lo] <= tile < tile_start[hi].
+  int lo = 0, hi = n_seqs;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_start[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int s = lo;
+  const int len = seq_starts[s + 1] - seq_starts[s];
+  const int n_tiles = tile_start[s + 1] - tile_start[s];
+  // Tiles of a sequence run last-first: the late ones see the most keys, and
+  // starting them first shortens the tail of the grid.
+  const int q_tile = n_tiles - 1 - (tile - tile_start[s]);
+  out->seq_begin = seq_starts[s];
+  out->q_first = q_tile * rows_per_tile;
+  out->n_rows = min(rows_per_tile, len - out->q_first);
+  out->kv_len = out->q_first + out->n_rows;
+  return true;
+}
+
 // DPL = output dims per lane; handles any head_dim <= 32 * DPL.
 template <int DPL>
 __global__ void __launch_bounds__(kAttnWarps * 32)
@@ -86,28 +125,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   float* sk = sq + BQ * hd;        // [BK][hd + 1]
   float* sv = sk + BK * (hd + 1);  // [BK][hd]
 
-  const int tile = blockIdx.x;
-  if (tile >= tile_start[n_seqs]) return;  // the grid is an upper bound on the tile count
-  // Last s with tile_start[s] <= tile; invariant tile_start[lo] <= tile < tile_start[hi].
-  int lo = 0, hi = n_seqs;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (tile_start[mid] <= tile) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  const int s = lo;
-  const int64_t seq_begin = seq_starts[s];
-  const int len = seq_starts[s + 1] - seq_starts[s];
-  const int n_tiles = tile_start[s + 1] - tile_start[s];
-  // Tiles of a sequence run last-first: the late ones see the most keys, and
-  // starting them first shortens the tail of the grid.
-  const int q_tile = n_tiles - 1 - (tile - tile_start[s]);
-  const int q_first = q_tile * BQ;  // first query row of the tile, within the sequence
-  const int n_rows = min(BQ, len - q_first);
-  const int kv_len = q_first + n_rows;  // keys [0, kv_len) are visible to some row
+  AttnTile tile;
+  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, &tile)) return;
+  const int64_t seq_begin = tile.seq_begin;
+  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len;
   const int h = blockIdx.y;
   const int kvh = h / (n_heads / n_kv_heads);
   const int64_t q_stride = static_cast<int64_t>(n_heads) * hd, kv_stride = static_cast<int64_t>(n_kv_heads) * hd;
@@ -208,6 +229,199 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   }
 }
 
+// ---- tensor-core attention ----
+//
+// Block = 4 warps = 64 query rows of one sequence and one head; warp w owns
+// rows 16w..16w+15 of the tile. Q, K and V arrive in fp32 and are rounded to
+// bf16 (Q pre-scaled by log2(e)/sqrt(head_dim)) when staged in shared memory;
+// per 64-key tile each warp computes S = Q K^T [16 x 64] with mma.m16n8k16
+// (fp32 accumulators), applies the causal mask, updates its online softmax in
+// registers, and multiplies P (rounded to bf16) by V into an fp32 O [16 x HD].
+// The accumulator layout of S (two 8-key tiles) is the A-operand layout of P
+// for the 16-key PV step, so P never leaves registers.
+//
+// Shared memory holds bf16 pairs as 32-bit words: sq/sk [row][HD/2 + 4]
+// (+4 words: the 8 rows g of a fragment load land 4 banks apart, no
+// conflicts), svt [d][BK/2 + 4] = V transposed, so each B fragment register
+// of PV (two consecutive keys of one dim) is one 32-bit load.
+constexpr int kAttnMmaRows = 64;  // query rows per block: 16 per warp
+constexpr int kAttnMmaKeys = 64;  // keys per shared-memory tile
+constexpr int kAttnMmaWarps = 4;
+
+bool AttentionMmaSupportsHeadDim(int head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
+template <int HD>
+constexpr size_t AttentionMmaSharedBytes() {
+  return sizeof(uint32_t) * (static_cast<size_t>(kAttnMmaRows + kAttnMmaKeys) * (HD / 2 + 4) +
+                             static_cast<size_t>(HD) * (kAttnMmaKeys / 2 + 4));
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kAttnMmaWarps * 32)
+    AttentionMmaKernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                       const int32_t* __restrict__ seq_starts, const int32_t* __restrict__ tile_start, int n_seqs,
+                       int n_heads, int n_kv_heads, float scale_log2, float* __restrict__ out) {
+  static_assert(HD % 16 == 0 && HD <= 128, "head_dim: a multiple of 16, at most 128");
+  constexpr int BQ = kAttnMmaRows, BK = kAttnMmaKeys;
+  constexpr int QW = HD / 2 + 4;  // words per sq / sk row
+  constexpr int VW = BK / 2 + 4;  // words per svt row
+  constexpr int NT = BK / 8;      // 8-key tiles of S
+  constexpr int KQ = HD / 16;     // 16-dim steps of QK^T
+  constexpr int DT = HD / 8;      // 8-dim tiles of O
+  // (extern shared arrays of different types must not share a name)
+  SAE_DYNAMIC_SHARED(uint32_t, smem_words);
+  uint32_t* sq = smem_words;     // [BQ][QW] Q, pre-scaled, bf16 pairs
+  uint32_t* sk = sq + BQ * QW;   // [BK][QW] K tile
+  uint32_t* svt = sk + BK * QW;  // [HD][VW] V tile, transposed: key pairs of one dim
+
+  AttnTile tile;
+  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, &tile)) return;
+  const int64_t seq_begin = tile.seq_begin;
+  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len;
+  const int h = blockIdx.y;
+  const int kvh = h / (n_heads / n_kv_heads);
+  const int64_t q_stride = static_cast<int64_t>(n_heads) * HD, kv_stride = static_cast<int64_t>(n_kv_heads) * HD;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
+  const int r0 = warp * 16;               // the warp's first row in the tile
+
+  // Rows past the sequence's end are zeros (computed, never stored).
+  for (int i = tid; i < BQ * (HD / 2); i += blockDim.x) {
+    const int r = i / (HD / 2), c = i - r * (HD / 2);
+    float x0 = 0.0f, x1 = 0.0f;
+    if (r < n_rows) {
+      const float* p = q + (seq_begin + q_first + r) * q_stride + static_cast<int64_t>(h) * HD + 2 * c;
+      x0 = p[0] * scale_log2;
+      x1 = p[1] * scale_log2;
+    }
+    sq[r * QW + c] = PackBf16x2(x0, x1);
+  }
+  __syncthreads();
+  uint32_t qf[KQ][4];  // the warp's Q rows as A fragments, one per 16 dims
+#pragma unroll
+  for (int kk = 0; kk < KQ; ++kk) {
+    qf[kk][0] = sq[(r0 + g) * QW + kk * 8 + t];
+    qf[kk][1] = sq[(r0 + g + 8) * QW + kk * 8 + t];
+    qf[kk][2] = sq[(r0 + g) * QW + kk * 8 + 4 + t];
+    qf[kk][3] = sq[(r0 + g + 8) * QW + kk * 8 + 4 + t];
+  }
+
+  float o[DT][4];  // O rows g, g + 8 (see MmaBf16M16N8K16's d)
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.0f, 0.0f};  // rows g, g + 8
+  const int pos[2] = {q_first + r0 + g, q_first + r0 + g + 8};       // their positions in the sequence
+  const int warp_last = q_first + r0 + 15;
+
+  for (int kt = 0; kt < kv_len; kt += BK) {
+    __syncthreads();  // the previous tile is consumed
+    // Keys past kv_len are zeros: P is 0 there, and 0 * V must not be NaN.
+    for (int i = tid; i < BK * (HD / 2); i += blockDim.x) {
+      const int j = i / (HD / 2), c = i - j * (HD / 2);
+      float x0 = 0.0f, x1 = 0.0f;
+      if (kt + j < kv_len) {
+        const float* p = k + (seq_begin + kt + j) * kv_stride + static_cast<int64_t>(kvh) * HD + 2 * c;
+        x0 = p[0];
+        x1 = p[1];
+      }
+      sk[j * QW + c] = PackBf16x2(x0, x1);
+    }
+    for (int i = tid; i < (BK / 2) * HD; i += blockDim.x) {
+      const int jp = i / HD, d = i - jp * HD;
+      const int j = kt + 2 * jp;
+      const float* p = v + (seq_begin + j) * kv_stride + static_cast<int64_t>(kvh) * HD + d;
+      const float v0 = j < kv_len ? p[0] : 0.0f;
+      const float v1 = j + 1 < kv_len ? p[kv_stride] : 0.0f;
+      svt[d * VW + jp] = PackBf16x2(v0, v1);
+    }
+    __syncthreads();
+    if (kt > warp_last) continue;  // warp-uniform: every key of the tile is in the warp's future
+
+    float sc[NT][4];  // S: rows g, g + 8; keys kt + 8 nt + 2t, +1
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t b[2] = {sk[(nt * 8 + g) * QW + kk * 8 + t], sk[(nt * 8 + g) * QW + kk * 8 + 4 + t]};
+        SAE_MMA_BF16_M16N8K16(sc[nt], qf[kk], b);
+      }
+    }
+    if (kt + BK - 1 > q_first + r0) {  // the tile reaches past the warp's first row: causal mask
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (kt + nt * 8 + 2 * t + (e & 1) > pos[e >> 1]) sc[nt][e] = -CUDART_INF_F;
+        }
+      }
+    }
+
+    // Online softmax; a row's 64 scores are spread over the 4 lanes of its group.
+    float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(sc[nt][0], sc[nt][1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(sc[nt][2], sc[nt][3]));
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 2));
+      const float m_new = fmaxf(m[r], tile_max[r]);
+      base[r] = m_new == -CUDART_INF_F ? 0.0f : m_new;  // a row with nothing visible yet stays at 0
+      const float corr = exp2f(m[r] - base[r]);         // 0 on the row's first visible tile
+      m[r] = m_new;
+      l[r] *= corr;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * r] *= corr;
+        o[dt][2 * r + 1] *= corr;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[nt][e] = exp2f(sc[nt][e] - base[e >> 1]);
+        l[e >> 1] += sc[nt][e];
+      }
+    }
+
+    // O += P V: P's 16-key chunk kc is S tiles 2kc (keys +0..7) and 2kc+1 (+8..15).
+#pragma unroll
+    for (int kc = 0; kc < BK / 16; ++kc) {
+      const uint32_t pa[4] = {PackBf16x2(sc[2 * kc][0], sc[2 * kc][1]), PackBf16x2(sc[2 * kc][2], sc[2 * kc][3]),
+                              PackBf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
+                              PackBf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        const uint32_t b[2] = {svt[(dt * 8 + g) * VW + kc * 8 + t], svt[(dt * 8 + g) * VW + kc * 8 + 4 + t]};
+        SAE_MMA_BF16_M16N8K16(o[dt], pa, b);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+    const int row = r0 + g + 8 * r;
+    if (row >= n_rows) continue;
+    const float inv = 1.0f / l[r];
+    float* dst = out + (seq_begin + q_first + row) * q_stride + static_cast<int64_t>(h) * HD + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      dst[dt * 8] = o[dt][2 * r] * inv;
+      dst[dt * 8 + 1] = o[dt][2 * r + 1] * inv;
+    }
+  }
+}
+
 // ---- launchers ----
 
 bool AttentionSupportsHeadDim(int head_dim) { return head_dim >= 1 && head_dim <= 256; }
@@ -233,14 +447,48 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
   return cudaGetLastError();
 }
 
+template <int HD>
+cudaError_t LaunchAttentionMma(const float* q, const float* k, const float* v, const int32_t* seq_starts,
+                               const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
+                               float* out, cudaStream_t stream) {
+  constexpr size_t smem = AttentionMmaSharedBytes<HD>();  // 53 KiB at head_dim 128: over the default 48
+  cudaError_t err =
+      cudaFuncSetAttribute(AttentionMmaKernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t max_tiles = CeilDiv(n_tokens, kAttnMmaRows) + n_seqs;
+  if (max_tiles > 0x7fffffff || n_heads > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(n_heads));
+  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(HD));
+  SAE_KERNEL_LAUNCH(AttentionMmaKernel<HD>, grid, kAttnMmaWarps * 32, smem, stream)
+  (q, k, v, seq_starts, tile_table, n_seqs, n_heads, n_kv_heads, scale_log2, out);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
-                            int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim, float* out,
-                            int32_t* tile_table, int* error_flag, cudaStream_t stream) {
+                            int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
+                            bool tensor_cores, float* out, int32_t* tile_table, int* error_flag, cudaStream_t stream) {
   if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
+  const bool mma = tensor_cores && AttentionMmaSupportsHeadDim(head_dim);
   SAE_KERNEL_LAUNCH(AttentionTileTableKernel, 1, kAttnTableThreads, 0, stream)
-  (seq_starts, n_seqs, max_seq_len, n_tokens, tile_table, error_flag);
+  (seq_starts, n_seqs, max_seq_len, n_tokens, mma ? kAttnMmaRows : kAttnRowsPerBlock, tile_table, error_flag);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (mma) {
+    switch (head_dim) {
+      case 16:
+        return LaunchAttentionMma<16>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                      stream);
+      case 32:
+        return LaunchAttentionMma<32>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                      stream);
+      case 64:
+        return LaunchAttentionMma<64>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                      stream);
+      default:
+        return LaunchAttentionMma<128>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                       stream);
+    }
+  }
   if (head_dim <= 32) {
     return LaunchAttentionDpl<1>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,
                                  stream);

@@ -23,6 +23,35 @@ namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Two floats rounded to bf16 (nearest even) in one 32-bit register, `lo` in
+// the low half: the element order of mma's .bf16x2 operands.
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+
+// d += a * b on the tensor cores, one warp: mma.sync.aligned.m16n8k16.row.col
+// .f32.bf16.bf16.f32. Fragments as the PTX ISA lays them out (g = lane / 4,
+// t = lane % 4; each register holds two bf16, the lower column/row first):
+//   a[4]: A [16 x 16] row-major: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..],
+//         a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   b[2]: B [16 x 8]: b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]
+//   d[4]: D [16 x 8] f32: d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..]
+// Every lane of the warp must call it together. The CPU emulator provides its
+// own (same contract) through SAE_MMA_BF16_M16N8K16.
+#ifndef SAE_MMA_BF16_M16N8K16
+__device__ __forceinline__ void MmaBf16M16N8K16(float* d, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+#define SAE_MMA_BF16_M16N8K16(d, a, b) ::sae::cuda::MmaBf16M16N8K16(d, a, b)
+#endif
+
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for a grid-stride loop over n items: enough blocks to fill the

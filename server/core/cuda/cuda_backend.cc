@@ -33,6 +33,8 @@
 // hook activations within ~1e-6 of an fp32 forward pass (read when the
 // backend is created; SAE_CUDA_SAE_SPLIT at every call, so sae-bench-cuda can
 // compare settings on one backend).
+// Attention follows the same choice: bf16 tensor-core QK^T / PV by default,
+// the fp32 CUDA-core kernel with SAE_CUDA_MODEL_SPLIT >= 2 (attention.cuh).
 // F32 weights use an fp32 GEMM (no TF32); F16 weights are widened to F32 in
 // bounded row chunks (activations may overflow fp16, so x is never narrowed to it).
 //
@@ -484,10 +486,11 @@ class CudaBackend final : public Backend {
     ASSIGN_OR_RETURN(void* table, Ensure(&tile_table_, (static_cast<size_t>(n_seqs) + 1) * sizeof(int32_t)));
     // Bad seq_starts (which live on the device) are reported at the next
     // CopyToHost / Synchronize as INVALID_ARGUMENT.
-    return FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
-                                          max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, out.as<float>(),
-                                          static_cast<int32_t*>(table), dev_->error_word_dev, dev_->stream),
-                    "attention");
+    return FromCuda(
+        cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
+                              max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, AttentionOnTensorCores(),
+                              out.as<float>(), static_cast<int32_t*>(table), dev_->error_word_dev, dev_->stream),
+        "attention");
   }
 
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) override {
@@ -745,6 +748,16 @@ class CudaBackend final : public Backend {
   // file comment): 0 = rescoring (BF16, the default), else the number of
   // bf16 parts of the activations in the encoder GEMM (1 for F32/F16 weights,
   // whose GEMMs are fp32).
+  // bf16 tensor-core attention goes with bf16 model GEMMs; fp32-faithful
+  // GEMMs (SAE_CUDA_MODEL_SPLIT >= 2) get the fp32 kernel.
+  // SAE_CUDA_ATTENTION=fp32|mma overrides, read at every call like
+  // SAE_CUDA_SAE_SPLIT (sae-bench-cuda times both).
+  bool AttentionOnTensorCores() const {
+    const char* v = std::getenv("SAE_CUDA_ATTENTION");
+    if (v != nullptr && std::strcmp(v, "fp32") == 0) return false;
+    if (v != nullptr && std::strcmp(v, "mma") == 0) return true;
+    return model_split_ == 1;
+  }
   static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
   // Parts for SAE GEMMs that need every output accurately (JumpReLU
   // reconstructions, decoders, watch lists): 2 in the default mode.

@@ -52,11 +52,15 @@ cudaError_t LaunchRope(float* x, int64_t n, int n_heads, int head_dim, const int
 
 // ---- attention.cuh ----
 bool AttentionSupportsHeadDim(int head_dim);
-// Causal attention over packed sequences. tile_table: device scratch of
-// n_seqs + 1 ints. Bad seq_starts set *error_flag (those sequences are skipped).
+// Head dims the tensor-core kernel handles (others use the fp32 one).
+bool AttentionMmaSupportsHeadDim(int head_dim);
+// Causal attention over packed sequences. tensor_cores: bf16 QK^T and PV on
+// the tensor cores (fp32 accumulation and softmax) where the head dim allows,
+// else fp32 FMA throughout. tile_table: device scratch of n_seqs + 1 ints.
+// Bad seq_starts set *error_flag (those sequences are skipped).
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
-                            int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim, float* out,
-                            int32_t* tile_table, int* error_flag, cudaStream_t stream);
+                            int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
+                            bool tensor_cores, float* out, int32_t* tile_table, int* error_flag, cudaStream_t stream);
 
 // ---- sae_topk.cuh ----
 // Largest k the top-k kernel handles (its candidate buffer lives in shared memory).

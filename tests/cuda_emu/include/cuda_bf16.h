@@ -27,4 +27,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 
 inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
 
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
 #endif  // SAE_TESTS_CUDA_EMU_CUDA_BF16_H_

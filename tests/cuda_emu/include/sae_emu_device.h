@@ -85,6 +85,13 @@ inline unsigned Ballot(int line, unsigned mask, int predicate) {
   return r & mask;
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp:
+// d += a * b with the fragment layout of the PTX ISA (see MmaBf16M16N8K16 in
+// server/core/cuda/common.cuh). A warp-wide call: every lane must reach it at
+// the same line with its own fragments; products of bf16 are exact in fp32
+// and summed in fp32 in k order.
+void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b);
+
 // A kernel launch: `SAE_KERNEL_LAUNCH(k, grid, block, smem, stream)(args...)`.
 // Arguments are converted to the kernel's parameter types and copied, as a
 // real launch does; the grid runs when the stream reaches it.
@@ -162,6 +169,7 @@ T AtomicCas(T* address, T compare, T value) {
 #define __shfl_down_sync(...) ::sae_emu::ShflDown(__LINE__, __VA_ARGS__)
 #define __shfl_up_sync(...) ::sae_emu::ShflUp(__LINE__, __VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::sae_emu::Ballot(__LINE__, mask, predicate)
+#define SAE_MMA_BF16_M16N8K16(d, a, b) ::sae_emu::MmaBf16M16N8K16(__LINE__, d, a, b)
 
 #define atomicAdd(address, value) ::sae_emu::AtomicAdd(address, value)
 #define atomicMax(address, value) ::sae_emu::AtomicMax(address, value)
