@@ -193,6 +193,11 @@ class Backend {
   // `start` to `end` in seconds; releases both points.
   virtual absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) { return Unimplemented("SecondsBetween"); }
   virtual void ReleaseTimePoint(int64_t point) {}
+  // OK while the device is usable. After an unrecoverable device error (on
+  // CUDA a fault that leaves the context unusable for the rest of the
+  // process: an illegal address, a failed launch, an uncorrectable ECC error)
+  // that error, which every later op then returns at once.
+  virtual absl::Status DeviceStatus() const { return absl::OkStatus(); }
   // True when ops return before their work has finished (a GPU queue), so a
   // caller gains by issuing more work before it waits; false when each op
   // computes before it returns (the CPU).

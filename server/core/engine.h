@@ -109,6 +109,8 @@ class Engine {
   // Whether Submit returns before the device has finished the batch (the
   // backend is asynchronous), i.e. whether overlapping batches pays off.
   bool asynchronous() const { return backend_->asynchronous(); }
+  // OK while the backend's device is usable (Backend::DeviceStatus).
+  absl::Status device_status() const { return backend_->DeviceStatus(); }
 
   // Timing of the last collected batch (also of one that failed).
   const RunTiming& last_run_timing() const { return last_timing_; }

@@ -70,6 +70,7 @@ BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<Sequence
 BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
   BatchRunner runner;
   runner.overlapped = engine->asynchronous();
+  runner.device_status = [engine] { return engine->device_status(); };
   runner.start = [engine, metrics = std::move(metrics)](
                      const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
     ASSIGN_OR_RETURN(Engine::Pending submitted, engine->Submit(batch));
@@ -102,7 +103,7 @@ absl::Status Executor::Submit(Job job, WhenFull when_full) {
   Actions actions;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!admitting_) return absl::UnavailableError("the server is shutting down");
+    if (!admitting_) return refusal_;
     // Nobody overtakes the admission line.
     if (line_.empty() && CanAdmitLocked(pending->n_tokens)) {
       AdmitLocked(std::move(pending), &actions);
@@ -255,14 +256,9 @@ void Executor::StageLocked(Actions* actions) {
   if (staged_tokens_ >= options_.max_batch_tokens) staged_ready_ = true;
 }
 
-void Executor::FailEverythingLocked(Actions* actions) {
-  const absl::Status stopped = absl::UnavailableError("the server is shutting down");
-  for (auto& job : line_) {
-    job->completed = true;
-    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
-    actions->push_back([job, stopped] { job->job.done(stopped); });
-  }
-  line_.clear();
+void Executor::FailEverythingLocked(const absl::Status& why, Actions* actions) {
+  StopAdmittingLocked(why, actions);
+  const absl::Status stopped = refusal_;
   for (auto& job : inbox_) queue_.push_back(std::move(job));
   inbox_.clear();
   for (Slot& slot : staged_) --slot.job->windows_active;
@@ -272,7 +268,6 @@ void Executor::FailEverythingLocked(Actions* actions) {
   staged_ready_ = false;
   for (auto& job : queue_) FailLocked(job, stopped, actions);
   queue_.clear();
-  n_waiting_.store(0);
   UpdateGaugesLocked();
 }
 
@@ -281,12 +276,14 @@ void Executor::SchedulerLoop() {
   Actions actions;
   for (;;) {
     if (stopping_) {
-      FailEverythingLocked(&actions);
+      FailEverythingLocked(absl::UnavailableError("the server is shutting down"), &actions);
       engine_cv_.notify_all();
       lock.unlock();
       Run(actions);
       return;
     }
+    // A lost device runs nothing more: whatever is queued or arrives fails.
+    if (!device_fault_.ok()) FailEverythingLocked(refusal_, &actions);
     for (auto& job : inbox_) queue_.push_back(std::move(job));
     inbox_.clear();
     scheduler_poked_ = false;
@@ -393,7 +390,8 @@ void Executor::EngineLoop() {
   Actions actions;
   std::optional<Started> running;  // started, not yet collected
   for (;;) {
-    auto staged = [this] { return staged_ready_ && !staged_.empty(); };
+    // Nothing new starts on a lost device (the scheduler fails what is staged).
+    auto staged = [this] { return staged_ready_ && !staged_.empty() && device_fault_.ok(); };
     if (!running) engine_cv_.wait(lock, [&] { return stopping_ || staged(); });
     // With an overlapped runner the next batch goes to the device before the
     // running one is collected; stopping starts nothing new.
@@ -417,6 +415,11 @@ void Executor::EngineLoop() {
 
 void Executor::Finish(Started started) {
   std::vector<absl::StatusOr<SequenceResult>> results = CollectIsolated(started);
+  // A failed batch may have been the device itself failing.
+  const bool failed = std::any_of(results.begin(), results.end(), [](const auto& r) { return !r.ok(); });
+  if (failed && runner_.device_status) {
+    if (absl::Status fault = runner_.device_status(); !fault.ok()) DeviceLost(fault);
+  }
   const std::vector<Slot>& live = started.live;
   // Account first, then deliver outside mu_ (callbacks may write to gRPC),
   // then run the `done` actions: a finished request's admission slot is
@@ -466,18 +469,38 @@ void Executor::StopAdmitting() {
   Actions actions;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    admitting_ = false;
-    const absl::Status stopped = absl::UnavailableError("the server is shutting down");
-    for (auto& job : line_) {
-      job->completed = true;
-      if (job->job.on_admitted) actions.push_back(std::move(job->job.on_admitted));
-      actions.push_back([job, stopped] { job->job.done(stopped); });
-    }
-    line_.clear();
-    n_waiting_.store(0);
-    UpdateGaugesLocked();
+    StopAdmittingLocked(absl::UnavailableError("the server is shutting down"), &actions);
   }
   Run(actions);
+}
+
+void Executor::StopAdmittingLocked(const absl::Status& why, Actions* actions) {
+  if (admitting_) refusal_ = why;
+  admitting_ = false;
+  for (auto& job : line_) {
+    job->completed = true;
+    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
+    actions->push_back([job, status = refusal_] { job->job.done(status); });
+  }
+  line_.clear();
+  n_waiting_.store(0);
+  UpdateGaugesLocked();
+}
+
+void Executor::DeviceLost(const absl::Status& fault) {
+  Actions actions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!device_fault_.ok()) return;  // reported once
+    device_fault_ = fault;
+    StopAdmittingLocked(
+        absl::UnavailableError(absl::StrCat("the server's GPU failed and it must restart; retry on another replica (",
+                                            fault.message(), ")")),
+        &actions);
+    scheduler_cv_.notify_one();  // it fails everything queued
+  }
+  Run(actions);
+  if (options_.on_device_lost) options_.on_device_lost(fault);
 }
 
 void Executor::Shutdown() {

@@ -56,6 +56,10 @@ struct BatchRunner {
   // delivers batch i. False when `start` does the work itself (the CPU): a
   // second batch would only delay the first one's delivery.
   bool overlapped = false;
+  // Optional. Asked after a batch failed: an error means the device is lost
+  // for good (Engine::device_status), and the executor stops (see
+  // ExecutorOptions::on_device_lost).
+  std::function<absl::Status()> device_status;
 };
 
 // A runner whose `start` does the whole batch (tests, simple backends).
@@ -84,6 +88,11 @@ struct ExecutorOptions {
   std::optional<int32_t> bos_id;
   // Where to record; null: a private registry nobody scrapes.
   std::shared_ptr<Metrics> metrics;
+  // Called once, on the engine thread, when the runner reports its device
+  // lost after a failed batch (BatchRunner::device_status). By then the
+  // executor admits nothing more and fails whatever is queued with
+  // UNAVAILABLE: nothing can run on this process again. Must not block.
+  std::function<void(const absl::Status& fault)> on_device_lost;
 };
 
 // Set by the submitter when its client went away; the executor then drops
@@ -181,7 +190,14 @@ class Executor {
   static absl::Status DropReason(const Pending& job, Clock::time_point now);
   void SweepLocked(Clock::time_point now, Actions* actions);
   void StageLocked(Actions* actions);
-  void FailEverythingLocked(Actions* actions);
+  // Refuses new jobs from now on with `why` (unless already refusing) and
+  // fails the admission line with it.
+  void StopAdmittingLocked(const absl::Status& why, Actions* actions);
+  // Fails every job not yet on the engine thread and stops admitting.
+  void FailEverythingLocked(const absl::Status& why, Actions* actions);
+  // The device failed for good: stop admitting, fail what is queued, tell
+  // on_device_lost. Engine thread; the first report wins.
+  void DeviceLost(const absl::Status& fault);
   void UpdateGaugesLocked();
   static void Run(Actions& actions);
 
@@ -196,6 +212,8 @@ class Executor {
   std::condition_variable scheduler_cv_;
   std::condition_variable engine_cv_;
   bool admitting_ = true;                       // guarded by mu_
+  absl::Status refusal_;                        // guarded by mu_: why Submit refuses once !admitting_
+  absl::Status device_fault_;                   // guarded by mu_: the device was lost (not OK)
   bool stopping_ = false;                       // guarded by mu_
   bool scheduler_poked_ = false;                // guarded by mu_: the engine took a batch
   std::deque<std::shared_ptr<Pending>> line_;   // guarded by mu_: waiting for admission

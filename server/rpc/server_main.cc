@@ -183,6 +183,14 @@ class SignalWaiter {
     serving_ = true;
   }
 
+  // Wakes Wait as a signal would, with kDeviceLost.
+  static constexpr int kDeviceLost = -1;
+  void DeviceLost() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (signal_ == 0) signal_ = kDeviceLost;
+    cv_.notify_all();
+  }
+
   int Wait() {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [this] { return signal_ != 0; });
@@ -309,6 +317,16 @@ int Main(int argc, char** argv) {
   ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;
+  grpc::HealthCheckServiceInterface* const health_service = health;
+  const std::string sae_service = service_name;
+  executor_options.on_device_lost = [&signals, health_service, sae_service](const absl::Status& fault) {
+    // Nothing can run on this process again: fail readiness at once, then
+    // shut down and exit non-zero so the orchestrator starts a fresh one.
+    Log(absl::StrCat("device lost: ", fault.message(), "; NOT_SERVING, exiting"));
+    health_service->SetServingStatus(sae_service, false);
+    health_service->SetServingStatus(false);
+    signals.DeviceLost();
+  };
   absl::StatusOr<std::unique_ptr<Executor>> executor =
       Executor::Create(EngineRunner(engine_ptr, metrics), executor_options);
   if (!executor.ok()) {
@@ -334,8 +352,10 @@ int Main(int argc, char** argv) {
                    ", max_queue_delay_ms=", config.max_queue_delay_ms(), ")"));
 
   const int sig = signals.Wait();
+  const bool device_lost = sig == SignalWaiter::kDeviceLost;
   const int grace = static_cast<int>(config.shutdown_grace_seconds());
-  Log(absl::StrCat("signal ", sig, ": NOT_SERVING, refusing new requests, draining for up to ", grace, " s"));
+  Log(absl::StrCat(device_lost ? "device lost" : absl::StrCat("signal ", sig),
+                   ": NOT_SERVING, refusing new requests, draining for up to ", grace, " s"));
   // Load balancers stop sending first; then new requests (also on open
   // streams) are refused while admitted ones finish.
   health->Shutdown();
@@ -350,8 +370,8 @@ int Main(int argc, char** argv) {
   executor->reset();
   metrics_server.reset();
   engine->reset();
-  Log("stopped");
-  return 0;
+  Log(device_lost ? "stopped after a device failure (exit status 3)" : "stopped");
+  return device_lost ? 3 : 0;
 }
 
 }  // namespace

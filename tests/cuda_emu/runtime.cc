@@ -64,6 +64,17 @@ std::recursive_mutex& Mu() {
 
 thread_local cudaError_t last_error = cudaSuccess;
 
+// A kernel that faulted leaves the context unusable, as on a GPU: from then on
+// every runtime call returns this error (guarded by Mu()). Tests inject one:
+// while the file named by SAE_CUDA_EMU_FAULT_FILE exists, the next kernel to
+// run faults with cudaErrorIllegalAddress instead of running.
+cudaError_t sticky_error = cudaSuccess;
+
+bool FaultInjected() {
+  const char* path = std::getenv("SAE_CUDA_EMU_FAULT_FILE");
+  return path != nullptr && path[0] != '\0' && access(path, F_OK) == 0;
+}
+
 cudaError_t Fail(cudaError_t e) {
   if (e != cudaSuccess) last_error = e;
   return e;
@@ -562,7 +573,14 @@ void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {
     return;
   }
   const LaunchConfig config = c;
-  Enqueue(c.stream, [config, body = std::move(thread_body)]() { RunGrid(config, body); });
+  Enqueue(c.stream, [config, body = std::move(thread_body)]() {
+    if (sticky_error != cudaSuccess) return;
+    if (FaultInjected()) {
+      sticky_error = cudaErrorIllegalAddress;
+      return;
+    }
+    RunGrid(config, body);
+  });
 }
 
 cudaError_t FuncSetMaxDynamicSharedMemory(const void* func, cudaFuncAttribute attr, int value) {
@@ -615,6 +633,10 @@ const char* cudaGetErrorName(cudaError_t e) {
       return "cudaErrorNotSupported";
     case cudaErrorLaunchFailure:
       return "cudaErrorLaunchFailure";
+    case cudaErrorIllegalAddress:
+      return "cudaErrorIllegalAddress";
+    default:
+      break;  // errors the emulator never raises
   }
   return "cudaErrorUnknown";
 }
@@ -641,16 +663,33 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "operation not supported";
     case cudaErrorLaunchFailure:
       return "unspecified launch failure";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered";
+    default:
+      break;
   }
   return "unknown error";
 }
 
+// After a fault every call returns the sticky error; a sync that runs the
+// faulting kernel returns it too.
+#define SAE_EMU_RETURN_IF_STICKY()                                                \
+  do {                                                                            \
+    if (sae_emu::sticky_error != cudaSuccess) return Fail(sae_emu::sticky_error); \
+  } while (0)
+
 cudaError_t cudaGetLastError() {
+  Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();  // not cleared
   const cudaError_t e = sae_emu::last_error;
   sae_emu::last_error = cudaSuccess;
   return e;
 }
-cudaError_t cudaPeekAtLastError() { return sae_emu::last_error; }
+cudaError_t cudaPeekAtLastError() {
+  Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
+  return sae_emu::last_error;
+}
 
 cudaError_t cudaGetDeviceCount(int* count) {
   if (count == nullptr) return Fail(cudaErrorInvalidValue);
@@ -701,7 +740,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   return Fail(cudaErrorInvalidValue);
 }
 
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
+  return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice);
+}
 cudaError_t cudaGetDevice(int* device) {
   if (device == nullptr) return Fail(cudaErrorInvalidValue);
   *device = 0;
@@ -711,11 +754,13 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceSynchronize() {
   Lock lock(Mu());
   sae_emu::FlushAll();
+  SAE_EMU_RETURN_IF_STICKY();
   return cudaSuccess;
 }
 
 cudaError_t cudaMalloc(void** ptr, size_t size) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (ptr == nullptr) return Fail(cudaErrorInvalidValue);
   *ptr = sae_emu::AllocBytes(size, sae_emu::Region::kDevice);
   return *ptr == nullptr ? Fail(cudaErrorMemoryAllocation) : cudaSuccess;
@@ -730,6 +775,7 @@ cudaError_t cudaFree(void* ptr) {
 
 cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t stream) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   return cudaMalloc(ptr, size);
 }
@@ -747,6 +793,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
 
 cudaError_t cudaHostAlloc(void** ptr, size_t size, unsigned flags) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (ptr == nullptr) return Fail(cudaErrorInvalidValue);
   *ptr = sae_emu::AllocBytes(size, sae_emu::Region::kPinned);
   return *ptr == nullptr ? Fail(cudaErrorMemoryAllocation) : cudaSuccess;
@@ -784,6 +831,7 @@ cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, vo
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind, cudaStream_t stream) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   if (count == 0) return cudaSuccess;
   if (dst == nullptr || src == nullptr) return Fail(cudaErrorInvalidValue);
@@ -815,6 +863,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
         if (stream != nullptr) sae_emu::Flush(stream, sae_emu::Enqueued(stream));
         sae_emu::Enqueue(stream, op);
         if (stream != nullptr) sae_emu::Flush(stream, sae_emu::Enqueued(stream));
+        SAE_EMU_RETURN_IF_STICKY();
       } else {
         sae_emu::Enqueue(stream, op);
       }
@@ -834,6 +883,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t stream) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   if (count == 0) return cudaSuccess;
   sae_emu::Enqueue(stream, [ptr, value, count]() {
@@ -868,11 +918,13 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   } else {
     sae_emu::Flush(stream, sae_emu::Enqueued(stream));
   }
+  SAE_EMU_RETURN_IF_STICKY();
   return cudaSuccess;
 }
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream) || event == nullptr) return Fail(cudaErrorInvalidResourceHandle);
   CUstream_st* on = event->stream;
   const uint64_t target = event->target;  // the record at the time of this call
@@ -898,6 +950,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (event == nullptr || !sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   if (stream == nullptr) {
     sae_emu::FlushAll();
@@ -921,11 +974,13 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (event->stream != nullptr && sae_emu::Streams().count(event->stream) > 0) {
     sae_emu::Flush(event->stream, event->target);
   }
+  SAE_EMU_RETURN_IF_STICKY();
   return cudaSuccess;
 }
 
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
   if (ms == nullptr || start == nullptr || end == nullptr) return Fail(cudaErrorInvalidValue);
   if (!start->timing || !end->timing || start->stream == nullptr || end->stream == nullptr) {
     return Fail(cudaErrorInvalidResourceHandle);  // timing disabled, or never recorded on a stream

@@ -114,6 +114,16 @@ class ServerProcess {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
+  // Waits for the child to exit on its own; its exit code (-1 if it did not
+  // exit normally in time).
+  int WaitExit() {
+    int status = 0;
+    const bool exited = testing::WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, kProcessTimeout);
+    if (!exited) return -1;
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
   std::string log() const { return ReadFile(log_); }
 
   // Whether the child has exited (reaps it).
@@ -497,6 +507,45 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
     EXPECT_EQ(tokens[pos].at("L1R-8x")[0].first, feature) << "token " << pos << "\n" << out;
   }
   EXPECT_EQ(server.Terminate(), 0) << server.log();
+}
+
+// A device fault (a kernel hitting an illegal address) leaves the CUDA
+// context unusable: the request fails, the server reports NOT_SERVING and
+// exits with status 3 so the orchestrator replaces it. Only the CPU emulator
+// can inject the fault (SAE_CUDA_EMU_FAULT_FILE: kernels fault while the file
+// exists), so this runs in ctest's cuda_emulated.server entry.
+TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
+    GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
+  }
+  const std::string fault_file = testing::MakeTempDir("device-fault") + "/fault";
+  setenv("SAE_CUDA_EMU_FAULT_FILE", fault_file.c_str(), 1);
+  ServerProcess server({"--backend=cuda"});
+  unsetenv("SAE_CUDA_EMU_FAULT_FILE");
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  client->set_timeout(std::chrono::seconds(2));
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        grpc::health::v1::HealthCheckResponse response;
+        return client->Health("", &response).ok() &&
+               response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+      },
+      kProcessTimeout))
+      << server.log();
+  const std::string extract = std::string(SAE_CLIENT_BIN) + " --addr " + address + " extract 'The red cat.' --json";
+  std::string out;
+  ASSERT_EQ(RunShell(extract, &out), 0) << out;
+
+  std::ofstream(fault_file) << "fault\n";
+  EXPECT_NE(RunShell(extract, &out), 0) << out;
+  EXPECT_NE(out.find("cudaErrorIllegalAddress"), std::string::npos) << out;
+  EXPECT_EQ(server.WaitExit(), 3) << server.log();
+  const std::string log = server.log();
+  EXPECT_NE(log.find("device lost"), std::string::npos) << log;
+  EXPECT_NE(log.find("NOT_SERVING"), std::string::npos) << log;
 }
 
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {

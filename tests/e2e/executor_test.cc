@@ -517,5 +517,47 @@ TEST(ExecutorTest, ShutdownFinishesBothOverlappedBatches) {
   EXPECT_EQ(runner.Events(), (std::vector<std::string>{"start 1", "start 2", "collect 1", "collect 2"}));
 }
 
+// A failed batch whose runner then reports the device lost stops the
+// executor for good: on_device_lost once, queued jobs and new submissions get
+// UNAVAILABLE saying why, nothing else runs.
+TEST(ExecutorTest, LostDeviceFailsEverythingQueuedAndRefusesNewJobs) {
+  FakeRunner fake;
+  fake.Hold();
+  std::atomic<bool> lost{false};
+  BatchRunner runner = fake.Runner();
+  runner.device_status = [&lost]() -> absl::Status {
+    return lost.load() ? absl::InternalError("cuda copy to host: cudaErrorIllegalAddress") : absl::OkStatus();
+  };
+  std::mutex mu;
+  std::vector<std::string> reports;
+  ExecutorOptions options = Options(2, 16);  // one 2-token job per batch
+  options.on_device_lost = [&](const absl::Status& fault) {
+    std::lock_guard<std::mutex> lock(mu);
+    reports.push_back(std::string(fault.message()));
+  };
+  auto executor = Executor::Create(std::move(runner), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({13, 1}), 0)).ok());  // fails, as the device would
+  fake.WaitEntered();
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2, 2}), 1)).ok());
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3, 3}), 2)).ok());
+  lost = true;
+  fake.Release();
+  outcome.WaitDone(3);
+  EXPECT_EQ(outcome.Status(0).code(), absl::StatusCode::kInvalidArgument);
+  for (size_t i : {1, 2}) {
+    EXPECT_EQ(outcome.Status(i).code(), absl::StatusCode::kUnavailable) << outcome.Status(i);
+    EXPECT_NE(outcome.Status(i).message().find("cudaErrorIllegalAddress"), std::string::npos) << outcome.Status(i);
+  }
+  const absl::Status refused = (*executor)->Submit(outcome.MakeJob(Seq({4}), 3));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(refused.message().find("GPU failed"), std::string::npos) << refused;
+  EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1})) << "nothing runs after the device is lost";
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(reports, (std::vector<std::string>{"cuda copy to host: cudaErrorIllegalAddress"}));
+  EXPECT_EQ((*executor)->inflight(), 0);
+}
+
 }  // namespace
 }  // namespace sae

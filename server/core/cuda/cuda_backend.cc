@@ -73,10 +73,52 @@ using cuda::ElemType;
 
 // ---- errors ----
 
+// Errors after which the CUDA context is unusable: every later call in the
+// process fails the same way, and only a new process gets a working device.
+bool IsStickyError(cudaError_t e) {
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The first sticky error of this process (the CUDA context is per process,
+// so it is shared by every backend object). Ops return it at once.
+std::mutex& FaultMu() {
+  static std::mutex mu;
+  return mu;
+}
+absl::Status& Fault() {
+  static absl::Status* fault = new absl::Status();
+  return *fault;
+}
+absl::Status DeviceFault() {
+  std::lock_guard<std::mutex> lock(FaultMu());
+  return Fault();
+}
+
 absl::Status FromCuda(cudaError_t e, absl::string_view op) {
   if (e == cudaSuccess) return absl::OkStatus();
   const std::string msg = absl::StrCat("cuda ", op, ": ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
   if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (IsStickyError(e)) {
+    std::lock_guard<std::mutex> lock(FaultMu());
+    if (Fault().ok()) {
+      Fault() = absl::InternalError(absl::StrCat(msg, " (the GPU context is lost; the process must restart)"));
+    }
+    return Fault();
+  }
   return absl::InternalError(msg);
 }
 
@@ -274,6 +316,7 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   bool asynchronous() const override { return true; }
+  absl::Status DeviceStatus() const override { return DeviceFault(); }
 
   // ---- memory ----
 
@@ -853,7 +896,11 @@ class CudaBackend final : public Backend {
 
   // The CUDA current device is per host thread; the executor may not be the
   // thread that created the backend.
-  absl::Status Enter() { return FromCuda(cudaSetDevice(dev_->id), "set device"); }
+  // After a sticky error nothing touches the device again: every op fails at once.
+  absl::Status Enter() {
+    RETURN_IF_ERROR(DeviceFault());
+    return FromCuda(cudaSetDevice(dev_->id), "set device");
+  }
 
   bool ValidPoint(int64_t p) const { return p >= 0 && p < static_cast<int64_t>(points_.size()); }
 

@@ -21,7 +21,8 @@
 // SaeEncoderWeights or SaeDecoderWeights change layout, so a stale
 // libsae_cuda.so is refused instead of crashing. 2: SaeEncodeSelected,
 // SaeReconstruct and RelativeSquaredError joined the vtable. 3: device time
-// points (RecordTimePoint, SecondsBetween, ReleaseTimePoint) and asynchronous().
+// points (RecordTimePoint, SecondsBetween, ReleaseTimePoint), asynchronous()
+// and DeviceStatus().
 #define SAE_CUDA_BACKEND_ABI_VERSION 3
 
 extern "C" {
