@@ -243,8 +243,12 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
     int hd, heads, kv_heads;
     std::vector<int> lens;
   };
-  for (const Case& c : std::vector<Case>{
-           {64, 4, 4, {1}}, {64, 8, 2, {5, 1, 17}}, {128, 4, 1, {33, 2}}, {16, 6, 3, {300}}, {128, 32, 8, {3, 7}}}) {
+  for (const Case& c : std::vector<Case>{{64, 4, 4, {1}},
+                                         {64, 8, 2, {5, 1, 17}},
+                                         {128, 4, 1, {33, 2}},
+                                         {16, 6, 3, {300}},
+                                         {128, 32, 8, {3, 7}},
+                                         {128, 4, 2, {150, 70}}}) {
     std::vector<int32_t> starts = {0};
     for (int l : c.lens) starts.push_back(starts.back() + l);
     const int n = starts.back(), max_len = *std::max_element(c.lens.begin(), c.lens.end());

@@ -296,26 +296,7 @@ TEST_P(CudaEngineTest, OverlappedBatchesEqualSeparateRuns) {
   a[1].watch[0] = {3, 17, 42, 101, 7};
   std::vector<SequenceRequest> b = {Request("One two three, the dog ran.", 5)};
   b[0].reconstruction_error = true;
-  auto run_a = cuda_->Run(a);
-  auto run_b = cuda_->Run(b);
-  ASSERT_TRUE(run_a.ok()) << run_a.status();
-  ASSERT_TRUE(run_b.ok()) << run_b.status();
-
-  auto dropped = cuda_->Submit(a);
-  ASSERT_TRUE(dropped.ok()) << dropped.status();
-  dropped->reset();
-  auto pending_a = cuda_->Submit(a);
-  auto pending_b = cuda_->Submit(b);
-  ASSERT_TRUE(pending_a.ok()) << pending_a.status();
-  ASSERT_TRUE(pending_b.ok()) << pending_b.status();
-  auto got_a = cuda_->Collect(*std::move(pending_a));
-  ASSERT_TRUE(got_a.ok()) << got_a.status();
-  EXPECT_GT(cuda_->last_run_timing().sae_seconds, 0.0);
-  EXPECT_LE(cuda_->last_run_timing().sae_seconds, cuda_->last_run_timing().total_seconds);
-  auto got_b = cuda_->Collect(*std::move(pending_b));
-  ASSERT_TRUE(got_b.ok()) << got_b.status();
-  testing::ExpectSameResults(*run_a, *got_a, "batch a");
-  testing::ExpectSameResults(*run_b, *got_b, "batch b");
+  testing::ExpectOverlappedSubmitsEqualRuns(cuda_, a, b);
 }
 
 INSTANTIATE_TEST_SUITE_P(Forms, CudaEngineTest, ::testing::Values(SaeEncodeForm::kSaeLens, SaeEncodeForm::kLmSaes),

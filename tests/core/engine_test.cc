@@ -394,33 +394,9 @@ std::vector<SequenceRequest> EveryOutput(const std::vector<SequenceRequest>& bas
 TEST_F(EngineTest, SubmitAndCollectOverlappedEqualRun) {
   EXPECT_FALSE(engine_->asynchronous()) << "the CPU backend computes each op before it returns";
   const size_t n_saes = engine_->saes().size();
-  const auto a =
-      EveryOutput({Request("The cat sat on the mat."), Request("Two green birds flew over London.")}, n_saes);
-  const auto b = EveryOutput({Request("One two three, the dog ran.", 5)}, n_saes);
-  auto run_a = engine_->Run(a);
-  auto run_b = engine_->Run(b);
-  ASSERT_TRUE(run_a.ok()) << run_a.status();
-  ASSERT_TRUE(run_b.ok()) << run_b.status();
-
-  auto dropped = engine_->Submit(b);
-  ASSERT_TRUE(dropped.ok()) << dropped.status();
-  dropped->reset();
-  auto pending_a = engine_->Submit(a);
-  auto pending_b = engine_->Submit(b);
-  ASSERT_TRUE(pending_a.ok()) << pending_a.status();
-  ASSERT_TRUE(pending_b.ok()) << pending_b.status();
-  auto got_a = engine_->Collect(*std::move(pending_a));
-  ASSERT_TRUE(got_a.ok()) << got_a.status();
-  const RunTiming timing_a = engine_->last_run_timing();
-  auto got_b = engine_->Collect(*std::move(pending_b));
-  ASSERT_TRUE(got_b.ok()) << got_b.status();
-  testing::ExpectSameResults(*run_a, *got_a, "batch a");
-  testing::ExpectSameResults(*run_b, *got_b, "batch b");
-  // Each collected batch reports its own time, the SAE part within it.
-  EXPECT_GT(timing_a.sae_seconds, 0.0);
-  EXPECT_LE(timing_a.sae_seconds, timing_a.total_seconds);
-  EXPECT_GT(engine_->last_run_timing().sae_seconds, 0.0);
-  EXPECT_LE(engine_->last_run_timing().sae_seconds, engine_->last_run_timing().total_seconds);
+  testing::ExpectOverlappedSubmitsEqualRuns(
+      engine_, EveryOutput({Request("The cat sat on the mat."), Request("Two green birds flew over London.")}, n_saes),
+      EveryOutput({Request("One two three, the dog ran.", 5)}, n_saes));
 }
 
 TEST_F(EngineTest, SubmitRejectsBadTokenIdsBeforeAnyWork) {

@@ -14,5 +14,8 @@ cmake --build build-asan -j "$jobs" --target sae_cuda_emu backend_ops_test cuda_
 export SAE_CUDA_BACKEND_LIB=$PWD/build-asan/tests/cuda_emu/libsae_cuda_emu.so SAE_TEST_REQUIRE_CUDA=1
 export ASAN_OPTIONS=detect_leaks=0  # test fixtures keep engines alive for the process
 build-asan/tests/core/cuda_engine_test --gtest_brief=1
-build-asan/tests/core/backend_ops_test --gtest_filter='*/cuda' --gtest_brief=1
+# The long-sequence attention cases (~7 min under ASan) add no code path the
+# packed cases miss (several query and key tiles per sequence); plain ctest
+# runs them.
+build-asan/tests/core/backend_ops_test --gtest_filter='*/cuda:-*AttentionLong*' --gtest_brief=1
 echo "emulated CUDA tests under AddressSanitizer: passed"

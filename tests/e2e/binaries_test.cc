@@ -107,11 +107,7 @@ class ServerProcess {
   // SIGTERM, then the exit code (-1 if it did not exit normally in time).
   int Terminate() {
     kill(pid_, SIGTERM);
-    int status = 0;
-    const bool exited = testing::WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, kProcessTimeout);
-    if (!exited) return -1;
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return WaitExit();
   }
 
   // Waits for the child to exit on its own; its exit code (-1 if it did not
@@ -122,6 +118,23 @@ class ServerProcess {
     if (!exited) return -1;
     pid_ = -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  // Polls gRPC health at `address` until SERVING; false if the process exits
+  // first or the time runs out (listening comes before loading).
+  bool WaitServing(const std::string& address) {
+    auto client = client::SaeClient::Connect(address);
+    client->set_timeout(std::chrono::seconds(2));
+    bool serving = false;
+    testing::WaitFor(
+        [&] {
+          grpc::health::v1::HealthCheckResponse response;
+          serving =
+              client->Health("", &response).ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+          return serving || Exited();
+        },
+        kProcessTimeout);
+    return serving;
   }
 
   std::string log() const { return ReadFile(log_); }
@@ -146,17 +159,7 @@ class ServerBinaryTest : public ::testing::Test {
     server_ = new ServerProcess();
     address_ = server_->WaitForAddress();
     ASSERT_FALSE(address_.empty()) << server_->log();
-    auto client = client::SaeClient::Connect(address_);
-    client->set_timeout(std::chrono::seconds(2));
-    // Listening comes before loading: wait for SERVING.
-    ASSERT_TRUE(testing::WaitFor(
-        [&] {
-          grpc::health::v1::HealthCheckResponse response;
-          return client->Health("", &response).ok() &&
-                 response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-        },
-        kProcessTimeout))
-        << server_->log();
+    ASSERT_TRUE(server_->WaitServing(address_)) << server_->log();
   }
   static void TearDownTestSuite() {
     delete server_;
@@ -476,18 +479,7 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
   ServerProcess server({"--backend=cuda"});
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  auto client = client::SaeClient::Connect(address);
-  client->set_timeout(std::chrono::seconds(2));
-  bool serving = false;
-  testing::WaitFor(
-      [&] {
-        grpc::health::v1::HealthCheckResponse response;
-        serving =
-            client->Health("", &response).ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-        return serving || server.Exited();
-      },
-      kProcessTimeout);
-  if (!serving) {
+  if (!server.WaitServing(address)) {
     if (std::getenv("SAE_TEST_REQUIRE_CUDA") != nullptr) FAIL() << "no CUDA server:\n" << server.log();
     GTEST_SKIP() << "no usable CUDA backend:\n" << server.log();
   }
@@ -525,16 +517,7 @@ TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
   unsetenv("SAE_CUDA_EMU_FAULT_FILE");
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  auto client = client::SaeClient::Connect(address);
-  client->set_timeout(std::chrono::seconds(2));
-  ASSERT_TRUE(testing::WaitFor(
-      [&] {
-        grpc::health::v1::HealthCheckResponse response;
-        return client->Health("", &response).ok() &&
-               response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-      },
-      kProcessTimeout))
-      << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   const std::string extract = std::string(SAE_CLIENT_BIN) + " --addr " + address + " extract 'The red cat.' --json";
   std::string out;
   ASSERT_EQ(RunShell(extract, &out), 0) << out;

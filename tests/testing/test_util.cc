@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
@@ -57,6 +58,31 @@ void ExpectSameResults(const std::vector<SequenceResult>& want, const std::vecto
       ASSERT_NE(it, got[i].hooks.end()) << seq << " hook " << name;
       EXPECT_EQ(act, it->second) << seq << " hook " << name;
     }
+  }
+}
+
+void ExpectOverlappedSubmitsEqualRuns(Engine* engine, const std::vector<SequenceRequest>& a,
+                                      const std::vector<SequenceRequest>& b) {
+  auto run_a = engine->Run(a);
+  auto run_b = engine->Run(b);
+  ASSERT_TRUE(run_a.ok()) << run_a.status();
+  ASSERT_TRUE(run_b.ok()) << run_b.status();
+
+  auto dropped = engine->Submit(a);
+  ASSERT_TRUE(dropped.ok()) << dropped.status();
+  dropped->reset();
+  auto pending_a = engine->Submit(a);
+  auto pending_b = engine->Submit(b);
+  ASSERT_TRUE(pending_a.ok()) << pending_a.status();
+  ASSERT_TRUE(pending_b.ok()) << pending_b.status();
+  for (auto [pending, want, what] :
+       {std::make_tuple(&*pending_a, &*run_a, "batch a"), std::make_tuple(&*pending_b, &*run_b, "batch b")}) {
+    auto got = engine->Collect(std::move(*pending));
+    ASSERT_TRUE(got.ok()) << what << ": " << got.status();
+    ExpectSameResults(*want, *got, what);
+    const RunTiming& timing = engine->last_run_timing();
+    EXPECT_GT(timing.sae_seconds, 0.0) << what;
+    EXPECT_LE(timing.sae_seconds, timing.total_seconds) << what;
   }
 }
 

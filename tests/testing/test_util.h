@@ -23,6 +23,13 @@ std::string MakeTempDir(const std::string& name);
 void ExpectSameResults(const std::vector<SequenceResult>& want, const std::vector<SequenceResult>& got,
                        const std::string& what);
 
+// Submits `a` and `b` to `engine` before collecting either (what the
+// executor does on a GPU), after submitting and dropping one batch, and
+// expects exactly what Run(a) and Run(b) give, each collected batch timed
+// with its SAE part within its total.
+void ExpectOverlappedSubmitsEqualRuns(Engine* engine, const std::vector<SequenceRequest>& a,
+                                      const std::vector<SequenceRequest>& b);
+
 // Polls `condition` until it holds or `timeout` passes; returns its last value.
 template <typename F>
 bool WaitFor(F condition, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {

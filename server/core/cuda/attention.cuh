@@ -77,16 +77,20 @@ __global__ void AttentionTileTableKernel(const int32_t* __restrict__ seq_starts,
   if (tid == kAttnTableThreads - 1) tile_start[n_seqs] = scan[tid];
 }
 
-// The query tile of block blockIdx.x: rows [q_first, q_first + n_rows) of the
-// sequence starting at token seq_begin; keys [0, kv_len) are visible to some
-// row. False when the block has no tile (the grid is an upper bound).
+// The work of block (blockIdx.x, blockIdx.y): query rows [q_first, q_first +
+// n_rows) of the sequence starting at token seq_begin, query head h, which
+// reads kv head kvh; keys [0, kv_len) are visible to some row. Row strides of
+// q/out and k/v in floats. False when the block has no tile (the grid is an
+// upper bound).
 struct AttnTile {
   int64_t seq_begin;
   int q_first, n_rows, kv_len;
+  int h, kvh;
+  int64_t q_stride, kv_stride;
 };
 __device__ __forceinline__ bool FindAttnTile(const int32_t* __restrict__ seq_starts,
                                              const int32_t* __restrict__ tile_start, int n_seqs, int rows_per_tile,
-                                             AttnTile* out) {
+                                             int n_heads, int n_kv_heads, int head_dim, AttnTile* out) {
   const int tile = blockIdx.x;
   if (tile >= tile_start[n_seqs]) return false;
   // Last s with tile_start[s] <= tile; invariant tile_start[lo] <= tile < tile_start[hi].
@@ -109,6 +113,10 @@ __device__ __forceinline__ bool FindAttnTile(const int32_t* __restrict__ seq_sta
   out->q_first = q_tile * rows_per_tile;
   out->n_rows = min(rows_per_tile, len - out->q_first);
   out->kv_len = out->q_first + out->n_rows;
+  out->h = blockIdx.y;
+  out->kvh = out->h / (n_heads / n_kv_heads);
+  out->q_stride = static_cast<int64_t>(n_heads) * head_dim;
+  out->kv_stride = static_cast<int64_t>(n_kv_heads) * head_dim;
   return true;
 }
 
@@ -126,12 +134,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   float* sv = sk + BK * (hd + 1);  // [BK][hd]
 
   AttnTile tile;
-  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, &tile)) return;
-  const int64_t seq_begin = tile.seq_begin;
-  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len;
-  const int h = blockIdx.y;
-  const int kvh = h / (n_heads / n_kv_heads);
-  const int64_t q_stride = static_cast<int64_t>(n_heads) * hd, kv_stride = static_cast<int64_t>(n_kv_heads) * hd;
+  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, n_heads, n_kv_heads, hd, &tile)) return;
+  const int64_t seq_begin = tile.seq_begin, q_stride = tile.q_stride, kv_stride = tile.kv_stride;
+  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len, h = tile.h, kvh = tile.kvh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   for (int i = tid; i < BQ * hd; i += blockDim.x) {
@@ -277,12 +282,9 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
   uint32_t* svt = sk + BK * QW;  // [HD][VW] V tile, transposed: key pairs of one dim
 
   AttnTile tile;
-  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, &tile)) return;
-  const int64_t seq_begin = tile.seq_begin;
-  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len;
-  const int h = blockIdx.y;
-  const int kvh = h / (n_heads / n_kv_heads);
-  const int64_t q_stride = static_cast<int64_t>(n_heads) * HD, kv_stride = static_cast<int64_t>(n_kv_heads) * HD;
+  if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, n_heads, n_kv_heads, HD, &tile)) return;
+  const int64_t seq_begin = tile.seq_begin, q_stride = tile.q_stride, kv_stride = tile.kv_stride;
+  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len, h = tile.h, kvh = tile.kvh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
   const int r0 = warp * 16;               // the warp's first row in the tile
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.0f, 0.0f};  // rows g, g + 8
-  const int pos[2] = {q_first + r0 + g, q_first + r0 + g + 8};       // their positions in the sequence
+  const int pos = q_first + r0 + g;  // row g's position in the sequence (row g + 8: pos + 8)
   const int warp_last = q_first + r0 + 15;
 
   for (int kt = 0; kt < kv_len; kt += BK) {
@@ -355,7 +357,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (kt + nt * 8 + 2 * t + (e & 1) > pos[e >> 1]) sc[nt][e] = -CUDART_INF_F;
+          if (kt + nt * 8 + 2 * t + (e & 1) > pos + 8 * (e >> 1)) sc[nt][e] = -CUDART_INF_F;
         }
       }
     }
