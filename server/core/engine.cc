@@ -120,6 +120,9 @@ namespace {
 constexpr float kNotComputed = std::numeric_limits<float>::quiet_NaN();
 
 // SAEs never saw BOS in training: its activations are off-distribution.
+// Whether SAE slot j of r takes its top-k among a watch list.
+bool HasWatchList(const SequenceRequest& r, size_t j) { return !r.watch.empty() && !r.watch[j].empty(); }
+
 bool SkipsPosition(const SequenceRequest& r, int t, std::optional<int32_t> bos) {
   return !r.include_bos && bos && r.ids[t] == *bos;
 }
@@ -221,7 +224,6 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
   auto seq_rows = [&](const Tensor& act, size_t i) {
     return act.Rows(packed.seq_starts[i], packed.seq_starts[i + 1] - packed.seq_starts[i]);
   };
-  auto watched = [&](size_t i, size_t j) { return !batch[i].watch.empty() && !batch[i].watch[j].empty(); };
 
   // A reconstruction waiting for its target hook (a transcoder's input buffer
   // is reused before the MLP output exists, so y_hat is kept instead).
@@ -273,7 +275,8 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
       int k_max = 0;
       for (size_t i = 0; i < batch.size(); ++i) {
         for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
-          if (batch[i].sae_indices[j] == static_cast<int>(s) && !watched(i, j)) k_max = std::max(k_max, batch[i].k);
+          if (batch[i].sae_indices[j] == static_cast<int>(s) && !HasWatchList(batch[i], j))
+            k_max = std::max(k_max, batch[i].k);
         }
       }
       if (k_max > 0) {
@@ -287,7 +290,7 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
         const SequenceRequest& r = batch[i];
         for (size_t j = 0; j < r.sae_indices.size(); ++j) {
           if (r.sae_indices[j] != static_cast<int>(s)) continue;
-          if (watched(i, j)) {
+          if (HasWatchList(batch[i], j)) {
             // The watched features' values on this request's rows; the top-k among them is taken in Collect.
             const std::vector<int32_t>& ids = r.watch[j];
             const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
@@ -340,7 +343,6 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
   const PackedBatch& packed = p->packed;
   std::vector<SequenceResult>& results = p->results;
   const std::optional<int32_t> bos = tokenizer_->bos_id();
-  auto watched = [&](size_t i, size_t j) { return !batch[i].watch.empty() && !batch[i].watch[j].empty(); };
 
   std::vector<int32_t> idx_host;
   std::vector<float> val_host;
@@ -352,7 +354,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceRequest& r = batch[i];
       for (size_t j = 0; j < r.sae_indices.size(); ++j) {
-        if (r.sae_indices[j] != static_cast<int>(t.sae) || watched(i, j)) continue;
+        if (r.sae_indices[j] != static_cast<int>(t.sae) || HasWatchList(r, j)) continue;
         for (int tok = 0; tok < static_cast<int>(r.ids.size()); ++tok) {
           if (SkipsPosition(r, tok, bos)) continue;
           const size_t row = static_cast<size_t>(packed.seq_starts[i] + tok) * t.k;

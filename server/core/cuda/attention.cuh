@@ -428,6 +428,24 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
 
 bool AttentionSupportsHeadDim(int head_dim) { return head_dim >= 1 && head_dim <= 256; }
 
+// Raises `kernel`'s dynamic shared memory limit to `smem` (both kernels need
+// more than the default 48 KiB at head_dim 128) and launches one block of
+// `warps` warps per (query tile of rows_per_tile rows, query head).
+template <typename... P, typename... Args>
+cudaError_t LaunchAttentionTiles(void (*kernel)(P...), int rows_per_tile, int warps, size_t smem, int64_t n_tokens,
+                                 int n_seqs, int n_heads, cudaStream_t stream, Args... args) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  // Upper bound on the tile count: each sequence adds at most one partial tile.
+  const int64_t max_tiles = CeilDiv(n_tokens, rows_per_tile) + n_seqs;
+  if (max_tiles > 0x7fffffff || n_heads > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(n_heads));
+  SAE_KERNEL_LAUNCH(kernel, grid, warps * 32, smem, stream)(args...);
+  return cudaGetLastError();
+}
+
+float AttentionScaleLog2(int head_dim) { return 1.4426950408889634f / sqrtf(static_cast<float>(head_dim)); }
+
 template <int DPL>
 cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, const int32_t* seq_starts,
                                const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
@@ -435,35 +453,18 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
   const size_t smem = sizeof(float) * (static_cast<size_t>(kAttnRowsPerBlock) * head_dim +
                                        static_cast<size_t>(kAttnKeysPerTile) * (head_dim + 1) +
                                        static_cast<size_t>(kAttnKeysPerTile) * head_dim);
-  // head_dim 128 needs 48.5 KiB, just over the default 48 KiB limit.
-  cudaError_t err =
-      cudaFuncSetAttribute(AttentionKernel<DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  // Upper bound on the tile count: each sequence adds at most one partial tile.
-  const int64_t max_tiles = CeilDiv(n_tokens, kAttnRowsPerBlock) + n_seqs;
-  if (max_tiles > 0x7fffffff || n_heads > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(n_heads));
-  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(head_dim));
-  SAE_KERNEL_LAUNCH(AttentionKernel<DPL>, grid, kAttnWarps * 32, smem, stream)
-  (q, k, v, seq_starts, tile_table, n_seqs, n_heads, n_kv_heads, head_dim, scale_log2, out);
-  return cudaGetLastError();
+  return LaunchAttentionTiles(AttentionKernel<DPL>, kAttnRowsPerBlock, kAttnWarps, smem, n_tokens, n_seqs, n_heads,
+                              stream, q, k, v, seq_starts, tile_table, n_seqs, n_heads, n_kv_heads, head_dim,
+                              AttentionScaleLog2(head_dim), out);
 }
 
 template <int HD>
 cudaError_t LaunchAttentionMma(const float* q, const float* k, const float* v, const int32_t* seq_starts,
                                const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
                                float* out, cudaStream_t stream) {
-  constexpr size_t smem = AttentionMmaSharedBytes<HD>();  // 53 KiB at head_dim 128: over the default 48
-  cudaError_t err =
-      cudaFuncSetAttribute(AttentionMmaKernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const int64_t max_tiles = CeilDiv(n_tokens, kAttnMmaRows) + n_seqs;
-  if (max_tiles > 0x7fffffff || n_heads > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(max_tiles), static_cast<unsigned>(n_heads));
-  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(HD));
-  SAE_KERNEL_LAUNCH(AttentionMmaKernel<HD>, grid, kAttnMmaWarps * 32, smem, stream)
-  (q, k, v, seq_starts, tile_table, n_seqs, n_heads, n_kv_heads, scale_log2, out);
-  return cudaGetLastError();
+  return LaunchAttentionTiles(AttentionMmaKernel<HD>, kAttnMmaRows, kAttnMmaWarps, AttentionMmaSharedBytes<HD>(),
+                              n_tokens, n_seqs, n_heads, stream, q, k, v, seq_starts, tile_table, n_seqs, n_heads,
+                              n_kv_heads, AttentionScaleLog2(HD), out);
 }
 
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
