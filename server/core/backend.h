@@ -19,7 +19,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 #include "core/safetensors.h"
 
 namespace sae {
@@ -133,6 +135,17 @@ class Backend {
   virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) = 0;
   // out[n, m] = x[n, k] . w[m, k]^T, fp32 accumulate.
   virtual absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) = 0;
+  // outs[i] = MatMul(x, ws[i]) for several weights applied to one input
+  // (q/k/v, gate/up), with the same results as one MatMul per weight; a
+  // backend may prepare x once (CUDA rounds it to bf16 once, not per weight).
+  virtual absl::Status MatMulShared(const Tensor& x, absl::Span<const Tensor> ws, absl::Span<const Tensor> outs) {
+    if (ws.size() != outs.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("matmul shared: ", ws.size(), " weights but ", outs.size(), " outputs"));
+    }
+    for (size_t i = 0; i < ws.size(); ++i) RETURN_IF_ERROR(MatMul(x, ws[i], outs[i]));
+    return absl::OkStatus();
+  }
   // In-place rotary embedding in half-split ("rotate_half") layout on each
   // head of x [n, n_heads * head_dim]: angle = positions[t] * inv_freq[j] (fp32).
   // positions: I32 [n, 1]; inv_freq: F32 [1, head_dim / 2].

@@ -18,25 +18,31 @@ void PackedBatch::Append(const std::vector<int32_t>& seq_ids) {
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& model_dir, Backend* backend,
                                                              int last_layer, DType weight_dtype) {
-  std::unique_ptr<LlamaModel> m(new LlamaModel());
-  m->backend_ = backend;
-  ASSIGN_OR_RETURN(m->config_, LlamaConfig::FromFile(model_dir + "/config.json"));
-  const LlamaConfig& c = m->config_;
+  ASSIGN_OR_RETURN(LlamaConfig c, LlamaConfig::FromFile(model_dir + "/config.json"));
   if (last_layer >= c.num_hidden_layers) {
     return absl::InvalidArgumentError(absl::StrCat(model_dir, "/config.json: a hook needs layer ", last_layer,
                                                    " but num_hidden_layers is ", c.num_hidden_layers));
   }
   const int n_load = last_layer < 0 ? c.num_hidden_layers : last_layer + 1;
   ASSIGN_OR_RETURN(auto store, TensorStore::Open(model_dir));
+  return Build(
+      c, backend, n_load, weight_dtype,
+      [&](const std::string& name, const std::vector<int64_t>& shape, DType dtype) -> absl::StatusOr<OwnedTensor> {
+        ASSIGN_OR_RETURN(HostTensor t, store->GetWithShape(name, shape));
+        return backend->Upload(t, dtype);
+      });
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Build(const LlamaConfig& config, Backend* backend, int n_layers,
+                                                              DType weight_dtype, const WeightSource& load) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel());
+  m->backend_ = backend;
+  m->config_ = config;
+  const LlamaConfig& c = m->config_;
   const int64_t d = c.hidden_size, hd = c.head_dim, ffn = c.intermediate_size;
   const int64_t q_dim = c.num_attention_heads * hd, kv_dim = c.num_key_value_heads * hd;
-
-  auto load = [&](const std::string& name, std::vector<int64_t> shape, DType dtype) -> absl::StatusOr<OwnedTensor> {
-    ASSIGN_OR_RETURN(HostTensor t, store->GetWithShape(name, shape));
-    return backend->Upload(t, dtype);
-  };
   ASSIGN_OR_RETURN(m->embed_, load("model.embed_tokens.weight", {c.vocab_size, d}, weight_dtype));
-  for (int l = 0; l < n_load; ++l) {
+  for (int l = 0; l < n_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     Layer L;
     ASSIGN_OR_RETURN(L.input_norm, load(p + "input_layernorm.weight", {d}, DType::kF32));
@@ -107,9 +113,7 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   for (int l = 0; l <= last; ++l) {
     const Layer& L = layers_[l];
     RETURN_IF_ERROR(b->RmsNorm(x.get(), L.input_norm.get(), eps, h.get()));
-    RETURN_IF_ERROR(b->MatMul(h.get(), L.wq.get(), q.get()));
-    RETURN_IF_ERROR(b->MatMul(h.get(), L.wk.get(), k.get()));
-    RETURN_IF_ERROR(b->MatMul(h.get(), L.wv.get(), v.get()));
+    RETURN_IF_ERROR(b->MatMulShared(h.get(), {L.wq.get(), L.wk.get(), L.wv.get()}, {q.get(), k.get(), v.get()}));
     RETURN_IF_ERROR(b->Rope(q.get(), pos.get(), inv_freq_.get(), static_cast<int>(hd)));
     RETURN_IF_ERROR(b->Rope(k.get(), pos.get(), inv_freq_.get(), static_cast<int>(hd)));
     RETURN_IF_ERROR(b->Attention(q.get(), k.get(), v.get(), starts.get(), batch.n_seqs(), max_len,
@@ -122,8 +126,7 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
       RETURN_IF_ERROR(hook(l, HookSite::kTranscoderIn, h.get()));
     }
     RETURN_IF_ERROR(b->RmsNorm(x.get(), L.post_norm.get(), eps, h.get()));
-    RETURN_IF_ERROR(b->MatMul(h.get(), L.w_gate.get(), gate.get()));
-    RETURN_IF_ERROR(b->MatMul(h.get(), L.w_up.get(), up.get()));
+    RETURN_IF_ERROR(b->MatMulShared(h.get(), {L.w_gate.get(), L.w_up.get()}, {gate.get(), up.get()}));
     RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), gate.get()));
     RETURN_IF_ERROR(b->MatMul(gate.get(), L.w_down.get(), proj.get()));
     RETURN_IF_ERROR(hook(l, HookSite::kMlp, proj.get()));

@@ -34,10 +34,20 @@ using HookFn = std::function<absl::Status(const HookPoint&, const Tensor&)>;
 
 class LlamaModel {
  public:
+  // Gives Build each weight in backend memory: its Hugging Face tensor name
+  // ("model.layers.3.mlp.up_proj.weight"), the shape the config implies, and
+  // the dtype to hold it in.
+  using WeightSource = std::function<absl::StatusOr<OwnedTensor>(const std::string& name,
+                                                                 const std::vector<int64_t>& shape, DType dtype)>;
+
   // Loads config.json and the weights of layers 0..last_layer (all when
   // last_layer < 0) from `model_dir` into `backend` as `weight_dtype`.
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& model_dir, Backend* backend,
                                                           int last_layer, DType weight_dtype);
+  // The model of `config` with layers 0..n_layers-1 from `source` (Load reads
+  // safetensors; sae-bench-cuda makes random weights of the 8B shapes).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Build(const LlamaConfig& config, Backend* backend, int n_layers,
+                                                           DType weight_dtype, const WeightSource& source);
 
   const LlamaConfig& config() const { return config_; }
   int n_layers_loaded() const { return static_cast<int>(layers_.size()); }
@@ -46,7 +56,6 @@ class LlamaModel {
   // every hook in `hooks` (in forward order).
   absl::Status Forward(const PackedBatch& batch, const std::set<HookPoint>& hooks, const HookFn& on_hook);
 
- private:
   struct Layer {
     OwnedTensor input_norm;  // [1, d]
     OwnedTensor post_norm;   // [1, d]
@@ -58,7 +67,9 @@ class LlamaModel {
     OwnedTensor w_up;        // [ffn, d]
     OwnedTensor w_down;      // [d, ffn]
   };
+  const Layer& layer(int l) const { return layers_[l]; }
 
+ private:
   LlamaModel() = default;
   Backend* backend_ = nullptr;
   LlamaConfig config_;

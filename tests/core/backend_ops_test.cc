@@ -118,6 +118,42 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
   std::unique_ptr<Backend> backend_;
 };
 
+// Host->device copies return before the device has them (CUDA: through a
+// ring of staging slots on a copy stream). Each copy must still land before
+// the ops issued after it and after the ops issued before it, whatever slot
+// it reused, and the caller's buffer is free as soon as the call returns.
+TEST_P(BackendOpsTest, CopyFromHostKeepsIssueOrder) {
+  constexpr int64_t kN = 1000;
+  auto dst = Zeros(1, kN), zero = Zeros(1, kN);
+  std::vector<OwnedTensor> seen;
+  std::vector<float> host(kN);
+  // More copies than staging slots, all into one tensor, each read by an op
+  // before the next overwrites it; `host` is rewritten at once each time.
+  for (int i = 0; i < 11; ++i) {
+    for (int64_t j = 0; j < kN; ++j) host[j] = static_cast<float>(i * kN + j);
+    ASSERT_TRUE(backend_->CopyFromHost(host.data(), dst.get()).ok());
+    seen.push_back(Zeros(1, kN));
+    ASSERT_TRUE(backend_->Add(dst.get(), zero.get(), seen.back().get()).ok());
+    std::fill(host.begin(), host.end(), -1.0f);
+  }
+  for (int i = 0; i < 11; ++i) {
+    const auto got = Download<float>(seen[i]);
+    for (int64_t j = 0; j < kN; ++j)
+      ASSERT_EQ(got[j], static_cast<float>(i * kN + j)) << "copy " << i << " [" << j << "]";
+  }
+  // One copy larger than all slots together (chunks wrap around the ring),
+  // landing in a tensor an op wrote just before.
+  const int64_t big = 11 << 20;  // 44 MiB of F32
+  std::vector<float> v(big);
+  for (int64_t j = 0; j < big; ++j) v[j] = static_cast<float>(j % 65521);
+  auto large = Zeros(1, big), ones = Upload(std::vector<float>(big, 1.0f), 1, big);
+  ASSERT_TRUE(backend_->Add(ones.get(), ones.get(), large.get()).ok());
+  ASSERT_TRUE(backend_->CopyFromHost(v.data(), large.get()).ok());
+  std::fill(v.begin(), v.end(), -1.0f);
+  const auto got = Download<float>(large);
+  for (int64_t j = 0; j < big; ++j) ASSERT_EQ(got[j], static_cast<float>(j % 65521)) << "[" << j << "]";
+}
+
 TEST_P(BackendOpsTest, MatMul) {
   for (DType wt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (auto [n, k, m] :
@@ -143,6 +179,43 @@ TEST_P(BackendOpsTest, MatMul) {
 // SAE_CUDA_MODEL_SPLIT=3 (read when a backend is created) makes the CUDA
 // backend's BF16-weight GEMMs carry the full fp32 activations (3 bf16 parts),
 // so they meet the CPU's tolerance; the CPU backend ignores the variable.
+// Several weights on one input (q/k/v, gate/up) give exactly what one MatMul
+// per weight gives (CUDA rounds x to bf16 once instead of once per weight),
+// for odd shapes, a weight with no rows, and mixed weight dtypes.
+TEST_P(BackendOpsTest, MatMulSharedEqualsOneMatMulPerWeight) {
+  for (auto [n, k] : std::vector<std::pair<int, int>>{{1, 1}, {37, 64}, {130, 333}}) {
+    for (bool mixed : {false, true}) {
+      const auto x = Random(static_cast<size_t>(n) * k, 91 + n, 2.0f);
+      auto tx = Upload(x, n, k);
+      std::vector<OwnedTensor> ws, shared, single;
+      std::vector<Tensor> w_views, out_views;
+      const std::vector<int> rows = {130, 3, 0, 3};
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const DType dt = mixed && i == 1 ? DType::kF32 : DType::kBF16;
+        ws.push_back(rows[i] == 0
+                         ? Zeros(0, k, dt)
+                         : Upload(Rounded(Random(static_cast<size_t>(rows[i]) * k, 92 + i), dt), rows[i], k, dt));
+        shared.push_back(Zeros(n, rows[i]));
+        single.push_back(Zeros(n, rows[i]));
+        w_views.push_back(ws.back().get());
+        out_views.push_back(shared.back().get());
+      }
+      const absl::Status st = backend_->MatMulShared(tx.get(), w_views, out_views);
+      ASSERT_TRUE(st.ok()) << st;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        ASSERT_TRUE(backend_->MatMul(tx.get(), w_views[i], single[i].get()).ok());
+        EXPECT_EQ(Download<float>(shared[i]), Download<float>(single[i]))
+            << "weight " << i << " n " << n << " k " << k << (mixed ? " mixed" : "");
+      }
+      const std::vector<Tensor> one_out = {out_views[0]};
+      EXPECT_EQ(backend_->MatMulShared(tx.get(), w_views, one_out).code(), absl::StatusCode::kInvalidArgument);
+      std::vector<Tensor> wrong = out_views;
+      wrong[1] = shared[0].get();  // [n, 130] where [n, 3] belongs
+      EXPECT_EQ(backend_->MatMulShared(tx.get(), w_views, wrong).code(), absl::StatusCode::kInvalidArgument);
+    }
+  }
+}
+
 TEST_P(BackendOpsTest, MatMulSplitActivationsMatchFp32) {
   setenv("SAE_CUDA_MODEL_SPLIT", "3", 1);
   auto created = CreateBackend(GetParam());

@@ -7,9 +7,12 @@
 // Streams: `stream` runs every op in issue order (the interface's contract);
 // `upload_stream` carries weight uploads through two pinned staging buffers
 // so the host read/convert of chunk i+1 overlaps the DMA of chunk i. Small
-// host->device copies go through a ring of pinned slots and return at once:
-// the caller (the one executor thread that owns this backend) keeps queueing
-// the batch while the GPU works; only CopyToHost / Synchronize wait.
+// host->device copies (a batch's token ids, positions, sequence starts, watch
+// lists) go through a ring of pinned slots on `input_stream`, into device
+// staging buffers, and return at once: the caller (the one executor thread
+// that owns this backend) queues batch i+1 while batch i computes, and its
+// inputs cross PCIe during that compute; `stream` then copies them device to
+// device in issue order. Only CopyToHost / Synchronize wait.
 //
 // Memory: cudaMallocAsync on `stream` from the device's default pool with an
 // unlimited release threshold, i.e. a stream-ordered caching allocator:
@@ -192,15 +195,27 @@ struct PinnedSlot {
   cudaEvent_t done = nullptr;  // last transfer that used `host`
 };
 
+// A host->device input slot: the pinned source, the device buffer the DMA
+// lands in (on input_stream, beside the running batch), and the events that
+// order its reuse against the compute stream's copy out of it.
+struct InputSlot {
+  void* host = nullptr;
+  void* device = nullptr;
+  cudaEvent_t uploaded = nullptr;  // the DMA into `device` (input_stream)
+  cudaEvent_t consumed = nullptr;  // the copy out of `device` (stream)
+};
+
 struct Device {
   int id = 0;
   cudaStream_t stream = nullptr;
   cudaStream_t upload_stream = nullptr;
+  cudaStream_t input_stream = nullptr;
   cublasHandle_t cublas = nullptr;
   void* cublas_workspace = nullptr;
   int* error_word_host = nullptr;  // host-mapped: kernels store DeviceError codes
   int* error_word_dev = nullptr;
   std::array<PinnedSlot, kIoSlots> io;
+  std::array<InputSlot, kIoSlots> in;
   std::array<PinnedSlot, 2> up;
   cudaEvent_t order = nullptr;  // cross-stream ordering
 
@@ -232,14 +247,22 @@ struct Device {
     cudaSetDevice(id);
     if (stream != nullptr) cudaStreamSynchronize(stream);
     if (upload_stream != nullptr) cudaStreamSynchronize(upload_stream);
+    if (input_stream != nullptr) cudaStreamSynchronize(input_stream);
     if (cublas != nullptr) cublasDestroy(cublas);
     if (cublas_workspace != nullptr) cudaFree(cublas_workspace);
     for (PinnedSlot* s : {&io[0], &io[1], &io[2], &io[3], &up[0], &up[1]}) {
       if (s->host != nullptr) cudaFreeHost(s->host);
       if (s->done != nullptr) cudaEventDestroy(s->done);
     }
+    for (InputSlot& s : in) {
+      if (s.host != nullptr) cudaFreeHost(s.host);
+      if (s.device != nullptr) cudaFree(s.device);
+      if (s.uploaded != nullptr) cudaEventDestroy(s.uploaded);
+      if (s.consumed != nullptr) cudaEventDestroy(s.consumed);
+    }
     if (error_word_host != nullptr) cudaFreeHost(error_word_host);
     if (order != nullptr) cudaEventDestroy(order);
+    if (input_stream != nullptr) cudaStreamDestroy(input_stream);
     if (upload_stream != nullptr) cudaStreamDestroy(upload_stream);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -275,6 +298,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cudaSetDevice(dev->id), "set device");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->upload_stream, cudaStreamNonBlocking), "create stream");
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->input_stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&dev->order, cudaEventDisableTiming), "create event");
     CUBLAS_RETURN_IF_ERROR(cublasCreate(&dev->cublas), "create cuBLAS handle");
     CUBLAS_RETURN_IF_ERROR(cublasSetStream(dev->cublas, dev->stream), "cuBLAS set stream");
@@ -284,6 +308,12 @@ class CudaBackend final : public Backend {
     for (PinnedSlot& s : dev->io) {
       CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kIoSlotBytes, cudaHostAllocDefault), "pinned staging");
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "create event");
+    }
+    for (InputSlot& s : dev->in) {
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kIoSlotBytes, cudaHostAllocDefault), "pinned staging");
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&s.device, kIoSlotBytes), "input staging");
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.uploaded, cudaEventDisableTiming), "create event");
+      CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.consumed, cudaEventDisableTiming), "create event");
     }
     for (PinnedSlot& s : dev->up) {
       CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kUploadSlotBytes, cudaHostAllocDefault), "pinned staging");
@@ -387,15 +417,26 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(Enter());
     const size_t bytes = dst.nbytes();
     const char* from = static_cast<const char*>(src);
+    // The DMA crosses PCIe on input_stream while `stream` is still busy with
+    // the batch before; `stream` then only waits for it and copies device to
+    // device, in issue order. Slot reuse: the host rewrites a pinned buffer
+    // once its DMA is done, and a DMA overwrites a device buffer once the
+    // last copy out of it has run.
     for (size_t off = 0; off < bytes; off += kIoSlotBytes) {
       const size_t n = std::min(kIoSlotBytes, bytes - off);
-      PinnedSlot& slot = NextIoSlot();
-      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy from host");
+      InputSlot& slot = dev_->in[next_in_];
+      next_in_ = (next_in_ + 1) % kIoSlots;
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.uploaded), "copy from host");
       std::memcpy(slot.host, from + off, n);  // the caller may reuse src as soon as we return
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->input_stream, slot.consumed, 0), "copy from host");
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host, n, cudaMemcpyHostToDevice, dev_->input_stream),
+                           "copy from host");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.uploaded, dev_->input_stream), "copy from host");
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->stream, slot.uploaded, 0), "copy from host");
       CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(static_cast<char*>(dst.data) + off, slot.host, n, cudaMemcpyHostToDevice, dev_->stream),
+          cudaMemcpyAsync(static_cast<char*>(dst.data) + off, slot.device, n, cudaMemcpyDeviceToDevice, dev_->stream),
           "copy from host");
-      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy from host");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.consumed, dev_->stream), "copy from host");
     }
     return absl::OkStatus();
   }
@@ -438,6 +479,7 @@ class CudaBackend final : public Backend {
   absl::Status Synchronize() override {
     RETURN_IF_ERROR(Enter());
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->upload_stream), "synchronize");
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->input_stream), "synchronize");
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->stream), "synchronize");
     return CheckErrorWord();
   }
@@ -469,13 +511,36 @@ class CudaBackend final : public Backend {
                     "rmsnorm");
   }
 
-  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+  static absl::Status CheckMatMul(const Tensor& x, const Tensor& w, const Tensor& out) {
     RETURN_IF_ERROR(CheckF32(x, "matmul input"));
     RETURN_IF_ERROR(CheckF32(out, "matmul output"));
     if (w.cols != x.cols) {
       return absl::InvalidArgumentError(absl::StrCat("matmul: input has ", x.cols, " columns, weight has ", w.cols));
     }
-    RETURN_IF_ERROR(CheckShape(out, x.rows, w.rows, "matmul output"));
+    return CheckShape(out, x.rows, w.rows, "matmul output");
+  }
+
+  absl::Status MatMulShared(const Tensor& x, absl::Span<const Tensor> ws, absl::Span<const Tensor> outs) override {
+    const bool all_bf16 = std::all_of(ws.begin(), ws.end(), [](const Tensor& w) { return w.dtype == DType::kBF16; });
+    if (ws.size() != outs.size() || ws.size() < 2 || !all_bf16 || model_split_ != 1) {
+      return Backend::MatMulShared(x, ws, outs);  // one MatMul each
+    }
+    for (size_t i = 0; i < ws.size(); ++i) {
+      RETURN_IF_ERROR(CheckMatMul(x, ws[i], outs[i]));
+      RETURN_IF_ERROR(CheckGemmDims(x.rows, ws[i], "matmul"));
+    }
+    if (x.rows == 0 || x.cols == 0) return Backend::MatMulShared(x, ws, outs);
+    RETURN_IF_ERROR(Enter());
+    // x rounded to bf16 once, then one GEMM per weight on that copy.
+    ASSIGN_OR_RETURN(const void* xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul"));
+    for (size_t i = 0; i < ws.size(); ++i) {
+      if (ws[i].rows > 0) RETURN_IF_ERROR(GemmBf16(xb, x.rows, ws[i], outs[i].as<float>(), "matmul"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckMatMul(x, w, out));
     if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     int parts = 1;
@@ -942,16 +1007,39 @@ class CudaBackend final : public Backend {
     return s->ptr;
   }
 
+  static absl::Status CheckGemmDims(int64_t rows, const Tensor& w, const char* op) {
+    constexpr int64_t kMax = std::numeric_limits<int>::max();  // cuBLAS takes int dimensions
+    if (rows > kMax || w.rows > kMax || w.cols > kMax) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": GEMM dimensions exceed int32"));
+    }
+    return absl::OkStatus();
+  }
+
+  // x [n, k] F32 as n_parts bf16 parts [n_parts, n, k] in the x_bf16_
+  // scratch (valid until the next SplitToBf16).
+  absl::StatusOr<const void*> SplitToBf16(const float* x, int64_t n, int64_t k, int n_parts, const char* op) {
+    ASSIGN_OR_RETURN(void* xb, Ensure(&x_bf16_, static_cast<size_t>(n_parts * n * k) * 2));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSplitToBf16(x, n * k, n_parts, xb, dev_->stream), op));
+    return xb;
+  }
+
+  // out (row-major [rows, w.rows]) = xb [rows, k] . w^T, bf16 x bf16 -> fp32.
+  absl::Status GemmBf16(const void* xb, int64_t rows, const Tensor& w, float* out, const char* op) {
+    const float one = 1.0f, zero = 0.0f;
+    const int im = static_cast<int>(w.rows), ik = static_cast<int>(w.cols);
+    return FromCublas(
+        cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, im, static_cast<int>(rows), ik, &one, w.data, CUDA_R_16BF,
+                     ik, xb, CUDA_R_16BF, ik, &zero, out, CUDA_R_32F, im, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        op);
+  }
+
   // out (row-major [n_parts_used * n, w.rows]) = x_parts [.., k] . w^T, where
   // x [n, k] F32 is split into n_parts bf16 parts for BF16 weights (part p's
   // product in rows [p n, (p+1) n)); F32/F16 weights give one exact-ish part.
   absl::Status Gemm(const float* x, int64_t n, const Tensor& w, int n_parts, float* out, int* parts_used,
                     const char* op) {
     const int64_t m = w.rows, k = w.cols;
-    if (n * n_parts > std::numeric_limits<int>::max() || m > std::numeric_limits<int>::max() ||
-        k > std::numeric_limits<int>::max()) {
-      return absl::InvalidArgumentError(absl::StrCat(op, ": GEMM dimensions exceed int32"));
-    }
+    RETURN_IF_ERROR(CheckGemmDims(n * n_parts, w, op));
     if (k == 0) {
       *parts_used = 1;
       return FromCuda(cudaMemsetAsync(out, 0, static_cast<size_t>(n * m) * sizeof(float), dev_->stream), op);
@@ -963,12 +1051,8 @@ class CudaBackend final : public Backend {
     switch (w.dtype) {
       case DType::kBF16: {
         *parts_used = n_parts;
-        ASSIGN_OR_RETURN(void* xb, Ensure(&x_bf16_, static_cast<size_t>(n_parts * n * k) * 2));
-        RETURN_IF_ERROR(FromCuda(cuda::LaunchSplitToBf16(x, n * k, n_parts, xb, dev_->stream), op));
-        return FromCublas(cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, im, static_cast<int>(n_parts * n), ik,
-                                       &one, w.data, CUDA_R_16BF, ik, xb, CUDA_R_16BF, ik, &zero, out, CUDA_R_32F, im,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                          op);
+        ASSIGN_OR_RETURN(const void* xb, SplitToBf16(x, n, k, n_parts, op));
+        return GemmBf16(xb, n_parts * n, w, out, op);
       }
       case DType::kF32:
         *parts_used = 1;
@@ -1005,6 +1089,7 @@ class CudaBackend final : public Backend {
   std::vector<int64_t> free_points_;  // ids in points_ not in use
   const int model_split_;             // bf16 parts of the activations in model GEMMs
   int next_io_ = 0;
+  int next_in_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch w_f32_;       // F16 weight rows widened to F32
   Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
