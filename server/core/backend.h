@@ -114,6 +114,15 @@ struct SaeDecoderWeights {
   float scale_out = 1.0f;
 };
 
+// What a backend holds, for the server's memory gauges; -1 where the backend
+// cannot tell.
+struct MemoryUsage {
+  int64_t tensors = 0;        // bytes of live tensors: weights, and activations of batches in flight
+  int64_t reserved = -1;      // bytes held from the device: allocator pool, scratch, staging, cuBLAS workspace
+  int64_t device_total = -1;  // the device's memory
+  int64_t device_free = -1;   // free on the device now (other processes' use included)
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -211,6 +220,8 @@ class Backend {
   // process: an illegal address, a failed launch, an uncorrectable ECC error)
   // that error, which every later op then returns at once.
   virtual absl::Status DeviceStatus() const { return absl::OkStatus(); }
+  // Memory held now. Called by the thread that owns the backend, between ops.
+  virtual MemoryUsage Memory() { return MemoryUsage{}; }
   // True when ops return before their work has finished (a GPU queue), so a
   // caller gains by issuing more work before it waits; false when each op
   // computes before it returns (the CPU).

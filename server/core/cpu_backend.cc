@@ -1,10 +1,12 @@
 #include "core/cpu_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -76,7 +78,19 @@ class CpuBackend final : public Backend {
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (p == nullptr) return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
     std::memset(p, 0, bytes);
-    return OwnedTensor(Tensor{p, dtype, rows, cols}, [](void* q) { std::free(q); });
+    const int64_t held = static_cast<int64_t>(bytes);
+    *live_bytes_ += held;
+    return OwnedTensor(Tensor{p, dtype, rows, cols}, [live = live_bytes_, held](void* q) {
+      *live -= held;
+      std::free(q);
+    });
+  }
+
+  // Host memory only: the tensors this backend holds (no device figures).
+  MemoryUsage Memory() override {
+    MemoryUsage m;
+    m.tensors = live_bytes_->load();
+    return m;
   }
 
   absl::StatusOr<OwnedTensor> Upload(const HostTensor& src, DType dtype) override {
@@ -437,6 +451,9 @@ class CpuBackend final : public Backend {
     });
     return n_keep;
   }
+
+  // Shared with every tensor's release callback: tensors may outlive the backend.
+  std::shared_ptr<std::atomic<int64_t>> live_bytes_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace

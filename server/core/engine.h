@@ -111,6 +111,9 @@ class Engine {
   bool asynchronous() const { return backend_->asynchronous(); }
   // OK while the backend's device is usable (Backend::DeviceStatus).
   absl::Status device_status() const { return backend_->DeviceStatus(); }
+  // What the backend holds now (weights, batches in flight, pools); from the
+  // thread that runs the engine.
+  MemoryUsage memory() { return backend_->Memory(); }
 
   // Timing of the last collected batch (also of one that failed).
   const RunTiming& last_run_timing() const { return last_timing_; }

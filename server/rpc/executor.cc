@@ -81,6 +81,7 @@ BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
       if (metrics != nullptr) {
         metrics->ObserveForward(engine->last_run_timing().total_seconds);
         metrics->ObserveSae(engine->last_run_timing().sae_seconds);
+        metrics->SetMemory(engine->memory());
       }
       return results;
     });

@@ -102,6 +102,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                   .Help("ExtractStream requests held back by backpressure, waiting for admission")
                   .Register(*registry_)
                   .Add({});
+  memory_ = &prometheus::BuildGauge()
+                 .Name("sae_backend_memory_bytes")
+                 .Help(
+                     "Memory of the compute backend, by kind: tensors (live weights and activations), reserved "
+                     "(held from the device: pool, scratch, staging), device_total, device_free; updated after "
+                     "every batch; kinds the backend cannot tell (the CPU's device figures) are absent")
+                 .Register(*registry_);
   auto& failures = prometheus::BuildCounter()
                        .Name("sae_request_failures_total")
                        .Help("Requests that ended with an error, by reason (the gRPC status code)")
@@ -118,6 +125,14 @@ void Metrics::ObserveRequest(Rpc rpc, double seconds) {
 void Metrics::ObserveTokenization(double seconds) { tokenization_->Observe(seconds); }
 void Metrics::ObserveQueueTime(double seconds) { queue_time_->Observe(seconds); }
 void Metrics::ObserveForward(double seconds) { forward_->Observe(seconds); }
+void Metrics::SetMemory(const MemoryUsage& usage) {
+  for (auto [kind, bytes] : {std::pair<const char*, int64_t>{"tensors", usage.tensors},
+                             {"reserved", usage.reserved},
+                             {"device_total", usage.device_total},
+                             {"device_free", usage.device_free}}) {
+    if (bytes >= 0) memory_->Add({{"kind", kind}}).Set(static_cast<double>(bytes));
+  }
+}
 void Metrics::ObserveSae(double seconds) { sae_->Observe(seconds); }
 void Metrics::ObserveBatch(int64_t n_tokens, int n_sequences) {
   batch_tokens_->Observe(static_cast<double>(n_tokens));

@@ -10,10 +10,13 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/backend.h"
 
 namespace prometheus {
 class Counter;
 class Exposer;
+template <typename T>
+class Family;
 class Gauge;
 class Histogram;
 class Registry;
@@ -51,6 +54,10 @@ class Metrics {
   // A request that ended with `code` (not OK): counted under its reason.
   void CountFailure(absl::StatusCode code);
 
+  // Backend memory (Backend::Memory): sae_backend_memory_bytes{kind=...};
+  // a kind the backend cannot tell (-1) is not exported.
+  void SetMemory(const MemoryUsage& usage);
+
   void SetInflightRequests(int64_t n);
   void SetQueuedTokens(int64_t n);
   void SetWaitingRequests(int64_t n);
@@ -69,6 +76,7 @@ class Metrics {
   prometheus::Gauge* inflight_;
   prometheus::Gauge* queued_tokens_;
   prometheus::Gauge* waiting_;
+  prometheus::Family<prometheus::Gauge>* memory_;
   struct Failures;
   std::unique_ptr<Failures> failures_;
 };

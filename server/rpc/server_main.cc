@@ -27,6 +27,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
@@ -314,6 +315,15 @@ int Main(int argc, char** argv) {
                    (*engine)->n_layers_loaded(), " layers) with SAEs: ", absl::StrJoin(names, ", ")));
 
   Engine* engine_ptr = engine->get();
+  const MemoryUsage memory = engine_ptr->memory();
+  metrics->SetMemory(memory);  // the engine thread updates it after every batch
+  auto mib = [](int64_t bytes) { return absl::StrFormat("%.1f MiB", bytes / 1048576.0); };
+  std::string memory_line = absl::StrCat("backend memory: ", mib(memory.tensors), " in tensors");
+  if (memory.reserved >= 0) absl::StrAppend(&memory_line, ", ", mib(memory.reserved), " reserved");
+  if (memory.device_total >= 0) {
+    absl::StrAppend(&memory_line, "; device ", mib(memory.device_free), " free of ", mib(memory.device_total));
+  }
+  Log(memory_line);
   ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;

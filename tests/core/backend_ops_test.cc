@@ -250,6 +250,30 @@ TEST_P(BackendOpsTest, AllocBeyondMemoryIsResourceExhausted) {
   EXPECT_EQ(Download<float>(out), (std::vector<float>{11, 22, 33}));
 }
 
+// Memory(): live tensors counted from allocation to release (weights from
+// Upload too); on CUDA the device figures are present and consistent.
+TEST_P(BackendOpsTest, MemoryCountsLiveTensors) {
+  const int64_t before = backend_->Memory().tensors;
+  {
+    auto a = Zeros(1000, 3);
+    auto w = Upload(Random(64 * 16, 5), 64, 16, DType::kBF16);
+    const MemoryUsage m = backend_->Memory();
+    EXPECT_GE(m.tensors - before, 1000 * 3 * 4 + 64 * 16 * 2);
+    EXPECT_LE(m.tensors - before, 1000 * 3 * 4 + 64 * 16 * 2 + 2 * 256);  // allocation rounding
+    if (GetParam() == "cpu") {
+      EXPECT_EQ(m.reserved, -1);
+      EXPECT_EQ(m.device_total, -1);
+      EXPECT_EQ(m.device_free, -1);
+    } else {
+      EXPECT_GE(m.reserved, m.tensors);
+      EXPECT_GT(m.device_total, 0);
+      EXPECT_GE(m.device_free, 0);
+      EXPECT_LE(m.device_free + m.reserved, m.device_total);
+    }
+  }
+  EXPECT_EQ(backend_->Memory().tensors, before);
+}
+
 TEST_P(BackendOpsTest, MatMulRejectsMismatchedShapes) {
   auto x = Zeros(2, 3), w = Zeros(4, 5), out = Zeros(2, 4);
   EXPECT_EQ(backend_->MatMul(x.get(), w.get(), out.get()).code(), absl::StatusCode::kInvalidArgument);

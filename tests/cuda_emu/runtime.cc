@@ -100,6 +100,14 @@ size_t DeviceCapacity() {
   return cap;
 }
 
+size_t DeviceBytesInUse() { return device_bytes; }
+
+// cudaMallocAsync allocations not yet freed in stream order: the pool.
+std::map<void*, size_t>& PoolAllocations() {
+  static auto* a = new std::map<void*, size_t>();
+  return *a;
+}
+
 // The allocation of `region` holding [p, p + n), or nullptr.
 const Allocation* Find(const void* p, size_t n, Region region) {
   const uintptr_t u = reinterpret_cast<uintptr_t>(p);
@@ -777,7 +785,9 @@ cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t stream) {
   Lock lock(Mu());
   SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
-  return cudaMalloc(ptr, size);
+  const cudaError_t e = cudaMalloc(ptr, size);
+  if (e == cudaSuccess) sae_emu::PoolAllocations()[*ptr] = size;
+  return e;
 }
 
 cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
@@ -787,6 +797,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
   if (sae_emu::Find(ptr, 1, sae_emu::Region::kDevice) == nullptr) return Fail(cudaErrorInvalidValue);
   sae_emu::Enqueue(stream, [ptr]() {
     if (!sae_emu::FreeBytes(ptr, sae_emu::Region::kDevice)) sae_emu::Fatal("cudaFreeAsync of a pointer already freed");
+    sae_emu::PoolAllocations().erase(ptr);
   });
   return cudaSuccess;
 }
@@ -820,6 +831,28 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   if (pool == nullptr) return Fail(cudaErrorInvalidValue);
   if (device != 0) return Fail(cudaErrorInvalidDevice);
   *pool = &the_pool;
+  return cudaSuccess;
+}
+
+// The emulated pool caches nothing: what it has reserved is what is in use.
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, void* value) {
+  Lock lock(Mu());
+  if (pool == nullptr || value == nullptr ||
+      (attr != cudaMemPoolAttrReservedMemCurrent && attr != cudaMemPoolAttrUsedMemCurrent)) {
+    return Fail(cudaErrorInvalidValue);
+  }
+  uint64_t bytes = 0;
+  for (const auto& [p, n] : sae_emu::PoolAllocations()) bytes += n;
+  *static_cast<uint64_t*>(value) = bytes;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
+  Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
+  if (free == nullptr || total == nullptr) return Fail(cudaErrorInvalidValue);
+  *total = sae_emu::DeviceCapacity();
+  *free = *total - sae_emu::DeviceBytesInUse();
   return cudaSuccess;
 }
 

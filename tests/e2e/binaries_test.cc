@@ -32,6 +32,7 @@
 #include "core/safetensors.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "prometheus_scrape.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
 
@@ -74,9 +75,15 @@ class ServerProcess {
   explicit ServerProcess(std::vector<std::string> extra_args = {}) {
     dir_ = testing::MakeTempDir("e2e-server");
     port_file_ = dir_ + "/port";
+    metrics_port_file_ = dir_ + "/metrics_port";
     log_ = dir_ + "/server.log";
-    std::vector<std::string> args = {SAE_SERVER_BIN, "--demo", "--demo_dir=" + dir_ + "/demo", "--listen=127.0.0.1:0",
-                                     "--port_file=" + port_file_};
+    std::vector<std::string> args = {SAE_SERVER_BIN,
+                                     "--demo",
+                                     "--demo_dir=" + dir_ + "/demo",
+                                     "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file_,
+                                     "--metrics_listen=127.0.0.1:0",
+                                     "--metrics_port_file=" + metrics_port_file_};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     pid_ = fork();
     if (pid_ == 0) {
@@ -102,6 +109,12 @@ class ServerProcess {
   std::string WaitForAddress() {
     if (!testing::WaitFor([this] { return !ReadFile(port_file_).empty(); }, kProcessTimeout)) return "";
     return "127.0.0.1:" + std::to_string(std::stoi(ReadFile(port_file_)));
+  }
+
+  // The Prometheus endpoint's port (written before the model loads), or -1.
+  int MetricsPort() {
+    if (!testing::WaitFor([this] { return !ReadFile(metrics_port_file_).empty(); }, kProcessTimeout)) return -1;
+    return std::stoi(ReadFile(metrics_port_file_));
   }
 
   // SIGTERM, then the exit code (-1 if it did not exit normally in time).
@@ -149,7 +162,7 @@ class ServerProcess {
   }
 
  private:
-  std::string dir_, port_file_, log_;
+  std::string dir_, port_file_, metrics_port_file_, log_;
   pid_t pid_ = -1;
 };
 
@@ -498,6 +511,21 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
     ASSERT_EQ(tokens[pos].at("L1R-8x").size(), 1u) << out;
     EXPECT_EQ(tokens[pos].at("L1R-8x")[0].first, feature) << "token " << pos << "\n" << out;
   }
+  // Device memory on the Prometheus endpoint: the GPU's total and free (the
+  // emulator's capacity, SAE_CUDA_EMU_MEMORY_MB), what the backend reserved,
+  // and the live tensors (at least the weights) inside it.
+  const int metrics_port = server.MetricsPort();
+  ASSERT_GT(metrics_port, 0) << server.log();
+  const testing::Scrape s = testing::ParseScrape(testing::HttpGet(metrics_port, "/metrics"));
+  const double tensors = s.Get("sae_backend_memory_bytes{kind=\"tensors\"}");
+  const double reserved = s.Get("sae_backend_memory_bytes{kind=\"reserved\"}");
+  const double total = s.Get("sae_backend_memory_bytes{kind=\"device_total\"}");
+  const double free = s.Get("sae_backend_memory_bytes{kind=\"device_free\"}");
+  EXPECT_GT(tensors, 100e3);  // the demo model's bf16 weights alone are larger
+  EXPECT_GE(reserved, tensors);
+  EXPECT_GT(total, 0);
+  EXPECT_GE(free, 0);
+  EXPECT_LE(free + reserved, total);
   EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 

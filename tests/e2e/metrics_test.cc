@@ -11,87 +11,26 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <map>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "nlohmann/json.hpp"
+#include "prometheus_scrape.h"
 #include "serving_env.h"
 
 namespace sae {
 namespace {
 
+using testing::HttpGet;
+using testing::ParseScrape;
+using testing::Scrape;
 using testing::ServingEnv;
-
-// GET http://127.0.0.1:port/path; the whole response (headers and body).
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  timeval timeout{5, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
-      char buffer[4096];
-      ssize_t n;
-      while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, static_cast<size_t>(n));
-    }
-  }
-  close(fd);
-  return response;
-}
-
-// Text exposition format: "name{labels} value" lines -> value; comments
-// (# HELP / # TYPE) collected separately. Fails the test on a malformed line.
-struct Scrape {
-  std::map<std::string, double> samples;  // key: name{labels} as written
-  std::map<std::string, std::string> types;
-  std::map<std::string, std::string> help;
-
-  double Get(const std::string& key) const {
-    auto it = samples.find(key);
-    EXPECT_NE(it, samples.end()) << "no sample " << key;
-    return it == samples.end() ? -1 : it->second;
-  }
-};
-
-Scrape Parse(const std::string& http) {
-  Scrape scrape;
-  const size_t body_start = http.find("\r\n\r\n");
-  EXPECT_NE(body_start, std::string::npos) << http;
-  EXPECT_EQ(http.rfind("HTTP/1.", 0), 0u) << http.substr(0, 100);
-  EXPECT_NE(http.find(" 200 "), std::string::npos) << http.substr(0, 100);
-  std::istringstream lines(http.substr(body_start + 4));
-  std::string line;
-  while (std::getline(lines, line)) {
-    if (line.empty()) continue;
-    if (line[0] == '#') {
-      std::istringstream words(line);
-      std::string hash, kind, name, rest;
-      words >> hash >> kind >> name;
-      std::getline(words, rest);
-      if (kind == "TYPE") scrape.types[name] = rest.substr(1);
-      if (kind == "HELP") scrape.help[name] = rest.substr(1);
-      continue;
-    }
-    // The value follows the last space outside the label braces.
-    const size_t close = line.rfind('}');
-    const size_t space = line.find(' ', close == std::string::npos ? 0 : close);
-    EXPECT_NE(space, std::string::npos) << line;
-    if (space == std::string::npos) continue;
-    char* end = nullptr;
-    const std::string value = line.substr(space + 1);
-    const double v = std::strtod(value.c_str(), &end);
-    EXPECT_TRUE(end != value.c_str()) << "bad value in: " << line;
-    scrape.samples[line.substr(0, space)] = v;
-  }
-  return scrape;
-}
 
 v1::ExtractRequest TextRequest(const std::string& text) {
   v1::ExtractRequest request;
@@ -115,9 +54,10 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   ASSERT_GT((*server)->port(), 0);
 
   // Nothing yet: every family is declared, all at zero.
-  Scrape before = Parse(HttpGet((*server)->port(), "/metrics"));
+  Scrape before = ParseScrape(HttpGet((*server)->port(), "/metrics"));
   EXPECT_EQ(before.Get("sae_request_failures_total{reason=\"invalid_argument\"}"), 0);
   EXPECT_EQ(before.Get("sae_inflight_requests"), 0);
+  EXPECT_FALSE(before.Has("sae_backend_memory_bytes{kind=\"tensors\"}"));  // set by the engine thread per batch
 
   auto client = env->NewClient();
   const std::vector<std::string> texts = {"The cat sat.", "A blue bird and a green fish.", "Paris"};
@@ -132,7 +72,7 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   bad.set_k(1000);
   ASSERT_EQ(client->Extract(bad, &responses).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 
-  const Scrape s = Parse(HttpGet((*server)->port(), "/metrics"));
+  const Scrape s = ParseScrape(HttpGet((*server)->port(), "/metrics"));
   EXPECT_EQ(s.types.at("sae_request_duration_seconds"), "histogram");
   EXPECT_EQ(s.types.at("sae_tokens_total"), "counter");
   EXPECT_EQ(s.types.at("sae_inflight_requests"), "gauge");
@@ -157,6 +97,37 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   EXPECT_EQ(s.Get("sae_inflight_requests"), 0);
   EXPECT_EQ(s.Get("sae_queued_tokens"), 0);
   EXPECT_EQ(s.Get("sae_admission_waiting_requests"), 0);
+  // Backend memory after the last batch: its activations are freed, so the
+  // live tensors are what an idle engine of the same model holds (the test's
+  // reference engine, which has run nothing). The CPU tells no device figures.
+  EXPECT_EQ(s.Get("sae_backend_memory_bytes{kind=\"tensors\"}"), static_cast<double>(env->reference->memory().tensors));
+  EXPECT_GT(s.Get("sae_backend_memory_bytes{kind=\"tensors\"}"), 100e3);
+  EXPECT_FALSE(s.Has("sae_backend_memory_bytes{kind=\"device_total\"}"));
+  EXPECT_FALSE(s.Has("sae_backend_memory_bytes{kind=\"reserved\"}"));
+
+  // Every metric the Grafana dashboard (deploy/) queries is one the server
+  // exports, with its histogram suffixes.
+  std::ifstream file(SAE_DASHBOARD);
+  ASSERT_TRUE(file.good()) << SAE_DASHBOARD;
+  const auto dashboard = nlohmann::json::parse(file);
+  const std::regex metric_name("sae_[a-z_]+");
+  int queried = 0;
+  for (const auto& panel : dashboard.at("panels")) {
+    for (const auto& target : panel.at("targets")) {
+      const std::string expr = target.at("expr");
+      for (std::sregex_iterator it(expr.begin(), expr.end(), metric_name), end; it != end; ++it) {
+        std::string name = it->str();
+        for (const char* suffix : {"_bucket", "_count", "_sum"}) {
+          if (absl::EndsWith(name, suffix) && s.types.count(name.substr(0, name.size() - strlen(suffix)))) {
+            name.resize(name.size() - strlen(suffix));
+          }
+        }
+        EXPECT_EQ(s.types.count(name), 1u) << panel.at("title") << ": " << expr;
+        ++queried;
+      }
+    }
+  }
+  EXPECT_GT(queried, 10);
   // Buckets are cumulative and run from 0.5 ms to 60 s.
   EXPECT_EQ(s.samples.count("sae_forward_seconds_bucket{le=\"0.0005\"}"), 1u);
   EXPECT_EQ(s.samples.count("sae_forward_seconds_bucket{le=\"60\"}"), 1u);

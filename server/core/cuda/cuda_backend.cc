@@ -54,6 +54,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -217,7 +218,9 @@ struct Device {
   std::array<PinnedSlot, kIoSlots> io;
   std::array<InputSlot, kIoSlots> in;
   std::array<PinnedSlot, 2> up;
-  cudaEvent_t order = nullptr;  // cross-stream ordering
+  cudaEvent_t order = nullptr;         // cross-stream ordering
+  std::atomic<int64_t> live_bytes{0};  // tensors from Alloc / Upload not yet freed
+  int64_t fixed_bytes = 0;             // device memory outside the pool: cuBLAS workspace, input staging
 
   // SAE value bounds for rescoring (see SaeBounds), per encoder; an entry is
   // dropped when the memory of its encoder or feature scale is freed, so a
@@ -303,6 +306,7 @@ class CudaBackend final : public Backend {
     CUBLAS_RETURN_IF_ERROR(cublasCreate(&dev->cublas), "create cuBLAS handle");
     CUBLAS_RETURN_IF_ERROR(cublasSetStream(dev->cublas, dev->stream), "cuBLAS set stream");
     CUDA_RETURN_IF_ERROR(cudaMalloc(&dev->cublas_workspace, kCublasWorkspaceBytes), "cuBLAS workspace");
+    dev->fixed_bytes += kCublasWorkspaceBytes;
     CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(dev->cublas, dev->cublas_workspace, kCublasWorkspaceBytes),
                            "cuBLAS set workspace");
     for (PinnedSlot& s : dev->io) {
@@ -312,6 +316,7 @@ class CudaBackend final : public Backend {
     for (InputSlot& s : dev->in) {
       CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kIoSlotBytes, cudaHostAllocDefault), "pinned staging");
       CUDA_RETURN_IF_ERROR(cudaMalloc(&s.device, kIoSlotBytes), "input staging");
+      dev->fixed_bytes += kIoSlotBytes;
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.uploaded, cudaEventDisableTiming), "create event");
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.consumed, cudaEventDisableTiming), "create event");
     }
@@ -345,6 +350,25 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+
+  MemoryUsage Memory() override {
+    MemoryUsage m;
+    m.tensors = dev_->live_bytes.load();
+    if (!Enter().ok()) return m;  // a lost device: only what the host knows
+    cudaMemPool_t pool;
+    uint64_t pooled = 0;
+    if (cudaDeviceGetDefaultMemPool(&pool, dev_->id) == cudaSuccess &&
+        cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &pooled) == cudaSuccess) {
+      m.reserved = static_cast<int64_t>(pooled) + dev_->fixed_bytes;
+    }
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      m.device_free = static_cast<int64_t>(free_bytes);
+      m.device_total = static_cast<int64_t>(total_bytes);
+    }
+    cudaGetLastError();  // a failed query must not be reported by the next launch
+    return m;
+  }
   bool asynchronous() const override { return true; }
   absl::Status DeviceStatus() const override { return DeviceFault(); }
 
@@ -363,7 +387,9 @@ class CudaBackend final : public Backend {
     // Zeroed like the CPU twin's allocations.
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, dev_->stream), "alloc memset");
     std::shared_ptr<Device> dev = dev_;
+    dev->live_bytes += static_cast<int64_t>(bytes);
     return OwnedTensor(Tensor{p, dtype, rows, cols}, [dev, bytes](void* q) {
+      dev->live_bytes -= static_cast<int64_t>(bytes);
       dev->ForgetBounds(q, bytes);
       cudaSetDevice(dev->id);
       cudaFreeAsync(q, dev->stream);  // cannot report from a destructor; a failed free only leaks
