@@ -6,8 +6,9 @@
 // whose default answers UNIMPLEMENTED until the twin lands.
 //
 // Conventions: tensors are 2-D row-major views in the backend's memory.
-// Activations are F32 [n_tokens, dim]; weights are [out_features, in_features]
-// in BF16, F16 or F32 (as stored). Ops run in issue order on the backend's one
+// Activations are F32 [n_tokens, dim] (GEMM-only inputs may be BF16, see
+// gemm_input_dtype); weights are [out_features, in_features] in BF16, F16 or
+// F32 (as stored). Ops run in issue order on the backend's one
 // stream; CopyToHost waits for the work before it.
 #ifndef SAE_CORE_BACKEND_H_
 #define SAE_CORE_BACKEND_H_
@@ -220,6 +221,13 @@ class Backend {
   // process: an illegal address, a failed launch, an uncorrectable ECC error)
   // that error, which every later op then returns at once.
   virtual absl::Status DeviceStatus() const { return absl::OkStatus(); }
+  // The dtype for activations whose only use is as a GEMM input (normed
+  // residual, attention output, silu(gate) * up). F32 by default. BF16 where
+  // the GEMMs round their input to bf16 anyway (CUDA with one bf16 part): then
+  // RmsNorm, Attention and SiluMul may write BF16 outputs and MatMul /
+  // MatMulShared read BF16 x, saving the F32 write, its re-read and the
+  // rounding pass, with bit-identical results.
+  virtual DType gemm_input_dtype() const { return DType::kF32; }
   // Memory held now. Called by the thread that owns the backend, between ops.
   virtual MemoryUsage Memory() { return MemoryUsage{}; }
   // True when ops return before their work has finished (a GPU queue), so a

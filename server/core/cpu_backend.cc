@@ -128,6 +128,7 @@ class CpuBackend final : public Backend {
   absl::Status Embed(const Tensor& table, const Tensor& ids, const Tensor& out) override {
     RETURN_IF_ERROR(CheckF32(out, "embed output"));
     RETURN_IF_ERROR(CheckShape(out, ids.numel(), table.cols, "embed output"));
+    if (ids.dtype != DType::kI32) return absl::InvalidArgumentError("embed: ids must be I32");
     const int32_t* id = ids.as<int32_t>();
     for (int64_t t = 0; t < ids.numel(); ++t) {
       if (id[t] < 0 || id[t] >= table.rows) {
@@ -141,6 +142,7 @@ class CpuBackend final : public Backend {
 
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
     RETURN_IF_ERROR(CheckF32(x, "rmsnorm input"));
+    RETURN_IF_ERROR(CheckF32(out, "rmsnorm output"));
     RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "rmsnorm output"));
     std::vector<float> w;
     if (weight.data != nullptr) {
@@ -211,6 +213,9 @@ class CpuBackend final : public Backend {
         positions.numel() != x.rows) {
       return absl::InvalidArgumentError("rope: inconsistent shapes");
     }
+    if (positions.dtype != DType::kI32 || inv_freq.dtype != DType::kF32) {
+      return absl::InvalidArgumentError("rope: positions must be I32 and inv_freq F32");
+    }
     const int half = head_dim / 2;
     const int64_t n_heads = x.cols / head_dim;
     const float* inv = inv_freq.as<float>();
@@ -237,6 +242,8 @@ class CpuBackend final : public Backend {
         k.rows != q.rows || v.rows != q.rows || seq_starts.numel() != n_seqs + 1) {
       return absl::InvalidArgumentError("attention: inconsistent shapes");
     }
+    for (const Tensor* t : {&q, &k, &v, &out}) RETURN_IF_ERROR(CheckF32(*t, "attention tensor"));
+    if (seq_starts.dtype != DType::kI32) return absl::InvalidArgumentError("attention: seq_starts must be I32");
     const int32_t* starts = seq_starts.as<int32_t>();
     if (starts[0] != 0 || starts[n_seqs] != q.rows) {
       return absl::InvalidArgumentError("attention: seq_starts must cover all rows");
@@ -280,6 +287,7 @@ class CpuBackend final : public Backend {
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) override {
     RETURN_IF_ERROR(CheckShape(up, gate.rows, gate.cols, "silu_mul up"));
     RETURN_IF_ERROR(CheckShape(out, gate.rows, gate.cols, "silu_mul output"));
+    for (const Tensor* t : {&gate, &up, &out}) RETURN_IF_ERROR(CheckF32(*t, "silu_mul tensor"));
     const float* g = gate.as<float>();
     const float* u = up.as<float>();
     float* o = out.as<float>();
@@ -290,6 +298,7 @@ class CpuBackend final : public Backend {
   absl::Status Add(const Tensor& a, const Tensor& b, const Tensor& out) override {
     RETURN_IF_ERROR(CheckShape(b, a.rows, a.cols, "add rhs"));
     RETURN_IF_ERROR(CheckShape(out, a.rows, a.cols, "add output"));
+    for (const Tensor* t : {&a, &b, &out}) RETURN_IF_ERROR(CheckF32(*t, "add tensor"));
     for (int64_t i = 0; i < a.numel(); ++i) out.as<float>()[i] = a.as<float>()[i] + b.as<float>()[i];
     return absl::OkStatus();
   }

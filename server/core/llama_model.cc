@@ -93,15 +93,29 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   RETURN_IF_ERROR(b->CopyFromHost(batch.positions.data(), pos.get()));
   RETURN_IF_ERROR(b->CopyFromHost(batch.seq_starts.data(), starts.get()));
 
+  // Tensors only a GEMM reads (normed inputs, attention output, silu * up)
+  // are kept in the backend's GEMM input dtype; hooks see F32 only.
+  const DType gin = b->gemm_input_dtype();
   ASSIGN_OR_RETURN(OwnedTensor x, b->Alloc(DType::kF32, n, d));  // residual stream
-  ASSIGN_OR_RETURN(OwnedTensor h, b->Alloc(DType::kF32, n, d));  // normed input
+  ASSIGN_OR_RETURN(OwnedTensor h, b->Alloc(gin, n, d));          // normed input
   ASSIGN_OR_RETURN(OwnedTensor q, b->Alloc(DType::kF32, n, q_dim));
   ASSIGN_OR_RETURN(OwnedTensor k, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor v, b->Alloc(DType::kF32, n, kv_dim));
-  ASSIGN_OR_RETURN(OwnedTensor attn, b->Alloc(DType::kF32, n, q_dim));
+  ASSIGN_OR_RETURN(OwnedTensor attn, b->Alloc(gin, n, q_dim));
   ASSIGN_OR_RETURN(OwnedTensor proj, b->Alloc(DType::kF32, n, d));  // o_proj / down_proj output
   ASSIGN_OR_RETURN(OwnedTensor gate, b->Alloc(DType::kF32, n, ffn));
   ASSIGN_OR_RETURN(OwnedTensor up, b->Alloc(DType::kF32, n, ffn));
+  OwnedTensor act_own, tc_own;  // silu(gate) * up; the transcoder input hook's F32 buffer
+  if (gin != DType::kF32) {
+    ASSIGN_OR_RETURN(act_own, b->Alloc(gin, n, ffn));
+    bool tc_hook = false;
+    for (const HookPoint& hp : hooks) tc_hook = tc_hook || hp.site == HookSite::kTranscoderIn;
+    if (tc_hook) {
+      ASSIGN_OR_RETURN(tc_own, b->Alloc(DType::kF32, n, d));
+    }
+  }
+  const Tensor act = gin == DType::kF32 ? gate.get() : act_own.get();  // F32: in place over gate
+  const Tensor tc_in = gin == DType::kF32 ? h.get() : tc_own.get();
 
   auto hook = [&](int layer, HookSite site, const Tensor& t) -> absl::Status {
     HookPoint hp{layer, site};
@@ -122,13 +136,13 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     RETURN_IF_ERROR(hook(l, HookSite::kAttn, proj.get()));
     RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));  // x is now resid_mid
     if (hooks.count(HookPoint{l, HookSite::kTranscoderIn})) {
-      RETURN_IF_ERROR(b->RmsNorm(x.get(), Tensor(), eps, h.get()));
-      RETURN_IF_ERROR(hook(l, HookSite::kTranscoderIn, h.get()));
+      RETURN_IF_ERROR(b->RmsNorm(x.get(), Tensor(), eps, tc_in));
+      RETURN_IF_ERROR(hook(l, HookSite::kTranscoderIn, tc_in));
     }
     RETURN_IF_ERROR(b->RmsNorm(x.get(), L.post_norm.get(), eps, h.get()));
     RETURN_IF_ERROR(b->MatMulShared(h.get(), {L.w_gate.get(), L.w_up.get()}, {gate.get(), up.get()}));
-    RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), gate.get()));
-    RETURN_IF_ERROR(b->MatMul(gate.get(), L.w_down.get(), proj.get()));
+    RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), act));
+    RETURN_IF_ERROR(b->MatMul(act, L.w_down.get(), proj.get()));
     RETURN_IF_ERROR(hook(l, HookSite::kMlp, proj.get()));
     RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
     RETURN_IF_ERROR(hook(l, HookSite::kResid, x.get()));

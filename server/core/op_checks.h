@@ -17,6 +17,16 @@ inline absl::Status CheckF32(const Tensor& t, const char* what) {
   return absl::OkStatus();
 }
 
+// An activation that feeds a GEMM: F32, or BF16 where the backend keeps
+// those in BF16 (Backend::gemm_input_dtype).
+inline absl::Status CheckGemmInput(const Tensor& t, DType allowed, const char* what) {
+  if (t.dtype != DType::kF32 && t.dtype != allowed) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must be F32", allowed == DType::kF32 ? "" : " or BF16", ", got ", DTypeName(t.dtype)));
+  }
+  return absl::OkStatus();
+}
+
 inline absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
   if (t.rows != rows || t.cols != cols) {
     return absl::InvalidArgumentError(

@@ -216,6 +216,76 @@ TEST_P(BackendOpsTest, MatMulSharedEqualsOneMatMulPerWeight) {
   }
 }
 
+// BF16 outputs of the ops that feed GEMMs (RmsNorm, SiluMul, Attention) are
+// their F32 outputs rounded to nearest even, bit for bit; a BF16 x in MatMul /
+// MatMulShared gives exactly what the F32 x it was rounded from gives (the
+// GEMM rounds it the same way), for BF16 and F32 weights. The CPU keeps GEMM
+// inputs in F32 and refuses BF16 ones with INVALID_ARGUMENT.
+TEST_P(BackendOpsTest, Bf16GemmInputsAreF32OutputsRounded) {
+  const int n = 37, d = 96, hd = 64, heads = 4, kv_heads = 2, ffn = 130;
+  auto bits = [&](const OwnedTensor& t) { return Download<uint16_t>(t); };
+  auto rounded = [&](const OwnedTensor& t) {
+    std::vector<uint16_t> r;
+    for (float f : Download<float>(t)) r.push_back(F32ToBf16(f));
+    return r;
+  };
+  auto x = Upload(Random(static_cast<size_t>(n) * d, 71, 3.0f), n, d);
+  auto norm_w = Upload(Random(d, 72), 1, d);
+  auto h32 = Zeros(n, d), h16 = Zeros(n, d, DType::kBF16);
+  if (GetParam() == "cpu") {
+    EXPECT_EQ(backend_->gemm_input_dtype(), DType::kF32);
+    EXPECT_EQ(backend_->RmsNorm(x.get(), norm_w.get(), 1e-5f, h16.get()).code(), absl::StatusCode::kInvalidArgument);
+    auto w = Upload(Random(8 * d, 73), 8, d, DType::kBF16);
+    auto out = Zeros(n, 8);
+    EXPECT_EQ(backend_->MatMul(h16.get(), w.get(), out.get()).code(), absl::StatusCode::kInvalidArgument);
+    return;
+  }
+  EXPECT_EQ(backend_->gemm_input_dtype(), DType::kBF16);
+  ASSERT_TRUE(backend_->RmsNorm(x.get(), norm_w.get(), 1e-5f, h32.get()).ok());
+  ASSERT_TRUE(backend_->RmsNorm(x.get(), norm_w.get(), 1e-5f, h16.get()).ok());
+  EXPECT_EQ(bits(h16), rounded(h32)) << "rmsnorm";
+
+  auto gate = Upload(Random(static_cast<size_t>(n) * ffn, 74, 4.0f), n, ffn);
+  auto up = Upload(Random(static_cast<size_t>(n) * ffn, 75), n, ffn);
+  auto a32 = Zeros(n, ffn), a16 = Zeros(n, ffn, DType::kBF16);
+  ASSERT_TRUE(backend_->SiluMul(gate.get(), up.get(), a32.get()).ok());
+  ASSERT_TRUE(backend_->SiluMul(gate.get(), up.get(), a16.get()).ok());
+  EXPECT_EQ(bits(a16), rounded(a32)) << "silu_mul";
+
+  const std::vector<int32_t> starts = {0, 5, 30, n};
+  auto q = Upload(Random(static_cast<size_t>(n) * heads * hd, 76, 2.0f), n, heads * hd);
+  auto k = Upload(Random(static_cast<size_t>(n) * kv_heads * hd, 77, 2.0f), n, kv_heads * hd);
+  auto v = Upload(Random(static_cast<size_t>(n) * kv_heads * hd, 78), n, kv_heads * hd);
+  auto ts = UploadI32(starts);
+  for (const AttentionKernel& kernel : AttentionKernels()) {  // mma stores BF16; fp32 goes through scratch
+    auto o32 = Zeros(n, heads * hd), o16 = Zeros(n, heads * hd, DType::kBF16);
+    ASSERT_TRUE(RunAttention(kernel, q.get(), k.get(), v.get(), ts.get(), 3, 25, heads, kv_heads, hd, o32.get()).ok());
+    ASSERT_TRUE(RunAttention(kernel, q.get(), k.get(), v.get(), ts.get(), 3, 25, heads, kv_heads, hd, o16.get()).ok());
+    EXPECT_EQ(bits(o16), rounded(o32)) << "attention " << kernel.name;
+  }
+
+  for (DType wt : {DType::kBF16, DType::kF32}) {
+    auto w1 = Upload(Rounded(Random(130 * d, 79), wt), 130, d, wt);
+    auto w2 = Upload(Rounded(Random(3 * d, 80), wt), 3, d, wt);
+    auto y32 = Zeros(n, 130), y16 = Zeros(n, 130), z16 = Zeros(n, 3), s1 = Zeros(n, 130), s2 = Zeros(n, 3);
+    // F32 x holding exactly the BF16 values, so both GEMMs see the same input.
+    std::vector<float> widened;
+    for (uint16_t b : bits(h16)) widened.push_back(Bf16ToF32(b));
+    auto hw = Upload(widened, n, d);
+    ASSERT_TRUE(backend_->MatMul(hw.get(), w1.get(), y32.get()).ok());
+    ASSERT_TRUE(backend_->MatMul(h16.get(), w1.get(), y16.get()).ok());
+    ASSERT_TRUE(backend_->MatMul(h16.get(), w2.get(), z16.get()).ok());
+    EXPECT_EQ(Download<float>(y16), Download<float>(y32)) << "matmul " << DTypeName(wt);
+    const std::vector<Tensor> ws = {w1.get(), w2.get()}, outs = {s1.get(), s2.get()};
+    ASSERT_TRUE(backend_->MatMulShared(h16.get(), ws, outs).ok());
+    EXPECT_EQ(Download<float>(s1), Download<float>(y16)) << "matmul shared " << DTypeName(wt);
+    EXPECT_EQ(Download<float>(s2), Download<float>(z16)) << "matmul shared " << DTypeName(wt);
+  }
+  // Not a GEMM input: F16 activations stay refused.
+  auto h_f16 = Zeros(n, d, DType::kF16);
+  EXPECT_EQ(backend_->RmsNorm(x.get(), norm_w.get(), 1e-5f, h_f16.get()).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(BackendOpsTest, MatMulSplitActivationsMatchFp32) {
   setenv("SAE_CUDA_MODEL_SPLIT", "3", 1);
   auto created = CreateBackend(GetParam());
@@ -272,6 +342,30 @@ TEST_P(BackendOpsTest, MemoryCountsLiveTensors) {
     }
   }
   EXPECT_EQ(backend_->Memory().tensors, before);
+}
+
+// A tensor of the wrong dtype is INVALID_ARGUMENT in every op, never a
+// buffer read or written as another type.
+TEST_P(BackendOpsTest, OpsRejectWrongDtypes) {
+  const int n = 4, d = 8;
+  auto f = Zeros(n, d), i32 = Zeros(n, d, DType::kI32), w = Zeros(1, d), ids = Zeros(n, 1, DType::kI32);
+  auto ids_f = Zeros(n, 1), inv = Zeros(1, d / 2), starts = UploadI32({0, n}), starts_f = Zeros(2, 1);
+  auto table = Zeros(16, d), mw = Zeros(3, d, DType::kBF16), mo = Zeros(n, 3);
+  const auto bad = absl::StatusCode::kInvalidArgument;
+  EXPECT_EQ(backend_->Embed(table.get(), ids_f.get(), f.get()).code(), bad);
+  EXPECT_EQ(backend_->Embed(table.get(), ids.get(), i32.get()).code(), bad);
+  EXPECT_EQ(backend_->RmsNorm(i32.get(), w.get(), 1e-5f, f.get()).code(), bad);
+  EXPECT_EQ(backend_->RmsNorm(f.get(), w.get(), 1e-5f, i32.get()).code(), bad);
+  EXPECT_EQ(backend_->MatMul(i32.get(), mw.get(), mo.get()).code(), bad);
+  EXPECT_EQ(backend_->Rope(i32.get(), ids.get(), inv.get(), d).code(), bad);
+  EXPECT_EQ(backend_->Rope(f.get(), ids_f.get(), inv.get(), d).code(), bad);
+  EXPECT_EQ(backend_->Attention(f.get(), f.get(), f.get(), starts_f.get(), 1, n, 1, 1, d, f.get()).code(), bad);
+  EXPECT_EQ(backend_->Attention(f.get(), i32.get(), f.get(), starts.get(), 1, n, 1, 1, d, f.get()).code(), bad);
+  EXPECT_EQ(backend_->Attention(f.get(), f.get(), f.get(), starts.get(), 1, n, 1, 1, d, i32.get()).code(), bad);
+  EXPECT_EQ(backend_->SiluMul(i32.get(), f.get(), f.get()).code(), bad);
+  EXPECT_EQ(backend_->SiluMul(f.get(), f.get(), i32.get()).code(), bad);
+  EXPECT_EQ(backend_->Add(f.get(), i32.get(), f.get()).code(), bad);
+  EXPECT_EQ(backend_->Add(f.get(), f.get(), i32.get()).code(), bad);
 }
 
 TEST_P(BackendOpsTest, MatMulRejectsMismatchedShapes) {

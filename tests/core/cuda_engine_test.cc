@@ -44,7 +44,7 @@ EngineOptions DemoOptions(const std::string& backend, SaeEncodeForm form) {
 }
 
 struct Engines {
-  std::unique_ptr<Engine> cpu, cuda, cuda_exact;
+  std::unique_ptr<Engine> cpu, cuda, cuda_exact, cuda_f32_activations;
 };
 
 constexpr float kDefaultTol = 0.15f;  // of the row's largest feature value
@@ -72,9 +72,13 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
       auto cuda_exact = Engine::Create(DemoOptions("cuda", form));
       unsetenv("SAE_CUDA_MODEL_SPLIT");
       ASSERT_TRUE(cuda_exact.ok()) << cuda_exact.status();
+      setenv("SAE_CUDA_BF16_ACTIVATIONS", "0", 1);
+      auto cuda_f32 = Engine::Create(DemoOptions("cuda", form));
+      unsetenv("SAE_CUDA_BF16_ACTIVATIONS");
+      ASSERT_TRUE(cuda_f32.ok()) << cuda_f32.status();
       auto cpu = Engine::Create(DemoOptions("cpu", form));
       ASSERT_TRUE(cpu.ok()) << cpu.status();
-      (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda), *std::move(cuda_exact)};
+      (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda), *std::move(cuda_exact), *std::move(cuda_f32)};
     }
   }
   static void TearDownTestSuite() {
@@ -91,6 +95,7 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     cpu_ = (*engines_)[GetParam()].cpu.get();
     cuda_ = (*engines_)[GetParam()].cuda.get();
     cuda_exact_ = (*engines_)[GetParam()].cuda_exact.get();
+    cuda_f32_activations_ = (*engines_)[GetParam()].cuda_f32_activations.get();
     ASSERT_EQ(cuda_->backend_name(), "cuda");
   }
 
@@ -203,6 +208,7 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
   Engine* cpu_ = nullptr;
   Engine* cuda_ = nullptr;
   Engine* cuda_exact_ = nullptr;
+  Engine* cuda_f32_activations_ = nullptr;  // SAE_CUDA_BF16_ACTIVATIONS=0
 };
 
 std::map<SaeEncodeForm, Engines>* CudaEngineTest::engines_ = nullptr;
@@ -279,6 +285,34 @@ TEST_P(CudaEngineTest, RejectsBadTokenIds) {
   EXPECT_EQ(cuda_->Run({r}).status().code(), absl::StatusCode::kInvalidArgument);
   // The backend is still usable afterwards.
   EXPECT_TRUE(cuda_->Run({Request("The cat.")}).ok());
+}
+
+// GEMM-only activations kept in BF16 (normed inputs, attention output,
+// silu * up: the default) give bit-identical results to keeping them in F32
+// and rounding them before each GEMM, for every output: top-k, watch lists,
+// reconstruction errors and every captured hook (the transcoder input too).
+TEST_P(CudaEngineTest, Bf16GemmInputsEqualF32RoundedAtTheGemm) {
+  {  // the two engines' backends do differ
+    auto bf16_backend = CreateBackend("cuda");
+    setenv("SAE_CUDA_BF16_ACTIVATIONS", "0", 1);
+    auto f32_backend = CreateBackend("cuda");
+    unsetenv("SAE_CUDA_BF16_ACTIVATIONS");
+    ASSERT_TRUE(bf16_backend.ok() && f32_backend.ok());
+    EXPECT_EQ((*bf16_backend)->gemm_input_dtype(), DType::kBF16);
+    EXPECT_EQ((*f32_backend)->gemm_input_dtype(), DType::kF32);
+  }
+  const size_t n_saes = cuda_->saes().size();
+  std::vector<SequenceRequest> batch = {Request("The cat sat on the mat.", 8, /*capture=*/true),
+                                        Request(LongText().substr(0, 400), 16)};
+  batch[0].reconstruction_error = true;
+  batch[1].reconstruction_error = true;
+  batch[1].watch = std::vector<std::vector<int32_t>>(n_saes);
+  batch[1].watch[0] = {3, 17, 42, 101, 7};
+  auto bf16 = cuda_->Run(batch);
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  auto f32 = cuda_f32_activations_->Run(batch);
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  testing::ExpectSameResults(*f32, *bf16, "bf16 GEMM inputs");
 }
 
 // Two batches queued on the device before either is read back (what the

@@ -263,11 +263,11 @@ constexpr size_t AttentionMmaSharedBytes() {
                              static_cast<size_t>(HD) * (kAttnMmaKeys / 2 + 4));
 }
 
-template <int HD>
+template <int HD, typename O>
 __global__ void __launch_bounds__(kAttnMmaWarps * 32)
     AttentionMmaKernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
                        const int32_t* __restrict__ seq_starts, const int32_t* __restrict__ tile_start, int n_seqs,
-                       int n_heads, int n_kv_heads, float scale_log2, float* __restrict__ out) {
+                       int n_heads, int n_kv_heads, float scale_log2, O* __restrict__ out) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim: a multiple of 16, at most 128");
   constexpr int BQ = kAttnMmaRows, BK = kAttnMmaKeys;
   constexpr int QW = HD / 2 + 4;  // words per sq / sk row
@@ -415,11 +415,11 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
     const int row = r0 + g + 8 * r;
     if (row >= n_rows) continue;
     const float inv = 1.0f / l[r];
-    float* dst = out + (seq_begin + q_first + row) * q_stride + static_cast<int64_t>(h) * HD + 2 * t;
+    O* dst = out + (seq_begin + q_first + row) * q_stride + static_cast<int64_t>(h) * HD + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
-      dst[dt * 8] = o[dt][2 * r] * inv;
-      dst[dt * 8 + 1] = o[dt][2 * r + 1] * inv;
+      StoreAs(&dst[dt * 8], o[dt][2 * r] * inv);
+      StoreAs(&dst[dt * 8 + 1], o[dt][2 * r + 1] * inv);
     }
   }
 }
@@ -458,39 +458,54 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
                               AttentionScaleLog2(head_dim), out);
 }
 
-template <int HD>
+template <int HD, typename O>
 cudaError_t LaunchAttentionMma(const float* q, const float* k, const float* v, const int32_t* seq_starts,
                                const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
-                               float* out, cudaStream_t stream) {
-  return LaunchAttentionTiles(AttentionMmaKernel<HD>, kAttnMmaRows, kAttnMmaWarps, AttentionMmaSharedBytes<HD>(),
+                               O* out, cudaStream_t stream) {
+  return LaunchAttentionTiles(AttentionMmaKernel<HD, O>, kAttnMmaRows, kAttnMmaWarps, AttentionMmaSharedBytes<HD>(),
                               n_tokens, n_seqs, n_heads, stream, q, k, v, seq_starts, tile_table, n_seqs, n_heads,
                               n_kv_heads, AttentionScaleLog2(HD), out);
 }
 
+template <typename O>
+cudaError_t LaunchAttentionMmaHeadDim(const float* q, const float* k, const float* v, const int32_t* seq_starts,
+                                      const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads,
+                                      int n_kv_heads, int head_dim, O* out, cudaStream_t stream) {
+  switch (head_dim) {
+    case 16:
+      return LaunchAttentionMma<16>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                    stream);
+    case 32:
+      return LaunchAttentionMma<32>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                    stream);
+    case 64:
+      return LaunchAttentionMma<64>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                    stream);
+    default:
+      return LaunchAttentionMma<128>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+                                     stream);
+  }
+}
+
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
-                            bool tensor_cores, float* out, int32_t* tile_table, int* error_flag, cudaStream_t stream) {
+                            bool tensor_cores, void* out_ptr, ElemType out_type, int32_t* tile_table, int* error_flag,
+                            cudaStream_t stream) {
   if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
   const bool mma = tensor_cores && AttentionMmaSupportsHeadDim(head_dim);
+  if (out_type == ElemType::kF16 || (!mma && out_type != ElemType::kF32)) return cudaErrorInvalidValue;
   SAE_KERNEL_LAUNCH(AttentionTileTableKernel, 1, kAttnTableThreads, 0, stream)
   (seq_starts, n_seqs, max_seq_len, n_tokens, mma ? kAttnMmaRows : kAttnRowsPerBlock, tile_table, error_flag);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (mma && out_type == ElemType::kBF16) {
+    return LaunchAttentionMmaHeadDim(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
+                                     static_cast<__nv_bfloat16*>(out_ptr), stream);
+  }
+  float* out = static_cast<float*>(out_ptr);
   if (mma) {
-    switch (head_dim) {
-      case 16:
-        return LaunchAttentionMma<16>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                      stream);
-      case 32:
-        return LaunchAttentionMma<32>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                      stream);
-      case 64:
-        return LaunchAttentionMma<64>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                      stream);
-      default:
-        return LaunchAttentionMma<128>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                       stream);
-    }
+    return LaunchAttentionMmaHeadDim(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
+                                     out, stream);
   }
   if (head_dim <= 32) {
     return LaunchAttentionDpl<1>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,

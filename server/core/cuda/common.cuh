@@ -65,6 +65,12 @@ __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 
+// Activation stores: F32 as is, or BF16 rounded to nearest even (the rounding
+// LaunchSplitToBf16 applies before a GEMM, so a BF16-output op feeds the GEMM
+// the same bits as its F32 output would after that pass).
+__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);

@@ -19,8 +19,11 @@
 // per-batch activations cost no cudaMalloc/cudaFree round trip, and a free is
 // ordered after the kernels that used the buffer. Never managed memory.
 //
-// GEMMs: cublasGemmEx, bf16 x bf16 -> fp32 accumulate -> F32 output. The F32
-// activations are rounded to bf16 into a scratch buffer first. SAE encoders
+// GEMMs: cublasGemmEx, bf16 x bf16 -> fp32 accumulate -> F32 output. A BF16
+// x (what RmsNorm / Attention / SiluMul write when gemm_input_dtype() is
+// BF16, the default with one model part) goes in as it is; an F32 x is
+// rounded to bf16 into a scratch buffer first (once for all the weights of a
+// MatMulShared). SAE encoders
 // (BF16) select their top-k by rescoring (sae_rescore.cuh): a plain bf16
 // GEMM, a top-k with a few extra candidates under a proven error bound, the
 // candidates' values recomputed from the fp32 activations, and an exact
@@ -344,12 +347,13 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(dev_->stream);
     for (cudaEvent_t e : points_) cudaEventDestroy(e);
     for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_,
-                       &sae_cand_, &sae_bound_}) {
+                       &sae_cand_, &sae_bound_, &attn_f32_, &x_f32_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
 
   std::string name() const override { return "cuda"; }
+  DType gemm_input_dtype() const override { return bf16_activations_ ? DType::kBF16 : DType::kF32; }
 
   MemoryUsage Memory() override {
     MemoryUsage m;
@@ -525,20 +529,20 @@ class CudaBackend final : public Backend {
 
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, const Tensor& out) override {
     RETURN_IF_ERROR(CheckF32(x, "rmsnorm input"));
-    RETURN_IF_ERROR(CheckF32(out, "rmsnorm output"));
+    RETURN_IF_ERROR(CheckGemmInput(out, DType::kBF16, "rmsnorm output"));
     RETURN_IF_ERROR(CheckShape(out, x.rows, x.cols, "rmsnorm output"));
     if (weight.data != nullptr) {
       RETURN_IF_ERROR(CheckShape(weight, 1, x.cols, "rmsnorm weight"));
       if (!IsFloatDType(weight.dtype)) return absl::InvalidArgumentError("rmsnorm: weight must be F32, BF16 or F16");
     }
     RETURN_IF_ERROR(Enter());
-    return FromCuda(cuda::LaunchRmsNorm(x.as<float>(), weight.data, ToElem(weight.dtype), x.rows, x.cols, eps,
-                                        out.as<float>(), dev_->stream),
+    return FromCuda(cuda::LaunchRmsNorm(x.as<float>(), weight.data, ToElem(weight.dtype), x.rows, x.cols, eps, out.data,
+                                        ToElem(out.dtype), dev_->stream),
                     "rmsnorm");
   }
 
   static absl::Status CheckMatMul(const Tensor& x, const Tensor& w, const Tensor& out) {
-    RETURN_IF_ERROR(CheckF32(x, "matmul input"));
+    RETURN_IF_ERROR(CheckGemmInput(x, DType::kBF16, "matmul input"));
     RETURN_IF_ERROR(CheckF32(out, "matmul output"));
     if (w.cols != x.cols) {
       return absl::InvalidArgumentError(absl::StrCat("matmul: input has ", x.cols, " columns, weight has ", w.cols));
@@ -548,7 +552,7 @@ class CudaBackend final : public Backend {
 
   absl::Status MatMulShared(const Tensor& x, absl::Span<const Tensor> ws, absl::Span<const Tensor> outs) override {
     const bool all_bf16 = std::all_of(ws.begin(), ws.end(), [](const Tensor& w) { return w.dtype == DType::kBF16; });
-    if (ws.size() != outs.size() || ws.size() < 2 || !all_bf16 || model_split_ != 1) {
+    if (ws.size() != outs.size() || ws.size() < 2 || !all_bf16 || (model_split_ != 1 && x.dtype != DType::kBF16)) {
       return Backend::MatMulShared(x, ws, outs);  // one MatMul each
     }
     for (size_t i = 0; i < ws.size(); ++i) {
@@ -557,8 +561,11 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0 || x.cols == 0) return Backend::MatMulShared(x, ws, outs);
     RETURN_IF_ERROR(Enter());
-    // x rounded to bf16 once, then one GEMM per weight on that copy.
-    ASSIGN_OR_RETURN(const void* xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul"));
+    // x rounded to bf16 once (unless it is BF16 already), then one GEMM per weight on that copy.
+    const void* xb = x.data;
+    if (x.dtype == DType::kF32) {
+      ASSIGN_OR_RETURN(xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul"));
+    }
     for (size_t i = 0; i < ws.size(); ++i) {
       if (ws[i].rows > 0) RETURN_IF_ERROR(GemmBf16(xb, x.rows, ws[i], outs[i].as<float>(), "matmul"));
     }
@@ -569,6 +576,16 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(CheckMatMul(x, w, out));
     if (x.rows == 0 || w.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
+    if (x.dtype == DType::kBF16) {
+      RETURN_IF_ERROR(CheckGemmDims(x.rows, w, "matmul"));
+      if (w.dtype == DType::kBF16) return GemmBf16(x.data, x.rows, w, out.as<float>(), "matmul");
+      // F32 / F16 weights take an F32 x (exact: a bf16 value widens exactly).
+      ASSIGN_OR_RETURN(void* xf, Ensure(&x_f32_, static_cast<size_t>(x.numel()) * sizeof(float)));
+      RETURN_IF_ERROR(FromCuda(
+          cuda::LaunchToF32(x.data, ElemType::kBF16, x.numel(), static_cast<float*>(xf), dev_->stream), "matmul"));
+      int parts = 1;
+      return Gemm(static_cast<const float*>(xf), x.rows, w, /*n_parts=*/1, out.as<float>(), &parts, "matmul");
+    }
     int parts = 1;
     if (w.dtype != DType::kBF16 || model_split_ == 1) {
       return Gemm(x.as<float>(), x.rows, w, /*n_parts=*/1, out.as<float>(), &parts, "matmul");
@@ -610,7 +627,8 @@ class CudaBackend final : public Backend {
         n_seqs < 0 || seq_starts.rows * seq_starts.cols != static_cast<int64_t>(n_seqs) + 1 || max_seq_len < 0) {
       return absl::InvalidArgumentError("attention: inconsistent shapes");
     }
-    for (const Tensor* t : {&q, &k, &v, &out}) RETURN_IF_ERROR(CheckF32(*t, "attention tensor"));
+    for (const Tensor* t : {&q, &k, &v}) RETURN_IF_ERROR(CheckF32(*t, "attention tensor"));
+    RETURN_IF_ERROR(CheckGemmInput(out, DType::kBF16, "attention output"));
     if (seq_starts.dtype != DType::kI32) return absl::InvalidArgumentError("attention: seq_starts must be I32");
     if (!cuda::AttentionSupportsHeadDim(head_dim)) {
       return absl::UnimplementedError(absl::StrCat("cuda attention: head_dim ", head_dim, " > 256"));
@@ -618,23 +636,35 @@ class CudaBackend final : public Backend {
     if (q.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     ASSIGN_OR_RETURN(void* table, Ensure(&tile_table_, (static_cast<size_t>(n_seqs) + 1) * sizeof(int32_t)));
+    const bool tensor_cores = AttentionOnTensorCores();
+    // The fp32 kernel stores F32 only: a BF16 output goes through scratch.
+    const bool staged = out.dtype == DType::kBF16 && !(tensor_cores && cuda::AttentionMmaSupportsHeadDim(head_dim));
+    void* dst = out.data;
+    if (staged) {
+      ASSIGN_OR_RETURN(dst, Ensure(&attn_f32_, static_cast<size_t>(out.numel()) * sizeof(float)));
+    }
     // Bad seq_starts (which live on the device) are reported at the next
     // CopyToHost / Synchronize as INVALID_ARGUMENT.
-    return FromCuda(
-        cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
-                              max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, AttentionOnTensorCores(),
-                              out.as<float>(), static_cast<int32_t*>(table), dev_->error_word_dev, dev_->stream),
-        "attention");
+    RETURN_IF_ERROR(
+        FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
+                                       max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, tensor_cores, dst,
+                                       staged ? ElemType::kF32 : ToElem(out.dtype), static_cast<int32_t*>(table),
+                                       dev_->error_word_dev, dev_->stream),
+                 "attention"));
+    if (!staged) return absl::OkStatus();
+    return FromCuda(cuda::LaunchSplitToBf16(static_cast<const float*>(dst), out.numel(), 1, out.data, dev_->stream),
+                    "attention");
   }
 
   absl::Status SiluMul(const Tensor& gate, const Tensor& up, const Tensor& out) override {
     RETURN_IF_ERROR(CheckShape(up, gate.rows, gate.cols, "silu_mul up"));
     RETURN_IF_ERROR(CheckShape(out, gate.rows, gate.cols, "silu_mul output"));
-    for (const Tensor* t : {&gate, &up, &out}) RETURN_IF_ERROR(CheckF32(*t, "silu_mul tensor"));
+    for (const Tensor* t : {&gate, &up}) RETURN_IF_ERROR(CheckF32(*t, "silu_mul tensor"));
+    RETURN_IF_ERROR(CheckGemmInput(out, DType::kBF16, "silu_mul output"));
     RETURN_IF_ERROR(Enter());
-    return FromCuda(
-        cuda::LaunchSiluMul(gate.as<float>(), up.as<float>(), out.as<float>(), gate.rows * gate.cols, dev_->stream),
-        "silu_mul");
+    return FromCuda(cuda::LaunchSiluMul(gate.as<float>(), up.as<float>(), out.data, ToElem(out.dtype),
+                                        gate.rows * gate.cols, dev_->stream),
+                    "silu_mul");
   }
 
   absl::Status Add(const Tensor& a, const Tensor& b, const Tensor& out) override {
@@ -876,7 +906,9 @@ class CudaBackend final : public Backend {
 
  private:
   explicit CudaBackend(std::shared_ptr<Device> dev)
-      : dev_(std::move(dev)), model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)) {}
+      : dev_(std::move(dev)),
+        model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)),
+        bf16_activations_(model_split_ == 1 && EnvInt("SAE_CUDA_BF16_ACTIVATIONS", 1, 0, 1) == 1) {}
 
   // How SAE top-k selection runs for encoder weights of `dtype` (see the
   // file comment): 0 = rescoring (BF16, the default), else the number of
@@ -1114,9 +1146,12 @@ class CudaBackend final : public Backend {
   std::vector<cudaEvent_t> points_;   // time points (timing events)
   std::vector<int64_t> free_points_;  // ids in points_ not in use
   const int model_split_;             // bf16 parts of the activations in model GEMMs
+  const bool bf16_activations_;       // gemm_input_dtype() is BF16
   int next_io_ = 0;
   int next_in_ = 0;
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
+  Scratch x_f32_;       // a BF16 GEMM input widened for an F32 / F16 weight
+  Scratch attn_f32_;    // fp32 attention output before its BF16 rounding
   Scratch w_f32_;       // F16 weight rows widened to F32
   Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])

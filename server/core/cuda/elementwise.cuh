@@ -67,11 +67,12 @@ __global__ void ToF32Kernel(const T* __restrict__ src, int64_t n, float* __restr
 }
 
 // Same expression as the CPU twin: g / (1 + exp(-g)) * u, precise expf.
-__global__ void SiluMulKernel(const float* gate, const float* up, float* out, int64_t n) {
+template <typename O>
+__global__ void SiluMulKernel(const float* gate, const float* up, O* out, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+    StoreAs(&out[i], g / (1.0f + expf(-g)) * up[i]);
   }
 }
 
@@ -138,10 +139,23 @@ cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, c
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream) {
+cudaError_t LaunchSiluMul(const float* gate, const float* up, void* out, ElemType out_type, int64_t n,
+                          cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  SAE_KERNEL_LAUNCH(SiluMulKernel, GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream)(gate, up, out, n);
-  return cudaGetLastError();
+  const unsigned grid = GridFor(n, kElementwiseThreads);
+  switch (out_type) {
+    case ElemType::kF32:
+      SAE_KERNEL_LAUNCH(SiluMulKernel<float>, grid, kElementwiseThreads, 0, stream)
+      (gate, up, static_cast<float*>(out), n);
+      return cudaGetLastError();
+    case ElemType::kBF16:
+      SAE_KERNEL_LAUNCH(SiluMulKernel<__nv_bfloat16>, grid, kElementwiseThreads, 0, stream)
+      (gate, up, static_cast<__nv_bfloat16*>(out), n);
+      return cudaGetLastError();
+    case ElemType::kF16:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream) {

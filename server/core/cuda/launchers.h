@@ -13,7 +13,8 @@
 namespace sae {
 namespace cuda {
 
-// Element types of weight-like inputs (activations are always F32).
+// Element types of weight-like inputs, and of the activations that feed a
+// GEMM (F32, or BF16: see Backend::gemm_input_dtype).
 enum class ElemType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Codes kernels store into the backend's host-mapped error word; the host
@@ -35,15 +36,17 @@ cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void
 cudaError_t LaunchSumParts(const float* parts, int n_parts, int64_t n, float* out, cudaStream_t stream);
 // dst[i] = F32(src[i]).
 cudaError_t LaunchToF32(const void* src, ElemType type, int64_t n, float* dst, cudaStream_t stream);
-// out = silu(gate) * up.
-cudaError_t LaunchSiluMul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+// out = silu(gate) * up, stored as out_type (kF32 or kBF16).
+cudaError_t LaunchSiluMul(const float* gate, const float* up, void* out, ElemType out_type, int64_t n,
+                          cudaStream_t stream);
 // out = a + b.
 cudaError_t LaunchAdd(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream);
 
 // ---- rmsnorm.cuh ----
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight (weight == nullptr: none).
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight (weight == nullptr: none),
+// stored as out_type (kF32, which may alias x, or kBF16).
 cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_type, int64_t rows, int64_t cols,
-                          float eps, float* out, cudaStream_t stream);
+                          float eps, void* out, ElemType out_type, cudaStream_t stream);
 
 // ---- rope.cuh ----
 // In-place half-split rotary embedding of x [n, n_heads * head_dim].
@@ -57,10 +60,12 @@ bool AttentionMmaSupportsHeadDim(int head_dim);
 // Causal attention over packed sequences. tensor_cores: bf16 QK^T and PV on
 // the tensor cores (fp32 accumulation and softmax) where the head dim allows,
 // else fp32 FMA throughout. tile_table: device scratch of n_seqs + 1 ints.
-// Bad seq_starts set *error_flag (those sequences are skipped).
+// Bad seq_starts set *error_flag (those sequences are skipped). out_type:
+// kF32, or kBF16 with the tensor-core kernel only (cudaErrorInvalidValue else).
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
-                            bool tensor_cores, float* out, int32_t* tile_table, int* error_flag, cudaStream_t stream);
+                            bool tensor_cores, void* out, ElemType out_type, int32_t* tile_table, int* error_flag,
+                            cudaStream_t stream);
 
 // ---- sae_topk.cuh ----
 // Largest k the top-k kernel handles (its candidate buffer lives in shared memory).

@@ -14,11 +14,11 @@ constexpr int kRmsNormThreads = 256;
 
 // out may alias x: each thread reads x[c] before writing out[c], and the
 // whole row was read by the sum before anything is written.
-template <typename W>
-__global__ void RmsNormKernel(const float* x, const W* __restrict__ weight, int64_t cols, float eps, float* out) {
+template <typename W, typename O>
+__global__ void RmsNormKernel(const float* x, const W* __restrict__ weight, int64_t cols, float eps, O* out) {
   __shared__ float scratch[32];
   const float* xr = x + blockIdx.x * cols;
-  float* yr = out + blockIdx.x * cols;
+  O* yr = out + blockIdx.x * cols;
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) ss += xr[c] * xr[c];
   ss = BlockSum(ss, scratch);
@@ -26,32 +26,46 @@ __global__ void RmsNormKernel(const float* x, const W* __restrict__ weight, int6
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const float w = weight != nullptr ? ToFloat(weight[c]) : 1.0f;
-    yr[c] = xr[c] * inv * w;
+    StoreAs(&yr[c], xr[c] * inv * w);
   }
 }
 
 // ---- launchers ----
 
-cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_type, int64_t rows, int64_t cols,
-                          float eps, float* out, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+template <typename O>
+cudaError_t LaunchRmsNormTo(const float* x, const void* weight, ElemType weight_type, int64_t rows, int64_t cols,
+                            float eps, O* out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows));
+  auto Launch = [&](auto* kernel, auto* w) {
+    SAE_KERNEL_LAUNCH(kernel, grid, kRmsNormThreads, 0, stream)(x, w, cols, eps, out);
+  };
   switch (weight_type) {
     case ElemType::kF32:
-      SAE_KERNEL_LAUNCH(RmsNormKernel<float>, grid, kRmsNormThreads, 0, stream)
-      (x, static_cast<const float*>(weight), cols, eps, out);
+      Launch(RmsNormKernel<float, O>, static_cast<const float*>(weight));
       break;
     case ElemType::kBF16:
-      SAE_KERNEL_LAUNCH(RmsNormKernel<__nv_bfloat16>, grid, kRmsNormThreads, 0, stream)
-      (x, static_cast<const __nv_bfloat16*>(weight), cols, eps, out);
+      Launch(RmsNormKernel<__nv_bfloat16, O>, static_cast<const __nv_bfloat16*>(weight));
       break;
     case ElemType::kF16:
-      SAE_KERNEL_LAUNCH(RmsNormKernel<__half>, grid, kRmsNormThreads, 0, stream)
-      (x, static_cast<const __half*>(weight), cols, eps, out);
+      Launch(RmsNormKernel<__half, O>, static_cast<const __half*>(weight));
       break;
   }
   return cudaGetLastError();
+}
+
+cudaError_t LaunchRmsNorm(const float* x, const void* weight, ElemType weight_type, int64_t rows, int64_t cols,
+                          float eps, void* out, ElemType out_type, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  switch (out_type) {
+    case ElemType::kF32:
+      return LaunchRmsNormTo(x, weight, weight_type, rows, cols, eps, static_cast<float*>(out), stream);
+    case ElemType::kBF16:
+      return LaunchRmsNormTo(x, weight, weight_type, rows, cols, eps, static_cast<__nv_bfloat16*>(out), stream);
+    case ElemType::kF16:
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda
