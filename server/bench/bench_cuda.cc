@@ -242,6 +242,15 @@ int Run(const Options& o) {
   auto lhs = *std::move(lhs##_or)
 
   BENCH_ASSIGN(model, LlamaModel::Build(c, b, max_layers, DType::kBF16, random_weight));
+  // Device memory: the weights alone, then (below) the pool's high-water mark
+  // after the largest forward pass, which it keeps reserved (no release threshold).
+  auto print_memory = [&](const char* when) {
+    const MemoryUsage m = b->Memory();
+    const double gib = 1024.0 * 1024.0 * 1024.0;
+    std::printf("device memory %s: %.2f GiB in tensors, %.2f GiB reserved, %.2f of %.2f GiB free\n", when,
+                m.tensors / gib, m.reserved / gib, m.device_free / gib, m.device_total / gib);
+  };
+  print_memory("with the weights");
   host.clear();
   host.shrink_to_fit();
   // Buffers for the ops timed alone (the forward allocates its own).
@@ -350,6 +359,8 @@ int Run(const Options& o) {
                 n / sec, pct(flops, sec), flops / sec / 1e12);
     fwd.emplace_back(nl, sec);
   }
+
+  print_memory(absl::StrCat("after the forward passes (", n, " tokens)").c_str());
 
   // ---- SAE encode + top-k ----
   if (o.sae) {
