@@ -115,6 +115,30 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
     return s;
   }
 
+  // Double-precision causal attention for query row i (of the sequence
+  // starting at seq_begin) and head h: its head_dim outputs. q: [n, heads*hd],
+  // k/v: [n, kv_heads*hd]; query head h reads kv head h / group.
+  static std::vector<double> AttentionRef(const std::vector<float>& q, const std::vector<float>& k,
+                                          const std::vector<float>& v, int seq_begin, int i, int h, int heads,
+                                          int kv_heads, int hd) {
+    const size_t qd = static_cast<size_t>(heads) * hd, kvd = static_cast<size_t>(kv_heads) * hd;
+    const int kvh = h / (heads / kv_heads);
+    std::vector<double> p;
+    double mx = -1e300;
+    for (int j = seq_begin; j <= i; ++j) {
+      double dot = 0;
+      for (int d = 0; d < hd; ++d) dot += static_cast<double>(q[i * qd + h * hd + d]) * k[j * kvd + kvh * hd + d];
+      p.push_back(dot / std::sqrt(static_cast<double>(hd)));
+      mx = std::max(mx, p.back());
+    }
+    double sum = 0;
+    for (double& x : p) sum += (x = std::exp(x - mx));
+    std::vector<double> o(hd, 0.0);
+    for (int d = 0; d < hd; ++d)
+      for (int j = seq_begin; j <= i; ++j) o[d] += p[j - seq_begin] / sum * v[j * kvd + kvh * hd + d];
+    return o;
+  }
+
   std::unique_ptr<Backend> backend_;
 };
 
@@ -448,28 +472,11 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
                v = Random(static_cast<size_t>(n) * kvd, 13);
     auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
     std::vector<double> ref(static_cast<size_t>(n) * qd);
-    const int group = c.heads / c.kv_heads;
     for (size_t s = 0; s + 1 < starts.size(); ++s)
       for (int h = 0; h < c.heads; ++h)
         for (int i = starts[s]; i < starts[s + 1]; ++i) {
-          std::vector<double> p;
-          double mx = -1e300;
-          for (int j = starts[s]; j <= i; ++j) {
-            double dot = 0;
-            for (int d = 0; d < c.hd; ++d)
-              dot += static_cast<double>(q[static_cast<size_t>(i) * qd + h * c.hd + d]) *
-                     k[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
-            p.push_back(dot / std::sqrt(static_cast<double>(c.hd)));
-            mx = std::max(mx, p.back());
-          }
-          double sum = 0;
-          for (double& x : p) sum += (x = std::exp(x - mx));
-          for (int d = 0; d < c.hd; ++d) {
-            double o = 0;
-            for (int j = starts[s]; j <= i; ++j)
-              o += p[j - starts[s]] / sum * v[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
-            ref[static_cast<size_t>(i) * qd + h * c.hd + d] = o;
-          }
+          const auto o = AttentionRef(q, k, v, starts[s], i, h, c.heads, c.kv_heads, c.hd);
+          std::copy(o.begin(), o.end(), ref.begin() + static_cast<size_t>(i) * qd + h * c.hd);
         }
     for (const AttentionKernel& kernel : AttentionKernels()) {
       auto out = Zeros(n, qd);
@@ -600,23 +607,9 @@ TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
         const int rel = i - starts[s];
         if (!(rel < 2 || i >= starts[s + 1] - 2 || rel % 97 == 0)) continue;
         for (int h = 0; h < c.heads; ++h) {
-          std::vector<double> p;
-          double mx = -1e300;
-          for (int j = starts[s]; j <= i; ++j) {
-            double dot = 0;
-            for (int d = 0; d < c.hd; ++d)
-              dot += static_cast<double>(q[static_cast<size_t>(i) * qd + h * c.hd + d]) *
-                     k[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
-            p.push_back(dot / std::sqrt(static_cast<double>(c.hd)));
-            mx = std::max(mx, p.back());
-          }
-          double sum = 0;
-          for (double& x : p) sum += (x = std::exp(x - mx));
+          const auto o = AttentionRef(q, k, v, starts[s], i, h, c.heads, c.kv_heads, c.hd);
           for (int d = 0; d < c.hd; ++d) {
-            double o = 0;
-            for (int j = starts[s]; j <= i; ++j)
-              o += p[j - starts[s]] / sum * v[static_cast<size_t>(j) * kvd + (h / group) * c.hd + d];
-            ref_rows.push_back(o);
+            ref_rows.push_back(o[d]);
             for (size_t kn = 0; kn < got.size(); ++kn) {
               got_rows[kn].push_back(got[kn][static_cast<size_t>(i) * qd + h * c.hd + d]);
             }
