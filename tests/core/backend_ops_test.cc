@@ -115,6 +115,23 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
     return s;
   }
 
+  // Rotary embedding of x [n, heads*hd] in double precision, with the fp32
+  // angle position * inv_freq the op contract fixes.
+  static std::vector<double> RopeRef(const std::vector<float>& x, const std::vector<int32_t>& pos,
+                                     const std::vector<float>& inv, int heads, int hd) {
+    std::vector<double> ref(x.size());
+    for (size_t t = 0; t < pos.size(); ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int j = 0; j < hd / 2; ++j) {
+          const double angle = static_cast<float>(pos[t]) * inv[j];
+          const size_t base = t * heads * hd + h * hd;
+          const double a = x[base + j], b = x[base + j + hd / 2];
+          ref[base + j] = a * std::cos(angle) - b * std::sin(angle);
+          ref[base + j + hd / 2] = b * std::cos(angle) + a * std::sin(angle);
+        }
+    return ref;
+  }
+
   // Double-precision causal attention for query row i (of the sequence
   // starting at seq_begin) and head h: its head_dim outputs. q: [n, heads*hd],
   // k/v: [n, kv_heads*hd]; query head h reads kv head h / group.
@@ -439,16 +456,7 @@ TEST_P(BackendOpsTest, Rope) {
     for (int j = 0; j < hd / 2; ++j) inv[j] = 1.0f / std::pow(500000.0f, 2.0f * j / hd);
     auto tx = Upload(x, n, heads * hd), tp = UploadI32(pos), ti = Upload(inv, 1, hd / 2);
     ASSERT_TRUE(backend_->Rope(tx.get(), tp.get(), ti.get(), hd).ok());
-    std::vector<double> ref(x.size());
-    for (int t = 0; t < n; ++t)
-      for (int h = 0; h < heads; ++h)
-        for (int j = 0; j < hd / 2; ++j) {
-          const float angle = static_cast<float>(pos[t]) * inv[j];  // fp32 angle, by contract
-          const size_t base = static_cast<size_t>(t) * heads * hd + h * hd;
-          const double a = x[base + j], b = x[base + j + hd / 2];
-          ref[base + j] = a * std::cos(static_cast<double>(angle)) - b * std::sin(static_cast<double>(angle));
-          ref[base + j + hd / 2] = b * std::cos(static_cast<double>(angle)) + a * std::sin(static_cast<double>(angle));
-        }
+    const std::vector<double> ref = RopeRef(x, pos, inv, heads, hd);
     ExpectClose(Download<float>(tx), ref, {1e-5, 1e-4}, "rope hd=" + std::to_string(hd));
   }
 }
@@ -634,16 +642,7 @@ TEST_P(BackendOpsTest, RopeLargePositions) {
   for (int j = 0; j < hd / 2; ++j) inv[j] = 1.0f / std::pow(500000.0f, 2.0f * j / hd);
   auto tx = Upload(x, n, heads * hd), tp = UploadI32(pos), ti = Upload(inv, 1, hd / 2);
   ASSERT_TRUE(backend_->Rope(tx.get(), tp.get(), ti.get(), hd).ok());
-  std::vector<double> ref(x.size());
-  for (int t = 0; t < n; ++t)
-    for (int h = 0; h < heads; ++h)
-      for (int j = 0; j < hd / 2; ++j) {
-        const double angle = static_cast<float>(pos[t]) * inv[j];  // fp32 angle, by contract
-        const size_t base = static_cast<size_t>(t) * heads * hd + h * hd;
-        const double a = x[base + j], b = x[base + j + hd / 2];
-        ref[base + j] = a * std::cos(angle) - b * std::sin(angle);
-        ref[base + j + hd / 2] = b * std::cos(angle) + a * std::sin(angle);
-      }
+  const std::vector<double> ref = RopeRef(x, pos, inv, heads, hd);
   ExpectClose(Download<float>(tx), ref, {1e-5, 1e-4}, "rope large positions");
 }
 
