@@ -216,6 +216,11 @@ class Backend {
   // `start` to `end` in seconds; releases both points.
   virtual absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) { return Unimplemented("SecondsBetween"); }
   virtual void ReleaseTimePoint(int64_t point) {}
+  // CopyToHost that waits only for the work issued before time point `after`
+  // (from RecordTimePoint; not released here), not for work issued since, so
+  // a batch's results can be read back while the next batch computes. Work
+  // issued after the point may or may not be visible in what is copied.
+  virtual absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) { return CopyToHost(src, dst); }
   // OK while the device is usable. After an unrecoverable device error (on
   // CUDA a fault that leaves the context unusable for the rest of the
   // process: an illegal address, a failed launch, an uncorrectable ECC error)

@@ -349,8 +349,8 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
   for (const PendingBatch::TopK& t : p->topk) {
     idx_host.resize(static_cast<size_t>(t.idx->numel()));
     val_host.resize(idx_host.size());
-    RETURN_IF_ERROR(backend_->CopyToHost(t.idx.get(), idx_host.data()));
-    RETURN_IF_ERROR(backend_->CopyToHost(t.val.get(), val_host.data()));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.idx.get(), idx_host.data(), p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.val.get(), val_host.data(), p->end));
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceRequest& r = batch[i];
       for (size_t j = 0; j < r.sae_indices.size(); ++j) {
@@ -373,7 +373,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
     const std::vector<int32_t>& ids = r.watch[w.slot];
     const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
     std::vector<float> val(static_cast<size_t>(n * m));
-    RETURN_IF_ERROR(backend_->CopyToHost(w.val.get(), val.data()));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(w.val.get(), val.data(), p->end));
     for (int t = 0; t < n; ++t) {
       if (SkipsPosition(r, t, bos)) continue;
       cand.clear();
@@ -396,7 +396,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
     const SequenceRequest& r = batch[e.seq];
     const int64_t n = static_cast<int64_t>(r.ids.size());
     std::vector<float> err(static_cast<size_t>(n));
-    RETURN_IF_ERROR(backend_->CopyToHost(e.err.get(), err.data()));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(e.err.get(), err.data(), p->end));
     std::vector<float>& out = results[e.seq].saes[e.slot].reconstruction_error;
     for (int t = 0; t < n; ++t) out[t] = SkipsPosition(r, t, bos) ? kNotComputed : err[t];
   }

@@ -95,7 +95,9 @@ class Engine {
   // for the host between batches). Submit validates the batch and issues all
   // its device work: the forward pass and every SAE op, whose outputs stay on
   // the device (only hook capture copies to the host during Submit). Collect
-  // waits for them and builds the results. Batches are collected in the
+  // waits for them and builds the results; its read-back waits only for this
+  // batch's own work (Backend::CopyToHostAfter its end point), not for a batch
+  // submitted after it, which keeps computing meanwhile. Batches are collected in the
   // order they were submitted; a batch that is never collected only costs
   // its device memory until it is destroyed.
   struct PendingBatch;

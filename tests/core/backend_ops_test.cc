@@ -195,6 +195,45 @@ TEST_P(BackendOpsTest, CopyFromHostKeepsIssueOrder) {
   for (int64_t j = 0; j < big; ++j) ASSERT_EQ(got[j], static_cast<float>(j % 65521)) << "[" << j << "]";
 }
 
+// CopyToHostAfter(point) sees everything issued before the point. On the CPU
+// emulator, which runs queued work only when something waits for it, it is
+// also shown not to wait for work issued after the point (on a GPU that work
+// may or may not have run by then, so only the emulator can assert it).
+TEST_P(BackendOpsTest, CopyToHostAfterWaitsOnlyForWorkBeforeItsPoint) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  const bool emulated =
+      GetParam() == "cuda" && lib != nullptr && std::string(lib).find("sae_cuda_emu") != std::string::npos;
+  auto a = Upload({1, 2, 3}, 1, 3), out = Zeros(1, 3);
+  ASSERT_TRUE(backend_->Add(a.get(), a.get(), out.get()).ok());
+  auto point = backend_->RecordTimePoint();
+  ASSERT_TRUE(point.ok()) << point.status();
+  ASSERT_TRUE(backend_->Add(out.get(), a.get(), out.get()).ok());  // after the point
+  std::vector<float> got(3);
+  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), *point).ok());
+  if (emulated) {
+    EXPECT_EQ(got, (std::vector<float>{2, 4, 6}));  // the second Add has not run
+  } else if (GetParam() == "cpu") {
+    EXPECT_EQ(got, (std::vector<float>{3, 6, 9}));  // every op finished when it returned
+  } else {
+    EXPECT_TRUE(got == (std::vector<float>{2, 4, 6}) || got == (std::vector<float>{3, 6, 9}));
+  }
+  EXPECT_EQ(Download<float>(out), (std::vector<float>{3, 6, 9}));
+  backend_->ReleaseTimePoint(*point);
+  // A copy larger than the staging ring, after a point that follows its producer.
+  const int64_t big = 5 << 20;
+  auto ones = Upload(std::vector<float>(big, 1.0f), 1, big), twos = Zeros(1, big);
+  ASSERT_TRUE(backend_->Add(ones.get(), ones.get(), twos.get()).ok());
+  auto end = backend_->RecordTimePoint();
+  ASSERT_TRUE(end.ok());
+  std::vector<float> host(big);
+  ASSERT_TRUE(backend_->CopyToHostAfter(twos.get(), host.data(), *end).ok());
+  EXPECT_EQ(std::count(host.begin(), host.end(), 2.0f), big);
+  backend_->ReleaseTimePoint(*end);
+  if (GetParam() == "cuda") {
+    EXPECT_EQ(backend_->CopyToHostAfter(twos.get(), host.data(), 1 << 20).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
 TEST_P(BackendOpsTest, MatMul) {
   for (DType wt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (auto [n, k, m] :

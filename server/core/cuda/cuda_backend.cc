@@ -214,6 +214,7 @@ struct Device {
   cudaStream_t stream = nullptr;
   cudaStream_t upload_stream = nullptr;
   cudaStream_t input_stream = nullptr;
+  cudaStream_t readback_stream = nullptr;  // CopyToHostAfter: results of a batch, beside the next one
   cublasHandle_t cublas = nullptr;
   void* cublas_workspace = nullptr;
   int* error_word_host = nullptr;  // host-mapped: kernels store DeviceError codes
@@ -254,6 +255,7 @@ struct Device {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     if (upload_stream != nullptr) cudaStreamSynchronize(upload_stream);
     if (input_stream != nullptr) cudaStreamSynchronize(input_stream);
+    if (readback_stream != nullptr) cudaStreamSynchronize(readback_stream);
     if (cublas != nullptr) cublasDestroy(cublas);
     if (cublas_workspace != nullptr) cudaFree(cublas_workspace);
     for (PinnedSlot* s : {&io[0], &io[1], &io[2], &io[3], &up[0], &up[1]}) {
@@ -269,6 +271,7 @@ struct Device {
     if (error_word_host != nullptr) cudaFreeHost(error_word_host);
     if (order != nullptr) cudaEventDestroy(order);
     if (input_stream != nullptr) cudaStreamDestroy(input_stream);
+    if (readback_stream != nullptr) cudaStreamDestroy(readback_stream);
     if (upload_stream != nullptr) cudaStreamDestroy(upload_stream);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
@@ -305,6 +308,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->upload_stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->input_stream, cudaStreamNonBlocking), "create stream");
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->readback_stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&dev->order, cudaEventDisableTiming), "create event");
     CUBLAS_RETURN_IF_ERROR(cublasCreate(&dev->cublas), "create cuBLAS handle");
     CUBLAS_RETURN_IF_ERROR(cublasSetStream(dev->cublas, dev->stream), "cuBLAS set stream");
@@ -473,8 +477,24 @@ class CudaBackend final : public Backend {
 
   absl::Status CopyToHost(const Tensor& src, void* dst) override {
     RETURN_IF_ERROR(Enter());
+    if (src.nbytes() == 0) return Synchronize();
+    return CopyToHostOn(dev_->stream, src, dst);
+  }
+
+  absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) override {
+    if (!ValidPoint(after)) return absl::InvalidArgumentError(absl::StrCat("copy to host: no time point ", after));
+    RETURN_IF_ERROR(Enter());
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->readback_stream, points_[after], 0), "copy to host");
+    if (src.nbytes() == 0) {
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->readback_stream), "copy to host");
+      return CheckErrorWord();
+    }
+    return CopyToHostOn(dev_->readback_stream, src, dst);
+  }
+
+  // The copy on `stream`, after the work queued there.
+  absl::Status CopyToHostOn(cudaStream_t stream, const Tensor& src, void* dst) {
     const size_t bytes = src.nbytes();
-    if (bytes == 0) return Synchronize();
     // Pipelined through the slots: the DMA of chunk c+1 overlaps the host copy of chunk c.
     struct Pending {
       PinnedSlot* slot;
@@ -496,9 +516,9 @@ class CudaBackend final : public Backend {
       PinnedSlot& slot = NextIoSlot();
       CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "copy to host");
       CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(slot.host, static_cast<const char*>(src.data) + off, n, cudaMemcpyDeviceToHost, dev_->stream),
+          cudaMemcpyAsync(slot.host, static_cast<const char*>(src.data) + off, n, cudaMemcpyDeviceToHost, stream),
           "copy to host");
-      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->stream), "copy to host");
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, stream), "copy to host");
       pending[(first + n_pending) % kIoSlots] = Pending{&slot, off, n};
       ++n_pending;
     }
@@ -510,6 +530,7 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(Enter());
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->upload_stream), "synchronize");
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->input_stream), "synchronize");
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->readback_stream), "synchronize");
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->stream), "synchronize");
     return CheckErrorWord();
   }
