@@ -361,6 +361,20 @@ TEST_P(BackendOpsTest, Bf16GemmInputsAreF32OutputsRounded) {
     EXPECT_EQ(Download<float>(s1), Download<float>(y16)) << "matmul shared " << DTypeName(wt);
     EXPECT_EQ(Download<float>(s2), Download<float>(z16)) << "matmul shared " << DTypeName(wt);
   }
+  // An empty inner dimension: the products are zeros (no GEMM with k = 0).
+  auto x0 = Zeros(n, 0, DType::kBF16), w0 = Zeros(3, 0, DType::kBF16), w0b = Zeros(2, 0, DType::kBF16);
+  auto y0 = Upload(std::vector<float>(n * 3, 7.0f), n, 3), y0b = Upload(std::vector<float>(n * 2, 7.0f), n, 2);
+  ASSERT_TRUE(backend_->MatMul(x0.get(), w0.get(), y0.get()).ok());
+  EXPECT_EQ(Download<float>(y0), std::vector<float>(n * 3, 0.0f));
+  const std::vector<Tensor> ws0 = {w0.get(), w0b.get()}, outs0 = {y0.get(), y0b.get()};
+  ASSERT_TRUE(backend_->MatMulShared(x0.get(), ws0, outs0).ok());
+  EXPECT_EQ(Download<float>(y0b), std::vector<float>(n * 2, 0.0f));
+  auto x0f = Zeros(n, 0);  // an F32 input with k = 0, through the shared rounding
+  auto z0 = Upload(std::vector<float>(n * 3, 7.0f), n, 3), z0b = Upload(std::vector<float>(n * 2, 7.0f), n, 2);
+  const std::vector<Tensor> outs0f = {z0.get(), z0b.get()};
+  ASSERT_TRUE(backend_->MatMulShared(x0f.get(), ws0, outs0f).ok());
+  EXPECT_EQ(Download<float>(z0), std::vector<float>(n * 3, 0.0f));
+  EXPECT_EQ(Download<float>(z0b), std::vector<float>(n * 2, 0.0f));
   // Not a GEMM input: F16 activations stay refused.
   auto h_f16 = Zeros(n, d, DType::kF16);
   EXPECT_EQ(backend_->RmsNorm(x.get(), norm_w.get(), 1e-5f, h_f16.get()).code(), absl::StatusCode::kInvalidArgument);

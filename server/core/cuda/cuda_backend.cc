@@ -580,7 +580,7 @@ class CudaBackend final : public Backend {
       RETURN_IF_ERROR(CheckMatMul(x, ws[i], outs[i]));
       RETURN_IF_ERROR(CheckGemmDims(x.rows, ws[i], "matmul"));
     }
-    if (x.rows == 0 || x.cols == 0) return Backend::MatMulShared(x, ws, outs);
+    if (x.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     // x rounded to bf16 once (unless it is BF16 already), then one GEMM per weight on that copy.
     const void* xb = x.data;
@@ -1104,6 +1104,9 @@ class CudaBackend final : public Backend {
 
   // out (row-major [rows, w.rows]) = xb [rows, k] . w^T, bf16 x bf16 -> fp32.
   absl::Status GemmBf16(const void* xb, int64_t rows, const Tensor& w, float* out, const char* op) {
+    if (w.cols == 0) {  // empty sums (cuBLAS refuses k = 0 with its leading dimensions)
+      return FromCuda(cudaMemsetAsync(out, 0, static_cast<size_t>(rows * w.rows) * sizeof(float), dev_->stream), op);
+    }
     const float one = 1.0f, zero = 0.0f;
     const int im = static_cast<int>(w.rows), ik = static_cast<int>(w.cols);
     return FromCublas(
