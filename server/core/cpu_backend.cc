@@ -364,7 +364,7 @@ class CpuBackend final : public Backend {
     const float* fscale = sae.feature_scale.as<float>();
     for (int64_t t = 0; t < x.rows; ++t) {
       for (int64_t j = 0; j < m; ++j) {
-        float v = sae.scale_in * out[t * m + j] + bias[ids[j]];
+        float v = std::fma(sae.scale_in, out[t * m + j], bias[ids[j]]);
         if (fscale != nullptr) v *= fscale[ids[j]];
         out[t * m + j] = v > sae.threshold ? v : 0.0f;
       }
@@ -438,7 +438,7 @@ class CpuBackend final : public Backend {
     const float* bias = sae.bias.as<float>();
     for (int64_t r = 0; r < x.rows; ++r) {
       float* h = pre + r * d_sae;
-      for (int64_t i = 0; i < d_sae; ++i) h[i] = sae.scale_in * h[i] + bias[i];
+      for (int64_t i = 0; i < d_sae; ++i) h[i] = std::fma(sae.scale_in, h[i], bias[i]);
     }
     return absl::OkStatus();
   }

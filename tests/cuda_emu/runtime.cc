@@ -67,12 +67,19 @@ thread_local cudaError_t last_error = cudaSuccess;
 // A kernel that faulted leaves the context unusable, as on a GPU: from then on
 // every runtime call returns this error (guarded by Mu()). Tests inject one:
 // while the file named by SAE_CUDA_EMU_FAULT_FILE exists, the next kernel to
-// run faults with cudaErrorIllegalAddress instead of running.
+// run faults instead of running, with the cudaError_t number the file starts
+// with, else cudaErrorIllegalAddress.
 cudaError_t sticky_error = cudaSuccess;
 
-bool FaultInjected() {
+cudaError_t InjectedFault() {
   const char* path = std::getenv("SAE_CUDA_EMU_FAULT_FILE");
-  return path != nullptr && path[0] != '\0' && access(path, F_OK) == 0;
+  if (path == nullptr || path[0] == '\0') return cudaSuccess;
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return cudaSuccess;
+  int code = 0;
+  const bool numbered = std::fscanf(f, "%d", &code) == 1 && code > 0;
+  std::fclose(f);
+  return numbered ? static_cast<cudaError_t>(code) : cudaErrorIllegalAddress;
 }
 
 cudaError_t Fail(cudaError_t e) {
@@ -465,6 +472,13 @@ int LaneId() {
 }
 void* DynamicSharedMemory() { return Block().dynamic_shared.data(); }
 
+void CheckAligned(const void* p, size_t bytes, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    Fatal("misaligned " + std::to_string(bytes) + "-byte access at address " +
+          std::to_string(reinterpret_cast<uintptr_t>(p)) + " (line " + std::to_string(line) + ")");
+  }
+}
+
 void SyncThreads(int line) {
   BlockState& b = Block();
   Fiber* f = cur_fiber;
@@ -583,8 +597,8 @@ void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {
   const LaunchConfig config = c;
   Enqueue(c.stream, [config, body = std::move(thread_body)]() {
     if (sticky_error != cudaSuccess) return;
-    if (FaultInjected()) {
-      sticky_error = cudaErrorIllegalAddress;
+    if (const cudaError_t fault = InjectedFault(); fault != cudaSuccess) {
+      sticky_error = fault;
       return;
     }
     RunGrid(config, body);

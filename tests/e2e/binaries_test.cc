@@ -529,12 +529,12 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
   EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
-// A device fault (a kernel hitting an illegal address) leaves the CUDA
-// context unusable: the request fails, the server reports NOT_SERVING and
-// exits with status 3 so the orchestrator replaces it. Only the CPU emulator
-// can inject the fault (SAE_CUDA_EMU_FAULT_FILE: kernels fault while the file
-// exists), so this runs in ctest's cuda_emulated.server entry.
-TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
+// A device fault leaves the CUDA context unusable: the request fails, the
+// server reports NOT_SERVING and exits with status 3 so the orchestrator
+// replaces it. Only the CPU emulator can inject the fault
+// (SAE_CUDA_EMU_FAULT_FILE: kernels fault while the file exists, with the
+// error number it holds), so these run in ctest's cuda_emulated.server entry.
+void ExpectDeviceFaultExits(const std::string& fault_file_text, const std::string& error_name) {
   const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
   if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
     GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
@@ -550,14 +550,24 @@ TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
   std::string out;
   ASSERT_EQ(RunShell(extract, &out), 0) << out;
 
-  std::ofstream(fault_file) << "fault\n";
+  std::ofstream(fault_file) << fault_file_text;
   EXPECT_NE(RunShell(extract, &out), 0) << out;
-  EXPECT_NE(out.find("cudaErrorIllegalAddress"), std::string::npos) << out;
+  EXPECT_NE(out.find(error_name), std::string::npos) << out;
   EXPECT_EQ(server.WaitExit(), 3) << server.log();
   const std::string log = server.log();
   EXPECT_NE(log.find("device lost"), std::string::npos) << log;
   EXPECT_NE(log.find("NOT_SERVING"), std::string::npos) << log;
 }
+
+// A kernel hitting an illegal address: an error code known to be sticky.
+TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
+  ExpectDeviceFaultExits("fault\n", "cudaErrorIllegalAddress");
+}
+
+// cudaErrorUnknown (what a GPU that fell off the bus tends to return) is not
+// always fatal; the backend finds the context lost because the error cannot
+// be cleared, and the server exits the same way.
+TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExits("999\n", "cudaErrorUnknown"); }
 
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
   ServerProcess server({"--max_inflight_requests=2"});

@@ -42,9 +42,9 @@ constexpr int kAttnTableThreads = 1024;
 // One block. tile_start[s] = number of query tiles (of rows_per_tile rows) in sequences < s;
 // tile_start[n_seqs] = total. A sequence with bad bounds counts as empty and
 // raises the error word.
-__global__ void AttentionTileTableKernel(const int32_t* __restrict__ seq_starts, int n_seqs, int max_seq_len,
-                                         int64_t n_tokens, int rows_per_tile, int32_t* __restrict__ tile_start,
-                                         int* error_flag) {
+__global__ void __launch_bounds__(kAttnTableThreads)
+    AttentionTileTableKernel(const int32_t* __restrict__ seq_starts, int n_seqs, int max_seq_len, int64_t n_tokens,
+                             int rows_per_tile, int32_t* __restrict__ tile_start, int* error_flag) {
   __shared__ int32_t scan[kAttnTableThreads];
   const int tid = threadIdx.x;
   const int per = (n_seqs + kAttnTableThreads - 1) / kAttnTableThreads;
@@ -237,8 +237,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // ---- tensor-core attention ----
 //
 // Block = 4 warps = 64 query rows of one sequence and one head; warp w owns
-// rows 16w..16w+15 of the tile. Q, K and V arrive in fp32 and are rounded to
-// bf16 (Q pre-scaled by log2(e)/sqrt(head_dim)) when staged in shared memory;
+// rows 16w..16w+15 of the tile. K and V are rounded to bf16 once per call by
+// AttentionKvToBf16Kernel (not once per query tile and head: at 8k tokens
+// with 32 heads that was ~128 passes over each K/V row, and the bf16 copies,
+// 32 MiB for Llama-3.1-8B at 8k tokens, fit in an H100's L2 where the fp32
+// ones do not). Q arrives in fp32 and is rounded to bf16, pre-scaled by
+// log2(e)/sqrt(head_dim), when staged in shared memory;
 // per 64-key tile each warp computes S = Q K^T [16 x 64] with mma.m16n8k16
 // (fp32 accumulators), applies the causal mask, updates its online softmax in
 // registers, and multiplies P (rounded to bf16) by V into an fp32 O [16 x HD].
@@ -265,7 +269,7 @@ constexpr size_t AttentionMmaSharedBytes() {
 
 template <int HD, typename O>
 __global__ void __launch_bounds__(kAttnMmaWarps * 32)
-    AttentionMmaKernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    AttentionMmaKernel(const float* __restrict__ q, const uint32_t* __restrict__ kb, const uint32_t* __restrict__ vb,
                        const int32_t* __restrict__ seq_starts, const int32_t* __restrict__ tile_start, int n_seqs,
                        int n_heads, int n_kv_heads, float scale_log2, O* __restrict__ out) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim: a multiple of 16, at most 128");
@@ -283,8 +287,9 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
 
   AttnTile tile;
   if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, n_heads, n_kv_heads, HD, &tile)) return;
-  const int64_t seq_begin = tile.seq_begin, q_stride = tile.q_stride, kv_stride = tile.kv_stride;
-  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len, h = tile.h, kvh = tile.kvh;
+  const int64_t seq_begin = tile.seq_begin, q_stride = tile.q_stride, kv_words = tile.kv_stride / 2;
+  const int q_first = tile.q_first, n_rows = tile.n_rows, kv_len = tile.kv_len, h = tile.h;
+  const int64_t kvh = tile.kvh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
   const int r0 = warp * 16;               // the warp's first row in the tile
@@ -320,23 +325,25 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
   for (int kt = 0; kt < kv_len; kt += BK) {
     __syncthreads();  // the previous tile is consumed
     // Keys past kv_len are zeros: P is 0 there, and 0 * V must not be NaN.
-    for (int i = tid; i < BK * (HD / 2); i += blockDim.x) {
-      const int j = i / (HD / 2), c = i - j * (HD / 2);
-      float x0 = 0.0f, x1 = 0.0f;
-      if (kt + j < kv_len) {
-        const float* p = k + (seq_begin + kt + j) * kv_stride + static_cast<int64_t>(kvh) * HD + 2 * c;
-        x0 = p[0];
-        x1 = p[1];
-      }
-      sk[j * QW + c] = PackBf16x2(x0, x1);
+    // K rows: 16-byte copies (8 dims each) into sk.
+    for (int i = tid; i < BK * (HD / 8); i += blockDim.x) {
+      const int j = i / (HD / 8), c = i - j * (HD / 8);
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+      if (kt + j < kv_len) w = Load16(kb + (seq_begin + kt + j) * kv_words + kvh * (HD / 2) + 4 * c);
+      Store16(sk + j * QW + 4 * c, w);
     }
-    for (int i = tid; i < (BK / 2) * HD; i += blockDim.x) {
-      const int jp = i / HD, d = i - jp * HD;
+    // V: keys j, j + 1 (pair jp) and dims 2dp, 2dp + 1 give one word of
+    // svt row 2dp (the low halves) and one of row 2dp + 1 (the high halves).
+    // A warp covers 4 pairs x 8 word columns: 32-byte global segments, and
+    // two lanes per bank on the stores.
+    for (int i = tid; i < (BK / 2) * (HD / 2); i += blockDim.x) {
+      const int jp = (i >> 3) & (BK / 2 - 1), dp = ((i >> 3) / (BK / 2)) * 8 + (i & 7);
       const int j = kt + 2 * jp;
-      const float* p = v + (seq_begin + j) * kv_stride + static_cast<int64_t>(kvh) * HD + d;
-      const float v0 = j < kv_len ? p[0] : 0.0f;
-      const float v1 = j + 1 < kv_len ? p[kv_stride] : 0.0f;
-      svt[d * VW + jp] = PackBf16x2(v0, v1);
+      const uint32_t* p = vb + (seq_begin + j) * kv_words + kvh * (HD / 2) + dp;
+      const uint32_t w0 = j < kv_len ? p[0] : 0u;
+      const uint32_t w1 = j + 1 < kv_len ? p[kv_words] : 0u;
+      svt[(2 * dp) * VW + jp] = (w0 & 0xffffu) | (w1 << 16);
+      svt[(2 * dp + 1) * VW + jp] = (w0 >> 16) | (w1 & 0xffff0000u);
     }
     __syncthreads();
     if (kt > warp_last) continue;  // warp-uniform: every key of the tile is in the warp's future
@@ -434,7 +441,7 @@ bool AttentionSupportsHeadDim(int head_dim) { return head_dim >= 1 && head_dim <
 template <typename... P, typename... Args>
 cudaError_t LaunchAttentionTiles(void (*kernel)(P...), int rows_per_tile, int warps, size_t smem, int64_t n_tokens,
                                  int n_seqs, int n_heads, cudaStream_t stream, Args... args) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = RaiseSharedLimit(kernel, smem);
   if (err != cudaSuccess) return err;
   // Upper bound on the tile count: each sequence adds at most one partial tile.
   const int64_t max_tiles = CeilDiv(n_tokens, rows_per_tile) + n_seqs;
@@ -459,53 +466,78 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
 }
 
 template <int HD, typename O>
-cudaError_t LaunchAttentionMma(const float* q, const float* k, const float* v, const int32_t* seq_starts,
+cudaError_t LaunchAttentionMma(const float* q, const uint32_t* kb, const uint32_t* vb, const int32_t* seq_starts,
                                const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
                                O* out, cudaStream_t stream) {
   return LaunchAttentionTiles(AttentionMmaKernel<HD, O>, kAttnMmaRows, kAttnMmaWarps, AttentionMmaSharedBytes<HD>(),
-                              n_tokens, n_seqs, n_heads, stream, q, k, v, seq_starts, tile_table, n_seqs, n_heads,
+                              n_tokens, n_seqs, n_heads, stream, q, kb, vb, seq_starts, tile_table, n_seqs, n_heads,
                               n_kv_heads, AttentionScaleLog2(HD), out);
+}
+
+// K and V rounded to bf16 (nearest even) for the tensor-core kernel, two
+// elements per word: kb/vb[i] = bf16x2(k/v[2i], k/v[2i + 1]).
+__global__ void AttentionKvToBf16Kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n_pairs,
+                                        uint32_t* __restrict__ kb, uint32_t* __restrict__ vb) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    kb[i] = PackBf16x2(k[2 * i], k[2 * i + 1]);
+    vb[i] = PackBf16x2(v[2 * i], v[2 * i + 1]);
+  }
 }
 
 template <typename O>
 cudaError_t LaunchAttentionMmaHeadDim(const float* q, const float* k, const float* v, const int32_t* seq_starts,
                                       const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads,
-                                      int n_kv_heads, int head_dim, O* out, cudaStream_t stream) {
+                                      int n_kv_heads, int head_dim, uint32_t* kv_bf16, O* out, cudaStream_t stream) {
+  const int64_t n_pairs = n_tokens * n_kv_heads * head_dim / 2;
+  uint32_t* kb = kv_bf16;
+  uint32_t* vb = kv_bf16 + n_pairs;
+  constexpr int kThreads = 256;
+  SAE_KERNEL_LAUNCH(AttentionKvToBf16Kernel, GridFor(n_pairs, kThreads), kThreads, 0, stream)
+  (k, v, n_pairs, kb, vb);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   switch (head_dim) {
     case 16:
-      return LaunchAttentionMma<16>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+      return LaunchAttentionMma<16>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
                                     stream);
     case 32:
-      return LaunchAttentionMma<32>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+      return LaunchAttentionMma<32>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
                                     stream);
     case 64:
-      return LaunchAttentionMma<64>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+      return LaunchAttentionMma<64>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
                                     stream);
     default:
-      return LaunchAttentionMma<128>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
+      return LaunchAttentionMma<128>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
                                      stream);
   }
 }
 
+size_t AttentionKvScratchBytes(int64_t n_tokens, int n_kv_heads, int head_dim, bool tensor_cores) {
+  if (!tensor_cores || !AttentionMmaSupportsHeadDim(head_dim)) return 0;
+  return 2 * sizeof(uint16_t) * static_cast<size_t>(n_tokens) * n_kv_heads * head_dim;  // k and v in bf16
+}
+
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
-                            bool tensor_cores, void* out_ptr, ElemType out_type, int32_t* tile_table, int* error_flag,
-                            cudaStream_t stream) {
+                            bool tensor_cores, void* out_ptr, ElemType out_type, int32_t* tile_table, void* kv_bf16,
+                            int* error_flag, cudaStream_t stream) {
   if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
   const bool mma = tensor_cores && AttentionMmaSupportsHeadDim(head_dim);
   if (out_type == ElemType::kF16 || (!mma && out_type != ElemType::kF32)) return cudaErrorInvalidValue;
+  if (mma && reinterpret_cast<uintptr_t>(kv_bf16) % 16 != 0) return cudaErrorInvalidValue;  // 16-byte K loads
   SAE_KERNEL_LAUNCH(AttentionTileTableKernel, 1, kAttnTableThreads, 0, stream)
   (seq_starts, n_seqs, max_seq_len, n_tokens, mma ? kAttnMmaRows : kAttnRowsPerBlock, tile_table, error_flag);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (mma && out_type == ElemType::kBF16) {
     return LaunchAttentionMmaHeadDim(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                     static_cast<__nv_bfloat16*>(out_ptr), stream);
+                                     static_cast<uint32_t*>(kv_bf16), static_cast<__nv_bfloat16*>(out_ptr), stream);
   }
   float* out = static_cast<float*>(out_ptr);
   if (mma) {
     return LaunchAttentionMmaHeadDim(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim,
-                                     out, stream);
+                                     static_cast<uint32_t*>(kv_bf16), out, stream);
   }
   if (head_dim <= 32) {
     return LaunchAttentionDpl<1>(q, k, v, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, head_dim, out,

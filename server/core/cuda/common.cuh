@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "core/cuda/launchers.h"
 
@@ -15,7 +18,7 @@
 // the same headers with the host compiler and defines its own versions.
 #ifndef SAE_KERNEL_LAUNCH
 #define SAE_KERNEL_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
-#define SAE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define SAE_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 namespace sae {
@@ -59,6 +62,39 @@ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned GridFor(int64_t n, int threads) {
   const int64_t blocks = CeilDiv(n, threads);
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
+}
+
+// 16-byte copies; p must be 16-byte aligned (a GPU faults on a misaligned
+// vector access; the emulator aborts through SAE_CHECK_ALIGNED).
+#ifndef SAE_CHECK_ALIGNED
+#define SAE_CHECK_ALIGNED(p, bytes)
+#endif
+__device__ __forceinline__ uint4 Load16(const void* p) {
+  SAE_CHECK_ALIGNED(p, 16);
+  return *static_cast<const uint4*>(p);
+}
+__device__ __forceinline__ void Store16(void* p, uint4 v) {
+  SAE_CHECK_ALIGNED(p, 16);
+  *static_cast<uint4*>(p) = v;
+}
+
+// Raises `kernel`'s dynamic shared memory limit on the current device to at
+// least `bytes`. The attribute belongs to the process, not to a launch, so it
+// is only ever raised: setting a lower value for one call could fail the
+// launch of another thread that has just set a higher one.
+template <typename F>
+cudaError_t RaiseSharedLimit(F* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, size_t> raised;  // (device, kernel) -> limit set
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& limit = raised[{device, reinterpret_cast<const void*>(kernel)}];
+  if (bytes <= limit) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) limit = bytes;
+  return err;
 }
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }

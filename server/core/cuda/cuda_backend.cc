@@ -81,7 +81,9 @@ using cuda::ElemType;
 // ---- errors ----
 
 // Errors after which the CUDA context is unusable: every later call in the
-// process fails the same way, and only a new process gets a working device.
+// process fails the same way, and only a new process gets a working device
+// (the codes driver_types.h documents as "the process must be terminated",
+// and uncorrectable ECC / NVLink errors).
 bool IsStickyError(cudaError_t e) {
   switch (e) {
     case cudaErrorIllegalAddress:
@@ -94,10 +96,25 @@ bool IsStickyError(cudaError_t e) {
     case cudaErrorInvalidPc:
     case cudaErrorAssert:
     case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorContained:
+    case cudaErrorTensorMemoryLeak:
+    case cudaErrorMpsClientTerminated:
+    case cudaErrorExternalDevice:
       return true;
     default:
       return false;
   }
+}
+
+// After an error not known to be sticky (cudaErrorUnknown from a GPU that
+// fell off the bus, a cuBLAS execution failure, ...): clears the thread's
+// last error, which a later launch would otherwise report as its own, and
+// returns true when the context is lost anyway (a sticky error cannot be
+// cleared, so it is still there).
+bool ContextLostAfterError() {
+  cudaGetLastError();
+  return cudaGetLastError() != cudaSuccess;
 }
 
 // The first sticky error of this process (the CUDA context is per process,
@@ -115,17 +132,21 @@ absl::Status DeviceFault() {
   return Fault();
 }
 
+// Records `msg` as the process's device fault (the first one wins) and returns the fault.
+absl::Status RecordFault(const std::string& msg) {
+  std::lock_guard<std::mutex> lock(FaultMu());
+  if (Fault().ok()) {
+    Fault() = absl::InternalError(absl::StrCat(msg, " (the GPU context is lost; the process must restart)"));
+  }
+  return Fault();
+}
+
 absl::Status FromCuda(cudaError_t e, absl::string_view op) {
   if (e == cudaSuccess) return absl::OkStatus();
   const std::string msg = absl::StrCat("cuda ", op, ": ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+  if (IsStickyError(e)) return RecordFault(msg);
+  if (ContextLostAfterError()) return RecordFault(msg);
   if (e == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
-  if (IsStickyError(e)) {
-    std::lock_guard<std::mutex> lock(FaultMu());
-    if (Fault().ok()) {
-      Fault() = absl::InternalError(absl::StrCat(msg, " (the GPU context is lost; the process must restart)"));
-    }
-    return Fault();
-  }
   return absl::InternalError(msg);
 }
 
@@ -133,6 +154,8 @@ absl::Status FromCublas(cublasStatus_t s, absl::string_view op) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   const std::string msg =
       absl::StrCat("cuda ", op, ": cuBLAS ", cublasGetStatusName(s), ": ", cublasGetStatusString(s));
+  // cuBLAS reports a lost context as EXECUTION_FAILED (or worse); the runtime knows whether it is.
+  if (ContextLostAfterError()) return RecordFault(msg);
   if (s == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(msg);
   return absl::InternalError(msg);
 }
@@ -227,11 +250,12 @@ struct Device {
   int64_t fixed_bytes = 0;             // device memory outside the pool: cuBLAS workspace, input staging
 
   // SAE value bounds for rescoring (see SaeBounds), per encoder; an entry is
-  // dropped when the memory of its encoder or feature scale is freed, so a
-  // new tensor at a reused address never sees a stale bound.
+  // dropped when the memory of its encoder, bias or feature scale is freed,
+  // so a new tensor at a reused address never sees a stale bound.
   struct SaeBound {
     const void* encoder;
     size_t encoder_bytes;
+    const void* bias;
     const void* feature_scale;
     float scale_in;
     std::array<float, 2> bound;
@@ -245,8 +269,9 @@ struct Device {
       return q != nullptr && static_cast<const char*>(q) >= lo && static_cast<const char*>(q) < lo + bytes;
     };
     std::lock_guard<std::mutex> lock(bounds_mu);
-    bounds.erase(std::remove_if(bounds.begin(), bounds.end(),
-                                [&](const SaeBound& b) { return inside(b.encoder) || inside(b.feature_scale); }),
+    bounds.erase(std::remove_if(
+                     bounds.begin(), bounds.end(),
+                     [&](const SaeBound& b) { return inside(b.encoder) || inside(b.bias) || inside(b.feature_scale); }),
                  bounds.end());
   }
 
@@ -351,7 +376,7 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(dev_->stream);
     for (cudaEvent_t e : points_) cudaEventDestroy(e);
     for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_,
-                       &sae_cand_, &sae_bound_, &attn_f32_, &x_f32_}) {
+                       &sae_cand_, &sae_bound_, &attn_f32_, &attn_kv_, &x_f32_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -389,7 +414,6 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     const cudaError_t e = cudaMallocAsync(&p, bytes, dev_->stream);
     if (e != cudaSuccess) {
-      cudaGetLastError();  // an OOM is not sticky; clear it
       return FromCuda(e, absl::StrCat("alloc ", bytes, " bytes (", DTypeName(dtype), "[", rows, ", ", cols, "])"));
     }
     // Zeroed like the CPU twin's allocations.
@@ -426,24 +450,32 @@ class CudaBackend final : public Backend {
     const size_t chunk = kUploadSlotBytes / std::max(src_size, dst_size);
     char* dst = static_cast<char*>(t->data);
     const char* from = static_cast<const char*>(src.data);
-    int slot_index = 0;
-    for (size_t off = 0; off < static_cast<size_t>(numel); off += chunk, slot_index ^= 1) {
-      const size_t n = std::min(chunk, static_cast<size_t>(numel) - off);
-      PinnedSlot& slot = dev_->up[slot_index];
-      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "upload");  // its previous DMA is done
-      if (dtype == src.dtype) {
-        std::memcpy(slot.host, from + off * src_size, n * src_size);
-      } else {
-        ConvertHost(from + off * src_size, src.dtype, n, dtype, slot.host);
+    auto copy = [&]() -> absl::Status {
+      int slot_index = 0;
+      for (size_t off = 0; off < static_cast<size_t>(numel); off += chunk, slot_index ^= 1) {
+        const size_t n = std::min(chunk, static_cast<size_t>(numel) - off);
+        PinnedSlot& slot = dev_->up[slot_index];
+        CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.done), "upload");  // its previous DMA is done
+        if (dtype == src.dtype) {
+          std::memcpy(slot.host, from + off * src_size, n * src_size);
+        } else {
+          ConvertHost(from + off * src_size, src.dtype, n, dtype, slot.host);
+        }
+        CUDA_RETURN_IF_ERROR(
+            cudaMemcpyAsync(dst + off * dst_size, slot.host, n * dst_size, cudaMemcpyHostToDevice, dev_->upload_stream),
+            "upload copy");
+        CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->upload_stream), "upload");
       }
-      CUDA_RETURN_IF_ERROR(
-          cudaMemcpyAsync(dst + off * dst_size, slot.host, n * dst_size, cudaMemcpyHostToDevice, dev_->upload_stream),
-          "upload copy");
-      CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.done, dev_->upload_stream), "upload");
+      // Ops queued after this see the whole tensor.
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(dev_->order, dev_->upload_stream), "upload");
+      return FromCuda(cudaStreamWaitEvent(dev_->stream, dev_->order, 0), "upload");
+    };
+    if (absl::Status s = copy(); !s.ok()) {
+      // t's free is ordered on `stream` only: let the DMAs already queued
+      // into it finish before the pool can hand its memory out again.
+      cudaStreamSynchronize(dev_->upload_stream);
+      return s;
     }
-    // Ops queued after this see the whole tensor.
-    CUDA_RETURN_IF_ERROR(cudaEventRecord(dev_->order, dev_->upload_stream), "upload");
-    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->stream, dev_->order, 0), "upload");
     return t;
   }
 
@@ -664,13 +696,17 @@ class CudaBackend final : public Backend {
     if (staged) {
       ASSIGN_OR_RETURN(dst, Ensure(&attn_f32_, static_cast<size_t>(out.numel()) * sizeof(float)));
     }
+    void* kv_bf16 = nullptr;
+    if (const size_t bytes = cuda::AttentionKvScratchBytes(q.rows, n_kv_heads, head_dim, tensor_cores)) {
+      ASSIGN_OR_RETURN(kv_bf16, Ensure(&attn_kv_, bytes));
+    }
     // Bad seq_starts (which live on the device) are reported at the next
     // CopyToHost / Synchronize as INVALID_ARGUMENT.
     RETURN_IF_ERROR(
         FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
                                        max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, tensor_cores, dst,
                                        staged ? ElemType::kF32 : ToElem(out.dtype), static_cast<int32_t*>(table),
-                                       dev_->error_word_dev, dev_->stream),
+                                       kv_bf16, dev_->error_word_dev, dev_->stream),
                  "attention"));
     if (!staged) return absl::OkStatus();
     return FromCuda(cuda::LaunchSplitToBf16(static_cast<const float*>(dst), out.numel(), 1, out.data, dev_->stream),
@@ -969,7 +1005,7 @@ class CudaBackend final : public Backend {
     {
       std::lock_guard<std::mutex> lock(dev_->bounds_mu);
       for (const Device::SaeBound& b : dev_->bounds) {
-        if (b.encoder == sae.encoder.data && b.encoder_bytes == sae.encoder.nbytes() &&
+        if (b.encoder == sae.encoder.data && b.encoder_bytes == sae.encoder.nbytes() && b.bias == sae.bias.data &&
             b.feature_scale == sae.feature_scale.data && b.scale_in == sae.scale_in) {
           return b.bound;
         }
@@ -984,8 +1020,8 @@ class CudaBackend final : public Backend {
     std::array<float, 2> bound{};
     RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 2}, bound.data()));
     std::lock_guard<std::mutex> lock(dev_->bounds_mu);
-    dev_->bounds.push_back(
-        Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.feature_scale.data, sae.scale_in, bound});
+    dev_->bounds.push_back(Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.bias.data,
+                                            sae.feature_scale.data, sae.scale_in, bound});
     return bound;
   }
 
@@ -1055,9 +1091,10 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CheckErrorWord() {
-    const int code = *static_cast<volatile int*>(dev_->error_word_host);
-    if (code == cuda::kDeviceErrorNone) return absl::OkStatus();
-    *dev_->error_word_host = cuda::kDeviceErrorNone;
+    if (*static_cast<volatile int*>(dev_->error_word_host) == cuda::kDeviceErrorNone) return absl::OkStatus();
+    // Kernels of a batch queued after this one may be running and storing a
+    // code right now: take the word and clear it in one step, so none is lost.
+    const int code = __atomic_exchange_n(dev_->error_word_host, cuda::kDeviceErrorNone, __ATOMIC_ACQ_REL);
     if (code == cuda::kDeviceErrorBadTokenId) {
       return absl::InvalidArgumentError("cuda embed: a token id is outside the vocabulary");
     }
@@ -1070,19 +1107,19 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<void*> Ensure(Scratch* s, size_t bytes) {
     if (bytes <= s->bytes) return s->ptr;
+    // Exactly what is asked, no growth margin (SAE pre-activations can take
+    // gigabytes); a regrowth is cheap, the memory comes from the pool.
     if (s->ptr != nullptr) {
       CUDA_RETURN_IF_ERROR(cudaFreeAsync(s->ptr, dev_->stream), "free scratch");
       s->ptr = nullptr;
       s->bytes = 0;
     }
-    const size_t want = std::max(bytes, s->bytes + s->bytes / 2);
-    const cudaError_t e = cudaMallocAsync(&s->ptr, want, dev_->stream);
+    const cudaError_t e = cudaMallocAsync(&s->ptr, bytes, dev_->stream);
     if (e != cudaSuccess) {
-      cudaGetLastError();
       s->ptr = nullptr;
-      return FromCuda(e, absl::StrCat("scratch of ", want, " bytes"));
+      return FromCuda(e, absl::StrCat("scratch of ", bytes, " bytes"));
     }
-    s->bytes = want;
+    s->bytes = bytes;
     return s->ptr;
   }
 
@@ -1176,6 +1213,7 @@ class CudaBackend final : public Backend {
   Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
   Scratch x_f32_;       // a BF16 GEMM input widened for an F32 / F16 weight
   Scratch attn_f32_;    // fp32 attention output before its BF16 rounding
+  Scratch attn_kv_;     // bf16 k and v for the tensor-core attention
   Scratch w_f32_;       // F16 weight rows widened to F32
   Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])

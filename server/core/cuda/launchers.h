@@ -60,12 +60,16 @@ bool AttentionMmaSupportsHeadDim(int head_dim);
 // Causal attention over packed sequences. tensor_cores: bf16 QK^T and PV on
 // the tensor cores (fp32 accumulation and softmax) where the head dim allows,
 // else fp32 FMA throughout. tile_table: device scratch of n_seqs + 1 ints.
+// kv_bf16: device scratch of AttentionKvScratchBytes bytes (the tensor-core
+// kernel's bf16 copies of k and v; 256-byte aligned, as cudaMalloc returns).
 // Bad seq_starts set *error_flag (those sequences are skipped). out_type:
 // kF32, or kBF16 with the tensor-core kernel only (cudaErrorInvalidValue else).
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
-                            bool tensor_cores, void* out, ElemType out_type, int32_t* tile_table, int* error_flag,
-                            cudaStream_t stream);
+                            bool tensor_cores, void* out, ElemType out_type, int32_t* tile_table, void* kv_bf16,
+                            int* error_flag, cudaStream_t stream);
+// Bytes of LaunchAttention's kv_bf16 scratch (0 when it uses none).
+size_t AttentionKvScratchBytes(int64_t n_tokens, int n_kv_heads, int head_dim, bool tensor_cores);
 
 // ---- sae_topk.cuh ----
 // Largest k the top-k kernel handles (its candidate buffer lives in shared memory).

@@ -38,7 +38,7 @@ __device__ __forceinline__ float SaeH(const float* pre, int64_t part_stride, int
                                       float scale_in) {
   float s = pre[(n_parts - 1) * part_stride + off];
   for (int p = n_parts - 2; p >= 0; --p) s += pre[p * part_stride + off];
-  return scale_in * s + bias;
+  return fmaf(scale_in, s, bias);
 }
 
 // dst [m, cols] = src [ids[j], :] for each j, raw elements (T = uint16_t for

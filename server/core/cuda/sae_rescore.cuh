@@ -40,7 +40,7 @@ __device__ __forceinline__ float ExactDot(const __nv_bfloat16* __restrict__ w, c
 // The encoded value of a feature from its exact dot product (the expression
 // of SaeValue in sae_topk.cuh), -0 normalised to +0.
 __device__ __forceinline__ float ExactValue(float dot, float scale_in, float bias, const float* fscale, int64_t i) {
-  float v = scale_in * dot + bias;
+  float v = fmaf(scale_in, dot, bias);
   if (fscale != nullptr) v *= fscale[i];
   return v == 0.0f ? 0.0f : v;
 }
@@ -82,10 +82,14 @@ __global__ void SaeBiasBoundKernel(const float* __restrict__ bias, int64_t d_sae
   atomicMax(reinterpret_cast<unsigned*>(bound + 1), __float_as_uint(local));
 }
 
-// One block per row: margin = [M (||x - bf16(x)|| + 2.01 d u ||x||) + 8 u (M ||x|| + B)] (1 + 2^-10),
+// One block per row: margin = [M (||x - bf16(x)|| + 3.01 d u ||x||) + 8 u (M ||x|| + B)] (1 + 2^-10),
 // M = bound[0], B = bound[1]: the bf16 rounding of x, the fp32 accumulation
-// of both GEMMs (cuBLAS's and ExactDot, <= d u sum |w_i x_i| each) and the
-// epilogue's roundings, with slack for rounding the bound itself.
+// of both GEMMs and the epilogue's roundings, with slack for rounding the
+// bound itself. ExactDot rounds to nearest (<= d u sum |w_i x_i|). cuBLAS
+// runs on tensor cores, which align a block's products to the largest
+// exponent with truncation and normalise by rounding toward zero (Fasi et
+// al. 2021 for A100, Khattak & Mikaitis 2025 for H100): up to 2u per step,
+// so 2 d u sum |w_i x_i| for that GEMM.
 __global__ void __launch_bounds__(kRescoreThreads)
     SaeMarginKernel(const float* __restrict__ x, int64_t d, float m_bound, float b_bound, float* __restrict__ margin) {
   __shared__ float scratch[32];
@@ -102,7 +106,7 @@ __global__ void __launch_bounds__(kRescoreThreads)
   if (threadIdx.x == 0) {
     const float nx = sqrtf(x2), u = kUnitRoundoff;
     const float m =
-        m_bound * (sqrtf(d2) + 2.01f * static_cast<float>(d) * u * nx) + 8.0f * u * (m_bound * nx + b_bound);
+        m_bound * (sqrtf(d2) + 3.01f * static_cast<float>(d) * u * nx) + 8.0f * u * (m_bound * nx + b_bound);
     margin[blockIdx.x] = m * (1.0f + 1.0f / 1024.0f);
   }
 }
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(kRescoreThreads)
   for (int j = warp; j < k; j += kRescoreWarps) {
     const int32_t i = idx[row * k + j];
     float v = 0.0f;
-    if (i >= 0) v = scale_in * ExactDot(w + static_cast<int64_t>(i) * d, xs, d, lane) + bias[i];
+    if (i >= 0) v = fmaf(scale_in, ExactDot(w + static_cast<int64_t>(i) * d, xs, d, lane), bias[i]);
     if (lane == 0) h[row * k + j] = v;
   }
 }
@@ -254,8 +258,7 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
   uint32_t cap = 1;
   while (cap < static_cast<uint32_t>(n_cand)) cap <<= 1;
   const size_t smem = cap * sizeof(uint64_t) + static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err =
-      cudaFuncSetAttribute(SaeRescoreKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = RaiseSharedLimit(SaeRescoreKernel, smem);
   if (err != cudaSuccess) return err;
   const RescoreParams params{x,
                              static_cast<const __nv_bfloat16*>(encoder_bf16),
@@ -283,8 +286,7 @@ cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err =
-      cudaFuncSetAttribute(SaeExactRowsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = RaiseSharedLimit(SaeExactRowsKernel, smem);
   if (err != cudaSuccess) return err;
   SAE_KERNEL_LAUNCH(SaeExactRowsKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
   (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, d_sae, fallback, pre);
@@ -296,8 +298,7 @@ cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_
   if (n_rows == 0 || k == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err =
-      cudaFuncSetAttribute(SaeExactHKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = RaiseSharedLimit(SaeExactHKernel, smem);
   if (err != cudaSuccess) return err;
   SAE_KERNEL_LAUNCH(SaeExactHKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
   (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, bias, scale_in, idx, k, h);

@@ -52,7 +52,7 @@ __device__ __forceinline__ bool SaeValue(const SaeRowParams& p, float threshold,
                                          uint32_t* key) {
   float h = row[(p.n_parts - 1) * p.part_stride + i];
   for (int part = p.n_parts - 2; part >= 0; --part) h += row[part * p.part_stride + i];  // small parts first
-  float val = p.scale_in * h + p.bias[i];
+  float val = fmaf(p.scale_in, h, p.bias[i]);  // one rounding, on every backend
   if (p.fscale != nullptr) val *= p.fscale[i];
   if (val == 0.0f) val = 0.0f;  // -0 -> +0: equal values must get equal keys
   *key = OrderedKey(val);
@@ -227,8 +227,7 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
   uint32_t cap = 2048;
   while (cap < 2u * static_cast<uint32_t>(k_keep)) cap <<= 1;
   const size_t smem = cap * sizeof(uint64_t) + kTopKBins0 * sizeof(uint32_t);
-  cudaError_t err =
-      cudaFuncSetAttribute(SaeTopKKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = RaiseSharedLimit(SaeTopKKernel, smem);
   if (err != cudaSuccess) return err;
   const SaeRowParams params{pre,           n_rows * d_sae, n_parts,   d_sae,  bias,
                             feature_scale, scale_in,       threshold, margin, row_mask};

@@ -92,6 +92,9 @@ inline unsigned Ballot(int line, unsigned mask, int predicate) {
 // and summed in fp32 in k order.
 void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b);
 
+// Aborts unless p is a multiple of `bytes` (a vector access a GPU would fault on).
+void CheckAligned(const void* p, size_t bytes, int line);
+
 // A kernel launch: `SAE_KERNEL_LAUNCH(k, grid, block, smem, stream)(args...)`.
 // Arguments are converted to the kernel's parameter types and copied, as a
 // real launch does; the grid runs when the stream reaches it.
@@ -170,6 +173,7 @@ T AtomicCas(T* address, T compare, T value) {
 #define __shfl_up_sync(...) ::sae_emu::ShflUp(__LINE__, __VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::sae_emu::Ballot(__LINE__, mask, predicate)
 #define SAE_MMA_BF16_M16N8K16(d, a, b) ::sae_emu::MmaBf16M16N8K16(__LINE__, d, a, b)
+#define SAE_CHECK_ALIGNED(p, bytes) ::sae_emu::CheckAligned(p, bytes, __LINE__)
 
 #define atomicAdd(address, value) ::sae_emu::AtomicAdd(address, value)
 #define atomicMax(address, value) ::sae_emu::AtomicMax(address, value)
