@@ -185,7 +185,10 @@ class Backend {
   // encoder's rule, 0 when that feature is not active (for TopK SAEs: not
   // among the max_active largest of ALL features). x: F32 [n, d_model];
   // feature_ids: I32 with m = out_values.cols elements, each in [0, d_sae);
-  // out_values: F32 [n, m].
+  // out_values: F32 [n, m]. An id outside that range is INVALID_ARGUMENT:
+  // from this call on the CPU; on an asynchronous backend, whose ids are in
+  // device memory, from the next CopyToHost / Synchronize (reading them here
+  // would wait for all queued work).
   virtual absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                          const Tensor& out_values) {
     return Unimplemented("SaeEncodeSelected");

@@ -165,19 +165,20 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
 // it reused, and the caller's buffer is free as soon as the call returns.
 TEST_P(BackendOpsTest, CopyFromHostKeepsIssueOrder) {
   constexpr int64_t kN = 1000;
+  constexpr int kCopies = 37;  // more than the CUDA backend's 16 input slots, twice round
   auto dst = Zeros(1, kN), zero = Zeros(1, kN);
   std::vector<OwnedTensor> seen;
   std::vector<float> host(kN);
   // More copies than staging slots, all into one tensor, each read by an op
   // before the next overwrites it; `host` is rewritten at once each time.
-  for (int i = 0; i < 11; ++i) {
+  for (int i = 0; i < kCopies; ++i) {
     for (int64_t j = 0; j < kN; ++j) host[j] = static_cast<float>(i * kN + j);
     ASSERT_TRUE(backend_->CopyFromHost(host.data(), dst.get()).ok());
     seen.push_back(Zeros(1, kN));
     ASSERT_TRUE(backend_->Add(dst.get(), zero.get(), seen.back().get()).ok());
     std::fill(host.begin(), host.end(), -1.0f);
   }
-  for (int i = 0; i < 11; ++i) {
+  for (int i = 0; i < kCopies; ++i) {
     const auto got = Download<float>(seen[i]);
     for (int64_t j = 0; j < kN; ++j)
       ASSERT_EQ(got[j], static_cast<float>(i * kN + j)) << "copy " << i << " [" << j << "]";
@@ -231,6 +232,58 @@ TEST_P(BackendOpsTest, CopyToHostAfterWaitsOnlyForWorkBeforeItsPoint) {
   backend_->ReleaseTimePoint(*end);
   if (GetParam() == "cuda") {
     EXPECT_EQ(backend_->CopyToHostAfter(twos.get(), host.data(), 1 << 20).code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// A batch's small input copies (token ids, positions, sequence starts, one
+// per watch list) and its watch-list encodes queue behind the batch before
+// without waiting for it, so the host prepares batch i+1 while batch i
+// computes. The CPU emulator runs queued work only when something waits for
+// it: there an op queued before them must still be pending afterwards.
+TEST_P(BackendOpsTest, InputCopiesAndWatchListEncodesDoNotWait) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  const bool emulated =
+      GetParam() == "cuda" && lib != nullptr && std::string(lib).find("sae_cuda_emu") != std::string::npos;
+  const int n = 3, d = 8, d_sae = 10;
+  const auto x = Random(n * d, 91), w = Random(d_sae * d, 92), b = Random(d_sae, 93);
+  auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d), tb = Upload(b, 1, d_sae);  // before the pending op
+  auto a = Upload({1, 2, 3}, 1, 3), out = Zeros(1, 3);
+  ASSERT_TRUE(backend_->Add(a.get(), a.get(), out.get()).ok());
+  auto point = backend_->RecordTimePoint();
+  ASSERT_TRUE(point.ok()) << point.status();
+  ASSERT_TRUE(backend_->Add(out.get(), a.get(), out.get()).ok());  // the batch before, still queued
+
+  constexpr int kCopies = 12;  // a batch's inputs plus watch lists
+  std::vector<OwnedTensor> copies;
+  for (int i = 0; i < kCopies; ++i) {
+    const std::vector<int32_t> v(64, i);
+    copies.push_back(Zeros(1, 64, DType::kI32));
+    ASSERT_TRUE(backend_->CopyFromHost(v.data(), copies.back().get()).ok());
+  }
+  const std::vector<int32_t> ids = {7, 0, 3};
+  auto tid = Zeros(1, 3, DType::kI32), sel = Zeros(n, 3);
+  ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
+  const SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+  ASSERT_TRUE(backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), sel.get()).ok());
+
+  std::vector<float> got(3);
+  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), *point).ok());
+  if (emulated) {
+    EXPECT_EQ(got, (std::vector<float>{2, 4, 6}));  // nothing above waited for the queued Add
+  } else if (GetParam() == "cpu") {
+    EXPECT_EQ(got, (std::vector<float>{3, 6, 9}));
+  }
+  backend_->ReleaseTimePoint(*point);
+  EXPECT_EQ(Download<float>(out), (std::vector<float>{3, 6, 9}));
+  for (int i = 0; i < kCopies; ++i) EXPECT_EQ(Download<int32_t>(copies[i]), std::vector<int32_t>(64, i)) << i;
+  const auto values = Download<float>(sel);
+  for (int t = 0; t < n; ++t) {
+    for (int j = 0; j < 3; ++j) {
+      double h = b[ids[j]];
+      for (int c = 0; c < d; ++c) h += static_cast<double>(x[t * d + c]) * w[ids[j] * d + c];
+      if (std::abs(h) < 1e-3) continue;  // too close to the threshold to call
+      EXPECT_NEAR(values[t * 3 + j], h > 0 ? h : 0.0, 2e-2 * (1 + std::abs(h))) << t << " " << j;
+    }
   }
 }
 
@@ -908,13 +961,26 @@ TEST_P(BackendOpsTest, SaeEncodeSelectedRejectsBadFeatureIds) {
   auto tx = Upload(Random(2 * d, 85), 2, d), tw = Upload(Random(d_sae * d, 86), d_sae, d),
        tb = Upload(Random(d_sae, 87), 1, d_sae);
   SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
-  for (int32_t bad : {-1, d_sae}) {
-    const std::vector<int32_t> ids = {0, bad};
-    auto tid = Zeros(1, 2, DType::kI32), out = Zeros(2, 2);
-    ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
-    EXPECT_EQ(backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), out.get()).code(),
-              absl::StatusCode::kInvalidArgument)
-        << bad;
+  // The CPU fails the call; CUDA checks the ids on the device and fails the
+  // next synchronisation (reading them back would wait for the queue).
+  for (int max_active : {0, 2}) {
+    sae.max_active = max_active;
+    for (int32_t bad : {-1, d_sae}) {
+      const std::vector<int32_t> ids = {0, bad};
+      auto tid = Zeros(1, 2, DType::kI32), out = Zeros(2, 2);
+      ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
+      absl::Status st = backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), out.get());
+      if (GetParam() == "cpu") {
+        EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad << " " << st;
+        continue;
+      }
+      ASSERT_TRUE(st.ok()) << st;
+      std::vector<float> host(4);
+      st = backend_->CopyToHost(out.get(), host.data());
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad << " " << st;
+      EXPECT_NE(st.message().find("feature id"), std::string::npos) << st;
+      EXPECT_TRUE(backend_->Synchronize().ok());  // reported once, then the backend serves on
+    }
   }
 }
 

@@ -212,8 +212,15 @@ int EnvInt(const char* name, int fallback, int lo, int hi) {
 // ---- the device state, shared with every tensor's release callback so
 // tensors that outlive the Backend object still free safely ----
 
-constexpr size_t kIoSlotBytes = 8 << 20;  // pinned slots for small copies
+constexpr size_t kIoSlotBytes = 8 << 20;  // pinned slots for reading results back
 constexpr int kIoSlots = 4;
+// Pinned + device staging for CopyFromHost. A batch makes a few small copies
+// (token ids, positions, sequence starts, one per watch list): each takes a
+// slot, and a slot is free again only once the compute stream has copied out
+// of it, i.e. after the batch before. So the count, not the size, decides how
+// many copies a batch can queue before the host waits.
+constexpr size_t kInputSlotBytes = 2 << 20;
+constexpr int kInputSlots = 16;
 constexpr size_t kUploadSlotBytes = 64 << 20;  // pinned double buffer for weights
 constexpr size_t kCublasWorkspaceBytes = 32 << 20;
 
@@ -243,7 +250,7 @@ struct Device {
   int* error_word_host = nullptr;  // host-mapped: kernels store DeviceError codes
   int* error_word_dev = nullptr;
   std::array<PinnedSlot, kIoSlots> io;
-  std::array<InputSlot, kIoSlots> in;
+  std::array<InputSlot, kInputSlots> in;
   std::array<PinnedSlot, 2> up;
   cudaEvent_t order = nullptr;         // cross-stream ordering
   std::atomic<int64_t> live_bytes{0};  // tensors from Alloc / Upload not yet freed
@@ -346,9 +353,9 @@ class CudaBackend final : public Backend {
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "create event");
     }
     for (InputSlot& s : dev->in) {
-      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kIoSlotBytes, cudaHostAllocDefault), "pinned staging");
-      CUDA_RETURN_IF_ERROR(cudaMalloc(&s.device, kIoSlotBytes), "input staging");
-      dev->fixed_bytes += kIoSlotBytes;
+      CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kInputSlotBytes, cudaHostAllocDefault), "pinned staging");
+      CUDA_RETURN_IF_ERROR(cudaMalloc(&s.device, kInputSlotBytes), "input staging");
+      dev->fixed_bytes += kInputSlotBytes;
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.uploaded, cudaEventDisableTiming), "create event");
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.consumed, cudaEventDisableTiming), "create event");
     }
@@ -488,10 +495,10 @@ class CudaBackend final : public Backend {
     // device, in issue order. Slot reuse: the host rewrites a pinned buffer
     // once its DMA is done, and a DMA overwrites a device buffer once the
     // last copy out of it has run.
-    for (size_t off = 0; off < bytes; off += kIoSlotBytes) {
-      const size_t n = std::min(kIoSlotBytes, bytes - off);
+    for (size_t off = 0; off < bytes; off += kInputSlotBytes) {
+      const size_t n = std::min(kInputSlotBytes, bytes - off);
       InputSlot& slot = dev_->in[next_in_];
-      next_in_ = (next_in_ + 1) % kIoSlots;
+      next_in_ = (next_in_ + 1) % kInputSlots;
       CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.uploaded), "copy from host");
       std::memcpy(slot.host, from + off, n);  // the caller may reuse src as soon as we return
       CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->input_stream, slot.consumed, 0), "copy from host");
@@ -769,19 +776,14 @@ class CudaBackend final : public Backend {
           absl::StrCat("cuda sae selected: max_active=", k, " is larger than the supported ", cuda::kSaeTopKMaxK));
     }
     if (m == 0) return absl::OkStatus();
-    // The ids live in device memory, but a bad one must fail this call with
-    // INVALID_ARGUMENT like the CPU twin, not surface at a later sync: read
-    // them back (m ints; this waits for the work queued before). The kernels
-    // still zero an out-of-range id instead of reading out of bounds.
-    std::vector<int32_t> ids(static_cast<size_t>(m));
-    RETURN_IF_ERROR(CopyToHost(feature_ids, ids.data()));
-    for (const int32_t id : ids) {
-      if (id < 0 || id >= d_sae) {
-        return absl::InvalidArgumentError(absl::StrCat("sae selected: feature id ", id, " outside [0, ", d_sae, ")"));
-      }
-    }
-    if (x.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
+    // The ids live in device memory. Reading them back here would wait for
+    // every op queued before (the previous batch's forward), so the check
+    // runs on the device and a bad id is INVALID_ARGUMENT at the next
+    // synchronisation; the kernels zero an out-of-range id meanwhile.
+    RETURN_IF_ERROR(FromCuda(
+        cuda::LaunchCheckIds(feature_ids.as<int32_t>(), m, d_sae, dev_->error_word_dev, dev_->stream), "sae selected"));
+    if (x.rows == 0) return absl::OkStatus();
     const int32_t* ids_dev = feature_ids.as<int32_t>();
     float* out = out_values.as<float>();
     if (k > 0) {
@@ -1101,6 +1103,9 @@ class CudaBackend final : public Backend {
     if (code == cuda::kDeviceErrorBadSeqStarts) {
       return absl::InvalidArgumentError(
           "cuda attention: seq_starts must start at 0, increase, cover all rows and respect max_seq_len");
+    }
+    if (code == cuda::kDeviceErrorBadFeatureId) {
+      return absl::InvalidArgumentError("cuda sae selected: a feature id is outside [0, d_sae)");
     }
     return absl::InternalError(absl::StrCat("cuda: kernel error code ", code));
   }

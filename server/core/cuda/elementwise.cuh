@@ -86,6 +86,21 @@ __global__ void AddKernel(const float* a, const float* b, float* out, int64_t n)
 
 // ---- launchers ----
 
+// Raises the error word when an id is outside [0, limit).
+__global__ void CheckIdsKernel(const int32_t* __restrict__ ids, int64_t n, int64_t limit, int* error_flag) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (ids[i] < 0 || ids[i] >= limit) *error_flag = kDeviceErrorBadFeatureId;
+  }
+}
+
+cudaError_t LaunchCheckIds(const int32_t* ids, int64_t n, int64_t limit, int* error_flag, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  SAE_KERNEL_LAUNCH(CheckIdsKernel, GridFor(n, kElementwiseThreads), kElementwiseThreads, 0, stream)
+  (ids, n, limit, error_flag);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids, int64_t n,
                         float* out, int* error_flag, cudaStream_t stream) {
   if (n * d == 0) return cudaSuccess;

@@ -23,12 +23,15 @@ enum DeviceError : int {
   kDeviceErrorNone = 0,
   kDeviceErrorBadTokenId = 1,
   kDeviceErrorBadSeqStarts = 2,
+  kDeviceErrorBadFeatureId = 3,
 };
 
 // ---- elementwise.cuh ----
 // out[t, :] = F32(table[ids[t], :]); ids outside [0, vocab) give zeros and set *error_flag.
 cudaError_t LaunchEmbed(const void* table, ElemType table_type, int64_t vocab, int64_t d, const int32_t* ids, int64_t n,
                         float* out, int* error_flag, cudaStream_t stream);
+// Raises *error_flag (kDeviceErrorBadFeatureId) when an id is outside [0, limit).
+cudaError_t LaunchCheckIds(const int32_t* ids, int64_t n, int64_t limit, int* error_flag, cudaStream_t stream);
 // x [n_elems] F32 -> n_parts BF16 arrays [n_parts, n_elems] with x ~= sum of parts
 // (part p is the bf16 rounding of what parts < p left over).
 cudaError_t LaunchSplitToBf16(const float* x, int64_t n_elems, int n_parts, void* out, cudaStream_t stream);
