@@ -156,6 +156,16 @@ class Backend {
     for (size_t i = 0; i < ws.size(); ++i) RETURN_IF_ERROR(MatMul(x, ws[i], outs[i]));
     return absl::OkStatus();
   }
+  // out += x . w^T (out: F32 [n, m]): the residual add folded into the GEMM.
+  // The default is MatMul into a temporary, then Add; the CPU computes
+  // exactly that. CUDA lets cuBLAS read out in the GEMM's epilogue (beta =
+  // 1), which saves writing the product and reading it back, and rounds once
+  // where MatMul then Add rounds twice.
+  virtual absl::Status MatMulAdd(const Tensor& x, const Tensor& w, const Tensor& out) {
+    ASSIGN_OR_RETURN(OwnedTensor product, Alloc(DType::kF32, out.rows, out.cols));
+    RETURN_IF_ERROR(MatMul(x, w, product.get()));
+    return Add(out, product.get(), out);
+  }
   // In-place rotary embedding in half-split ("rotate_half") layout on each
   // head of x [n, n_heads * head_dim]: angle = positions[t] * inv_freq[j] (fp32).
   // positions: I32 [n, 1]; inv_freq: F32 [1, head_dim / 2].

@@ -162,6 +162,15 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status MatMul(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    return MatMulInto(x, w, out, /*accumulate=*/false);
+  }
+
+  // Bit-identical to MatMul into a temporary, then Add.
+  absl::Status MatMulAdd(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    return MatMulInto(x, w, out, /*accumulate=*/true);
+  }
+
+  absl::Status MatMulInto(const Tensor& x, const Tensor& w, const Tensor& out, bool accumulate) {
     RETURN_IF_ERROR(CheckF32(x, "matmul input"));
     RETURN_IF_ERROR(CheckF32(out, "matmul output"));
     if (w.cols != x.cols) {
@@ -189,7 +198,10 @@ class CpuBackend final : public Backend {
         for (int64_t i = 0; i < n; ++i) {
           const float* xi = x.as<float>() + i * k;
           float* oi = out.as<float>() + i * out.cols + m0;
-          for (int64_t r = 0; r < mc; ++r) oi[r] = DotF32(xi, wp + r * k, k);
+          for (int64_t r = 0; r < mc; ++r) {
+            const float dot = DotF32(xi, wp + r * k, k);
+            oi[r] = accumulate ? oi[r] + dot : dot;
+          }
         }
       }
     };

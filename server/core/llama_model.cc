@@ -102,7 +102,12 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   ASSIGN_OR_RETURN(OwnedTensor k, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor v, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor attn, b->Alloc(gin, n, q_dim));
-  ASSIGN_OR_RETURN(OwnedTensor proj, b->Alloc(DType::kF32, n, d));  // o_proj / down_proj output
+  OwnedTensor proj;  // o_proj / down_proj output, where hooked (else they add into x directly)
+  bool proj_hook = false;
+  for (const HookPoint& hp : hooks) proj_hook = proj_hook || hp.site == HookSite::kAttn || hp.site == HookSite::kMlp;
+  if (proj_hook) {
+    ASSIGN_OR_RETURN(proj, b->Alloc(DType::kF32, n, d));
+  }
   ASSIGN_OR_RETURN(OwnedTensor gate, b->Alloc(DType::kF32, n, ffn));
   ASSIGN_OR_RETURN(OwnedTensor up, b->Alloc(DType::kF32, n, ffn));
   OwnedTensor act_own, tc_own;  // silu(gate) * up; the transcoder input hook's F32 buffer
@@ -132,9 +137,16 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     RETURN_IF_ERROR(b->Rope(k.get(), pos.get(), inv_freq_.get(), static_cast<int>(hd)));
     RETURN_IF_ERROR(b->Attention(q.get(), k.get(), v.get(), starts.get(), batch.n_seqs(), max_len,
                                  c.num_attention_heads, c.num_key_value_heads, static_cast<int>(hd), attn.get()));
-    RETURN_IF_ERROR(b->MatMul(attn.get(), L.wo.get(), proj.get()));
-    RETURN_IF_ERROR(hook(l, HookSite::kAttn, proj.get()));
-    RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));  // x is now resid_mid
+    // o_proj (and down_proj below) add into the residual stream in the
+    // GEMM itself unless their output is hooked.
+    if (hooks.count(HookPoint{l, HookSite::kAttn})) {
+      RETURN_IF_ERROR(b->MatMul(attn.get(), L.wo.get(), proj.get()));
+      RETURN_IF_ERROR(hook(l, HookSite::kAttn, proj.get()));
+      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
+    } else {
+      RETURN_IF_ERROR(b->MatMulAdd(attn.get(), L.wo.get(), x.get()));
+    }
+    // x is now resid_mid
     if (hooks.count(HookPoint{l, HookSite::kTranscoderIn})) {
       RETURN_IF_ERROR(b->RmsNorm(x.get(), Tensor(), eps, tc_in));
       RETURN_IF_ERROR(hook(l, HookSite::kTranscoderIn, tc_in));
@@ -142,9 +154,13 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     RETURN_IF_ERROR(b->RmsNorm(x.get(), L.post_norm.get(), eps, h.get()));
     RETURN_IF_ERROR(b->MatMulShared(h.get(), {L.w_gate.get(), L.w_up.get()}, {gate.get(), up.get()}));
     RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), act));
-    RETURN_IF_ERROR(b->MatMul(act, L.w_down.get(), proj.get()));
-    RETURN_IF_ERROR(hook(l, HookSite::kMlp, proj.get()));
-    RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
+    if (hooks.count(HookPoint{l, HookSite::kMlp})) {
+      RETURN_IF_ERROR(b->MatMul(act, L.w_down.get(), proj.get()));
+      RETURN_IF_ERROR(hook(l, HookSite::kMlp, proj.get()));
+      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
+    } else {
+      RETURN_IF_ERROR(b->MatMulAdd(act, L.w_down.get(), x.get()));
+    }
     RETURN_IF_ERROR(hook(l, HookSite::kResid, x.get()));
   }
   return absl::OkStatus();

@@ -349,6 +349,47 @@ TEST_P(BackendOpsTest, MatMulSharedEqualsOneMatMulPerWeight) {
   }
 }
 
+// MatMulAdd(x, w, out) is out + MatMul(x, w): bit for bit on the CPU (the
+// reference forward pass must not change), and on CUDA up to the one
+// rounding cuBLAS saves by adding in its epilogue, for every weight dtype,
+// F32 and BF16 x, an empty inner dimension and no rows. Bad shapes are
+// INVALID_ARGUMENT and leave out as it was.
+TEST_P(BackendOpsTest, MatMulAddIsMatMulThenAdd) {
+  const bool exact = GetParam() == "cpu";
+  for (DType wt : {DType::kBF16, DType::kF32, DType::kF16}) {
+    for (DType xt : {DType::kF32, DType::kBF16}) {
+      if (xt == DType::kBF16 && backend_->gemm_input_dtype() != DType::kBF16) continue;
+      for (auto [n, k, m] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {37, 64, 130}, {5, 0, 7}, {0, 8, 3}}) {
+        const auto x = Rounded(Random(static_cast<size_t>(n) * k, 31 + n, 2.0f), xt);
+        const auto w = Rounded(Random(static_cast<size_t>(m) * k, 32 + m), wt);
+        const auto init = Random(static_cast<size_t>(n) * m, 33 + m, 4.0f);
+        // (Upload makes an empty tensor [0, 0]; Zeros keeps the column count.)
+        auto tx = n == 0 ? Zeros(0, k, xt) : Upload(x, n, k, xt), tw = Upload(w, m, k, wt),
+             out = n == 0 ? Zeros(0, m) : Upload(init, n, m), prod = Zeros(n, m);
+        const std::string where = absl::StrCat(DTypeName(wt), " weights, ", DTypeName(xt), " x, ", n, "x", k, "x", m);
+        absl::Status st = backend_->MatMul(tx.get(), tw.get(), prod.get());
+        ASSERT_TRUE(st.ok()) << where << ": " << st;
+        st = backend_->MatMulAdd(tx.get(), tw.get(), out.get());
+        ASSERT_TRUE(st.ok()) << where << ": " << st;
+        const auto p = Download<float>(prod), got = Download<float>(out);
+        for (size_t i = 0; i < got.size(); ++i) {
+          const float want = init[i] + p[i];
+          if (exact) {
+            ASSERT_EQ(got[i], want) << where << " [" << i << "]";
+          } else {
+            ASSERT_NEAR(got[i], want, 1e-6 * (std::abs(init[i]) + std::abs(p[i])) + 1e-30) << where << " [" << i << "]";
+          }
+        }
+      }
+    }
+  }
+  const auto init = Random(6, 41);
+  auto tx = Upload(Random(2 * 4, 42), 2, 4), tw = Upload(Random(3 * 4, 43), 3, 4, DType::kBF16);
+  auto wrong = Upload(init, 3, 2);  // [n, m] transposed
+  EXPECT_EQ(backend_->MatMulAdd(tx.get(), tw.get(), wrong.get()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Download<float>(wrong), init);
+}
+
 // BF16 outputs of the ops that feed GEMMs (RmsNorm, SiluMul, Attention) are
 // their F32 outputs rounded to nearest even, bit for bit; a BF16 x in MatMul /
 // MatMulShared gives exactly what the F32 x it was rounded from gives (the

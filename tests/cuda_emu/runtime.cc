@@ -91,12 +91,14 @@ enum class Region { kDevice, kPinned };
 struct Allocation {
   size_t bytes;
   Region region;
+  bool pooled = false;  // from cudaMallocAsync: counted as the pool's reserved memory
 };
 std::map<uintptr_t, Allocation>& Allocations() {
   static auto* a = new std::map<uintptr_t, Allocation>();
   return *a;
 }
 size_t device_bytes = 0;
+size_t pool_bytes = 0;  // the pooled allocations not yet freed in stream order
 
 size_t DeviceCapacity() {
   static const size_t cap = [] {
@@ -108,12 +110,6 @@ size_t DeviceCapacity() {
 }
 
 size_t DeviceBytesInUse() { return device_bytes; }
-
-// cudaMallocAsync allocations not yet freed in stream order: the pool.
-std::map<void*, size_t>& PoolAllocations() {
-  static auto* a = new std::map<void*, size_t>();
-  return *a;
-}
 
 // The allocation of `region` holding [p, p + n), or nullptr.
 const Allocation* Find(const void* p, size_t n, Region region) {
@@ -147,7 +143,7 @@ void* AllocBytes(size_t bytes, Region region) {
   // Fresh device memory holds garbage on a GPU (the pool recycles blocks):
   // 0xff bytes (NaN floats, -1 ints) make a read before the first write show.
   if (region == Region::kDevice) std::memset(p, 0xff, bytes);
-  Allocations()[reinterpret_cast<uintptr_t>(p)] = Allocation{bytes, region};
+  Allocations()[reinterpret_cast<uintptr_t>(p)] = Allocation{bytes, region, false};
   if (region == Region::kDevice) device_bytes += bytes;
   return p;
 }
@@ -157,6 +153,7 @@ bool FreeBytes(void* p, Region region) {
   auto it = allocs.find(reinterpret_cast<uintptr_t>(p));
   if (it == allocs.end() || it->second.region != region) return false;
   if (region == Region::kDevice) device_bytes -= it->second.bytes;
+  if (it->second.pooled) pool_bytes -= it->second.bytes;
   allocs.erase(it);
   std::free(p);
   return true;
@@ -800,7 +797,10 @@ cudaError_t cudaMallocAsync(void** ptr, size_t size, cudaStream_t stream) {
   SAE_EMU_RETURN_IF_STICKY();
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   const cudaError_t e = cudaMalloc(ptr, size);
-  if (e == cudaSuccess) sae_emu::PoolAllocations()[*ptr] = size;
+  if (e == cudaSuccess) {
+    sae_emu::Allocations()[reinterpret_cast<uintptr_t>(*ptr)].pooled = true;
+    sae_emu::pool_bytes += size;
+  }
   return e;
 }
 
@@ -811,7 +811,6 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream) {
   if (sae_emu::Find(ptr, 1, sae_emu::Region::kDevice) == nullptr) return Fail(cudaErrorInvalidValue);
   sae_emu::Enqueue(stream, [ptr]() {
     if (!sae_emu::FreeBytes(ptr, sae_emu::Region::kDevice)) sae_emu::Fatal("cudaFreeAsync of a pointer already freed");
-    sae_emu::PoolAllocations().erase(ptr);
   });
   return cudaSuccess;
 }
@@ -855,9 +854,7 @@ cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, vo
       (attr != cudaMemPoolAttrReservedMemCurrent && attr != cudaMemPoolAttrUsedMemCurrent)) {
     return Fail(cudaErrorInvalidValue);
   }
-  uint64_t bytes = 0;
-  for (const auto& [p, n] : sae_emu::PoolAllocations()) bytes += n;
-  *static_cast<uint64_t*>(value) = bytes;
+  *static_cast<uint64_t*>(value) = sae_emu::pool_bytes;
   return cudaSuccess;
 }
 

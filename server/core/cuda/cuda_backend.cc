@@ -664,6 +664,23 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // With BF16 weights and one bf16 part, cuBLAS adds the product to out in
+  // its epilogue (beta = 1); other cases take MatMul then Add.
+  absl::Status MatMulAdd(const Tensor& x, const Tensor& w, const Tensor& out) override {
+    RETURN_IF_ERROR(CheckMatMul(x, w, out));
+    if (w.dtype != DType::kBF16 || (x.dtype != DType::kBF16 && model_split_ != 1)) {
+      return Backend::MatMulAdd(x, w, out);
+    }
+    if (x.rows == 0 || w.rows == 0 || w.cols == 0) return absl::OkStatus();  // nothing to add
+    RETURN_IF_ERROR(Enter());
+    RETURN_IF_ERROR(CheckGemmDims(x.rows, w, "matmul add"));
+    const void* xb = x.data;
+    if (x.dtype != DType::kBF16) {
+      ASSIGN_OR_RETURN(xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul add"));
+    }
+    return GemmBf16(xb, x.rows, w, out.as<float>(), "matmul add", /*beta=*/1.0f);
+  }
+
   absl::Status Rope(const Tensor& x, const Tensor& positions, const Tensor& inv_freq, int head_dim) override {
     RETURN_IF_ERROR(CheckF32(x, "rope input"));
     if (head_dim <= 0 || head_dim % 2 != 0 || x.cols % head_dim != 0 || inv_freq.rows * inv_freq.cols != head_dim / 2 ||
@@ -1145,15 +1162,17 @@ class CudaBackend final : public Backend {
   }
 
   // out (row-major [rows, w.rows]) = xb [rows, k] . w^T, bf16 x bf16 -> fp32.
-  absl::Status GemmBf16(const void* xb, int64_t rows, const Tensor& w, float* out, const char* op) {
-    if (w.cols == 0) {  // empty sums (cuBLAS refuses k = 0 with its leading dimensions)
+  // out = xb . w^T + beta * out (beta 0: out is not read).
+  absl::Status GemmBf16(const void* xb, int64_t rows, const Tensor& w, float* out, const char* op, float beta = 0.0f) {
+    if (w.cols == 0) {                            // empty sums (cuBLAS refuses k = 0 with its leading dimensions)
+      if (beta != 0.0f) return absl::OkStatus();  // out + 0
       return FromCuda(cudaMemsetAsync(out, 0, static_cast<size_t>(rows * w.rows) * sizeof(float), dev_->stream), op);
     }
-    const float one = 1.0f, zero = 0.0f;
+    const float one = 1.0f;
     const int im = static_cast<int>(w.rows), ik = static_cast<int>(w.cols);
     return FromCublas(
         cublasGemmEx(dev_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, im, static_cast<int>(rows), ik, &one, w.data, CUDA_R_16BF,
-                     ik, xb, CUDA_R_16BF, ik, &zero, out, CUDA_R_32F, im, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     ik, xb, CUDA_R_16BF, ik, &beta, out, CUDA_R_32F, im, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         op);
   }
 
