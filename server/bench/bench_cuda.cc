@@ -4,7 +4,7 @@
 //     (target: >= 60% at 8k-token batches);
 //   * the attention kernels (bf16 tensor cores, the default; fp32 CUDA cores);
 //   * the forward pass (embed + L layers) for early exit at L = 8, 16, 32:
-//     tokens/s and MFU;
+//     tokens/s and MFU, and the latency of one 32-token request;
 //   * SAE encode + top-k for 8x (d_sae 32768) and 32x (d_sae 131072) SAEs,
 //     as a share of the forward time (target: < 10%).
 // Usage: sae-bench-cuda [--tokens=8192] [--seq_len=1024] [--iters=5]
@@ -383,6 +383,23 @@ int Run(const Options& o) {
     std::printf("  early exit at layer %2d: %8.2f ms  %9.0f tokens/s  MFU %5.1f%%  (%.1f TFLOP/s)\n", nl, sec * 1e3,
                 n / sec, pct(flops, sec), flops / sec / 1e12);
     fwd.emplace_back(nl, sec);
+  }
+
+  // A lone short request: the latency floor, where launch overheads and
+  // partly filled GEMM tiles dominate rather than throughput.
+  {
+    PackedBatch small;
+    small.Append(std::vector<int32_t>(batch.ids.begin(), batch.ids.begin() + std::min<int64_t>(32, n)));
+    for (int nl : o.layers) {
+      const double sec = Seconds(
+          [&] {
+            return model->Forward(small, {HookPoint{nl - 1, HookSite::kResid}}, no_hook);
+          },
+          b, o.iters, &st);
+      if (!st.ok()) return fail(st);
+      std::printf("  one %lld-token request, exit at layer %2d: %8.2f ms\n", static_cast<long long>(small.n_tokens()),
+                  nl, sec * 1e3);
+    }
   }
 
   print_memory(absl::StrCat("after the forward passes (", n, " tokens)").c_str());
