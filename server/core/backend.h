@@ -197,8 +197,9 @@ class Backend {
   // feature_ids: I32 with m = out_values.cols elements, each in [0, d_sae);
   // out_values: F32 [n, m]. An id outside that range is INVALID_ARGUMENT:
   // from this call on the CPU; on an asynchronous backend, whose ids are in
-  // device memory, from the next CopyToHost / Synchronize (reading them here
-  // would wait for all queued work).
+  // device memory, from the next CopyToHost / Synchronize / CopyToHostAfter,
+  // which may belong to a neighbouring batch (reading them here would wait
+  // for all queued work). Callers that can should check ids on the host.
   virtual absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                          const Tensor& out_values) {
     return Unimplemented("SaeEncodeSelected");

@@ -954,6 +954,15 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// Runs nothing (queued work stays lazy): the sticky error after a fault,
+// else whether the stream has work left.
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  Lock lock(Mu());
+  SAE_EMU_RETURN_IF_STICKY();
+  if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
+  return stream == nullptr || stream->ops.empty() ? cudaSuccess : cudaErrorNotReady;
+}
+
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   Lock lock(Mu());
   if (!sae_emu::ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);

@@ -565,8 +565,8 @@ TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
 }
 
 // cudaErrorUnknown (what a GPU that fell off the bus tends to return) is not
-// always fatal; the backend finds the context lost because the error cannot
-// be cleared, and the server exits the same way.
+// always fatal; the backend finds the context lost because a driver query
+// fails as well, and the server exits the same way.
 TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExits("999\n", "cudaErrorUnknown"); }
 
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {

@@ -110,11 +110,15 @@ bool IsStickyError(cudaError_t e) {
 // After an error not known to be sticky (cudaErrorUnknown from a GPU that
 // fell off the bus, a cuBLAS execution failure, ...): clears the thread's
 // last error, which a later launch would otherwise report as its own, and
-// returns true when the context is lost anyway (a sticky error cannot be
-// cleared, so it is still there).
+// asks the driver whether the context still works. A stream query does not
+// wait; on a lost context it fails with the context's error. (A cuBLAS
+// failure never reaches our runtime's last error, and a sticky error is
+// only documented to fail every later call: so ask with a call.)
 bool ContextLostAfterError() {
   cudaGetLastError();
-  return cudaGetLastError() != cudaSuccess;
+  const cudaError_t e = cudaStreamQuery(nullptr);
+  cudaGetLastError();
+  return e != cudaSuccess && e != cudaErrorNotReady;
 }
 
 // The first sticky error of this process (the CUDA context is per process,
