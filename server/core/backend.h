@@ -190,6 +190,9 @@ class Backend {
 
   // ---- ops added after the first CUDA backend: the default answers
   // UNIMPLEMENTED so a backend without a twin fails clearly ----
+  // dst = src, in issue order like any op (on a GPU a device-to-device copy:
+  // the host does not wait). Same dtype and element count.
+  virtual absl::Status Copy(const Tensor& src, const Tensor& dst) { return Unimplemented("Copy"); }
   // SAE encode of selected features only (feature watch lists):
   // out_values[t, j] = f_{feature_ids[j]}(x[t]), the activation after the
   // encoder's rule, 0 when that feature is not active (for TopK SAEs: not

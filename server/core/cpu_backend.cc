@@ -339,6 +339,12 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status Copy(const Tensor& src, const Tensor& dst) override {
+    RETURN_IF_ERROR(CheckCopy(src, dst));
+    if (src.nbytes() > 0) std::memmove(dst.data, src.data, src.nbytes());
+    return absl::OkStatus();
+  }
+
   absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                  const Tensor& out_values) override {
     RETURN_IF_ERROR(CheckSaeSelectedArgs(x, sae, feature_ids, out_values));

@@ -154,7 +154,7 @@ void InitTopK(const SequenceRequest& r, SaeTopK* out) {
 struct Engine::PendingBatch {
   std::vector<SequenceRequest> batch;
   PackedBatch packed;
-  std::vector<SequenceResult> results;  // shaped by Submit; hooks already filled
+  std::vector<SequenceResult> results;  // shaped by Submit, filled by Collect
   struct TopK {                         // one SAE's top-k over all rows of the batch
     size_t sae;
     int k;
@@ -168,7 +168,13 @@ struct Engine::PendingBatch {
     size_t seq, slot;
     OwnedTensor err;
   };
+  struct Capture {  // request seq, hook name: a copy of its rows of the hook [n_tokens, d_model]
+    size_t seq;
+    std::string hook;
+    OwnedTensor act;
+  };
   std::vector<TopK> topk;
+  std::vector<Capture> captures;
   std::vector<Watched> watched;
   std::vector<Error> errors;
   // Device time points: the whole batch, and around each hook's SAE work.
@@ -219,8 +225,6 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
     }
   }
 
-  const int64_t d = c.hidden_size;
-  std::vector<float> hook_host;
   auto seq_rows = [&](const Tensor& act, size_t i) {
     return act.Rows(packed.seq_starts[i], packed.seq_starts[i + 1] - packed.seq_starts[i]);
   };
@@ -243,23 +247,20 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
   };
 
   // Queues the SAE work of one hook; its outputs stay on the device until
-  // Collect. Only hook capture copies to the host here (the activations do
-  // not outlive the hook).
+  // Collect. Captured activations are copied on the device (the hook's
+  // buffer is overwritten later in the forward pass) and read back in
+  // Collect too, so a capture never makes the host wait here.
   auto hook_work = [&](const HookPoint& hp, const Tensor& act) -> absl::Status {
-    bool captured = false;
     for (size_t i = 0; i < batch.size(); ++i) {
       if (!batch[i].capture_hooks) continue;
-      if (!captured) {
-        hook_host.resize(static_cast<size_t>(act.numel()));
-        RETURN_IF_ERROR(backend_->CopyToHost(act, hook_host.data()));
-        captured = true;
-      }
       bool wants = false;
       for (int si : batch[i].sae_indices) wants |= saes_[si]->hook() == hp;
       if (!wants) continue;
-      const size_t begin = static_cast<size_t>(packed.seq_starts[i]) * d;
-      const size_t end = static_cast<size_t>(packed.seq_starts[i + 1]) * d;
-      results[i].hooks[hp.Name()].assign(hook_host.begin() + begin, hook_host.begin() + end);
+      const Tensor rows = seq_rows(act, i);
+      PendingBatch::Capture cap{i, hp.Name(), OwnedTensor()};
+      ASSIGN_OR_RETURN(cap.act, backend_->Alloc(DType::kF32, rows.rows, rows.cols));
+      RETURN_IF_ERROR(backend_->Copy(rows, cap.act.get()));
+      p->captures.push_back(std::move(cap));
     }
     for (auto it = pending.begin(); it != pending.end();) {
       if (!(it->target == hp)) {
@@ -304,7 +305,7 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
           if (r.reconstruction_error) {
             const int64_t n = static_cast<int64_t>(r.ids.size());
             PendingError e{i, j, sae.hook_out(), OwnedTensor()};
-            ASSIGN_OR_RETURN(e.y_hat, backend_->Alloc(DType::kF32, n, d));
+            ASSIGN_OR_RETURN(e.y_hat, backend_->Alloc(DType::kF32, n, c.hidden_size));
             RETURN_IF_ERROR(backend_->SaeReconstruct(seq_rows(act, i), sae.encoder(), sae.decoder(), e.y_hat.get()));
             if (e.target == hp) {
               RETURN_IF_ERROR(finish_error(e, act));
@@ -390,6 +391,12 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
       for (size_t q = 0; q < keep; ++q) std::tie(top_v[q], top_i[q]) = cand[q];
       FillRow(r, t, top_i.data(), top_v.data(), static_cast<int>(keep), &results[w.seq].saes[w.slot]);
     }
+  }
+
+  for (const PendingBatch::Capture& cap : p->captures) {
+    std::vector<float>& host = results[cap.seq].hooks[cap.hook];
+    host.resize(static_cast<size_t>(cap.act->numel()));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(cap.act.get(), host.data(), p->end));
   }
 
   for (const PendingBatch::Error& e : p->errors) {

@@ -93,8 +93,9 @@ class Engine {
   // The two halves of Run, so a caller can queue the next batch on the
   // device before it reads the last one back (the device then never waits
   // for the host between batches). Submit validates the batch and issues all
-  // its device work: the forward pass and every SAE op, whose outputs stay on
-  // the device (only hook capture copies to the host during Submit). Collect
+  // its device work: the forward pass, every SAE op and copies of captured
+  // hooks, whose outputs stay on the device (Submit never waits for the
+  // device, past the first use of an SAE). Collect
   // waits for them and builds the results; its read-back waits only for this
   // batch's own work (Backend::CopyToHostAfter its end point), not for a batch
   // submitted after it, which keeps computing meanwhile. Batches are collected in the

@@ -35,6 +35,15 @@ inline absl::Status CheckShape(const Tensor& t, int64_t rows, int64_t cols, cons
   return absl::OkStatus();
 }
 
+inline absl::Status CheckCopy(const Tensor& src, const Tensor& dst) {
+  if (src.dtype != dst.dtype || src.numel() != dst.numel()) {
+    return absl::InvalidArgumentError(absl::StrCat("copy: ", DTypeName(src.dtype), "[", src.rows, ", ", src.cols,
+                                                   "] into ", DTypeName(dst.dtype), "[", dst.rows, ", ", dst.cols,
+                                                   "] (dtype and element count must match)"));
+  }
+  return absl::OkStatus();
+}
+
 inline bool IsFloatDType(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
 
 // x [n, d_model] F32 against an encoder [d_sae, d_model] with F32 bias (and scale).

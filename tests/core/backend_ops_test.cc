@@ -287,6 +287,26 @@ TEST_P(BackendOpsTest, InputCopiesAndWatchListEncodesDoNotWait) {
   }
 }
 
+// Copy: dst = src for F32, BF16 and I32 tensors, row views included (the
+// engine copies one request's rows of a hook); another dtype or element
+// count is INVALID_ARGUMENT and leaves dst alone.
+TEST_P(BackendOpsTest, CopyCopiesRowsOfAnyDtype) {
+  const auto v = Random(5 * 7, 61);
+  auto src = Upload(v, 5, 7), dst = Zeros(2, 7);
+  ASSERT_TRUE(backend_->Copy(src->Rows(1, 2), dst.get()).ok());
+  EXPECT_EQ(Download<float>(dst), std::vector<float>(v.begin() + 7, v.begin() + 21));
+  auto src16 = Upload(v, 5, 7, DType::kBF16), dst16 = Zeros(5, 7, DType::kBF16);
+  ASSERT_TRUE(backend_->Copy(src16.get(), dst16.get()).ok());
+  EXPECT_EQ(Download<uint16_t>(dst16), Download<uint16_t>(src16));
+  auto ids = UploadI32({4, -1, 7}), ids_copy = Zeros(3, 1, DType::kI32);
+  ASSERT_TRUE(backend_->Copy(ids.get(), ids_copy.get()).ok());
+  EXPECT_EQ(Download<int32_t>(ids_copy), (std::vector<int32_t>{4, -1, 7}));
+  EXPECT_TRUE(backend_->Copy(src->Rows(0, 0), dst->Rows(0, 0)).ok());
+  EXPECT_EQ(backend_->Copy(src16.get(), Zeros(5, 7).get()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_->Copy(src.get(), dst.get()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Download<float>(dst), std::vector<float>(v.begin() + 7, v.begin() + 21));
+}
+
 TEST_P(BackendOpsTest, MatMul) {
   for (DType wt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (auto [n, k, m] :

@@ -17,6 +17,7 @@
 // In both, a feature present on one side only must sit within the tolerance
 // of the other side's cut-off (the k-th value, or the JumpReLU threshold): it
 // may only be a near-tie at the boundary.
+#include <dlfcn.h>
 #include <stdlib.h>
 
 #include <algorithm>
@@ -331,6 +332,43 @@ TEST_P(CudaEngineTest, OverlappedBatchesEqualSeparateRuns) {
   std::vector<SequenceRequest> b = {Request("One two three, the dog ran.", 5)};
   b[0].reconstruction_error = true;
   testing::ExpectOverlappedSubmitsEqualRuns(cuda_, a, b);
+}
+
+// Submit queues a whole batch without waiting for the device, captured hooks,
+// watch lists and reconstruction errors included (after a warm-up: an SAE's
+// first use measures its value bounds on the device). Only the CPU emulator
+// can tell, by counting the queued ops the host ran because it waited.
+TEST_P(CudaEngineTest, SubmitNeverWaitsForTheDevice) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
+    GTEST_SKIP() << "only the CUDA emulator counts host waits (SAE_CUDA_BACKEND_LIB)";
+  }
+  void* handle = dlopen(lib, RTLD_NOW | RTLD_NOLOAD);
+  ASSERT_NE(handle, nullptr) << dlerror();
+  const auto ops_run_for_host = reinterpret_cast<uint64_t (*)()>(dlsym(handle, "SaeEmuOpsRunForHost"));
+  ASSERT_NE(ops_run_for_host, nullptr) << dlerror();
+  const size_t n_saes = cuda_->saes().size();
+  std::vector<SequenceRequest> a = {Request("The cat sat on the mat.", 8, /*capture=*/true),
+                                    Request(LongText().substr(0, 300), 16)};
+  a[0].reconstruction_error = true;
+  a[1].watch = std::vector<std::vector<int32_t>>(n_saes);
+  a[1].watch[0] = {3, 17, 42, 101, 7};
+  auto want = cuda_->Run(a);  // the warm-up, and the results to expect
+  ASSERT_TRUE(want.ok()) << want.status();
+  auto first = cuda_->Submit(a);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const uint64_t before = ops_run_for_host();
+  auto second = cuda_->Submit(a);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(ops_run_for_host(), before) << "Submit made the host wait for device work queued before it";
+  auto got_first = cuda_->Collect(*std::move(first));
+  ASSERT_TRUE(got_first.ok()) << got_first.status();
+  auto got_second = cuda_->Collect(*std::move(second));
+  ASSERT_TRUE(got_second.ok()) << got_second.status();
+  testing::ExpectSameResults(*want, *got_first, "first submit");
+  testing::ExpectSameResults(*want, *got_second, "second submit");
+  EXPECT_FALSE((*got_second)[0].hooks.empty());
+  dlclose(handle);
 }
 
 INSTANTIATE_TEST_SUITE_P(Forms, CudaEngineTest, ::testing::Values(SaeEncodeForm::kSaeLens, SaeEncodeForm::kLmSaes),

@@ -161,6 +161,13 @@ bool FreeBytes(void* p, Region region) {
 
 // ---- streams ----
 
+// Queued ops the host had to run because it waited (a synchronisation, a
+// host event wait, a copy to pageable memory, cudaFree), not counting the
+// ops those ran in turn: SaeEmuOpsRunForHost() lets a test check that code
+// meant only to queue work made the host wait for none.
+uint64_t ops_run_for_host = 0;
+int flush_depth = 0;
+
 std::set<CUstream_st*>& Streams() {
   static auto* s = new std::set<CUstream_st*>();
   return *s;
@@ -171,7 +178,10 @@ void Flush(CUstream_st* s, uint64_t target) {
     std::function<void()> op = std::move(s->ops.front());
     s->ops.pop_front();
     ++s->executed;
+    if (flush_depth == 0) ++ops_run_for_host;
+    ++flush_depth;
     op();
+    --flush_depth;
   }
 }
 void FlushAll() {
@@ -956,6 +966,11 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 
 // Runs nothing (queued work stays lazy): the sticky error after a fault,
 // else whether the stream has work left.
+extern "C" __attribute__((visibility("default"))) uint64_t SaeEmuOpsRunForHost() {
+  Lock lock(Mu());
+  return sae_emu::ops_run_for_host;
+}
+
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   Lock lock(Mu());
   SAE_EMU_RETURN_IF_STICKY();

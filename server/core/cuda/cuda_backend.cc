@@ -785,6 +785,13 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status Copy(const Tensor& src, const Tensor& dst) override {
+    RETURN_IF_ERROR(CheckCopy(src, dst));
+    if (src.nbytes() == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(Enter());
+    return FromCuda(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, dev_->stream), "copy");
+  }
+
   absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                  const Tensor& out_values) override {
     RETURN_IF_ERROR(CheckSaeSelectedArgs(x, sae, feature_ids, out_values));
