@@ -94,8 +94,9 @@ class Engine {
   // device before it reads the last one back (the device then never waits
   // for the host between batches). Submit validates the batch and issues all
   // its device work: the forward pass, every SAE op and copies of captured
-  // hooks, whose outputs stay on the device (Submit never waits for the
-  // device, past the first use of an SAE). Collect
+  // hooks, whose outputs stay on the device (on a GPU Submit does not wait
+  // for the device, except at an SAE's first use and when a batch's input
+  // copies outnumber the backend's staging slots). Collect
   // waits for them and builds the results; its read-back waits only for this
   // batch's own work (Backend::CopyToHostAfter its end point), not for a batch
   // submitted after it, which keeps computing meanwhile. Batches are collected in the

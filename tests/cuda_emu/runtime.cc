@@ -964,13 +964,13 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// Runs nothing (queued work stays lazy): the sticky error after a fault,
-// else whether the stream has work left.
 extern "C" __attribute__((visibility("default"))) uint64_t SaeEmuOpsRunForHost() {
   Lock lock(Mu());
   return sae_emu::ops_run_for_host;
 }
 
+// Runs nothing (queued work stays lazy): the sticky error after a fault,
+// else whether the stream has work left.
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   Lock lock(Mu());
   SAE_EMU_RETURN_IF_STICKY();

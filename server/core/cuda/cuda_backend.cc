@@ -331,6 +331,8 @@ class CudaBackend final : public Backend {
     }
     auto dev = std::make_shared<Device>();
     dev->id = EnvInt("SAE_CUDA_DEVICE", 0, 0, count - 1);
+    // First, so an error below is probed (ContextLostAfterError) on this device, not on device 0.
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(dev->id), "set device");
     cudaDeviceProp prop;
     CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, dev->id), "get device properties");
     if (prop.major < 8) {
@@ -340,7 +342,6 @@ class CudaBackend final : public Backend {
     int pools = 0;
     CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev->id), "query mempool");
     if (!pools) return absl::FailedPreconditionError("device has no stream-ordered memory pools (cudaMallocAsync)");
-    CUDA_RETURN_IF_ERROR(cudaSetDevice(dev->id), "set device");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->upload_stream, cudaStreamNonBlocking), "create stream");
     CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&dev->input_stream, cudaStreamNonBlocking), "create stream");

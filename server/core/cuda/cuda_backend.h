@@ -22,8 +22,9 @@
 // libsae_cuda.so is refused instead of crashing. 2: SaeEncodeSelected,
 // SaeReconstruct and RelativeSquaredError joined the vtable. 3: device time
 // points (RecordTimePoint, SecondsBetween, ReleaseTimePoint), asynchronous()
-// and DeviceStatus().
-#define SAE_CUDA_BACKEND_ABI_VERSION 3
+// and DeviceStatus(). 4: MatMulShared, MatMulAdd, Copy, CopyToHostAfter,
+// gemm_input_dtype() and Memory() (with MemoryUsage).
+#define SAE_CUDA_BACKEND_ABI_VERSION 4
 
 extern "C" {
 // The library's one C entry point. On success returns 0 and stores a new
