@@ -102,10 +102,11 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   ASSIGN_OR_RETURN(OwnedTensor k, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor v, b->Alloc(DType::kF32, n, kv_dim));
   ASSIGN_OR_RETURN(OwnedTensor attn, b->Alloc(gin, n, q_dim));
+  auto hooks_site = [&](HookSite site) {
+    return std::any_of(hooks.begin(), hooks.end(), [site](const HookPoint& hp) { return hp.site == site; });
+  };
   OwnedTensor proj;  // o_proj / down_proj output, where hooked (else they add into x directly)
-  bool proj_hook = false;
-  for (const HookPoint& hp : hooks) proj_hook = proj_hook || hp.site == HookSite::kAttn || hp.site == HookSite::kMlp;
-  if (proj_hook) {
+  if (hooks_site(HookSite::kAttn) || hooks_site(HookSite::kMlp)) {
     ASSIGN_OR_RETURN(proj, b->Alloc(DType::kF32, n, d));
   }
   ASSIGN_OR_RETURN(OwnedTensor gate, b->Alloc(DType::kF32, n, ffn));
@@ -113,9 +114,7 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
   OwnedTensor act_own, tc_own;  // silu(gate) * up; the transcoder input hook's F32 buffer
   if (gin != DType::kF32) {
     ASSIGN_OR_RETURN(act_own, b->Alloc(gin, n, ffn));
-    bool tc_hook = false;
-    for (const HookPoint& hp : hooks) tc_hook = tc_hook || hp.site == HookSite::kTranscoderIn;
-    if (tc_hook) {
+    if (hooks_site(HookSite::kTranscoderIn)) {
       ASSIGN_OR_RETURN(tc_own, b->Alloc(DType::kF32, n, d));
     }
   }
@@ -127,6 +126,14 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     if (hooks.count(hp) == 0) return absl::OkStatus();
     return on_hook(hp, t);
   };
+  // x += in . w^T (o_proj, down_proj): through `proj` when the sublayer's
+  // output is hooked at `site`, else added into x in the GEMM itself.
+  auto add_projection = [&](int layer, HookSite site, const Tensor& in, const Tensor& w) -> absl::Status {
+    if (hooks.count(HookPoint{layer, site}) == 0) return b->MatMulAdd(in, w, x.get());
+    RETURN_IF_ERROR(b->MatMul(in, w, proj.get()));
+    RETURN_IF_ERROR(hook(layer, site, proj.get()));
+    return b->Add(x.get(), proj.get(), x.get());
+  };
 
   RETURN_IF_ERROR(b->Embed(embed_.get(), ids.get(), x.get()));
   for (int l = 0; l <= last; ++l) {
@@ -137,16 +144,7 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     RETURN_IF_ERROR(b->Rope(k.get(), pos.get(), inv_freq_.get(), static_cast<int>(hd)));
     RETURN_IF_ERROR(b->Attention(q.get(), k.get(), v.get(), starts.get(), batch.n_seqs(), max_len,
                                  c.num_attention_heads, c.num_key_value_heads, static_cast<int>(hd), attn.get()));
-    // o_proj (and down_proj below) add into the residual stream in the
-    // GEMM itself unless their output is hooked.
-    if (hooks.count(HookPoint{l, HookSite::kAttn})) {
-      RETURN_IF_ERROR(b->MatMul(attn.get(), L.wo.get(), proj.get()));
-      RETURN_IF_ERROR(hook(l, HookSite::kAttn, proj.get()));
-      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
-    } else {
-      RETURN_IF_ERROR(b->MatMulAdd(attn.get(), L.wo.get(), x.get()));
-    }
-    // x is now resid_mid
+    RETURN_IF_ERROR(add_projection(l, HookSite::kAttn, attn.get(), L.wo.get()));  // x is now resid_mid
     if (hooks.count(HookPoint{l, HookSite::kTranscoderIn})) {
       RETURN_IF_ERROR(b->RmsNorm(x.get(), Tensor(), eps, tc_in));
       RETURN_IF_ERROR(hook(l, HookSite::kTranscoderIn, tc_in));
@@ -154,13 +152,7 @@ absl::Status LlamaModel::Forward(const PackedBatch& batch, const std::set<HookPo
     RETURN_IF_ERROR(b->RmsNorm(x.get(), L.post_norm.get(), eps, h.get()));
     RETURN_IF_ERROR(b->MatMulShared(h.get(), {L.w_gate.get(), L.w_up.get()}, {gate.get(), up.get()}));
     RETURN_IF_ERROR(b->SiluMul(gate.get(), up.get(), act));
-    if (hooks.count(HookPoint{l, HookSite::kMlp})) {
-      RETURN_IF_ERROR(b->MatMul(act, L.w_down.get(), proj.get()));
-      RETURN_IF_ERROR(hook(l, HookSite::kMlp, proj.get()));
-      RETURN_IF_ERROR(b->Add(x.get(), proj.get(), x.get()));
-    } else {
-      RETURN_IF_ERROR(b->MatMulAdd(act, L.w_down.get(), x.get()));
-    }
+    RETURN_IF_ERROR(add_projection(l, HookSite::kMlp, act, L.w_down.get()));
     RETURN_IF_ERROR(hook(l, HookSite::kResid, x.get()));
   }
   return absl::OkStatus();

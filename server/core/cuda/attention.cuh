@@ -241,8 +241,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // AttentionKvToBf16Kernel (not once per query tile and head: with 1024-token
 // sequences and 4 query heads per KV head that was ~34 passes over each K/V
 // row, and the bf16 copies, 32 MiB for Llama-3.1-8B at 8k tokens, fit in an
-// H100's L2 where the fp32 ones do not). Q arrives in fp32 and is rounded to bf16, pre-scaled by
-// log2(e)/sqrt(head_dim), when staged in shared memory;
+// H100's L2 where the fp32 ones do not). Q arrives in fp32 and is rounded to
+// bf16, pre-scaled by log2(e)/sqrt(head_dim), when staged in shared memory;
 // per 64-key tile each warp computes S = Q K^T [16 x 64] with mma.m16n8k16
 // (fp32 accumulators), applies the causal mask, updates its online softmax in
 // registers, and multiplies P (rounded to bf16) by V into an fp32 O [16 x HD].

@@ -617,7 +617,7 @@ class CudaBackend final : public Backend {
 
   absl::Status MatMulShared(const Tensor& x, absl::Span<const Tensor> ws, absl::Span<const Tensor> outs) override {
     const bool all_bf16 = std::all_of(ws.begin(), ws.end(), [](const Tensor& w) { return w.dtype == DType::kBF16; });
-    if (ws.size() != outs.size() || ws.size() < 2 || !all_bf16 || (model_split_ != 1 && x.dtype != DType::kBF16)) {
+    if (ws.size() != outs.size() || ws.size() < 2 || !all_bf16 || !PlainBf16Gemm(x)) {
       return Backend::MatMulShared(x, ws, outs);  // one MatMul each
     }
     for (size_t i = 0; i < ws.size(); ++i) {
@@ -626,11 +626,8 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    // x rounded to bf16 once (unless it is BF16 already), then one GEMM per weight on that copy.
-    const void* xb = x.data;
-    if (x.dtype == DType::kF32) {
-      ASSIGN_OR_RETURN(xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul"));
-    }
+    // x rounded to bf16 once, then one GEMM per weight on that copy.
+    ASSIGN_OR_RETURN(const void* xb, Bf16Operand(x, "matmul"));
     for (size_t i = 0; i < ws.size(); ++i) {
       if (ws[i].rows > 0) RETURN_IF_ERROR(GemmBf16(xb, x.rows, ws[i], outs[i].as<float>(), "matmul"));
     }
@@ -673,16 +670,11 @@ class CudaBackend final : public Backend {
   // its epilogue (beta = 1); other cases take MatMul then Add.
   absl::Status MatMulAdd(const Tensor& x, const Tensor& w, const Tensor& out) override {
     RETURN_IF_ERROR(CheckMatMul(x, w, out));
-    if (w.dtype != DType::kBF16 || (x.dtype != DType::kBF16 && model_split_ != 1)) {
-      return Backend::MatMulAdd(x, w, out);
-    }
+    if (w.dtype != DType::kBF16 || !PlainBf16Gemm(x)) return Backend::MatMulAdd(x, w, out);
     if (x.rows == 0 || w.rows == 0 || w.cols == 0) return absl::OkStatus();  // nothing to add
     RETURN_IF_ERROR(Enter());
     RETURN_IF_ERROR(CheckGemmDims(x.rows, w, "matmul add"));
-    const void* xb = x.data;
-    if (x.dtype != DType::kBF16) {
-      ASSIGN_OR_RETURN(xb, SplitToBf16(x.as<float>(), x.rows, x.cols, 1, "matmul add"));
-    }
+    ASSIGN_OR_RETURN(const void* xb, Bf16Operand(x, "matmul add"));
     return GemmBf16(xb, x.rows, w, out.as<float>(), "matmul add", /*beta=*/1.0f);
   }
 
@@ -810,10 +802,10 @@ class CudaBackend final : public Backend {
     // every op queued before (the previous batch's forward), so the check
     // runs on the device and a bad id is INVALID_ARGUMENT at the next
     // synchronisation; the kernels zero an out-of-range id meanwhile.
-    RETURN_IF_ERROR(FromCuda(
-        cuda::LaunchCheckIds(feature_ids.as<int32_t>(), m, d_sae, dev_->error_word_dev, dev_->stream), "sae selected"));
-    if (x.rows == 0) return absl::OkStatus();
     const int32_t* ids_dev = feature_ids.as<int32_t>();
+    RETURN_IF_ERROR(
+        FromCuda(cuda::LaunchCheckIds(ids_dev, m, d_sae, dev_->error_word_dev, dev_->stream), "sae selected"));
+    if (x.rows == 0) return absl::OkStatus();
     float* out = out_values.as<float>();
     if (k > 0) {
       // pre [parts, chunk, d_sae]; top-k idx [chunk, k] I32 then val [chunk, k] F32.
@@ -1173,8 +1165,19 @@ class CudaBackend final : public Backend {
     return xb;
   }
 
-  // out (row-major [rows, w.rows]) = xb [rows, k] . w^T, bf16 x bf16 -> fp32.
-  // out = xb . w^T + beta * out (beta 0: out is not read).
+  // Whether x times BF16 weights is one plain bf16 GEMM: x is BF16, or F32
+  // rounded once (one bf16 part; SAE_CUDA_MODEL_SPLIT > 1 splits it).
+  bool PlainBf16Gemm(const Tensor& x) const { return x.dtype == DType::kBF16 || model_split_ == 1; }
+
+  // x as a bf16 GEMM operand: as it is when BF16, else rounded into scratch
+  // (valid until the next SplitToBf16).
+  absl::StatusOr<const void*> Bf16Operand(const Tensor& x, const char* op) {
+    if (x.dtype == DType::kBF16) return static_cast<const void*>(x.data);
+    return SplitToBf16(x.as<float>(), x.rows, x.cols, 1, op);
+  }
+
+  // out (row-major [rows, w.rows]) = xb [rows, k] . w^T + beta * out, bf16 x
+  // bf16 -> fp32 (beta 0: out is not read).
   absl::Status GemmBf16(const void* xb, int64_t rows, const Tensor& w, float* out, const char* op, float beta = 0.0f) {
     if (w.cols == 0) {                            // empty sums (cuBLAS refuses k = 0 with its leading dimensions)
       if (beta != 0.0f) return absl::OkStatus();  // out + 0
