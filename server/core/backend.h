@@ -10,6 +10,17 @@
 // gemm_input_dtype); weights are [out_features, in_features] in BF16, F16 or
 // F32 (as stored). Ops run in issue order on the backend's one
 // stream; CopyToHost waits for the work before it.
+//
+// Errors an asynchronous backend finds on the device (an input that only
+// device memory holds is out of range: a token id, a sequence start, a
+// feature id) are INVALID_ARGUMENT from a later read-back, the first that
+// waited for the op: CopyToHostAfter on a time point after the op, or a
+// full wait (CopyToHost, Synchronize) when no live time point (recorded, not
+// yet released) follows the op. So with batches in flight, each followed by
+// a point and read back through it, every code is reported with the batch
+// whose op stored it, and a wait inside one batch does not take the codes of
+// the batch before; once its points are released, the next read-back
+// reports a code that was never read. Each code is reported once.
 #ifndef SAE_CORE_BACKEND_H_
 #define SAE_CORE_BACKEND_H_
 
@@ -200,9 +211,9 @@ class Backend {
   // feature_ids: I32 with m = out_values.cols elements, each in [0, d_sae);
   // out_values: F32 [n, m]. An id outside that range is INVALID_ARGUMENT:
   // from this call on the CPU; on an asynchronous backend, whose ids are in
-  // device memory, from the next CopyToHost / Synchronize / CopyToHostAfter,
-  // which may belong to a neighbouring batch (reading them here would wait
-  // for all queued work). Callers that can should check ids on the host.
+  // device memory, from a later read-back (see the file comment; reading
+  // the ids here would wait for all queued work). Callers that can should
+  // check ids on the host.
   virtual absl::Status SaeEncodeSelected(const Tensor& x, const SaeEncoderWeights& sae, const Tensor& feature_ids,
                                          const Tensor& out_values) {
     return Unimplemented("SaeEncodeSelected");

@@ -235,6 +235,100 @@ TEST_P(BackendOpsTest, CopyToHostAfterWaitsOnlyForWorkBeforeItsPoint) {
   }
 }
 
+// A code a kernel stores on the device (a token id outside the vocabulary)
+// is reported with the batch whose op stored it: two batches in flight,
+// each followed by a time point, and the bad one finished before the good
+// one is read back. The good batch's read-back is OK; the bad batch's call
+// (CPU) or read-back (CUDA) fails; and the code is reported once.
+TEST_P(BackendOpsTest, DeviceErrorsAreReportedWithTheirOwnBatch) {
+  const int vocab = 6, d = 5, n = 3;
+  const auto table = Random(vocab * d, 121);
+  auto tt = Upload(table, vocab, d);
+  for (bool bad_first : {false, true}) {
+    const std::vector<int32_t> good = {0, 5, 2}, bad = {1, vocab, 3};
+    auto ids_a = UploadI32(bad_first ? bad : good), ids_b = UploadI32(bad_first ? good : bad);
+    auto out_a = Zeros(n, d), out_b = Zeros(n, d);
+    const absl::Status call_a = backend_->Embed(tt.get(), ids_a.get(), out_a.get());
+    auto point_a = backend_->RecordTimePoint();
+    const absl::Status call_b = backend_->Embed(tt.get(), ids_b.get(), out_b.get());
+    auto point_b = backend_->RecordTimePoint();
+    ASSERT_TRUE(point_a.ok() && point_b.ok());
+    {  // wait for both batches without reading anything back
+      auto t0 = backend_->RecordTimePoint(), t1 = backend_->RecordTimePoint();
+      ASSERT_TRUE(t0.ok() && t1.ok());
+      ASSERT_TRUE(backend_->SecondsBetween(*t0, *t1).ok());
+    }
+    std::vector<float> host_a(n * d), host_b(n * d);
+    const absl::Status read_a = backend_->CopyToHostAfter(out_a.get(), host_a.data(), *point_a);
+    const absl::Status read_b = backend_->CopyToHostAfter(out_b.get(), host_b.data(), *point_b);
+    backend_->ReleaseTimePoint(*point_a);
+    backend_->ReleaseTimePoint(*point_b);
+    const absl::Status& bad_call = bad_first ? call_a : call_b;
+    const absl::Status& bad_read = bad_first ? read_a : read_b;
+    EXPECT_TRUE((bad_first ? call_b : call_a).ok());
+    EXPECT_TRUE((bad_first ? read_b : read_a).ok())
+        << "a neighbour's code, bad_first " << bad_first << ": " << (bad_first ? read_b : read_a);
+    const absl::Status& failed = GetParam() == "cpu" ? bad_call : bad_read;
+    EXPECT_TRUE((GetParam() == "cpu" ? bad_read : bad_call).ok());
+    EXPECT_EQ(failed.code(), absl::StatusCode::kInvalidArgument) << bad_first << " " << failed;
+    EXPECT_NE(failed.message().find("vocabulary"), std::string::npos) << failed;
+    const std::vector<float>& good_host = bad_first ? host_b : host_a;
+    for (int t = 0; t < n; ++t)
+      for (int c = 0; c < d; ++c) ASSERT_EQ(good_host[t * d + c], table[good[t] * d + c]) << t << " " << c;
+    EXPECT_TRUE(backend_->Synchronize().ok());  // reported once
+  }
+}
+
+// A full wait (Synchronize, CopyToHost) reports the codes of ops that no
+// live time point follows. Codes a live point follows are left to
+// CopyToHostAfter on that point, so waiting while the next batch is queued
+// does not take the codes of the batch before it; once the point is
+// released, the next read-back reports them. No code is lost, however many
+// points pass.
+TEST_P(BackendOpsTest, FullWaitsLeaveCodesOfLivePointsToTheirReadBack) {
+  const int vocab = 4, d = 3;
+  auto tt = Upload(Random(vocab * d, 122), vocab, d), ids = UploadI32({vocab}), out = Zeros(1, d);
+  std::vector<float> host(d);
+  auto embed_bad = [&] { return backend_->Embed(tt.get(), ids.get(), out.get()); };
+  if (GetParam() == "cpu") {  // the CPU fails the call itself
+    EXPECT_EQ(embed_bad().code(), absl::StatusCode::kInvalidArgument);
+    return;
+  }
+  // Read back through the live point.
+  ASSERT_TRUE(embed_bad().ok());
+  auto point = backend_->RecordTimePoint();
+  ASSERT_TRUE(point.ok());
+  EXPECT_TRUE(backend_->Synchronize().ok());
+  EXPECT_TRUE(backend_->CopyToHost(out.get(), host.data()).ok());
+  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), *point).code(), absl::StatusCode::kInvalidArgument);
+  backend_->ReleaseTimePoint(*point);
+  EXPECT_TRUE(backend_->Synchronize().ok());
+  // The point released unread: the next full wait reports the code.
+  ASSERT_TRUE(embed_bad().ok());
+  point = backend_->RecordTimePoint();
+  ASSERT_TRUE(point.ok());
+  backend_->ReleaseTimePoint(*point);
+  backend_->ReleaseTimePoint(*point);  // a second release is ignored, not a second free entry
+  EXPECT_EQ(backend_->Synchronize().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), *point).code(), absl::StatusCode::kInvalidArgument)
+      << "a released point";
+  // A code no point follows, then more points than there are error words.
+  ASSERT_TRUE(embed_bad().ok());
+  for (int i = 0; i < 2500; ++i) {
+    auto p = backend_->RecordTimePoint();
+    ASSERT_TRUE(p.ok());
+    backend_->ReleaseTimePoint(*p);
+  }
+  EXPECT_EQ(backend_->CopyToHost(out.get(), host.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(backend_->Synchronize().ok());
+  // Two points from one free slot are distinct.
+  auto p1 = backend_->RecordTimePoint(), p2 = backend_->RecordTimePoint();
+  ASSERT_TRUE(p1.ok() && p2.ok());
+  EXPECT_NE(*p1, *p2);
+  backend_->ReleaseTimePoint(*p1);
+  backend_->ReleaseTimePoint(*p2);
+}
+
 // A batch's small input copies (token ids, positions, sequence starts, one
 // per watch list) and its watch-list encodes queue behind the batch before
 // without waiting for it, so the host prepares batch i+1 while batch i
@@ -1031,7 +1125,7 @@ TEST_P(BackendOpsTest, SaeEncodeSelectedRejectsBadFeatureIds) {
        tb = Upload(Random(d_sae, 87), 1, d_sae);
   SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
   // The CPU fails the call; CUDA checks the ids on the device and fails the
-  // next synchronisation (reading them back would wait for the queue).
+  // next read-back (reading them back would wait for the queue).
   for (int max_active : {0, 2}) {
     sae.max_active = max_active;
     for (int32_t bad : {-1, d_sae}) {

@@ -227,6 +227,11 @@ constexpr size_t kInputSlotBytes = 2 << 20;
 constexpr int kInputSlots = 16;
 constexpr size_t kUploadSlotBytes = 64 << 20;  // pinned double buffer for weights
 constexpr size_t kCublasWorkspaceBytes = 32 << 20;
+// Host-mapped error words: one per epoch (the ops between two time points),
+// reused round robin, so a code a kernel stores is reported with the batch
+// whose ops stored it, not with a neighbouring batch in flight. More live
+// epochs than this only blurs which read-back reports a code; none is lost.
+constexpr int64_t kErrorEpochs = 1024;
 
 struct PinnedSlot {
   void* host = nullptr;
@@ -251,8 +256,8 @@ struct Device {
   cudaStream_t readback_stream = nullptr;  // CopyToHostAfter: results of a batch, beside the next one
   cublasHandle_t cublas = nullptr;
   void* cublas_workspace = nullptr;
-  int* error_word_host = nullptr;  // host-mapped: kernels store DeviceError codes
-  int* error_word_dev = nullptr;
+  int* error_words_host = nullptr;  // [kErrorEpochs], host-mapped: kernels store DeviceError codes
+  int* error_words_dev = nullptr;
   std::array<PinnedSlot, kIoSlots> io;
   std::array<InputSlot, kInputSlots> in;
   std::array<PinnedSlot, 2> up;
@@ -304,7 +309,7 @@ struct Device {
       if (s.uploaded != nullptr) cudaEventDestroy(s.uploaded);
       if (s.consumed != nullptr) cudaEventDestroy(s.consumed);
     }
-    if (error_word_host != nullptr) cudaFreeHost(error_word_host);
+    if (error_words_host != nullptr) cudaFreeHost(error_words_host);
     if (order != nullptr) cudaEventDestroy(order);
     if (input_stream != nullptr) cudaStreamDestroy(input_stream);
     if (readback_stream != nullptr) cudaStreamDestroy(readback_stream);
@@ -368,13 +373,13 @@ class CudaBackend final : public Backend {
       CUDA_RETURN_IF_ERROR(cudaHostAlloc(&s.host, kUploadSlotBytes, cudaHostAllocDefault), "pinned staging");
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), "create event");
     }
+    CUDA_RETURN_IF_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&dev->error_words_host), kErrorEpochs * sizeof(int),
+                                       cudaHostAllocMapped),
+                         "mapped error words");
+    std::fill_n(dev->error_words_host, kErrorEpochs, cuda::kDeviceErrorNone);
     CUDA_RETURN_IF_ERROR(
-        cudaHostAlloc(reinterpret_cast<void**>(&dev->error_word_host), sizeof(int), cudaHostAllocMapped),
-        "mapped error word");
-    *dev->error_word_host = cuda::kDeviceErrorNone;
-    CUDA_RETURN_IF_ERROR(
-        cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev->error_word_dev), dev->error_word_host, 0),
-        "mapped error word");
+        cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev->error_words_dev), dev->error_words_host, 0),
+        "mapped error words");
     // Keep freed blocks in the pool: a stream-ordered caching allocator.
     cudaMemPool_t pool;
     CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, dev->id), "get mempool");
@@ -522,7 +527,8 @@ class CudaBackend final : public Backend {
   absl::Status CopyToHost(const Tensor& src, void* dst) override {
     RETURN_IF_ERROR(Enter());
     if (src.nbytes() == 0) return Synchronize();
-    return CopyToHostOn(dev_->stream, src, dst);
+    RETURN_IF_ERROR(CopyToHostOn(dev_->stream, src, dst));
+    return TakeErrorsAfterFullWait();
   }
 
   absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) override {
@@ -531,12 +537,14 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->readback_stream, points_[after], 0), "copy to host");
     if (src.nbytes() == 0) {
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->readback_stream), "copy to host");
-      return CheckErrorWord();
+    } else {
+      RETURN_IF_ERROR(CopyToHostOn(dev_->readback_stream, src, dst));
     }
-    return CopyToHostOn(dev_->readback_stream, src, dst);
+    return TakeErrors(0, point_epoch_[after]);  // the ops before `after` have finished
   }
 
-  // The copy on `stream`, after the work queued there.
+  // The copy on `stream`, after the work queued there (device error words
+  // are the caller's to take).
   absl::Status CopyToHostOn(cudaStream_t stream, const Tensor& src, void* dst) {
     const size_t bytes = src.nbytes();
     // Pipelined through the slots: the DMA of chunk c+1 overlaps the host copy of chunk c.
@@ -567,7 +575,7 @@ class CudaBackend final : public Backend {
       ++n_pending;
     }
     while (n_pending > 0) RETURN_IF_ERROR(drain_one());
-    return CheckErrorWord();  // everything before the copy has finished
+    return absl::OkStatus();
   }
 
   absl::Status Synchronize() override {
@@ -576,7 +584,7 @@ class CudaBackend final : public Backend {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->input_stream), "synchronize");
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->readback_stream), "synchronize");
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(dev_->stream), "synchronize");
-    return CheckErrorWord();
+    return TakeErrorsAfterFullWait();
   }
 
   // ---- ops ----
@@ -588,7 +596,7 @@ class CudaBackend final : public Backend {
     if (!IsFloatDType(table.dtype)) return absl::InvalidArgumentError("embed: table must be F32, BF16 or F16");
     RETURN_IF_ERROR(Enter());
     return FromCuda(cuda::LaunchEmbed(table.data, ToElem(table.dtype), table.rows, table.cols, ids.as<int32_t>(),
-                                      ids.rows * ids.cols, out.as<float>(), dev_->error_word_dev, dev_->stream),
+                                      ids.rows * ids.cols, out.as<float>(), ErrorWord(), dev_->stream),
                     "embed");
   }
 
@@ -727,7 +735,7 @@ class CudaBackend final : public Backend {
         FromCuda(cuda::LaunchAttention(q.as<float>(), k.as<float>(), v.as<float>(), seq_starts.as<int32_t>(), n_seqs,
                                        max_seq_len, q.rows, n_heads, n_kv_heads, head_dim, tensor_cores, dst,
                                        staged ? ElemType::kF32 : ToElem(out.dtype), static_cast<int32_t*>(table),
-                                       kv_bf16, dev_->error_word_dev, dev_->stream),
+                                       kv_bf16, ErrorWord(), dev_->stream),
                  "attention"));
     if (!staged) return absl::OkStatus();
     return FromCuda(cuda::LaunchSplitToBf16(static_cast<const float*>(dst), out.numel(), 1, out.data, dev_->stream),
@@ -803,8 +811,7 @@ class CudaBackend final : public Backend {
     // runs on the device and a bad id is INVALID_ARGUMENT at the next
     // synchronisation; the kernels zero an out-of-range id meanwhile.
     const int32_t* ids_dev = feature_ids.as<int32_t>();
-    RETURN_IF_ERROR(
-        FromCuda(cuda::LaunchCheckIds(ids_dev, m, d_sae, dev_->error_word_dev, dev_->stream), "sae selected"));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchCheckIds(ids_dev, m, d_sae, ErrorWord(), dev_->stream), "sae selected"));
     if (x.rows == 0) return absl::OkStatus();
     float* out = out_values.as<float>();
     if (k > 0) {
@@ -938,7 +945,9 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // Time points are timing events on the stream, recycled through a free list.
+  // Time points are timing events on the stream, recycled through a free
+  // list. Each one closes an error epoch: the ops issued after it store
+  // their codes in the next error word.
   absl::StatusOr<int64_t> RecordTimePoint() override {
     RETURN_IF_ERROR(Enter());
     int64_t id;
@@ -949,6 +958,7 @@ class CudaBackend final : public Backend {
       cudaEvent_t e = nullptr;
       CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDefault), "time point");
       points_.push_back(e);
+      point_epoch_.push_back(-1);
       id = static_cast<int64_t>(points_.size()) - 1;
     }
     const cudaError_t e = cudaEventRecord(points_[id], dev_->stream);
@@ -956,6 +966,7 @@ class CudaBackend final : public Backend {
       free_points_.push_back(id);
       return FromCuda(e, "time point");
     }
+    point_epoch_[id] = epoch_++;
     return id;
   }
 
@@ -972,7 +983,9 @@ class CudaBackend final : public Backend {
   }
 
   void ReleaseTimePoint(int64_t point) override {
-    if (ValidPoint(point)) free_points_.push_back(point);
+    if (!ValidPoint(point)) return;  // unknown or already released: never listed free twice
+    point_epoch_[point] = -1;
+    free_points_.push_back(point);
   }
 
   absl::Status RelativeSquaredError(const Tensor& y_hat, const Tensor& y, const Tensor& out) override {
@@ -1105,7 +1118,10 @@ class CudaBackend final : public Backend {
     return FromCuda(cudaSetDevice(dev_->id), "set device");
   }
 
-  bool ValidPoint(int64_t p) const { return p >= 0 && p < static_cast<int64_t>(points_.size()); }
+  // A recorded time point not yet released.
+  bool ValidPoint(int64_t p) const {
+    return p >= 0 && p < static_cast<int64_t>(points_.size()) && point_epoch_[p] >= 0;
+  }
 
   PinnedSlot& NextIoSlot() {
     PinnedSlot& s = dev_->io[next_io_];
@@ -1113,11 +1129,39 @@ class CudaBackend final : public Backend {
     return s;
   }
 
-  absl::Status CheckErrorWord() {
-    if (*static_cast<volatile int*>(dev_->error_word_host) == cuda::kDeviceErrorNone) return absl::OkStatus();
-    // Kernels of a batch queued after this one may be running and storing a
-    // code right now: take the word and clear it in one step, so none is lost.
-    const int code = __atomic_exchange_n(dev_->error_word_host, cuda::kDeviceErrorNone, __ATOMIC_ACQ_REL);
+  // The error word of the current epoch, for kernels that check inputs only
+  // the device holds (token ids, sequence starts, feature ids).
+  int* ErrorWord() const { return dev_->error_words_dev + epoch_ % kErrorEpochs; }
+
+  // Takes (reads and clears) the error words of epochs [first, last], whose
+  // ops have all finished, and reports the earliest code among them. An
+  // epoch kErrorEpochs or more before the current one shares its word with a
+  // newer epoch whose kernels may be storing into it now: it is left to that
+  // epoch's read-back.
+  absl::Status TakeErrors(int64_t first, int64_t last) {
+    first = std::max(first, epoch_ - kErrorEpochs + 1);
+    int code = cuda::kDeviceErrorNone;
+    for (int64_t e = std::max<int64_t>(first, 0); e <= last; ++e) {
+      int* word = dev_->error_words_host + e % kErrorEpochs;
+      if (*static_cast<volatile int*>(word) == cuda::kDeviceErrorNone) continue;
+      const int c = __atomic_exchange_n(word, cuda::kDeviceErrorNone, __ATOMIC_ACQ_REL);
+      if (code == cuda::kDeviceErrorNone) code = c;
+    }
+    return DeviceErrorStatus(code);
+  }
+
+  // After waiting for all work: the epochs no live time point follows. Those
+  // a live point follows are left to CopyToHostAfter on it, so a wait while
+  // one batch is queued (an SAE's first use) does not report the codes of the
+  // batch before, which is still to be read back.
+  absl::Status TakeErrorsAfterFullWait() {
+    int64_t covered = -1;
+    for (int64_t e : point_epoch_) covered = std::max(covered, e);
+    return TakeErrors(covered + 1, epoch_);
+  }
+
+  static absl::Status DeviceErrorStatus(int code) {
+    if (code == cuda::kDeviceErrorNone) return absl::OkStatus();
     if (code == cuda::kDeviceErrorBadTokenId) {
       return absl::InvalidArgumentError("cuda embed: a token id is outside the vocabulary");
     }
@@ -1245,6 +1289,8 @@ class CudaBackend final : public Backend {
   std::shared_ptr<Device> dev_;
   std::vector<cudaEvent_t> points_;   // time points (timing events)
   std::vector<int64_t> free_points_;  // ids in points_ not in use
+  std::vector<int64_t> point_epoch_;  // per point: the error epoch it closed; -1 while free
+  int64_t epoch_ = 0;                 // error epoch of the ops issued now
   const int model_split_;             // bf16 parts of the activations in model GEMMs
   const bool bf16_activations_;       // gemm_input_dtype() is BF16
   int next_io_ = 0;

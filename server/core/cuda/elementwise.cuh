@@ -15,7 +15,7 @@ constexpr int kElementwiseThreads = 256;
 // ---- kernels ----
 
 // One thread per output element. A bad id cannot return a status from here,
-// so it writes zeros and raises the error word the host checks on sync.
+// so it writes zeros and raises the error word the host checks at read-back.
 template <typename T>
 __global__ void EmbedKernel(const T* __restrict__ table, int64_t vocab, int64_t d, const int32_t* __restrict__ ids,
                             int64_t n, float* __restrict__ out, int* error_flag) {

@@ -17,8 +17,9 @@ namespace cuda {
 // GEMM (F32, or BF16: see Backend::gemm_input_dtype).
 enum class ElemType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// Codes kernels store into the backend's host-mapped error word; the host
-// turns them into INVALID_ARGUMENT at the next synchronisation point.
+// Codes kernels store into the backend's host-mapped error word (one per
+// error epoch, see cuda_backend.cc); the host turns them into
+// INVALID_ARGUMENT at the read-back that waited for the kernel.
 enum DeviceError : int {
   kDeviceErrorNone = 0,
   kDeviceErrorBadTokenId = 1,
