@@ -120,8 +120,11 @@ struct SaeEncoderWeights {
 // where "active" is the encoder's rule above (v_i > threshold, and for TopK
 // SAEs only the max_active largest v_i). h_i is the SAELens-form value in both
 // encode forms: feature_scale only decides which features are active.
+// The decoder is held feature-major, the transpose of decoder.weight on disk
+// ([d_model, d_sae]), so a feature's direction is one contiguous row and a
+// decode reads only the rows of the active features.
 struct SaeDecoderWeights {
-  Tensor decoder;  // [d_model, d_sae], BF16/F16/F32; column i is d_i
+  Tensor decoder;  // [d_sae, d_model], BF16/F16/F32; row i is d_i
   Tensor bias;     // [1, d_model] F32 (b_dec)
   float scale_out = 1.0f;
 };

@@ -51,7 +51,7 @@ void RowToF32(const Tensor& t, int64_t row, float* dst) {
   ConvertToF32(src, t.dtype, static_cast<size_t>(t.cols), dst);
 }
 
-// One element of a BF16/F16/F32 tensor (the decoder is read column-wise).
+// One element of a BF16/F16/F32 tensor (the decoder's active rows are read element by element).
 inline float ElementToF32(const char* p, DType dtype) {
   uint16_t half;
   float f;
@@ -406,14 +406,13 @@ class CpuBackend final : public Backend {
       for (int64_t r = 0; r < tc; ++r) {
         const float* h = pre.data() + r * d_sae;
         const size_t n_active = TopActive(enc, h, d_sae, keep, &cand);
-        // Sparse decode: only the active columns of the decoder contribute.
+        // Sparse decode: only the rows of the active features contribute.
         std::fill(acc.begin(), acc.end(), 0.0);
         for (size_t a = 0; a < n_active; ++a) {
           const int32_t i = cand[a].second;
           const double hi = h[i];  // h_i, not the feature-scaled value that chose it
-          for (int64_t c = 0; c < d; ++c) {
-            acc[c] += hi * ElementToF32(w + static_cast<size_t>(c * d_sae + i) * esize, dec.decoder.dtype);
-          }
+          const char* row = w + static_cast<size_t>(i) * d * esize;
+          for (int64_t c = 0; c < d; ++c) acc[c] += hi * ElementToF32(row + c * esize, dec.decoder.dtype);
         }
         float* y = out.as<float>() + (t0 + r) * d;
         for (int64_t c = 0; c < d; ++c) {

@@ -90,7 +90,7 @@ inline absl::Status CheckSaeReconstructArgs(const Tensor& x, const SaeEncoderWei
                                             const Tensor& out) {
   RETURN_IF_ERROR(CheckSaeArgs(x, enc));
   const int64_t d_sae = enc.encoder.rows, d = x.cols;
-  RETURN_IF_ERROR(CheckShape(dec.decoder, d, d_sae, "sae decoder"));
+  RETURN_IF_ERROR(CheckShape(dec.decoder, d_sae, d, "sae decoder (feature-major)"));
   if (!IsFloatDType(dec.decoder.dtype)) return absl::InvalidArgumentError("sae decoder must be F32, BF16 or F16");
   RETURN_IF_ERROR(CheckF32(dec.bias, "sae decoder bias"));
   RETURN_IF_ERROR(CheckShape(dec.bias, 1, d, "sae decoder bias"));

@@ -1,6 +1,8 @@
 #include "core/sae.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,6 +17,38 @@ namespace sae {
 namespace {
 
 using json = nlohmann::json;
+
+// src [rows, cols] -> [cols, rows] for elements of type T, through 64 x 64
+// tiles staged in a local buffer so reads and writes are 64-element runs
+// (~0.5 s for a 32x Llama Scope decoder, 4096 x 131072 bf16; element by
+// element with the same tiling takes ~4 s).
+template <typename T>
+void Transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kTile = 64;
+  T tile[kTile][kTile];
+  T run[kTile];
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t nr = std::min(kTile, rows - r0), nc = std::min(kTile, cols - c0);
+      for (int64_t r = 0; r < nr; ++r) std::memcpy(tile[r], src + (r0 + r) * cols + c0, sizeof(T) * nc);
+      for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t r = 0; r < nr; ++r) run[r] = tile[r][c];
+        std::memcpy(dst + (c0 + c) * rows + r0, run, sizeof(T) * nr);
+      }
+    }
+  }
+}
+
+// A tensor's bytes transposed ([rows, cols] -> [cols, rows]); 2- or 4-byte elements.
+std::vector<char> TransposeElements(const HostTensor& t, int64_t rows, int64_t cols) {
+  std::vector<char> dst(t.nbytes());
+  if (DTypeSize(t.dtype) == 2) {
+    Transpose(static_cast<const uint16_t*>(t.data), rows, cols, reinterpret_cast<uint16_t*>(dst.data()));
+  } else {
+    Transpose(static_cast<const uint32_t*>(t.data), rows, cols, reinterpret_cast<uint32_t*>(dst.data()));
+  }
+  return dst;
+}
 
 // Order of the hooks of one layer in the forward pass.
 int HookForwardRank(HookSite site) {
@@ -151,24 +185,27 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   e.bias = s->b_enc_.get();
   e.scale_in = hp.scale_in();
   e.max_active = hp.act_fn == "topk" ? hp.top_k : 0;
-  // The decoder is always resident so any request may ask for reconstruction errors.
-  ASSIGN_OR_RETURN(s->w_dec_, backend->Upload(w_dec, w_dec.dtype));
+  // The decoder is always resident so any request may ask for reconstruction
+  // errors; feature-major (see SaeDecoderWeights), transposed here on the host.
+  const size_t dec_esize = DTypeSize(w_dec.dtype);
+  const std::vector<char> dec_rows = TransposeElements(w_dec, hp.d_model, hp.d_sae);
+  ASSIGN_OR_RETURN(s->w_dec_,
+                   backend->Upload(HostTensor{dec_rows.data(), w_dec.dtype, {hp.d_sae, hp.d_model}}, w_dec.dtype));
   ASSIGN_OR_RETURN(s->b_dec_, backend->Upload(b_dec, DType::kF32));
   s->decoder_ = SaeDecoderWeights{s->w_dec_.get(), s->b_dec_.get(), hp.scale_out()};
   const float theta = hp.act_fn == "topk" ? 0.0f : hp.jump_relu_threshold;
   if (form == SaeEncodeForm::kSaeLens) {
     e.threshold = hp.act_fn == "topk" ? 0.0f : theta * hp.scale_in();
   } else {
-    // ||d_i|| over the decoder column i (decoder.weight is [d_model, d_sae]).
-    std::vector<float> col(static_cast<size_t>(hp.d_model) * hp.d_sae);
-    ConvertToF32(w_dec.data, w_dec.dtype, col.size(), col.data());
-    std::vector<double> norm2(hp.d_sae, 0.0);
-    for (int r = 0; r < hp.d_model; ++r) {
-      const float* row = col.data() + static_cast<size_t>(r) * hp.d_sae;
-      for (int i = 0; i < hp.d_sae; ++i) norm2[i] += static_cast<double>(row[i]) * row[i];
+    // ||d_i|| over the decoder row i.
+    std::vector<float> row(hp.d_model), scale(hp.d_sae);
+    for (int i = 0; i < hp.d_sae; ++i) {
+      ConvertToF32(dec_rows.data() + static_cast<size_t>(i) * hp.d_model * dec_esize, w_dec.dtype, row.size(),
+                   row.data());
+      double norm2 = 0.0;
+      for (float v : row) norm2 += static_cast<double>(v) * v;
+      scale[i] = static_cast<float>(std::sqrt(norm2) / hp.scale_out());
     }
-    std::vector<float> scale(hp.d_sae);
-    for (int i = 0; i < hp.d_sae; ++i) scale[i] = static_cast<float>(std::sqrt(norm2[i]) / hp.scale_out());
     ASSIGN_OR_RETURN(s->feature_scale_, backend->Alloc(DType::kF32, 1, hp.d_sae));
     RETURN_IF_ERROR(backend->CopyFromHost(scale.data(), s->feature_scale_.get()));
     e.feature_scale = s->feature_scale_.get();

@@ -67,7 +67,7 @@ class Sae {
   OwnedTensor w_enc_;          // [d_sae, d_model]
   OwnedTensor b_enc_;          // [1, d_sae] F32
   OwnedTensor feature_scale_;  // [1, d_sae] F32 (lm_saes form only)
-  OwnedTensor w_dec_;          // [d_model, d_sae]
+  OwnedTensor w_dec_;          // [d_sae, d_model]: decoder.weight transposed (see SaeDecoderWeights)
   OwnedTensor b_dec_;          // [1, d_model] F32
   SaeEncoderWeights encoder_;
   SaeDecoderWeights decoder_;

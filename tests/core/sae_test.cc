@@ -1,6 +1,7 @@
 #include "core/sae.h"
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -42,6 +43,60 @@ TEST(SaeTest, LoadsTheDemoSae) {
   EXPECT_FLOAT_EQ(hp.scale_in(), std::sqrt(64.0f) / hp.avg_norm_in);
   EXPECT_FLOAT_EQ((*s)->encoder().threshold, hp.jump_relu_threshold * hp.scale_in());
   EXPECT_EQ((*s)->encoder().encoder.rows, 512);
+}
+
+// The decoder is held feature-major: row i of the loaded tensor is column i
+// of decoder.weight on disk, bit for bit, in F32 and BF16, at sizes that are
+// not multiples of the loader's 64 x 64 transpose tiles; the lm_saes form's
+// feature scale is ||column i|| / s_out.
+TEST(SaeTest, LoadsTheDecoderFeatureMajor) {
+  auto backend = CreateCpuBackend();
+  const int d = 70, d_sae = 130;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    const std::string dir = testing::MakeTempDir("sae-feature-major") + "/L1R-8x";
+    fs::create_directories(dir + "/checkpoints");
+    nlohmann::json hp;
+    std::ifstream(testing::Demo().sae_dirs[0] + "/hyperparams.json") >> hp;
+    hp["d_model"] = d;
+    hp["d_sae"] = d_sae;
+    std::ofstream(dir + "/hyperparams.json") << hp.dump();
+    std::vector<float> dec(static_cast<size_t>(d) * d_sae);
+    for (size_t j = 0; j < dec.size(); ++j) dec[j] = std::sin(0.37f * static_cast<float>(j)) * 2.0f;
+    ASSERT_TRUE(WriteSafetensors(dir + "/checkpoints/final.safetensors",
+                                 {MakeTensor("encoder.weight", dtype, {d_sae, d}, std::vector<float>(d_sae * d, 0.5f)),
+                                  MakeTensor("encoder.bias", dtype, {d_sae}, std::vector<float>(d_sae, 0.0f)),
+                                  MakeTensor("decoder.weight", dtype, {d, d_sae}, dec),
+                                  MakeTensor("decoder.bias", dtype, {d}, std::vector<float>(d, 0.0f))})
+                    .ok());
+    auto store = TensorStore::Open(dir + "/checkpoints/final.safetensors");
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto disk = (*store)->Get("decoder.weight");
+    ASSERT_TRUE(disk.ok());
+    auto s = Sae::Load(dir, "", backend.get(), SaeEncodeForm::kLmSaes);
+    ASSERT_TRUE(s.ok()) << s.status();
+    const Tensor& t = (*s)->decoder().decoder;
+    ASSERT_EQ(t.rows, d_sae);
+    ASSERT_EQ(t.cols, d);
+    ASSERT_EQ(t.dtype, dtype);
+    std::vector<char> loaded(t.nbytes());
+    ASSERT_TRUE(backend->CopyToHost(t, loaded.data()).ok());
+    const size_t es = DTypeSize(dtype);
+    const char* on_disk = static_cast<const char*>(disk->data);
+    std::vector<float> col(d), scale(d_sae);
+    ASSERT_TRUE(backend->CopyToHost((*s)->encoder().feature_scale, scale.data()).ok());
+    for (int i = 0; i < d_sae; ++i) {
+      double norm2 = 0;
+      for (int c = 0; c < d; ++c) {
+        const char* want = on_disk + (static_cast<size_t>(c) * d_sae + i) * es;
+        ASSERT_EQ(std::memcmp(loaded.data() + (static_cast<size_t>(i) * d + c) * es, want, es), 0)
+            << DTypeName(dtype) << " feature " << i << " column " << c;
+        float v;
+        ConvertToF32(want, dtype, 1, &v);
+        norm2 += static_cast<double>(v) * v;
+      }
+      EXPECT_FLOAT_EQ(scale[i], static_cast<float>(std::sqrt(norm2) / (*s)->hyperparams().scale_out())) << i;
+    }
+  }
 }
 
 class SaeErrorTest : public ::testing::Test {

@@ -33,7 +33,7 @@
 // that many bf16 parts (x ~= hi + lo + ..., 8/16/24 mantissa bits) and takes
 // the top-k of the summed GEMM parts (2 is the precision rescoring replaced;
 // sae-bench-cuda compares them). Paths that need every feature's value (the
-// JumpReLU reconstruction, decoders) use 2 parts in the default mode.
+// JumpReLU reconstruction) use 2 parts in the default mode.
 // The model's own GEMMs use one part (bf16 activations, as bf16 inference
 // does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
 // hook activations within ~1e-6 of an fp32 forward pass (read when the
@@ -46,10 +46,9 @@
 //
 // SAE watch lists and reconstructions (sae_decode.cuh) reuse that GEMM path
 // and the top-k kernel, chunked over tokens under the same scratch budget as
-// SaeEncodeTopK. The decode is a dense GEMM on the activation matrix F
-// [n, d_sae] (zeros where inactive, split into bf16 parts like x for BF16
-// decoders): it costs as much as the encode even when only ~100 of 131072
-// features fire; a gather of the active decoder columns would be the next step.
+// SaeEncodeTopK. The decode is sparse: the decoder is held feature-major
+// ([d_sae, d_model], see SaeDecoderWeights), and each token reads only the
+// rows of its active features (~50-200 of 131072), in fp32 with exact h.
 #include "core/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -392,8 +391,8 @@ class CudaBackend final : public Backend {
     cudaSetDevice(dev_->id);
     cudaStreamSynchronize(dev_->stream);
     for (cudaEvent_t e : points_) cudaEventDestroy(e);
-    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &sae_dec_, &tile_table_, &mm_parts_,
-                       &sae_cand_, &sae_bound_, &attn_f32_, &attn_kv_, &x_f32_}) {
+    for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &tile_table_, &mm_parts_, &sae_cand_,
+                       &sae_bound_, &attn_f32_, &attn_kv_, &x_f32_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -879,18 +878,12 @@ class CudaBackend final : public Backend {
     // ones need every feature's value, from a split GEMM.
     const int mode = k > 0 ? SaeTopKMode(enc.encoder.dtype) : -1;
     const int n_enc = mode >= 0 ? std::max(mode, 1) : SaeGemmParts(enc.encoder.dtype);
-    const int n_dec = SaeGemmParts(dec.decoder.dtype);
-    // Per token: encoder parts, the bf16 GEMM input (x for the encode, F for
-    // the decode: the larger), decoder output parts, the top-k list.
-    const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) +
-                             static_cast<size_t>(std::max<int64_t>(n_enc * d, n_dec * d_sae)) * 2 +
-                             static_cast<size_t>(n_dec) * d * sizeof(float) + static_cast<size_t>(k) * 8 +
-                             (mode == 0 ? SaeCandidateBytesPerRow(k) : 0);
+    // Per token: encoder parts, the bf16 GEMM input, the top-k list.
+    const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) + static_cast<size_t>(n_enc * d) * 2 +
+                             static_cast<size_t>(k) * 8 + (mode == 0 ? SaeCandidateBytesPerRow(k) : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
-    ASSIGN_OR_RETURN(void* y_v, Ensure(&sae_dec_, static_cast<size_t>(n_dec * chunk * d) * sizeof(float)));
     float* pre = static_cast<float*>(pre_v);  // [n_enc, chunk, d_sae]; part 0 then F [chunk, d_sae]
-    float* y = static_cast<float*>(y_v);      // [n_dec, chunk, d] decode GEMM parts
     int32_t* idx = nullptr;                   // [chunk, k]
     float* val = nullptr;                     // [chunk, k]
     if (k > 0) {
@@ -900,11 +893,8 @@ class CudaBackend final : public Backend {
     }
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
-      int dec_parts = 1;
-      if (d_sae == 0) {  // no features: y_hat = b_dec / scale_out
-        CUDA_RETURN_IF_ERROR(cudaMemsetAsync(y, 0, static_cast<size_t>(tc * d) * sizeof(float), dev_->stream),
-                             "sae reconstruct");
-      } else {
+      const float* dense = nullptr;  // F [tc, d_sae] (JumpReLU), else the top-k list (none: no features)
+      if (d_sae > 0) {
         int parts = 1;
         if (k > 0) {
           // Which features: ChunkTopK (v = h * scale, ties to the lower index,
@@ -923,24 +913,22 @@ class CudaBackend final : public Backend {
                                                                   enc.scale_in, idx, k, val, dev_->stream),
                                      "sae reconstruct top-k"));
           }
-          CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
-                               "sae reconstruct");
-          RETURN_IF_ERROR(
-              FromCuda(cuda::LaunchSaeScatter(idx, val, tc, k, d_sae, pre, dev_->stream), "sae reconstruct scatter"));
         } else {
           RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
           RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluActivations(pre, parts, tc, d_sae, enc.bias.as<float>(),
                                                                       enc.feature_scale.as<float>(), enc.scale_in,
                                                                       enc.threshold, dev_->stream),
                                    "sae reconstruct activations"));
+          dense = pre;
         }
-        // Dense decode of F [tc, d_sae] against D [d, d_sae]: the MatMul
-        // layout (D's rows are output features), through the same GEMM path.
-        RETURN_IF_ERROR(Gemm(pre, tc, dec.decoder, n_dec, y, &dec_parts, "sae reconstruct decode"));
       }
-      RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeDecodeEpilogue(y, dec_parts, tc, d, dec.bias.as<float>(), dec.scale_out,
-                                                             out.as<float>() + t0 * d, dev_->stream),
-                               "sae reconstruct epilogue"));
+      // Reads only the active features' rows of the feature-major decoder:
+      // ~k rows per token, where a dense GEMM on F would multiply all d_sae.
+      RETURN_IF_ERROR(
+          FromCuda(cuda::LaunchSaeSparseDecode(dense, d_sae, idx, val, dense != nullptr ? 0 : k, dec.decoder.data,
+                                               ToElem(dec.decoder.dtype), tc, d, dec.bias.as<float>(), dec.scale_out,
+                                               out.as<float>() + t0 * d, dev_->stream),
+                   "sae reconstruct decode"));
     }
     return absl::OkStatus();
   }
@@ -1019,7 +1007,7 @@ class CudaBackend final : public Backend {
   }
   static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
   // Parts for SAE GEMMs that need every output accurately (JumpReLU
-  // reconstructions, decoders, watch lists): 2 in the default mode.
+  // reconstructions, watch lists): 2 in the default mode.
   static int SaeGemmParts(DType dtype) {
     const int mode = SaeTopKMode(dtype);
     return mode == 0 ? 2 : mode;
@@ -1306,7 +1294,6 @@ class CudaBackend final : public Backend {
   Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags
   Scratch sae_bound_;   // 2 floats: SaeBounds' device result
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
-  Scratch sae_dec_;     // [n_parts, chunk, d_model] F32 decode GEMM parts
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
 };
 

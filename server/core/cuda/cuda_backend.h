@@ -23,8 +23,9 @@
 // SaeReconstruct and RelativeSquaredError joined the vtable. 3: device time
 // points (RecordTimePoint, SecondsBetween, ReleaseTimePoint), asynchronous()
 // and DeviceStatus(). 4: MatMulShared, MatMulAdd, Copy, CopyToHostAfter,
-// gemm_input_dtype() and Memory() (with MemoryUsage).
-#define SAE_CUDA_BACKEND_ABI_VERSION 4
+// gemm_input_dtype() and Memory() (with MemoryUsage). 5: SaeDecoderWeights'
+// decoder is feature-major [d_sae, d_model].
+#define SAE_CUDA_BACKEND_ABI_VERSION 5
 
 extern "C" {
 // The library's one C entry point. On success returns 0 and stores a new

@@ -144,9 +144,12 @@ cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_row
 // out [n_rows, m] = dense [r, ids[j]].
 cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
                                    float* out, cudaStream_t stream);
-// out [n_rows, d] = (sum of parts of y [n_parts, n_rows, d] + b_dec) / scale_out.
-cudaError_t LaunchSaeDecodeEpilogue(const float* y, int n_parts, int64_t n_rows, int64_t d, const float* b_dec,
-                                    float scale_out, float* out, cudaStream_t stream);
+// out [n_rows, d] = (sum of h_i * dec[i, :] over the active i + b_dec) / scale_out,
+// dec [d_sae, d] feature-major. Active: the nonzeros of dense [n_rows, d_sae]
+// (non-null), else the slots of idx / val [n_rows, k] with idx >= 0 (val = h).
+cudaError_t LaunchSaeSparseDecode(const float* dense, int64_t d_sae, const int32_t* idx, const float* val, int k,
+                                  const void* dec, ElemType dec_type, int64_t n_rows, int64_t d, const float* b_dec,
+                                  float scale_out, float* out, cudaStream_t stream);
 // out [n_rows] = ||y - y_hat||^2 / ||y||^2 per row (fp64 sums; 0/0 -> 0, x/0 -> +inf).
 cudaError_t LaunchRelativeSquaredError(const float* y_hat, const float* y, int64_t n_rows, int64_t cols, float* out,
                                        cudaStream_t stream);

@@ -1,19 +1,18 @@
 // SAE ops around the fused top-k encode (sae_topk.cuh): values of a watch
 // list of features, the reconstruction y_hat, and its per-row relative error.
-// The heavy lifting is cuBLAS (cuda_backend.cc): the encoder GEMM gives the
-// pre-activations, and the decode is a dense GEMM on the activation matrix
-// F [n, d_sae] (zero where a feature is inactive). The kernels here are the
-// cheap memory-bound glue between those GEMMs:
+// The heavy lifting is the encoder GEMM (cuBLAS, cuda_backend.cc), which
+// gives the pre-activations; the kernels here are the memory-bound rest:
 //   SaeEncodeSelected, JumpReLU: gather the m watched encoder rows, GEMM
 //     against them only, then apply the rule per (token, feature).
 //   SaeEncodeSelected, TopK: activity depends on every feature, so the
 //     encode goes through the same top-k as SaeEncodeTopK (rescoring by
 //     default, sae_rescore.cuh); its (index, value) list is scattered into a
 //     zeroed dense row and the watched columns gathered.
-//   SaeReconstruct: F = h where active (JumpReLU: in place over the
-//     pre-activations; TopK: the top-k's indices, values replaced by h,
-//     recomputed exactly or read from the GEMM parts), then
-//     y_hat = (F . D^T + b_dec) / scale_out.
+//   SaeReconstruct: the active features with their h (JumpReLU: a dense
+//     F row, in place over the pre-activations; TopK: the top-k's list,
+//     values replaced by h, recomputed exactly or read from the GEMM parts),
+//     then a sparse decode that reads only the active features' rows of the
+//     feature-major decoder: y_hat = (sum h_i d_i + b_dec) / scale_out.
 // Pre-activation buffers are [n_parts, n_rows, cols]: the GEMM's partial
 // products for the bf16 split of x (see LaunchSplitToBf16); every reader adds
 // the parts smallest first, the order SaeTopKKernel uses.
@@ -28,7 +27,9 @@ namespace sae {
 namespace cuda {
 
 constexpr int kSaeGlueThreads = 256;
-constexpr int kRelErrThreads = 256;  // a multiple of 32 (warp reduction below)
+constexpr int kRelErrThreads = 256;     // a multiple of 32 (warp reduction below)
+constexpr int kSaeDecodeThreads = 256;  // a multiple of 32 (warp ballots below)
+constexpr int kSaeDecodeCols = 16;      // output columns per thread and pass: 4096 per pass
 
 // ---- kernels ----
 
@@ -138,17 +139,80 @@ __global__ void SaeGatherColumnsKernel(const float* __restrict__ dense, int64_t 
   }
 }
 
-// y [n_parts, n_rows, d] (decode GEMM parts) -> out [n_rows, d] =
-// (sum of parts + b_dec) / scale_out: a division, as in the CPU twin, not a
-// multiply by a rounded reciprocal.
-__global__ void SaeDecodeEpilogueKernel(const float* __restrict__ y, int n_parts, int64_t n_rows, int64_t d,
-                                        const float* __restrict__ b_dec, float scale_out, float* __restrict__ out) {
-  const int64_t total = n_rows * d;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = y[(n_parts - 1) * total + i];
-    for (int p = n_parts - 2; p >= 0; --p) s += y[p * total + i];
-    out[i] = (s + b_dec[i % d]) / scale_out;
+// Sparse decode, one block per row r:
+//   out[r, :] = (sum over active i of h_i * dec[i, :] + b_dec) / scale_out
+// with dec [d_sae, d] feature-major, so each active feature is one
+// contiguous row read. The active features come from a dense F row (dense
+// [n_rows, d_sae]: h where active, 0 elsewhere; JumpReLU) or from a top-k
+// list (idx / val [n_rows, k], val = h, idx -1 in empty slots). Each step
+// the block takes kSaeDecodeThreads candidates, compacts the active ones
+// into shared memory in candidate order (warp ballots, then the warps'
+// counts), and every thread adds them into its kSaeDecodeCols output
+// columns. Rows wider than kSaeDecodeThreads * kSaeDecodeCols take several
+// passes. The sum runs in candidate order in fp32; the division by
+// scale_out matches the CPU twin (not a multiply by a rounded reciprocal).
+// Cost per row: the candidates (d_sae floats, or 2k words) plus one decoder
+// row per active feature, against a dense decode's whole decoder per chunk
+// of rows and d_sae multiply-adds per output.
+template <typename T>
+__global__ void __launch_bounds__(kSaeDecodeThreads)
+    SaeSparseDecodeKernel(const float* __restrict__ dense, int64_t d_sae, const int32_t* __restrict__ idx,
+                          const float* __restrict__ val, int k, const T* __restrict__ dec, int64_t d,
+                          const float* __restrict__ b_dec, float scale_out, float* __restrict__ out) {
+  __shared__ int32_t s_idx[kSaeDecodeThreads];
+  __shared__ float s_h[kSaeDecodeThreads];
+  __shared__ int s_count[kSaeDecodeThreads / 32];
+  const int64_t r = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n_cand = dense != nullptr ? d_sae : k;
+  for (int64_t c0 = 0; c0 < d; c0 += static_cast<int64_t>(kSaeDecodeThreads) * kSaeDecodeCols) {
+    float acc[kSaeDecodeCols];
+#pragma unroll
+    for (int j = 0; j < kSaeDecodeCols; ++j) acc[j] = 0.0f;
+    for (int64_t p0 = 0; p0 < n_cand; p0 += kSaeDecodeThreads) {
+      const int64_t p = p0 + threadIdx.x;
+      int32_t i = -1;
+      float h = 0.0f;
+      if (p < n_cand) {
+        if (dense != nullptr) {
+          h = dense[r * d_sae + p];
+          i = h != 0.0f ? static_cast<int32_t>(p) : -1;
+        } else {
+          i = idx[r * k + p];
+          h = val[r * k + p];
+        }
+      }
+      const bool active = i >= 0 && i < d_sae;
+      const unsigned mask = __ballot_sync(kFullMask, active);
+      if (lane == 0) s_count[warp] = __popc(mask);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < kSaeDecodeThreads / 32; ++w) {
+        before += w < warp ? s_count[w] : 0;
+        total += s_count[w];
+      }
+      if (active) {
+        const int slot = before + __popc(mask & ((1u << lane) - 1u));
+        s_idx[slot] = i;
+        s_h[slot] = h;
+      }
+      __syncthreads();
+      for (int a = 0; a < total; ++a) {
+        const T* row = dec + static_cast<int64_t>(s_idx[a]) * d;
+        const float ha = s_h[a];
+#pragma unroll
+        for (int j = 0; j < kSaeDecodeCols; ++j) {
+          const int64_t c = c0 + threadIdx.x + j * kSaeDecodeThreads;
+          if (c < d) acc[j] = fmaf(ha, ToFloat(row[c]), acc[j]);
+        }
+      }
+      __syncthreads();  // s_count, s_idx and s_h are rewritten by the next step
+    }
+#pragma unroll
+    for (int j = 0; j < kSaeDecodeCols; ++j) {
+      const int64_t c = c0 + threadIdx.x + j * kSaeDecodeThreads;
+      if (c < d) out[r * d + c] = (acc[j] + b_dec[c]) / scale_out;
+    }
   }
 }
 
@@ -258,12 +322,26 @@ cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSaeDecodeEpilogue(const float* y, int n_parts, int64_t n_rows, int64_t d, const float* b_dec,
-                                    float scale_out, float* out, cudaStream_t stream) {
+cudaError_t LaunchSaeSparseDecode(const float* dense, int64_t d_sae, const int32_t* idx, const float* val, int k,
+                                  const void* dec, ElemType dec_type, int64_t n_rows, int64_t d, const float* b_dec,
+                                  float scale_out, float* out, cudaStream_t stream) {
   if (n_rows * d == 0) return cudaSuccess;
-  if (n_parts < 1) return cudaErrorInvalidValue;
-  SAE_KERNEL_LAUNCH(SaeDecodeEpilogueKernel, GridFor(n_rows * d, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
-  (y, n_parts, n_rows, d, b_dec, scale_out, out);
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row: gridDim.x limit
+  const unsigned grid = static_cast<unsigned>(n_rows);
+  switch (dec_type) {
+    case ElemType::kF32:
+      SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<float>, grid, kSaeDecodeThreads, 0, stream)
+      (dense, d_sae, idx, val, k, static_cast<const float*>(dec), d, b_dec, scale_out, out);
+      break;
+    case ElemType::kBF16:
+      SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<__nv_bfloat16>, grid, kSaeDecodeThreads, 0, stream)
+      (dense, d_sae, idx, val, k, static_cast<const __nv_bfloat16*>(dec), d, b_dec, scale_out, out);
+      break;
+    case ElemType::kF16:
+      SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<__half>, grid, kSaeDecodeThreads, 0, stream)
+      (dense, d_sae, idx, val, k, static_cast<const __half*>(dec), d, b_dec, scale_out, out);
+      break;
+  }
   return cudaGetLastError();
 }
 
