@@ -807,8 +807,8 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(Enter());
     // The ids live in device memory. Reading them back here would wait for
     // every op queued before (the previous batch's forward), so the check
-    // runs on the device and a bad id is INVALID_ARGUMENT at the next
-    // synchronisation; the kernels zero an out-of-range id meanwhile.
+    // runs on the device and a bad id is INVALID_ARGUMENT at the read-back
+    // that waits for this op; the kernels zero an out-of-range id meanwhile.
     const int32_t* ids_dev = feature_ids.as<int32_t>();
     RETURN_IF_ERROR(FromCuda(cuda::LaunchCheckIds(ids_dev, m, d_sae, ErrorWord(), dev_->stream), "sae selected"));
     if (x.rows == 0) return absl::OkStatus();
@@ -828,13 +828,9 @@ class CudaBackend final : public Backend {
         int parts = 1;
         RETURN_IF_ERROR(
             ChunkTopK(x.as<float>() + t0 * d, tc, sae, mode, k, k, pre, idx, val, &parts, "sae selected encode"));
-        // The pre-activations are spent: reuse part 0 as the dense [tc, d_sae] activation rows.
-        CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pre, 0, static_cast<size_t>(tc * d_sae) * sizeof(float), dev_->stream),
-                             "sae selected");
         RETURN_IF_ERROR(
-            FromCuda(cuda::LaunchSaeScatter(idx, val, tc, k, d_sae, pre, dev_->stream), "sae selected scatter"));
-        RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeGatherColumns(pre, tc, d_sae, ids_dev, m, out + t0 * m, dev_->stream),
-                                 "sae selected gather"));
+            FromCuda(cuda::LaunchSaeListLookup(idx, val, tc, k, d_sae, ids_dev, m, out + t0 * m, dev_->stream),
+                     "sae selected lookup"));
       }
       return absl::OkStatus();
     }

@@ -138,12 +138,10 @@ cudaError_t LaunchSaeJumpReluActivations(float* pre, int n_parts, int64_t n_rows
 // val [n_rows, k] <- h_{idx[r, j]} (unfeature-scaled) for slots with idx >= 0.
 cudaError_t LaunchSaeTopKValuesToH(const float* pre, int n_parts, int64_t n_rows, int64_t d_sae, const float* bias,
                                    float scale_in, const int32_t* idx, int k, float* val, cudaStream_t stream);
-// dense [n_rows, d_sae] (pre-zeroed) [r, idx[r, j]] = val[r, j].
-cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae, float* dense,
-                             cudaStream_t stream);
-// out [n_rows, m] = dense [r, ids[j]].
-cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
-                                   float* out, cudaStream_t stream);
+// out [n_rows, m] = val[r, s] where idx[r, s] == ids[j] (top-k lists idx / val
+// [n_rows, k]), else 0.
+cudaError_t LaunchSaeListLookup(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae,
+                                const int32_t* ids, int64_t m, float* out, cudaStream_t stream);
 // out [n_rows, d] = (sum of h_i * dec[i, :] over the active i + b_dec) / scale_out,
 // dec [d_sae, d] feature-major. Active: the nonzeros of dense [n_rows, d_sae]
 // (non-null), else the slots of idx / val [n_rows, k] with idx >= 0 (val = h).

@@ -6,8 +6,8 @@
 //     against them only, then apply the rule per (token, feature).
 //   SaeEncodeSelected, TopK: activity depends on every feature, so the
 //     encode goes through the same top-k as SaeEncodeTopK (rescoring by
-//     default, sae_rescore.cuh); its (index, value) list is scattered into a
-//     zeroed dense row and the watched columns gathered.
+//     default, sae_rescore.cuh); each watched id is looked up in its row's
+//     (index, value) list.
 //   SaeReconstruct: the active features with their h (JumpReLU: a dense
 //     F row, in place over the pre-activations; TopK: the top-k's list,
 //     values replaced by h, recomputed exactly or read from the GEMM parts),
@@ -113,29 +113,29 @@ __global__ void SaeTopKValuesToHKernel(const float* __restrict__ pre, int n_part
   }
 }
 
-// dense [n_rows, d_sae] (zeroed by the caller) [r, idx[r, j]] = val[r, j].
-// A row's indices are distinct (top-k output), so no two threads write the
-// same element and no atomics are needed.
-__global__ void SaeScatterKernel(const int32_t* __restrict__ idx, const float* __restrict__ val, int64_t n_rows, int k,
-                                 int64_t d_sae, float* __restrict__ dense) {
-  const int64_t total = n_rows * k;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int32_t id = idx[i];
-    if (id < 0 || id >= d_sae) continue;
-    dense[(i / k) * d_sae + id] = val[i];
-  }
-}
-
-// out [n_rows, m] = dense [r, ids[j]] (dense: [n_rows, d_sae]).
-__global__ void SaeGatherColumnsKernel(const float* __restrict__ dense, int64_t n_rows, int64_t d_sae,
-                                       const int32_t* __restrict__ ids, int64_t m, float* __restrict__ out) {
+// TopK watch list: out [n_rows, m] = val[r, s] where idx[r, s] == ids[j]
+// (the top-k list of row r holds feature ids[j]), else 0. A list holds k <=
+// kSaeTopKMaxK distinct ids, so a linear search per output is cheaper than
+// scattering every row into a dense d_sae-wide one. An id outside [0,
+// d_sae) gives 0 (empty slots hold -1 and must not match it).
+__global__ void SaeListLookupKernel(const int32_t* __restrict__ idx, const float* __restrict__ val, int64_t n_rows,
+                                    int k, int64_t d_sae, const int32_t* __restrict__ ids, int64_t m,
+                                    float* __restrict__ out) {
   const int64_t total = n_rows * m;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / m;
     const int32_t id = ids[i - r * m];
-    out[i] = (id >= 0 && id < d_sae) ? dense[r * d_sae + id] : 0.0f;
+    float v = 0.0f;
+    if (id >= 0 && id < d_sae) {
+      for (int s = 0; s < k; ++s) {
+        if (idx[r * k + s] == id) {
+          v = val[r * k + s];
+          break;
+        }
+      }
+    }
+    out[i] = v;
   }
 }
 
@@ -306,19 +306,11 @@ cudaError_t LaunchSaeTopKValuesToH(const float* pre, int n_parts, int64_t n_rows
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSaeScatter(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae, float* dense,
-                             cudaStream_t stream) {
-  if (n_rows * k == 0) return cudaSuccess;
-  SAE_KERNEL_LAUNCH(SaeScatterKernel, GridFor(n_rows * k, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
-  (idx, val, n_rows, k, d_sae, dense);
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchSaeGatherColumns(const float* dense, int64_t n_rows, int64_t d_sae, const int32_t* ids, int64_t m,
-                                   float* out, cudaStream_t stream) {
+cudaError_t LaunchSaeListLookup(const int32_t* idx, const float* val, int64_t n_rows, int k, int64_t d_sae,
+                                const int32_t* ids, int64_t m, float* out, cudaStream_t stream) {
   if (n_rows * m == 0) return cudaSuccess;
-  SAE_KERNEL_LAUNCH(SaeGatherColumnsKernel, GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
-  (dense, n_rows, d_sae, ids, m, out);
+  SAE_KERNEL_LAUNCH(SaeListLookupKernel, GridFor(n_rows * m, kSaeGlueThreads), kSaeGlueThreads, 0, stream)
+  (idx, val, n_rows, k, d_sae, ids, m, out);
   return cudaGetLastError();
 }
 
