@@ -476,8 +476,8 @@ int Run(const Options& o) {
     std::printf(
         "  (rescore = one bf16 GEMM, candidates rescored from fp32 activations: exact top-k; split = bf16 parts\n"
         "   of the activations: 1 = plain bf16 GEMM, near-ties may swap; 2 = hi+lo, twice the GEMM;\n"
-        "   a reconstruction encodes with split=2, every active value exact to 16 bits, and decodes only the\n"
-        "   active features' decoder rows)\n");
+        "   a JumpReLU reconstruction is one bf16 GEMM, the features near the threshold recomputed exactly,\n"
+        "   then a decode of the active features' decoder rows only)\n");
   }
   std::printf("\ndone.\n");
   return 0;

@@ -32,8 +32,10 @@
 // bf16 GEMM. SAE_CUDA_SAE_SPLIT=1|2|3 instead splits the activations into
 // that many bf16 parts (x ~= hi + lo + ..., 8/16/24 mantissa bits) and takes
 // the top-k of the summed GEMM parts (2 is the precision rescoring replaced;
-// sae-bench-cuda compares them). Paths that need every feature's value (the
-// JumpReLU reconstruction) use 2 parts in the default mode.
+// sae-bench-cuda compares them). A JumpReLU reconstruction needs the exact h
+// of every active feature: the same bound picks the features within reach
+// of the threshold after a 1-part GEMM, and only those are recomputed
+// (sae_rescore.cuh); JumpReLU watch lists use 2 parts on the watched rows.
 // The model's own GEMMs use one part (bf16 activations, as bf16 inference
 // does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
 // hook activations within ~1e-6 of an fp32 forward pass (read when the
@@ -870,13 +872,18 @@ class CudaBackend final : public Backend {
     }
     if (x.rows == 0 || d == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
-    // TopK SAEs select by ChunkTopK (mode 0: rescoring, 1 GEMM part); JumpReLU
-    // ones need every feature's value, from a split GEMM.
-    const int mode = k > 0 ? SaeTopKMode(enc.encoder.dtype) : -1;
-    const int n_enc = mode >= 0 ? std::max(mode, 1) : SaeGemmParts(enc.encoder.dtype);
-    // Per token: encoder parts, the bf16 GEMM input, the top-k list.
+    // TopK SAEs select by ChunkTopK (mode 0: rescoring, 1 GEMM part).
+    // JumpReLU ones need the exact h of every active feature: with rescoring
+    // (BF16 encoders, the default) from a 1-part GEMM whose features within
+    // the error bound of the threshold are recomputed exactly; else from a
+    // split GEMM.
+    const int mode = SaeTopKMode(enc.encoder.dtype);
+    const bool jumprelu_rescore = k == 0 && mode == 0 && d_sae > 0;
+    const int n_enc = k > 0 || jumprelu_rescore ? std::max(mode, 1) : SaeGemmParts(enc.encoder.dtype);
+    // Per token: encoder parts, the bf16 GEMM input, the top-k list, rescoring scratch.
     const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) + static_cast<size_t>(n_enc * d) * 2 +
-                             static_cast<size_t>(k) * 8 + (mode == 0 ? SaeCandidateBytesPerRow(k) : 0);
+                             static_cast<size_t>(k) * 8 + (k > 0 && mode == 0 ? SaeCandidateBytesPerRow(k) : 0) +
+                             (jumprelu_rescore ? sizeof(float) : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
     float* pre = static_cast<float*>(pre_v);  // [n_enc, chunk, d_sae]; part 0 then F [chunk, d_sae]
@@ -886,6 +893,13 @@ class CudaBackend final : public Backend {
       ASSIGN_OR_RETURN(void* topk, Ensure(&sae_topk_, static_cast<size_t>(chunk) * k * 8));
       idx = static_cast<int32_t*>(topk);
       val = reinterpret_cast<float*>(idx + chunk * k);
+    }
+    float* margin = nullptr;  // [chunk] (JumpReLU rescoring)
+    std::array<float, 2> bound{};
+    if (jumprelu_rescore) {
+      ASSIGN_OR_RETURN(bound, SaeBounds(enc));
+      ASSIGN_OR_RETURN(void* m, Ensure(&sae_cand_, static_cast<size_t>(chunk) * sizeof(float)));
+      margin = static_cast<float*>(m);
     }
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
@@ -909,6 +923,16 @@ class CudaBackend final : public Backend {
                                                                   enc.scale_in, idx, k, val, dev_->stream),
                                      "sae reconstruct top-k"));
           }
+        } else if (jumprelu_rescore) {
+          const float* xr = x.as<float>() + t0 * d;
+          RETURN_IF_ERROR(Gemm(xr, tc, enc.encoder, 1, pre, &parts, "sae reconstruct encode"));
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound[0], bound[1], margin, dev_->stream),
+                                   "sae reconstruct margins"));
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluExact(xr, enc.encoder.data, tc, d, d_sae,
+                                                                enc.bias.as<float>(), enc.feature_scale.as<float>(),
+                                                                enc.scale_in, enc.threshold, margin, pre, dev_->stream),
+                                   "sae reconstruct activations"));
+          dense = pre;
         } else {
           RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
           RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluActivations(pre, parts, tc, d_sae, enc.bias.as<float>(),

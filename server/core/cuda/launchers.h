@@ -117,6 +117,12 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
 // pre [n_rows, d_sae] <- exact w_i . x_r for the rows with fallback[r] != 0.
 cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                const int32_t* fallback, float* pre, cudaStream_t stream);
+// JumpReLU F from a 1-part bf16 GEMM, in place: pre [n_rows, d_sae] (w_i .
+// bf16(x_r)) <- exact h_i where the exact v_i > threshold, else 0; only
+// features within margin[r] of the threshold are recomputed.
+cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
+                                   const float* bias, const float* feature_scale, float scale_in, float threshold,
+                                   const float* margin, float* pre, cudaStream_t stream);
 // h [n_rows, k] <- scale_in * (w_idx . x_r) + bias_idx (exact, as the rescore
 // computes it) for slots with idx >= 0, 0 elsewhere.
 cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,

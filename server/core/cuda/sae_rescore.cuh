@@ -225,6 +225,47 @@ __global__ void __launch_bounds__(kRescoreThreads)
   }
 }
 
+// JumpReLU activations from a plain-bf16 encoder GEMM, for reconstructions:
+// pre [n_rows, d_sae] holds w_i . bf16(x_r); in place it becomes F, the exact
+// h_i where the exact v_i passes the threshold and 0 elsewhere. v_i can pass
+// only if its approximate value is within the row's margin of the threshold
+// (the bound SaeMarginKernel proves), so only those candidates are
+// recomputed (ExactDot over the fp32 row): the active features and the few
+// near the threshold, however many, with no fallback. Each warp takes 32
+// consecutive features, marks its candidates with a ballot and computes
+// their dot products together. In place is safe: a feature is read and
+// written by its own lane only. One block per row; shared memory: x's row.
+__global__ void __launch_bounds__(kRescoreThreads)
+    SaeJumpReluExactKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d, int64_t d_sae,
+                           const float* __restrict__ bias, const float* __restrict__ fscale, float scale_in,
+                           float threshold, const float* __restrict__ margin, float* __restrict__ pre) {
+  SAE_DYNAMIC_SHARED(float, xs);
+  const int64_t row = blockIdx.x;
+  LoadRow(x, row, d, xs);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* f = pre + row * d_sae;
+  // Lowered by the margin, with slack for rounding the subtraction itself.
+  const float m = margin[row];
+  const float cut = threshold - m - (fabsf(threshold) + m) * (1.0f / 1048576.0f);
+  for (int64_t base = static_cast<int64_t>(warp) * 32; base < d_sae; base += kRescoreThreads) {
+    const int64_t i = base + lane;
+    bool candidate = false;
+    if (i < d_sae) {
+      candidate = ExactValue(f[i], scale_in, bias[i], fscale, i) > cut;  // the top-k kernel's expression
+      if (!candidate) f[i] = 0.0f;
+    }
+    for (unsigned todo = __ballot_sync(kFullMask, candidate); todo != 0; todo &= todo - 1) {
+      const int src = __ffs(static_cast<int>(todo)) - 1;
+      const int64_t j = base + src;
+      const float dot = ExactDot(w + j * d, xs, d, lane);
+      if (lane == src) {
+        const float h = fmaf(scale_in, dot, bias[j]);
+        f[j] = ExactValue(dot, scale_in, bias[j], fscale, j) > threshold ? h : 0.0f;
+      }
+    }
+  }
+}
+
 // ---- launchers ----
 
 cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
@@ -302,6 +343,19 @@ cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_
   if (err != cudaSuccess) return err;
   SAE_KERNEL_LAUNCH(SaeExactHKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
   (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, bias, scale_in, idx, k, h);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
+                                   const float* bias, const float* feature_scale, float scale_in, float threshold,
+                                   const float* margin, float* pre, cudaStream_t stream) {
+  if (n_rows == 0 || d_sae == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  cudaError_t err = RaiseSharedLimit(SaeJumpReluExactKernel, smem);
+  if (err != cudaSuccess) return err;
+  SAE_KERNEL_LAUNCH(SaeJumpReluExactKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
+  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre);
   return cudaGetLastError();
 }
 

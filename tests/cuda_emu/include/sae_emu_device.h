@@ -181,6 +181,7 @@ T AtomicCas(T* address, T compare, T value) {
 #define atomicCAS(address, compare, value) ::sae_emu::AtomicCas(address, compare, value)
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline unsigned __float_as_uint(float f) {
   unsigned u;
