@@ -16,6 +16,8 @@
 #ifndef SAE_CORE_CUDA_SAE_RESCORE_CUH_
 #define SAE_CORE_CUDA_SAE_RESCORE_CUH_
 
+#include <utility>
+
 #include "core/cuda/common.cuh"
 #include "core/cuda/sae_keys.cuh"
 
@@ -322,41 +324,39 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
   return cudaGetLastError();
 }
 
+// One block per row of x (n_rows rows of d floats), the row in dynamic
+// shared memory: the launch shape of the exact-value kernels below.
+template <typename... Params, typename... Args>
+cudaError_t LaunchPerRowOfX(void (*kernel)(Params...), int64_t n_rows, int64_t d, cudaStream_t stream, Args&&... args) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;  // gridDim.x limit
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  cudaError_t err = RaiseSharedLimit(kernel, smem);
+  if (err != cudaSuccess) return err;
+  SAE_KERNEL_LAUNCH(kernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
+  (std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                const int32_t* fallback, float* pre, cudaStream_t stream) {
-  if (n_rows == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err = RaiseSharedLimit(SaeExactRowsKernel, smem);
-  if (err != cudaSuccess) return err;
-  SAE_KERNEL_LAUNCH(SaeExactRowsKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
-  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, d_sae, fallback, pre);
-  return cudaGetLastError();
+  return LaunchPerRowOfX(SaeExactRowsKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(encoder_bf16), d,
+                         d_sae, fallback, pre);
 }
 
 cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
                             float scale_in, const int32_t* idx, int k, float* h, cudaStream_t stream) {
-  if (n_rows == 0 || k == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err = RaiseSharedLimit(SaeExactHKernel, smem);
-  if (err != cudaSuccess) return err;
-  SAE_KERNEL_LAUNCH(SaeExactHKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
-  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, bias, scale_in, idx, k, h);
-  return cudaGetLastError();
+  if (k == 0) return cudaSuccess;
+  return LaunchPerRowOfX(SaeExactHKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(encoder_bf16), d,
+                         bias, scale_in, idx, k, h);
 }
 
 cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                    const float* bias, const float* feature_scale, float scale_in, float threshold,
                                    const float* margin, float* pre, cudaStream_t stream) {
-  if (n_rows == 0 || d_sae == 0) return cudaSuccess;
-  if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(d) * sizeof(float);
-  cudaError_t err = RaiseSharedLimit(SaeJumpReluExactKernel, smem);
-  if (err != cudaSuccess) return err;
-  SAE_KERNEL_LAUNCH(SaeJumpReluExactKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)
-  (x, static_cast<const __nv_bfloat16*>(encoder_bf16), d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre);
-  return cudaGetLastError();
+  if (d_sae == 0) return cudaSuccess;
+  return LaunchPerRowOfX(SaeJumpReluExactKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(encoder_bf16),
+                         d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre);
 }
 
 }  // namespace cuda
