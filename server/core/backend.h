@@ -20,7 +20,8 @@
 // a point and read back through it, every code is reported with the batch
 // whose op stored it, and a wait inside one batch does not take the codes of
 // the batch before; once its points are released, the next read-back
-// reports a code that was never read. Each code is reported once.
+// reports a code that was never read. A code is reported at most once, and
+// several found by one read-back are reported as the earliest.
 #ifndef SAE_CORE_BACKEND_H_
 #define SAE_CORE_BACKEND_H_
 
@@ -250,7 +251,9 @@ class Backend {
   // CopyToHost that waits only for the work issued before time point `after`
   // (from RecordTimePoint; not released here), not for work issued since, so
   // a batch's results can be read back while the next batch computes. Work
-  // issued after the point may or may not be visible in what is copied.
+  // issued after the point may or may not be visible in what is copied. An
+  // empty src copies nothing: it waits for the point and reports the device
+  // errors of the ops before it.
   virtual absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) { return CopyToHost(src, dst); }
   // OK while the device is usable. After an unrecoverable device error (on
   // CUDA a fault that leaves the context unusable for the rest of the

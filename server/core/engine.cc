@@ -345,6 +345,9 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
   std::vector<SequenceResult>& results = p->results;
   const std::optional<int32_t> bos = tokenizer_->bos_id();
 
+  // First the batch's own device error codes (a bad input found on the
+  // device), even when it has nothing to copy back.
+  RETURN_IF_ERROR(backend_->CopyToHostAfter(Tensor(), nullptr, p->end));
   std::vector<int32_t> idx_host;
   std::vector<float> val_host;
   for (const PendingBatch::TopK& t : p->topk) {

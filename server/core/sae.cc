@@ -40,12 +40,12 @@ void Transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
 }
 
 // A tensor's bytes transposed ([rows, cols] -> [cols, rows]); 2- or 4-byte elements.
-std::vector<char> TransposeElements(const HostTensor& t, int64_t rows, int64_t cols) {
-  std::vector<char> dst(t.nbytes());
+std::unique_ptr<char[]> TransposeElements(const HostTensor& t, int64_t rows, int64_t cols) {
+  std::unique_ptr<char[]> dst(new char[t.nbytes()]);  // every byte is written below: no zero fill
   if (DTypeSize(t.dtype) == 2) {
-    Transpose(static_cast<const uint16_t*>(t.data), rows, cols, reinterpret_cast<uint16_t*>(dst.data()));
+    Transpose(static_cast<const uint16_t*>(t.data), rows, cols, reinterpret_cast<uint16_t*>(dst.get()));
   } else {
-    Transpose(static_cast<const uint32_t*>(t.data), rows, cols, reinterpret_cast<uint32_t*>(dst.data()));
+    Transpose(static_cast<const uint32_t*>(t.data), rows, cols, reinterpret_cast<uint32_t*>(dst.get()));
   }
   return dst;
 }
@@ -188,9 +188,9 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   // The decoder is always resident so any request may ask for reconstruction
   // errors; feature-major (see SaeDecoderWeights), transposed here on the host.
   const size_t dec_esize = DTypeSize(w_dec.dtype);
-  const std::vector<char> dec_rows = TransposeElements(w_dec, hp.d_model, hp.d_sae);
+  const std::unique_ptr<char[]> dec_rows = TransposeElements(w_dec, hp.d_model, hp.d_sae);
   ASSIGN_OR_RETURN(s->w_dec_,
-                   backend->Upload(HostTensor{dec_rows.data(), w_dec.dtype, {hp.d_sae, hp.d_model}}, w_dec.dtype));
+                   backend->Upload(HostTensor{dec_rows.get(), w_dec.dtype, {hp.d_sae, hp.d_model}}, w_dec.dtype));
   ASSIGN_OR_RETURN(s->b_dec_, backend->Upload(b_dec, DType::kF32));
   s->decoder_ = SaeDecoderWeights{s->w_dec_.get(), s->b_dec_.get(), hp.scale_out()};
   const float theta = hp.act_fn == "topk" ? 0.0f : hp.jump_relu_threshold;
@@ -200,7 +200,7 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
     // ||d_i|| over the decoder row i.
     std::vector<float> row(hp.d_model), scale(hp.d_sae);
     for (int i = 0; i < hp.d_sae; ++i) {
-      ConvertToF32(dec_rows.data() + static_cast<size_t>(i) * hp.d_model * dec_esize, w_dec.dtype, row.size(),
+      ConvertToF32(dec_rows.get() + static_cast<size_t>(i) * hp.d_model * dec_esize, w_dec.dtype, row.size(),
                    row.data());
       double norm2 = 0.0;
       for (float v : row) norm2 += static_cast<double>(v) * v;

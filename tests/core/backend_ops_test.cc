@@ -312,14 +312,31 @@ TEST_P(BackendOpsTest, FullWaitsLeaveCodesOfLivePointsToTheirReadBack) {
   EXPECT_EQ(backend_->Synchronize().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), *point).code(), absl::StatusCode::kInvalidArgument)
       << "a released point";
-  // A code no point follows, then more points than there are error words.
+  // A code, then more stretches between points than there are error words
+  // (each with a checked input, so each takes a word of its own).
   ASSERT_TRUE(embed_bad().ok());
+  auto good_ids = UploadI32({1});
   for (int i = 0; i < 2500; ++i) {
+    ASSERT_TRUE(backend_->Embed(tt.get(), good_ids.get(), out.get()).ok());
     auto p = backend_->RecordTimePoint();
     ASSERT_TRUE(p.ok());
     backend_->ReleaseTimePoint(*p);
   }
   EXPECT_EQ(backend_->CopyToHost(out.get(), host.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(backend_->Synchronize().ok());
+  // Points around stretches without a checked input (hooks without watch
+  // lists) take no error words: a batch with many of them, over 1024 in
+  // all, still gets its own code back through its point.
+  ASSERT_TRUE(embed_bad().ok());
+  auto batch_end = backend_->RecordTimePoint();
+  ASSERT_TRUE(batch_end.ok());
+  for (int i = 0; i < 1500; ++i) {
+    auto p = backend_->RecordTimePoint();
+    ASSERT_TRUE(p.ok());
+    backend_->ReleaseTimePoint(*p);
+  }
+  EXPECT_EQ(backend_->CopyToHostAfter(Tensor(), nullptr, *batch_end).code(), absl::StatusCode::kInvalidArgument);
+  backend_->ReleaseTimePoint(*batch_end);
   EXPECT_TRUE(backend_->Synchronize().ok());
   // Two points from one free slot are distinct.
   auto p1 = backend_->RecordTimePoint(), p2 = backend_->RecordTimePoint();

@@ -50,7 +50,8 @@
 // and the top-k kernel, chunked over tokens under the same scratch budget as
 // SaeEncodeTopK. The decode is sparse: the decoder is held feature-major
 // ([d_sae, d_model], see SaeDecoderWeights), and each token reads only the
-// rows of its active features (~50-200 of 131072), in fp32 with exact h.
+// rows of its active features (~50-200 of 131072), in fp32 (with exact h
+// under the default rescoring; from the summed parts under SAE_CUDA_SAE_SPLIT).
 #include "core/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -974,7 +975,12 @@ class CudaBackend final : public Backend {
       free_points_.push_back(id);
       return FromCuda(e, "time point");
     }
-    point_epoch_[id] = epoch_++;
+    // An epoch no op stored into needs no word of its own: the point then
+    // closes the epoch before, and the current one goes on. So only the
+    // stretches with an input check (embed, attention, watch lists) use
+    // words, not every hook's pair of points.
+    point_epoch_[id] = epoch_used_ ? epoch_++ : epoch_ - 1;
+    epoch_used_ = false;
     return id;
   }
 
@@ -1126,7 +1132,8 @@ class CudaBackend final : public Backend {
     return FromCuda(cudaSetDevice(dev_->id), "set device");
   }
 
-  // A recorded time point not yet released.
+  // A recorded time point not yet released (epochs start at 1, so a live
+  // point's epoch is >= 0).
   bool ValidPoint(int64_t p) const {
     return p >= 0 && p < static_cast<int64_t>(points_.size()) && point_epoch_[p] >= 0;
   }
@@ -1139,7 +1146,10 @@ class CudaBackend final : public Backend {
 
   // The error word of the current epoch, for kernels that check inputs only
   // the device holds (token ids, sequence starts, feature ids).
-  int* ErrorWord() const { return dev_->error_words_dev + epoch_ % kErrorEpochs; }
+  int* ErrorWord() {
+    epoch_used_ = true;
+    return dev_->error_words_dev + epoch_ % kErrorEpochs;
+  }
 
   // Takes (reads and clears) the error words of epochs [first, last], whose
   // ops have all finished, and reports the earliest code among them. An
@@ -1164,7 +1174,7 @@ class CudaBackend final : public Backend {
   // batch before, which is still to be read back.
   absl::Status TakeErrorsAfterFullWait() {
     int64_t covered = -1;
-    for (int64_t e : point_epoch_) covered = std::max(covered, e);
+    for (int64_t e : point_epoch_) covered = std::max(covered, e);  // -1: free
     return TakeErrors(covered + 1, epoch_);
   }
 
@@ -1298,7 +1308,8 @@ class CudaBackend final : public Backend {
   std::vector<cudaEvent_t> points_;   // time points (timing events)
   std::vector<int64_t> free_points_;  // ids in points_ not in use
   std::vector<int64_t> point_epoch_;  // per point: the error epoch it closed; -1 while free
-  int64_t epoch_ = 0;                 // error epoch of the ops issued now
+  int64_t epoch_ = 1;                 // error epoch of the ops issued now
+  bool epoch_used_ = false;           // an op of epoch_ was given its error word
   const int model_split_;             // bf16 parts of the activations in model GEMMs
   const bool bf16_activations_;       // gemm_input_dtype() is BF16
   int next_io_ = 0;

@@ -30,6 +30,7 @@ constexpr int kSaeGlueThreads = 256;
 constexpr int kRelErrThreads = 256;     // a multiple of 32 (warp reduction below)
 constexpr int kSaeDecodeThreads = 256;  // a multiple of 32 (warp ballots below)
 constexpr int kSaeDecodeCols = 16;      // output columns per thread and pass: 4096 per pass
+static_assert(kSaeDecodeThreads % 32 == 0, "the decode's compaction takes whole warps");
 
 // ---- kernels ----
 
@@ -333,6 +334,8 @@ cudaError_t LaunchSaeSparseDecode(const float* dense, int64_t d_sae, const int32
       SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<__half>, grid, kSaeDecodeThreads, 0, stream)
       (dense, d_sae, idx, val, k, static_cast<const __half*>(dec), d, b_dec, scale_out, out);
       break;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
