@@ -884,16 +884,23 @@ class CudaBackend final : public Backend {
     // Per token: encoder parts, the bf16 GEMM input, the top-k list, rescoring scratch.
     const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) + static_cast<size_t>(n_enc * d) * 2 +
                              static_cast<size_t>(k) * 8 + (k > 0 && mode == 0 ? SaeCandidateBytesPerRow(k) : 0) +
-                             (jumprelu_rescore ? sizeof(float) : 0);
+                             (jumprelu_rescore ? sizeof(float) + JumpReluListBytesPerRow() : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
     float* pre = static_cast<float*>(pre_v);  // [n_enc, chunk, d_sae]; part 0 then F [chunk, d_sae]
-    int32_t* idx = nullptr;                   // [chunk, k]
-    float* val = nullptr;                     // [chunk, k]
-    if (k > 0) {
-      ASSIGN_OR_RETURN(void* topk, Ensure(&sae_topk_, static_cast<size_t>(chunk) * k * 8));
-      idx = static_cast<int32_t*>(topk);
-      val = reinterpret_cast<float*>(idx + chunk * k);
+    // The active features for the decode: a list idx / val [chunk, n_list]
+    // (TopK: the top-k; JumpReLU with rescoring: the actives the exact kernel
+    // lists, dense_row flagging rows whose actives did not fit), or F (dense).
+    const int n_list = k > 0 ? k : (jumprelu_rescore ? cuda::kJumpReluListSlots : 0);
+    int32_t* idx = nullptr;  // [chunk, n_list]
+    float* val = nullptr;    // [chunk, n_list]
+    int32_t* dense_row = nullptr;
+    if (n_list > 0) {
+      const size_t list_bytes = k > 0 ? static_cast<size_t>(k) * 8 : JumpReluListBytesPerRow();
+      ASSIGN_OR_RETURN(void* lists, Ensure(&sae_topk_, static_cast<size_t>(chunk) * list_bytes));
+      idx = static_cast<int32_t*>(lists);
+      val = reinterpret_cast<float*>(idx + chunk * n_list);
+      if (k == 0) dense_row = reinterpret_cast<int32_t*>(val + chunk * n_list);
     }
     float* margin = nullptr;  // [chunk] (JumpReLU rescoring)
     std::array<float, 2> bound{};
@@ -904,7 +911,7 @@ class CudaBackend final : public Backend {
     }
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
-      const float* dense = nullptr;  // F [tc, d_sae] (JumpReLU), else the top-k list (none: no features)
+      const float* dense = nullptr;  // F [tc, d_sae] (JumpReLU), else only the list (none: no features)
       if (d_sae > 0) {
         int parts = 1;
         if (k > 0) {
@@ -929,11 +936,12 @@ class CudaBackend final : public Backend {
           RETURN_IF_ERROR(Gemm(xr, tc, enc.encoder, 1, pre, &parts, "sae reconstruct encode"));
           RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound[0], bound[1], margin, dev_->stream),
                                    "sae reconstruct margins"));
-          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluExact(xr, enc.encoder.data, tc, d, d_sae,
-                                                                enc.bias.as<float>(), enc.feature_scale.as<float>(),
-                                                                enc.scale_in, enc.threshold, margin, pre, dev_->stream),
-                                   "sae reconstruct activations"));
-          dense = pre;
+          RETURN_IF_ERROR(
+              FromCuda(cuda::LaunchSaeJumpReluExact(xr, enc.encoder.data, tc, d, d_sae, enc.bias.as<float>(),
+                                                    enc.feature_scale.as<float>(), enc.scale_in, enc.threshold, margin,
+                                                    pre, idx, val, dense_row, dev_->stream),
+                       "sae reconstruct activations"));
+          dense = pre;  // for the rows flagged in dense_row
         } else {
           RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, enc.encoder, n_enc, pre, &parts, "sae reconstruct encode"));
           RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeJumpReluActivations(pre, parts, tc, d_sae, enc.bias.as<float>(),
@@ -946,9 +954,9 @@ class CudaBackend final : public Backend {
       // Reads only the active features' rows of the feature-major decoder:
       // ~k rows per token, where a dense GEMM on F would multiply all d_sae.
       RETURN_IF_ERROR(
-          FromCuda(cuda::LaunchSaeSparseDecode(dense, d_sae, idx, val, dense != nullptr ? 0 : k, dec.decoder.data,
-                                               ToElem(dec.decoder.dtype), tc, d, dec.bias.as<float>(), dec.scale_out,
-                                               out.as<float>() + t0 * d, dev_->stream),
+          FromCuda(cuda::LaunchSaeSparseDecode(dense, dense_row, d_sae, idx, val, d_sae > 0 ? n_list : 0,
+                                               dec.decoder.data, ToElem(dec.decoder.dtype), tc, d, dec.bias.as<float>(),
+                                               dec.scale_out, out.as<float>() + t0 * d, dev_->stream),
                    "sae reconstruct decode"));
     }
     return absl::OkStatus();
@@ -1038,6 +1046,8 @@ class CudaBackend final : public Backend {
     const int mode = SaeTopKMode(dtype);
     return mode == 0 ? 2 : mode;
   }
+  // JumpReLU reconstruction lists per row: index + h per slot, the dense-row flag.
+  static size_t JumpReluListBytesPerRow() { return static_cast<size_t>(cuda::kJumpReluListSlots) * 8 + 4; }
   // Rescoring keeps this many candidates per row for a top-k of k_keep.
   static int SaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
   // Rescoring scratch per row: candidates (index + value), margin, fallback flag.

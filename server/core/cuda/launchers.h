@@ -119,10 +119,14 @@ cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t
                                const int32_t* fallback, float* pre, cudaStream_t stream);
 // JumpReLU F from a 1-part bf16 GEMM, in place: pre [n_rows, d_sae] (w_i .
 // bf16(x_r)) <- exact h_i where the exact v_i > threshold, else 0; only
-// features within margin[r] of the threshold are recomputed.
+// features within margin[r] of the threshold are recomputed. The active
+// (index, h) also go to list_idx / list_h [n_rows, kJumpReluListSlots]
+// (unused slots index -1) unless they do not fit: then dense_row[r] = 1.
+constexpr int kJumpReluListSlots = 512;
 cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                    const float* bias, const float* feature_scale, float scale_in, float threshold,
-                                   const float* margin, float* pre, cudaStream_t stream);
+                                   const float* margin, float* pre, int32_t* list_idx, float* list_h,
+                                   int32_t* dense_row, cudaStream_t stream);
 // h [n_rows, k] <- scale_in * (w_idx . x_r) + bias_idx (exact, as the rescore
 // computes it) for slots with idx >= 0, 0 elsewhere.
 cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
@@ -150,10 +154,11 @@ cudaError_t LaunchSaeListLookup(const int32_t* idx, const float* val, int64_t n_
                                 const int32_t* ids, int64_t m, float* out, cudaStream_t stream);
 // out [n_rows, d] = (sum of h_i * dec[i, :] over the active i + b_dec) / scale_out,
 // dec [d_sae, d] feature-major. Active: the nonzeros of dense [n_rows, d_sae]
-// (non-null), else the slots of idx / val [n_rows, k] with idx >= 0 (val = h).
-cudaError_t LaunchSaeSparseDecode(const float* dense, int64_t d_sae, const int32_t* idx, const float* val, int k,
-                                  const void* dec, ElemType dec_type, int64_t n_rows, int64_t d, const float* b_dec,
-                                  float scale_out, float* out, cudaStream_t stream);
+// where dense is non-null and dense_row is null or dense_row[r] != 0, else
+// the slots of idx / val [n_rows, k] with idx >= 0 (val = h).
+cudaError_t LaunchSaeSparseDecode(const float* dense, const int32_t* dense_row, int64_t d_sae, const int32_t* idx,
+                                  const float* val, int k, const void* dec, ElemType dec_type, int64_t n_rows,
+                                  int64_t d, const float* b_dec, float scale_out, float* out, cudaStream_t stream);
 // out [n_rows] = ||y - y_hat||^2 / ||y||^2 per row (fp64 sums; 0/0 -> 0, x/0 -> +inf).
 cudaError_t LaunchRelativeSquaredError(const float* y_hat, const float* y, int64_t n_rows, int64_t cols, float* out,
                                        cudaStream_t stream);

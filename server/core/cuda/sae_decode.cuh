@@ -143,9 +143,11 @@ __global__ void SaeListLookupKernel(const int32_t* __restrict__ idx, const float
 // Sparse decode, one block per row r:
 //   out[r, :] = (sum over active i of h_i * dec[i, :] + b_dec) / scale_out
 // with dec [d_sae, d] feature-major, so each active feature is one
-// contiguous row read. The active features come from a dense F row (dense
-// [n_rows, d_sae]: h where active, 0 elsewhere; JumpReLU) or from a top-k
-// list (idx / val [n_rows, k], val = h, idx -1 in empty slots). Each step
+// contiguous row read. The active features come from a list (idx / val
+// [n_rows, k], val = h, idx -1 in empty slots: a top-k, or the JumpReLU
+// actives SaeJumpReluExactKernel lists) or from a dense F row (dense
+// [n_rows, d_sae]: h where active, 0 elsewhere) where dense is given and
+// dense_row is null or dense_row[r] != 0 (a row whose list overflowed). Each step
 // the block takes kSaeDecodeThreads candidates, compacts the active ones
 // into shared memory in candidate order (warp ballots, then the warps'
 // counts), and every thread adds them into its kSaeDecodeCols output
@@ -157,15 +159,17 @@ __global__ void SaeListLookupKernel(const int32_t* __restrict__ idx, const float
 // of rows and d_sae multiply-adds per output.
 template <typename T>
 __global__ void __launch_bounds__(kSaeDecodeThreads)
-    SaeSparseDecodeKernel(const float* __restrict__ dense, int64_t d_sae, const int32_t* __restrict__ idx,
-                          const float* __restrict__ val, int k, const T* __restrict__ dec, int64_t d,
-                          const float* __restrict__ b_dec, float scale_out, float* __restrict__ out) {
+    SaeSparseDecodeKernel(const float* __restrict__ dense, const int32_t* __restrict__ dense_row, int64_t d_sae,
+                          const int32_t* __restrict__ idx, const float* __restrict__ val, int k,
+                          const T* __restrict__ dec, int64_t d, const float* __restrict__ b_dec, float scale_out,
+                          float* __restrict__ out) {
   __shared__ int32_t s_idx[kSaeDecodeThreads];
   __shared__ float s_h[kSaeDecodeThreads];
   __shared__ int s_count[kSaeDecodeThreads / 32];
   const int64_t r = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n_cand = dense != nullptr ? d_sae : k;
+  const bool from_dense = dense != nullptr && (dense_row == nullptr || dense_row[r] != 0);  // block-uniform
+  const int64_t n_cand = from_dense ? d_sae : k;
   for (int64_t c0 = 0; c0 < d; c0 += static_cast<int64_t>(kSaeDecodeThreads) * kSaeDecodeCols) {
     float acc[kSaeDecodeCols];
 #pragma unroll
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kSaeDecodeThreads)
       int32_t i = -1;
       float h = 0.0f;
       if (p < n_cand) {
-        if (dense != nullptr) {
+        if (from_dense) {
           h = dense[r * d_sae + p];
           i = h != 0.0f ? static_cast<int32_t>(p) : -1;
         } else {
@@ -315,24 +319,24 @@ cudaError_t LaunchSaeListLookup(const int32_t* idx, const float* val, int64_t n_
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSaeSparseDecode(const float* dense, int64_t d_sae, const int32_t* idx, const float* val, int k,
-                                  const void* dec, ElemType dec_type, int64_t n_rows, int64_t d, const float* b_dec,
-                                  float scale_out, float* out, cudaStream_t stream) {
+cudaError_t LaunchSaeSparseDecode(const float* dense, const int32_t* dense_row, int64_t d_sae, const int32_t* idx,
+                                  const float* val, int k, const void* dec, ElemType dec_type, int64_t n_rows,
+                                  int64_t d, const float* b_dec, float scale_out, float* out, cudaStream_t stream) {
   if (n_rows * d == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row: gridDim.x limit
   const unsigned grid = static_cast<unsigned>(n_rows);
   switch (dec_type) {
     case ElemType::kF32:
       SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<float>, grid, kSaeDecodeThreads, 0, stream)
-      (dense, d_sae, idx, val, k, static_cast<const float*>(dec), d, b_dec, scale_out, out);
+      (dense, dense_row, d_sae, idx, val, k, static_cast<const float*>(dec), d, b_dec, scale_out, out);
       break;
     case ElemType::kBF16:
       SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<__nv_bfloat16>, grid, kSaeDecodeThreads, 0, stream)
-      (dense, d_sae, idx, val, k, static_cast<const __nv_bfloat16*>(dec), d, b_dec, scale_out, out);
+      (dense, dense_row, d_sae, idx, val, k, static_cast<const __nv_bfloat16*>(dec), d, b_dec, scale_out, out);
       break;
     case ElemType::kF16:
       SAE_KERNEL_LAUNCH(SaeSparseDecodeKernel<__half>, grid, kSaeDecodeThreads, 0, stream)
-      (dense, d_sae, idx, val, k, static_cast<const __half*>(dec), d, b_dec, scale_out, out);
+      (dense, dense_row, d_sae, idx, val, k, static_cast<const __half*>(dec), d, b_dec, scale_out, out);
       break;
     default:
       return cudaErrorInvalidValue;

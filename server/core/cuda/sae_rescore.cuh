@@ -27,6 +27,10 @@ namespace cuda {
 constexpr int kRescoreThreads = 256;
 constexpr int kRescoreWarps = kRescoreThreads / 32;
 constexpr float kUnitRoundoff = 5.9604645e-8f;  // 2^-24
+// Active-feature list slots per warp in SaeJumpReluExactKernel: 512 per row,
+// for ~50-300 active features of a Llama Scope SAE spread over 8 warps.
+constexpr int kJumpReluListCap = 64;
+static_assert(kRescoreWarps * kJumpReluListCap == kJumpReluListSlots, "launchers.h states the list size");
 
 // ---- kernels ----
 
@@ -236,22 +240,36 @@ __global__ void __launch_bounds__(kRescoreThreads)
 // near the threshold, however many, with no fallback. Each warp takes 32
 // consecutive features, marks its candidates with a ballot and computes
 // their dot products together. In place is safe: a feature is read and
-// written by its own lane only. One block per row; shared memory: x's row.
+// written by its own lane only.
+// The active features also go to a list, so the decode need not scan F:
+// warp w appends its actives (index, h) in its scan order to its own
+// kJumpReluListCap slots of the row's list [kRescoreWarps * kJumpReluListCap],
+// unused slots get index -1. A deterministic order without atomics. A row
+// where a warp has more actives than its slots sets dense_row[row] = 1 (the
+// decode then reads F); else 0.
+// One block per row; shared memory: x's row.
 __global__ void __launch_bounds__(kRescoreThreads)
     SaeJumpReluExactKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d, int64_t d_sae,
                            const float* __restrict__ bias, const float* __restrict__ fscale, float scale_in,
-                           float threshold, const float* __restrict__ margin, float* __restrict__ pre) {
+                           float threshold, const float* __restrict__ margin, float* __restrict__ pre,
+                           int32_t* __restrict__ list_idx, float* __restrict__ list_h,
+                           int32_t* __restrict__ dense_row) {
   SAE_DYNAMIC_SHARED(float, xs);
+  __shared__ int s_overflow;
+  if (threadIdx.x == 0) s_overflow = 0;
   const int64_t row = blockIdx.x;
-  LoadRow(x, row, d, xs);
+  LoadRow(x, row, d, xs);  // ends with a barrier
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* f = pre + row * d_sae;
+  const int64_t slot0 = (row * kRescoreWarps + warp) * kJumpReluListCap;
+  int n_listed = 0;  // warp-uniform
   // Lowered by the margin, with slack for rounding the subtraction itself.
   const float m = margin[row];
   const float cut = threshold - m - (fabsf(threshold) + m) * (1.0f / 1048576.0f);
   for (int64_t base = static_cast<int64_t>(warp) * 32; base < d_sae; base += kRescoreThreads) {
     const int64_t i = base + lane;
     bool candidate = false;
+    float h_own = 0.0f;  // this lane's feature: its exact h when active
     if (i < d_sae) {
       candidate = ExactValue(f[i], scale_in, bias[i], fscale, i) > cut;  // the top-k kernel's expression
       if (!candidate) f[i] = 0.0f;
@@ -262,10 +280,22 @@ __global__ void __launch_bounds__(kRescoreThreads)
       const float dot = ExactDot(w + j * d, xs, d, lane);
       if (lane == src) {
         const float h = fmaf(scale_in, dot, bias[j]);
-        f[j] = ExactValue(dot, scale_in, bias[j], fscale, j) > threshold ? h : 0.0f;
+        h_own = ExactValue(dot, scale_in, bias[j], fscale, j) > threshold ? h : 0.0f;
+        f[j] = h_own;
       }
     }
+    const unsigned listed = __ballot_sync(kFullMask, h_own != 0.0f);  // an h of 0 adds nothing
+    const int at = n_listed + __popc(listed & ((1u << lane) - 1u));
+    if (h_own != 0.0f && at < kJumpReluListCap) {
+      list_idx[slot0 + at] = static_cast<int32_t>(i);
+      list_h[slot0 + at] = h_own;
+    }
+    n_listed += __popc(listed);
   }
+  for (int s = n_listed + lane; s < kJumpReluListCap; s += 32) list_idx[slot0 + s] = -1;
+  if (lane == 0 && n_listed > kJumpReluListCap) s_overflow = 1;
+  __syncthreads();
+  if (threadIdx.x == 0) dense_row[row] = s_overflow;
 }
 
 // ---- launchers ----
@@ -353,10 +383,11 @@ cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_
 
 cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                    const float* bias, const float* feature_scale, float scale_in, float threshold,
-                                   const float* margin, float* pre, cudaStream_t stream) {
+                                   const float* margin, float* pre, int32_t* list_idx, float* list_h,
+                                   int32_t* dense_row, cudaStream_t stream) {
   if (d_sae == 0) return cudaSuccess;
   return LaunchPerRowOfX(SaeJumpReluExactKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(encoder_bf16),
-                         d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre);
+                         d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre, list_idx, list_h, dense_row);
 }
 
 }  // namespace cuda
