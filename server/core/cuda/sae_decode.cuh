@@ -202,6 +202,7 @@ __global__ void __launch_bounds__(kSaeDecodeThreads)
         s_h[slot] = h;
       }
       __syncthreads();
+#pragma unroll 2  // two features' loads in flight
       for (int a = 0; a < total; ++a) {
         const T* row = dec + static_cast<int64_t>(s_idx[a]) * d;
         const float ha = s_h[a];
