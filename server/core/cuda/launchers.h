@@ -117,11 +117,12 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
 // pre [n_rows, d_sae] <- exact w_i . x_r for the rows with fallback[r] != 0.
 cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                const int32_t* fallback, float* pre, cudaStream_t stream);
-// JumpReLU F from a 1-part bf16 GEMM, in place: pre [n_rows, d_sae] (w_i .
-// bf16(x_r)) <- exact h_i where the exact v_i > threshold, else 0; only
-// features within margin[r] of the threshold are recomputed. The active
-// (index, h) also go to list_idx / list_h [n_rows, kJumpReluListSlots]
-// (unused slots index -1) unless they do not fit: then dense_row[r] = 1.
+// JumpReLU actives from a 1-part bf16 GEMM (pre [n_rows, d_sae] = w_i .
+// bf16(x_r)), exact: only features within margin[r] of the threshold are
+// recomputed. The active (index, exact h) go to list_idx / list_h [n_rows,
+// kJumpReluListSlots] (unused slots index -1) and dense_row[r] = 0; a row
+// whose actives do not fit gets dense_row[r] = 1 and F in place of pre
+// (exact h where active, else 0).
 constexpr int kJumpReluListSlots = 512;
 cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                    const float* bias, const float* feature_scale, float scale_in, float threshold,

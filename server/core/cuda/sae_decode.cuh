@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kSaeDecodeThreads)
           i = h != 0.0f ? static_cast<int32_t>(p) : -1;
         } else {
           i = idx[r * k + p];
-          h = val[r * k + p];
+          if (i >= 0) h = val[r * k + p];  // an empty slot's value may be unwritten
         }
       }
       const bool active = i >= 0 && i < d_sae;

@@ -51,6 +51,13 @@ __device__ __forceinline__ void BlockSortCandidatesDesc(uint64_t* cand, uint32_t
   }
 }
 
+// The threshold lowered by a margin, with slack for rounding the subtraction
+// itself: an exact value above `threshold` has an approximate value above
+// this when the margin bounds their difference.
+__device__ __forceinline__ float LoweredThreshold(float threshold, float margin) {
+  return threshold - margin - (fabsf(threshold) + margin) * (1.0f / 1048576.0f);
+}
+
 }  // namespace cuda
 }  // namespace sae
 

@@ -231,23 +231,63 @@ __global__ void __launch_bounds__(kRescoreThreads)
   }
 }
 
+// One pass of SaeJumpReluExactKernel over row f (pre [d_sae]: w_i . bf16(x)):
+// the candidates (approximate value above cut, or not comparable: NaN) get
+// their exact h (0 when the exact value does not pass); each warp takes 32
+// consecutive features, marks its candidates with a ballot and computes their
+// dot products together. List pass: the active (index, h) go to the warp's
+// kJumpReluListCap slots in scan order, f is not written; returns the warp's
+// active count (> kJumpReluListCap: overflow). Dense pass: f[i] <- h where
+// active, else 0, in place (a feature is read and written by its own lane).
+template <bool kDense>
+__device__ __forceinline__ int JumpReluExactPass(const __nv_bfloat16* __restrict__ w, const float* xs, int64_t d,
+                                                 int64_t d_sae, const float* __restrict__ bias,
+                                                 const float* __restrict__ fscale, float scale_in, float threshold,
+                                                 float cut, float* f, int32_t* list_idx, float* list_h) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int n_listed = 0;  // warp-uniform
+  for (int64_t base = static_cast<int64_t>(warp) * 32; base < d_sae; base += kRescoreThreads) {
+    const int64_t i = base + lane;
+    // !(v <= cut): a NaN approximation (x near FLT_MAX rounds to inf in bf16) defers to the exact value.
+    const bool candidate = i < d_sae && !(ExactValue(f[i], scale_in, bias[i], fscale, i) <= cut);
+    float h_own = 0.0f;  // this lane's feature: its exact h when active
+    for (unsigned todo = __ballot_sync(kFullMask, candidate); todo != 0; todo &= todo - 1) {
+      const int src = __ffs(static_cast<int>(todo)) - 1;
+      const int64_t j = base + src;
+      const float dot = ExactDot(w + j * d, xs, d, lane);
+      if (lane == src) {
+        const float h = fmaf(scale_in, dot, bias[j]);
+        h_own = ExactValue(dot, scale_in, bias[j], fscale, j) > threshold ? h : 0.0f;
+      }
+    }
+    if (kDense) {
+      if (i < d_sae) f[i] = h_own;
+    } else {
+      const unsigned listed = __ballot_sync(kFullMask, h_own != 0.0f);  // an h of 0 adds nothing
+      const int at = n_listed + __popc(listed & ((1u << lane) - 1u));
+      if (h_own != 0.0f && at < kJumpReluListCap) {
+        list_idx[at] = static_cast<int32_t>(i);
+        list_h[at] = h_own;
+      }
+      n_listed += __popc(listed);
+    }
+  }
+  return n_listed;
+}
+
 // JumpReLU activations from a plain-bf16 encoder GEMM, for reconstructions:
-// pre [n_rows, d_sae] holds w_i . bf16(x_r); in place it becomes F, the exact
-// h_i where the exact v_i passes the threshold and 0 elsewhere. v_i can pass
-// only if its approximate value is within the row's margin of the threshold
-// (the bound SaeMarginKernel proves), so only those candidates are
+// pre [n_rows, d_sae] holds w_i . bf16(x_r). A feature's exact v_i can pass
+// the threshold only if its approximate value is within the row's margin of
+// it (the bound SaeMarginKernel proves), so only those candidates are
 // recomputed (ExactDot over the fp32 row): the active features and the few
-// near the threshold, however many, with no fallback. Each warp takes 32
-// consecutive features, marks its candidates with a ballot and computes
-// their dot products together. In place is safe: a feature is read and
-// written by its own lane only.
-// The active features also go to a list, so the decode need not scan F:
-// warp w appends its actives (index, h) in its scan order to its own
-// kJumpReluListCap slots of the row's list [kRescoreWarps * kJumpReluListCap],
-// unused slots get index -1. A deterministic order without atomics. A row
-// where a warp has more actives than its slots sets dense_row[row] = 1 (the
-// decode then reads F); else 0.
-// One block per row; shared memory: x's row.
+// near the threshold, however many, with no fallback. The active (index, h)
+// go to a list, so the decode reads neither F nor d_sae values: warp w fills
+// its own kJumpReluListCap slots of the row's list [kJumpReluListSlots] in
+// scan order (deterministic, no atomics), unused slots get index -1. A row
+// where some warp has more actives than slots sets dense_row[row] = 1 and
+// takes a second, dense pass that writes F in place (exact h where active,
+// else 0) for the decode to read; else dense_row[row] = 0 and pre is left
+// as it was. One block per row; shared memory: x's row.
 __global__ void __launch_bounds__(kRescoreThreads)
     SaeJumpReluExactKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ w, int64_t d, int64_t d_sae,
                            const float* __restrict__ bias, const float* __restrict__ fscale, float scale_in,
@@ -262,40 +302,17 @@ __global__ void __launch_bounds__(kRescoreThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* f = pre + row * d_sae;
   const int64_t slot0 = (row * kRescoreWarps + warp) * kJumpReluListCap;
-  int n_listed = 0;  // warp-uniform
-  // Lowered by the margin, with slack for rounding the subtraction itself.
-  const float m = margin[row];
-  const float cut = threshold - m - (fabsf(threshold) + m) * (1.0f / 1048576.0f);
-  for (int64_t base = static_cast<int64_t>(warp) * 32; base < d_sae; base += kRescoreThreads) {
-    const int64_t i = base + lane;
-    bool candidate = false;
-    float h_own = 0.0f;  // this lane's feature: its exact h when active
-    if (i < d_sae) {
-      candidate = ExactValue(f[i], scale_in, bias[i], fscale, i) > cut;  // the top-k kernel's expression
-      if (!candidate) f[i] = 0.0f;
-    }
-    for (unsigned todo = __ballot_sync(kFullMask, candidate); todo != 0; todo &= todo - 1) {
-      const int src = __ffs(static_cast<int>(todo)) - 1;
-      const int64_t j = base + src;
-      const float dot = ExactDot(w + j * d, xs, d, lane);
-      if (lane == src) {
-        const float h = fmaf(scale_in, dot, bias[j]);
-        h_own = ExactValue(dot, scale_in, bias[j], fscale, j) > threshold ? h : 0.0f;
-        f[j] = h_own;
-      }
-    }
-    const unsigned listed = __ballot_sync(kFullMask, h_own != 0.0f);  // an h of 0 adds nothing
-    const int at = n_listed + __popc(listed & ((1u << lane) - 1u));
-    if (h_own != 0.0f && at < kJumpReluListCap) {
-      list_idx[slot0 + at] = static_cast<int32_t>(i);
-      list_h[slot0 + at] = h_own;
-    }
-    n_listed += __popc(listed);
-  }
+  const float cut = LoweredThreshold(threshold, margin[row]);
+  const int n_listed = JumpReluExactPass<false>(w, xs, d, d_sae, bias, fscale, scale_in, threshold, cut, f,
+                                                list_idx + slot0, list_h + slot0);
   for (int s = n_listed + lane; s < kJumpReluListCap; s += 32) list_idx[slot0 + s] = -1;
   if (lane == 0 && n_listed > kJumpReluListCap) s_overflow = 1;
   __syncthreads();
-  if (threadIdx.x == 0) dense_row[row] = s_overflow;
+  const int overflow = s_overflow;  // block-uniform
+  if (threadIdx.x == 0) dense_row[row] = overflow;
+  if (overflow) {
+    JumpReluExactPass<true>(w, xs, d, d_sae, bias, fscale, scale_in, threshold, cut, f, nullptr, nullptr);
+  }
 }
 
 // ---- launchers ----

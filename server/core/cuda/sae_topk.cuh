@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kTopKThreads)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t row_index = blockIdx.x;
   if (p.row_mask != nullptr && p.row_mask[row_index] == 0) return;  // block-uniform
-  const float thr = p.threshold - (p.margin != nullptr ? p.margin[row_index] : 0.0f);
+  const float thr = p.margin != nullptr ? LoweredThreshold(p.threshold, p.margin[row_index]) : p.threshold;
   const float* row = p.pre + row_index * p.d_sae;
   const int64_t d_sae = p.d_sae;
 
