@@ -39,8 +39,9 @@ void Transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
   }
 }
 
-// A tensor's bytes transposed ([rows, cols] -> [cols, rows]); 2- or 4-byte elements.
-std::unique_ptr<char[]> TransposeElements(const HostTensor& t, int64_t rows, int64_t cols) {
+// A 2-D tensor's bytes transposed ([rows, cols] -> [cols, rows]); 2- or 4-byte elements.
+std::unique_ptr<char[]> TransposeElements(const HostTensor& t) {
+  const int64_t rows = t.shape[0], cols = t.shape[1];
   std::unique_ptr<char[]> dst(new char[t.nbytes()]);  // every byte is written below: no zero fill
   if (DTypeSize(t.dtype) == 2) {
     Transpose(static_cast<const uint16_t*>(t.data), rows, cols, reinterpret_cast<uint16_t*>(dst.get()));
@@ -188,7 +189,7 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   // The decoder is always resident so any request may ask for reconstruction
   // errors; feature-major (see SaeDecoderWeights), transposed here on the host.
   const size_t dec_esize = DTypeSize(w_dec.dtype);
-  const std::unique_ptr<char[]> dec_rows = TransposeElements(w_dec, hp.d_model, hp.d_sae);
+  const std::unique_ptr<char[]> dec_rows = TransposeElements(w_dec);  // [d_model, d_sae] checked above
   ASSIGN_OR_RETURN(s->w_dec_,
                    backend->Upload(HostTensor{dec_rows.get(), w_dec.dtype, {hp.d_sae, hp.d_model}}, w_dec.dtype));
   ASSIGN_OR_RETURN(s->b_dec_, backend->Upload(b_dec, DType::kF32));

@@ -953,18 +953,17 @@ class CudaBackend final : public Backend {
       }
       // Reads only the active features' rows of the feature-major decoder:
       // ~k rows per token, where a dense GEMM on F would multiply all d_sae.
-      RETURN_IF_ERROR(
-          FromCuda(cuda::LaunchSaeSparseDecode(dense, dense_row, d_sae, idx, val, d_sae > 0 ? n_list : 0,
-                                               dec.decoder.data, ToElem(dec.decoder.dtype), tc, d, dec.bias.as<float>(),
-                                               dec.scale_out, out.as<float>() + t0 * d, dev_->stream),
-                   "sae reconstruct decode"));
+      RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeSparseDecode(dense, dense_row, d_sae, idx, val, n_list, dec.decoder.data,
+                                                           ToElem(dec.decoder.dtype), tc, d, dec.bias.as<float>(),
+                                                           dec.scale_out, out.as<float>() + t0 * d, dev_->stream),
+                               "sae reconstruct decode"));
     }
     return absl::OkStatus();
   }
 
   // Time points are timing events on the stream, recycled through a free
-  // list. Each one closes an error epoch: the ops issued after it store
-  // their codes in the next error word.
+  // list. Each one also marks where the ops before it end for the error
+  // words (below).
   absl::StatusOr<int64_t> RecordTimePoint() override {
     RETURN_IF_ERROR(Enter());
     int64_t id;
@@ -1331,8 +1330,9 @@ class CudaBackend final : public Backend {
   Scratch w_f32_;       // F16 weight rows widened to F32
   Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
-  Scratch sae_topk_;    // [chunk, k] I32 indices, then [chunk, k] F32 values
-  Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags
+  Scratch sae_topk_;    // [chunk, n] I32 indices, then [chunk, n] F32 values (a top-k, or JumpReLU actives + flags)
+  Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags;
+                        // JumpReLU reconstruction: [chunk] margins
   Scratch sae_bound_;   // 2 floats: SaeBounds' device result
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
