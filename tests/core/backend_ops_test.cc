@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <random>
+#include <string>
 
 #include "core/backend.h"
 #include "gtest/gtest.h"
@@ -1055,6 +1057,36 @@ TEST_P(BackendOpsTest, SaeTopKResolvesDifferencesBelowBf16) {
   }
 }
 
+// The rescoring margin must bound how far the bf16 GEMM moves a value at any
+// scale of x. After bf16 rounding every feature ties at (1 + 2^-7) s; the
+// exact values are C (features 0..49) (1 + 2^-7 + 2^-9) s, B (50..1998)
+// (1 + 2^-7) s and A (1999) (1 + 2^-7 + 2^-8 - 2^-12) s, the largest. The tie
+// makes C and B the candidates, and only a margin that covers A's rounding
+// sends the row to the exact path. At s = 2^-100 the squares of x underflow
+// fp32 (a margin summed in fp32 is 0); at 2^70 they overflow it.
+TEST_P(BackendOpsTest, SaeTopKIsExactAtExtremeScales) {
+  const int d = 3, d_sae = 2000, k = 50;
+  for (const float s : {1.0f, std::ldexp(1.0f, -100), std::ldexp(1.0f, 70)}) {
+    const std::vector<float> x = {(1 + 0x1p-7f + 0x1p-8f - 0x1p-12f) * s, (1 + 0x1p-7f) * s,
+                                  (1 + 0x1p-7f + 0x1p-9f) * s};
+    std::vector<float> w(static_cast<size_t>(d_sae) * d, 0.0f);
+    for (int i = 0; i < d_sae; ++i) w[static_cast<size_t>(i) * d + (i < k ? 2 : i < d_sae - 1 ? 1 : 0)] = 1.0f;
+    auto tx = Upload(x, 1, d), tw = Upload(w, d_sae, d, DType::kBF16),
+         tb = Upload(std::vector<float>(d_sae, 0.0f), 1, d_sae);
+    const SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+    auto idx = Zeros(1, k, DType::kI32), val = Zeros(1, k);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    EXPECT_EQ(got_i[0], d_sae - 1) << "scale " << s;
+    EXPECT_EQ(got_v[0], x[0]) << "scale " << s;
+    for (int j = 1; j < k; ++j) {
+      ASSERT_EQ(got_i[j], j - 1) << "scale " << s << " slot " << j;
+      ASSERT_EQ(got_v[j], x[2]) << "scale " << s << " slot " << j;
+    }
+  }
+}
+
 // Double-precision SAE pre-activations of one token: h_i = s_in * (w_i . x) + b_i,
 // and the active set under the encoder's rule (v_i = h_i * scale_i > threshold;
 // TopK SAEs keep only the max_active largest v_i, ties to the lower index).
@@ -1250,6 +1282,101 @@ TEST_P(BackendOpsTest, SaeReconstructDecidesNearTheThresholdExactly) {
   for (int c = 0; c < d; ++c) {
     ASSERT_NEAR(got[c], h0 * 1.0 + h1 * 2.0, 1e-4) << "row 0 (feature 0 passes only exactly) column " << c;
     ASSERT_EQ(got[d + c], 0.0f) << "row 1 (feature 1 passes only in bf16) column " << c;
+  }
+}
+
+// Activations at the ends of the fp32 range follow IEEE arithmetic on every
+// backend: each w_i . x is +-inf or NaN (0 * inf) for a row holding inf, a
+// NaN value is never active, +inf values tie (the lower indices win), and a
+// row holding FLT_MAX gives finite values (1.7 * 0.5 * FLT_MAX) whose sums
+// in the fp32 reconstruction overflow. Rows: +inf, NaN, -inf, FLT_MAX, all
+// in column 0, then a finite row sharing their chunk. Feature i weighs column
+// 0 by +0.5, -0.5 or 0 as i % 3; the decoder rows are positive, so a
+// reconstruction from infinite h is +inf, and from no active feature the
+// decoder bias. (CUDA's error bound for its bf16 GEMM does not hold on the
+// rows with inf or NaN, so they must take its exact path, and a bf16 operand
+// for FLT_MAX must not round to inf.)
+TEST_P(BackendOpsTest, SaeOpsFollowIeeeAtTheEndsOfTheRange) {
+  const int n = 5, d = 8, d_sae = 300, k = 10;
+  const float s_in = 1.7f, s_out = 0.6f, threshold = 0.3f;
+  std::vector<float> x = Random(static_cast<size_t>(n) * d, 101);
+  x[0] = std::numeric_limits<float>::infinity();
+  x[d] = std::numeric_limits<float>::quiet_NaN();
+  x[2 * d] = -std::numeric_limits<float>::infinity();
+  x[3 * d] = std::numeric_limits<float>::max();
+  std::vector<float> w = Rounded(Random(static_cast<size_t>(d_sae) * d, 102), DType::kBF16);
+  for (int i = 0; i < d_sae; ++i) w[static_cast<size_t>(i) * d] = i % 3 == 0 ? 0.5f : i % 3 == 1 ? -0.5f : 0.0f;
+  const auto b = Random(d_sae, 103, 0.5f);
+  std::vector<float> dec = Random(static_cast<size_t>(d_sae) * d, 104);
+  for (float& v : dec) v = std::abs(v) + 0.125f;
+  dec = Rounded(dec, DType::kBF16);
+  const auto b_dec = Random(d, 105);
+  auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae),
+       tdec = Upload(dec, d_sae, d, DType::kBF16), tbd = Upload(b_dec, 1, d);
+  std::vector<int32_t> ids(d_sae);
+  for (int i = 0; i < d_sae; ++i) ids[i] = i;
+  auto tid = UploadI32(ids);
+  // Equal, both NaN, or (finite) within tol.
+  auto same = [](double got, double want, Tol tol) {
+    if (std::isnan(want)) return std::isnan(got);
+    if (std::isinf(want)) return got == want;
+    return std::abs(got - want) <= tol.atol + tol.rtol * std::abs(want);
+  };
+  const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-3, 1e-3};
+  for (const int max_active : {0, k}) {
+    const std::string what = max_active > 0 ? "topk sae" : "jumprelu sae";
+    const SaeEncoderWeights enc{tw.get(), tb.get(), Tensor(), s_in, threshold, max_active};
+    auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k), sel = Zeros(n, d_sae), out = Zeros(n, d);
+    ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), enc, k, idx.get(), val.get()).ok()) << what;
+    ASSERT_TRUE(backend_->SaeEncodeSelected(tx.get(), enc, tid.get(), sel.get()).ok()) << what;
+    ASSERT_TRUE(
+        backend_->SaeReconstruct(tx.get(), enc, SaeDecoderWeights{tdec.get(), tbd.get(), s_out}, out.get()).ok())
+        << what;
+    const auto got_i = Download<int32_t>(idx);
+    const auto got_v = Download<float>(val);
+    const auto got_sel = Download<float>(sel);
+    const auto got_out = Download<float>(out);
+    for (int t = 0; t < n; ++t) {
+      const RefEncoded e =
+          RefEncode(x.data() + static_cast<size_t>(t) * d, w, b, {}, d, d_sae, s_in, threshold, max_active);
+      const std::string row = what + " row " + std::to_string(t);
+      if (t == n - 1) {
+        ASSERT_GE(e.min_margin, 1e-3) << row << ": the finite row must decide clearly";
+      }
+      std::vector<std::pair<double, int>> act;
+      for (int i = 0; i < d_sae; ++i) {
+        if (e.active[i]) act.emplace_back(e.v[i], i);
+      }
+      std::sort(act.begin(), act.end(),
+                [](auto& p, auto& q) { return p.first != q.first ? p.first > q.first : p.second < q.second; });
+      if (t == 0) {
+        ASSERT_EQ(act.size(), static_cast<size_t>(max_active > 0 ? k : d_sae / 3)) << row;
+      }
+      if (t == 1) {
+        ASSERT_TRUE(act.empty()) << row;
+      }
+      for (int j = 0; j < k; ++j) {
+        const size_t at = static_cast<size_t>(t) * k + j;
+        const int want_i = static_cast<size_t>(j) < act.size() ? act[j].second : -1;
+        EXPECT_EQ(got_i[at], want_i) << row << " top-k slot " << j;
+        EXPECT_TRUE(same(got_v[at], want_i >= 0 ? act[j].first : 0.0, tol))
+            << row << " top-k slot " << j << " got " << got_v[at];
+      }
+      for (int i = 0; i < d_sae; ++i) {
+        const float g = got_sel[static_cast<size_t>(t) * d_sae + i];
+        EXPECT_TRUE(same(g, e.active[i] ? e.v[i] : 0.0, tol))
+            << row << " selected feature " << i << " got " << g << " want " << (e.active[i] ? e.v[i] : 0.0);
+      }
+      for (int c = 0; c < d; ++c) {
+        double y = b_dec[c];
+        for (int i = 0; i < d_sae; ++i) {
+          if (e.active[i]) y += e.h[i] * dec[static_cast<size_t>(i) * d + c];
+        }
+        const float g = got_out[static_cast<size_t>(t) * d + c];
+        EXPECT_TRUE(same(g, static_cast<float>(y / s_out), tol))
+            << row << " reconstruction column " << c << " got " << g << " want " << y / s_out;
+      }
+    }
   }
 }
 

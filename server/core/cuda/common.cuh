@@ -101,13 +101,24 @@ __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 
-// Activation stores: F32 as is, or BF16 rounded to nearest even (the rounding
+// An fp32 activation as a GEMM's bf16 operand: rounded to nearest even, but
+// saturated at the largest finite bf16 (2^128 - 2^120), where plain rounding
+// would turn the top of the fp32 range into inf. So a finite x keeps a finite
+// bf16 part and a finite rest x - part (LaunchSplitToBf16); inf and NaN stay.
+__device__ __forceinline__ __nv_bfloat16 Bf16Part(float v) {
+  constexpr float kMaxBf16 = 0x1.fep127f;
+  const float a = fabsf(v);
+  return __float2bfloat16_rn(a > kMaxBf16 && a < INFINITY ? copysignf(kMaxBf16, v) : v);
+}
+
+// Activation stores: F32 as is, or BF16 as Bf16Part rounds (the rounding
 // LaunchSplitToBf16 applies before a GEMM, so a BF16-output op feeds the GEMM
 // the same bits as its F32 output would after that pass).
 __device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void StoreAs(__nv_bfloat16* p, float v) { *p = Bf16Part(v); }
 
-__device__ __forceinline__ float WarpSum(float v) {
+template <typename T>  // float or double
+__device__ __forceinline__ T WarpSum(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
   return v;
@@ -119,14 +130,15 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
-// Sum over the block, returned to every thread. `scratch` holds >= 32 floats;
+// Sum over the block, returned to every thread. `scratch` holds >= 32 Ts;
 // the block size is a multiple of 32.
-__device__ __forceinline__ float BlockSum(float v, float* scratch) {
+template <typename T>  // float or double
+__device__ __forceinline__ T BlockSum(T v, T* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   v = WarpSum(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.0f;
+  T total = 0;
   for (int w = 0; w < n_warps; ++w) total += scratch[w];  // same order in every thread: same result
   __syncthreads();                                        // scratch may be reused right after
   return total;

@@ -276,7 +276,7 @@ struct Device {
     const void* bias;
     const void* feature_scale;
     float scale_in;
-    std::array<float, 2> bound;
+    std::array<float, 3> bound;
   };
   std::mutex bounds_mu;
   std::vector<SaeBound> bounds;
@@ -903,7 +903,7 @@ class CudaBackend final : public Backend {
       if (k == 0) dense_row = reinterpret_cast<int32_t*>(val + chunk * n_list);
     }
     float* margin = nullptr;  // [chunk] (JumpReLU rescoring)
-    std::array<float, 2> bound{};
+    std::array<float, 3> bound{};
     if (jumprelu_rescore) {
       ASSIGN_OR_RETURN(bound, SaeBounds(enc));
       ASSIGN_OR_RETURN(void* m, Ensure(&sae_cand_, static_cast<size_t>(chunk) * sizeof(float)));
@@ -934,7 +934,7 @@ class CudaBackend final : public Backend {
         } else if (jumprelu_rescore) {
           const float* xr = x.as<float>() + t0 * d;
           RETURN_IF_ERROR(Gemm(xr, tc, enc.encoder, 1, pre, &parts, "sae reconstruct encode"));
-          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound[0], bound[1], margin, dev_->stream),
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound.data(), margin, dev_->stream),
                                    "sae reconstruct margins"));
           RETURN_IF_ERROR(
               FromCuda(cuda::LaunchSaeJumpReluExact(xr, enc.encoder.data, tc, d, d_sae, enc.bias.as<float>(),
@@ -1060,7 +1060,7 @@ class CudaBackend final : public Backend {
 
   // max_i |scale_in| ||w_i|| |fs_i| and max_i |b_i| |fs_i| of a BF16 encoder,
   // computed on the device once per encoder (cached in the Device).
-  absl::StatusOr<std::array<float, 2>> SaeBounds(const SaeEncoderWeights& sae) {
+  absl::StatusOr<std::array<float, 3>> SaeBounds(const SaeEncoderWeights& sae) {
     {
       std::lock_guard<std::mutex> lock(dev_->bounds_mu);
       for (const Device::SaeBound& b : dev_->bounds) {
@@ -1070,14 +1070,14 @@ class CudaBackend final : public Backend {
         }
       }
     }
-    ASSIGN_OR_RETURN(void* scratch, Ensure(&sae_bound_, 2 * sizeof(float)));
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, 2 * sizeof(float), dev_->stream), "sae bound");
+    ASSIGN_OR_RETURN(void* scratch, Ensure(&sae_bound_, 3 * sizeof(float)));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, 3 * sizeof(float), dev_->stream), "sae bound");
     RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeValueBound(sae.encoder.data, sae.bias.as<float>(), sae.encoder.rows,
                                                        sae.encoder.cols, sae.feature_scale.as<float>(), sae.scale_in,
                                                        static_cast<float*>(scratch), dev_->stream),
                              "sae bound"));
-    std::array<float, 2> bound{};
-    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 2}, bound.data()));
+    std::array<float, 3> bound{};
+    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 3}, bound.data()));
     std::lock_guard<std::mutex> lock(dev_->bounds_mu);
     dev_->bounds.push_back(Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.bias.data,
                                             sae.feature_scale.data, sae.scale_in, bound});
@@ -1109,7 +1109,7 @@ class CudaBackend final : public Backend {
     auto* fallback = reinterpret_cast<int32_t*>(margin + tc);
     int gemm_parts = 1;
     RETURN_IF_ERROR(Gemm(x, tc, sae.encoder, 1, pre, &gemm_parts, op));
-    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(x, tc, d, bound[0], bound[1], margin, dev_->stream), op));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(x, tc, d, bound.data(), margin, dev_->stream), op));
     RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopK(pre, 1, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, margin,
                                                  nullptr, n_cand, n_cand, cand_idx, cand_val, dev_->stream),
                              op));
@@ -1333,7 +1333,7 @@ class CudaBackend final : public Backend {
   Scratch sae_topk_;    // [chunk, n] I32 indices, then [chunk, n] F32 values (a top-k, or JumpReLU actives + flags)
   Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags;
                         // JumpReLU reconstruction: [chunk] margins
-  Scratch sae_bound_;   // 2 floats: SaeBounds' device result
+  Scratch sae_bound_;   // 3 floats: SaeBounds' device result
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
 };

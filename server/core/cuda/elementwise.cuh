@@ -33,17 +33,19 @@ __global__ void EmbedKernel(const T* __restrict__ table, int64_t vocab, int64_t 
   }
 }
 
-// Part p holds bf16(x - parts < p): 1 part is plain bf16 rounding (8 bits of
-// mantissa), 2 parts carry 16 bits, 3 parts all 24 bits of the fp32 value.
+// Part p holds Bf16Part(x - parts < p): 1 part is plain bf16 rounding (8
+// bits of mantissa), 2 parts carry 16 bits, 3 parts all 24 bits of the fp32
+// value. An inf or NaN x is all in part 0 (the rest is 0, not inf - inf), so
+// the summed part products are what x itself gives.
 __global__ void SplitToBf16Kernel(const float* __restrict__ x, int64_t n, int n_parts,
                                   __nv_bfloat16* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float rest = x[i];
     for (int p = 0; p < n_parts; ++p) {
-      const __nv_bfloat16 h = __float2bfloat16_rn(rest);
+      const __nv_bfloat16 h = Bf16Part(rest);
       out[p * n + i] = h;
-      rest -= __bfloat162float(h);
+      rest = fabsf(rest) < INFINITY ? rest - __bfloat162float(h) : 0.0f;
     }
   }
 }

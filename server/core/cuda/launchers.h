@@ -96,14 +96,16 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
 // the fp32 activations and prove, per row, that no other feature can enter
 // the exact top-k (rows where that fails are recomputed exactly).
 // bound[0] = max_i |scale_in| * ||w_i||_2 * |feature_scale_i| over a BF16
-// encoder [d_sae, d], bound[1] = max_i |bias_i| * |feature_scale_i| (both
-// running maxima: bound must hold zeros before).
+// encoder [d_sae, d], bound[1] = max_i |bias_i| * |feature_scale_i|,
+// bound[2] = max_i |scale_in| * |feature_scale_i| (running maxima: bound must
+// hold zeros before).
 cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
                                 const float* feature_scale, float scale_in, float* bound, cudaStream_t stream);
 // margin[r] >= |v_i(x_r) computed exactly - v_i from the bf16 GEMM| for every
-// feature i (bf16 rounding of x, fp32 accumulation in both, epilogue rounding);
-// m_bound, b_bound: LaunchSaeValueBound's bound[0], bound[1].
-cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, float m_bound, float b_bound, float* margin,
+// feature i (bf16 rounding of x, fp32 accumulation in both, epilogue rounding,
+// underflow), or +inf where x_r is not finite; bound: LaunchSaeValueBound's
+// three values, on the host.
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const float* bound, float* margin,
                              cudaStream_t stream);
 // Per row: exact values of the candidates cand_idx [n_rows, n_cand] (the
 // top-k kernel's output at k_keep = n_cand, threshold lowered by margin), then

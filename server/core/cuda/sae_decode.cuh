@@ -222,12 +222,6 @@ __global__ void __launch_bounds__(kSaeDecodeThreads)
   }
 }
 
-__device__ __forceinline__ double WarpSumDouble(double v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
 // One block per row; fp64 accumulation like the CPU twin (the ratio of two
 // nearly equal sums for a good reconstruction would lose digits in fp32).
 // num and den run through the same fixed thread/warp order, so y_hat = 0
@@ -246,8 +240,8 @@ __global__ void __launch_bounds__(kRelErrThreads)
     num += diff * diff;
     den += yb * yb;
   }
-  num = WarpSumDouble(num);
-  den = WarpSumDouble(den);
+  num = WarpSum(num);
+  den = WarpSum(den);
   if (lane == 0) {
     s_num[warp] = num;
     s_den[warp] = den;

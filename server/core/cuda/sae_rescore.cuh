@@ -77,43 +77,60 @@ __global__ void SaeValueBoundKernel(const __nv_bfloat16* __restrict__ w, int64_t
   if (lane == 0) atomicMax(reinterpret_cast<unsigned*>(bound), __float_as_uint(local));
 }
 
-// bound[1] = max_i |b_i| |fs_i| (running max).
+// bound[1] = max_i |b_i| |fs_i|, bound[2] = max_i |scale_in| |fs_i|
+// (running maxima).
 __global__ void SaeBiasBoundKernel(const float* __restrict__ bias, int64_t d_sae, const float* __restrict__ fscale,
-                                   float* bound) {
-  float local = 0.0f;
+                                   float scale_in, float* bound) {
+  float local_b = 0.0f, local_s = 0.0f;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < d_sae;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    local = fmaxf(local, fabsf(bias[i]) * (fscale != nullptr ? fabsf(fscale[i]) : 1.0f));
+    const float fs = fscale != nullptr ? fabsf(fscale[i]) : 1.0f;
+    local_b = fmaxf(local_b, fabsf(bias[i]) * fs);
+    local_s = fmaxf(local_s, fabsf(scale_in) * fs);
   }
-  atomicMax(reinterpret_cast<unsigned*>(bound + 1), __float_as_uint(local));
+  atomicMax(reinterpret_cast<unsigned*>(bound + 1), __float_as_uint(local_b));
+  atomicMax(reinterpret_cast<unsigned*>(bound + 2), __float_as_uint(local_s));
 }
 
-// One block per row: margin = [M (||x - bf16(x)|| + 3.01 d u ||x||) + 8 u (M ||x|| + B)] (1 + 2^-10),
-// M = bound[0], B = bound[1]: the bf16 rounding of x, the fp32 accumulation
-// of both GEMMs and the epilogue's roundings, with slack for rounding the
-// bound itself. ExactDot rounds to nearest (<= d u sum |w_i x_i|). cuBLAS
+// One block per row:
+//   margin = [M (||x - bf16(x)|| + 3.01 d u ||x||) + 8 u (M ||x|| + B) + S (d + 4) 2^-124] (1 + 2^-10),
+// M, B, S = bound[0..2]: the bf16 rounding of x, the fp32 accumulation of
+// both GEMMs and the epilogue's roundings, underflow, with slack for rounding
+// the bound itself. ExactDot rounds to nearest (<= d u sum |w_i x_i|). cuBLAS
 // runs on tensor cores, which align a block's products to the largest
 // exponent with truncation and normalise by rounding toward zero (Fasi et
 // al. 2021 for A100, Khattak & Mikaitis 2025 for H100): up to 2u per step,
-// so 2 d u sum |w_i x_i| for that GEMM.
+// so 2 d u sum |w_i x_i| for that GEMM. Those terms are relative; a product
+// or partial sum below the smallest normal fp32 (2^-126) may instead lose up
+// to 2^-126 outright (flushed to zero, if the hardware does), at most 2d
+// times in each dot product: the last term (a subnormal bf16 part of x counts
+// as flushed in ||x - bf16(x)||). The sums of squares run in fp64,
+// where no square of an fp32 value under- or overflows (in fp32 they would
+// below |x| ~ 1e-19 or above ~ 1e19). A row whose x is not finite has no
+// bound: its margin is +inf, which sends it to the exact path.
 __global__ void __launch_bounds__(kRescoreThreads)
-    SaeMarginKernel(const float* __restrict__ x, int64_t d, float m_bound, float b_bound, float* __restrict__ margin) {
-  __shared__ float scratch[32];
+    SaeMarginKernel(const float* __restrict__ x, int64_t d, float m_bound, float b_bound, float s_bound,
+                    float* __restrict__ margin) {
+  __shared__ double scratch[32];
   const float* xr = x + blockIdx.x * d;
-  float d2 = 0.0f, x2 = 0.0f;
+  double d2 = 0.0, x2 = 0.0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-    const float v = xr[c];
-    const float r = v - __bfloat162float(__float2bfloat16_rn(v));
-    d2 = fmaf(r, r, d2);
-    x2 = fmaf(v, v, x2);
+    const double v = xr[c];
+    // The GEMM operand's rounding, exact in fp64; a subnormal operand counts
+    // as 0 (tensor cores may flush it).
+    const double part = __bfloat162float(Bf16Part(xr[c]));
+    const double r = fabs(part) < 0x1p-126 ? v : v - part;
+    d2 = fma(r, r, d2);
+    x2 = fma(v, v, x2);
   }
   d2 = BlockSum(d2, scratch);
   x2 = BlockSum(x2, scratch);
   if (threadIdx.x == 0) {
-    const float nx = sqrtf(x2), u = kUnitRoundoff;
-    const float m =
-        m_bound * (sqrtf(d2) + 3.01f * static_cast<float>(d) * u * nx) + 8.0f * u * (m_bound * nx + b_bound);
-    margin[blockIdx.x] = m * (1.0f + 1.0f / 1024.0f);
+    const double nx = sqrt(x2), u = kUnitRoundoff;
+    const double m = m_bound * (sqrt(d2) + 3.01 * static_cast<double>(d) * u * nx) +
+                     8.0 * u * (m_bound * nx + b_bound) + s_bound * (static_cast<double>(d) + 4.0) * 0x1p-124;
+    // Above FLT_MAX it rounds to inf (or to FLT_MAX, still a bound: the slack covers the rounding).
+    margin[blockIdx.x] = m < INFINITY ? static_cast<float>(m * (1.0 + 1.0 / 1024.0)) : INFINITY;
   }
 }
 
@@ -172,8 +189,8 @@ __global__ void __launch_bounds__(kRescoreThreads) SaeRescoreKernel(RescoreParam
   // it has an approximate value <= the last candidate's, so an exact value
   // <= limit; it cannot enter if the k-th exact value beats limit (or, with
   // fewer than k exact actives, if limit cannot pass the threshold).
-  bool exact = true;
-  if (n_c == p.n_cand) {
+  bool exact = p.margin[row] < INFINITY;  // no bound (x not finite): the exact path
+  if (exact && n_c == p.n_cand) {
     const float last = cv[p.n_cand - 1], m = p.margin[row];
     const float limit = last + m + (fabsf(last) + m) * (1.0f / 1048576.0f);
     if (n_active >= static_cast<uint32_t>(p.k_keep)) {
@@ -302,7 +319,8 @@ __global__ void __launch_bounds__(kRescoreThreads, 6)  // 6 blocks per SM: up to
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* f = pre + row * d_sae;
   const int64_t slot0 = (row * kRescoreWarps + warp) * kJumpReluListCap;
-  const float cut = LoweredThreshold(threshold, margin[row]);
+  // No bound (x not finite): every feature is a candidate (!(v <= NaN)).
+  const float cut = margin[row] < INFINITY ? LoweredThreshold(threshold, margin[row]) : NAN;
   const int n_listed = JumpReluExactPass<false>(w, xs, d, d_sae, bias, fscale, scale_in, threshold, cut, f,
                                                 list_idx + slot0, list_h + slot0);
   for (int s = n_listed + lane; s < kJumpReluListCap; s += 32) list_idx[slot0 + s] = -1;
@@ -326,16 +344,16 @@ cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   SAE_KERNEL_LAUNCH(SaeBiasBoundKernel, GridFor(d_sae, kRescoreThreads), kRescoreThreads, 0, stream)
-  (bias, d_sae, feature_scale, bound);
+  (bias, d_sae, feature_scale, scale_in, bound);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, float m_bound, float b_bound, float* margin,
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const float* bound, float* margin,
                              cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
   SAE_KERNEL_LAUNCH(SaeMarginKernel, static_cast<unsigned>(n_rows), kRescoreThreads, 0, stream)
-  (x, d, m_bound, b_bound, margin);
+  (x, d, bound[0], bound[1], bound[2], margin);
   return cudaGetLastError();
 }
 
