@@ -23,6 +23,23 @@ __device__ __forceinline__ uint64_t PackCandidate(uint32_t key, int64_t index) {
   return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(0xffffffffu - static_cast<uint32_t>(index));
 }
 
+// Writes a row's top-k from sorted packed candidates: slots [0, n_out) get
+// cand's (index, value), the rest of the k slots (-1, 0). Every thread of the
+// block calls it.
+__device__ __forceinline__ void WriteTopKRow(const uint64_t* cand, uint32_t n_out, int k, int32_t* out_idx,
+                                             float* out_val) {
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    if (static_cast<uint32_t>(j) < n_out) {
+      const uint64_t c = cand[j];
+      out_idx[j] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(c & 0xffffffffu));
+      out_val[j] = KeyToFloat(static_cast<uint32_t>(c >> 32));
+    } else {
+      out_idx[j] = -1;
+      out_val[j] = 0.0f;
+    }
+  }
+}
+
 // Sorts cand[0, n) descending in place (packed candidates: key desc, index
 // asc), zero padding it to a power of two (0 sorts last: key 0 is a negative
 // NaN, never active); the buffer must hold that power of two. Every thread of

@@ -201,19 +201,7 @@ __global__ void __launch_bounds__(kRescoreThreads) SaeRescoreKernel(RescoreParam
   }
   if (tid == 0) p.fallback[row] = exact ? 0 : 1;
   if (!exact) return;  // block-uniform: the outputs come from the exact-row path
-  const uint32_t n_out = min(n_active, static_cast<uint32_t>(p.k_keep));
-  int32_t* oi = p.out_idx + row * p.k;
-  float* ov = p.out_val + row * p.k;
-  for (int j = tid; j < p.k; j += kRescoreThreads) {
-    if (static_cast<uint32_t>(j) < n_out) {
-      const uint64_t c = cand[j];
-      oi[j] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(c & 0xffffffffu));
-      ov[j] = KeyToFloat(static_cast<uint32_t>(c >> 32));
-    } else {
-      oi[j] = -1;
-      ov[j] = 0.0f;
-    }
-  }
+  WriteTopKRow(cand, min(n_active, static_cast<uint32_t>(p.k_keep)), p.k, p.out_idx + row * p.k, p.out_val + row * p.k);
 }
 
 // One block per flagged row: pre [n_rows, d_sae] <- exact dot products.

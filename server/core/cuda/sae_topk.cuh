@@ -199,19 +199,7 @@ __global__ void __launch_bounds__(kTopKThreads)
 
   BlockSortCandidatesDesc(cand, n_cand);
 
-  const uint32_t n_out = min(n_cand, static_cast<uint32_t>(k_keep));
-  int32_t* oi = out_idx + row_index * k;
-  float* ov = out_val + row_index * k;
-  for (int j = tid; j < k; j += kTopKThreads) {
-    if (static_cast<uint32_t>(j) < n_out) {
-      const uint64_t c = cand[j];
-      oi[j] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(c & 0xffffffffu));
-      ov[j] = KeyToFloat(static_cast<uint32_t>(c >> 32));
-    } else {
-      oi[j] = -1;
-      ov[j] = 0.0f;
-    }
-  }
+  WriteTopKRow(cand, min(n_cand, static_cast<uint32_t>(k_keep)), k, out_idx + row_index * k, out_val + row_index * k);
 }
 
 // ---- launchers ----
