@@ -88,6 +88,18 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
     }
     return v;
   }
+  // x [n, k] . w^T (w [m, k]) in double precision: [n, m].
+  static std::vector<double> MatMulRef(const std::vector<float>& x, const std::vector<float>& w, int n, int k, int m) {
+    std::vector<double> ref(static_cast<size_t>(n) * m);
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < m; ++j) {
+        double s = 0;
+        for (int c = 0; c < k; ++c)
+          s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
+        ref[static_cast<size_t>(i) * m + j] = s;
+      }
+    return ref;
+  }
   static std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -428,13 +440,7 @@ TEST_P(BackendOpsTest, MatMul) {
       const auto w = Rounded(Random(static_cast<size_t>(m) * k, 2 + m), wt);
       auto tx = Upload(x, n, k), tw = Upload(w, m, k, wt), out = Zeros(n, m);
       ASSERT_TRUE(backend_->MatMul(tx.get(), tw.get(), out.get()).ok());
-      std::vector<double> ref(static_cast<size_t>(n) * m);
-      for (int i = 0; i < n; ++i)
-        for (int j = 0; j < m; ++j) {
-          double s = 0;
-          for (int c = 0; c < k; ++c) s += static_cast<double>(x[i * k + c]) * w[static_cast<size_t>(j) * k + c];
-          ref[static_cast<size_t>(i) * m + j] = s;
-        }
+      const std::vector<double> ref = MatMulRef(x, w, n, k, m);
       // bf16 GEMM inputs on a GPU round x too: allow for it.
       const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2 * std::sqrt(k / 64.0), 1e-2};
       ExpectClose(Download<float>(out), ref, tol, "matmul " + std::string(DTypeName(wt)));
@@ -626,14 +632,7 @@ TEST_P(BackendOpsTest, MatMulSplitActivationsMatchFp32) {
     const auto w = Rounded(Random(static_cast<size_t>(m) * k, 82 + m), DType::kBF16);
     auto tx = Upload(x, n, k), tw = Upload(w, m, k, DType::kBF16), out = Zeros(n, m);
     ASSERT_TRUE(backend_->MatMul(tx.get(), tw.get(), out.get()).ok());
-    std::vector<double> ref(static_cast<size_t>(n) * m);
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < m; ++j) {
-        double s = 0;
-        for (int c = 0; c < k; ++c)
-          s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
-        ref[static_cast<size_t>(i) * m + j] = s;
-      }
+    const std::vector<double> ref = MatMulRef(x, w, n, k, m);
     ExpectClose(Download<float>(out), ref, {1e-4 * std::sqrt(k / 64.0), 1e-4}, "split matmul");
   }
 }
@@ -941,14 +940,7 @@ TEST_P(BackendOpsTest, MatMulModelShapes) {
     const auto w = Rounded(Random(static_cast<size_t>(m) * k, 62 + m, 0.05f), DType::kBF16);
     auto tx = Upload(x, n, k), tw = Upload(w, m, k, DType::kBF16), out = Zeros(n, m);
     ASSERT_TRUE(backend_->MatMul(tx.get(), tw.get(), out.get()).ok());
-    std::vector<double> ref(static_cast<size_t>(n) * m);
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < m; ++j) {
-        double s = 0;
-        for (int c = 0; c < k; ++c)
-          s += static_cast<double>(x[static_cast<size_t>(i) * k + c]) * w[static_cast<size_t>(j) * k + c];
-        ref[static_cast<size_t>(i) * m + j] = s;
-      }
+    const std::vector<double> ref = MatMulRef(x, w, n, k, m);
     const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2 * 0.05 * std::sqrt(k / 64.0), 1e-2};
     ExpectClose(Download<float>(out), ref, tol,
                 "matmul " + std::to_string(n) + "x" + std::to_string(k) + "x" + std::to_string(m));
