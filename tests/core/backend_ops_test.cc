@@ -1055,14 +1055,16 @@ TEST_P(BackendOpsTest, SaeTopKResolvesDifferencesBelowBf16) {
 // (1 + 2^-7) s and A (1999) (1 + 2^-7 + 2^-8 - 2^-12) s, the largest. The tie
 // makes C and B the candidates, and only a margin that covers A's rounding
 // sends the row to the exact path. At s = 2^-100 the squares of x underflow
-// fp32 (a margin summed in fp32 is 0); at 2^70 they overflow it.
+// fp32 (a margin summed in fp32 is 0); at 2^70 they overflow it. The weights
+// are 1, or 2^-80, whose squares underflow fp32 too (a norm of 0).
 TEST_P(BackendOpsTest, SaeTopKIsExactAtExtremeScales) {
   const int d = 3, d_sae = 2000, k = 50;
-  for (const float s : {1.0f, std::ldexp(1.0f, -100), std::ldexp(1.0f, 70)}) {
+  for (const auto& [s, ws] : std::vector<std::pair<float, float>>{
+           {1.0f, 1.0f}, {std::ldexp(1.0f, -100), 1.0f}, {std::ldexp(1.0f, 70), 1.0f}, {1.0f, std::ldexp(1.0f, -80)}}) {
     const std::vector<float> x = {(1 + 0x1p-7f + 0x1p-8f - 0x1p-12f) * s, (1 + 0x1p-7f) * s,
                                   (1 + 0x1p-7f + 0x1p-9f) * s};
     std::vector<float> w(static_cast<size_t>(d_sae) * d, 0.0f);
-    for (int i = 0; i < d_sae; ++i) w[static_cast<size_t>(i) * d + (i < k ? 2 : i < d_sae - 1 ? 1 : 0)] = 1.0f;
+    for (int i = 0; i < d_sae; ++i) w[static_cast<size_t>(i) * d + (i < k ? 2 : i < d_sae - 1 ? 1 : 0)] = ws;
     auto tx = Upload(x, 1, d), tw = Upload(w, d_sae, d, DType::kBF16),
          tb = Upload(std::vector<float>(d_sae, 0.0f), 1, d_sae);
     const SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
@@ -1070,11 +1072,12 @@ TEST_P(BackendOpsTest, SaeTopKIsExactAtExtremeScales) {
     ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
     const auto got_i = Download<int32_t>(idx);
     const auto got_v = Download<float>(val);
-    EXPECT_EQ(got_i[0], d_sae - 1) << "scale " << s;
-    EXPECT_EQ(got_v[0], x[0]) << "scale " << s;
+    const std::string what = (::testing::Message() << "x scale " << s << ", w scale " << ws).GetString();
+    EXPECT_EQ(got_i[0], d_sae - 1) << what;
+    EXPECT_EQ(got_v[0], x[0] * ws) << what;
     for (int j = 1; j < k; ++j) {
-      ASSERT_EQ(got_i[j], j - 1) << "scale " << s << " slot " << j;
-      ASSERT_EQ(got_v[j], x[2]) << "scale " << s << " slot " << j;
+      ASSERT_EQ(got_i[j], j - 1) << what << " slot " << j;
+      ASSERT_EQ(got_v[j], x[2] * ws) << what << " slot " << j;
     }
   }
 }

@@ -58,23 +58,25 @@ __device__ __forceinline__ void LoadRow(const float* __restrict__ x, int64_t row
 }
 
 // bound[0] = max_i |scale_in| ||w_i|| |fs_i| (a running max: bound starts at
-// 0); one warp per row. Non-negative floats order as their bit patterns, so
-// atomicMax on the bits is a float max.
+// 0); one warp per row, the squares summed in fp64 (in fp32 they underflow
+// for weights below ~1e-19, and the norm would come out 0). Non-negative
+// floats order as their bit patterns, so atomicMax on the bits is a float max.
 __global__ void SaeValueBoundKernel(const __nv_bfloat16* __restrict__ w, int64_t d_sae, int64_t d,
                                     const float* __restrict__ fscale, float scale_in, float* bound) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  float local = 0.0f;
+  double local = 0.0;
   for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; r < d_sae; r += warps) {
-    float s = 0.0f;
+    double s = 0.0;
     for (int64_t c = lane; c < d; c += 32) {
-      const float v = __bfloat162float(w[r * d + c]);
-      s = fmaf(v, v, s);
+      const double v = __bfloat162float(w[r * d + c]);
+      s = fma(v, v, s);
     }
     s = WarpSum(s);
-    local = fmaxf(local, fabsf(scale_in) * sqrtf(s) * (fscale != nullptr ? fabsf(fscale[r]) : 1.0f));
+    local = fmax(local, fabsf(scale_in) * sqrt(s) * (fscale != nullptr ? fabsf(fscale[r]) : 1.0f));
   }
-  if (lane == 0) atomicMax(reinterpret_cast<unsigned*>(bound), __float_as_uint(local));
+  // Rounded to fp32 (the margin's slack covers it); above FLT_MAX, inf.
+  if (lane == 0) atomicMax(reinterpret_cast<unsigned*>(bound), __float_as_uint(static_cast<float>(local)));
 }
 
 // bound[1] = max_i |b_i| |fs_i|, bound[2] = max_i |scale_in| |fs_i|
