@@ -209,7 +209,9 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
                           const int32_t* row_mask, int k_keep, int k, int32_t* out_idx, float* out_val,
                           cudaStream_t stream) {
   if (n_rows == 0 || k == 0) return cudaSuccess;
-  if (k_keep > kSaeTopKMaxK || k_keep > k || n_rows > 0x7fffffff || d_sae >= 0xffffffffLL) return cudaErrorInvalidValue;
+  if (k_keep > kSaeTopKMaxK || k_keep > k || n_rows > 0x7fffffff || d_sae > 0x7fffffff) {
+    return cudaErrorInvalidValue;  // (d_sae: the indices leave as int32)
+  }
   // A larger candidate buffer than k lets pass 0 finish more rows (and all
   // JumpReLU rows with <= cap active features).
   uint32_t cap = 2048;
