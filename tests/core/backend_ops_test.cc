@@ -1099,8 +1099,15 @@ RefEncoded RefEncode(const float* x, const std::vector<float>& w, const std::vec
   e.active.assign(d_sae, false);
   std::vector<std::pair<double, int>> cand;
   for (int i = 0; i < d_sae; ++i) {
-    double dot = 0;
-    for (int c = 0; c < d; ++c) dot += static_cast<double>(w[static_cast<size_t>(i) * d + c]) * x[c];
+    // Neumaier's compensated sum of the (exact in double) products: small
+    // terms survive next to large ones that cancel later.
+    double sum = 0, comp = 0;
+    for (int c = 0; c < d; ++c) {
+      const double t = static_cast<double>(w[static_cast<size_t>(i) * d + c]) * x[c], u = sum + t;
+      comp += std::abs(sum) >= std::abs(t) ? (sum - u) + t : (t - u) + sum;
+      sum = u;
+    }
+    const double dot = std::isfinite(sum) ? sum + comp : sum;  // (inf - inf in comp)
     e.h[i] = s_in * dot + b[i];
     e.v[i] = scale.empty() ? e.h[i] : e.h[i] * scale[i];
     e.min_margin = std::min(e.min_margin, std::abs(e.v[i] - threshold));
@@ -1143,10 +1150,12 @@ TEST_P(BackendOpsTest, SaeEncodeSelected) {
     const absl::Status st = backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), out.get());
     ASSERT_TRUE(st.ok()) << st;
     const auto got = Download<float>(out);
-    const Tol tol = GetParam() == "cpu" ? Tol{1e-4, 1e-4} : Tol{2e-2, 1e-2};
-    // How close a threshold/top-k decision may come to its cut before a flip is
-    // legitimate: the pre-activation error (~4e-5 on the GPU), not the output tolerance.
-    const double decision_margin = GetParam() == "cpu" ? 1e-4 : 2e-4;
+    // Both backends compute the values in fp32 from the fp32 activations
+    // (CUDA: rescoring, or the exact recompute of the watched features).
+    const Tol tol{1e-4, 1e-4};
+    // How close a threshold/top-k decision may come to its cut before a flip
+    // is legitimate: the fp32 error of a pre-activation, not the output tolerance.
+    const double decision_margin = 1e-4;
     int compared = 0;
     for (int t = 0; t < n; ++t) {
       const RefEncoded e =
@@ -1280,27 +1289,68 @@ TEST_P(BackendOpsTest, SaeReconstructDecidesNearTheThresholdExactly) {
   }
 }
 
+// A JumpReLU watch list decides below what two bf16 parts of x resolve:
+// row 0 is x = 1 + 2^-10 + 2^-20 and row 1 x = 1 + 2^-10 - 2^-20 in all 64
+// columns, which a hi + lo split rounds both to 1 + 2^-10 (and one part to
+// 1). Every feature weighs all columns by 1; feature 0 has bias 0, feature 1
+// bias 2^-14, the threshold is 64.0625 + 2^-15. Exactly, row 0 has both
+// active (64.0625 + 2^-14, + 2^-13) and row 1 neither (64.0625 - 2^-14,
+// 64.0625); two parts would give row 0 only feature 1 and row 1 feature 1.
+TEST_P(BackendOpsTest, SaeEncodeSelectedDecidesNearTheThresholdExactly) {
+  const int d = 64, d_sae = 2;
+  std::vector<float> x(2 * d);
+  for (int c = 0; c < d; ++c) {
+    x[c] = 1.0f + 0x1p-10f + 0x1p-20f;
+    x[d + c] = 1.0f + 0x1p-10f - 0x1p-20f;
+  }
+  const float threshold = 64.0625f + 0x1p-15f;
+  auto tx = Upload(x, 2, d), tw = Upload(std::vector<float>(d_sae * d, 1.0f), d_sae, d, DType::kBF16),
+       tb = Upload({0.0f, 0x1p-14f}, 1, d_sae), tid = UploadI32({1, 0}), out = Zeros(2, 2);
+  const SaeEncoderWeights enc{tw.get(), tb.get(), Tensor(), 1.0f, threshold, 0};
+  ASSERT_TRUE(backend_->SaeEncodeSelected(tx.get(), enc, tid.get(), out.get()).ok());
+  const auto got = Download<float>(out);  // [row][watched: feature 1, feature 0]
+  EXPECT_EQ(got[0], 64.0625f + 0x1p-13f) << "row 0, feature 1";
+  EXPECT_EQ(got[1], 64.0625f + 0x1p-14f) << "row 0, feature 0 (active only exactly)";
+  EXPECT_EQ(got[2], 0.0f) << "row 1, feature 1 (active with two bf16 parts)";
+  EXPECT_EQ(got[3], 0.0f) << "row 1, feature 0";
+}
+
 // Activations at the ends of the fp32 range follow IEEE arithmetic on every
-// backend: each w_i . x is +-inf or NaN (0 * inf) for a row holding inf, a
-// NaN value is never active, +inf values tie (the lower indices win), and a
-// row holding FLT_MAX gives finite values (1.7 * 0.5 * FLT_MAX) whose sums
-// in the fp32 reconstruction overflow. Rows: +inf, NaN, -inf, FLT_MAX, all
-// in column 0, then a finite row sharing their chunk. Feature i weighs column
-// 0 by +0.5, -0.5 or 0 as i % 3; the decoder rows are positive, so a
-// reconstruction from infinite h is +inf, and from no active feature the
-// decoder bias. (CUDA's error bound for its bf16 GEMM does not hold on the
-// rows with inf or NaN, so they must take its exact path, and a bf16 operand
-// for FLT_MAX must not round to inf.)
+// backend. Rows:
+//   0-2: +inf, NaN, -inf in column 0: each w_i . x is +-inf or NaN (0 * inf),
+//        a NaN value is never active, +inf values tie (the lower indices win);
+//   3:   FLT_MAX in column 0: finite values (1.7 * 0.5 * FLT_MAX) whose sums
+//        in the fp32 reconstruction overflow;
+//   4:   -1.5 * 2^126 in columns 4-7, 0.75 * 2^126 in columns 20-23 and
+//        36-39, all weighed by 1: they cancel exactly where columns j, j + 16
+//        and j + 32 are added first (both backends' exact dot products; the
+//        float64 reference sums with compensation), but a GEMM that adds
+//        blocks of 16 columns into an fp32 accumulator (tensor cores, and the
+//        CPU emulator's cuBLAS) overflows to -inf in the first block;
+//   5:   finite, sharing their chunk.
+// Feature i weighs column 0 by +0.5, -0.5 or 0 as i % 3; the decoder rows are
+// positive, so a reconstruction from infinite h is +inf, and from no active
+// feature the decoder bias. (CUDA's error bound for its bf16 GEMM does not
+// hold on rows 0-4, so they must take its exact path, and a bf16 operand for
+// FLT_MAX must not round to inf.)
 TEST_P(BackendOpsTest, SaeOpsFollowIeeeAtTheEndsOfTheRange) {
-  const int n = 5, d = 8, d_sae = 300, k = 10;
+  const int n = 6, d = 48, d_sae = 300, k = 10;
   const float s_in = 1.7f, s_out = 0.6f, threshold = 0.3f;
   std::vector<float> x = Random(static_cast<size_t>(n) * d, 101);
   x[0] = std::numeric_limits<float>::infinity();
   x[d] = std::numeric_limits<float>::quiet_NaN();
   x[2 * d] = -std::numeric_limits<float>::infinity();
   x[3 * d] = std::numeric_limits<float>::max();
+  for (int c = 4; c < 8; ++c) {
+    x[4 * d + c] = -std::ldexp(1.5f, 126);
+    x[4 * d + 16 + c] = x[4 * d + 32 + c] = std::ldexp(0.75f, 126);
+  }
   std::vector<float> w = Rounded(Random(static_cast<size_t>(d_sae) * d, 102), DType::kBF16);
-  for (int i = 0; i < d_sae; ++i) w[static_cast<size_t>(i) * d] = i % 3 == 0 ? 0.5f : i % 3 == 1 ? -0.5f : 0.0f;
+  for (int i = 0; i < d_sae; ++i) {
+    float* wi = w.data() + static_cast<size_t>(i) * d;
+    wi[0] = i % 3 == 0 ? 0.5f : i % 3 == 1 ? -0.5f : 0.0f;
+    for (int c = 4; c < 8; ++c) wi[c] = wi[16 + c] = wi[32 + c] = 1.0f;
+  }
   const auto b = Random(d_sae, 103, 0.5f);
   std::vector<float> dec = Random(static_cast<size_t>(d_sae) * d, 104);
   for (float& v : dec) v = std::abs(v) + 0.125f;

@@ -1,6 +1,8 @@
-// cuBLAS emulation: cublasGemmEx in float64 accumulation (at least as
-// accurate as the fp32 accumulate it stands for), queued on the handle's
-// stream. Written from the cuBLAS documentation, not from any caller.
+// cuBLAS emulation: cublasGemmEx with an fp32 accumulator, as on the GPU,
+// fed with the sums of 16 products at a time taken in float64 (at least as
+// accurate as a tensor core's block sum; so an fp32 accumulator overflows
+// where the GPU's would), queued on the handle's stream. Written from the
+// cuBLAS documentation, not from any caller.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -142,9 +144,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
       for (int l = 0; l < k; ++l)
         col[l] = Load(B, Btype, tb ? j + static_cast<int64_t>(l) * ldb : l + static_cast<int64_t>(j) * ldb);
       for (int i = 0; i < m; ++i) {
-        double acc = 0.0;
-        for (int l = 0; l < k; ++l) {
-          acc += Load(A, Atype, ta ? l + static_cast<int64_t>(i) * lda : i + static_cast<int64_t>(l) * lda) * col[l];
+        float acc = 0.0f;
+        for (int l0 = 0; l0 < k; l0 += 16) {
+          double block = 0.0;
+          for (int l = l0; l < std::min(k, l0 + 16); ++l) {
+            block +=
+                Load(A, Atype, ta ? l + static_cast<int64_t>(i) * lda : i + static_cast<int64_t>(l) * lda) * col[l];
+          }
+          acc += static_cast<float>(block);
         }
         const int64_t ci = i + static_cast<int64_t>(j) * ldc;
         double r = a * acc;

@@ -35,7 +35,7 @@
 // sae-bench-cuda compares them). A JumpReLU reconstruction needs the exact h
 // of every active feature: the same bound picks the features within reach
 // of the threshold after a 1-part GEMM, and only those are recomputed
-// (sae_rescore.cuh); JumpReLU watch lists use 2 parts on the watched rows.
+// (sae_rescore.cuh); JumpReLU watch lists do the same on the watched rows.
 // The model's own GEMMs use one part (bf16 activations, as bf16 inference
 // does); SAE_CUDA_MODEL_SPLIT=2|3 splits them too, at 2-3x the GEMM cost, for
 // hook activations within ~1e-6 of an fp32 forward pass (read when the
@@ -276,7 +276,7 @@ struct Device {
     const void* bias;
     const void* feature_scale;
     float scale_in;
-    std::array<float, 3> bound;
+    cuda::SaeValueBounds bound;
   };
   std::mutex bounds_mu;
   std::vector<SaeBound> bounds;
@@ -838,26 +838,49 @@ class CudaBackend final : public Backend {
       return absl::OkStatus();
     }
     // JumpReLU: each feature decides alone, so GEMM against the m watched
-    // encoder rows only (m << d_sae), kept in the encoder's dtype.
+    // encoder rows only (m << d_sae), kept in the encoder's dtype. BF16 under
+    // rescoring: one bf16 part, then the features the error bound cannot
+    // decide (and the active ones) are recomputed exactly, as in
+    // SaeReconstruct; the bounds of the whole encoder hold for its rows.
     const size_t esize = DTypeSize(sae.encoder.dtype);
     ASSIGN_OR_RETURN(void* rows, Ensure(&sae_rows_, static_cast<size_t>(m * d) * esize));
     RETURN_IF_ERROR(FromCuda(
         cuda::LaunchGatherRows(sae.encoder.data, static_cast<int>(esize), d_sae, d, ids_dev, m, rows, dev_->stream),
         "sae selected gather rows"));
     const Tensor watched{rows, sae.encoder.dtype, m, d};  // [m, d_model]
-    const int n_parts = SaeGemmParts(sae.encoder.dtype);
-    const size_t row_bytes = static_cast<size_t>(n_parts) * (m * sizeof(float) + d * 2);
+    const int mode = SaeTopKMode(sae.encoder.dtype);
+    const bool rescore = mode == 0;
+    const int n_parts = std::max(mode, 1);
+    const size_t row_bytes = static_cast<size_t>(n_parts) * (m * sizeof(float) + d * 2) + (rescore ? sizeof(float) : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_parts * chunk * m) * sizeof(float)));
     float* pre = static_cast<float*>(pre_v);  // [n_parts, chunk, m]
+    float* margin = nullptr;                  // [chunk] (rescoring)
+    cuda::SaeValueBounds bound;
+    if (rescore) {
+      ASSIGN_OR_RETURN(bound, SaeBounds(sae));
+      ASSIGN_OR_RETURN(void* mv, Ensure(&sae_cand_, static_cast<size_t>(chunk) * sizeof(float)));
+      margin = static_cast<float*>(mv);
+    }
     for (int64_t t0 = 0; t0 < x.rows; t0 += chunk) {
       const int64_t tc = std::min(chunk, x.rows - t0);
+      const float* xr = x.as<float>() + t0 * d;
       int parts = 1;
-      RETURN_IF_ERROR(Gemm(x.as<float>() + t0 * d, tc, watched, n_parts, pre, &parts, "sae selected encode"));
-      RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeSelectedEpilogue(pre, parts, tc, m, ids_dev, d_sae, sae.bias.as<float>(),
-                                                               sae.feature_scale.as<float>(), sae.scale_in,
-                                                               sae.threshold, out + t0 * m, dev_->stream),
-                               "sae selected epilogue"));
+      RETURN_IF_ERROR(Gemm(xr, tc, watched, n_parts, pre, &parts, "sae selected encode"));
+      if (rescore) {
+        RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound, sae.scale_in, margin, dev_->stream),
+                                 "sae selected margins"));
+        RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeSelectedExact(xr, rows, tc, d, ids_dev, m, d_sae, sae.bias.as<float>(),
+                                                              sae.feature_scale.as<float>(), sae.scale_in,
+                                                              sae.threshold, margin, pre, out + t0 * m, dev_->stream),
+                                 "sae selected exact"));
+      } else {
+        RETURN_IF_ERROR(
+            FromCuda(cuda::LaunchSaeSelectedEpilogue(pre, parts, tc, m, ids_dev, d_sae, sae.bias.as<float>(),
+                                                     sae.feature_scale.as<float>(), sae.scale_in, sae.threshold,
+                                                     out + t0 * m, dev_->stream),
+                     "sae selected epilogue"));
+      }
     }
     return absl::OkStatus();
   }
@@ -880,7 +903,7 @@ class CudaBackend final : public Backend {
     // split GEMM.
     const int mode = SaeTopKMode(enc.encoder.dtype);
     const bool jumprelu_rescore = k == 0 && mode == 0 && d_sae > 0;
-    const int n_enc = k > 0 || jumprelu_rescore ? std::max(mode, 1) : SaeGemmParts(enc.encoder.dtype);
+    const int n_enc = std::max(mode, 1);
     // Per token: encoder parts, the bf16 GEMM input, the top-k list, rescoring scratch.
     const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) + static_cast<size_t>(n_enc * d) * 2 +
                              static_cast<size_t>(k) * 8 + (k > 0 && mode == 0 ? SaeCandidateBytesPerRow(k) : 0) +
@@ -903,7 +926,7 @@ class CudaBackend final : public Backend {
       if (k == 0) dense_row = reinterpret_cast<int32_t*>(val + chunk * n_list);
     }
     float* margin = nullptr;  // [chunk] (JumpReLU rescoring)
-    std::array<float, 3> bound{};
+    cuda::SaeValueBounds bound;
     if (jumprelu_rescore) {
       ASSIGN_OR_RETURN(bound, SaeBounds(enc));
       ASSIGN_OR_RETURN(void* m, Ensure(&sae_cand_, static_cast<size_t>(chunk) * sizeof(float)));
@@ -934,7 +957,7 @@ class CudaBackend final : public Backend {
         } else if (jumprelu_rescore) {
           const float* xr = x.as<float>() + t0 * d;
           RETURN_IF_ERROR(Gemm(xr, tc, enc.encoder, 1, pre, &parts, "sae reconstruct encode"));
-          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound.data(), margin, dev_->stream),
+          RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(xr, tc, d, bound, enc.scale_in, margin, dev_->stream),
                                    "sae reconstruct margins"));
           RETURN_IF_ERROR(
               FromCuda(cuda::LaunchSaeJumpReluExact(xr, enc.encoder.data, tc, d, d_sae, enc.bias.as<float>(),
@@ -1039,12 +1062,6 @@ class CudaBackend final : public Backend {
     return model_split_ == 1;
   }
   static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
-  // Parts for SAE GEMMs that need every output accurately (JumpReLU
-  // reconstructions, watch lists): 2 in the default mode.
-  static int SaeGemmParts(DType dtype) {
-    const int mode = SaeTopKMode(dtype);
-    return mode == 0 ? 2 : mode;
-  }
   // JumpReLU reconstruction lists per row: index + h per slot, the dense-row flag.
   static size_t JumpReluListBytesPerRow() { return static_cast<size_t>(cuda::kJumpReluListSlots) * 8 + 4; }
   // Rescoring keeps this many candidates per row for a top-k of k_keep.
@@ -1058,9 +1075,9 @@ class CudaBackend final : public Backend {
            (mode == 0 ? SaeCandidateBytesPerRow(k_keep) : 0);
   }
 
-  // max_i |scale_in| ||w_i|| |fs_i| and max_i |b_i| |fs_i| of a BF16 encoder,
+  // The error bound's constants of a BF16 encoder (cuda::SaeValueBounds),
   // computed on the device once per encoder (cached in the Device).
-  absl::StatusOr<std::array<float, 3>> SaeBounds(const SaeEncoderWeights& sae) {
+  absl::StatusOr<cuda::SaeValueBounds> SaeBounds(const SaeEncoderWeights& sae) {
     {
       std::lock_guard<std::mutex> lock(dev_->bounds_mu);
       for (const Device::SaeBound& b : dev_->bounds) {
@@ -1070,14 +1087,15 @@ class CudaBackend final : public Backend {
         }
       }
     }
-    ASSIGN_OR_RETURN(void* scratch, Ensure(&sae_bound_, 3 * sizeof(float)));
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, 3 * sizeof(float), dev_->stream), "sae bound");
+    static_assert(sizeof(cuda::SaeValueBounds) == 5 * sizeof(float), "5 floats in device memory");
+    ASSIGN_OR_RETURN(void* scratch, Ensure(&sae_bound_, sizeof(cuda::SaeValueBounds)));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, sizeof(cuda::SaeValueBounds), dev_->stream), "sae bound");
     RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeValueBound(sae.encoder.data, sae.bias.as<float>(), sae.encoder.rows,
                                                        sae.encoder.cols, sae.feature_scale.as<float>(), sae.scale_in,
-                                                       static_cast<float*>(scratch), dev_->stream),
+                                                       static_cast<cuda::SaeValueBounds*>(scratch), dev_->stream),
                              "sae bound"));
-    std::array<float, 3> bound{};
-    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 3}, bound.data()));
+    cuda::SaeValueBounds bound;
+    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 5}, &bound));
     std::lock_guard<std::mutex> lock(dev_->bounds_mu);
     dev_->bounds.push_back(Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.bias.data,
                                             sae.feature_scale.data, sae.scale_in, bound});
@@ -1109,7 +1127,7 @@ class CudaBackend final : public Backend {
     auto* fallback = reinterpret_cast<int32_t*>(margin + tc);
     int gemm_parts = 1;
     RETURN_IF_ERROR(Gemm(x, tc, sae.encoder, 1, pre, &gemm_parts, op));
-    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(x, tc, d, bound.data(), margin, dev_->stream), op));
+    RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeMargins(x, tc, d, bound, sae.scale_in, margin, dev_->stream), op));
     RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopK(pre, 1, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, margin,
                                                  nullptr, n_cand, n_cand, cand_idx, cand_val, dev_->stream),
                              op));
@@ -1332,8 +1350,8 @@ class CudaBackend final : public Backend {
   Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
   Scratch sae_topk_;    // [chunk, n] I32 indices, then [chunk, n] F32 values (a top-k, or JumpReLU actives + flags)
   Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags;
-                        // JumpReLU reconstruction: [chunk] margins
-  Scratch sae_bound_;   // 3 floats: SaeBounds' device result
+                        // JumpReLU reconstruction and watch list: [chunk] margins
+  Scratch sae_bound_;   // SaeValueBounds: SaeBounds' device result
   Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
   Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
 };

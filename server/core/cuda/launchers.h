@@ -95,18 +95,26 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
 // per-row error bound; these kernels recompute the candidates' values from
 // the fp32 activations and prove, per row, that no other feature can enter
 // the exact top-k (rows where that fails are recomputed exactly).
-// bound[0] = max_i |scale_in| * ||w_i||_2 * |feature_scale_i| over a BF16
-// encoder [d_sae, d], bound[1] = max_i |bias_i| * |feature_scale_i|,
-// bound[2] = max_i |scale_in| * |feature_scale_i| (running maxima: bound must
-// hold zeros before).
+// Per-encoder maxima over the features i of a BF16 encoder [d_sae, d] (w_i
+// its rows, fs_i the feature scale or 1), the constants of the error bound;
+// in device memory as 5 floats in this order. They bound any subset of the
+// features too (watch lists).
+struct SaeValueBounds {
+  float m = 0;     // max_i |scale_in| ||w_i||_2 |fs_i|
+  float b = 0;     // max_i |bias_i| |fs_i|
+  float s = 0;     // max_i |scale_in| |fs_i|
+  float w = 0;     // max_i ||w_i||_2
+  float bias = 0;  // max_i |bias_i|
+};
+// Running maxima into *bound (device memory that must hold zeros before).
 cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
-                                const float* feature_scale, float scale_in, float* bound, cudaStream_t stream);
+                                const float* feature_scale, float scale_in, SaeValueBounds* bound, cudaStream_t stream);
 // margin[r] >= |v_i(x_r) computed exactly - v_i from the bf16 GEMM| for every
 // feature i (bf16 rounding of x, fp32 accumulation in both, epilogue rounding,
-// underflow), or +inf where x_r is not finite; bound: LaunchSaeValueBound's
-// three values, on the host.
-cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const float* bound, float* margin,
-                             cudaStream_t stream);
+// underflow), or +inf where no bound holds: x_r not finite, or so large that
+// a partial sum or the epilogue could overflow fp32. bound: on the host.
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const SaeValueBounds& bound, float scale_in,
+                             float* margin, cudaStream_t stream);
 // Per row: exact values of the candidates cand_idx [n_rows, n_cand] (the
 // top-k kernel's output at k_keep = n_cand, threshold lowered by margin), then
 // the k_keep largest exact values > threshold into out_idx/out_val [n_rows, k]
@@ -130,6 +138,15 @@ cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int
                                    const float* bias, const float* feature_scale, float scale_in, float threshold,
                                    const float* margin, float* pre, int32_t* list_idx, float* list_h,
                                    int32_t* dense_row, cudaStream_t stream);
+// JumpReLU watch list from a 1-part bf16 GEMM against the watched rows
+// (rows [m, d]: the encoder rows of ids, gathered; pre [n_rows, m] = rows_j .
+// bf16(x_r)), exact: out [n_rows, m] = v (h * feature scale) where v >
+// threshold, else 0, and only the features within margin[r] of the threshold
+// or above it are recomputed. An id outside [0, d_sae) gives 0.
+cudaError_t LaunchSaeSelectedExact(const float* x, const void* rows_bf16, int64_t n_rows, int64_t d, const int32_t* ids,
+                                   int64_t m, int64_t d_sae, const float* bias, const float* feature_scale,
+                                   float scale_in, float threshold, const float* margin, const float* pre, float* out,
+                                   cudaStream_t stream);
 // h [n_rows, k] <- scale_in * (w_idx . x_r) + bias_idx (exact, as the rescore
 // computes it) for slots with idx >= 0, 0 elsewhere.
 cudaError_t LaunchSaeExactH(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,

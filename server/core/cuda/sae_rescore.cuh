@@ -57,82 +57,100 @@ __device__ __forceinline__ void LoadRow(const float* __restrict__ x, int64_t row
   __syncthreads();
 }
 
-// bound[0] = max_i |scale_in| ||w_i|| |fs_i| (a running max: bound starts at
-// 0); one warp per row, the squares summed in fp64 (in fp32 they underflow
-// for weights below ~1e-19, and the norm would come out 0). Non-negative
-// floats order as their bit patterns, so atomicMax on the bits is a float max.
+// Running maxima into *bound (SaeValueBounds): m and w, one warp per
+// encoder row, the squares summed in fp64 (in fp32 they underflow for weights
+// below ~1e-19, and the norm would come out 0). Non-negative floats order as
+// their bit patterns, so atomicMax on the bits is a float max.
 __global__ void SaeValueBoundKernel(const __nv_bfloat16* __restrict__ w, int64_t d_sae, int64_t d,
-                                    const float* __restrict__ fscale, float scale_in, float* bound) {
+                                    const float* __restrict__ fscale, float scale_in, SaeValueBounds* bound) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  double local = 0.0;
+  double local_m = 0.0, local_w = 0.0;
   for (int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5; r < d_sae; r += warps) {
     double s = 0.0;
     for (int64_t c = lane; c < d; c += 32) {
       const double v = __bfloat162float(w[r * d + c]);
       s = fma(v, v, s);
     }
-    s = WarpSum(s);
-    local = fmax(local, fabsf(scale_in) * sqrt(s) * (fscale != nullptr ? fabsf(fscale[r]) : 1.0f));
+    const double norm = sqrt(WarpSum(s));
+    local_w = fmax(local_w, norm);
+    local_m = fmax(local_m, fabsf(scale_in) * norm * (fscale != nullptr ? fabsf(fscale[r]) : 1.0f));
   }
   // Rounded to fp32 (the margin's slack covers it); above FLT_MAX, inf.
-  if (lane == 0) atomicMax(reinterpret_cast<unsigned*>(bound), __float_as_uint(static_cast<float>(local)));
+  if (lane == 0) {
+    atomicMax(reinterpret_cast<unsigned*>(&bound->m), __float_as_uint(static_cast<float>(local_m)));
+    atomicMax(reinterpret_cast<unsigned*>(&bound->w), __float_as_uint(static_cast<float>(local_w)));
+  }
 }
 
-// bound[1] = max_i |b_i| |fs_i|, bound[2] = max_i |scale_in| |fs_i|
-// (running maxima).
+// Running maxima into *bound (SaeValueBounds): b, s and bias.
 __global__ void SaeBiasBoundKernel(const float* __restrict__ bias, int64_t d_sae, const float* __restrict__ fscale,
-                                   float scale_in, float* bound) {
-  float local_b = 0.0f, local_s = 0.0f;
+                                   float scale_in, SaeValueBounds* bound) {
+  float local_b = 0.0f, local_s = 0.0f, local_bias = 0.0f;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < d_sae;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float fs = fscale != nullptr ? fabsf(fscale[i]) : 1.0f;
     local_b = fmaxf(local_b, fabsf(bias[i]) * fs);
     local_s = fmaxf(local_s, fabsf(scale_in) * fs);
+    local_bias = fmaxf(local_bias, fabsf(bias[i]));
   }
-  atomicMax(reinterpret_cast<unsigned*>(bound + 1), __float_as_uint(local_b));
-  atomicMax(reinterpret_cast<unsigned*>(bound + 2), __float_as_uint(local_s));
+  atomicMax(reinterpret_cast<unsigned*>(&bound->b), __float_as_uint(local_b));
+  atomicMax(reinterpret_cast<unsigned*>(&bound->s), __float_as_uint(local_s));
+  atomicMax(reinterpret_cast<unsigned*>(&bound->bias), __float_as_uint(local_bias));
 }
 
 // One block per row:
-//   margin = [M (||x - bf16(x)|| + 3.01 d u ||x||) + 8 u (M ||x|| + B) + S (d + 4) 2^-124] (1 + 2^-10),
-// M, B, S = bound[0..2]: the bf16 rounding of x, the fp32 accumulation of
-// both GEMMs and the epilogue's roundings, underflow, with slack for rounding
-// the bound itself. ExactDot rounds to nearest (<= d u sum |w_i x_i|). cuBLAS
-// runs on tensor cores, which align a block's products to the largest
-// exponent with truncation and normalise by rounding toward zero (Fasi et
-// al. 2021 for A100, Khattak & Mikaitis 2025 for H100): up to 2u per step,
-// so 2 d u sum |w_i x_i| for that GEMM. Those terms are relative; a product
-// or partial sum below the smallest normal fp32 (2^-126) may instead lose up
-// to 2^-126 outright (flushed to zero, if the hardware does), at most 2d
-// times in each dot product: the last term (a subnormal bf16 part of x counts
-// as flushed in ||x - bf16(x)||). The sums of squares run in fp64,
-// where no square of an fp32 value under- or overflows (in fp32 they would
-// below |x| ~ 1e-19 or above ~ 1e19). A row whose x is not finite has no
-// bound: its margin is +inf, which sends it to the exact path.
+//   margin = [M (||x - bf16(x)|| + 3.01 d u ||x||) + 8 u (M ||x|| + B) + S 2^-126 (4d + 16 + ||x||_1)] (1 + 2^-10),
+// M, B, S = bound.m, .b, .s: the bf16 rounding of x, the fp32 accumulation
+// of both GEMMs and the epilogue's roundings, underflow, with slack for
+// rounding the bound itself. ExactDot rounds to nearest (<= d u sum |w_i
+// x_i|). cuBLAS runs on tensor cores, which align a block's products to the
+// largest exponent with truncation and normalise by rounding toward zero
+// (Fasi et al. 2021 for A100, Khattak & Mikaitis 2025 for H100): up to 2u per
+// step, so 2 d u sum |w_i x_i| for that GEMM. Those terms are relative. The
+// last covers subnormals, which Fasi et al. found kept but which we do not
+// rely on: a product or partial sum below the smallest normal fp32 (2^-126)
+// may lose up to 2^-126 outright if flushed, at most 2d times in each of the
+// two dot products; a subnormal bf16 weight, |w_ij x_j| < 2^-126 |x_j| (the
+// ||x||_1 term); a subnormal bf16 part of x counts as flushed in ||x -
+// bf16(x)||; the epilogue's roundings, 16 more. The sums run in fp64, where
+// no square of an fp32 value under- or overflows (in fp32 they would below
+// |x| ~ 1e-19 or above ~ 1e19), and the result is rounded up to fp32.
+// Where no bound holds the margin is +inf, which sends the row to the exact
+// path: x not finite, or large enough that a partial sum (|w_i . x| <= W
+// ||x||) or the epilogue (|scale_in h + b|, |v|) could reach fp32's overflow.
 __global__ void __launch_bounds__(kRescoreThreads)
-    SaeMarginKernel(const float* __restrict__ x, int64_t d, float m_bound, float b_bound, float s_bound,
+    SaeMarginKernel(const float* __restrict__ x, int64_t d, SaeValueBounds bound, float scale_in,
                     float* __restrict__ margin) {
   __shared__ double scratch[32];
   const float* xr = x + blockIdx.x * d;
-  double d2 = 0.0, x2 = 0.0;
+  double d2 = 0.0, x2 = 0.0, x1 = 0.0;
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
     const double v = xr[c];
-    // The GEMM operand's rounding, exact in fp64; a subnormal operand counts
-    // as 0 (tensor cores may flush it).
-    const double part = __bfloat162float(Bf16Part(xr[c]));
-    const double r = fabs(part) < 0x1p-126 ? v : v - part;
+    const double part = __bfloat162float(Bf16Part(xr[c]));  // the GEMM operand
+    const double r = fabs(part) < 0x1p-126 ? v : v - part;  // exact in fp64
     d2 = fma(r, r, d2);
     x2 = fma(v, v, x2);
+    x1 += fabs(v);
   }
   d2 = BlockSum(d2, scratch);
   x2 = BlockSum(x2, scratch);
+  x1 = BlockSum(x1, scratch);
   if (threadIdx.x == 0) {
-    const double nx = sqrt(x2), u = kUnitRoundoff;
-    const double m = m_bound * (sqrt(d2) + 3.01 * static_cast<double>(d) * u * nx) +
-                     8.0 * u * (m_bound * nx + b_bound) + s_bound * (static_cast<double>(d) + 4.0) * 0x1p-124;
-    // Above FLT_MAX it rounds to inf (or to FLT_MAX, still a bound: the slack covers the rounding).
-    margin[blockIdx.x] = m < INFINITY ? static_cast<float>(m * (1.0 + 1.0 / 1024.0)) : INFINITY;
+    const double nx = sqrt(x2), nx_up = nx * (1.0 + 0x1p-7), u = kUnitRoundoff, big = 0x1p126;
+    const double mb = bound.m, dd = static_cast<double>(d);
+    const double m = mb * (sqrt(d2) + 3.01 * dd * u * nx) + 8.0 * u * (mb * nx + bound.b) +
+                     bound.s * 0x1p-126 * (4.0 * dd + 16.0 + x1);
+    const bool in_range = bound.w * nx_up < big &&
+                          fabs(static_cast<double>(scale_in)) * bound.w * nx_up + bound.bias < big &&
+                          mb * nx_up + bound.b < big;  // false for NaN
+    float mf = INFINITY;
+    if (in_range && m < INFINITY) {
+      const double slack = m * (1.0 + 1.0 / 1024.0);
+      mf = static_cast<float>(slack);
+      if (static_cast<double>(mf) < slack) mf = nextafterf(mf, INFINITY);  // rounded up (a subnormal margin too)
+    }
+    margin[blockIdx.x] = mf;
   }
 }
 
@@ -323,10 +341,47 @@ __global__ void __launch_bounds__(kRescoreThreads, 6)  // 6 blocks per SM: up to
   }
 }
 
+// JumpReLU watch list from a plain-bf16 GEMM against the watched rows, exact
+// (see LaunchSaeSelectedExact): as SaeJumpReluExactKernel decides, the
+// features whose approximate value is within the row's margin of the
+// threshold or above it get their exact value (ExactDot over the fp32 row),
+// the rest are inactive for sure. Warp w takes 32 consecutive watched
+// features at a time, marks its candidates with a ballot and computes their
+// dot products together. One block per row; shared memory: x's row.
+__global__ void __launch_bounds__(kRescoreThreads)
+    SaeSelectedExactKernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ rows, int64_t d,
+                           const int32_t* __restrict__ ids, int64_t m, int64_t d_sae, const float* __restrict__ bias,
+                           const float* __restrict__ fscale, float scale_in, float threshold,
+                           const float* __restrict__ margin, const float* __restrict__ pre, float* __restrict__ out) {
+  SAE_DYNAMIC_SHARED(float, xs);
+  const int64_t row = blockIdx.x;
+  LoadRow(x, row, d, xs);  // ends with a barrier
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // No bound (x not finite, or near fp32's overflow): every feature is a candidate (!(v <= NaN)).
+  const float cut = margin[row] < INFINITY ? LoweredThreshold(threshold, margin[row]) : NAN;
+  for (int64_t base = static_cast<int64_t>(warp) * 32; base < m; base += kRescoreThreads) {
+    const int64_t j = base + lane;
+    const int32_t id = j < m ? ids[j] : -1;
+    const bool valid = id >= 0 && id < d_sae;
+    const bool candidate = valid && !(ExactValue(pre[row * m + j], scale_in, bias[id], fscale, id) <= cut);
+    float v_own = 0.0f;  // this lane's feature: its exact value when active
+    for (unsigned todo = __ballot_sync(kFullMask, candidate); todo != 0; todo &= todo - 1) {
+      const int src = __ffs(static_cast<int>(todo)) - 1;
+      const float dot = ExactDot(rows + (base + src) * d, xs, d, lane);
+      if (lane == src) {
+        const float v = ExactValue(dot, scale_in, bias[id], fscale, id);
+        v_own = v > threshold ? v : 0.0f;  // NaN is never active
+      }
+    }
+    if (j < m) out[row * m + j] = v_own;
+  }
+}
+
 // ---- launchers ----
 
 cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int64_t d_sae, int64_t d,
-                                const float* feature_scale, float scale_in, float* bound, cudaStream_t stream) {
+                                const float* feature_scale, float scale_in, SaeValueBounds* bound,
+                                cudaStream_t stream) {
   if (d_sae == 0) return cudaSuccess;
   const auto* w = static_cast<const __nv_bfloat16*>(encoder_bf16);
   SAE_KERNEL_LAUNCH(SaeValueBoundKernel, GridFor(d_sae * 32, kRescoreThreads), kRescoreThreads, 0, stream)
@@ -338,12 +393,12 @@ cudaError_t LaunchSaeValueBound(const void* encoder_bf16, const float* bias, int
   return cudaGetLastError();
 }
 
-cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const float* bound, float* margin,
-                             cudaStream_t stream) {
+cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const SaeValueBounds& bound, float scale_in,
+                             float* margin, cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidValue;
   SAE_KERNEL_LAUNCH(SaeMarginKernel, static_cast<unsigned>(n_rows), kRescoreThreads, 0, stream)
-  (x, d, bound[0], bound[1], bound[2], margin);
+  (x, d, bound, scale_in, margin);
   return cudaGetLastError();
 }
 
@@ -413,6 +468,15 @@ cudaError_t LaunchSaeJumpReluExact(const float* x, const void* encoder_bf16, int
   if (d_sae == 0) return cudaSuccess;
   return LaunchPerRowOfX(SaeJumpReluExactKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(encoder_bf16),
                          d, d_sae, bias, feature_scale, scale_in, threshold, margin, pre, list_idx, list_h, dense_row);
+}
+
+cudaError_t LaunchSaeSelectedExact(const float* x, const void* rows_bf16, int64_t n_rows, int64_t d, const int32_t* ids,
+                                   int64_t m, int64_t d_sae, const float* bias, const float* feature_scale,
+                                   float scale_in, float threshold, const float* margin, const float* pre, float* out,
+                                   cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;
+  return LaunchPerRowOfX(SaeSelectedExactKernel, n_rows, d, stream, x, static_cast<const __nv_bfloat16*>(rows_bf16), d,
+                         ids, m, d_sae, bias, feature_scale, scale_in, threshold, margin, pre, out);
 }
 
 }  // namespace cuda
