@@ -1174,13 +1174,15 @@ TEST_P(BackendOpsTest, SaeEncodeSelected) {
 
 TEST_P(BackendOpsTest, SaeEncodeSelectedRejectsBadFeatureIds) {
   const int d = 4, d_sae = 6;
-  auto tx = Upload(Random(2 * d, 85), 2, d), tw = Upload(Random(d_sae * d, 86), d_sae, d),
-       tb = Upload(Random(d_sae, 87), 1, d_sae);
-  SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+  auto tx = Upload(Random(2 * d, 85), 2, d), tb = Upload(Random(d_sae, 87), 1, d_sae);
   // The CPU fails the call; CUDA checks the ids on the device and fails the
-  // next read-back (reading them back would wait for the queue).
-  for (int max_active : {0, 2}) {
-    sae.max_active = max_active;
+  // next read-back (reading them back would wait for the queue), also where
+  // the call itself waits for the device (a BF16 encoder's first use
+  // computes its error bounds).
+  for (const auto& [dtype, max_active] :
+       std::vector<std::pair<DType, int>>{{DType::kF32, 0}, {DType::kF32, 2}, {DType::kBF16, 0}, {DType::kBF16, 2}}) {
+    auto tw = Upload(Random(d_sae * d, 86 + max_active), d_sae, d, dtype);
+    const SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, max_active};
     for (int32_t bad : {-1, d_sae}) {
       const std::vector<int32_t> ids = {0, bad};
       auto tid = Zeros(1, 2, DType::kI32), out = Zeros(2, 2);
@@ -1190,10 +1192,10 @@ TEST_P(BackendOpsTest, SaeEncodeSelectedRejectsBadFeatureIds) {
         EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad << " " << st;
         continue;
       }
-      ASSERT_TRUE(st.ok()) << st;
+      ASSERT_TRUE(st.ok()) << DTypeName(dtype) << " max_active " << max_active << " bad " << bad << ": " << st;
       std::vector<float> host(4);
       st = backend_->CopyToHost(out.get(), host.data());
-      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad << " " << st;
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << DTypeName(dtype) << " " << bad << " " << st;
       EXPECT_NE(st.message().find("feature id"), std::string::npos) << st;
       EXPECT_TRUE(backend_->Synchronize().ok());  // reported once, then the backend serves on
     }

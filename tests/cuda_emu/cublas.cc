@@ -4,6 +4,8 @@
 // where the GPU's would), queued on the handle's stream. Written from the
 // cuBLAS documentation, not from any caller.
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -151,7 +153,9 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
             block +=
                 Load(A, Atype, ta ? l + static_cast<int64_t>(i) * lda : i + static_cast<int64_t>(l) * lda) * col[l];
           }
-          acc += static_cast<float>(block);
+          // (Beyond FLT_MAX the block overflows to inf, as an explicit choice:
+          // C++ leaves that conversion to the implementation.)
+          acc += std::abs(block) <= FLT_MAX ? static_cast<float>(block) : std::copysign(INFINITY, block);
         }
         const int64_t ci = i + static_cast<int64_t>(j) * ldc;
         double r = a * acc;

@@ -1095,7 +1095,10 @@ class CudaBackend final : public Backend {
                                                        static_cast<cuda::SaeValueBounds*>(scratch), dev_->stream),
                              "sae bound"));
     cuda::SaeValueBounds bound;
-    RETURN_IF_ERROR(CopyToHost(Tensor{scratch, DType::kF32, 1, 5}, &bound));
+    // Not CopyToHost: its full wait would take the error words of ops queued
+    // before (a bad watch-list id checked on the device just now), which
+    // belong to their own read-back.
+    RETURN_IF_ERROR(CopyToHostOn(dev_->stream, Tensor{scratch, DType::kF32, 1, 5}, &bound));
     std::lock_guard<std::mutex> lock(dev_->bounds_mu);
     dev_->bounds.push_back(Device::SaeBound{sae.encoder.data, sae.encoder.nbytes(), sae.bias.data,
                                             sae.feature_scale.data, sae.scale_in, bound});

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(kRescoreThreads)
                           fabs(static_cast<double>(scale_in)) * bound.w * nx_up + bound.bias < big &&
                           mb * nx_up + bound.b < big;  // false for NaN
     float mf = INFINITY;
-    if (in_range && m < INFINITY) {
-      const double slack = m * (1.0 + 1.0 / 1024.0);
+    const double slack = m * (1.0 + 1.0 / 1024.0);
+    if (in_range && slack <= 0x1.fffffep127) {  // FLT_MAX
       mf = static_cast<float>(slack);
       if (static_cast<double>(mf) < slack) mf = nextafterf(mf, INFINITY);  // rounded up (a subnormal margin too)
     }
