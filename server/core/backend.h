@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -273,6 +274,14 @@ class Backend {
   // caller gains by issuing more work before it waits; false when each op
   // computes before it returns (the CPU).
   virtual bool asynchronous() const { return false; }
+  // The most features per token the SAE ops keep for activations d_model
+  // wide: SaeEncodeTopK's k (after a TopK SAE's max_active caps it), and a
+  // TopK SAE's max_active in SaeEncodeSelected and SaeReconstruct. Beyond it
+  // they fail with UNIMPLEMENTED; loaders and servers check against it up
+  // front. Unlimited on the CPU; on CUDA the top-k holds its candidates in
+  // shared memory, so it depends on the device (8192 on sm_80 / sm_90, 3277
+  // on sm_86 / sm_89 at d_model 4096).
+  virtual int max_sae_top_k(int64_t d_model) const { return std::numeric_limits<int>::max(); }
 
  protected:
   absl::Status Unimplemented(absl::string_view op) const {

@@ -62,6 +62,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   return e;
 }
 
+int Engine::max_k() const {
+  int limit = std::numeric_limits<int>::max();
+  for (const auto& s : saes_) {
+    if (s->encoder().max_active == 0) limit = std::min(limit, backend_->max_sae_top_k(s->hyperparams().d_model));
+  }
+  return limit;
+}
+
 absl::StatusOr<int> Engine::FindSae(absl::string_view name) const {
   std::vector<std::string> all;
   for (size_t i = 0; i < saes_.size(); ++i) {

@@ -84,6 +84,10 @@ class Engine {
   const std::string& model_dir() const { return model_dir_; }
   std::string backend_name() const { return backend_->name(); }
   int n_layers_loaded() const { return model_->n_layers_loaded(); }
+  // The largest request k every loaded SAE serves on this backend: a TopK
+  // SAE keeps at most its top_k (checked at load), a JumpReLU SAE keeps k,
+  // which the backend's top-k bounds (Backend::max_sae_top_k).
+  int max_k() const;
   // Index into saes() of the SAE called `name`; NOT_FOUND lists the names.
   absl::StatusOr<int> FindSae(absl::string_view name) const;
 

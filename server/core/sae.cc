@@ -172,6 +172,16 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
     s->hook_out_ = *hook_out;
   }
 
+  if (hp.act_fn == "topk") {
+    // A top-k the backend cannot hold would fail every request: refuse it here.
+    const int limit = backend->max_sae_top_k(hp.d_model);
+    if (std::min<int64_t>(hp.top_k, hp.d_sae) > limit) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(hp_path, ": field \"top_k\" is ", hp.top_k, " but backend ", backend->name(), " keeps at most ",
+                       limit, " features per token at d_model ", hp.d_model, " on this device"));
+    }
+  }
+
   const std::string st_path = dir + "/checkpoints/final.safetensors";
   ASSIGN_OR_RETURN(auto store, TensorStore::Open(st_path));
   ASSIGN_OR_RETURN(HostTensor w_enc, store->GetWithShape("encoder.weight", {hp.d_sae, hp.d_model}));

@@ -171,6 +171,11 @@ absl::Status Run() {
   std::ifstream in(input, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(input, ": cannot open the input file"));
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(options));
+  if (k > engine->max_k()) {
+    return absl::FailedPreconditionError(absl::StrCat("--k=", k, " is larger than ", engine->max_k(),
+                                                      ", the most features per token the ", engine->backend_name(),
+                                                      " backend's SAE top-k holds on this device"));
+  }
 
   // Every line is checked before any compute starts.
   std::vector<Record> records;

@@ -309,6 +309,12 @@ int Main(int argc, char** argv) {
     Log(std::string(engine.status().message()));
     return 1;
   }
+  if (static_cast<int64_t>(config.max_k()) > (*engine)->max_k()) {
+    Log(absl::StrCat("config: max_k (", config.max_k(), ") is larger than ", (*engine)->max_k(),
+                     ", the most features per token the ", (*engine)->backend_name(),
+                     " backend's SAE top-k holds on this device; lower max_k"));
+    return 1;
+  }
   std::vector<std::string> names;
   for (const auto& sae : (*engine)->saes()) names.push_back(sae->name() + " (" + sae->hook().Name() + ")");
   Log(absl::StrCat("loaded ", (*engine)->model_config().num_hidden_layers, "-layer model (running ",

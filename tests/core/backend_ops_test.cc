@@ -1023,6 +1023,83 @@ TEST_P(BackendOpsTest, SaeTopKManyActiveRampsAndTies) {
   }
 }
 
+// The largest k the backend says it holds (Backend::max_sae_top_k; the CPU:
+// any, tested at CUDA's 8192) gives the exact top-k with every feature
+// active; one more is UNIMPLEMENTED, naming the limit, from every SAE op that
+// keeps a top-k, and the backend serves on. CUDA's limit comes from the
+// device's shared memory per block: ctest's cuda_emulated.small_shared_memory
+// entry runs this on an emulated 99 KiB (sm_86 / sm_89) device.
+TEST_P(BackendOpsTest, SaeTopKAtTheLargestKTheBackendHolds) {
+  const int n = 2, d = 64;
+  const int limit = backend_->max_sae_top_k(d);
+  if (GetParam() == "cpu") {
+    EXPECT_EQ(limit, std::numeric_limits<int>::max());
+  }
+  const char* emu_kib = std::getenv("SAE_CUDA_EMU_SHARED_KIB");
+  if (GetParam() == "cuda" && emu_kib != nullptr && std::string(emu_kib) == "99") {
+    // 3277 + 819 candidates = 4096: an 8192-slot top-k buffer, 80 KiB of 99.
+    EXPECT_EQ(limit, 3277);
+  } else if (GetParam() == "cuda") {
+    EXPECT_EQ(limit, 8192);  // sm_80 (163 KiB) and sm_90 (227 KiB) hold the kernel's most
+  }
+  const int k = std::min(limit, 8192), d_sae = k + 700;
+  const auto x = Random(static_cast<size_t>(n) * d, 77, 0.125f);
+  const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 78), DType::kBF16);
+  const auto b = Random(d_sae, 79, 0.5f);
+  auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae);
+  const SaeEncoderWeights jump{tw.get(), tb.get(), Tensor(), 1.0f, -100.0f, 0};
+  auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k);
+  ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), jump, k, idx.get(), val.get()).ok());
+  const auto got_i = Download<int32_t>(idx);
+  const auto got_v = Download<float>(val);
+  for (int t = 0; t < n; ++t) {
+    // All d_sae values, sorted: slot j must hold the j-th value, from a
+    // feature whose value that is (near-ties of 8192 values may swap).
+    const auto ref = RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, {}, d, d_sae, 1.0f,
+                             -100.0f, d_sae);
+    ASSERT_EQ(ref.size(), static_cast<size_t>(d_sae));
+    std::vector<double> value_of(d_sae);
+    for (const auto& [i, v] : ref) value_of[i] = v;
+    std::vector<bool> seen(d_sae);
+    int wrong = 0;
+    for (int j = 0; j < k; ++j) {
+      const int32_t i = got_i[t * k + j];
+      const double want = ref[j].second, tol = 1e-5 + 1e-5 * std::abs(want);
+      const bool ok = i >= 0 && i < d_sae && !seen[i] && std::abs(value_of[i] - want) <= tol &&
+                      std::abs(got_v[t * k + j] - want) <= tol;
+      if (ok) seen[i] = true;
+      if (!ok && ++wrong <= 5) ADD_FAILURE() << "k=" << k << " token " << t << " slot " << j << ": " << i;
+    }
+    EXPECT_EQ(wrong, 0) << "k=" << k << " token " << t;
+  }
+  if (limit == std::numeric_limits<int>::max()) return;
+
+  // One more: d_sae is larger, so a TopK SAE's max_active is not capped by it.
+  const std::string limit_text = "larger than " + std::to_string(limit);
+  auto idx1 = Zeros(n, k + 1, DType::kI32), val1 = Zeros(n, k + 1);
+  absl::Status st = backend_->SaeEncodeTopK(tx.get(), jump, k + 1, idx1.get(), val1.get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  EXPECT_NE(st.message().find(limit_text), std::string::npos) << st;
+  const SaeEncoderWeights topk{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, k + 1};
+  const std::vector<int32_t> ids = {0, 5};
+  auto tid = Zeros(1, 2, DType::kI32), sel = Zeros(n, 2);
+  ASSERT_TRUE(backend_->CopyFromHost(ids.data(), tid.get()).ok());
+  st = backend_->SaeEncodeSelected(tx.get(), topk, tid.get(), sel.get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  EXPECT_NE(st.message().find(limit_text), std::string::npos) << st;
+  auto tdec = Upload(std::vector<float>(static_cast<size_t>(d_sae) * d, 0.5f), d_sae, d, DType::kBF16),
+       tbd = Zeros(1, d), y = Zeros(n, d);
+  st = backend_->SaeReconstruct(tx.get(), topk, SaeDecoderWeights{tdec.get(), tbd.get(), 1.0f}, y.get());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  EXPECT_NE(st.message().find(limit_text), std::string::npos) << st;
+  // ... while the same calls at the limit run.
+  const SaeEncoderWeights at_limit{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, k};
+  EXPECT_TRUE(backend_->SaeEncodeSelected(tx.get(), at_limit, tid.get(), sel.get()).ok());
+  EXPECT_TRUE(
+      backend_->SaeReconstruct(tx.get(), at_limit, SaeDecoderWeights{tdec.get(), tbd.get(), 1.0f}, y.get()).ok());
+  EXPECT_TRUE(backend_->Synchronize().ok());
+}
+
 // A feature that beats 200 others only by less than the bf16 rounding of x:
 // x0 = 1 + 2^-10 rounds to 1 = x1, so from bf16 activations feature 1000
 // (w = e0) ties with features 0..199 (w = e1) and loses on index. The exact

@@ -23,12 +23,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "core/engine.h"
+#include "core/sae.h"
+#include "core/safetensors.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "testing/test_util.h"
 
 namespace sae {
@@ -375,6 +381,59 @@ INSTANTIATE_TEST_SUITE_P(Forms, CudaEngineTest, ::testing::Values(SaeEncodeForm:
                          [](const auto& info) {
                            return std::string(info.param == SaeEncodeForm::kSaeLens ? "SaeLens" : "LmSaes");
                          });
+
+// A TopK SAE whose top_k the device's top-k cannot hold (more candidates
+// than its shared memory per block) is refused at load, naming the file and
+// the field, instead of failing every request that reaches it; at the limit
+// it loads. A JumpReLU SAE keeps the request's k, so the engine's max_k (what
+// the server checks its config's max_k against) is the backend's limit.
+TEST(CudaSaeLoadTest, TopKBeyondTheDeviceIsRefusedNamingTheField) {
+  auto backend = CreateBackend("cuda");
+  if (!backend.ok()) {
+    if (std::getenv("SAE_TEST_REQUIRE_CUDA") != nullptr) FAIL() << backend.status();
+    GTEST_SKIP() << "no usable CUDA backend: " << backend.status();
+  }
+  const int d = 16;
+  const int limit = (*backend)->max_sae_top_k(d);
+  ASSERT_GE(limit, 1);
+  ASSERT_LE(limit, 8192);
+  const int d_sae = limit + 1;
+  const std::string dir = testing::MakeTempDir("sae-topk-limit") + "/L1R-8x";
+  std::filesystem::create_directories(dir + "/checkpoints");
+  ASSERT_TRUE(WriteSafetensors(dir + "/checkpoints/final.safetensors",
+                               {MakeTensor("encoder.weight", DType::kBF16, {d_sae, d},
+                                           std::vector<float>(static_cast<size_t>(d_sae) * d, 0.25f)),
+                                MakeTensor("encoder.bias", DType::kF32, {d_sae}, std::vector<float>(d_sae, 0.0f)),
+                                MakeTensor("decoder.weight", DType::kBF16, {d, d_sae},
+                                           std::vector<float>(static_cast<size_t>(d_sae) * d, 0.25f)),
+                                MakeTensor("decoder.bias", DType::kF32, {d}, std::vector<float>(d, 0.0f))})
+                  .ok());
+  nlohmann::json hp;
+  std::ifstream(testing::Demo().sae_dirs[0] + "/hyperparams.json") >> hp;
+  hp["d_model"] = d;
+  hp["d_sae"] = d_sae;
+  hp["act_fn"] = "topk";
+  for (const int top_k : {limit + 1, limit}) {
+    hp["top_k"] = top_k;
+    std::ofstream(dir + "/hyperparams.json") << hp.dump();
+    auto sae = Sae::Load(dir, "", backend->get(), SaeEncodeForm::kSaeLens);
+    if (top_k == limit) {
+      EXPECT_TRUE(sae.ok()) << sae.status();
+      continue;
+    }
+    EXPECT_EQ(sae.status().code(), absl::StatusCode::kFailedPrecondition) << sae.status();
+    const std::string want = dir + "/hyperparams.json: field \"top_k\" is " + std::to_string(top_k);
+    EXPECT_NE(sae.status().message().find(want), std::string::npos) << sae.status();
+    EXPECT_NE(sae.status().message().find("at most " + std::to_string(limit)), std::string::npos) << sae.status();
+  }
+
+  auto engine = Engine::Create(DemoOptions("cuda", SaeEncodeForm::kSaeLens));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->max_k(), (*backend)->max_sae_top_k((*engine)->model_config().hidden_size));
+  auto cpu = Engine::Create(DemoOptions("cpu", SaeEncodeForm::kSaeLens));
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_EQ((*cpu)->max_k(), std::numeric_limits<int>::max());
+}
 
 }  // namespace
 }  // namespace sae

@@ -206,8 +206,17 @@ std::map<const void*, int>& MaxDynamicShared() {
   return *m;
 }
 constexpr int kDefaultDynamicShared = 48 << 10;
-// The smallest opt-in limit of the targeted archs (sm_80: 163 KiB; sm_90: 227 KiB).
-constexpr int kMaxDynamicShared = 163 << 10;
+// The dynamic shared memory a block may opt in to: by default the smallest
+// of the targeted archs (sm_80: 163 KiB; sm_90: 227 KiB);
+// SAE_CUDA_EMU_SHARED_KIB sets another (99 on sm_86 / sm_89).
+int MaxDynamicSharedOptin() {
+  static const int optin = [] {
+    const char* v = std::getenv("SAE_CUDA_EMU_SHARED_KIB");
+    const long kib = v != nullptr ? std::atol(v) : 0;
+    return (kib >= 48 && kib <= 1024 ? static_cast<int>(kib) : 163) << 10;
+  }();
+  return optin;
+}
 
 // ---- fibers ----
 
@@ -614,7 +623,7 @@ void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {
 
 cudaError_t FuncSetMaxDynamicSharedMemory(const void* func, cudaFuncAttribute attr, int value) {
   std::lock_guard<std::recursive_mutex> lock(Mu());
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > kMaxDynamicShared) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > MaxDynamicSharedOptin()) {
     return Fail(cudaErrorInvalidValue);
   }
   MaxDynamicShared()[func] = value;
@@ -733,7 +742,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   std::snprintf(prop->name, sizeof(prop->name), "sae CUDA CPU emulator");
   prop->totalGlobalMem = sae_emu::DeviceCapacity();
   prop->sharedMemPerBlock = sae_emu::kDefaultDynamicShared;
-  prop->sharedMemPerBlockOptin = sae_emu::kMaxDynamicShared;
+  prop->sharedMemPerBlockOptin = sae_emu::MaxDynamicSharedOptin();
   prop->warpSize = 32;
   prop->maxThreadsPerBlock = 1024;
   prop->maxThreadsDim[0] = prop->maxThreadsDim[1] = 1024;
@@ -760,7 +769,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
       *value = 132;
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = sae_emu::kMaxDynamicShared;
+      *value = sae_emu::MaxDynamicSharedOptin();
       return cudaSuccess;
     case cudaDevAttrMemoryPoolsSupported:
       *value = 1;

@@ -529,6 +529,21 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
   EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
+// A max_k the device's SAE top-k cannot hold (the demo SAEs are JumpReLU,
+// so a request's k is kept as it is; 8192 at most on any GPU) would fail
+// every large request: the server refuses it at startup, naming the field.
+TEST(CudaServerTest, MaxKBeyondTheDeviceIsRefusedAtStartup) {
+  ServerProcess server({"--backend=cuda", "--max_k=9000"});
+  const int code = server.WaitExit();
+  const std::string log = server.log();
+  if (log.find("config: max_k") == std::string::npos && std::getenv("SAE_TEST_REQUIRE_CUDA") == nullptr) {
+    GTEST_SKIP() << "no usable CUDA backend:\n" << log;
+  }
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_NE(log.find("config: max_k (9000) is larger than "), std::string::npos) << log;
+  EXPECT_NE(log.find("lower max_k"), std::string::npos) << log;
+}
+
 // A device fault leaves the CUDA context unusable: the request fails, the
 // server reports NOT_SERVING and exits with status 3 so the orchestrator
 // replaces it. Only the CPU emulator can inject the fault
@@ -1151,6 +1166,22 @@ TEST(ExtractBinaryTest, BadLineIsNamed) {
     EXPECT_EQ(RunShell(ExtractCommand(input, output, ""), &out), 1) << content;
     EXPECT_NE(out.find(input + where), std::string::npos) << out;
   }
+}
+
+// sae-extract --backend=cuda refuses a --k its JumpReLU SAEs cannot be asked
+// for on this device (see CudaServerTest.MaxKBeyondTheDeviceIsRefusedAtStartup).
+TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-k");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl";
+  std::ofstream(input) << "{\"text\": \"The red cat.\"}\n";
+  std::string out;
+  const int code = RunShell(ExtractCommand(input, output, "--backend=cuda --k=9000"), &out);
+  if (out.find("--k=9000") == std::string::npos && std::getenv("SAE_TEST_REQUIRE_CUDA") == nullptr) {
+    GTEST_SKIP() << "no usable CUDA backend:\n" << out;
+  }
+  EXPECT_EQ(code, 1) << out;
+  EXPECT_NE(out.find("--k=9000 is larger than "), std::string::npos) << out;
+  EXPECT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --k=8"), &out), 0) << out;
 }
 
 }  // namespace

@@ -252,6 +252,8 @@ struct InputSlot {
 
 struct Device {
   int id = 0;
+  std::string name;         // cudaDeviceProp::name
+  size_t shared_optin = 0;  // dynamic shared memory a block may opt in to
   cudaStream_t stream = nullptr;
   cudaStream_t upload_stream = nullptr;
   cudaStream_t input_stream = nullptr;
@@ -346,6 +348,8 @@ class CudaBackend final : public Backend {
       return absl::FailedPreconditionError(absl::StrCat("device ", dev->id, " (", prop.name, ") is sm_", prop.major,
                                                         prop.minor, "; bf16 tensor cores need sm_80 or newer"));
     }
+    dev->name = prop.name;
+    dev->shared_optin = prop.sharedMemPerBlockOptin;
     int pools = 0;
     CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev->id), "query mempool");
     if (!pools) return absl::FailedPreconditionError("device has no stream-ordered memory pools (cudaMallocAsync)");
@@ -421,6 +425,25 @@ class CudaBackend final : public Backend {
     cudaGetLastError();  // a failed query must not be reported by the next launch
     return m;
   }
+  // The top-k (LaunchSaeTopK) and the rescoring (LaunchSaeRescore) keep
+  // their candidates in shared memory, SaeCandidates(k) of them, which grows
+  // with k: the largest k whose kernels fit the device, by bisection.
+  int max_sae_top_k(int64_t d_model) const override {
+    const auto fits = [&](int k) {
+      const int n_cand = SaeCandidates(k);
+      return cuda::SaeTopKSharedBytes(n_cand) <= dev_->shared_optin &&
+             cuda::SaeRescoreSharedBytes(n_cand, d_model) <= dev_->shared_optin;
+    };
+    if (fits(cuda::kSaeTopKMaxK)) return cuda::kSaeTopKMaxK;
+    if (!fits(1)) return 0;
+    int lo = 1, hi = cuda::kSaeTopKMaxK;  // fits(lo), !fits(hi)
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      (fits(mid) ? lo : hi) = mid;
+    }
+    return lo;
+  }
+
   bool asynchronous() const override { return true; }
   absl::Status DeviceStatus() const override { return DeviceFault(); }
 
@@ -769,10 +792,7 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(CheckSaeTopKArgs(x, sae, k, out_indices, out_values));
     const int64_t d_sae = sae.encoder.rows, d = x.cols;
     const int keep = sae.max_active > 0 ? std::min(k, sae.max_active) : k;
-    if (keep > cuda::kSaeTopKMaxK) {
-      return absl::UnimplementedError(
-          absl::StrCat("cuda sae top-k: k=", keep, " is larger than the supported ", cuda::kSaeTopKMaxK));
-    }
+    RETURN_IF_ERROR(CheckTopKFits(keep, d, "cuda sae top-k: k"));
     if (x.rows == 0 || k == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     const int mode = SaeTopKMode(sae.encoder.dtype);
@@ -802,10 +822,7 @@ class CudaBackend final : public Backend {
     // TopK: every feature's top-k membership is needed, capped by d_sae (no
     // more can be active). The top-k kernel's candidate buffer bounds it.
     const int k = sae.max_active > 0 ? static_cast<int>(std::min<int64_t>(sae.max_active, d_sae)) : 0;
-    if (k > cuda::kSaeTopKMaxK) {
-      return absl::UnimplementedError(
-          absl::StrCat("cuda sae selected: max_active=", k, " is larger than the supported ", cuda::kSaeTopKMaxK));
-    }
+    RETURN_IF_ERROR(CheckTopKFits(k, d, "cuda sae selected: max_active"));
     if (m == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     // The ids live in device memory. Reading them back here would wait for
@@ -890,10 +907,7 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(CheckSaeReconstructArgs(x, enc, dec, out));
     const int64_t d_sae = enc.encoder.rows, d = x.cols;
     const int k = enc.max_active > 0 ? static_cast<int>(std::min<int64_t>(enc.max_active, d_sae)) : 0;
-    if (k > cuda::kSaeTopKMaxK) {
-      return absl::UnimplementedError(
-          absl::StrCat("cuda sae reconstruct: max_active=", k, " is larger than the supported ", cuda::kSaeTopKMaxK));
-    }
+    RETURN_IF_ERROR(CheckTopKFits(k, d, "cuda sae reconstruct: max_active"));
     if (x.rows == 0 || d == 0) return absl::OkStatus();
     RETURN_IF_ERROR(Enter());
     // TopK SAEs select by ChunkTopK (mode 0: rescoring, 1 GEMM part).
@@ -1065,6 +1079,15 @@ class CudaBackend final : public Backend {
   // JumpReLU reconstruction lists per row: index + h per slot, the dense-row flag.
   static size_t JumpReluListBytesPerRow() { return static_cast<size_t>(cuda::kJumpReluListSlots) * 8 + 4; }
   // Rescoring keeps this many candidates per row for a top-k of k_keep.
+  // UNIMPLEMENTED naming `what` when a top-k of k_keep features per token
+  // does not fit the device (max_sae_top_k).
+  absl::Status CheckTopKFits(int k_keep, int64_t d, absl::string_view what) const {
+    const int limit = max_sae_top_k(d);
+    if (k_keep <= limit) return absl::OkStatus();
+    return absl::UnimplementedError(
+        absl::StrCat(what, "=", k_keep, " is larger than ", limit, ", the most features per token the top-k holds on ",
+                     dev_->name, " (", dev_->shared_optin / 1024, " KiB of shared memory per block, d_model ", d, ")"));
+  }
   static int SaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
   // Rescoring scratch per row: candidates (index + value), margin, fallback flag.
   static size_t SaeCandidateBytesPerRow(int k_keep) { return static_cast<size_t>(SaeCandidates(k_keep)) * 8 + 8; }

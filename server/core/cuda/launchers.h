@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace sae {
@@ -76,8 +77,23 @@ cudaError_t LaunchAttention(const float* q, const float* k, const float* v, cons
 size_t AttentionKvScratchBytes(int64_t n_tokens, int n_kv_heads, int head_dim, bool tensor_cores);
 
 // ---- sae_topk.cuh ----
-// Largest k the top-k kernel handles (its candidate buffer lives in shared memory).
+// Largest k the top-k kernel handles (its candidate buffer lives in shared
+// memory; a device may hold less, see SaeTopKSharedBytes).
 constexpr int kSaeTopKMaxK = 8192;
+constexpr int kSaeTopKBins0 = 1 << 12;  // the first pass's histogram
+// LaunchSaeTopK's candidate buffer at k_keep: a power of two >= 2 k_keep, at
+// least 2048 (room to finish most rows in one pass).
+inline uint32_t SaeTopKCandidateCap(int k_keep) {
+  uint32_t cap = 2048;
+  while (cap < 2u * static_cast<uint32_t>(k_keep)) cap <<= 1;
+  return cap;
+}
+// LaunchSaeTopK's dynamic shared memory at k_keep: the candidates (8 bytes
+// each) and the histogram. 144 KiB at kSaeTopKMaxK: more than the 99 KiB a
+// block may opt in to on sm_86 / sm_89 (163 KiB on sm_80, 227 KiB on sm_90).
+inline size_t SaeTopKSharedBytes(int k_keep) {
+  return SaeTopKCandidateCap(k_keep) * sizeof(uint64_t) + kSaeTopKBins0 * sizeof(uint32_t);
+}
 // For each of n_rows tokens: v_i = (scale_in * h_i + bias_i) * feature_scale_i,
 // h_i = sum over n_parts of pre[p][row][i]; keeps the k_keep largest v_i >
 // threshold - margin[row] (margin == nullptr: 0) (value-descending, ties to
@@ -120,6 +136,16 @@ cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const Sa
 // the k_keep largest exact values > threshold into out_idx/out_val [n_rows, k]
 // when provably right: fallback[r] = 0; else fallback[r] = 1 and the row's
 // outputs are left for LaunchSaeExactRows + LaunchSaeTopK(row_mask = fallback).
+// LaunchSaeRescore's candidate buffer (a power of two >= n_cand), and its
+// dynamic shared memory: the candidates (8 bytes each), the row of x.
+inline uint32_t SaeRescoreCandidateCap(int n_cand) {
+  uint32_t cap = 1;
+  while (cap < static_cast<uint32_t>(n_cand)) cap <<= 1;
+  return cap;
+}
+inline size_t SaeRescoreSharedBytes(int n_cand, int64_t d) {
+  return SaeRescoreCandidateCap(n_cand) * sizeof(uint64_t) + static_cast<size_t>(d) * sizeof(float);
+}
 cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
                              const float* feature_scale, float scale_in, float threshold, const float* margin,
                              const int32_t* cand_idx, const float* cand_val, int n_cand, int k_keep, int k,

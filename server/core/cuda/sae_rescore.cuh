@@ -408,9 +408,8 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
                              int32_t* out_idx, float* out_val, int32_t* fallback, cudaStream_t stream) {
   if (n_rows == 0 || k == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff || n_cand < 1 || k_keep < 1 || k_keep > n_cand || k_keep > k) return cudaErrorInvalidValue;
-  uint32_t cap = 1;
-  while (cap < static_cast<uint32_t>(n_cand)) cap <<= 1;
-  const size_t smem = cap * sizeof(uint64_t) + static_cast<size_t>(d) * sizeof(float);
+  const uint32_t cap = SaeRescoreCandidateCap(n_cand);
+  const size_t smem = SaeRescoreSharedBytes(n_cand, d);
   cudaError_t err = RaiseSharedLimit(SaeRescoreKernel, smem);
   if (err != cudaSuccess) return err;
   const RescoreParams params{x,

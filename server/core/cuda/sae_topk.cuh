@@ -29,7 +29,6 @@ namespace cuda {
 
 constexpr int kTopKThreads = 256;  // the bin-ownership split below assumes exactly this
 constexpr int kTopKWarps = kTopKThreads / 32;
-constexpr int kTopKBins0 = 1 << 12;
 
 // ---- kernels ----
 
@@ -75,13 +74,13 @@ __device__ __forceinline__ uint32_t BlockSuffixSum(uint32_t v, uint32_t* warp_to
   return v + higher;
 }
 
-// cap: power of two >= k_keep; shared memory = cap * 8 + kTopKBins0 * 4 bytes.
+// cap: SaeTopKCandidateCap(k_keep); shared memory: SaeTopKSharedBytes(k_keep).
 __global__ void __launch_bounds__(kTopKThreads)
     SaeTopKKernel(SaeRowParams p, int k_keep, int k, uint32_t cap, int32_t* __restrict__ out_idx,
                   float* __restrict__ out_val) {
   SAE_DYNAMIC_SHARED(uint64_t, smem_u64);
   uint64_t* cand = smem_u64;                                 // [cap]
-  uint32_t* hist = reinterpret_cast<uint32_t*>(cand + cap);  // [kTopKBins0]
+  uint32_t* hist = reinterpret_cast<uint32_t*>(cand + cap);  // [kSaeTopKBins0]
   __shared__ uint32_t warp_tot[kTopKWarps];
   __shared__ uint32_t s_bin, s_above, s_total, s_count;
 
@@ -214,9 +213,8 @@ cudaError_t LaunchSaeTopK(const float* pre, int n_parts, int64_t n_rows, int64_t
   }
   // A larger candidate buffer than k lets pass 0 finish more rows (and all
   // JumpReLU rows with <= cap active features).
-  uint32_t cap = 2048;
-  while (cap < 2u * static_cast<uint32_t>(k_keep)) cap <<= 1;
-  const size_t smem = cap * sizeof(uint64_t) + kTopKBins0 * sizeof(uint32_t);
+  const uint32_t cap = SaeTopKCandidateCap(k_keep);
+  const size_t smem = SaeTopKSharedBytes(k_keep);
   cudaError_t err = RaiseSharedLimit(SaeTopKKernel, smem);
   if (err != cudaSuccess) return err;
   const SaeRowParams params{pre,           n_rows * d_sae, n_parts,   d_sae,  bias,
