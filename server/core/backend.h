@@ -254,8 +254,13 @@ class Backend {
   // a batch's results can be read back while the next batch computes. Work
   // issued after the point may or may not be visible in what is copied. An
   // empty src copies nothing: it waits for the point and reports the device
-  // errors of the ops before it.
-  virtual absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) { return CopyToHost(src, dst); }
+  // errors of the ops before it. `since` (a live point recorded before the
+  // batch's first op, or -1) bounds those errors below: the codes of ops
+  // before it belong to an earlier batch, which may be read back later (a
+  // batch re-run alone while the next one is in flight, say).
+  virtual absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t since, int64_t after) {
+    return CopyToHost(src, dst);
+  }
   // OK while the device is usable. After an unrecoverable device error (on
   // CUDA a fault that leaves the context unusable for the rest of the
   // process: an illegal address, a failed launch, an uncorrectable ECC error)

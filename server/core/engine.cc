@@ -355,14 +355,14 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
 
   // First the batch's own device error codes (a bad input found on the
   // device), even when it has nothing to copy back.
-  RETURN_IF_ERROR(backend_->CopyToHostAfter(Tensor(), nullptr, p->end));
+  RETURN_IF_ERROR(backend_->CopyToHostAfter(Tensor(), nullptr, p->start, p->end));
   std::vector<int32_t> idx_host;
   std::vector<float> val_host;
   for (const PendingBatch::TopK& t : p->topk) {
     idx_host.resize(static_cast<size_t>(t.idx->numel()));
     val_host.resize(idx_host.size());
-    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.idx.get(), idx_host.data(), p->end));
-    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.val.get(), val_host.data(), p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.idx.get(), idx_host.data(), p->start, p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(t.val.get(), val_host.data(), p->start, p->end));
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceRequest& r = batch[i];
       for (size_t j = 0; j < r.sae_indices.size(); ++j) {
@@ -385,7 +385,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
     const std::vector<int32_t>& ids = r.watch[w.slot];
     const int64_t n = static_cast<int64_t>(r.ids.size()), m = static_cast<int64_t>(ids.size());
     std::vector<float> val(static_cast<size_t>(n * m));
-    RETURN_IF_ERROR(backend_->CopyToHostAfter(w.val.get(), val.data(), p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(w.val.get(), val.data(), p->start, p->end));
     for (int t = 0; t < n; ++t) {
       if (SkipsPosition(r, t, bos)) continue;
       cand.clear();
@@ -407,14 +407,14 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
   for (const PendingBatch::Capture& cap : p->captures) {
     std::vector<float>& host = results[cap.seq].hooks[cap.hook];
     host.resize(static_cast<size_t>(cap.act->numel()));
-    RETURN_IF_ERROR(backend_->CopyToHostAfter(cap.act.get(), host.data(), p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(cap.act.get(), host.data(), p->start, p->end));
   }
 
   for (const PendingBatch::Error& e : p->errors) {
     const SequenceRequest& r = batch[e.seq];
     const int64_t n = static_cast<int64_t>(r.ids.size());
     std::vector<float> err(static_cast<size_t>(n));
-    RETURN_IF_ERROR(backend_->CopyToHostAfter(e.err.get(), err.data(), p->end));
+    RETURN_IF_ERROR(backend_->CopyToHostAfter(e.err.get(), err.data(), p->start, p->end));
     std::vector<float>& out = results[e.seq].saes[e.slot].reconstruction_error;
     for (int t = 0; t < n; ++t) out[t] = SkipsPosition(r, t, bos) ? kNotComputed : err[t];
   }

@@ -103,9 +103,11 @@ class Engine {
   // copies outnumber the backend's staging slots). Collect
   // waits for them and builds the results; its read-back waits only for this
   // batch's own work (Backend::CopyToHostAfter its end point), not for a batch
-  // submitted after it, which keeps computing meanwhile. Batches are collected in the
-  // order they were submitted; a batch that is never collected only costs
-  // its device memory until it is destroyed.
+  // submitted after it, which keeps computing meanwhile, and reports only the
+  // device errors of the ops between its own start and end points. So batches
+  // may be collected in any order (the executor re-runs the requests of a
+  // failed batch one by one while the next batch is in flight); a batch that
+  // is never collected only costs its device memory until it is destroyed.
   struct PendingBatch;
   struct PendingBatchDeleter {  // PendingBatch is complete only in engine.cc
     void operator()(PendingBatch* p) const;

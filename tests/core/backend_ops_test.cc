@@ -224,7 +224,7 @@ TEST_P(BackendOpsTest, CopyToHostAfterWaitsOnlyForWorkBeforeItsPoint) {
   ASSERT_TRUE(point.ok()) << point.status();
   ASSERT_TRUE(backend_->Add(out.get(), a.get(), out.get()).ok());  // after the point
   std::vector<float> got(3);
-  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), *point).ok());
+  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), -1, *point).ok());
   if (emulated) {
     EXPECT_EQ(got, (std::vector<float>{2, 4, 6}));  // the second Add has not run
   } else if (GetParam() == "cpu") {
@@ -241,50 +241,64 @@ TEST_P(BackendOpsTest, CopyToHostAfterWaitsOnlyForWorkBeforeItsPoint) {
   auto end = backend_->RecordTimePoint();
   ASSERT_TRUE(end.ok());
   std::vector<float> host(big);
-  ASSERT_TRUE(backend_->CopyToHostAfter(twos.get(), host.data(), *end).ok());
+  ASSERT_TRUE(backend_->CopyToHostAfter(twos.get(), host.data(), -1, *end).ok());
   EXPECT_EQ(std::count(host.begin(), host.end(), 2.0f), big);
   backend_->ReleaseTimePoint(*end);
   if (GetParam() == "cuda") {
-    EXPECT_EQ(backend_->CopyToHostAfter(twos.get(), host.data(), 1 << 20).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(backend_->CopyToHostAfter(twos.get(), host.data(), -1, 1 << 20).code(),
+              absl::StatusCode::kInvalidArgument);
+    auto p1 = backend_->RecordTimePoint(), p2 = backend_->RecordTimePoint();
+    ASSERT_TRUE(p1.ok() && p2.ok());
+    EXPECT_EQ(backend_->CopyToHostAfter(Tensor(), nullptr, 1 << 20, *p2).code(), absl::StatusCode::kInvalidArgument)
+        << "an unknown since";
+    EXPECT_TRUE(backend_->CopyToHostAfter(Tensor(), nullptr, *p1, *p2).ok());
+    backend_->ReleaseTimePoint(*p1);
+    backend_->ReleaseTimePoint(*p2);
   }
 }
 
 // A code a kernel stores on the device (a token id outside the vocabulary)
 // is reported with the batch whose op stored it: two batches in flight,
-// each followed by a time point, and the bad one finished before the good
-// one is read back. The good batch's read-back is OK; the bad batch's call
-// (CPU) or read-back (CUDA) fails; and the code is reported once.
+// each between its own start and end points, both finished before either
+// is read back, and read back in either order (the executor re-runs a
+// failed batch's requests alone while the next batch is in flight). The
+// good batch's read-back is OK; the bad batch's call (CPU) or read-back
+// (CUDA) fails; and the code is reported once.
 TEST_P(BackendOpsTest, DeviceErrorsAreReportedWithTheirOwnBatch) {
   const int vocab = 6, d = 5, n = 3;
   const auto table = Random(vocab * d, 121);
   auto tt = Upload(table, vocab, d);
-  for (bool bad_first : {false, true}) {
+  for (const auto& [bad_first, read_a_first] :
+       std::vector<std::pair<bool, bool>>{{false, true}, {true, true}, {false, false}, {true, false}}) {
     const std::vector<int32_t> good = {0, 5, 2}, bad = {1, vocab, 3};
     auto ids_a = UploadI32(bad_first ? bad : good), ids_b = UploadI32(bad_first ? good : bad);
     auto out_a = Zeros(n, d), out_b = Zeros(n, d);
+    auto start_a = backend_->RecordTimePoint();
     const absl::Status call_a = backend_->Embed(tt.get(), ids_a.get(), out_a.get());
     auto point_a = backend_->RecordTimePoint();
+    auto start_b = backend_->RecordTimePoint();
     const absl::Status call_b = backend_->Embed(tt.get(), ids_b.get(), out_b.get());
     auto point_b = backend_->RecordTimePoint();
-    ASSERT_TRUE(point_a.ok() && point_b.ok());
+    ASSERT_TRUE(start_a.ok() && point_a.ok() && start_b.ok() && point_b.ok());
     {  // wait for both batches without reading anything back
       auto t0 = backend_->RecordTimePoint(), t1 = backend_->RecordTimePoint();
       ASSERT_TRUE(t0.ok() && t1.ok());
       ASSERT_TRUE(backend_->SecondsBetween(*t0, *t1).ok());
     }
     std::vector<float> host_a(n * d), host_b(n * d);
-    const absl::Status read_a = backend_->CopyToHostAfter(out_a.get(), host_a.data(), *point_a);
-    const absl::Status read_b = backend_->CopyToHostAfter(out_b.get(), host_b.data(), *point_b);
-    backend_->ReleaseTimePoint(*point_a);
-    backend_->ReleaseTimePoint(*point_b);
+    absl::Status read_a, read_b;
+    if (read_a_first) read_a = backend_->CopyToHostAfter(out_a.get(), host_a.data(), *start_a, *point_a);
+    read_b = backend_->CopyToHostAfter(out_b.get(), host_b.data(), *start_b, *point_b);
+    if (!read_a_first) read_a = backend_->CopyToHostAfter(out_a.get(), host_a.data(), *start_a, *point_a);
+    for (auto* p : {&start_a, &point_a, &start_b, &point_b}) backend_->ReleaseTimePoint(**p);
     const absl::Status& bad_call = bad_first ? call_a : call_b;
     const absl::Status& bad_read = bad_first ? read_a : read_b;
     EXPECT_TRUE((bad_first ? call_b : call_a).ok());
-    EXPECT_TRUE((bad_first ? read_b : read_a).ok())
-        << "a neighbour's code, bad_first " << bad_first << ": " << (bad_first ? read_b : read_a);
+    EXPECT_TRUE((bad_first ? read_b : read_a).ok()) << "a neighbour's code, bad_first " << bad_first << " read_a_first "
+                                                    << read_a_first << ": " << (bad_first ? read_b : read_a);
     const absl::Status& failed = GetParam() == "cpu" ? bad_call : bad_read;
     EXPECT_TRUE((GetParam() == "cpu" ? bad_read : bad_call).ok());
-    EXPECT_EQ(failed.code(), absl::StatusCode::kInvalidArgument) << bad_first << " " << failed;
+    EXPECT_EQ(failed.code(), absl::StatusCode::kInvalidArgument) << bad_first << " " << read_a_first << " " << failed;
     EXPECT_NE(failed.message().find("vocabulary"), std::string::npos) << failed;
     const std::vector<float>& good_host = bad_first ? host_b : host_a;
     for (int t = 0; t < n; ++t)
@@ -314,7 +328,7 @@ TEST_P(BackendOpsTest, FullWaitsLeaveCodesOfLivePointsToTheirReadBack) {
   ASSERT_TRUE(point.ok());
   EXPECT_TRUE(backend_->Synchronize().ok());
   EXPECT_TRUE(backend_->CopyToHost(out.get(), host.data()).ok());
-  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), *point).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), -1, *point).code(), absl::StatusCode::kInvalidArgument);
   backend_->ReleaseTimePoint(*point);
   EXPECT_TRUE(backend_->Synchronize().ok());
   // The point released unread: the next full wait reports the code.
@@ -324,7 +338,7 @@ TEST_P(BackendOpsTest, FullWaitsLeaveCodesOfLivePointsToTheirReadBack) {
   backend_->ReleaseTimePoint(*point);
   backend_->ReleaseTimePoint(*point);  // a second release is ignored, not a second free entry
   EXPECT_EQ(backend_->Synchronize().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), *point).code(), absl::StatusCode::kInvalidArgument)
+  EXPECT_EQ(backend_->CopyToHostAfter(out.get(), host.data(), -1, *point).code(), absl::StatusCode::kInvalidArgument)
       << "a released point";
   // A code, then more stretches between points than there are error words
   // (each with a checked input, so each takes a word of its own).
@@ -349,7 +363,7 @@ TEST_P(BackendOpsTest, FullWaitsLeaveCodesOfLivePointsToTheirReadBack) {
     ASSERT_TRUE(p.ok());
     backend_->ReleaseTimePoint(*p);
   }
-  EXPECT_EQ(backend_->CopyToHostAfter(Tensor(), nullptr, *batch_end).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_->CopyToHostAfter(Tensor(), nullptr, -1, *batch_end).code(), absl::StatusCode::kInvalidArgument);
   backend_->ReleaseTimePoint(*batch_end);
   EXPECT_TRUE(backend_->Synchronize().ok());
   // Two points from one free slot are distinct.
@@ -392,7 +406,7 @@ TEST_P(BackendOpsTest, InputCopiesAndWatchListEncodesDoNotWait) {
   ASSERT_TRUE(backend_->SaeEncodeSelected(tx.get(), sae, tid.get(), sel.get()).ok());
 
   std::vector<float> got(3);
-  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), *point).ok());
+  ASSERT_TRUE(backend_->CopyToHostAfter(out.get(), got.data(), -1, *point).ok());
   if (emulated) {
     EXPECT_EQ(got, (std::vector<float>{2, 4, 6}));  // nothing above waited for the queued Add
   } else if (GetParam() == "cpu") {
@@ -917,6 +931,110 @@ TEST_P(BackendOpsTest, AttentionLongSequencesGqa) {
       ExpectClose(got_rows[kn], ref_rows, kernel.tol,
                   "attention hd=" + std::to_string(c.hd) + " gqa=" + std::to_string(group) +
                       " max_len=" + std::to_string(max_len) + " " + (kernel.name ? kernel.name : ""));
+    }
+  }
+}
+
+// With K = 0 every score is 0, so every visible key gets weight exactly 1
+// (also in bf16), and with small integer V the sums are exact in fp32 (and
+// on tensor cores): row i of a sequence must be exactly the mean of V over
+// its keys 0..i. A key too many or too few (a mask, tile or sequence
+// boundary off by one, a wrong kv head) moves a value by ~1 / len, far
+// above the 1e-6 the CUDA kernels are held to here (their sums of integers
+// are exact; only the final division rounds), so this checks the masking of long rows
+// that the rounding tolerances of the tests above cannot (on the tensor-core
+// kernel, dropping one key of 1500 moves an output by ~1e-3). Shapes: tile
+// boundaries (32 and 64 rows / keys), empty sequences anywhere, more
+// sequences than the tile table's 1024 threads, head dims of every kernel
+// instantiation (8..256, odd ones), GQA ratios 1..8, Llama's 32/8 heads.
+TEST_P(BackendOpsTest, AttentionMasksExactlyOnUniformScores) {
+  struct Case {
+    int hd, heads, kv_heads;
+    std::vector<int> lens;
+  };
+  std::vector<Case> cases = {{64, 2, 1, {31, 32, 33, 63, 64, 65, 127, 128, 129}},
+                             {128, 4, 2, {0, 3, 0, 0, 65, 0, 1, 0}},
+                             {32, 8, 1, {97, 0, 200}},
+                             {16, 4, 4, {1, 2, 3}},
+                             {8, 2, 1, {40}},
+                             {33, 3, 1, {70, 5}},
+                             {48, 2, 2, {66}},
+                             {80, 2, 1, {33}},
+                             {96, 4, 1, {65, 1}},
+                             {130, 2, 2, {34}},
+                             {256, 2, 1, {70}},
+                             {128, 32, 8, {150, 47}},
+                             {64, 2, 1, {1500}}};
+  Case many{64, 2, 1, {}};
+  for (int s = 0; s < 1300; ++s) many.lens.push_back(std::vector<int>{0, 1, 2, 3, 33}[(s * 7 + s / 5) % 5]);
+  cases.push_back(many);
+  for (const Case& c : cases) {
+    std::vector<int32_t> starts = {0};
+    for (int l : c.lens) starts.push_back(starts.back() + l);
+    const int n = starts.back(), max_len = std::max(1, *std::max_element(c.lens.begin(), c.lens.end()));
+    const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd, group = c.heads / c.kv_heads;
+    std::vector<float> v(static_cast<size_t>(n) * kvd);
+    std::mt19937 rng(c.hd * 131 + c.heads);
+    for (float& x : v) x = static_cast<float>(static_cast<int>(rng() % 9) - 4);
+    const auto q = Random(static_cast<size_t>(n) * qd, 44, 2.0f);
+    auto tq = Upload(q, n, qd), tk = Zeros(n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
+    std::vector<double> ref(static_cast<size_t>(n) * qd);
+    for (size_t s = 0; s + 1 < starts.size(); ++s) {
+      std::vector<double> sum(kvd, 0.0);
+      for (int i = starts[s]; i < starts[s + 1]; ++i) {
+        for (int e = 0; e < kvd; ++e) sum[e] += v[static_cast<size_t>(i) * kvd + e];
+        for (int h = 0; h < c.heads; ++h)
+          for (int d = 0; d < c.hd; ++d) {
+            ref[static_cast<size_t>(i) * qd + h * c.hd + d] = sum[(h / group) * c.hd + d] / (i - starts[s] + 1);
+          }
+      }
+    }
+    for (const AttentionKernel& kernel : AttentionKernels()) {
+      auto out = Zeros(n, qd);
+      const absl::Status st =
+          RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                       c.heads, c.kv_heads, c.hd, out.get());
+      ASSERT_TRUE(st.ok()) << st;
+      // The CPU's fp32 loop sums p_j v_j with p_j = 1 / len rounded: ~len ulps of 4 at worst.
+      ExpectClose(Download<float>(out), ref, kernel.name == nullptr ? Tol{2e-5, 0} : Tol{1e-7, 1e-6},
+                  "uniform attention hd=" + std::to_string(c.hd) + " heads=" + std::to_string(c.heads) + "/" +
+                      std::to_string(c.kv_heads) + " n_seqs=" + std::to_string(c.lens.size()) + " " +
+                      (kernel.name ? kernel.name : ""));
+    }
+  }
+}
+
+// Sequence layouts that do not cover the rows are INVALID_ARGUMENT: from the
+// call where the host can tell (the CPU reads seq_starts; no sequences for
+// some rows), else, where seq_starts live on the device, from the next
+// read-back; and the backend serves on.
+TEST_P(BackendOpsTest, AttentionRejectsBadSequenceStarts) {
+  const int hd = 64, heads = 2, n = 10;
+  auto tq = Upload(Random(n * heads * hd, 45), n, heads * hd), tk = Upload(Random(n * hd, 46), n, hd),
+       tv = Upload(Random(n * hd, 47), n, hd);
+  struct Case {
+    const char* name;
+    std::vector<int32_t> starts;
+    int max_len;
+  };
+  for (const Case& c : std::vector<Case>{{"no sequences", {0}, 10},
+                                         {"first start not 0", {1, 10}, 10},
+                                         {"last start short of the rows", {0, 4, 9}, 10},
+                                         {"last start past the rows", {0, 4, 11}, 10},
+                                         {"decreasing", {0, 6, 4, 10}, 10},
+                                         {"longer than max_seq_len", {0, 3, 10}, 6}}) {
+    for (const AttentionKernel& kernel : AttentionKernels()) {
+      const std::string what = std::string(c.name) + " " + (kernel.name ? kernel.name : "");
+      auto ts = UploadI32(c.starts);
+      auto out = Zeros(n, heads * hd);
+      absl::Status st = RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(),
+                                     static_cast<int>(c.starts.size()) - 1, c.max_len, heads, 1, hd, out.get());
+      if (st.ok()) st = backend_->Synchronize();
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << what << ": " << st;
+      const std::vector<int32_t> good = {0, 10};
+      auto tg = UploadI32(good);
+      EXPECT_TRUE(RunAttention(kernel, tq.get(), tk.get(), tv.get(), tg.get(), 1, 10, heads, 1, hd, out.get()).ok());
+      EXPECT_TRUE(backend_->Synchronize().ok()) << what;
     }
   }
 }

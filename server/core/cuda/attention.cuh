@@ -522,7 +522,8 @@ cudaError_t LaunchAttention(const float* q, const float* k, const float* v, cons
                             int max_seq_len, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
                             bool tensor_cores, void* out_ptr, ElemType out_type, int32_t* tile_table, void* kv_bf16,
                             int* error_flag, cudaStream_t stream) {
-  if (n_tokens == 0 || n_seqs == 0) return cudaSuccess;
+  // n_seqs == 0 with tokens goes on: the table kernel flags the rows no sequence covers.
+  if (n_tokens == 0) return cudaSuccess;
   const bool mma = tensor_cores && AttentionMmaSupportsHeadDim(head_dim);
   if (out_type == ElemType::kF16 || (!mma && out_type != ElemType::kF32)) return cudaErrorInvalidValue;
   if (mma && reinterpret_cast<uintptr_t>(kv_bf16) % 16 != 0) return cudaErrorInvalidValue;  // 16-byte K loads

@@ -459,7 +459,10 @@ class CudaBackend final : public Backend {
       return FromCuda(e, absl::StrCat("alloc ", bytes, " bytes (", DTypeName(dtype), "[", rows, ", ", cols, "])"));
     }
     // Zeroed like the CPU twin's allocations.
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, bytes, dev_->stream), "alloc memset");
+    if (const cudaError_t z = cudaMemsetAsync(p, 0, bytes, dev_->stream); z != cudaSuccess) {
+      cudaFreeAsync(p, dev_->stream);
+      return FromCuda(z, "alloc memset");
+    }
     std::shared_ptr<Device> dev = dev_;
     dev->live_bytes += static_cast<int64_t>(bytes);
     return OwnedTensor(Tensor{p, dtype, rows, cols}, [dev, bytes](void* q) {
@@ -556,8 +559,11 @@ class CudaBackend final : public Backend {
     return TakeErrorsAfterFullWait();
   }
 
-  absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t after) override {
+  absl::Status CopyToHostAfter(const Tensor& src, void* dst, int64_t since, int64_t after) override {
     if (!ValidPoint(after)) return absl::InvalidArgumentError(absl::StrCat("copy to host: no time point ", after));
+    if (since != -1 && (!ValidPoint(since) || point_epoch_[since] > point_epoch_[after])) {
+      return absl::InvalidArgumentError(absl::StrCat("copy to host: no time point ", since, " before ", after));
+    }
     RETURN_IF_ERROR(Enter());
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(dev_->readback_stream, points_[after], 0), "copy to host");
     if (src.nbytes() == 0) {
@@ -565,7 +571,8 @@ class CudaBackend final : public Backend {
     } else {
       RETURN_IF_ERROR(CopyToHostOn(dev_->readback_stream, src, dst));
     }
-    return TakeErrors(0, point_epoch_[after]);  // the ops before `after` have finished
+    // The ops before `after` have finished; those after `since` are in later epochs.
+    return TakeErrors(since == -1 ? 0 : point_epoch_[since] + 1, point_epoch_[after]);
   }
 
   // The copy on `stream`, after the work queued there (device error words
@@ -741,6 +748,8 @@ class CudaBackend final : public Backend {
       return absl::UnimplementedError(absl::StrCat("cuda attention: head_dim ", head_dim, " > 256"));
     }
     if (q.rows == 0) return absl::OkStatus();
+    // (The CPU's message; other bad layouts are found on the device.)
+    if (n_seqs == 0) return absl::InvalidArgumentError("attention: seq_starts must cover all rows");
     RETURN_IF_ERROR(Enter());
     ASSIGN_OR_RETURN(void* table, Ensure(&tile_table_, (static_cast<size_t>(n_seqs) + 1) * sizeof(int32_t)));
     const bool tensor_cores = AttentionOnTensorCores();
@@ -1029,8 +1038,15 @@ class CudaBackend final : public Backend {
   }
 
   absl::StatusOr<double> SecondsBetween(int64_t start, int64_t end) override {
-    if (!ValidPoint(start) || !ValidPoint(end)) return absl::InvalidArgumentError("cuda: unknown time point");
-    RETURN_IF_ERROR(Enter());
+    // Both points are released on every path, as the interface promises
+    // (ReleaseTimePoint ignores an unknown one).
+    absl::Status usable =
+        ValidPoint(start) && ValidPoint(end) ? Enter() : absl::InvalidArgumentError("cuda: unknown time point");
+    if (!usable.ok()) {
+      ReleaseTimePoint(start);
+      ReleaseTimePoint(end);
+      return usable;
+    }
     const cudaError_t sync = cudaEventSynchronize(points_[end]);
     float ms = 0.0f;
     const cudaError_t elapsed = sync == cudaSuccess ? cudaEventElapsedTime(&ms, points_[start], points_[end]) : sync;
