@@ -737,14 +737,16 @@ TEST_P(BackendOpsTest, RmsNorm) {
 
 TEST_P(BackendOpsTest, Embed) {
   const int vocab = 50, d = 33;
-  const auto table = Rounded(Random(vocab * d, 9), DType::kBF16);
   const std::vector<int32_t> ids = {0, 49, 7, 7, 13};
-  auto tt = Upload(table, vocab, d, DType::kBF16), ti = UploadI32(ids), out = Zeros(5, d);
-  ASSERT_TRUE(backend_->Embed(tt.get(), ti.get(), out.get()).ok());
-  std::vector<double> ref;
-  for (int32_t id : ids)
-    for (int c = 0; c < d; ++c) ref.push_back(table[id * d + c]);
-  ExpectClose(Download<float>(out), ref, {0, 0}, "embed");
+  for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {  // embed_tokens as the checkpoint stores it
+    const auto table = Rounded(Random(vocab * d, 9, 100.0f), dtype);
+    auto tt = Upload(table, vocab, d, dtype), ti = UploadI32(ids), out = Zeros(5, d);
+    ASSERT_TRUE(backend_->Embed(tt.get(), ti.get(), out.get()).ok());
+    std::vector<double> ref;
+    for (int32_t id : ids)
+      for (int c = 0; c < d; ++c) ref.push_back(table[id * d + c]);
+    ExpectClose(Download<float>(out), ref, {0, 0}, absl::StrCat("embed ", DTypeName(dtype)));
+  }
 }
 
 TEST_P(BackendOpsTest, Rope) {
@@ -811,6 +813,15 @@ TEST_P(BackendOpsTest, SiluMulAndAdd) {
   ExpectClose(Download<float>(out), ref, {1e-6, 1e-5}, "silu_mul");
   ASSERT_TRUE(backend_->Add(ta.get(), tb.get(), ta.get()).ok());  // in place
   ExpectClose(Download<float>(ta), sum, {1e-6, 1e-6}, "add");
+  // Gates where exp(-x) overflows or underflows fp32: silu(x) -> 0 or x, never NaN.
+  const std::vector<float> gate = {-1000.0f, -100.0f, -88.8f, -87.0f, 87.0f, 89.0f, 100.0f, 3e38f, -3e38f};
+  const std::vector<float> up(gate.size(), 0.5f);
+  auto tg = Upload(gate, 1, static_cast<int64_t>(gate.size())), tu = Upload(up, 1, static_cast<int64_t>(up.size())),
+       ext = Zeros(1, static_cast<int64_t>(gate.size()));
+  ASSERT_TRUE(backend_->SiluMul(tg.get(), tu.get(), ext.get()).ok());
+  std::vector<double> ext_ref;
+  for (float g : gate) ext_ref.push_back(g / (1.0 + std::exp(-static_cast<double>(g))) * 0.5);
+  ExpectClose(Download<float>(ext), ext_ref, {1e-6, 1e-5}, "silu_mul at the ends of exp");
 }
 
 // Reference SAE encode + top-k: value-descending, ties by lower index.
