@@ -4,6 +4,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define SAE_CONCAT_INNER_(a, b) a##b
 #define SAE_CONCAT_(a, b) SAE_CONCAT_INNER_(a, b)
@@ -21,5 +23,16 @@
   auto var = (expr);                               \
   if (!var.ok()) return std::move(var).status();   \
   lhs = std::move(var).value()
+
+namespace sae {
+
+// `status` with `prefix` before its message, same code (OK stays OK): to say
+// which file or tensor a lower layer's error is about.
+inline absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+}  // namespace sae
 
 #endif  // SAE_COMMON_STATUS_MACROS_H_

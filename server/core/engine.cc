@@ -21,6 +21,25 @@ int SaeTopK::n_active(int token) const {
   return n;
 }
 
+namespace {
+
+// An SAE's d_model and hook layer against the model's config.json.
+absl::Status CheckSaeFitsModel(const Sae& s, const LlamaConfig& c) {
+  if (s.hyperparams().d_model != c.hidden_size) {
+    return absl::InvalidArgumentError(absl::StrCat(s.path(), "/hyperparams.json: field \"d_model\" is ",
+                                                   s.hyperparams().d_model, " but the model's hidden_size is ",
+                                                   c.hidden_size));
+  }
+  if (s.hook().layer >= c.num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(s.path(), "/hyperparams.json: field \"hook_point_in\" names layer ",
+                                                   s.hook().layer, " but the model has ", c.num_hidden_layers,
+                                                   " layers"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   std::unique_ptr<Engine> e(new Engine());
   e->model_dir_ = options.model_dir;
@@ -36,24 +55,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     }
     e->saes_.push_back(std::move(s));
   }
+  // Each SAE against the model's config before the model loads, so a
+  // mismatch names the SAE's file and field.
+  ASSIGN_OR_RETURN(const LlamaConfig config, LlamaConfig::FromFile(options.model_dir + "/config.json"));
+  for (const auto& s : e->saes_) RETURN_IF_ERROR(CheckSaeFitsModel(*s, config));
   int last_layer = -1;
   for (const auto& s : e->saes_) last_layer = std::max(last_layer, s->hook().layer);
   if (options.load_all_layers) last_layer = -1;
   // Only the layers up to the deepest hook are ever run, so only those are loaded.
   ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, e->backend_.get(), last_layer, DType::kBF16));
   const LlamaConfig& c = e->model_->config();
-  for (const auto& s : e->saes_) {
-    if (s->hyperparams().d_model != c.hidden_size) {
-      return absl::InvalidArgumentError(absl::StrCat(s->path(), "/hyperparams.json: field \"d_model\" is ",
-                                                     s->hyperparams().d_model, " but the model's hidden_size is ",
-                                                     c.hidden_size));
-    }
-    if (s->hook().layer >= c.num_hidden_layers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(s->path(), "/hyperparams.json: field \"hook_point_in\" names layer ", s->hook().layer,
-                       " but the model has ", c.num_hidden_layers, " layers"));
-    }
-  }
   if (e->tokenizer_->vocab_size() > c.vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat(options.model_dir, "/tokenizer.json has ",
                                                    e->tokenizer_->vocab_size(),

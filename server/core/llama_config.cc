@@ -92,6 +92,12 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const
       return FieldError(origin, "rope_scaling.rope_type",
                         absl::StrCat("only \"llama3\" is supported, got \"", c.rope_scaling.rope_type, "\""));
     } else {
+      // All four are required, as in transformers: a missing factor would silently mean plain RoPE.
+      for (const char* field : {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}) {
+        if (!rs.contains(field) || rs[field].is_null()) {
+          return FieldError(origin, absl::StrCat("rope_scaling.", field), "missing (required for rope_type llama3)");
+        }
+      }
       RETURN_IF_ERROR(GetDouble(rs, origin + " rope_scaling", "factor", &c.rope_scaling.factor));
       RETURN_IF_ERROR(GetDouble(rs, origin + " rope_scaling", "low_freq_factor", &c.rope_scaling.low_freq_factor));
       RETURN_IF_ERROR(GetDouble(rs, origin + " rope_scaling", "high_freq_factor", &c.rope_scaling.high_freq_factor));

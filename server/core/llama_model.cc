@@ -29,7 +29,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
       c, backend, n_load, weight_dtype,
       [&](const std::string& name, const std::vector<int64_t>& shape, DType dtype) -> absl::StatusOr<OwnedTensor> {
         ASSIGN_OR_RETURN(HostTensor t, store->GetWithShape(name, shape));
-        return backend->Upload(t, dtype);
+        absl::StatusOr<OwnedTensor> up = backend->Upload(t, dtype);
+        if (!up.ok()) return Prefixed(absl::StrCat(store->FileOf(name), ": tensor \"", name, "\": "), up.status());
+        return up;
       });
 }
 

@@ -90,7 +90,10 @@ absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path)
   auto get_int = [&](const char* f, int* out) -> absl::Status {
     auto it = j.find(f);
     if (it == j.end()) return FieldError(path, f, "missing");
-    if (!it->is_number_integer() || it->get<int64_t>() <= 0) return FieldError(path, f, "must be a positive integer");
+    // (Capped like config.json's sizes, so it fits an int and products of two fit an int64.)
+    if (!it->is_number_integer() || it->get<int64_t>() <= 0 || it->get<int64_t>() > (int64_t{1} << 30)) {
+      return FieldError(path, f, "must be a positive integer up to 2^30");
+    }
     *out = it->get<int>();
     return absl::OkStatus();
   };
@@ -117,7 +120,24 @@ absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path)
   } else {
     return FieldError(path, "act_fn", absl::StrCat("\"", hp.act_fn, "\" is not supported (jumprelu, topk)"));
   }
-  if (j.contains("top_k") && j["top_k"].is_number_integer()) hp.top_k = j["top_k"].get<int>();
+  if (j.contains("top_k") && j["top_k"].is_number_integer() && j["top_k"].get<int64_t>() > 0 &&
+      j["top_k"].get<int64_t>() <= (int64_t{1} << 30)) {
+    hp.top_k = j["top_k"].get<int>();  // informational beside jumprelu
+  }
+  // Llama Scope's encode is W_enc x + b_enc on the (normalised) activation,
+  // and the decode adds b_dec: other settings of these flags would change the
+  // maths, and are refused rather than ignored.
+  for (const auto& [field, supported] : std::vector<std::pair<const char*, bool>>{
+           {"apply_decoder_bias_to_pre_encoder", false}, {"use_decoder_bias", true}}) {
+    auto it = j.find(field);
+    if (it == j.end() || it->is_null()) continue;
+    if (!it->is_boolean()) return FieldError(path, field, "must be true or false");
+    if (it->get<bool>() != supported) {
+      return FieldError(
+          path, field,
+          absl::StrCat("is ", supported ? "false" : "true", "; only ", supported ? "true" : "false", " is supported"));
+    }
+  }
   hp.norm_activation = "none";
   if (j.contains("norm_activation")) RETURN_IF_ERROR(get_str("norm_activation", &hp.norm_activation));
   if (hp.norm_activation == "dataset-wise") {
@@ -189,8 +209,14 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   ASSIGN_OR_RETURN(HostTensor w_dec, store->GetWithShape("decoder.weight", {hp.d_model, hp.d_sae}));
   ASSIGN_OR_RETURN(HostTensor b_dec, store->GetWithShape("decoder.bias", {hp.d_model}));
 
-  ASSIGN_OR_RETURN(s->w_enc_, backend->Upload(w_enc, w_enc.dtype));
-  ASSIGN_OR_RETURN(s->b_enc_, backend->Upload(b_enc, DType::kF32));
+  // Upload errors (out of memory, say) name the file and the tensor.
+  auto upload = [&](const char* name, const HostTensor& t, DType dtype) -> absl::StatusOr<OwnedTensor> {
+    absl::StatusOr<OwnedTensor> up = backend->Upload(t, dtype);
+    if (!up.ok()) return Prefixed(absl::StrCat(st_path, ": tensor \"", name, "\": "), up.status());
+    return up;
+  };
+  ASSIGN_OR_RETURN(s->w_enc_, upload("encoder.weight", w_enc, w_enc.dtype));
+  ASSIGN_OR_RETURN(s->b_enc_, upload("encoder.bias", b_enc, DType::kF32));
   SaeEncoderWeights& e = s->encoder_;
   e.encoder = s->w_enc_.get();
   e.bias = s->b_enc_.get();
@@ -200,9 +226,9 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   // errors; feature-major (see SaeDecoderWeights), transposed here on the host.
   const size_t dec_esize = DTypeSize(w_dec.dtype);
   const std::unique_ptr<char[]> dec_rows = TransposeElements(w_dec);  // [d_model, d_sae] checked above
-  ASSIGN_OR_RETURN(s->w_dec_,
-                   backend->Upload(HostTensor{dec_rows.get(), w_dec.dtype, {hp.d_sae, hp.d_model}}, w_dec.dtype));
-  ASSIGN_OR_RETURN(s->b_dec_, backend->Upload(b_dec, DType::kF32));
+  ASSIGN_OR_RETURN(s->w_dec_, upload("decoder.weight", HostTensor{dec_rows.get(), w_dec.dtype, {hp.d_sae, hp.d_model}},
+                                     w_dec.dtype));
+  ASSIGN_OR_RETURN(s->b_dec_, upload("decoder.bias", b_dec, DType::kF32));
   s->decoder_ = SaeDecoderWeights{s->w_dec_.get(), s->b_dec_.get(), hp.scale_out()};
   const float theta = hp.act_fn == "topk" ? 0.0f : hp.jump_relu_threshold;
   if (form == SaeEncodeForm::kSaeLens) {

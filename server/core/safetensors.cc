@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -72,12 +73,24 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     return FileError(path, absl::StrCat("header length ", header_len, " exceeds the file size ", size));
   }
   const char* header_begin = reinterpret_cast<const char*>(bytes + 8);
-  json header = json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
+  // A repeated tensor name would silently keep one of its entries: refused.
+  std::set<std::string> keys;
+  std::string repeated;
+  const json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth == 1 && event == json::parse_event_t::key && !keys.insert(parsed.get<std::string>()).second &&
+        repeated.empty()) {
+      repeated = parsed.get<std::string>();
+    }
+    return true;
+  };
+  json header = json::parse(header_begin, header_begin + header_len, note_keys, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) {
     return FileError(path, "header is not a JSON object");
   }
+  if (!repeated.empty()) return FileError(path, absl::StrCat("tensor \"", repeated, "\" appears twice in the header"));
   const uint8_t* data_begin = bytes + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;  // data_offsets of every tensor
 
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -103,10 +116,22 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     if (!dtype.ok()) return FileError(path, absl::StrCat(where, ": field \"dtype\": ", dtype.status().message()));
     HostTensor t;
     t.dtype = *dtype;
+    // The element count is kept below what the data section could hold, so
+    // neither it nor the byte count can overflow.
+    uint64_t elems = 1;
+    bool empty = false;
     for (const json& d : *sh) {
       if (!d.is_number_unsigned())
         return FileError(path, absl::StrCat(where, ": field \"shape\" has a non-integer entry"));
-      t.shape.push_back(d.get<int64_t>());
+      const uint64_t dim = d.get<uint64_t>();
+      if (dim > (uint64_t{1} << 53)) return FileError(path, absl::StrCat(where, ": field \"shape\" has ", dim));
+      t.shape.push_back(static_cast<int64_t>(dim));
+      empty = empty || dim == 0;
+      if (!empty && elems > data_size / dim) {
+        return FileError(path, absl::StrCat(where, ": field \"shape\" [", absl::StrJoin(t.shape, ", "),
+                                            ", ...] needs more bytes than the ", data_size, "-byte data section"));
+      }
+      if (!empty) elems *= dim;
     }
     if (!(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned()) {
       return FileError(path, absl::StrCat(where, ": field \"data_offsets\" must be non-negative integers"));
@@ -123,6 +148,21 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     t.data = data_begin + begin;
     file->tensors_.emplace(name, std::move(t));
+    spans.emplace_back(begin, end);
+  }
+  // The tensors tile the data section: no byte shared, none left over.
+  std::sort(spans.begin(), spans.end());
+  uint64_t covered = 0;
+  for (const auto& [begin, end] : spans) {
+    if (begin != covered) {
+      return FileError(path, absl::StrCat("data_offsets: ", begin < covered ? "tensors overlap" : "a gap", " at byte ",
+                                          std::min(begin, covered), " of the data section"));
+    }
+    covered = end;
+  }
+  if (covered != data_size) {
+    return FileError(path, absl::StrCat("data_offsets: the tensors end at byte ", covered, " of a ", data_size,
+                                        "-byte data section"));
   }
   return file;
 }
@@ -192,6 +232,10 @@ absl::StatusOr<HostTensor> TensorStore::GetWithShape(absl::string_view name, con
     return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor \"", name, "\" has shape [",
                                                    absl::StrJoin(t.shape, ", "), "], expected [",
                                                    absl::StrJoin(shape, ", "), "]"));
+  }
+  if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
+    return absl::InvalidArgumentError(absl::StrCat(FileOf(name), ": tensor \"", name, "\" has dtype ",
+                                                   DTypeName(t.dtype), "; weights must be F32, BF16 or F16"));
   }
   return t;
 }

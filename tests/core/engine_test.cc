@@ -466,6 +466,23 @@ TEST(EngineLoadTest, ReconstructionErrorNeedsAUsableHookPointOut) {
   EXPECT_THAT(res.status().message(), HasSubstr("hook_point_out"));
 }
 
+// An SAE hooked deeper than the model has layers is refused naming the SAE's
+// file and field (it named the model's config.json, as the model loaded first).
+TEST(EngineLoadTest, HookBeyondTheModelNamesTheSae) {
+  const std::string dir = testing::MakeTempDir("deep-hook") + "/L40R-8x";
+  std::filesystem::copy(testing::Demo().sae_dirs[0], dir, std::filesystem::copy_options::recursive);
+  nlohmann::json hp;
+  std::ifstream(dir + "/hyperparams.json") >> hp;
+  hp["hook_point_in"] = "blocks.40.hook_resid_post";
+  hp["hook_point_out"] = "blocks.40.hook_resid_post";
+  std::ofstream(dir + "/hyperparams.json") << hp.dump();
+  EngineOptions o = DemoOptions();
+  o.saes = {{dir, ""}};
+  auto e = Engine::Create(o);
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(e.status().message(), HasSubstr(dir + "/hyperparams.json: field \"hook_point_in\" names layer 40"));
+}
+
 TEST(EngineLoadTest, LoadsOnlyTheLayersItNeeds) {
   EngineOptions o = DemoOptions();
   o.saes = {{testing::Demo().sae_dirs[0], "first"}};  // L1R

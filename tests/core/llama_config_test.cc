@@ -88,6 +88,11 @@ TEST(LlamaConfigTest, ErrorsNameTheFileAndTheField) {
            "vocab_size": 4})",
        "\"hidden_size\""},
       {R"({"model_type": "mistral"})", "\"model_type\""},
+      // llama3 scaling without its factor would silently be plain RoPE.
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})",
+       "\"rope_scaling.factor\""},
       {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
            "vocab_size": 4, "hidden_act": "gelu"})",
        "\"hidden_act\""},

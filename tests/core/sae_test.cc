@@ -131,6 +131,9 @@ TEST_F(SaeErrorTest, HyperparamErrorsNameTheFileAndField) {
       {[](auto& j) { j["dataset_average_activation_norm"]["in"] = 0; }, "\"dataset_average_activation_norm.in\""},
       {[](auto& j) { j["norm_activation"] = "token-wise"; }, "\"norm_activation\""},
       {[](auto& j) { j["d_sae"] = 100; }, "encoder.weight"},
+      {[](auto& j) { j["d_model"] = 4294967360; }, "\"d_model\""},  // 2^32 + 64 must not wrap to 64
+      {[](auto& j) { j["apply_decoder_bias_to_pre_encoder"] = true; }, "\"apply_decoder_bias_to_pre_encoder\""},
+      {[](auto& j) { j["use_decoder_bias"] = false; }, "\"use_decoder_bias\""},
   };
   for (const Case& c : cases) {
     const std::string dir = CopyWith(c.edit);
@@ -139,6 +142,30 @@ TEST_F(SaeErrorTest, HyperparamErrorsNameTheFileAndField) {
     EXPECT_THAT(s.message(), HasSubstr(dir)) << c.field;
     EXPECT_THAT(s.message(), HasSubstr(c.field)) << s.message();
   }
+}
+
+// A weight stored as integers is refused at load, naming the file, the
+// tensor and its dtype (the CPU would compute with the integers; CUDA failed
+// every request without saying which SAE).
+TEST_F(SaeErrorTest, NonFloatWeightIsNamed) {
+  const std::string dir = CopyWith([](auto&) {});
+  auto store = TensorStore::Open(dir + "/checkpoints/final.safetensors");
+  ASSERT_TRUE(store.ok());
+  std::vector<TensorToWrite> kept;
+  for (const char* name : {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}) {
+    HostTensor t = *(*store)->Get(name);
+    if (std::string(name) == "encoder.weight") {
+      kept.push_back({name, DType::kI32, t.shape, std::string(static_cast<size_t>(t.numel()) * 4, '\1')});
+    } else {
+      kept.push_back({name, t.dtype, t.shape, std::string(static_cast<const char*>(t.data), t.nbytes())});
+    }
+  }
+  store->reset();
+  ASSERT_TRUE(WriteSafetensors(dir + "/checkpoints/final.safetensors", kept).ok());
+  absl::Status s = Load(dir);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("final.safetensors"));
+  EXPECT_THAT(s.message(), HasSubstr("\"encoder.weight\" has dtype I32"));
 }
 
 TEST_F(SaeErrorTest, MissingTensorIsNamed) {

@@ -109,6 +109,25 @@ TEST(SafetensorsTest, BadFilesNameTheFileAndTheField) {
        "needs 8"},
       {"negative_shape", R"({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", std::string(4, '\0'), -1,
        "\"shape\""},
+      // A shape whose element count overflows int64 (and would need more than the file).
+      {"overflowing_shape", R"({"t": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}})", "",
+       -1, "needs more bytes"},
+      {"huge_dim", R"({"t": {"dtype": "F32", "shape": [9223372036854775808, 0], "data_offsets": [0, 0]}})", "", -1,
+       "\"shape\" has 9223372036854775808"},
+      {"repeated_name",
+       R"({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+           "t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+       std::string(8, '\0'), -1, "\"t\" appears twice"},
+      {"overlap",
+       R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+           "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+       std::string(8, '\0'), -1, "tensors overlap"},
+      {"gap",
+       R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+           "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}})",
+       std::string(12, '\0'), -1, "a gap at byte 4"},
+      {"trailing_bytes", R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", std::string(12, '\0'), -1,
+       "end at byte 4 of a 12-byte data section"},
   };
   for (const BadFile& c : cases) {
     std::string path;
