@@ -234,7 +234,8 @@ struct Activations {
 
 absl::StatusOr<Activations> CollectActivations(const std::string& model_dir, const Tokenizer& tok) {
   auto backend = CreateCpuBackend();
-  ASSIGN_OR_RETURN(auto model, LlamaModel::Load(model_dir, backend.get(), -1, DType::kBF16));
+  ASSIGN_OR_RETURN(const LlamaConfig config, LlamaConfig::FromFile(model_dir + "/config.json"));
+  ASSIGN_OR_RETURN(auto model, LlamaModel::Load(model_dir, config, backend.get(), -1, DType::kBF16));
   PackedBatch batch;
   for (const std::string& s : CalibrationCorpus()) {
     ASSIGN_OR_RETURN(Encoding enc, tok.Encode(s, /*add_bos=*/true));

@@ -63,12 +63,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   for (const auto& s : e->saes_) last_layer = std::max(last_layer, s->hook().layer);
   if (options.load_all_layers) last_layer = -1;
   // Only the layers up to the deepest hook are ever run, so only those are loaded.
-  ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, e->backend_.get(), last_layer, DType::kBF16));
-  const LlamaConfig& c = e->model_->config();
-  if (e->tokenizer_->vocab_size() > c.vocab_size) {
+  ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, config, e->backend_.get(), last_layer, DType::kBF16));
+  if (e->tokenizer_->vocab_size() > config.vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat(options.model_dir, "/tokenizer.json has ",
                                                    e->tokenizer_->vocab_size(),
-                                                   " tokens but config.json vocab_size is ", c.vocab_size));
+                                                   " tokens but config.json vocab_size is ", config.vocab_size));
   }
   return e;
 }

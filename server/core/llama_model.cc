@@ -16,9 +16,8 @@ void PackedBatch::Append(const std::vector<int32_t>& seq_ids) {
   seq_starts.push_back(static_cast<int32_t>(ids.size()));
 }
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& model_dir, Backend* backend,
-                                                             int last_layer, DType weight_dtype) {
-  ASSIGN_OR_RETURN(LlamaConfig c, LlamaConfig::FromFile(model_dir + "/config.json"));
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& model_dir, const LlamaConfig& c,
+                                                             Backend* backend, int last_layer, DType weight_dtype) {
   if (last_layer >= c.num_hidden_layers) {
     return absl::InvalidArgumentError(absl::StrCat(model_dir, "/config.json: a hook needs layer ", last_layer,
                                                    " but num_hidden_layers is ", c.num_hidden_layers));

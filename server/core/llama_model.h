@@ -40,10 +40,11 @@ class LlamaModel {
   using WeightSource = std::function<absl::StatusOr<OwnedTensor>(const std::string& name,
                                                                  const std::vector<int64_t>& shape, DType dtype)>;
 
-  // Loads config.json and the weights of layers 0..last_layer (all when
-  // last_layer < 0) from `model_dir` into `backend` as `weight_dtype`.
-  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& model_dir, Backend* backend,
-                                                          int last_layer, DType weight_dtype);
+  // Loads the weights of layers 0..last_layer (all when last_layer < 0) of
+  // the model `config` describes (its config.json, parsed by the caller)
+  // from `model_dir` into `backend` as `weight_dtype`.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& model_dir, const LlamaConfig& config,
+                                                          Backend* backend, int last_layer, DType weight_dtype);
   // The model of `config` with layers 0..n_layers-1 from `source` (Load reads
   // safetensors; sae-bench-cuda makes random weights of the 8B shapes).
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Build(const LlamaConfig& config, Backend* backend, int n_layers,

@@ -120,10 +120,6 @@ absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path)
   } else {
     return FieldError(path, "act_fn", absl::StrCat("\"", hp.act_fn, "\" is not supported (jumprelu, topk)"));
   }
-  if (j.contains("top_k") && j["top_k"].is_number_integer() && j["top_k"].get<int64_t>() > 0 &&
-      j["top_k"].get<int64_t>() <= (int64_t{1} << 30)) {
-    hp.top_k = j["top_k"].get<int>();  // informational beside jumprelu
-  }
   // Llama Scope's encode is W_enc x + b_enc on the (normalised) activation,
   // and the decode adds b_dec: other settings of these flags would change the
   // maths, and are refused rather than ignored.

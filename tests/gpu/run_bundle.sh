@@ -4,9 +4,9 @@
 # <bundle>/out): nvidia-smi, sae-bench-cuda at Llama-3.1-8B shapes (its
 # RESULT lines copied into summary.txt), the CUDA cases of backend_ops_test,
 # all of cuda_engine_test, and compute-sanitizer memcheck and racecheck on
-# the fast op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1 runs the tests on the CPU emulator
-# instead (to check a bundle on a machine without a GPU; no sanitizer or
-# benchmark then).
+# the fast op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1
+# runs the tests on the CPU emulator instead (to check a bundle on a machine
+# without a GPU; no sanitizer or benchmark then).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}

@@ -425,21 +425,14 @@ class CudaBackend final : public Backend {
     cudaGetLastError();  // a failed query must not be reported by the next launch
     return m;
   }
-  // The top-k (LaunchSaeTopK) and the rescoring (LaunchSaeRescore) keep
-  // their candidates in shared memory, SaeCandidates(k) of them, which grows
-  // with k: the largest k whose kernels fit the device, by bisection.
+  // The largest k for which TopKFits, by bisection (it is monotone in k).
   int max_sae_top_k(int64_t d_model) const override {
-    const auto fits = [&](int k) {
-      const int n_cand = SaeCandidates(k);
-      return cuda::SaeTopKSharedBytes(n_cand) <= dev_->shared_optin &&
-             cuda::SaeRescoreSharedBytes(n_cand, d_model) <= dev_->shared_optin;
-    };
-    if (fits(cuda::kSaeTopKMaxK)) return cuda::kSaeTopKMaxK;
-    if (!fits(1)) return 0;
+    if (TopKFits(cuda::kSaeTopKMaxK, d_model)) return cuda::kSaeTopKMaxK;
+    if (!TopKFits(1, d_model)) return 0;
     int lo = 1, hi = cuda::kSaeTopKMaxK;  // fits(lo), !fits(hi)
     while (hi - lo > 1) {
       const int mid = lo + (hi - lo) / 2;
-      (fits(mid) ? lo : hi) = mid;
+      (TopKFits(mid, d_model) ? lo : hi) = mid;
     }
     return lo;
   }
@@ -1094,16 +1087,24 @@ class CudaBackend final : public Backend {
   static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
   // JumpReLU reconstruction lists per row: index + h per slot, the dense-row flag.
   static size_t JumpReluListBytesPerRow() { return static_cast<size_t>(cuda::kJumpReluListSlots) * 8 + 4; }
-  // Rescoring keeps this many candidates per row for a top-k of k_keep.
+  // Whether a top-k of k_keep <= kSaeTopKMaxK fits the device: the top-k
+  // (LaunchSaeTopK) and the rescoring (LaunchSaeRescore) keep their
+  // SaeCandidates(k_keep) candidates in shared memory.
+  bool TopKFits(int k_keep, int64_t d) const {
+    const int n_cand = SaeCandidates(k_keep);
+    return cuda::SaeTopKSharedBytes(n_cand) <= dev_->shared_optin &&
+           cuda::SaeRescoreSharedBytes(n_cand, d) <= dev_->shared_optin;
+  }
   // UNIMPLEMENTED naming `what` when a top-k of k_keep features per token
-  // does not fit the device (max_sae_top_k).
+  // does not fit the device (max_sae_top_k, computed only for the message).
   absl::Status CheckTopKFits(int k_keep, int64_t d, absl::string_view what) const {
+    if (k_keep <= 0 || (k_keep <= cuda::kSaeTopKMaxK && TopKFits(k_keep, d))) return absl::OkStatus();
     const int limit = max_sae_top_k(d);
-    if (k_keep <= limit) return absl::OkStatus();
     return absl::UnimplementedError(
         absl::StrCat(what, "=", k_keep, " is larger than ", limit, ", the most features per token the top-k holds on ",
                      dev_->name, " (", dev_->shared_optin / 1024, " KiB of shared memory per block, d_model ", d, ")"));
   }
+  // Rescoring keeps this many candidates per row for a top-k of k_keep.
   static int SaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
   // Rescoring scratch per row: candidates (index + value), margin, fallback flag.
   static size_t SaeCandidateBytesPerRow(int k_keep) { return static_cast<size_t>(SaeCandidates(k_keep)) * 8 + 8; }
