@@ -1015,6 +1015,89 @@ TEST_P(BackendOpsTest, AttentionMasksExactlyOnUniformScores) {
   }
 }
 
+// An inf or NaN in one token's V or K reaches that token's row and the later
+// rows of its sequence, in the heads that read it, and nothing else: the CPU
+// loops over each row's visible keys only, and the CUDA kernels must not let
+// a key in a row's future add P * V = 0 * inf = NaN to it, also within the
+// tile the row shares with that key (V at the first and last key of a 64-key
+// tile, a row's own key, a key two rows on). A finite V beyond bf16's range
+// stays finite on the tensor cores (saturated, not rounded to inf). Every
+// other output keeps its usual tolerance; non-finite references must be
+// matched exactly (NaN by NaN, inf by the same inf).
+TEST_P(BackendOpsTest, AttentionKeepsNonFiniteValuesCausal) {
+  constexpr float kInf = std::numeric_limits<float>::infinity(), kNaN = std::numeric_limits<float>::quiet_NaN();
+  struct Poison {
+    bool in_v;  // else in K
+    int token, col;
+    float value;
+  };
+  struct Case {
+    int hd, heads, kv_heads;
+    std::vector<int> lens;
+    std::vector<Poison> poison;
+  };
+  for (const Case& c : std::vector<Case>{{64,
+                                          4,
+                                          2,
+                                          {100, 70},
+                                          {{true, 40, 69, kNaN},
+                                           {true, 90, 7, kInf},
+                                           {true, 110, 64, -kInf},
+                                           {false, 150, 3, kNaN},
+                                           {true, 30, 2, 3.4e38f}}},
+                                         {128,
+                                          4,
+                                          1,
+                                          {200},
+                                          {{true, 130, 9, kNaN},
+                                           {true, 131, 9, kInf},
+                                           {true, 63, 127, kInf},
+                                           {true, 64, 0, kNaN},
+                                           {true, 5, 50, -3.4e38f}}},
+                                         {48, 2, 1, {40}, {{true, 20, 1, kNaN}, {true, 22, 47, kInf}}}}) {
+    std::vector<int32_t> starts = {0};
+    for (int l : c.lens) starts.push_back(starts.back() + l);
+    const int n = starts.back(), max_len = *std::max_element(c.lens.begin(), c.lens.end());
+    const int qd = c.heads * c.hd, kvd = c.kv_heads * c.hd;
+    const auto q = Random(static_cast<size_t>(n) * qd, 48, 2.0f);
+    auto k = Random(static_cast<size_t>(n) * kvd, 49, 2.0f), v = Random(static_cast<size_t>(n) * kvd, 50);
+    for (const Poison& p : c.poison) (p.in_v ? v : k)[static_cast<size_t>(p.token) * kvd + p.col] = p.value;
+    auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
+    std::vector<double> ref(static_cast<size_t>(n) * qd);
+    for (size_t s = 0; s + 1 < starts.size(); ++s)
+      for (int h = 0; h < c.heads; ++h)
+        for (int i = starts[s]; i < starts[s + 1]; ++i) {
+          const auto o = AttentionRef(q, k, v, starts[s], i, h, c.heads, c.kv_heads, c.hd);
+          std::copy(o.begin(), o.end(), ref.begin() + static_cast<size_t>(i) * qd + h * c.hd);
+        }
+    int non_finite = 0;
+    for (double r : ref) non_finite += !std::isfinite(r);
+    ASSERT_GT(non_finite, 0);  // the poison reaches some rows
+    for (const AttentionKernel& kernel : AttentionKernels()) {
+      const std::string what = "hd=" + std::to_string(c.hd) + " " + (kernel.name ? kernel.name : "");
+      auto out = Zeros(n, qd);
+      ASSERT_TRUE(RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
+                               c.heads, c.kv_heads, c.hd, out.get())
+                      .ok());
+      const auto got = Download<float>(out);
+      int bad = 0;
+      for (size_t e = 0; e < got.size() && bad < 5; ++e) {
+        // An output carried by the huge V has the relative error of that key's weight, which on the tensor
+        // cores follows the bf16 rounding of the score (a few percent here), not the atol-dominated one.
+        const double rtol = std::abs(ref[e]) > 1e30 ? 5e-2 : kernel.tol.rtol;
+        const bool ok = std::isnan(ref[e])   ? std::isnan(got[e])
+                        : std::isinf(ref[e]) ? got[e] == ref[e]
+                                             : std::abs(got[e] - ref[e]) <= kernel.tol.atol + rtol * std::abs(ref[e]);
+        if (!ok) {
+          ADD_FAILURE() << what << ": token " << e / qd << " head " << (e % qd) / c.hd << " dim " << e % c.hd << " got "
+                        << got[e] << " want " << ref[e];
+          ++bad;
+        }
+      }
+    }
+  }
+}
+
 // Sequence layouts that do not cover the rows are INVALID_ARGUMENT: from the
 // call where the host can tell (the CPU reads seq_starts; no sequences for
 // some rows), else, where seq_starts live on the device, from the next

@@ -214,6 +214,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
       for (int r = 0; r < RPW; ++r) {
         const float pj = __shfl_sync(kFullMask, p[r], j);
+        // Warp-uniform: a key in the row's future adds nothing, not 0 * V (NaN for an inf or NaN there).
+        if (kt + j > q_first + warp * RPW + r) continue;
 #pragma unroll
         for (int e = 0; e < DPL; ++e) acc[r][e] = fmaf(pj, vj[e], acc[r][e]);
       }
@@ -253,6 +255,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // (+4 words: the 8 rows g of a fragment load land 4 banks apart, no
 // conflicts), svt [d][BK/2 + 4] = V transposed, so each B fragment register
 // of PV (two consecutive keys of one dim) is one 32-bit load.
+//
+// Non-finite values stay causal: a tile whose V holds an inf or NaN (flagged
+// while it is loaded) does P.V key by key over each row's visible keys, since
+// the MMA would add 0 * inf = NaN from keys in a row's future. A NaN in K
+// needs no care: masked scores are replaced by -inf.
 constexpr int kAttnMmaRows = 64;  // query rows per block: 16 per warp
 constexpr int kAttnMmaKeys = 64;  // keys per shared-memory tile
 constexpr int kAttnMmaWarps = 4;
@@ -281,9 +288,10 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
   constexpr int DT = HD / 8;      // 8-dim tiles of O
   // (extern shared arrays of different types must not share a name)
   SAE_DYNAMIC_SHARED(uint32_t, smem_words);
-  uint32_t* sq = smem_words;     // [BQ][QW] Q, pre-scaled, bf16 pairs
-  uint32_t* sk = sq + BQ * QW;   // [BK][QW] K tile
-  uint32_t* svt = sk + BK * QW;  // [HD][VW] V tile, transposed: key pairs of one dim
+  uint32_t* sq = smem_words;        // [BQ][QW] Q, pre-scaled, bf16 pairs
+  uint32_t* sk = sq + BQ * QW;      // [BK][QW] K tile
+  uint32_t* svt = sk + BK * QW;     // [HD][VW] V tile, transposed: key pairs of one dim
+  __shared__ int v_nonfinite_tile;  // kt of the last tile found to hold an inf or NaN in V
 
   AttnTile tile;
   if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, n_heads, n_kv_heads, HD, &tile)) return;
@@ -305,6 +313,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
     }
     sq[r * QW + c] = PackBf16x2(x0, x1);
   }
+  if (tid == 0) v_nonfinite_tile = -1;
   __syncthreads();
   uint32_t qf[KQ][4];  // the warp's Q rows as A fragments, one per 16 dims
 #pragma unroll
@@ -342,6 +351,7 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
       const uint32_t* p = vb + (seq_begin + j) * kv_words + kvh * (HD / 2) + dp;
       const uint32_t w0 = j < kv_len ? p[0] : 0u;
       const uint32_t w1 = j + 1 < kv_len ? p[kv_words] : 0u;
+      if (Bf16x2NonFinite(w0) || Bf16x2NonFinite(w1)) v_nonfinite_tile = kt;
       svt[(2 * dp) * VW + jp] = (w0 & 0xffffu) | (w1 << 16);
       svt[(2 * dp + 1) * VW + jp] = (w0 >> 16) | (w1 & 0xffff0000u);
     }
@@ -401,16 +411,48 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
       }
     }
 
-    // O += P V: P's 16-key chunk kc is S tiles 2kc (keys +0..7) and 2kc+1 (+8..15).
+    if (v_nonfinite_tile != kt) {
+      // O += P V: P's 16-key chunk kc is S tiles 2kc (keys +0..7) and 2kc+1 (+8..15).
 #pragma unroll
-    for (int kc = 0; kc < BK / 16; ++kc) {
-      const uint32_t pa[4] = {PackBf16x2(sc[2 * kc][0], sc[2 * kc][1]), PackBf16x2(sc[2 * kc][2], sc[2 * kc][3]),
-                              PackBf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
-                              PackBf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
+      for (int kc = 0; kc < BK / 16; ++kc) {
+        const uint32_t pa[4] = {PackBf16x2(sc[2 * kc][0], sc[2 * kc][1]), PackBf16x2(sc[2 * kc][2], sc[2 * kc][3]),
+                                PackBf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
+                                PackBf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const uint32_t b[2] = {svt[(dt * 8 + g) * VW + kc * 8 + t], svt[(dt * 8 + g) * VW + kc * 8 + 4 + t]};
-        SAE_MMA_BF16_M16N8K16(o[dt], pa, b);
+        for (int dt = 0; dt < DT; ++dt) {
+          const uint32_t b[2] = {svt[(dt * 8 + g) * VW + kc * 8 + t], svt[(dt * 8 + g) * VW + kc * 8 + 4 + t]};
+          SAE_MMA_BF16_M16N8K16(o[dt], pa, b);
+        }
+      }
+    } else {
+      // A V value of this tile is inf or NaN. The MMA would add P * V = 0 * inf = NaN for keys in a row's
+      // future, so a later token's inf would reach earlier rows: here each row sums its visible keys only,
+      // key by key, with P rounded to bf16 as the MMA takes it. Rare, so kept small: P goes through a local
+      // copy (indexed at run time; sc itself stays in registers).
+      float pl[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pl[nt][e] = sc[nt][e];
+      }
+#pragma unroll 1
+      for (int j = 0; j < BK; ++j) {
+        const int src = (lane & ~3) | ((j & 7) >> 1);  // the lane of this row group holding key j
+        float pj[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) pj[r] = RoundToBf16(__shfl_sync(kFullMask, pl[j >> 3][(j & 1) + 2 * r], src));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (kt + j > pos + 8 * r) continue;  // key j is in row g + 8r's future
+#pragma unroll
+          for (int dt = 0; dt < DT; ++dt) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const uint32_t pair = svt[(dt * 8 + 2 * t + c) * VW + j / 2];
+              o[dt][2 * r + c] = fmaf(pj[r], Bf16BitsToFloat(pair >> (16 * (j & 1))), o[dt][2 * r + c]);
+            }
+          }
+        }
       }
     }
   }
@@ -474,14 +516,15 @@ cudaError_t LaunchAttentionMma(const float* q, const uint32_t* kb, const uint32_
                               n_kv_heads, AttentionScaleLog2(HD), out);
 }
 
-// K and V rounded to bf16 (nearest even) for the tensor-core kernel, two
-// elements per word: kb/vb[i] = bf16x2(k/v[2i], k/v[2i + 1]).
+// K and V rounded to bf16 (nearest even, finite values saturated as Bf16Part
+// does) for the tensor-core kernel, two elements per word: kb/vb[i] =
+// bf16x2(k/v[2i], k/v[2i + 1]).
 __global__ void AttentionKvToBf16Kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n_pairs,
                                         uint32_t* __restrict__ kb, uint32_t* __restrict__ vb) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_pairs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    kb[i] = PackBf16x2(k[2 * i], k[2 * i + 1]);
-    vb[i] = PackBf16x2(v[2 * i], v[2 * i + 1]);
+    kb[i] = PackBf16Parts(k[2 * i], k[2 * i + 1]);
+    vb[i] = PackBf16Parts(v[2 * i], v[2 * i + 1]);
   }
 }
 

@@ -111,6 +111,23 @@ __device__ __forceinline__ __nv_bfloat16 Bf16Part(float v) {
   return __float2bfloat16_rn(a > kMaxBf16 && a < INFINITY ? copysignf(kMaxBf16, v) : v);
 }
 
+// Two floats as Bf16Part rounds them, packed as PackBf16x2 packs.
+__device__ __forceinline__ uint32_t PackBf16Parts(float lo, float hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(Bf16Part(lo))) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(Bf16Part(hi))) << 16);
+}
+
+// The float whose upper 16 bits are the low half of `bits` (a bf16 value).
+__device__ __forceinline__ float Bf16BitsToFloat(uint32_t bits) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ float RoundToBf16(float v) {
+  return Bf16BitsToFloat(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
+}
+
+// Whether either bf16 of a packed pair is inf or NaN (exponent all ones).
+__device__ __forceinline__ bool Bf16x2NonFinite(uint32_t w) {
+  return (w & 0x7f80u) == 0x7f80u || (w & 0x7f800000u) == 0x7f800000u;
+}
+
 // Activation stores: F32 as is, or BF16 as Bf16Part rounds (the rounding
 // LaunchSplitToBf16 applies before a GEMM, so a BF16-output op feeds the GEMM
 // the same bits as its F32 output would after that pass).
