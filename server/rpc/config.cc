@@ -79,6 +79,7 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   }
   if (config->shutdown_grace_seconds() == 0) config->set_shutdown_grace_seconds(30);
   if (!config->has_warmup()) config->set_warmup(true);
+  if (!config->has_batch_timeout_seconds()) config->set_batch_timeout_seconds(config->backend() == "cuda" ? 120 : 0);
 }
 
 absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
@@ -122,6 +123,10 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("config: shutdown_grace_seconds is ", config.shutdown_grace_seconds(), "; at most 3600"));
   }
+  if (config.batch_timeout_seconds() > 86400) {
+    return absl::InvalidArgumentError(absl::StrCat("config: batch_timeout_seconds is ", config.batch_timeout_seconds(),
+                                                   "; at most 86400 (one day; 0 turns the watchdog off)"));
+  }
   if (!v1::ServerConfig::LongInputPolicy_IsValid(config.long_input_policy()) ||
       config.long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {
     return absl::InvalidArgumentError(
@@ -160,6 +165,7 @@ ExecutorOptions ExecutorOptionsFromConfig(const v1::ServerConfig& config) {
   options.max_queue_delay = std::chrono::milliseconds(config.max_queue_delay_ms());
   // Only WINDOW lets a request longer than max_seq_len reach the executor.
   options.max_seq_len = static_cast<int>(config.max_seq_len());
+  options.batch_timeout = std::chrono::seconds(config.batch_timeout_seconds());
   return options;
 }
 

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "rpc/windows.h"
 
@@ -31,6 +32,7 @@ struct Executor::Pending {
   int windows_done = 0;
   absl::Status failure;    // first failure; the job stops there
   bool completed = false;  // `done` has been queued
+  bool abandoned = false;  // failed while on a hung device: complete without its running windows
   SequenceResult merged;   // engine thread: stitched windows (no on_window)
 };
 
@@ -44,12 +46,15 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Create(BatchRunner runner, c
     return absl::InvalidArgumentError(
         absl::StrCat("executor: max_inflight_requests must be positive, got ", options.max_inflight_requests));
   }
-  if (options.max_queued_tokens < 0 || options.max_seq_len < 0 || options.max_queue_delay.count() < 0) {
-    return absl::InvalidArgumentError("executor: max_queued_tokens, max_seq_len and max_queue_delay must be >= 0");
+  if (options.max_queued_tokens < 0 || options.max_seq_len < 0 || options.max_queue_delay.count() < 0 ||
+      options.batch_timeout.count() < 0) {
+    return absl::InvalidArgumentError(
+        "executor: max_queued_tokens, max_seq_len, max_queue_delay and batch_timeout must be >= 0");
   }
   std::unique_ptr<Executor> e(new Executor(std::move(runner), options));
   e->scheduler_thread_ = std::thread([raw = e.get()] { raw->SchedulerLoop(); });
   e->engine_thread_ = std::thread([raw = e.get()] { raw->EngineLoop(); });
+  if (options.batch_timeout.count() > 0) e->watchdog_thread_ = std::thread([raw = e.get()] { raw->WatchdogLoop(); });
   return e;
 }
 
@@ -57,6 +62,14 @@ Executor::Executor(BatchRunner runner, const ExecutorOptions& options)
     : runner_(std::move(runner)),
       options_(options),
       metrics_(options.metrics ? options.metrics : std::make_shared<Metrics>()) {}
+
+template <typename F>
+auto Executor::Busy(F&& call) -> decltype(call()) {
+  busy_since_.store(Clock::now().time_since_epoch().count());
+  auto result = call();
+  busy_since_.store(0);
+  return result;
+}
 
 BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<SequenceRequest>&)> run) {
   BatchRunner runner;
@@ -89,7 +102,10 @@ BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
   return runner;
 }
 
-Executor::~Executor() { Shutdown(); }
+Executor::~Executor() {
+  Shutdown();
+  if (engine_thread_.joinable()) engine_thread_.join();  // only after a hang: waits for the runner
+}
 
 void Executor::Run(Actions& actions) {
   for (auto& action : actions) action();
@@ -173,8 +189,8 @@ void Executor::FailLocked(const std::shared_ptr<Pending>& job, const absl::Statu
 }
 
 void Executor::MaybeCompleteLocked(const std::shared_ptr<Pending>& job, Actions* actions) {
-  // A window still staged or running will come back; `done` must be last.
-  if (job->completed || job->windows_active > 0) return;
+  // A window still staged or running will come back (unless the device hung); `done` must be last.
+  if (job->completed || (job->windows_active > 0 && !job->abandoned)) return;
   if (job->failure.ok() && job->windows_done < static_cast<int>(job->windows.size())) return;
   job->completed = true;
   // Released before the callback, so a client that reacts to its result with
@@ -320,7 +336,7 @@ void Executor::SchedulerLoop() {
 std::vector<absl::StatusOr<SequenceResult>> Executor::CollectIsolated(Started& started) {
   const std::vector<SequenceRequest>& requests = started.requests;
   auto run = [this](const std::vector<SequenceRequest>& batch, absl::StatusOr<BatchCollector> collect) {
-    BatchResults results = collect.ok() ? (*collect)() : BatchResults(collect.status());
+    BatchResults results = collect.ok() ? Busy(*collect) : BatchResults(collect.status());
     if (results.ok() && results->size() != batch.size()) {
       results = absl::InternalError(
           absl::StrCat("executor: runner returned ", results->size(), " results for ", batch.size(), " requests"));
@@ -341,7 +357,7 @@ std::vector<absl::StatusOr<SequenceResult>> Executor::CollectIsolated(Started& s
   // Isolate the failure: each window gets its own verdict.
   for (const SequenceRequest& request : requests) {
     const std::vector<SequenceRequest> single = {request};
-    BatchResults one = run(single, runner_.start(single));
+    BatchResults one = run(single, Busy([&] { return runner_.start(single); }));
     out.push_back(one.ok() ? absl::StatusOr<SequenceResult>(std::move(one->front()))
                            : absl::StatusOr<SequenceResult>(one.status()));
   }
@@ -382,7 +398,7 @@ Executor::Started Executor::Start(std::vector<Slot> live) {
   }
   started.live = std::move(live);
   metrics_->ObserveBatch(n_tokens, static_cast<int>(started.requests.size()));
-  started.collect = runner_.start(started.requests);
+  started.collect = Busy([&] { return runner_.start(started.requests); });
   return started;
 }
 
@@ -399,6 +415,10 @@ void Executor::EngineLoop() {
     std::optional<Started> next;
     if (!stopping_ && staged() && (!running || runner_.overlapped)) {
       std::vector<Slot> live = TakeStagedLocked(&actions);
+      if (!live.empty()) {
+        std::vector<std::shared_ptr<Pending>>& jobs = on_device_.emplace_back();
+        for (const Slot& slot : live) jobs.push_back(slot.job);
+      }
       lock.unlock();
       Run(actions);
       if (!live.empty()) next = Start(std::move(live));
@@ -410,7 +430,33 @@ void Executor::EngineLoop() {
       lock.lock();
     }
     running = std::move(next);
-    if (stopping_ && !running) return;
+    if (stopping_ && !running) {
+      engine_exited_ = true;
+      engine_exit_cv_.notify_all();
+      return;
+    }
+  }
+}
+
+void Executor::WatchdogLoop() {
+  // Checks a few times per timeout (at most once a second, at least every 1 ms).
+  const auto poll = std::clamp<std::chrono::milliseconds>(options_.batch_timeout / 8, std::chrono::milliseconds(1),
+                                                          std::chrono::milliseconds(1000));
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    // Runs until the engine thread is gone: Shutdown waits for it, and a hang must still be found then.
+    if (engine_exit_cv_.wait_for(lock, poll, [this] { return engine_exited_; })) return;
+    const int64_t since = busy_since_.load();
+    if (since == 0) continue;
+    const Clock::duration busy = Clock::now().time_since_epoch() - Clock::duration(since);
+    if (busy < options_.batch_timeout) continue;
+    lock.unlock();
+    DeviceLost(absl::DeadlineExceededError(absl::StrFormat(
+                   "a batch has been on the device for %.1f s, longer than the batch timeout (%.1f s): the GPU "
+                   "is presumed hung",
+                   Seconds(busy), Seconds(options_.batch_timeout))),
+               /*hung=*/true);
+    return;
   }
 }
 
@@ -434,6 +480,7 @@ void Executor::Finish(Started started) {
     for (size_t i = 0; i < live.size(); ++i) deliver[i] = results[i].ok() && live[i].job->failure.ok();
     for (size_t i = 0; i < live.size(); ++i) {
       const std::shared_ptr<Pending>& job = live[i].job;
+      if (job->abandoned) continue;  // completed, its tokens released, when the device was found hung
       --job->windows_active;
       const int64_t released = job->windows[live[i].window].n_tokens();
       job->tokens_held -= released;
@@ -446,6 +493,7 @@ void Executor::Finish(Started started) {
       }
     }
     AdmitWaitersLocked(&actions);
+    if (!on_device_.empty()) on_device_.pop_front();  // this batch's jobs (none if it started nothing)
   }
   for (size_t i = 0; i < live.size(); ++i) {
     if (!deliver[i]) continue;
@@ -488,7 +536,7 @@ void Executor::StopAdmittingLocked(const absl::Status& why, Actions* actions) {
   UpdateGaugesLocked();
 }
 
-void Executor::DeviceLost(const absl::Status& fault) {
+void Executor::DeviceLost(const absl::Status& fault, bool hung) {
   Actions actions;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -498,6 +546,17 @@ void Executor::DeviceLost(const absl::Status& fault) {
         absl::UnavailableError(absl::StrCat("the server's GPU failed and it must restart; retry on another replica (",
                                             fault.message(), ")")),
         &actions);
+    if (hung) {
+      // The engine thread will not come back to finish its batches: their jobs are answered now.
+      hung_ = true;
+      for (const auto& jobs : on_device_) {
+        for (const std::shared_ptr<Pending>& job : jobs) {
+          job->abandoned = true;
+          FailLocked(job, refusal_, &actions);
+        }
+      }
+      engine_exit_cv_.notify_all();  // Shutdown stops waiting for the engine thread
+    }
     scheduler_cv_.notify_one();  // it fails everything queued
   }
   Run(actions);
@@ -512,9 +571,21 @@ void Executor::Shutdown() {
   }
   scheduler_cv_.notify_all();
   engine_cv_.notify_all();
-  std::lock_guard<std::mutex> lock(join_mu_);
+  std::lock_guard<std::mutex> join_lock(join_mu_);
   if (scheduler_thread_.joinable()) scheduler_thread_.join();
-  if (engine_thread_.joinable()) engine_thread_.join();
+  bool exited = false;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    engine_exit_cv_.wait(lock, [this] { return engine_exited_ || hung_; });
+    exited = engine_exited_;
+  }
+  if (exited && engine_thread_.joinable()) engine_thread_.join();
+  if (watchdog_thread_.joinable()) watchdog_thread_.join();  // it returns once the engine exited or hung
+}
+
+bool Executor::hung() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return hung_;
 }
 
 }  // namespace sae

@@ -18,6 +18,11 @@
 //    With an overlapped runner (the GPU) up to two batches are on the device:
 //    the engine thread starts the next staged batch before it collects and
 //    delivers the one running.
+//  - The watchdog thread (with a batch_timeout) declares the device hung when
+//    one runner call (starting or collecting a batch) has not returned for
+//    that long: the jobs on the device and everything queued fail with
+//    UNAVAILABLE, and on_device_lost is told, as for a lost device; the
+//    engine thread stays stuck in the runner (see Shutdown).
 #ifndef SAE_RPC_EXECUTOR_H_
 #define SAE_RPC_EXECUTOR_H_
 
@@ -92,7 +97,13 @@ struct ExecutorOptions {
   // lost after a failed batch (BatchRunner::device_status). By then the
   // executor admits nothing more and fails whatever is queued with
   // UNAVAILABLE: nothing can run on this process again. Must not block.
+  // Also called, from the watchdog thread, when the device hung.
   std::function<void(const absl::Status& fault)> on_device_lost;
+  // A runner call (starting or collecting one batch) that has not returned
+  // after this long means the device hung (a kernel that never ends): the
+  // executor fails the batch's jobs and everything queued, and reports the
+  // device lost with DEADLINE_EXCEEDED. 0: no watchdog.
+  std::chrono::milliseconds batch_timeout{0};
 };
 
 // Set by the submitter when its client went away; the executor then drops
@@ -115,7 +126,8 @@ struct Job {
   std::function<void()> on_admitted;
   // Called exactly once, last: the result (windows stitched together unless
   // on_window is set), CANCELLED / DEADLINE_EXCEEDED when dropped,
-  // UNAVAILABLE when the executor stopped first. Must not block.
+  // UNAVAILABLE when the executor stopped first or the device was lost or
+  // hung. Must not block.
   std::function<void(absl::StatusOr<SequenceResult>)> done;
 };
 
@@ -139,8 +151,14 @@ class Executor {
   void StopAdmitting();
 
   // Stops admitting, finishes the batch that is running, fails every other
-  // job with UNAVAILABLE and joins the threads. Idempotent.
+  // job with UNAVAILABLE and joins the threads. Idempotent. After the
+  // watchdog found the device hung it returns without the engine thread,
+  // which is stuck in the runner (and so is the destructor's join of it,
+  // until the runner returns): a server exits the process instead.
   void Shutdown();
+
+  // The watchdog found the device hung (ExecutorOptions::batch_timeout).
+  bool hung() const;
 
   // Jobs admitted and not yet called back.
   int inflight() const { return inflight_.load(); }
@@ -170,6 +188,10 @@ class Executor {
   };
   void SchedulerLoop();
   void EngineLoop();
+  void WatchdogLoop();
+  // Runs a runner call, marked as busy for the watchdog.
+  template <typename F>
+  auto Busy(F&& call) -> decltype(call());
   // Takes the staged batch (mu_ held); drops the windows nobody wants any more.
   std::vector<Slot> TakeStagedLocked(Actions* actions);
   Started Start(std::vector<Slot> live);
@@ -196,8 +218,10 @@ class Executor {
   // Fails every job not yet on the engine thread and stops admitting.
   void FailEverythingLocked(const absl::Status& why, Actions* actions);
   // The device failed for good: stop admitting, fail what is queued, tell
-  // on_device_lost. Engine thread; the first report wins.
-  void DeviceLost(const absl::Status& fault);
+  // on_device_lost. The first report wins. `hung`: the engine thread is
+  // stuck in the runner, so the jobs of the batches on the device are failed
+  // here too (from the watchdog thread).
+  void DeviceLost(const absl::Status& fault, bool hung = false);
   void UpdateGaugesLocked();
   static void Run(Actions& actions);
 
@@ -224,9 +248,17 @@ class Executor {
   std::vector<Slot> staged_;   // guarded by mu_: the next batch
   int64_t staged_tokens_ = 0;  // guarded by mu_
   bool staged_ready_ = false;  // guarded by mu_: full, or waited max_queue_delay
-  std::mutex join_mu_;         // serializes concurrent Shutdown calls
+  // The jobs of each batch started and not yet finished, oldest first.
+  std::deque<std::vector<std::shared_ptr<Pending>>> on_device_;  // guarded by mu_
+  // When the runner call in progress began (steady_clock ticks); 0: none.
+  std::atomic<int64_t> busy_since_{0};
+  bool hung_ = false;                       // guarded by mu_
+  bool engine_exited_ = false;              // guarded by mu_
+  std::condition_variable engine_exit_cv_;  // engine_exited_ or hung_ changed
+  std::mutex join_mu_;                      // serializes concurrent Shutdown calls
   std::thread scheduler_thread_;
   std::thread engine_thread_;
+  std::thread watchdog_thread_;
 };
 
 }  // namespace sae

@@ -70,6 +70,9 @@ ABSL_FLAG(std::optional<std::string>, overload_policy, std::nullopt,
 ABSL_FLAG(std::optional<uint32_t>, shutdown_grace_seconds, std::nullopt,
           "on SIGTERM, how long running requests may take to finish (default 30)");
 ABSL_FLAG(std::optional<bool>, warmup, std::nullopt, "run one batch before reporting SERVING (default true)");
+ABSL_FLAG(std::optional<uint32_t>, batch_timeout_seconds, std::nullopt,
+          "a batch not finished after this long means a hung GPU: fail, NOT_SERVING, exit 3 (default 120 on cuda, "
+          "0 = off on cpu)");
 ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
           "Prometheus metrics address, e.g. 0.0.0.0:9090 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
@@ -134,6 +137,7 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   }
   if (auto v = absl::GetFlag(FLAGS_shutdown_grace_seconds)) config.set_shutdown_grace_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_warmup)) config.set_warmup(*v);
+  if (auto v = absl::GetFlag(FLAGS_batch_timeout_seconds)) config.set_batch_timeout_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) return s;
@@ -364,8 +368,8 @@ int Main(int argc, char** argv) {
   signals.SetServing();
   Log(absl::StrCat("SERVING ", service_name, " (max_batch_tokens=", config.max_batch_tokens(),
                    ", max_seq_len=", config.max_seq_len(), ", max_inflight_requests=", config.max_inflight_requests(),
-                   ", max_queued_tokens=", config.max_queued_tokens(),
-                   ", max_queue_delay_ms=", config.max_queue_delay_ms(), ")"));
+                   ", max_queued_tokens=", config.max_queued_tokens(), ", max_queue_delay_ms=",
+                   config.max_queue_delay_ms(), ", batch_timeout_seconds=", config.batch_timeout_seconds(), ")"));
 
   const int sig = signals.Wait();
   const bool device_lost = sig == SignalWaiter::kDeviceLost;
@@ -382,6 +386,12 @@ int Main(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
   (*executor)->Shutdown();
   server->Wait();
+  if ((*executor)->hung()) {
+    // The engine thread is stuck in the GPU, and freeing device memory or the
+    // CUDA context would wait for it too: leave without releasing anything.
+    Log("stopped after the GPU hung; exiting without releasing it (exit status 3)");
+    std::_Exit(3);
+  }
   server.reset();
   executor->reset();
   metrics_server.reset();

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_bf16.h"
@@ -80,6 +81,15 @@ cudaError_t InjectedFault() {
   const bool numbered = std::fscanf(f, "%d", &code) == 1 && code > 0;
   std::fclose(f);
   return numbered ? static_cast<cudaError_t>(code) : cudaErrorIllegalAddress;
+}
+
+// Tests hang the device too: while the file named by SAE_CUDA_EMU_HANG_FILE
+// exists, the next kernel to run does not end (it looks for the file every
+// 10 ms), so whatever waits for it waits, as behind a kernel that never ends.
+void HangWhileFileExists() {
+  const char* path = std::getenv("SAE_CUDA_EMU_HANG_FILE");
+  if (path == nullptr || path[0] == '\0') return;
+  while (access(path, F_OK) == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
 }
 
 cudaError_t Fail(cudaError_t e) {
@@ -617,6 +627,7 @@ void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {
       sticky_error = fault;
       return;
     }
+    HangWhileFileExists();
     RunGrid(config, body);
   });
 }

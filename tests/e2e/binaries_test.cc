@@ -584,6 +584,40 @@ TEST(CudaServerTest, DeviceFaultFailsTheRequestAndExits) {
 // fails as well, and the server exits the same way.
 TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExits("999\n", "cudaErrorUnknown"); }
 
+// A kernel that never ends blocks the read-back of its batch for good. The
+// emulator plays one (SAE_CUDA_EMU_HANG_FILE: kernels do not finish while the
+// file exists): after batch_timeout_seconds the watchdog fails the request
+// with UNAVAILABLE, the server reports NOT_SERVING and exits with status 3
+// without waiting for the GPU (the engine thread is still stuck in it).
+TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
+    GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
+  }
+  const std::string hang_file = testing::MakeTempDir("device-hang") + "/hang";
+  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
+  ServerProcess server({"--backend=cuda", "--batch_timeout_seconds=5"});
+  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  const std::string extract =
+      std::string(SAE_CLIENT_BIN) + " --addr " + address + " --timeout 60 extract 'The red cat.' --json";
+  std::string out;
+  ASSERT_EQ(RunShell(extract, &out), 0) << out;
+
+  std::ofstream(hang_file) << "hang\n";
+  EXPECT_NE(RunShell(extract, &out), 0) << out;
+  EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
+  EXPECT_NE(out.find("presumed hung"), std::string::npos) << out;
+  EXPECT_EQ(server.WaitExit(), 3) << server.log();
+  std::remove(hang_file.c_str());
+  const std::string log = server.log();
+  EXPECT_NE(log.find("device lost: a batch has been on the device for"), std::string::npos) << log;
+  EXPECT_NE(log.find("NOT_SERVING"), std::string::npos) << log;
+  EXPECT_NE(log.find("exiting without releasing it (exit status 3)"), std::string::npos) << log;
+}
+
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
   ServerProcess server({"--max_inflight_requests=2"});
   const std::string address = server.WaitForAddress();

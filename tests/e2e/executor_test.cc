@@ -559,5 +559,94 @@ TEST(ExecutorTest, LostDeviceFailsEverythingQueuedAndRefusesNewJobs) {
   EXPECT_EQ((*executor)->inflight(), 0);
 }
 
+// A runner call that does not return within batch_timeout (a kernel that
+// never ends blocks the read-back) means a hung device: the watchdog fails
+// the jobs of both batches on the device and what is queued with
+// UNAVAILABLE, reports the device lost once with DEADLINE_EXCEEDED, and
+// Shutdown returns without the stuck engine thread. If the runner ever
+// returns, nothing is delivered twice.
+TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
+  LoggingRunner runner;
+  runner.hold_start = true;
+  runner.hold_collect = true;
+  std::mutex mu;
+  std::vector<absl::Status> reports;
+  ExecutorOptions options = Options(1, 16);  // one token per batch
+  options.batch_timeout = std::chrono::milliseconds(300);
+  options.on_device_lost = [&](const absl::Status& fault) {
+    std::lock_guard<std::mutex> lock(mu);
+    reports.push_back(fault);
+  };
+  auto executor = Executor::Create(runner.Runner(/*overlapped=*/true), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  ASSERT_TRUE(runner.WaitEvents(1));
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
+  runner.Set(&runner.hold_start, false);  // start 2 (both on the device), collect 1 never returns
+  ASSERT_TRUE(runner.WaitEvents(3));
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2)).ok());  // queued behind them
+  outcome.WaitDone(3);
+  for (size_t i : {0, 1, 2}) {
+    EXPECT_EQ(outcome.Status(i).code(), absl::StatusCode::kUnavailable) << i << ": " << outcome.Status(i);
+    EXPECT_NE(outcome.Status(i).message().find("presumed hung"), std::string::npos) << outcome.Status(i);
+  }
+  EXPECT_TRUE((*executor)->hung());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(reports.size(), 1u);
+    EXPECT_EQ(reports[0].code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_NE(reports[0].message().find("longer than the batch timeout (0.3 s)"), std::string::npos) << reports[0];
+  }
+  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*executor)->inflight(), 0);
+  EXPECT_EQ((*executor)->queued_tokens(), 0);
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    (*executor)->Shutdown();
+    stopped = true;
+  });
+  const bool returned = WaitFor([&] { return stopped.load(); });
+  runner.Set(&runner.hold_collect, false);  // the device comes back: the engine thread can end
+  stopper.join();
+  EXPECT_TRUE(returned) << "Shutdown waited for the hung engine thread";
+  executor->reset();  // joins the engine thread
+  EXPECT_EQ(outcome.Done(), 3);
+  EXPECT_EQ(runner.Events(), (std::vector<std::string>{"start 1", "start 2", "collect 1", "collect 2"}));
+}
+
+// The timeout bounds each runner call, not the work behind it: a stream of
+// batches that each finish in time runs on, however long it lasts in all.
+TEST(ExecutorTest, WatchdogLetsBatchesThatFinishInTimeRun) {
+  std::atomic<int> batches{0};
+  BatchRunner runner = BlockingRunner([&](const std::vector<SequenceRequest>& batch) -> BatchResults {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ++batches;
+    std::vector<SequenceResult> results(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      SaeTopK top;
+      top.k = 1;
+      top.indices = batch[i].ids;
+      top.values.assign(batch[i].ids.size(), 1.0f);
+      results[i].saes.push_back(std::move(top));
+    }
+    return results;
+  });
+  std::atomic<int> lost{0};
+  ExecutorOptions options = Options(1, 16);  // one token per batch
+  options.batch_timeout = std::chrono::milliseconds(500);
+  options.on_device_lost = [&](const absl::Status&) { ++lost; };
+  auto executor = Executor::Create(std::move(runner), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({i}), i)).ok());
+  outcome.WaitDone(10);  // about 1 s of batches, twice the timeout
+  for (size_t i = 0; i < 10; ++i) EXPECT_TRUE(outcome.Status(i).ok()) << i << ": " << outcome.Status(i);
+  EXPECT_EQ(batches.load(), 10);
+  EXPECT_EQ(lost.load(), 0);
+  EXPECT_FALSE((*executor)->hung());
+}
+
 }  // namespace
 }  // namespace sae

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/engine.h"
+#include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/extract_request.h"
 #include "sae_client.h"
@@ -910,6 +911,32 @@ TEST_F(ServiceTest, BadOptionsAreInvalidArgument) {
         << c.name << ": " << status.error_message();
     EXPECT_TRUE(responses.empty()) << c.name;
   }
+}
+
+// The hung-GPU watchdog is on by default on cuda, off on cpu (where a big
+// model's batch may take minutes), and a set value (0 too) is kept.
+TEST(ServerConfigTest, BatchTimeoutDefaultsFollowTheBackend) {
+  auto timeout = [](const std::string& text) -> absl::StatusOr<ExecutorOptions> {
+    absl::StatusOr<v1::ServerConfig> config = ParseServerConfig(text, "test.textproto");
+    if (!config.ok()) return config.status();
+    ApplyConfigDefaults(&*config);
+    if (absl::Status s = ValidateServerConfig(*config); !s.ok()) return s;
+    return ExecutorOptionsFromConfig(*config);
+  };
+  auto seconds = [&](const std::string& text) {
+    absl::StatusOr<ExecutorOptions> options = timeout(text);
+    EXPECT_TRUE(options.ok()) << text << ": " << options.status();
+    return options.ok() ? std::chrono::duration_cast<std::chrono::seconds>(options->batch_timeout).count() : -1;
+  };
+  EXPECT_EQ(seconds("demo: true"), 0);
+  EXPECT_EQ(seconds("demo: true backend: \"cpu\""), 0);
+  EXPECT_EQ(seconds("demo: true backend: \"cuda\""), 120);
+  EXPECT_EQ(seconds("demo: true backend: \"cuda\" batch_timeout_seconds: 0"), 0);
+  EXPECT_EQ(seconds("demo: true backend: \"cuda\" batch_timeout_seconds: 15"), 15);
+  EXPECT_EQ(seconds("demo: true batch_timeout_seconds: 600"), 600);
+  const absl::Status too_long = timeout("demo: true batch_timeout_seconds: 86401").status();
+  EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_long.message().find("batch_timeout_seconds is 86401; at most 86400"), std::string::npos) << too_long;
 }
 
 }  // namespace
