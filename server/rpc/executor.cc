@@ -65,9 +65,15 @@ Executor::Executor(BatchRunner runner, const ExecutorOptions& options)
 
 template <typename F>
 auto Executor::Busy(F&& call) -> decltype(call()) {
-  busy_since_.store(Clock::now().time_since_epoch().count());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    busy_since_ = Clock::now();
+  }
   auto result = call();
-  busy_since_.store(0);
+  // Under mu_: a watchdog that still sees this call busy decides before this
+  // thread can deliver anything of the batch.
+  std::lock_guard<std::mutex> lock(mu_);
+  busy_since_.reset();
   return result;
 }
 
@@ -350,8 +356,13 @@ std::vector<absl::StatusOr<SequenceResult>> Executor::CollectIsolated(Started& s
     for (SequenceResult& r : *results) out.push_back(std::move(r));
     return out;
   }
-  if (requests.size() == 1) {
-    out.push_back(results.status());
+  bool device_failed = runner_.device_status && !runner_.device_status().ok();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    device_failed = device_failed || !device_fault_.ok();
+  }
+  if (requests.size() == 1 || device_failed) {  // nothing to isolate, or nothing can run any more
+    out.assign(requests.size(), results.status());
     return out;
   }
   // Isolate the failure: each window gets its own verdict.
@@ -446,16 +457,30 @@ void Executor::WatchdogLoop() {
   for (;;) {
     // Runs until the engine thread is gone: Shutdown waits for it, and a hang must still be found then.
     if (engine_exit_cv_.wait_for(lock, poll, [this] { return engine_exited_; })) return;
-    const int64_t since = busy_since_.load();
-    if (since == 0) continue;
-    const Clock::duration busy = Clock::now().time_since_epoch() - Clock::duration(since);
+    if (!busy_since_) continue;
+    const Clock::duration busy = Clock::now() - *busy_since_;
     if (busy < options_.batch_timeout) continue;
+    // Decided and acted on under mu_, while the call is still in progress:
+    // nothing of the batches on the device has been delivered.
+    const absl::Status fault = absl::DeadlineExceededError(
+        absl::StrFormat("a batch has been on the device for %.1f s, longer than the batch timeout (%.1f s): the GPU "
+                        "is presumed hung",
+                        Seconds(busy), Seconds(options_.batch_timeout)));
+    Actions actions;
+    const bool first = DeviceLostLocked(fault, &actions);
+    hung_ = true;
+    // The engine thread will not come back to finish its batches: their jobs are answered now.
+    const absl::Status failed = DeviceFailedStatus(fault);
+    for (const auto& jobs : on_device_) {
+      for (const std::shared_ptr<Pending>& job : jobs) {
+        job->abandoned = true;
+        FailLocked(job, failed, &actions);
+      }
+    }
+    engine_exit_cv_.notify_all();  // Shutdown stops waiting for the engine thread
     lock.unlock();
-    DeviceLost(absl::DeadlineExceededError(absl::StrFormat(
-                   "a batch has been on the device for %.1f s, longer than the batch timeout (%.1f s): the GPU "
-                   "is presumed hung",
-                   Seconds(busy), Seconds(options_.batch_timeout))),
-               /*hung=*/true);
+    Run(actions);
+    if (first && options_.on_device_lost) options_.on_device_lost(fault);
     return;
   }
 }
@@ -536,31 +561,28 @@ void Executor::StopAdmittingLocked(const absl::Status& why, Actions* actions) {
   UpdateGaugesLocked();
 }
 
-void Executor::DeviceLost(const absl::Status& fault, bool hung) {
+absl::Status Executor::DeviceFailedStatus(const absl::Status& fault) {
+  return absl::UnavailableError(
+      absl::StrCat("the server's GPU failed and it must restart; retry on another replica (", fault.message(), ")"));
+}
+
+bool Executor::DeviceLostLocked(const absl::Status& fault, Actions* actions) {
+  if (!device_fault_.ok()) return false;  // reported once
+  device_fault_ = fault;
+  StopAdmittingLocked(DeviceFailedStatus(fault), actions);
+  scheduler_cv_.notify_one();  // it fails everything queued
+  return true;
+}
+
+void Executor::DeviceLost(const absl::Status& fault) {
   Actions actions;
+  bool first = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!device_fault_.ok()) return;  // reported once
-    device_fault_ = fault;
-    StopAdmittingLocked(
-        absl::UnavailableError(absl::StrCat("the server's GPU failed and it must restart; retry on another replica (",
-                                            fault.message(), ")")),
-        &actions);
-    if (hung) {
-      // The engine thread will not come back to finish its batches: their jobs are answered now.
-      hung_ = true;
-      for (const auto& jobs : on_device_) {
-        for (const std::shared_ptr<Pending>& job : jobs) {
-          job->abandoned = true;
-          FailLocked(job, refusal_, &actions);
-        }
-      }
-      engine_exit_cv_.notify_all();  // Shutdown stops waiting for the engine thread
-    }
-    scheduler_cv_.notify_one();  // it fails everything queued
+    first = DeviceLostLocked(fault, &actions);
   }
   Run(actions);
-  if (options_.on_device_lost) options_.on_device_lost(fault);
+  if (first && options_.on_device_lost) options_.on_device_lost(fault);
 }
 
 void Executor::Shutdown() {

@@ -218,10 +218,12 @@ class Executor {
   // Fails every job not yet on the engine thread and stops admitting.
   void FailEverythingLocked(const absl::Status& why, Actions* actions);
   // The device failed for good: stop admitting, fail what is queued, tell
-  // on_device_lost. The first report wins. `hung`: the engine thread is
-  // stuck in the runner, so the jobs of the batches on the device are failed
-  // here too (from the watchdog thread).
-  void DeviceLost(const absl::Status& fault, bool hung = false);
+  // on_device_lost. The first report wins. Engine thread.
+  void DeviceLost(const absl::Status& fault);
+  // DeviceLost's part under mu_; false when the device was already lost.
+  bool DeviceLostLocked(const absl::Status& fault, Actions* actions);
+  // What jobs get once the device failed with `fault`.
+  static absl::Status DeviceFailedStatus(const absl::Status& fault);
   void UpdateGaugesLocked();
   static void Run(Actions& actions);
 
@@ -250,12 +252,12 @@ class Executor {
   bool staged_ready_ = false;  // guarded by mu_: full, or waited max_queue_delay
   // The jobs of each batch started and not yet finished, oldest first.
   std::deque<std::vector<std::shared_ptr<Pending>>> on_device_;  // guarded by mu_
-  // When the runner call in progress began (steady_clock ticks); 0: none.
-  std::atomic<int64_t> busy_since_{0};
-  bool hung_ = false;                       // guarded by mu_
-  bool engine_exited_ = false;              // guarded by mu_
-  std::condition_variable engine_exit_cv_;  // engine_exited_ or hung_ changed
-  std::mutex join_mu_;                      // serializes concurrent Shutdown calls
+  // When the runner call in progress began; none between calls.
+  std::optional<Clock::time_point> busy_since_;  // guarded by mu_
+  bool hung_ = false;                            // guarded by mu_
+  bool engine_exited_ = false;                   // guarded by mu_
+  std::condition_variable engine_exit_cv_;       // engine_exited_ or hung_ changed
+  std::mutex join_mu_;                           // serializes concurrent Shutdown calls
   std::thread scheduler_thread_;
   std::thread engine_thread_;
   std::thread watchdog_thread_;

@@ -209,6 +209,14 @@ class SignalWaiter {
   bool serving_ = false;
 };
 
+// After the executor's watchdog found the GPU hung: its engine thread is
+// stuck in the GPU, and destroying the executor, freeing device memory or the
+// CUDA context would wait for it too, so leave without releasing anything.
+[[noreturn]] void ExitHung() {
+  Log("stopped after the GPU hung; exiting without releasing it (exit status 3)");
+  std::_Exit(3);
+}
+
 // Writes `port` to `path` via a temporary name, so a reader never sees half a number.
 void WritePortFile(const std::string& path, int port) {
   if (path.empty()) return;
@@ -357,6 +365,7 @@ int Main(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     if (absl::Status s = WarmUp(*engine_ptr, executor->get()); !s.ok()) {
       Log(absl::StrCat("warm-up failed: ", s.message()));
+      if ((*executor)->hung()) ExitHung();
       return 1;
     }
     Log(absl::StrCat("warm-up done in ",
@@ -386,12 +395,7 @@ int Main(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
   (*executor)->Shutdown();
   server->Wait();
-  if ((*executor)->hung()) {
-    // The engine thread is stuck in the GPU, and freeing device memory or the
-    // CUDA context would wait for it too: leave without releasing anything.
-    Log("stopped after the GPU hung; exiting without releasing it (exit status 3)");
-    std::_Exit(3);
-  }
+  if ((*executor)->hung()) ExitHung();
   server.reset();
   executor->reset();
   metrics_server.reset();

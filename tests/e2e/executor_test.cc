@@ -572,7 +572,8 @@ TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
   std::mutex mu;
   std::vector<absl::Status> reports;
   ExecutorOptions options = Options(1, 16);  // one token per batch
-  options.batch_timeout = std::chrono::milliseconds(300);
+  // Long enough for the setup below (a few ms) while the held "start 1" is timed too.
+  options.batch_timeout = std::chrono::milliseconds(2000);
   options.on_device_lost = [&](const absl::Status& fault) {
     std::lock_guard<std::mutex> lock(mu);
     reports.push_back(fault);
@@ -597,7 +598,7 @@ TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
     std::lock_guard<std::mutex> lock(mu);
     ASSERT_EQ(reports.size(), 1u);
     EXPECT_EQ(reports[0].code(), absl::StatusCode::kDeadlineExceeded);
-    EXPECT_NE(reports[0].message().find("longer than the batch timeout (0.3 s)"), std::string::npos) << reports[0];
+    EXPECT_NE(reports[0].message().find("longer than the batch timeout (2.0 s)"), std::string::npos) << reports[0];
   }
   EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ((*executor)->inflight(), 0);
@@ -614,6 +615,75 @@ TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
   executor->reset();  // joins the engine thread
   EXPECT_EQ(outcome.Done(), 3);
   EXPECT_EQ(runner.Events(), (std::vector<std::string>{"start 1", "start 2", "collect 1", "collect 2"}));
+}
+
+// A device already reported lost (a failed batch) can still hang in the
+// batch after it: the watchdog answers that batch's jobs all the same, and
+// Shutdown does not wait for the stuck engine thread; on_device_lost is told
+// once, of the first fault.
+TEST(ExecutorTest, WatchdogStillActsAfterTheDeviceWasReportedLost) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool go = false, release = false;
+  std::atomic<bool> lost{false};
+  BatchRunner runner;
+  runner.overlapped = true;
+  runner.device_status = [&]() -> absl::Status {
+    return lost.load() ? absl::InternalError("cudaErrorIllegalAddress") : absl::OkStatus();
+  };
+  runner.start = [&](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
+    const int32_t name = batch.front().ids.front();
+    std::unique_lock<std::mutex> lock(mu);
+    if (name == 1) cv.wait(lock, [&] { return go; });  // until batch 2 is staged: both go on the device
+    return BatchCollector([&, name, n = batch.size()]() -> BatchResults {
+      if (name == 1) {
+        lost = true;
+        return absl::InternalError("cudaErrorIllegalAddress");
+      }
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return release; });  // batch 2 hangs
+      return std::vector<SequenceResult>(n);
+    });
+  };
+  std::atomic<int> reports{0};
+  ExecutorOptions options = Options(1, 16);
+  options.batch_timeout = std::chrono::milliseconds(1000);  // the held "start 1" is timed too
+  options.on_device_lost = [&](const absl::Status& fault) {
+    EXPECT_EQ(fault.message(), "cudaErrorIllegalAddress");
+    ++reports;
+  };
+  auto executor = Executor::Create(std::move(runner), options);
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    go = true;
+    cv.notify_all();
+  }
+  outcome.WaitDone(2);
+  EXPECT_EQ(outcome.Status(0).code(), absl::StatusCode::kInternal) << outcome.Status(0);
+  EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kUnavailable) << outcome.Status(1);
+  EXPECT_NE(outcome.Status(1).message().find("presumed hung"), std::string::npos) << outcome.Status(1);
+  EXPECT_TRUE((*executor)->hung());
+  EXPECT_EQ(reports.load(), 1);
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    (*executor)->Shutdown();
+    stopped = true;
+  });
+  const bool returned = WaitFor([&] { return stopped.load(); });
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+    cv.notify_all();
+  }
+  stopper.join();
+  EXPECT_TRUE(returned) << "Shutdown waited for the hung engine thread";
+  executor->reset();
+  EXPECT_EQ(outcome.Done(), 2);
 }
 
 // The timeout bounds each runner call, not the work behind it: a stream of
