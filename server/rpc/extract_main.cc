@@ -17,11 +17,17 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -49,6 +55,9 @@ ABSL_FLAG(std::string, demo_dir, "/tmp/sae-demo", "where --demo writes the demo 
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
 ABSL_FLAG(bool, include_bos, false, "also report features at BOS positions");
 ABSL_FLAG(int, batch_tokens, 2048, "input lines are packed into engine batches of about this many tokens");
+ABSL_FLAG(std::optional<int>, batch_timeout_seconds, std::nullopt,
+          "a batch not finished after this long means a hung GPU: exit with status 3 (default 120 on cuda, "
+          "0 = off on cpu)");
 
 namespace sae {
 namespace {
@@ -139,6 +148,59 @@ void ShowProgress(size_t done, size_t total) {
   std::fflush(stderr);
 }
 
+// Ends the process when one engine batch has run longer than the timeout:
+// on a hung GPU (a kernel that never ends) the run would otherwise stall for
+// good, and nothing can release the GPU or finish the batch. Exit status 3,
+// as sae-server after a device failure; the output holds every line of the
+// batches that finished (it is flushed after each).
+class HangWatchdog {
+ public:
+  explicit HangWatchdog(std::chrono::seconds timeout) : timeout_(timeout) {
+    if (timeout_.count() > 0) thread_ = std::thread([this] { Loop(); });
+  }
+  ~HangWatchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  // A batch starts; `what` names it in the message (input lines, output state).
+  void Begin(std::string what) {
+    std::lock_guard<std::mutex> lock(mu_);
+    what_ = std::move(what);
+    since_ = std::chrono::steady_clock::now();
+  }
+  void End() {
+    std::lock_guard<std::mutex> lock(mu_);
+    since_.reset();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; })) {
+      if (!since_) continue;
+      const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - *since_).count();
+      if (busy < static_cast<double>(timeout_.count())) continue;
+      std::fprintf(stderr,
+                   "\nsae-extract: %s: the batch has run for %.1f s, longer than --batch_timeout_seconds (%lld): the "
+                   "GPU is presumed hung; exiting (status 3)\n",
+                   what_.c_str(), busy, static_cast<long long>(timeout_.count()));
+      std::_Exit(3);  // the main thread is stuck in the GPU: nothing can be released
+    }
+  }
+
+  const std::chrono::seconds timeout_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;                                           // guarded by mu_
+  std::optional<std::chrono::steady_clock::time_point> since_;  // guarded by mu_
+  std::string what_;                                            // guarded by mu_
+  std::thread thread_;
+};
+
 absl::Status Run() {
   const std::string input = absl::GetFlag(FLAGS_input);
   const std::string output = absl::GetFlag(FLAGS_output);
@@ -146,6 +208,12 @@ absl::Status Run() {
   const int k = absl::GetFlag(FLAGS_k);
   if (input.empty() || output.empty()) return absl::InvalidArgumentError("--input and --output are required");
   if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
+  const int timeout_s =
+      absl::GetFlag(FLAGS_batch_timeout_seconds).value_or(absl::GetFlag(FLAGS_backend) == "cuda" ? 120 : 0);
+  if (timeout_s < 0 || timeout_s > 86400) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--batch_timeout_seconds must be in [0, 86400] (0: no watchdog), got ", timeout_s));
+  }
 
   EngineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
@@ -197,6 +265,7 @@ absl::Status Run() {
   std::vector<TensorToWrite> tensors;
 
   const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
+  HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
   size_t next = 0;
   while (next < records.size()) {
     // Pack consecutive lines up to the token budget (at least one line).
@@ -215,7 +284,10 @@ absl::Status Run() {
       batch.push_back(std::move(request));
       ++end;
     }
+    watchdog.Begin(absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, " (", output, " holds the ",
+                                next, " lines before)"));
     absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
+    watchdog.End();
     if (!results.ok()) {
       return absl::Status(
           results.status().code(),
@@ -232,6 +304,7 @@ absl::Status Run() {
         tensors.push_back(MakeTensor(std::move(name), DType::kF32, {n, d_model}, values));
       }
     }
+    out.flush();  // whole lines on disk after every batch, should a later one hang
     if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
     next = end;
     if (progress) ShowProgress(next, records.size());

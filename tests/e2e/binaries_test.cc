@@ -1218,5 +1218,50 @@ TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
   EXPECT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --k=8"), &out), 0) << out;
 }
 
+// A GPU that hangs mid-run (the emulator's SAE_CUDA_EMU_HANG_FILE, created
+// once the first lines are out): sae-extract exits with status 3 after
+// --batch_timeout_seconds, naming the batch's input lines, and the output
+// holds whole lines for every batch that finished.
+TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
+    GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
+  }
+  const std::string dir = testing::MakeTempDir("e2e-extract-hang");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", hang_file = dir + "/hang";
+  constexpr int kLines = 200;
+  {
+    std::ofstream in(input);
+    for (int i = 0; i < kLines; ++i) in << "{\"text\": \"The red cat.\"}\n";
+  }
+  auto lines_out = [&] {
+    std::vector<std::string> lines;
+    std::ifstream in(output);
+    for (std::string line; std::getline(in, line);) lines.push_back(line);
+    return lines;
+  };
+  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
+  std::string out;
+  int code = -1;
+  std::thread run([&] {
+    code = RunShell(ExtractCommand(input, output, "--backend=cuda --batch_tokens=1 --batch_timeout_seconds=5"), &out);
+  });
+  const bool started = testing::WaitFor([&] { return !lines_out().empty(); }, std::chrono::seconds(60));
+  unsetenv("SAE_CUDA_EMU_HANG_FILE");  // (after popen read it)
+  std::ofstream(hang_file) << "hang\n";
+  run.join();
+  std::remove(hang_file.c_str());
+  ASSERT_TRUE(started) << out;
+  EXPECT_EQ(code, 3) << out;
+  EXPECT_NE(out.find("the GPU is presumed hung; exiting (status 3)"), std::string::npos) << out;
+  EXPECT_NE(out.find("longer than --batch_timeout_seconds (5)"), std::string::npos) << out;
+  const std::vector<std::string> lines = lines_out();
+  ASSERT_GE(lines.size(), 1u);
+  EXPECT_LT(lines.size(), static_cast<size_t>(kLines)) << out;
+  EXPECT_NE(out.find(absl::StrCat(input, ":", lines.size() + 1, "-")), std::string::npos) << out;
+  EXPECT_NE(out.find(absl::StrCat("holds the ", lines.size(), " lines before")), std::string::npos) << out;
+  for (const std::string& line : lines) EXPECT_FALSE(json::parse(line, nullptr, false).is_discarded()) << line;
+}
+
 }  // namespace
 }  // namespace sae
