@@ -170,6 +170,21 @@ class BackendOpsTest : public ::testing::TestWithParam<std::string> {
     return o;
   }
 
+  // AttentionRef for every row of every sequence: [n, heads*hd].
+  static std::vector<double> AttentionRefAll(const std::vector<float>& q, const std::vector<float>& k,
+                                             const std::vector<float>& v, const std::vector<int32_t>& starts, int heads,
+                                             int kv_heads, int hd) {
+    const size_t qd = static_cast<size_t>(heads) * hd;
+    std::vector<double> ref(static_cast<size_t>(starts.back()) * qd);
+    for (size_t s = 0; s + 1 < starts.size(); ++s)
+      for (int h = 0; h < heads; ++h)
+        for (int i = starts[s]; i < starts[s + 1]; ++i) {
+          const auto o = AttentionRef(q, k, v, starts[s], i, h, heads, kv_heads, hd);
+          std::copy(o.begin(), o.end(), ref.begin() + static_cast<size_t>(i) * qd + h * hd);
+        }
+    return ref;
+  }
+
   std::unique_ptr<Backend> backend_;
 };
 
@@ -782,13 +797,7 @@ TEST_P(BackendOpsTest, AttentionPackedCausalGqa) {
     const auto q = Random(static_cast<size_t>(n) * qd, 11, 2.0f), k = Random(static_cast<size_t>(n) * kvd, 12, 2.0f),
                v = Random(static_cast<size_t>(n) * kvd, 13);
     auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
-    std::vector<double> ref(static_cast<size_t>(n) * qd);
-    for (size_t s = 0; s + 1 < starts.size(); ++s)
-      for (int h = 0; h < c.heads; ++h)
-        for (int i = starts[s]; i < starts[s + 1]; ++i) {
-          const auto o = AttentionRef(q, k, v, starts[s], i, h, c.heads, c.kv_heads, c.hd);
-          std::copy(o.begin(), o.end(), ref.begin() + static_cast<size_t>(i) * qd + h * c.hd);
-        }
+    const std::vector<double> ref = AttentionRefAll(q, k, v, starts, c.heads, c.kv_heads, c.hd);
     for (const AttentionKernel& kernel : AttentionKernels()) {
       auto out = Zeros(n, qd);
       ASSERT_TRUE(RunAttention(kernel, tq.get(), tk.get(), tv.get(), ts.get(), static_cast<int>(c.lens.size()), max_len,
@@ -1063,13 +1072,7 @@ TEST_P(BackendOpsTest, AttentionKeepsNonFiniteValuesCausal) {
     auto k = Random(static_cast<size_t>(n) * kvd, 49, 2.0f), v = Random(static_cast<size_t>(n) * kvd, 50);
     for (const Poison& p : c.poison) (p.in_v ? v : k)[static_cast<size_t>(p.token) * kvd + p.col] = p.value;
     auto tq = Upload(q, n, qd), tk = Upload(k, n, kvd), tv = Upload(v, n, kvd), ts = UploadI32(starts);
-    std::vector<double> ref(static_cast<size_t>(n) * qd);
-    for (size_t s = 0; s + 1 < starts.size(); ++s)
-      for (int h = 0; h < c.heads; ++h)
-        for (int i = starts[s]; i < starts[s + 1]; ++i) {
-          const auto o = AttentionRef(q, k, v, starts[s], i, h, c.heads, c.kv_heads, c.hd);
-          std::copy(o.begin(), o.end(), ref.begin() + static_cast<size_t>(i) * qd + h * c.hd);
-        }
+    const std::vector<double> ref = AttentionRefAll(q, k, v, starts, c.heads, c.kv_heads, c.hd);
     int non_finite = 0;
     for (double r : ref) non_finite += !std::isfinite(r);
     ASSERT_GT(non_finite, 0);  // the poison reaches some rows

@@ -408,6 +408,19 @@ TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
   EXPECT_LT(Clock::now() - full_start, std::chrono::milliseconds(250));
 }
 
+// One SAE with k=1 per sequence: index = the token id, value 1.
+std::vector<SequenceResult> EchoResults(const std::vector<SequenceRequest>& batch) {
+  std::vector<SequenceResult> results(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    SaeTopK top;
+    top.k = 1;
+    top.indices = batch[i].ids;
+    top.values.assign(batch[i].ids.size(), 1.0f);
+    results[i].saes.push_back(std::move(top));
+  }
+  return results;
+}
+
 // A runner that logs when each batch (named by its first token) is started
 // and collected. While `hold_start` / `hold_collect` is set, starting /
 // collecting the batch named 1 waits.
@@ -426,15 +439,7 @@ struct LoggingRunner {
       Log("start", name, &hold_start);
       return BatchCollector([this, batch, name]() -> BatchResults {
         Log("collect", name, &hold_collect);
-        std::vector<SequenceResult> results(batch.size());
-        for (size_t i = 0; i < batch.size(); ++i) {
-          SaeTopK top;
-          top.k = 1;
-          top.indices = batch[i].ids;
-          top.values.assign(batch[i].ids.size(), 1.0f);
-          results[i].saes.push_back(std::move(top));
-        }
-        return results;
+        return EchoResults(batch);
       });
     };
     return runner;
@@ -449,6 +454,20 @@ struct LoggingRunner {
     std::lock_guard<std::mutex> lock(mu);
     *flag = value;
     cv.notify_all();
+  }
+  // With hold_start set: submits jobs 0 ({1}) and 1 ({2}) so that batch 2 is
+  // staged while "start 1" waits, then lets starting go, so an overlapped
+  // runner has both batches on the device.
+  ::testing::AssertionResult StartTwoBatches(Executor* executor, Outcome* outcome) {
+    if (!executor->Submit(outcome->MakeJob(Seq({1}), 0)).ok() || !WaitEvents(1)) {
+      return ::testing::AssertionFailure() << "batch 1 did not start";
+    }
+    if (!executor->Submit(outcome->MakeJob(Seq({2}), 1)).ok() ||
+        !WaitFor([&] { return executor->staged_windows() == 1; })) {
+      return ::testing::AssertionFailure() << "batch 2 was not staged";
+    }
+    Set(&hold_start, false);
+    return ::testing::AssertionSuccess();
   }
   bool WaitEvents(size_t n) {
     std::unique_lock<std::mutex> lock(mu);
@@ -496,11 +515,7 @@ TEST(ExecutorTest, ShutdownFinishesBothOverlappedBatches) {
   auto executor = Executor::Create(runner.Runner(/*overlapped=*/true), Options(100, 16));
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
-  ASSERT_TRUE(runner.WaitEvents(1));
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
-  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
-  runner.Set(&runner.hold_start, false);
+  ASSERT_TRUE(runner.StartTwoBatches(executor->get(), &outcome));
   // start 1, start 2, collect 1 (held); on failure the batches are let go.
   if (!runner.WaitEvents(3)) {
     runner.Set(&runner.hold_collect, false);
@@ -581,11 +596,8 @@ TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
   auto executor = Executor::Create(runner.Runner(/*overlapped=*/true), options);
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
-  ASSERT_TRUE(runner.WaitEvents(1));
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
-  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
-  runner.Set(&runner.hold_start, false);  // start 2 (both on the device), collect 1 never returns
+  ASSERT_TRUE(
+      runner.StartTwoBatches(executor->get(), &outcome));  // start 2 (both on the device), collect 1 never returns
   ASSERT_TRUE(runner.WaitEvents(3));
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2)).ok());  // queued behind them
   outcome.WaitDone(3);
@@ -693,15 +705,7 @@ TEST(ExecutorTest, WatchdogLetsBatchesThatFinishInTimeRun) {
   BatchRunner runner = BlockingRunner([&](const std::vector<SequenceRequest>& batch) -> BatchResults {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     ++batches;
-    std::vector<SequenceResult> results(batch.size());
-    for (size_t i = 0; i < batch.size(); ++i) {
-      SaeTopK top;
-      top.k = 1;
-      top.indices = batch[i].ids;
-      top.values.assign(batch[i].ids.size(), 1.0f);
-      results[i].saes.push_back(std::move(top));
-    }
-    return results;
+    return EchoResults(batch);
   });
   std::atomic<int> lost{0};
   ExecutorOptions options = Options(1, 16);  // one token per batch
