@@ -636,7 +636,7 @@ TEST(ExecutorTest, WatchdogFailsEverythingWhenTheDeviceHangs) {
 TEST(ExecutorTest, WatchdogStillActsAfterTheDeviceWasReportedLost) {
   std::mutex mu;
   std::condition_variable cv;
-  bool go = false, release = false;
+  bool entered_1 = false, go = false, release = false;
   std::atomic<bool> lost{false};
   BatchRunner runner;
   runner.overlapped = true;
@@ -646,7 +646,11 @@ TEST(ExecutorTest, WatchdogStillActsAfterTheDeviceWasReportedLost) {
   runner.start = [&](const std::vector<SequenceRequest>& batch) -> absl::StatusOr<BatchCollector> {
     const int32_t name = batch.front().ids.front();
     std::unique_lock<std::mutex> lock(mu);
-    if (name == 1) cv.wait(lock, [&] { return go; });  // until batch 2 is staged: both go on the device
+    if (name == 1) {
+      entered_1 = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return go; });  // until batch 2 is staged: both go on the device
+    }
     return BatchCollector([&, name, n = batch.size()]() -> BatchResults {
       if (name == 1) {
         lost = true;
@@ -668,8 +672,12 @@ TEST(ExecutorTest, WatchdogStillActsAfterTheDeviceWasReportedLost) {
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0)).ok());
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return entered_1; }));
+  }
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
-  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 1; }));  // batch 2, while "start 1" waits
   {
     std::lock_guard<std::mutex> lock(mu);
     go = true;
