@@ -56,6 +56,8 @@ absl::StatusOr<v1::ServerConfig> LoadServerConfig(const std::string& path) {
   return ParseServerConfig(buffer.str(), path);
 }
 
+int DefaultBatchTimeoutSeconds(const std::string& backend) { return backend == "cuda" ? 120 : 0; }
+
 void ApplyConfigDefaults(v1::ServerConfig* config) {
   if (config->backend().empty()) config->set_backend("cpu");
   if (config->listen().empty()) config->set_listen("0.0.0.0:50051");
@@ -79,7 +81,9 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   }
   if (config->shutdown_grace_seconds() == 0) config->set_shutdown_grace_seconds(30);
   if (!config->has_warmup()) config->set_warmup(true);
-  if (!config->has_batch_timeout_seconds()) config->set_batch_timeout_seconds(config->backend() == "cuda" ? 120 : 0);
+  if (!config->has_batch_timeout_seconds()) {
+    config->set_batch_timeout_seconds(DefaultBatchTimeoutSeconds(config->backend()));
+  }
 }
 
 absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
@@ -123,9 +127,10 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("config: shutdown_grace_seconds is ", config.shutdown_grace_seconds(), "; at most 3600"));
   }
-  if (config.batch_timeout_seconds() > 86400) {
+  if (config.batch_timeout_seconds() > kMaxBatchTimeoutSeconds) {
     return absl::InvalidArgumentError(absl::StrCat("config: batch_timeout_seconds is ", config.batch_timeout_seconds(),
-                                                   "; at most 86400 (one day; 0 turns the watchdog off)"));
+                                                   "; at most ", kMaxBatchTimeoutSeconds,
+                                                   " (one day; 0 turns the watchdog off)"));
   }
   if (!v1::ServerConfig::LongInputPolicy_IsValid(config.long_input_policy()) ||
       config.long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {

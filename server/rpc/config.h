@@ -22,6 +22,12 @@ absl::StatusOr<v1::ServerConfig> LoadServerConfig(const std::string& path);
 // Same for text already in memory; `origin` names it in errors.
 absl::StatusOr<v1::ServerConfig> ParseServerConfig(const std::string& text, const std::string& origin);
 
+// batch_timeout_seconds (sae-server) and --batch_timeout_seconds
+// (sae-extract): the default for a backend (the hung-GPU watchdog is on with
+// cuda, off on the CPU) and the largest value accepted.
+int DefaultBatchTimeoutSeconds(const std::string& backend);
+inline constexpr int kMaxBatchTimeoutSeconds = 86400;
+
 // Fills unset (zero / empty) fields with the defaults.
 void ApplyConfigDefaults(v1::ServerConfig* config);
 

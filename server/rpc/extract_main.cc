@@ -41,6 +41,7 @@
 #include "core/engine.h"
 #include "core/safetensors.h"
 #include "nlohmann/json.hpp"
+#include "rpc/config.h"
 #include "rpc/flag_util.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
@@ -209,10 +210,10 @@ absl::Status Run() {
   if (input.empty() || output.empty()) return absl::InvalidArgumentError("--input and --output are required");
   if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
   const int timeout_s =
-      absl::GetFlag(FLAGS_batch_timeout_seconds).value_or(absl::GetFlag(FLAGS_backend) == "cuda" ? 120 : 0);
-  if (timeout_s < 0 || timeout_s > 86400) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--batch_timeout_seconds must be in [0, 86400] (0: no watchdog), got ", timeout_s));
+      absl::GetFlag(FLAGS_batch_timeout_seconds).value_or(DefaultBatchTimeoutSeconds(absl::GetFlag(FLAGS_backend)));
+  if (timeout_s < 0 || timeout_s > kMaxBatchTimeoutSeconds) {
+    return absl::InvalidArgumentError(absl::StrCat("--batch_timeout_seconds must be in [0, ", kMaxBatchTimeoutSeconds,
+                                                   "] (0: no watchdog), got ", timeout_s));
   }
 
   EngineOptions options;

@@ -544,16 +544,20 @@ TEST(CudaServerTest, MaxKBeyondTheDeviceIsRefusedAtStartup) {
   EXPECT_NE(log.find("lower max_k"), std::string::npos) << log;
 }
 
+// Whether the CUDA backend is the CPU emulator (SAE_CUDA_BACKEND_LIB), the
+// only one that can inject device faults and hangs.
+bool OnCudaEmulator() {
+  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
+  return lib != nullptr && std::string(lib).find("sae_cuda_emu") != std::string::npos;
+}
+
 // A device fault leaves the CUDA context unusable: the request fails, the
 // server reports NOT_SERVING and exits with status 3 so the orchestrator
 // replaces it. Only the CPU emulator can inject the fault
 // (SAE_CUDA_EMU_FAULT_FILE: kernels fault while the file exists, with the
 // error number it holds), so these run in ctest's cuda_emulated.server entry.
 void ExpectDeviceFaultExits(const std::string& fault_file_text, const std::string& error_name) {
-  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
-  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
-    GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
-  }
+  if (!OnCudaEmulator()) GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string fault_file = testing::MakeTempDir("device-fault") + "/fault";
   setenv("SAE_CUDA_EMU_FAULT_FILE", fault_file.c_str(), 1);
   ServerProcess server({"--backend=cuda"});
@@ -590,10 +594,7 @@ TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExi
 // with UNAVAILABLE, the server reports NOT_SERVING and exits with status 3
 // without waiting for the GPU (the engine thread is still stuck in it).
 TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
-  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
-  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
-    GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
-  }
+  if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("device-hang") + "/hang";
   setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
   ServerProcess server({"--backend=cuda", "--batch_timeout_seconds=5"});
@@ -1223,10 +1224,7 @@ TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
 // --batch_timeout_seconds, naming the batch's input lines, and the output
 // holds whole lines for every batch that finished.
 TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
-  const char* lib = std::getenv("SAE_CUDA_BACKEND_LIB");
-  if (lib == nullptr || std::string(lib).find("sae_cuda_emu") == std::string::npos) {
-    GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
-  }
+  if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string dir = testing::MakeTempDir("e2e-extract-hang");
   const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", hang_file = dir + "/hang";
   constexpr int kLines = 200;

@@ -26,11 +26,14 @@ namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Two floats rounded to bf16 (nearest even) in one 32-bit register, `lo` in
-// the low half: the element order of mma's .bf16x2 operands.
+// Two bf16 in one 32-bit register, `lo` in the low half: the element order
+// of mma's .bf16x2 operands.
+__device__ __forceinline__ uint32_t PackBf16Pair(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+// Two floats rounded to bf16 (nearest even), packed so.
 __device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  return PackBf16Pair(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
 }
 
 // d += a * b on the tensor cores, one warp: mma.sync.aligned.m16n8k16.row.col
@@ -113,15 +116,12 @@ __device__ __forceinline__ __nv_bfloat16 Bf16Part(float v) {
 
 // Two floats as Bf16Part rounds them, packed as PackBf16x2 packs.
 __device__ __forceinline__ uint32_t PackBf16Parts(float lo, float hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(Bf16Part(lo))) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(Bf16Part(hi))) << 16);
+  return PackBf16Pair(Bf16Part(lo), Bf16Part(hi));
 }
 
 // The float whose upper 16 bits are the low half of `bits` (a bf16 value).
 __device__ __forceinline__ float Bf16BitsToFloat(uint32_t bits) { return __uint_as_float(bits << 16); }
-__device__ __forceinline__ float RoundToBf16(float v) {
-  return Bf16BitsToFloat(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
-}
+__device__ __forceinline__ float RoundToBf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 // Whether either bf16 of a packed pair is inf or NaN (exponent all ones).
 __device__ __forceinline__ bool Bf16x2NonFinite(uint32_t w) {
