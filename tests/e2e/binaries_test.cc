@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1241,14 +1242,19 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
   std::string out;
   int code = -1;
+  std::atomic<bool> finished{false};
   std::thread run([&] {
     code = RunShell(ExtractCommand(input, output, "--backend=cuda --batch_tokens=1 --batch_timeout_seconds=5"), &out);
+    finished = true;
   });
   const bool started = testing::WaitFor([&] { return !lines_out().empty(); }, std::chrono::seconds(60));
   unsetenv("SAE_CUDA_EMU_HANG_FILE");  // (after popen read it)
   std::ofstream(hang_file) << "hang\n";
-  run.join();
+  // Without a watchdog the run would wait for good: ending the hang lets it finish (and the checks fail).
+  const bool exited_while_hung = testing::WaitFor([&] { return finished.load(); }, std::chrono::seconds(60));
   std::remove(hang_file.c_str());
+  run.join();
+  EXPECT_TRUE(exited_while_hung) << "sae-extract did not end while the GPU hung";
   ASSERT_TRUE(started) << out;
   EXPECT_EQ(code, 3) << out;
   EXPECT_NE(out.find("the GPU is presumed hung; exiting (status 3)"), std::string::npos) << out;
