@@ -46,35 +46,28 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAE_BUILD_TESTS=O
  && cmake --build /build --target sae-server sae-client sae-extract sae-make-demo \
  && bash deploy/stage_runtime.sh /build /out
 
-FROM ${RUNTIME_IMAGE} AS gpu
+# What both runtime images share; each adds its staged tree and packages.
+FROM ${RUNTIME_IMAGE} AS runtime
+RUN useradd --system --create-home sae
+ENV PATH=/opt/sae/bin:$PATH
+EXPOSE 50051 9090
+# grpc.health.v1 on the default port: SERVING once the model is loaded and warm.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10m CMD ["/opt/sae/bin/sae-client", "--addr", "127.0.0.1:50051", "--timeout", "4", "health"]
+ENTRYPOINT ["/opt/sae/bin/sae-server"]
+
+FROM runtime AS gpu
 COPY --from=build-gpu /out/ /opt/sae/
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      ca-certificates $(cat /opt/sae/debian-packages) \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --create-home sae
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ca-certificates $(cat /opt/sae/debian-packages) && rm -rf /var/lib/apt/lists/*
 # For the NVIDIA container runtime: mount the GPUs and the driver's compute
 # libraries, and refuse to start on a driver older than CUDA 13 (r580).
-ENV PATH=/opt/sae/bin:$PATH NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 USER sae
-EXPOSE 50051 9090
-# grpc.health.v1 on the default port: SERVING once the model is loaded and warm.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=10m CMD ["/opt/sae/bin/sae-client", "--addr", "127.0.0.1:50051", "--timeout", "4", "health"]
-ENTRYPOINT ["/opt/sae/bin/sae-server"]
 CMD ["--demo", "--demo_dir=/home/sae/demo", "--backend=cuda", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
 
-FROM ${RUNTIME_IMAGE} AS cpu
+FROM runtime AS cpu
 COPY --from=build-cpu /out/ /opt/sae/
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      ca-certificates $(cat /opt/sae/debian-packages) \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --create-home sae
-ENV PATH=/opt/sae/bin:$PATH
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      ca-certificates $(cat /opt/sae/debian-packages) && rm -rf /var/lib/apt/lists/*
 USER sae
-EXPOSE 50051 9090
-# grpc.health.v1 on the default port: SERVING once the model is loaded and warm.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=10m CMD ["/opt/sae/bin/sae-client", "--addr", "127.0.0.1:50051", "--timeout", "4", "health"]
-ENTRYPOINT ["/opt/sae/bin/sae-server"]
 CMD ["--demo", "--demo_dir=/home/sae/demo", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]

@@ -79,19 +79,22 @@ fi
 # last stage (the default target) and gpu serves on the GPU.
 code=$(grep -v '^[[:space:]]*#' "$root/Dockerfile")
 [[ $(grep '^FROM ' <<<"$code" | tail -n 1) == *" AS cpu" ]] || fail "the Dockerfile's last stage (the default target) is not cpu"
+block() { awk -v t="$1" '/^FROM /{on = ($NF == t)} on' <<<"$code"; }
+runtime_block=$(block runtime)
+dir=$(sed -n 's|^ENTRYPOINT \["\(/[^"]*\)/bin/sae-server"\]$|\1|p' <<<"$runtime_block")
+[[ -n "$dir" ]] || fail "the Dockerfile's runtime stage has no ENTRYPOINT [\"DIR/bin/sae-server\"]"
+grep -q "^HEALTHCHECK .*CMD \[\"$dir/bin/sae-client\", .*\"health\"\]" <<<"$runtime_block" ||
+  fail "the Dockerfile's runtime stage: HEALTHCHECK does not run $dir/bin/sae-client health"
 for target in cpu gpu; do
-  stage_block=$(awk -v t="$target" '/^FROM /{on = ($NF == t)} on' <<<"$code")
+  stage_block=$(block "$target")
   [[ -n "$stage_block" ]] || fail "Dockerfile has no stage '$target'"
-  dir=$(sed -n "s|^COPY --from=build-$target /out/ \(/[^ ]*\)/\$|\1|p" <<<"$stage_block")
-  [[ -n "$dir" ]] || fail "Dockerfile stage $target copies no /out/ of build-$target"
-  grep -q "^ENTRYPOINT \[\"$dir/bin/sae-server\"\]" <<<"$stage_block" ||
-    fail "Dockerfile stage $target: ENTRYPOINT is not $dir/bin/sae-server"
-  grep -q "^HEALTHCHECK .*CMD \[\"$dir/bin/sae-client\", .*\"health\"\]" <<<"$stage_block" ||
-    fail "Dockerfile stage $target: HEALTHCHECK does not run $dir/bin/sae-client health"
+  [[ $(head -n 1 <<<"$stage_block") == "FROM runtime AS $target" ]] || fail "Dockerfile stage $target is not FROM runtime"
+  grep -qx "COPY --from=build-$target /out/ $dir/" <<<"$stage_block" ||
+    fail "Dockerfile stage $target does not copy build-$target's /out/ to $dir/"
   grep -q "cat $dir/debian-packages" <<<"$stage_block" || fail "Dockerfile stage $target does not install debian-packages"
 done
-awk '/^FROM /{on = ($NF == "gpu")} on' <<<"$code" | grep -q '^CMD .*"--backend=cuda"' || fail "the gpu image's CMD does not use --backend=cuda"
-awk '/^FROM /{on = ($NF == "build-gpu")} on' <<<"$code" | grep -q 'stage_runtime.sh --cuda /build /out' ||
+block gpu | grep -q '^CMD .*"--backend=cuda"' || fail "the gpu image's CMD does not use --backend=cuda"
+block build-gpu | grep -q 'stage_runtime.sh --cuda /build /out' ||
   fail "Dockerfile build-gpu does not stage with --cuda"
 
 # Staging refuses what would not run: a binary loading a library that no
