@@ -14,6 +14,9 @@
 // --dump-hooks: one F32 tensor [n_tokens, d_model] per hook, named like the
 // hook ("L15R", "L15TC" = the transcoder input); with several input lines,
 // named "<hook>.<i>" for output line i.
+// --resume: continue a run that stopped (a hung GPU's exit 3, a kill): the
+// whole lines OUT already holds are checked against this input and kept, a
+// torn last line is dropped, and the run appends from the next line.
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +24,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -59,6 +63,9 @@ ABSL_FLAG(int, batch_tokens, 2048, "input lines are packed into engine batches o
 ABSL_FLAG(std::optional<int>, batch_timeout_seconds, std::nullopt,
           "a batch not finished after this long means a hung GPU: exit with status 3 (default 120 on cuda, "
           "0 = off on cpu)");
+ABSL_FLAG(bool, resume, false,
+          "continue an interrupted run: keep the whole lines --output already holds (checked to be this input's first "
+          "lines, with these SAEs) and append the rest");
 
 namespace sae {
 namespace {
@@ -149,6 +156,73 @@ void ShowProgress(size_t done, size_t total) {
   std::fflush(stderr);
 }
 
+// For --resume: how many whole lines `output` holds and their length in
+// bytes (a last line without its newline was torn by the stop and is not
+// counted). Each kept line must be the output of this input's line at the
+// same place: the same token ids, and features of the same SAEs, at most k
+// per token; anything else means another run's file, which is refused
+// before it is touched. A missing file holds no lines.
+struct ResumePoint {
+  size_t lines = 0;
+  uint64_t bytes = 0;
+};
+
+absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
+                                            const std::vector<Record>& records, const Engine& engine,
+                                            const std::vector<int>& sae_indices, int k) {
+  ResumePoint point;
+  std::ifstream in(output, std::ios::binary);
+  if (!in) {
+    if (!std::filesystem::exists(output)) return point;
+    return absl::PermissionDeniedError(absl::StrCat(output, ": cannot read the output file to resume it"));
+  }
+  std::string line;
+  while (std::getline(in, line)) {
+    if (in.eof()) break;  // no newline: torn
+    const size_t i = point.lines;
+    const std::string where = absl::StrCat(output, ":", i + 1, ": ");
+    const std::string against = i < records.size() ? absl::StrCat(input, ":", records[i].line) : "";
+    const std::string refuse = "; not an earlier run of this input with these SAEs (remove the file or drop --resume)";
+    if (i >= records.size()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, "more lines than the ", records.size(), " input lines of ", input, refuse));
+    }
+    const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("tokens") || !j["tokens"].is_array()) {
+      return absl::FailedPreconditionError(absl::StrCat(where, "not an output line of sae-extract", refuse));
+    }
+    const json& tokens = j["tokens"];
+    const Record& record = records[i];
+    if (tokens.size() != record.ids.size()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, tokens.size(), " tokens, but ", against, " has ", record.ids.size(), refuse));
+    }
+    for (size_t t = 0; t < tokens.size(); ++t) {
+      const json& token = tokens[t];
+      const json* id = token.is_object() && token.contains("id") ? &token["id"] : nullptr;
+      if (id == nullptr || !id->is_number_integer() || id->get<int64_t>() != record.ids[t]) {
+        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, " is ",
+                                                          id == nullptr ? "missing its id" : id->dump(), ", but ",
+                                                          against, " gives token id ", record.ids[t], refuse));
+      }
+      const json* features = token.contains("features") ? &token["features"] : nullptr;
+      bool same_saes = features != nullptr && features->is_object() && features->size() == sae_indices.size();
+      for (size_t s = 0; same_saes && s < sae_indices.size(); ++s) {
+        const std::string& name = engine.saes()[sae_indices[s]]->name();
+        same_saes = features->contains(name) && (*features)[name].is_array() &&
+                    (*features)[name].size() <= static_cast<size_t>(k);
+      }
+      if (!same_saes) {
+        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, " does not hold at most --k=", k,
+                                                          " features of each of the SAEs of this run", refuse));
+      }
+    }
+    ++point.lines;
+    point.bytes += line.size() + 1;
+  }
+  return point;
+}
+
 // Ends the process when one engine batch has run longer than the timeout:
 // on a hung GPU (a kernel that never ends) the run would otherwise stall for
 // good, and nothing can release the GPU or finish the batch. Exit status 3,
@@ -209,6 +283,11 @@ absl::Status Run() {
   const int k = absl::GetFlag(FLAGS_k);
   if (input.empty() || output.empty()) return absl::InvalidArgumentError("--input and --output are required");
   if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
+  const bool resume = absl::GetFlag(FLAGS_resume);
+  if (resume && !dump_path.empty()) {
+    return absl::InvalidArgumentError(
+        "--resume cannot be used with --dump-hooks: the hook file is written whole at the end of a run");
+  }
   const int timeout_s =
       absl::GetFlag(FLAGS_batch_timeout_seconds).value_or(DefaultBatchTimeoutSeconds(absl::GetFlag(FLAGS_backend)));
   if (timeout_s < 0 || timeout_s > kMaxBatchTimeoutSeconds) {
@@ -255,11 +334,20 @@ absl::Status Run() {
     records.push_back(std::move(record));
   }
 
-  std::ofstream out(output, std::ios::binary | std::ios::trunc);
-  if (!out) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot open the output file"));
-
   std::vector<int> sae_indices;
   for (size_t i = 0; i < engine->saes().size(); ++i) sae_indices.push_back(static_cast<int>(i));
+  ResumePoint resume_at;
+  if (resume) {
+    ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, sae_indices, k));
+    if (resume_at.lines > 0) {
+      std::error_code error;
+      std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
+      if (error) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot truncate: ", error.message()));
+    }
+    std::fprintf(stderr, "sae-extract: resuming after the %zu lines %s holds\n", resume_at.lines, output.c_str());
+  }
+  std::ofstream out(output, std::ios::binary | (resume_at.lines > 0 ? std::ios::app : std::ios::trunc));
+  if (!out) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot open the output file"));
   const bool dump = !dump_path.empty();
   const bool progress = isatty(STDERR_FILENO) == 1;
   const int d_model = engine->model_config().hidden_size;
@@ -267,7 +355,7 @@ absl::Status Run() {
 
   const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
   HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
-  size_t next = 0;
+  size_t next = resume_at.lines;
   while (next < records.size()) {
     // Pack consecutive lines up to the token budget (at least one line).
     size_t end = next;
@@ -286,7 +374,7 @@ absl::Status Run() {
       ++end;
     }
     watchdog.Begin(absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, " (", output, " holds the ",
-                                next, " lines before)"));
+                                next, " lines before; --resume continues from there)"));
     absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
     watchdog.End();
     if (!results.ok()) {
@@ -313,8 +401,11 @@ absl::Status Run() {
   out.close();
   if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
   if (dump) RETURN_IF_ERROR(WriteSafetensors(dump_path, tensors, {{"format", "pt"}}));
-  std::fprintf(stderr, "sae-extract: %zu lines -> %s%s\n", records.size(), output.c_str(),
-               dump ? absl::StrCat(", hooks -> ", dump_path).c_str() : "");
+  std::fprintf(
+      stderr, "sae-extract: %zu lines -> %s%s%s\n", records.size(), output.c_str(),
+      resume ? absl::StrCat(" (", resume_at.lines, " kept, ", records.size() - resume_at.lines, " appended)").c_str()
+             : "",
+      dump ? absl::StrCat(", hooks -> ", dump_path).c_str() : "");
   return absl::OkStatus();
 }
 
@@ -324,7 +415,7 @@ absl::Status Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "Extracts SAE features offline.\n  sae-extract --model DIR --sae DIR [--sae DIR ...] --input IN.jsonl "
-      "--output OUT.jsonl [--k K] [--dump-hooks F.safetensors] [--demo]");
+      "--output OUT.jsonl [--k K] [--dump-hooks F.safetensors] [--demo] [--resume]");
   std::vector<std::string> args = sae::PrepareArgs(argc, argv, {"sae"});
   std::vector<char*> merged_argv = sae::ToArgv(args);
   std::vector<char*> positional = absl::ParseCommandLine(static_cast<int>(args.size()), merged_argv.data());

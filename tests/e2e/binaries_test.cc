@@ -1204,6 +1204,97 @@ TEST(ExtractBinaryTest, BadLineIsNamed) {
   }
 }
 
+// --resume after a stop: the whole lines the output holds are kept, a torn
+// last line is dropped, and the rest is appended, so the file ends up byte
+// for byte what one uninterrupted run writes (on the CPU, features do not
+// depend on how lines are batched). Resuming a finished file changes
+// nothing; a missing file is a fresh run.
+TEST(ExtractBinaryTest, ResumeContinuesAnInterruptedRun) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-resume");
+  const std::string input = dir + "/in.jsonl", full = dir + "/full.jsonl", part = dir + "/part.jsonl";
+  {
+    std::ofstream in(input);
+    for (const char* text : {"The cat sat.", "A red bird flew over Paris.", "One two three.", "Dogs and cats.",
+                             "Tokyo is big.", "Green fish swim."}) {
+      in << json{{"text", text}}.dump() << "\n";
+    }
+    in << "\n" << json{{"token_ids", {992, 299, 381}}}.dump() << "\n";  // a blank line is no record
+  }
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, full, "--k 4"), &out), 0) << out;
+  const std::string expected = ReadFile(full);
+  std::vector<size_t> line_ends;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (expected[i] == '\n') line_ends.push_back(i + 1);
+  }
+  ASSERT_EQ(line_ends.size(), 7u);
+
+  // Stopped after 2 whole lines, 30 bytes into the third; then after 0 lines
+  // with a torn first line; then with every line but the last newline.
+  for (const size_t keep : {line_ends[1] + 30, size_t{17}, expected.size() - 1}) {
+    SCOPED_TRACE(keep);
+    std::ofstream(part, std::ios::binary | std::ios::trunc) << expected.substr(0, keep);
+    ASSERT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --resume --batch_tokens 3"), &out), 0) << out;
+    EXPECT_EQ(ReadFile(part), expected);
+    const size_t kept = std::count(expected.begin(), expected.begin() + keep, '\n');
+    EXPECT_NE(out.find(absl::StrCat("resuming after the ", kept, " lines")), std::string::npos) << out;
+    EXPECT_NE(out.find(absl::StrCat("(", kept, " kept, ", 7 - kept, " appended)")), std::string::npos) << out;
+  }
+  ASSERT_EQ(RunShell(ExtractCommand(input, full, "--k 4 --resume"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(full), expected);
+  EXPECT_NE(out.find("(7 kept, 0 appended)"), std::string::npos) << out;
+  const std::string fresh = dir + "/fresh.jsonl";
+  ASSERT_EQ(RunShell(ExtractCommand(input, fresh, "--k 4 --resume"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(fresh), expected);
+}
+
+// --resume refuses, before touching it, an output that is not an earlier run
+// of this input with these SAEs and this --k, and it cannot resume a hook dump.
+TEST(ExtractBinaryTest, ResumeRefusesAnotherRunsOutput) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-resume-bad");
+  const std::string input = dir + "/in.jsonl", other_input = dir + "/other.jsonl", output = dir + "/out.jsonl";
+  std::ofstream(input) << "{\"text\": \"The cat sat.\"}\n{\"text\": \"The red cat.\"}\n";
+  std::ofstream(other_input) << "{\"text\": \"The cat sat.\"}\n{\"text\": \"The red dog.\"}\n";
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(other_input, output, "--k 4"), &out), 0) << out;
+  const std::string other_run = ReadFile(output);
+  const std::string first_line = other_run.substr(0, other_run.find('\n') + 1);
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--k 4"), &out), 0) << out;
+  const std::string this_run = ReadFile(output);
+
+  const std::string refuse = "not an earlier run of this input with these SAEs";
+  const struct {
+    std::string content, flags, message;
+  } cases[] = {
+      {other_run, "--k 4", output + ":2: token 3 is "},
+      {first_line, "--k 2", output + ":1: token 1 does not hold at most --k=2 features"},
+      {this_run + first_line, "--k 4", output + ":3: more lines than the 2 input lines"},
+      {"{\"tokens\": 3}\n", "--k 4", output + ":1: not an output line of sae-extract"},
+      {"not json\n", "--k 4", output + ":1: not an output line of sae-extract"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.message);
+    std::ofstream(output, std::ios::binary | std::ios::trunc) << c.content;
+    EXPECT_EQ(RunShell(ExtractCommand(input, output, c.flags + " --resume"), &out), 1) << out;
+    EXPECT_NE(out.find(c.message), std::string::npos) << out;
+    EXPECT_NE(out.find(refuse), std::string::npos) << out;
+    EXPECT_EQ(ReadFile(output), c.content) << "the refused file was changed";
+  }
+  // The SAEs of the run are part of what a line must match.
+  std::ofstream(output, std::ios::binary | std::ios::trunc) << first_line;
+  const DemoLayout& demo = testing::Demo();
+  const std::string one_sae = std::string(SAE_EXTRACT_BIN) + " --model " + Quote(demo.model_dir) + " --sae " +
+                              Quote(demo.sae_dirs[0]) + " --input " + Quote(input) + " --output " + Quote(output) +
+                              " --k 4 --resume";
+  EXPECT_EQ(RunShell(one_sae, &out), 1) << out;
+  EXPECT_NE(out.find(output + ":1: token 0 does not hold at most --k=4 features of each of the SAEs"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(RunShell(ExtractCommand(input, output, "--resume --dump-hooks " + Quote(dir + "/h.safetensors")), &out), 1)
+      << out;
+  EXPECT_NE(out.find("--resume cannot be used with --dump-hooks"), std::string::npos) << out;
+}
+
 // sae-extract --backend=cuda refuses a --k its JumpReLU SAEs cannot be asked
 // for on this device (see CudaServerTest.MaxKBeyondTheDeviceIsRefusedAtStartup).
 TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
@@ -1223,7 +1314,8 @@ TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
 // A GPU that hangs mid-run (the emulator's SAE_CUDA_EMU_HANG_FILE, created
 // once the first lines are out): sae-extract exits with status 3 after
 // --batch_timeout_seconds, naming the batch's input lines, and the output
-// holds whole lines for every batch that finished.
+// holds whole lines for every batch that finished, from which --resume
+// completes the run.
 TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string dir = testing::MakeTempDir("e2e-extract-hang");
@@ -1265,6 +1357,19 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   EXPECT_NE(out.find(absl::StrCat(input, ":", lines.size() + 1, "-")), std::string::npos) << out;
   EXPECT_NE(out.find(absl::StrCat("holds the ", lines.size(), " lines before")), std::string::npos) << out;
   for (const std::string& line : lines) EXPECT_FALSE(json::parse(line, nullptr, false).is_discarded()) << line;
+  EXPECT_NE(out.find("--resume continues from there"), std::string::npos) << out;
+
+  // Once the GPU is healthy again, --resume keeps those lines and adds the
+  // rest; resuming the finished file then checks all 200 against the input.
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume --batch_tokens=4096"), &out), 0) << out;
+  const std::vector<std::string> resumed = lines_out();
+  ASSERT_EQ(resumed.size(), static_cast<size_t>(kLines)) << out;
+  EXPECT_TRUE(std::equal(lines.begin(), lines.end(), resumed.begin())) << "kept lines changed";
+  EXPECT_NE(out.find(absl::StrCat("(", lines.size(), " kept, ", kLines - lines.size(), " appended)")),
+            std::string::npos)
+      << out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume"), &out), 0) << out;
+  EXPECT_NE(out.find(absl::StrCat("(", kLines, " kept, 0 appended)")), std::string::npos) << out;
 }
 
 }  // namespace
