@@ -11,11 +11,13 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -937,6 +939,63 @@ TEST(ServerConfigTest, BatchTimeoutDefaultsFollowTheBackend) {
   const absl::Status too_long = timeout("demo: true batch_timeout_seconds: 86401").status();
   EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(too_long.message().find("batch_timeout_seconds is 86401; at most 86400"), std::string::npos) << too_long;
+}
+
+// The configurations that ship in deploy/ load and validate as sae-server
+// would load them: deploy/server.textproto, and the textproto inside the
+// Kubernetes ConfigMap, whose shutdown grace must end before the pod's
+// terminationGracePeriodSeconds and whose pod must run the GPU image.
+TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
+  const std::string deploy = SAE_DEPLOY_DIR;
+  auto check = [](absl::StatusOr<v1::ServerConfig> config, const std::string& origin) -> v1::ServerConfig {
+    EXPECT_TRUE(config.ok()) << origin << ": " << config.status();
+    if (!config.ok()) return {};
+    ApplyConfigDefaults(&*config);
+    const absl::Status valid = ValidateServerConfig(*config);
+    EXPECT_TRUE(valid.ok()) << origin << ": " << valid;
+    EXPECT_EQ(config->backend(), "cuda") << origin;
+    EXPECT_GT(config->saes_size(), 0) << origin;
+    EXPECT_GT(config->batch_timeout_seconds(), 0u) << origin;
+    return *config;
+  };
+  const v1::ServerConfig server = check(LoadServerConfig(deploy + "/server.textproto"), "server.textproto");
+  EXPECT_EQ(server.saes_size(), 3);
+
+  std::ifstream in(deploy + "/kubernetes.yaml");
+  ASSERT_TRUE(in) << deploy << "/kubernetes.yaml";
+  std::string line, textproto, image;
+  int grace_period = -1;
+  size_t block_indent = std::string::npos;  // indentation of the ConfigMap's textproto lines, once inside
+  bool in_block = false;
+  while (std::getline(in, line)) {
+    const size_t indent = line.find_first_not_of(' ');
+    if (in_block) {
+      if (indent == std::string::npos) {
+        textproto += "\n";
+        continue;
+      }
+      if (block_indent == std::string::npos) block_indent = indent;
+      if (indent >= block_indent) {
+        textproto += line.substr(block_indent) + "\n";
+        continue;
+      }
+      in_block = false;
+    }
+    if (indent == std::string::npos) continue;
+    const std::string body = line.substr(indent);
+    if (body == "server.textproto: |") in_block = true;
+    if (body.rfind("terminationGracePeriodSeconds:", 0) == 0) grace_period = std::stoi(body.substr(30));
+    if (body.rfind("image:", 0) == 0) {
+      std::istringstream words(body.substr(6));
+      words >> image;
+    }
+  }
+  ASSERT_FALSE(textproto.empty()) << "no server.textproto in the ConfigMap";
+  const v1::ServerConfig pod = check(ParseServerConfig(textproto, "kubernetes.yaml ConfigMap"), "kubernetes.yaml");
+  EXPECT_GT(grace_period, 0);
+  EXPECT_LT(static_cast<int>(pod.shutdown_grace_seconds()), grace_period)
+      << "in-flight streams must finish before the kubelet's SIGKILL";
+  EXPECT_EQ(image, "sae-server:gpu") << "the Dockerfile's gpu target (docker build --target gpu -t sae-server:gpu .)";
 }
 
 }  // namespace
