@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,6 +41,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
@@ -156,73 +158,6 @@ void ShowProgress(size_t done, size_t total) {
   std::fflush(stderr);
 }
 
-// For --resume: how many whole lines `output` holds and their length in
-// bytes (a last line without its newline was torn by the stop and is not
-// counted). Each kept line must be the output of this input's line at the
-// same place: the same token ids, and features of the same SAEs, at most k
-// per token; anything else means another run's file, which is refused
-// before it is touched. A missing file holds no lines.
-struct ResumePoint {
-  size_t lines = 0;
-  uint64_t bytes = 0;
-};
-
-absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
-                                            const std::vector<Record>& records, const Engine& engine,
-                                            const std::vector<int>& sae_indices, int k) {
-  ResumePoint point;
-  std::ifstream in(output, std::ios::binary);
-  if (!in) {
-    if (!std::filesystem::exists(output)) return point;
-    return absl::PermissionDeniedError(absl::StrCat(output, ": cannot read the output file to resume it"));
-  }
-  std::string line;
-  while (std::getline(in, line)) {
-    if (in.eof()) break;  // no newline: torn
-    const size_t i = point.lines;
-    const std::string where = absl::StrCat(output, ":", i + 1, ": ");
-    const std::string against = i < records.size() ? absl::StrCat(input, ":", records[i].line) : "";
-    const std::string refuse = "; not an earlier run of this input with these SAEs (remove the file or drop --resume)";
-    if (i >= records.size()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(where, "more lines than the ", records.size(), " input lines of ", input, refuse));
-    }
-    const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded() || !j.is_object() || !j.contains("tokens") || !j["tokens"].is_array()) {
-      return absl::FailedPreconditionError(absl::StrCat(where, "not an output line of sae-extract", refuse));
-    }
-    const json& tokens = j["tokens"];
-    const Record& record = records[i];
-    if (tokens.size() != record.ids.size()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(where, tokens.size(), " tokens, but ", against, " has ", record.ids.size(), refuse));
-    }
-    for (size_t t = 0; t < tokens.size(); ++t) {
-      const json& token = tokens[t];
-      const json* id = token.is_object() && token.contains("id") ? &token["id"] : nullptr;
-      if (id == nullptr || !id->is_number_integer() || id->get<int64_t>() != record.ids[t]) {
-        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, " is ",
-                                                          id == nullptr ? "missing its id" : id->dump(), ", but ",
-                                                          against, " gives token id ", record.ids[t], refuse));
-      }
-      const json* features = token.contains("features") ? &token["features"] : nullptr;
-      bool same_saes = features != nullptr && features->is_object() && features->size() == sae_indices.size();
-      for (size_t s = 0; same_saes && s < sae_indices.size(); ++s) {
-        const std::string& name = engine.saes()[sae_indices[s]]->name();
-        same_saes = features->contains(name) && (*features)[name].is_array() &&
-                    (*features)[name].size() <= static_cast<size_t>(k);
-      }
-      if (!same_saes) {
-        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, " does not hold at most --k=", k,
-                                                          " features of each of the SAEs of this run", refuse));
-      }
-    }
-    ++point.lines;
-    point.bytes += line.size() + 1;
-  }
-  return point;
-}
-
 // Ends the process when one engine batch has run longer than the timeout:
 // on a hung GPU (a kernel that never ends) the run would otherwise stall for
 // good, and nothing can release the GPU or finish the batch. Exit status 3,
@@ -275,6 +210,201 @@ class HangWatchdog {
   std::string what_;                                            // guarded by mu_
   std::thread thread_;
 };
+
+// For --resume: how many whole lines `output` holds and their length in
+// bytes. Each kept line must be what this run writes for the input line at
+// its place: the same tokens (ids, pieces, offsets), features of the same
+// SAEs in the same order, at most --k well-formed [index, value] pairs per
+// token, value-descending, none at BOS without --include_bos. The last kept
+// line is computed again and must match: on the CPU byte for byte, on other
+// backends (whose values depend on the batch to rounding) each token's
+// count of features within one. A last line without its newline was torn by
+// the stop and is dropped, if it starts as this line would. Anything else
+// means another run's file (another input, SAE set, --k, --include_bos),
+// refused before the file is touched. A missing file holds no lines.
+struct ResumePoint {
+  size_t lines = 0;
+  uint64_t bytes = 0;
+};
+
+constexpr char kNotThisRun[] =
+    "; not an earlier run of this input with these SAEs and options (remove the file or "
+    "drop --resume)";
+
+// Why `line` is not what this run writes for `record`, or OK.
+absl::Status CheckOutputLine(const std::string& line, const Record& record, const Engine& engine,
+                             const std::vector<int>& sae_indices, int k, bool include_bos) {
+  const OutJson j = OutJson::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || j.size() != 1 || !j.contains("tokens") || !j["tokens"].is_array()) {
+    return absl::FailedPreconditionError("not an output line of sae-extract");
+  }
+  const OutJson& tokens = j["tokens"];
+  if (tokens.size() != record.ids.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(tokens.size(), " tokens, but the input line has ", record.ids.size()));
+  }
+  const std::optional<int32_t> bos = engine.tokenizer().bos_id();
+  static const std::vector<std::string> kTokenKeys = {"id", "piece", "offset", "features"};
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    const OutJson& token = tokens[t];
+    std::vector<std::string> keys;
+    if (token.is_object()) {
+      for (const auto& item : token.items()) keys.push_back(item.key());
+    }
+    if (keys != kTokenKeys) return absl::FailedPreconditionError(absl::StrCat("token ", t, " is not an output token"));
+    const int32_t id = record.ids[t];
+    if (!token["id"].is_number_integer() || token["id"].get<int64_t>() != id) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("token ", t, " is ", token["id"].dump(), ", but the input line gives token id ", id));
+    }
+    const OutJson offset = OutJson::array({record.offsets[t].first, record.offsets[t].second});
+    if (token["piece"] != engine.tokenizer().TokenPiece(id) || token["offset"] != offset) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "token ", t, " has piece ", token["piece"].dump(), " and offset ", token["offset"].dump(),
+          " where this run has ", OutJson(engine.tokenizer().TokenPiece(id)).dump(), " and ", offset.dump()));
+    }
+    const OutJson& features = token["features"];
+    std::vector<std::string> names, expected_names;
+    if (features.is_object()) {
+      for (const auto& item : features.items()) names.push_back(item.key());
+    }
+    for (int s : sae_indices) expected_names.push_back(engine.saes()[s]->name());
+    if (names != expected_names) {
+      return absl::FailedPreconditionError(absl::StrCat("token ", t, " has features of the SAEs [",
+                                                        absl::StrJoin(names, ", "), "], this run of [",
+                                                        absl::StrJoin(expected_names, ", "), "]"));
+    }
+    const bool skipped = !include_bos && bos && id == *bos;
+    for (int s : sae_indices) {
+      const Sae& sae = *engine.saes()[s];
+      const OutJson& list = features[sae.name()];
+      bool ok = list.is_array() && list.size() <= static_cast<size_t>(k) && !(skipped && !list.empty());
+      float previous = std::numeric_limits<float>::infinity();
+      for (size_t i = 0; ok && i < list.size(); ++i) {
+        const OutJson& pair = list[i];
+        ok = pair.is_array() && pair.size() == 2 && pair[0].is_number_integer() && pair[0].get<int64_t>() >= 0 &&
+             pair[0].get<int64_t>() < sae.hyperparams().d_sae && pair[1].is_number() &&
+             pair[1].get<float>() <= previous;
+        if (ok) previous = pair[1].get<float>();
+      }
+      if (!ok) {
+        return absl::FailedPreconditionError(absl::StrCat("token ", t, ", ", sae.name(), ": not a list of at most --k=",
+                                                          k, " [index, value] pairs of this SAE, value-descending",
+                                                          skipped ? ", and empty at BOS without --include_bos" : ""));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The torn end of an output file (bytes after its last newline) must be the
+// start of the line this run writes for `record`.
+bool StartsLikeOutputLine(const std::string& tail, const Record* record) {
+  const std::string start = record == nullptr
+                                ? std::string("{\"tokens\":[")
+                                : absl::StrCat("{\"tokens\":[{\"id\":", record->ids.front(), ",\"piece\":");
+  const size_t n = std::min(tail.size(), start.size());
+  return tail.compare(0, n, start, 0, n) == 0;
+}
+
+absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
+                                            const std::vector<Record>& records, Engine& engine,
+                                            const std::vector<int>& sae_indices, int k, bool include_bos,
+                                            HangWatchdog& watchdog) {
+  ResumePoint point;
+  std::error_code error;
+  const std::filesystem::file_status status = std::filesystem::status(output, error);
+  if (status.type() == std::filesystem::file_type::not_found) return point;
+  if (status.type() != std::filesystem::file_type::regular) {
+    return absl::FailedPreconditionError(absl::StrCat(output, ": not a regular file; cannot resume it"));
+  }
+  std::ifstream in(output, std::ios::binary);
+  const uint64_t size = std::filesystem::file_size(output, error);
+  if (!in || error) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot read the output file to resume"));
+  // Where the whole lines end: after the last newline, found from the end so
+  // a long torn tail is never held in memory.
+  uint64_t whole = 0;
+  std::string chunk;
+  for (uint64_t end = size; end > 0 && whole == 0;) {
+    const uint64_t begin = end > (1 << 16) ? end - (1 << 16) : 0;
+    chunk.resize(end - begin);
+    in.seekg(static_cast<std::streamoff>(begin));
+    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    if (!in) return absl::DataLossError(absl::StrCat(output, ": read failed"));
+    const size_t nl = chunk.rfind('\n');
+    if (nl != std::string::npos) whole = begin + nl + 1;
+    end = begin;
+  }
+  in.seekg(0);
+  std::string line, last_line;
+  while (point.bytes < whole && std::getline(in, line)) {
+    const size_t i = point.lines;
+    const std::string where = absl::StrCat(output, ":", i + 1, ": ");
+    if (i >= records.size()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, "more lines than the ", records.size(), " input lines of ", input, kNotThisRun));
+    }
+    if (!line.empty() && line.back() == '\r') {
+      return absl::FailedPreconditionError(absl::StrCat(where, "ends in \\r\\n; sae-extract writes \\n", kNotThisRun));
+    }
+    if (absl::Status s = CheckOutputLine(line, records[i], engine, sae_indices, k, include_bos); !s.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, s.message(), " (", input, ":", records[i].line, ")", kNotThisRun));
+    }
+    ++point.lines;
+    point.bytes += line.size() + 1;
+    last_line = std::move(line);
+  }
+  if (point.bytes != whole) return absl::DataLossError(absl::StrCat(output, ": read failed"));
+  if (whole < size) {
+    std::string tail(static_cast<size_t>(std::min<uint64_t>(size - whole, 64)), '\0');
+    in.clear();
+    in.seekg(static_cast<std::streamoff>(whole));
+    in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+    const Record* next = point.lines < records.size() ? &records[point.lines] : nullptr;
+    if (!in || next == nullptr || !StartsLikeOutputLine(tail, next)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(output, ":", point.lines + 1, ": an unfinished line that is not the start of this run's line",
+                       next == nullptr ? " (the input has no more lines)" : "", kNotThisRun));
+    }
+  }
+  if (point.lines == 0) return point;
+
+  // The last kept line again, with this run's model, SAEs and options.
+  const Record& record = records[point.lines - 1];
+  SequenceRequest request;
+  request.ids = record.ids;
+  request.sae_indices = sae_indices;
+  request.k = k;
+  request.include_bos = include_bos;
+  watchdog.Begin(
+      absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", point.lines));
+  absl::StatusOr<std::vector<SequenceResult>> again = engine.Run({request});
+  watchdog.End();
+  if (!again.ok()) return again.status();
+  const std::string recomputed = RecordToJson(record, (*again)[0], engine, sae_indices).dump();
+  const std::string where = absl::StrCat(output, ":", point.lines, ": ");
+  if (engine.backend_name() == "cpu") {
+    if (recomputed != last_line) {
+      return absl::FailedPreconditionError(absl::StrCat(where, "differs from this run's output for ", input, ":",
+                                                        record.line, " (computed again)", kNotThisRun));
+    }
+    return point;
+  }
+  const OutJson kept = OutJson::parse(last_line), now = OutJson::parse(recomputed);
+  for (size_t t = 0; t < record.ids.size(); ++t) {
+    for (int s : sae_indices) {
+      const std::string& name = engine.saes()[s]->name();
+      const size_t a = kept["tokens"][t]["features"][name].size(), b = now["tokens"][t]["features"][name].size();
+      if (a + 1 < b || b + 1 < a) {
+        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, ", ", name, " holds ", a,
+                                                          " features; computed again for ", input, ":", record.line,
+                                                          " it has ", b, kNotThisRun));
+      }
+    }
+  }
+  return point;
+}
 
 absl::Status Run() {
   const std::string input = absl::GetFlag(FLAGS_input);
@@ -336,9 +466,11 @@ absl::Status Run() {
 
   std::vector<int> sae_indices;
   for (size_t i = 0; i < engine->saes().size(); ++i) sae_indices.push_back(static_cast<int>(i));
+  HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
   ResumePoint resume_at;
   if (resume) {
-    ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, sae_indices, k));
+    ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, sae_indices, k,
+                                                absl::GetFlag(FLAGS_include_bos), watchdog));
     if (resume_at.lines > 0) {
       std::error_code error;
       std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
@@ -354,7 +486,6 @@ absl::Status Run() {
   std::vector<TensorToWrite> tensors;
 
   const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
-  HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
   size_t next = resume_at.lines;
   while (next < records.size()) {
     // Pack consecutive lines up to the token budget (at least one line).
@@ -374,7 +505,7 @@ absl::Status Run() {
       ++end;
     }
     watchdog.Begin(absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, " (", output, " holds the ",
-                                next, " lines before; --resume continues from there)"));
+                                next, " lines before", dump ? "" : "; --resume continues from there", ")"));
     absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
     watchdog.End();
     if (!results.ok()) {

@@ -1243,34 +1243,70 @@ TEST(ExtractBinaryTest, ResumeContinuesAnInterruptedRun) {
   ASSERT_EQ(RunShell(ExtractCommand(input, full, "--k 4 --resume"), &out), 0) << out;
   EXPECT_EQ(ReadFile(full), expected);
   EXPECT_NE(out.find("(7 kept, 0 appended)"), std::string::npos) << out;
+
+  // Kept lines are kept, not computed again: a value raised in the first of
+  // three kept lines (still the largest of its list) survives.
+  nlohmann::ordered_json edited = nlohmann::ordered_json::parse(expected.substr(0, line_ends[0]));
+  nlohmann::ordered_json& top = edited["tokens"][1]["features"]["L1R-8x"][0][1];
+  top = top.get<double>() + 1.0;
+  const std::string kept = edited.dump() + "\n" + expected.substr(line_ends[0], line_ends[2] - line_ends[0]);
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << kept;
+  ASSERT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --resume"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(part), kept + expected.substr(line_ends[2]));
   const std::string fresh = dir + "/fresh.jsonl";
   ASSERT_EQ(RunShell(ExtractCommand(input, fresh, "--k 4 --resume"), &out), 0) << out;
   EXPECT_EQ(ReadFile(fresh), expected);
 }
 
 // --resume refuses, before touching it, an output that is not an earlier run
-// of this input with these SAEs and this --k, and it cannot resume a hook dump.
+// of this input with these SAEs and options, and it cannot resume a hook dump.
 TEST(ExtractBinaryTest, ResumeRefusesAnotherRunsOutput) {
   const std::string dir = testing::MakeTempDir("e2e-extract-resume-bad");
-  const std::string input = dir + "/in.jsonl", other_input = dir + "/other.jsonl", output = dir + "/out.jsonl";
+  const std::string input = dir + "/in.jsonl", other_input = dir + "/other.jsonl", ids_input = dir + "/ids.jsonl",
+                    output = dir + "/out.jsonl";
   std::ofstream(input) << "{\"text\": \"The cat sat.\"}\n{\"text\": \"The red cat.\"}\n";
   std::ofstream(other_input) << "{\"text\": \"The cat sat.\"}\n{\"text\": \"The red dog.\"}\n";
   std::string out;
-  ASSERT_EQ(RunShell(ExtractCommand(other_input, output, "--k 4"), &out), 0) << out;
-  const std::string other_run = ReadFile(output);
-  const std::string first_line = other_run.substr(0, other_run.find('\n') + 1);
-  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--k 4"), &out), 0) << out;
-  const std::string this_run = ReadFile(output);
+  auto run = [&](const std::string& in, const std::string& flags) {
+    EXPECT_EQ(RunShell(ExtractCommand(in, output, flags), &out), 0) << out;
+    return ReadFile(output);
+  };
+  auto first = [](const std::string& file) { return file.substr(0, file.find('\n') + 1); };
+  const std::string this_run = run(input, "--k 4");
+  const std::string other_run = run(other_input, "--k 4");
+  const std::string k2_run = run(input, "--k 2");
+  const std::string bos_run = run(input, "--k 4 --include_bos");
+  // The same tokens given as ids: pieces equal, offsets [0, 0].
+  const json first_line = json::parse(first(this_run));
+  json ids = json::array();
+  for (const json& token : first_line["tokens"]) ids.push_back(token["id"]);
+  std::ofstream(ids_input) << json{{"token_ids", ids}}.dump() << "\n" << json{{"token_ids", ids}}.dump() << "\n";
+  nlohmann::ordered_json bad_pair = nlohmann::ordered_json::parse(first(this_run));
+  bad_pair["tokens"][1]["features"]["L1R-8x"] = nlohmann::ordered_json::array({nlohmann::ordered_json::array({"x"})});
+  std::string crlf = this_run;
+  for (size_t at = 0; (at = crlf.find('\n', at)) != std::string::npos; at += 2) crlf.insert(at, "\r");
 
-  const std::string refuse = "not an earlier run of this input with these SAEs";
+  const std::string refuse = "not an earlier run of this input with these SAEs and options";
+  const std::string in2 = " (" + input + ":2)";
   const struct {
     std::string content, flags, message;
   } cases[] = {
       {other_run, "--k 4", output + ":2: token 3 is "},
-      {first_line, "--k 2", output + ":1: token 1 does not hold at most --k=2 features"},
-      {this_run + first_line, "--k 4", output + ":3: more lines than the 2 input lines"},
+      {k2_run, "--k 4", output + ":2: differs from this run's output for " + input + ":2 (computed again)"},
+      {first(this_run), "--k 2", output + ":1: token 1, L1R-8x: not a list of at most --k=2 [index, value] pairs"},
+      {bos_run, "--k 4",
+       output + ":1: token 0, L1R-8x: not a list of at most --k=4 [index, value] pairs of this "
+                "SAE, value-descending, and empty at BOS without --include_bos"},
+      {bad_pair.dump() + "\n", "--k 4", output + ":1: token 1, L1R-8x: not a list of at most --k=4"},
+      {this_run + first(this_run), "--k 4", output + ":3: more lines than the 2 input lines"},
       {"{\"tokens\": 3}\n", "--k 4", output + ":1: not an output line of sae-extract"},
       {"not json\n", "--k 4", output + ":1: not an output line of sae-extract"},
+      {crlf, "--k 4", output + ":1: ends in \\r\\n; sae-extract writes \\n"},
+      {"my notes, no newline", "--k 4", output + ":1: an unfinished line that is not the start of this run's line"},
+      {first(this_run) + "{\"tokens\":[{\"id\":5,", "--k 4", output + ":2: an unfinished line that is not the start"},
+      {this_run + "{\"tokens\":[", "--k 4",
+       output + ":3: an unfinished line that is not the start of this run's "
+                "line (the input has no more lines)"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.message);
@@ -1280,16 +1316,26 @@ TEST(ExtractBinaryTest, ResumeRefusesAnotherRunsOutput) {
     EXPECT_NE(out.find(refuse), std::string::npos) << out;
     EXPECT_EQ(ReadFile(output), c.content) << "the refused file was changed";
   }
-  // The SAEs of the run are part of what a line must match.
-  std::ofstream(output, std::ios::binary | std::ios::trunc) << first_line;
-  const DemoLayout& demo = testing::Demo();
-  const std::string one_sae = std::string(SAE_EXTRACT_BIN) + " --model " + Quote(demo.model_dir) + " --sae " +
-                              Quote(demo.sae_dirs[0]) + " --input " + Quote(input) + " --output " + Quote(output) +
-                              " --k 4 --resume";
-  EXPECT_EQ(RunShell(one_sae, &out), 1) << out;
-  EXPECT_NE(out.find(output + ":1: token 0 does not hold at most --k=4 features of each of the SAEs"),
+  // Text lines where the input now gives ids: offsets differ.
+  std::ofstream(output, std::ios::binary | std::ios::trunc) << this_run;
+  EXPECT_EQ(RunShell(ExtractCommand(ids_input, output, "--k 4 --resume"), &out), 1) << out;
+  EXPECT_NE(out.find(output + ":1: token 1 has piece \"The\" and offset [0,3] where this run has \"The\" and [0,0]"),
             std::string::npos)
       << out;
+  // The SAEs of the run, and their order, are part of what a line must match.
+  const DemoLayout& demo = testing::Demo();
+  auto with_saes = [&](const std::vector<std::string>& dirs, const std::string& flags) {
+    std::string command = std::string(SAE_EXTRACT_BIN) + " --model " + Quote(demo.model_dir);
+    for (const std::string& d : dirs) command += " --sae " + Quote(d);
+    return command + " --input " + Quote(input) + " --output " + Quote(output) + " " + flags;
+  };
+  ASSERT_EQ(RunShell(with_saes({demo.sae_dirs[1], demo.sae_dirs[0]}, "--k 4"), &out), 0) << out;
+  EXPECT_EQ(RunShell(with_saes({demo.sae_dirs[0], demo.sae_dirs[1]}, "--k 4 --resume"), &out), 1) << out;
+  EXPECT_NE(out.find(output + ":1: token 0 has features of the SAEs [L2A-8x, L1R-8x], this run of [L1R-8x, L2A-8x]"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(RunShell(ExtractCommand(input, dir, "--k 4 --resume"), &out), 1) << out;
+  EXPECT_NE(out.find(dir + ": not a regular file; cannot resume it"), std::string::npos) << out;
   EXPECT_EQ(RunShell(ExtractCommand(input, output, "--resume --dump-hooks " + Quote(dir + "/h.safetensors")), &out), 1)
       << out;
   EXPECT_NE(out.find("--resume cannot be used with --dump-hooks"), std::string::npos) << out;
@@ -1320,10 +1366,11 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string dir = testing::MakeTempDir("e2e-extract-hang");
   const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", hang_file = dir + "/hang";
-  constexpr int kLines = 200;
+  constexpr int kLines = 100;
   {
     std::ofstream in(input);
-    for (int i = 0; i < kLines; ++i) in << "{\"text\": \"The red cat.\"}\n";
+    const char* kTexts[] = {"The red cat.", "A dog in Paris.", "One blue bird", "Tokyo, Rome and Berlin."};
+    for (int i = 0; i < kLines; ++i) in << json{{"text", absl::StrCat(kTexts[i % 4], " Line ", i, ".")}}.dump() << "\n";
   }
   auto lines_out = [&] {
     std::vector<std::string> lines;
@@ -1360,7 +1407,7 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   EXPECT_NE(out.find("--resume continues from there"), std::string::npos) << out;
 
   // Once the GPU is healthy again, --resume keeps those lines and adds the
-  // rest; resuming the finished file then checks all 200 against the input.
+  // rest; resuming the finished file then checks them all against the input.
   ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume --batch_tokens=4096"), &out), 0) << out;
   const std::vector<std::string> resumed = lines_out();
   ASSERT_EQ(resumed.size(), static_cast<size_t>(kLines)) << out;
