@@ -73,7 +73,9 @@ stage_lib() {
   return 0
 }
 
-declare -A packages=() owner=() looked_up=()
+# owner: what dpkg says owns each path it was asked about; package_of: the
+# package of each library path ldd printed, "" for none (resolved once).
+declare -A packages=() owner=() package_of=()
 # Breadth-first over the staged files and the libraries copied for them; a
 # file whose library was just copied is looked at again, to see that it now
 # loads the copy. One dpkg-query per round: each call reads the whole
@@ -98,10 +100,11 @@ while ((${#queue[@]})); do
     done <<<"$out"
   done
   asked=()
+  declare -A fresh=()
   for r in "${records[@]}"; do
     path=${r##*|}
-    [[ "$path" == "$dest/lib/"* || -n "${looked_up[$path]:-}" ]] && continue
-    looked_up[$path]=1
+    [[ "$path" == "$dest/lib/"* || -v "package_of[$path]" || -v "fresh[$path]" ]] && continue
+    fresh[$path]=1
     mapfile -t -O "${#asked[@]}" asked < <(variants "$path")
   done
   if ((${#asked[@]})); then
@@ -120,15 +123,18 @@ while ((${#queue[@]})); do
       owner[${line#*: }]=${pkg%%:*}
     done <<<"$dpkg_out"
   fi
+  for path in "${!fresh[@]}"; do
+    package_of[$path]=""
+    while read -r v; do
+      [[ -n "${owner[$v]:-}" ]] && package_of[$path]=${owner[$v]} && break
+    done < <(variants "$path")
+  done
   next=()
   declare -A copied_now=()
   for r in "${records[@]}"; do
     IFS='|' read -r file name path <<<"$r"
     [[ "$path" == "$dest/lib/"* ]] && continue
-    pkg=""
-    while read -r v; do
-      [[ -n "${owner[$v]:-}" ]] && pkg=${owner[$v]} && break
-    done < <(variants "$path")
+    pkg=${package_of[$path]}
     if [[ -n "$pkg" ]]; then
       packages[$pkg]=1
     elif [[ -n "${copied_now[$name]:-}" ]]; then

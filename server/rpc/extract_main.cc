@@ -211,6 +211,18 @@ class HangWatchdog {
   std::thread thread_;
 };
 
+// What sae-extract asks the engine for one input line.
+SequenceRequest MakeRequest(const Record& record, const std::vector<int>& sae_indices, int k, bool include_bos,
+                            bool capture_hooks) {
+  SequenceRequest request;
+  request.ids = record.ids;
+  request.sae_indices = sae_indices;
+  request.k = k;
+  request.include_bos = include_bos;
+  request.capture_hooks = capture_hooks;
+  return request;
+}
+
 // For --resume: how many whole lines `output` holds and their length in
 // bytes. Each kept line must be what this run writes for the input line at
 // its place: the same tokens (ids, pieces, offsets), features of the same
@@ -244,6 +256,8 @@ absl::Status CheckOutputLine(const std::string& line, const Record& record, cons
         absl::StrCat(tokens.size(), " tokens, but the input line has ", record.ids.size()));
   }
   const std::optional<int32_t> bos = engine.tokenizer().bos_id();
+  std::vector<std::string> expected_names;
+  for (int s : sae_indices) expected_names.push_back(engine.saes()[s]->name());
   static const std::vector<std::string> kTokenKeys = {"id", "piece", "offset", "features"};
   for (size_t t = 0; t < tokens.size(); ++t) {
     const OutJson& token = tokens[t];
@@ -264,11 +278,10 @@ absl::Status CheckOutputLine(const std::string& line, const Record& record, cons
           " where this run has ", OutJson(engine.tokenizer().TokenPiece(id)).dump(), " and ", offset.dump()));
     }
     const OutJson& features = token["features"];
-    std::vector<std::string> names, expected_names;
+    std::vector<std::string> names;
     if (features.is_object()) {
       for (const auto& item : features.items()) names.push_back(item.key());
     }
-    for (int s : sae_indices) expected_names.push_back(engine.saes()[s]->name());
     if (names != expected_names) {
       return absl::FailedPreconditionError(absl::StrCat("token ", t, " has features of the SAEs [",
                                                         absl::StrJoin(names, ", "), "], this run of [",
@@ -372,14 +385,10 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
 
   // The last kept line again, with this run's model, SAEs and options.
   const Record& record = records[point.lines - 1];
-  SequenceRequest request;
-  request.ids = record.ids;
-  request.sae_indices = sae_indices;
-  request.k = k;
-  request.include_bos = include_bos;
   watchdog.Begin(
       absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", point.lines));
-  absl::StatusOr<std::vector<SequenceResult>> again = engine.Run({request});
+  absl::StatusOr<std::vector<SequenceResult>> again =
+      engine.Run({MakeRequest(record, sae_indices, k, include_bos, /*capture_hooks=*/false)});
   watchdog.End();
   if (!again.ok()) return again.status();
   const std::string recomputed = RecordToJson(record, (*again)[0], engine, sae_indices).dump();
@@ -414,6 +423,7 @@ absl::Status Run() {
   if (input.empty() || output.empty()) return absl::InvalidArgumentError("--input and --output are required");
   if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
   const bool resume = absl::GetFlag(FLAGS_resume);
+  const bool include_bos = absl::GetFlag(FLAGS_include_bos);
   if (resume && !dump_path.empty()) {
     return absl::InvalidArgumentError(
         "--resume cannot be used with --dump-hooks: the hook file is written whole at the end of a run");
@@ -469,8 +479,8 @@ absl::Status Run() {
   HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
   ResumePoint resume_at;
   if (resume) {
-    ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, sae_indices, k,
-                                                absl::GetFlag(FLAGS_include_bos), watchdog));
+    ASSIGN_OR_RETURN(resume_at,
+                     FindResumePoint(output, input, records, *engine, sae_indices, k, include_bos, watchdog));
     if (resume_at.lines > 0) {
       std::error_code error;
       std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
@@ -494,14 +504,8 @@ absl::Status Run() {
     std::vector<SequenceRequest> batch;
     while (end < records.size() &&
            (batch.empty() || n_tokens + records[end].ids.size() <= static_cast<size_t>(batch_tokens))) {
-      SequenceRequest request;
-      request.ids = records[end].ids;
-      request.sae_indices = sae_indices;
-      request.k = k;
-      request.include_bos = absl::GetFlag(FLAGS_include_bos);
-      request.capture_hooks = dump;
-      n_tokens += request.ids.size();
-      batch.push_back(std::move(request));
+      batch.push_back(MakeRequest(records[end], sae_indices, k, include_bos, dump));
+      n_tokens += records[end].ids.size();
       ++end;
     }
     watchdog.Begin(absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, " (", output, " holds the ",
