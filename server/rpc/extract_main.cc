@@ -17,6 +17,9 @@
 // --resume: continue a run that stopped (a hung GPU's exit 3, a kill): the
 // whole lines OUT already holds are checked against this input and kept, a
 // torn last line is dropped, and the run appends from the next line.
+// --max_seq_len: a longer line runs as windows, split as the server's
+// long_input_policy WINDOW splits a request (rpc/windows.h), so both give the
+// same features for the same text; its output line is assembled from them.
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,6 +45,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/types/span.h"
 #include "common/status_macros.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
@@ -49,6 +53,7 @@
 #include "nlohmann/json.hpp"
 #include "rpc/config.h"
 #include "rpc/flag_util.h"
+#include "rpc/windows.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
 ABSL_FLAG(std::vector<std::string>, sae, {}, "SAE folder (\"DIR\" or \"ALIAS=DIR\"); repeatable");
@@ -65,6 +70,10 @@ ABSL_FLAG(int, batch_tokens, 2048, "input lines are packed into engine batches o
 ABSL_FLAG(std::optional<int>, batch_timeout_seconds, std::nullopt,
           "a batch not finished after this long means a hung GPU: exit with status 3 (default 120 on cuda, "
           "0 = off on cpu)");
+ABSL_FLAG(int, max_seq_len, 2048,
+          "tokens per forward pass (the context window): a longer input line runs as windows of at most this many "
+          "tokens, a BOS-started line with BOS again at the start of each later window, as the server splits a "
+          "request under long_input_policy WINDOW; 0: every line as one sequence, however long");
 ABSL_FLAG(bool, resume, false,
           "continue an interrupted run: keep the whole lines --output already holds (checked to be this input's first "
           "lines, with these SAEs) and append the rest");
@@ -212,15 +221,60 @@ class HangWatchdog {
 };
 
 // What sae-extract asks the engine for one input line.
-SequenceRequest MakeRequest(const Record& record, const std::vector<int>& sae_indices, int k, bool include_bos,
-                            bool capture_hooks) {
+// What this run asks of every line, and how it splits long ones.
+struct RunShape {
+  std::vector<int> sae_indices;  // every loaded SAE, in load order
+  int k = 0;
+  bool include_bos = false;
+  bool capture_hooks = false;  // --dump-hooks
+  int max_seq_len = 0;         // 0: a line is one sequence
+  std::optional<int32_t> bos;
+};
+
+SequenceRequest MakeRequest(const Record& record, const RunShape& shape) {
   SequenceRequest request;
   request.ids = record.ids;
-  request.sae_indices = sae_indices;
-  request.k = k;
-  request.include_bos = include_bos;
-  request.capture_hooks = capture_hooks;
+  request.sae_indices = shape.sae_indices;
+  request.k = shape.k;
+  request.include_bos = shape.include_bos;
+  request.capture_hooks = shape.capture_hooks;
   return request;
+}
+
+// One engine sequence: `window` of records[record].
+struct Piece {
+  size_t record = 0;
+  Window window;
+};
+
+// The pieces of records [begin, end), in order (a record's are contiguous).
+std::vector<Piece> PiecesOf(const std::vector<Record>& records, size_t begin, size_t end, const RunShape& shape) {
+  std::vector<Piece> pieces;
+  for (size_t r = begin; r < end; ++r) {
+    for (const Window& window : SplitIntoWindows(records[r].ids, shape.max_seq_len, shape.bos)) {
+      pieces.push_back({r, window});
+    }
+  }
+  return pieces;
+}
+
+// Runs `pieces` as one engine batch and places each window's result into
+// (*lines)[its record], started as an EmptyResult by the record's first piece.
+absl::Status RunPieces(Engine& engine, const std::vector<Record>& records, absl::Span<const Piece> pieces,
+                       const RunShape& shape, std::map<size_t, SequenceResult>* lines) {
+  std::vector<SequenceRequest> batch;
+  for (const Piece& piece : pieces) {
+    batch.push_back(WindowRequest(MakeRequest(records[piece.record], shape), piece.window, shape.bos));
+  }
+  ASSIGN_OR_RETURN(std::vector<SequenceResult> results, engine.Run(batch));
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const Record& record = records[pieces[i].record];
+    auto [line, first] = lines->try_emplace(pieces[i].record);
+    if (first) line->second = EmptyResult(MakeRequest(record, shape));
+    DropPrependedRow(pieces[i].window, &results[i]);
+    PlaceWindow(pieces[i].window, results[i], static_cast<int>(record.ids.size()), &line->second);
+  }
+  return absl::OkStatus();
 }
 
 // For --resume: how many whole lines `output` holds and their length in
@@ -245,7 +299,9 @@ constexpr char kNotThisRun[] =
 
 // Why `line` is not what this run writes for `record`, or OK.
 absl::Status CheckOutputLine(const std::string& line, const Record& record, const Engine& engine,
-                             const std::vector<int>& sae_indices, int k, bool include_bos) {
+                             const RunShape& shape) {
+  const std::vector<int>& sae_indices = shape.sae_indices;
+  const int k = shape.k;
   const OutJson j = OutJson::parse(line, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object() || j.size() != 1 || !j.contains("tokens") || !j["tokens"].is_array()) {
     return absl::FailedPreconditionError("not an output line of sae-extract");
@@ -287,7 +343,7 @@ absl::Status CheckOutputLine(const std::string& line, const Record& record, cons
                                                         absl::StrJoin(names, ", "), "], this run of [",
                                                         absl::StrJoin(expected_names, ", "), "]"));
     }
-    const bool skipped = !include_bos && bos && id == *bos;
+    const bool skipped = !shape.include_bos && bos && id == *bos;
     for (int s : sae_indices) {
       const Sae& sae = *engine.saes()[s];
       const OutJson& list = features[sae.name()];
@@ -321,8 +377,7 @@ bool StartsLikeOutputLine(const std::string& tail, const Record* record) {
 }
 
 absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
-                                            const std::vector<Record>& records, Engine& engine,
-                                            const std::vector<int>& sae_indices, int k, bool include_bos,
+                                            const std::vector<Record>& records, Engine& engine, const RunShape& shape,
                                             HangWatchdog& watchdog) {
   ResumePoint point;
   std::error_code error;
@@ -360,7 +415,7 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
     if (!line.empty() && line.back() == '\r') {
       return absl::FailedPreconditionError(absl::StrCat(where, "ends in \\r\\n; sae-extract writes \\n", kNotThisRun));
     }
-    if (absl::Status s = CheckOutputLine(line, records[i], engine, sae_indices, k, include_bos); !s.ok()) {
+    if (absl::Status s = CheckOutputLine(line, records[i], engine, shape); !s.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat(where, s.message(), " (", input, ":", records[i].line, ")", kNotThisRun));
     }
@@ -387,11 +442,12 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
   const Record& record = records[point.lines - 1];
   watchdog.Begin(
       absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", point.lines));
-  absl::StatusOr<std::vector<SequenceResult>> again =
-      engine.Run({MakeRequest(record, sae_indices, k, include_bos, /*capture_hooks=*/false)});
+  std::map<size_t, SequenceResult> again;
+  const absl::Status ran =
+      RunPieces(engine, records, PiecesOf(records, point.lines - 1, point.lines, shape), shape, &again);
   watchdog.End();
-  if (!again.ok()) return again.status();
-  const std::string recomputed = RecordToJson(record, (*again)[0], engine, sae_indices).dump();
+  RETURN_IF_ERROR(ran);
+  const std::string recomputed = RecordToJson(record, again[point.lines - 1], engine, shape.sae_indices).dump();
   const std::string where = absl::StrCat(output, ":", point.lines, ": ");
   if (engine.backend_name() == "cpu") {
     if (recomputed != last_line) {
@@ -402,7 +458,7 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
   }
   const OutJson kept = OutJson::parse(last_line), now = OutJson::parse(recomputed);
   for (size_t t = 0; t < record.ids.size(); ++t) {
-    for (int s : sae_indices) {
+    for (int s : shape.sae_indices) {
       const std::string& name = engine.saes()[s]->name();
       const size_t a = kept["tokens"][t]["features"][name].size(), b = now["tokens"][t]["features"][name].size();
       if (a + 1 < b || b + 1 < a) {
@@ -427,6 +483,11 @@ absl::Status Run() {
   if (resume && !dump_path.empty()) {
     return absl::InvalidArgumentError(
         "--resume cannot be used with --dump-hooks: the hook file is written whole at the end of a run");
+  }
+  const int max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  if (max_seq_len != 0 && max_seq_len < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_seq_len must be 0 (no windows) or at least 2 (BOS and one token), got ", max_seq_len));
   }
   const int timeout_s =
       absl::GetFlag(FLAGS_batch_timeout_seconds).value_or(DefaultBatchTimeoutSeconds(absl::GetFlag(FLAGS_backend)));
@@ -474,13 +535,16 @@ absl::Status Run() {
     records.push_back(std::move(record));
   }
 
-  std::vector<int> sae_indices;
-  for (size_t i = 0; i < engine->saes().size(); ++i) sae_indices.push_back(static_cast<int>(i));
+  RunShape shape;
+  for (size_t i = 0; i < engine->saes().size(); ++i) shape.sae_indices.push_back(static_cast<int>(i));
+  shape.k = k;
+  shape.include_bos = include_bos;
+  shape.max_seq_len = max_seq_len;
+  shape.bos = engine->tokenizer().bos_id();
   HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
   ResumePoint resume_at;
   if (resume) {
-    ASSIGN_OR_RETURN(resume_at,
-                     FindResumePoint(output, input, records, *engine, sae_indices, k, include_bos, watchdog));
+    ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, shape, watchdog));
     if (resume_at.lines > 0) {
       std::error_code error;
       std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
@@ -495,43 +559,45 @@ absl::Status Run() {
   const int d_model = engine->model_config().hidden_size;
   std::vector<TensorToWrite> tensors;
 
+  shape.capture_hooks = dump;
   const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
-  size_t next = resume_at.lines;
-  while (next < records.size()) {
-    // Pack consecutive lines up to the token budget (at least one line).
-    size_t end = next;
+  const std::vector<Piece> pieces = PiecesOf(records, resume_at.lines, records.size(), shape);
+  std::map<size_t, SequenceResult> lines;  // lines with pieces run, not yet written
+  size_t written = resume_at.lines;
+  for (size_t p = 0; p < pieces.size();) {
+    // Pack consecutive pieces up to the token budget (at least one).
+    size_t q = p;
     size_t n_tokens = 0;
-    std::vector<SequenceRequest> batch;
-    while (end < records.size() &&
-           (batch.empty() || n_tokens + records[end].ids.size() <= static_cast<size_t>(batch_tokens))) {
-      batch.push_back(MakeRequest(records[end], sae_indices, k, include_bos, dump));
-      n_tokens += records[end].ids.size();
-      ++end;
+    while (q < pieces.size() &&
+           (q == p || n_tokens + pieces[q].window.n_tokens() <= static_cast<size_t>(batch_tokens))) {
+      n_tokens += pieces[q++].window.n_tokens();
     }
-    watchdog.Begin(absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, " (", output, " holds the ",
-                                next, " lines before", dump ? "" : "; --resume continues from there", ")"));
-    absl::StatusOr<std::vector<SequenceResult>> results = engine->Run(batch);
+    const std::string lines_run =
+        absl::StrCat(input, ":", records[pieces[p].record].line, "-", records[pieces[q - 1].record].line);
+    watchdog.Begin(absl::StrCat(lines_run, " (", output, " holds the ", written, " lines before",
+                                dump ? "" : "; --resume continues from there", ")"));
+    const absl::Status ran = RunPieces(*engine, records, absl::MakeConstSpan(pieces).subspan(p, q - p), shape, &lines);
     watchdog.End();
-    if (!results.ok()) {
-      return absl::Status(
-          results.status().code(),
-          absl::StrCat(input, ":", records[next].line, "-", records[end - 1].line, ": ", results.status().message()));
-    }
-    for (size_t i = next; i < end; ++i) {
-      const SequenceResult& result = (*results)[i - next];
-      out << RecordToJson(records[i], result, *engine, sae_indices).dump() << "\n";
-      if (!dump) continue;
-      const int64_t n = static_cast<int64_t>(records[i].ids.size());
-      for (const auto& [hook, values] : result.hooks) {
-        // Suffix by record index when there are several, so names stay unique.
-        std::string name = records.size() > 1 ? absl::StrCat(hook, ".", i) : hook;
-        tensors.push_back(MakeTensor(std::move(name), DType::kF32, {n, d_model}, values));
+    if (!ran.ok()) return absl::Status(ran.code(), absl::StrCat(lines_run, ": ", ran.message()));
+    // Every line before the next piece's has all its windows.
+    const size_t complete = q < pieces.size() ? pieces[q].record : records.size();
+    for (; written < complete; ++written) {
+      const SequenceResult& result = lines[written];
+      out << RecordToJson(records[written], result, *engine, shape.sae_indices).dump() << "\n";
+      if (dump) {
+        const int64_t n = static_cast<int64_t>(records[written].ids.size());
+        for (const auto& [hook, values] : result.hooks) {
+          // Suffix by record index when there are several, so names stay unique.
+          std::string name = records.size() > 1 ? absl::StrCat(hook, ".", written) : hook;
+          tensors.push_back(MakeTensor(std::move(name), DType::kF32, {n, d_model}, values));
+        }
       }
+      lines.erase(written);
     }
     out.flush();  // whole lines on disk after every batch, should a later one hang
     if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
-    next = end;
-    if (progress) ShowProgress(next, records.size());
+    p = q;
+    if (progress) ShowProgress(written, records.size());
   }
   out.close();
   if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));

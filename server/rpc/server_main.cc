@@ -85,7 +85,8 @@ void Log(const std::string& line) { std::fprintf(stderr, "sae-server: %s\n", lin
 
 absl::StatusOr<v1::ServerConfig> BuildConfig() {
   v1::ServerConfig config;
-  if (const std::string path = absl::GetFlag(FLAGS_config); !path.empty()) {
+  const std::string path = absl::GetFlag(FLAGS_config);
+  if (!path.empty()) {
     Log(absl::StrCat("reading config ", path));
     auto loaded = LoadServerConfig(path);
     if (!loaded.ok()) return loaded.status();
@@ -140,7 +141,11 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_batch_timeout_seconds)) config.set_batch_timeout_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
-  if (absl::Status s = ValidateServerConfig(config); !s.ok()) return s;
+  if (absl::Status s = ValidateServerConfig(config); !s.ok()) {
+    // The value may come from the file or from a flag: name both.
+    if (path.empty()) return s;
+    return absl::Status(s.code(), absl::StrCat(path, " (with the command-line flags applied): ", s.message()));
+  }
   return config;
 }
 

@@ -13,6 +13,7 @@
 #include "core/hooks.h"
 #include "rpc/status_map.h"
 #include "rpc/windows.h"
+#include "rpc/wire.h"
 
 namespace sae {
 namespace {
@@ -50,6 +51,13 @@ absl::StatusOr<PreparedRequest> Prepare(const Shared& shared, const v1::ExtractR
   return prepared;
 }
 
+// A response chunk SerializeMessage refused, as the request's error.
+absl::Status ChunkTooLarge(const absl::Status& serialized) {
+  return absl::Status(serialized.code(), absl::StrCat(serialized.message(),
+                                                      "; ask for fewer tokens per response "
+                                                      "(ExtractRequest.chunk_tokens)"));
+}
+
 // Token count covered by chunk `chunk` of `request` (its end position).
 int ChunkEnd(const PreparedRequest& request, int chunk) {
   return std::min(request.n_tokens(), (chunk + 1) * request.chunk_tokens);
@@ -60,10 +68,15 @@ int ChunkEnd(const PreparedRequest& request, int chunk) {
 // started from OnWriteDone (flow control for free). State is shared by gRPC
 // threads (writes, cancel) and the engine thread (windows), so it is guarded
 // by mu_; StartWrite / Finish are called outside mu_.
-class ExtractReactor final : public grpc::ServerWriteReactor<v1::ExtractResponse> {
+class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  ExtractReactor(const Shared& shared, grpc::CallbackServerContext* context, const v1::ExtractRequest& request)
+  ExtractReactor(const Shared& shared, grpc::CallbackServerContext* context, const grpc::ByteBuffer& request_bytes)
       : shared_(shared), start_(Clock::now()), cancelled_(std::make_shared<std::atomic<bool>>(false)) {
+    v1::ExtractRequest request;
+    if (absl::Status parsed = ParseMessage(request_bytes, &request); !parsed.ok()) {
+      FinishNow(parsed);
+      return;
+    }
     absl::StatusOr<PreparedRequest> prepared = Prepare(shared, request);
     if (!prepared.ok()) {
       FinishNow(prepared.status());
@@ -159,9 +172,13 @@ class ExtractReactor final : public grpc::ServerWriteReactor<v1::ExtractResponse
     if (finished_ || writing_) return Action::kNone;
     if (!broken_ && final_status_.ok() && next_chunk_ < prepared_.n_chunks() &&
         ChunkEnd(prepared_, next_chunk_) <= ready_tokens_) {
-      response_ = BuildResponseChunk(prepared_, result_, shared_.engine->tokenizer(), next_chunk_++);
-      writing_ = true;
-      return Action::kWrite;
+      const absl::Status serialized = SerializeMessage(
+          BuildResponseChunk(prepared_, result_, shared_.engine->tokenizer(), next_chunk_++), &response_);
+      if (serialized.ok()) {
+        writing_ = true;
+        return Action::kWrite;
+      }
+      BreakLocked(ChunkTooLarge(serialized));  // finishes once the job is done
     }
     if (!job_pending_ && (!final_status_.ok() || next_chunk_ >= prepared_.n_chunks())) {
       finished_ = true;
@@ -192,15 +209,15 @@ class ExtractReactor final : public grpc::ServerWriteReactor<v1::ExtractResponse
   PreparedRequest prepared_;  // immutable once the job is submitted
 
   std::mutex mu_;
-  SequenceResult result_;         // guarded by mu_: [n_tokens] rows, filled window by window
-  int ready_tokens_ = 0;          // guarded by mu_: positions [0, ready_tokens_) are in result_
-  int next_chunk_ = 0;            // guarded by mu_
-  bool job_pending_ = false;      // guarded by mu_: `done` not called yet
-  bool writing_ = false;          // guarded by mu_
-  bool broken_ = false;           // guarded by mu_
-  bool finished_ = false;         // guarded by mu_
-  absl::Status final_status_;     // guarded by mu_
-  v1::ExtractResponse response_;  // in flight until OnWriteDone
+  SequenceResult result_;      // guarded by mu_: [n_tokens] rows, filled window by window
+  int ready_tokens_ = 0;       // guarded by mu_: positions [0, ready_tokens_) are in result_
+  int next_chunk_ = 0;         // guarded by mu_
+  bool job_pending_ = false;   // guarded by mu_: `done` not called yet
+  bool writing_ = false;       // guarded by mu_
+  bool broken_ = false;        // guarded by mu_
+  bool finished_ = false;      // guarded by mu_
+  absl::Status final_status_;  // guarded by mu_
+  grpc::ByteBuffer response_;  // in flight until OnWriteDone
 };
 
 // Bidi ExtractStream: requests are admitted as they arrive, results written
@@ -210,7 +227,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<v1::ExtractResponse
 // current request is admitted. State is shared by gRPC threads (reads, writes,
 // cancel) and the engine thread (results), so it is guarded by mu_, and
 // StartRead / StartWrite / Finish are always called outside mu_.
-class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractRequest, v1::ExtractResponse> {
+class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   ExtractStreamReactor(const Shared& shared, grpc::CallbackServerContext* context)
       : shared_(shared), deadline_(JobDeadline(context)) {
@@ -281,9 +298,15 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractReq
     const Clock::time_point start = Clock::now();
     // Everything needed from request_ is taken here: once submitted, the next
     // read may overwrite it.
-    const std::string id = request_.request_id();
+    v1::ExtractRequest request;
+    if (absl::Status parsed = ParseMessage(request_, &request); !parsed.ok()) {
+      QueueError(ReadStringField(request_, *v1::ExtractRequest::descriptor(), "request_id"), start, parsed,
+                 /*releases_id=*/false);
+      return true;
+    }
+    const std::string id = request.request_id();
     absl::StatusOr<PreparedRequest> prepared =
-        id.empty() ? absl::InvalidArgumentError("request_id is required on ExtractStream") : Prepare(shared_, request_);
+        id.empty() ? absl::InvalidArgumentError("request_id is required on ExtractStream") : Prepare(shared_, request);
     if (!prepared.ok()) {
       QueueError(id, start, prepared.status(), /*releases_id=*/false);
       return true;
@@ -403,9 +426,17 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractReq
         const int n_chunks = out.request ? out.request->n_chunks() : 0;
         if (out.status.ok() && out.next_chunk < n_chunks &&
             ChunkEnd(*out.request, out.next_chunk) <= out.ready_tokens) {
-          response_ = BuildResponseChunk(*out.request, out.result, shared_.engine->tokenizer(), out.next_chunk++);
+          const absl::Status serialized = SerializeMessage(
+              BuildResponseChunk(*out.request, out.result, shared_.engine->tokenizer(), out.next_chunk++), &response_);
+          if (!serialized.ok()) {
+            // The request fails with this error in place of the chunk; its
+            // job stops at the next window.
+            if (auto flag = in_flight_.find(out.request_id); flag != in_flight_.end()) flag->second->store(true);
+            out.status = ChunkTooLarge(serialized);
+            SerializeMessage(BuildErrorResponse(out.request_id, out.status), &response_).IgnoreError();  // small
+          }
           // The last chunk ends the request (done is only set once all windows succeeded).
-          if (out.next_chunk >= n_chunks) {
+          if (out.next_chunk >= n_chunks || !out.status.ok()) {
             Settle(*it);
             outbox_.erase(it);
           }
@@ -413,7 +444,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractReq
           return Action::kWrite;
         }
         if (out.job_done && !out.status.ok()) {
-          response_ = BuildErrorResponse(out.request_id, out.status);
+          SerializeMessage(BuildErrorResponse(out.request_id, out.status), &response_).IgnoreError();  // small
           Settle(*it);
           outbox_.erase(it);
           writing_ = true;
@@ -459,7 +490,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractReq
 
   const Shared shared_;
   const Clock::time_point deadline_;
-  v1::ExtractRequest request_;  // target of the one outstanding read
+  grpc::ByteBuffer request_;  // target of the one outstanding read
 
   std::mutex mu_;
   bool reads_done_ = false;        // guarded by mu_
@@ -472,7 +503,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<v1::ExtractReq
   // response is handed to the wire.
   std::map<std::string, CancelFlag> in_flight_;
   std::list<OutgoingPtr> outbox_;  // guarded by mu_: admission order
-  v1::ExtractResponse response_;   // in flight until OnWriteDone
+  grpc::ByteBuffer response_;      // in flight until OnWriteDone
 };
 
 // Ends an RPC that cannot start (e.g. the model is still loading).
@@ -517,34 +548,36 @@ void SaeServiceImpl::Attach(const Engine* engine, Executor* executor) {
   ready_.store(true, std::memory_order_release);
 }
 
-grpc::ServerWriteReactor<v1::ExtractResponse>* SaeServiceImpl::Extract(grpc::CallbackServerContext* context,
-                                                                       const v1::ExtractRequest* request) {
-  if (!ready()) return new FailedReactor<grpc::ServerWriteReactor<v1::ExtractResponse>>(NotReadyStatus());
+grpc::ServerWriteReactor<grpc::ByteBuffer>* SaeServiceImpl::Extract(grpc::CallbackServerContext* context,
+                                                                    const grpc::ByteBuffer* request) {
+  if (!ready()) return new FailedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>>(NotReadyStatus());
   return new ExtractReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context, *request);
 }
 
-grpc::ServerBidiReactor<v1::ExtractRequest, v1::ExtractResponse>* SaeServiceImpl::ExtractStream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SaeServiceImpl::ExtractStream(
     grpc::CallbackServerContext* context) {
-  if (!ready()) {
-    return new FailedReactor<grpc::ServerBidiReactor<v1::ExtractRequest, v1::ExtractResponse>>(NotReadyStatus());
-  }
+  if (!ready()) return new FailedReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(NotReadyStatus());
   return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context);
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* context,
-                                                   const v1::TokenizeRequest* request, v1::TokenizeResponse* response) {
+                                                   const grpc::ByteBuffer* request_bytes,
+                                                   grpc::ByteBuffer* response_bytes) {
   if (!ready()) return FinishUnary(context, NotReadyStatus());
+  v1::TokenizeRequest request;
+  if (absl::Status parsed = ParseMessage(*request_bytes, &request); !parsed.ok()) return FinishUnary(context, parsed);
   const Tokenizer& tokenizer = engine_->tokenizer();
-  absl::StatusOr<Encoding> enc = tokenizer.Encode(request->text(), request->has_add_bos() ? request->add_bos() : true);
+  absl::StatusOr<Encoding> enc = tokenizer.Encode(request.text(), request.has_add_bos() ? request.add_bos() : true);
   if (!enc.ok()) return FinishUnary(context, enc.status());
+  v1::TokenizeResponse response;
   for (size_t i = 0; i < enc->ids.size(); ++i) {
-    v1::Token* token = response->add_tokens();
+    v1::Token* token = response.add_tokens();
     token->set_id(static_cast<uint32_t>(enc->ids[i]));
     token->set_piece(tokenizer.TokenPiece(enc->ids[i]));
     token->set_char_start(enc->offsets[i].first);
     token->set_char_end(enc->offsets[i].second);
   }
-  return FinishUnary(context, absl::OkStatus());
+  return FinishUnary(context, SerializeMessage(response, response_bytes));
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::ListSaes(grpc::CallbackServerContext* context,

@@ -30,7 +30,16 @@ struct ServiceOptions {
   std::shared_ptr<Metrics> metrics;
 };
 
-class SaeServiceImpl final : public v1::SaeService::CallbackService {
+// The callback service with Extract, ExtractStream and Tokenize registered
+// raw: their requests are parsed by rpc/wire.h, which answers a request
+// protobuf refuses with an INVALID_ARGUMENT naming the field (and keeps a
+// stream serving) where gRPC's own parsing could not.
+using SaeServiceBase =
+    v1::SaeService::WithRawCallbackMethod_Extract<v1::SaeService::WithRawCallbackMethod_ExtractStream<
+        v1::SaeService::WithRawCallbackMethod_Tokenize<v1::SaeService::WithCallbackMethod_ListSaes<
+            v1::SaeService::WithCallbackMethod_Info<v1::SaeService::Service>>>>>;
+
+class SaeServiceImpl final : public SaeServiceBase {
  public:
   explicit SaeServiceImpl(const ServiceOptions& options);
 
@@ -40,12 +49,14 @@ class SaeServiceImpl final : public v1::SaeService::CallbackService {
   // the server. Call once.
   void Attach(const Engine* engine, Executor* executor);
 
-  grpc::ServerWriteReactor<v1::ExtractResponse>* Extract(grpc::CallbackServerContext* context,
-                                                         const v1::ExtractRequest* request) override;
-  grpc::ServerBidiReactor<v1::ExtractRequest, v1::ExtractResponse>* ExtractStream(
+  // Requests: v1::ExtractRequest; responses: v1::ExtractResponse.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Extract(grpc::CallbackServerContext* context,
+                                                      const grpc::ByteBuffer* request) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ExtractStream(
       grpc::CallbackServerContext* context) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+  // Request: v1::TokenizeRequest; response: v1::TokenizeResponse.
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListSaes(grpc::CallbackServerContext* context, const v1::ListSaesRequest* request,
                                      v1::ListSaesResponse* response) override;
   grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* context, const v1::InfoRequest* request,

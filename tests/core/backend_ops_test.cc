@@ -666,6 +666,33 @@ TEST_P(BackendOpsTest, MatMulSplitActivationsMatchFp32) {
   }
 }
 
+// A SAE_CUDA_* setting that is not valid fails the backend's creation naming
+// the variable (it used to fall back to the default without a word).
+TEST_P(BackendOpsTest, BadCudaSettingsAreRefusedAtCreation) {
+  if (GetParam() != "cuda") GTEST_SKIP() << "CUDA settings";
+  for (const auto& [name, value] :
+       std::vector<std::pair<const char*, const char*>>{{"SAE_CUDA_DEVICE", "64"},
+                                                        {"SAE_CUDA_DEVICE", "one"},
+                                                        {"SAE_CUDA_MODEL_SPLIT", "4"},
+                                                        {"SAE_CUDA_BF16_ACTIVATIONS", "yes"},
+                                                        {"SAE_CUDA_SAE_SPLIT", "-1"},
+                                                        {"SAE_CUDA_SAE_SCRATCH_MB", "8"},
+                                                        {"SAE_CUDA_ATTENTION", "flash"}}) {
+    SCOPED_TRACE(std::string(name) + "=" + value);
+    setenv(name, value, 1);
+    auto created = CreateBackend("cuda");
+    unsetenv(name);
+    ASSERT_FALSE(created.ok());
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(created.status().message().find(std::string(name) + "=\"" + value + "\""), std::string::npos)
+        << created.status();
+  }
+  setenv("SAE_CUDA_MODEL_SPLIT", "2", 1);  // valid values still work
+  auto created = CreateBackend("cuda");
+  unsetenv("SAE_CUDA_MODEL_SPLIT");
+  EXPECT_TRUE(created.ok()) << created.status();
+}
+
 // An allocation far beyond the device (or host) memory is RESOURCE_EXHAUSTED,
 // and the backend keeps working.
 TEST_P(BackendOpsTest, AllocBeyondMemoryIsResourceExhausted) {

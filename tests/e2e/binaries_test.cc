@@ -856,6 +856,13 @@ TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {
   EXPECT_NE(out.find(path + ":2:"), std::string::npos) << out;
   EXPECT_NE(out.find("max_kk"), std::string::npos) << out;
 
+  // A field that parses but is out of range: the file and the field.
+  std::ofstream(path) << "demo: true\nmax_seq_len: 1\n";
+  EXPECT_EQ(RunShell(std::string(SAE_SERVER_BIN) + " --config=" + Quote(path) + " --listen=127.0.0.1:0", &out), 1);
+  EXPECT_NE(out.find(path + " (with the command-line flags applied): config: max_seq_len must be at least 2"),
+            std::string::npos)
+      << out;
+
   // A bad model folder: the message names the file.
   EXPECT_EQ(RunShell(std::string(SAE_SERVER_BIN) + " --model_dir=" + Quote(dir) + " --listen=127.0.0.1:0", &out), 1);
   EXPECT_NE(out.find(dir), std::string::npos) << out;
@@ -1256,6 +1263,103 @@ TEST(ExtractBinaryTest, ResumeContinuesAnInterruptedRun) {
   const std::string fresh = dir + "/fresh.jsonl";
   ASSERT_EQ(RunShell(ExtractCommand(input, fresh, "--k 4 --resume"), &out), 0) << out;
   EXPECT_EQ(ReadFile(fresh), expected);
+}
+
+// A line longer than --max_seq_len runs as windows, as the server splits a
+// request under long_input_policy WINDOW: each window after the first is BOS
+// + its tokens, a sequence of its own, whatever the batching.
+TEST(ExtractBinaryTest, LongLinesRunAsWindows) {
+  auto engine = Engine::Create(DemoOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::string text;
+  for (int i = 0; i < 12; ++i) text += "The cat sat on the red mat in Paris. ";
+  auto encoded = (*engine)->tokenizer().Encode(text, true);
+  ASSERT_TRUE(encoded.ok());
+  ASSERT_GE(encoded->ids.size(), 101u);
+  const std::vector<int32_t> ids(encoded->ids.begin(), encoded->ids.begin() + 101);
+  const int32_t bos = ids[0];
+  auto with_bos = [&](size_t begin, size_t end) {
+    std::vector<int32_t> window = {bos};
+    window.insert(window.end(), ids.begin() + begin, ids.begin() + end);
+    return window;
+  };
+  // max_seq_len 40: [0, 40), BOS + [40, 79), BOS + [79, 101); then each
+  // window as a line of its own.
+  const std::vector<std::vector<int32_t>> lines_in = {ids, std::vector<int32_t>(ids.begin(), ids.begin() + 40),
+                                                      with_bos(40, 79), with_bos(79, 101)};
+  const std::string dir = testing::MakeTempDir("e2e-extract-windows");
+  const std::string input = dir + "/in.jsonl";
+  {
+    std::ofstream in(input);
+    for (const auto& line : lines_in) in << json{{"token_ids", line}}.dump() << "\n";
+  }
+  auto read_lines = [](const std::string& path) {
+    std::vector<json> lines;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line));
+    return lines;
+  };
+  std::string out;
+  const std::string windowed = dir + "/windowed.jsonl", one_batch = dir + "/one_batch.jsonl";
+  ASSERT_EQ(RunShell(ExtractCommand(input, windowed, "--k 4 --max_seq_len 40 --batch_tokens 30"), &out), 0) << out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, one_batch, "--k 4 --max_seq_len 40 --batch_tokens 4096"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(windowed), ReadFile(one_batch));  // windows batched apart or together: the same bytes
+
+  const std::vector<json> lines = read_lines(windowed);
+  ASSERT_EQ(lines.size(), 4u);
+  const json& tokens = lines[0]["tokens"];
+  ASSERT_EQ(tokens.size(), 101u);
+  // Position t of the long line is position t - begin + offset of a window line.
+  auto expect_same = [&](size_t begin, size_t end, const json& window_tokens, size_t offset) {
+    for (size_t t = begin; t < end; ++t) {
+      SCOPED_TRACE(t);
+      EXPECT_EQ(tokens[t]["id"], window_tokens[t - begin + offset]["id"]);
+      EXPECT_EQ(tokens[t]["features"], window_tokens[t - begin + offset]["features"]);
+    }
+  };
+  expect_same(0, 40, lines[1]["tokens"], 0);
+  expect_same(40, 79, lines[2]["tokens"], 1);
+  expect_same(79, 101, lines[3]["tokens"], 1);
+
+  // --max_seq_len 0 runs the line whole: later positions see the earlier
+  // text, so their features differ.
+  const std::string whole = dir + "/whole.jsonl";
+  ASSERT_EQ(RunShell(ExtractCommand(input, whole, "--k 4 --max_seq_len 0"), &out), 0) << out;
+  const std::vector<json> whole_lines = read_lines(whole);
+  ASSERT_EQ(whole_lines.size(), 4u);
+  EXPECT_EQ(whole_lines[0]["tokens"][10], tokens[10]);  // inside the first window: the same
+  int differing = 0;
+  for (size_t t = 40; t < 101; ++t) differing += whole_lines[0]["tokens"][t] != tokens[t];
+  EXPECT_GT(differing, 0);
+
+  // --resume computes the last kept line again with the same windows.
+  const std::string windowed_text = ReadFile(windowed);
+  const std::string part = dir + "/part.jsonl";
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << windowed_text.substr(0, windowed_text.find('\n') + 1);
+  ASSERT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --max_seq_len 40 --resume"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(part), windowed_text);
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << windowed_text.substr(0, windowed_text.find('\n') + 1);
+  EXPECT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --max_seq_len 0 --resume"), &out), 1) << out;
+  EXPECT_NE(out.find("differs from this run's output"), std::string::npos) << out;
+
+  // Hook activations are assembled from the windows too.
+  const std::string dump = dir + "/hooks.safetensors";
+  ASSERT_EQ(RunShell(ExtractCommand(input, dir + "/dumped.jsonl", "--k 4 --max_seq_len 40 --dump-hooks " + Quote(dump)),
+                     &out),
+            0)
+      << out;
+  auto store = TensorStore::Open(dump);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string hook = (*engine)->saes()[0]->hook().Name();
+  auto long_line = (*store)->GetWithShape(hook + ".0", {101, 64});
+  auto middle = (*store)->GetWithShape(hook + ".2", {40, 64});
+  ASSERT_TRUE(long_line.ok() && middle.ok()) << long_line.status() << middle.status();
+  const float* a = static_cast<const float*>(long_line->data);
+  const float* b = static_cast<const float*>(middle->data);
+  EXPECT_TRUE(std::equal(a + 40 * 64, a + 79 * 64, b + 64));
+
+  EXPECT_EQ(RunShell(ExtractCommand(input, dir + "/bad.jsonl", "--max_seq_len 1"), &out), 1) << out;
+  EXPECT_NE(out.find("--max_seq_len must be 0 (no windows) or at least 2"), std::string::npos) << out;
 }
 
 // --resume refuses, before touching it, an output that is not an earlier run

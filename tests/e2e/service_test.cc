@@ -4,6 +4,7 @@
 #include "rpc/service.h"
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/client_unary_call.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,9 +14,11 @@
 #include <condition_variable>
 #include <fstream>
 #include <limits>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
@@ -26,6 +29,7 @@
 #include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/extract_request.h"
+#include "rpc/wire.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
 
@@ -559,6 +563,84 @@ TEST_F(ServiceTest, BadInputMatrixOnExtractStream) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
+// `message` (serialized) with a length-delimited field appended: protobuf
+// merges fields, so this sets a string or adds a repeated element. Builds
+// requests the C++ API would not serialize as they are (invalid UTF-8).
+std::string AppendField(std::string message, int number, const std::string& value) {
+  auto varint = [&message](uint64_t v) {
+    for (; v >= 0x80; v >>= 7) message.push_back(static_cast<char>(v | 0x80));
+    message.push_back(static_cast<char>(v));
+  };
+  varint(static_cast<uint64_t>(number) << 3 | 2);
+  varint(value.size());
+  return message + value;
+}
+
+grpc::ByteBuffer ToBuffer(const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+template <typename T>
+T FromBuffer(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(buffer.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  T message;
+  EXPECT_TRUE(message.ParseFromString(bytes));
+  return message;
+}
+
+// Calls to sae.v1.SaeService that send raw request bytes, as a client in
+// another language (or a C++ client, which serializes invalid UTF-8 with
+// only a logged error) can.
+class RawClient {
+ public:
+  explicit RawClient(int port)
+      : channel_(grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials())) {}
+
+  grpc::Status Extract(const std::string& request, std::vector<v1::ExtractResponse>* responses) {
+    grpc::ClientContext context;
+    const grpc::ByteBuffer buffer = ToBuffer(request);
+    auto reader = grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+        channel_.get(), Method("Extract", grpc::internal::RpcMethod::SERVER_STREAMING), &context, buffer);
+    for (grpc::ByteBuffer response; reader->Read(&response);) {
+      responses->push_back(FromBuffer<v1::ExtractResponse>(response));
+    }
+    return reader->Finish();
+  }
+
+  grpc::Status Tokenize(const std::string& request) {
+    grpc::ClientContext context;
+    grpc::ByteBuffer response;
+    return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+        channel_.get(), Method("Tokenize", grpc::internal::RpcMethod::NORMAL_RPC), &context, ToBuffer(request),
+        &response);
+  }
+
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> ExtractStream(
+      grpc::ClientContext* context) {
+    return std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>>(
+        grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+            channel_.get(), Method("ExtractStream", grpc::internal::RpcMethod::BIDI_STREAMING), context));
+  }
+
+ private:
+  grpc::internal::RpcMethod Method(const char* name, grpc::internal::RpcMethod::RpcType type) {
+    names_.push_back(std::string("/sae.v1.SaeService/") + name);  // RpcMethod keeps the pointer
+    return grpc::internal::RpcMethod(names_.back().c_str(), type, channel_);
+  }
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::list<std::string> names_;
+};
+
+void ExpectInvalidArgument(const grpc::Status& status, const std::string& says) {
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find(says), std::string::npos) << status.error_message();
+}
+
 TEST_F(ServiceTest, InvalidUtf8IsInvalidArgument) {
   const std::string invalid = "ok \xff\xfe then";
   // The service's own check (the request built in memory, not parsed).
@@ -568,21 +650,103 @@ TEST_F(ServiceTest, InvalidUtf8IsInvalidArgument) {
   EXPECT_EQ(prepared.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(prepared.status().message().find("UTF-8"), std::string::npos) << prepared.status();
 
-  // Over the wire: protobuf refuses invalid UTF-8 in a proto3 `string` field
-  // before the service sees it, so only a `bytes` text field can give the
-  // precise INVALID_ARGUMENT.
-  const auto* field = v1::ExtractRequest::descriptor()->FindFieldByName("text");
-  if (field->type() != google::protobuf::FieldDescriptor::TYPE_BYTES) {
-    GTEST_SKIP() << "sae.v1.ExtractRequest.text is `string`: protobuf rejects invalid UTF-8 while parsing "
-                    "(the call fails without reaching the service); make it `bytes` to get INVALID_ARGUMENT";
-  }
+  // Over the wire protobuf itself refuses such a request; the service parses
+  // its requests and names the field (gRPC's own parsing answered
+  // UNIMPLEMENTED with no message).
+  RawClient raw(env->port);
   std::vector<v1::ExtractResponse> responses;
-  grpc::Status status = client_->Extract(TextRequest(invalid), &responses);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
-  v1::TokenizeRequest tokenize;
-  tokenize.set_text(invalid);
-  v1::TokenizeResponse tokenized;
-  EXPECT_EQ(client_->Tokenize(tokenize, &tokenized).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ExpectInvalidArgument(raw.Extract(AppendField("", 2, invalid), &responses),
+                        "text is not valid UTF-8: invalid byte 0xFF at byte offset 3");
+  EXPECT_TRUE(responses.empty());
+  ExpectInvalidArgument(raw.Tokenize(AppendField("", 1, invalid)), "text is not valid UTF-8");
+
+  // Nested and repeated fields are named by path.
+  v1::FeatureWatch watch;
+  watch.add_features(1);
+  const std::string good_watch = watch.SerializeAsString();
+  std::string request = AppendField(TextRequest(kText).SerializeAsString(), 4, "\xc0\x80");  // overlong NUL
+  ExpectInvalidArgument(raw.Extract(request, &responses), "saes[0] is not valid UTF-8");
+  request = AppendField(TextRequest(kText).SerializeAsString(), 10, AppendField(good_watch, 1, "L0R"));
+  request = AppendField(request, 10, AppendField(good_watch, 1, "sae\xed\xa0\x80"));  // a surrogate
+  ExpectInvalidArgument(raw.Extract(request, &responses), "watch[1].sae is not valid UTF-8");
+
+  // Bytes that are not an ExtractRequest at all (a truncated field).
+  ExpectInvalidArgument(raw.Extract(AppendField("", 2, "long text").substr(0, 5), &responses),
+                        "is not a valid sae.v1.ExtractRequest message");
+  EXPECT_TRUE(responses.empty());
+
+  // The same request parsed by the client's protobuf is served.
+  responses.clear();
+  EXPECT_TRUE(raw.Extract(TextRequest(kText).SerializeAsString(), &responses).ok());
+  EXPECT_FALSE(responses.empty());
+}
+
+// A request the server cannot parse gets its own error response (with its
+// request_id when that field reads) and the stream goes on: gRPC's own
+// parsing ended the stream with OK there, silently dropping the requests
+// sent after it.
+TEST_F(ServiceTest, ExtractStreamAnswersUnparsableRequestsAndKeepsServing) {
+  RawClient raw(env->port);
+  grpc::ClientContext context;
+  auto stream = raw.ExtractStream(&context);
+  ASSERT_TRUE(stream->Write(ToBuffer(TextRequest(kText, "good0").SerializeAsString())));
+  ASSERT_TRUE(stream->Write(ToBuffer(AppendField(TextRequest("", "bad-text").SerializeAsString(), 2, "\xff"))));
+  ASSERT_TRUE(
+      stream->Write(ToBuffer("\x0a\x05"
+                             "ab")));  // request_id cut short: nothing to echo
+  ASSERT_TRUE(stream->Write(ToBuffer(TextRequest("A blue bird.", "good1").SerializeAsString())));
+  stream->WritesDone();
+
+  std::map<std::string, std::vector<v1::ExtractResponse>> by_id;
+  for (grpc::ByteBuffer buffer; stream->Read(&buffer);) {
+    const auto response = FromBuffer<v1::ExtractResponse>(buffer);
+    by_id[response.request_id()].push_back(response);
+  }
+  const grpc::Status status = stream->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+
+  ASSERT_EQ(by_id.size(), 4u);
+  ASSERT_EQ(by_id["bad-text"].size(), 1u);
+  EXPECT_TRUE(by_id["bad-text"][0].done());
+  EXPECT_EQ(by_id["bad-text"][0].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(by_id["bad-text"][0].error().message().find("text is not valid UTF-8"), std::string::npos);
+  ASSERT_EQ(by_id[""].size(), 1u);
+  EXPECT_EQ(by_id[""][0].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_NE(by_id[""][0].error().message().find("is not a valid sae.v1.ExtractRequest"), std::string::npos);
+  for (const char* id : {"good0", "good1"}) {
+    ASSERT_FALSE(by_id[id].empty()) << id;
+    EXPECT_TRUE(by_id[id].back().done()) << id;
+    for (const auto& r : by_id[id]) EXPECT_FALSE(r.has_error()) << id << ": " << r.error().message();
+    ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK);
+  }
+}
+
+// Mutated requests (flipped bytes, truncations) parse or fail with
+// INVALID_ARGUMENT, never anything else.
+TEST(WireTest, MutatedRequestsParseOrAreInvalidArgument) {
+  v1::ExtractRequest request = TextRequest("The cat sat.", "id-1");
+  request.add_saes("L0R");
+  v1::FeatureWatch* watch = request.add_watch();
+  watch->set_sae("L0R");
+  watch->add_features(3);
+  watch->add_features(300);
+  const std::string bytes = request.SerializeAsString();
+  std::mt19937 rng(7);
+  int refused = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::string mutated = bytes;
+    const int n_flips = 1 + static_cast<int>(rng() % 3);
+    for (int f = 0; f < n_flips; ++f) mutated[rng() % mutated.size()] = static_cast<char>(rng());
+    if (rng() % 4 == 0) mutated.resize(rng() % mutated.size());
+    v1::ExtractRequest parsed;
+    const absl::Status status = ParseMessage(ToBuffer(mutated), &parsed);
+    if (!status.ok()) {
+      ++refused;
+      ASSERT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+      ReadStringField(ToBuffer(mutated), *v1::ExtractRequest::descriptor(), "request_id");
+    }
+  }
+  EXPECT_GT(refused, 1000);  // the mutations do reach the error paths
 }
 
 TEST_F(ServiceTest, FullExecutorGivesResourceExhausted) {
@@ -956,6 +1120,10 @@ TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
     EXPECT_EQ(config->backend(), "cuda") << origin;
     EXPECT_GT(config->saes_size(), 0) << origin;
     EXPECT_GT(config->batch_timeout_seconds(), 0u) << origin;
+    if (config->long_input_policy() == v1::ServerConfig::WINDOW) {
+      EXPECT_GT(config->max_tokens_per_request(), config->max_seq_len())
+          << origin << ": WINDOW never applies when no request may be longer than max_seq_len";
+    }
     return *config;
   };
   const v1::ServerConfig server = check(LoadServerConfig(deploy + "/server.textproto"), "server.textproto");

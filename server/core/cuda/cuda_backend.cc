@@ -70,6 +70,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "core/cuda/launchers.h"
@@ -208,11 +209,43 @@ void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void
   }
 }
 
+// An integer SAE_CUDA_* setting; unset or empty: `fallback`. Values were
+// checked by CheckEnvironment when the backend was created; one set since
+// (sae-bench-cuda switches SAE_CUDA_SAE_SPLIT between runs) that is out of
+// range also gives the fallback.
 int EnvInt(const char* name, int fallback, int lo, int hi) {
   const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return fallback;
-  const int x = std::atoi(v);
+  int x = 0;
+  if (v == nullptr || v[0] == '\0' || !absl::SimpleAtoi(v, &x)) return fallback;
   return x < lo || x > hi ? fallback : x;
+}
+
+// Every SAE_CUDA_* setting that is set must be valid: a typo fails the
+// backend's creation naming the variable, instead of quietly running with the
+// default (SAE_CUDA_DEVICE=3 on a two-GPU host would have used GPU 0).
+absl::Status CheckEnvironment(int device_count) {
+  struct Setting {
+    const char* name;
+    int lo, hi;
+  };
+  for (const Setting& s : {Setting{"SAE_CUDA_DEVICE", 0, device_count - 1}, Setting{"SAE_CUDA_MODEL_SPLIT", 1, 3},
+                           Setting{"SAE_CUDA_BF16_ACTIVATIONS", 0, 1}, Setting{"SAE_CUDA_SAE_SPLIT", 0, 3},
+                           Setting{"SAE_CUDA_SAE_SCRATCH_MB", 16, 1 << 20}}) {
+    const char* v = std::getenv(s.name);
+    int x = 0;
+    if (v == nullptr || v[0] == '\0' || (absl::SimpleAtoi(v, &x) && x >= s.lo && x <= s.hi)) continue;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "environment variable ", s.name, "=\"", v, "\" is not an integer in [", s.lo, ", ", s.hi, "]",
+        std::string(s.name) == "SAE_CUDA_DEVICE" ? absl::StrCat(" (this host has ", device_count, " CUDA devices)")
+                                                 : ""));
+  }
+  const char* attention = std::getenv("SAE_CUDA_ATTENTION");
+  if (attention != nullptr && attention[0] != '\0' && std::strcmp(attention, "mma") != 0 &&
+      std::strcmp(attention, "fp32") != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("environment variable SAE_CUDA_ATTENTION=\"", attention, "\" is not \"mma\" or \"fp32\""));
+  }
+  return absl::OkStatus();
 }
 
 // ---- the device state, shared with every tensor's release callback so
@@ -338,6 +371,7 @@ class CudaBackend final : public Backend {
       return absl::FailedPreconditionError(
           absl::StrCat("no usable CUDA device (", e == cudaSuccess ? "device count is 0" : cudaGetErrorString(e), ")"));
     }
+    RETURN_IF_ERROR(CheckEnvironment(count));
     auto dev = std::make_shared<Device>();
     dev->id = EnvInt("SAE_CUDA_DEVICE", 0, 0, count - 1);
     // First, so an error below is probed (ContextLostAfterError) on this device, not on device 0.
@@ -1090,10 +1124,14 @@ class CudaBackend final : public Backend {
   // Whether a top-k of k_keep <= kSaeTopKMaxK fits the device: the top-k
   // (LaunchSaeTopK) and the rescoring (LaunchSaeRescore) keep their
   // SaeCandidates(k_keep) candidates in shared memory.
+  // The kernels' static __shared__ variables (tens of bytes, see ptxas -v)
+  // come out of the same per-block opt-in budget: the driver refuses a
+  // dynamic limit above shared_optin minus them in cudaFuncSetAttribute.
   bool TopKFits(int k_keep, int64_t d) const {
+    constexpr size_t kStaticSharedReserve = 1024;
     const int n_cand = SaeCandidates(k_keep);
-    return cuda::SaeTopKSharedBytes(n_cand) <= dev_->shared_optin &&
-           cuda::SaeRescoreSharedBytes(n_cand, d) <= dev_->shared_optin;
+    const size_t budget = dev_->shared_optin - std::min(dev_->shared_optin, kStaticSharedReserve);
+    return cuda::SaeTopKSharedBytes(n_cand) <= budget && cuda::SaeRescoreSharedBytes(n_cand, d) <= budget;
   }
   // UNIMPLEMENTED naming `what` when a top-k of k_keep features per token
   // does not fit the device (max_sae_top_k, computed only for the message).
