@@ -30,6 +30,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 if [[ "$serving" != "1" ]]; then
+  kill $server_pid 2>/dev/null || true
   echo "sae-server is not SERVING after 60 s on 127.0.0.1:$port (is the port taken? PORT=... picks another)" >&2
   exit 1
 fi

@@ -282,12 +282,11 @@ absl::Status RunPieces(Engine& engine, const std::vector<Record>& records, absl:
 // its place: the same tokens (ids, pieces, offsets), features of the same
 // SAEs in the same order, at most --k well-formed [index, value] pairs per
 // token, value-descending, none at BOS without --include_bos. The last kept
-// line is computed again and must match: on the CPU byte for byte, on other
-// backends (whose values depend on the batch to rounding) each token's
-// count of features within one. A last line without its newline was torn by
+// line and the longest are computed again and must match
+// (CheckComputedAgain). A last line without its newline was torn by
 // the stop and is dropped, if it starts as this line would. Anything else
-// means another run's file (another input, SAE set, --k, --include_bos),
-// refused before the file is touched. A missing file holds no lines.
+// means another run's file (another input, SAE set, --k, --include_bos,
+// --max_seq_len), refused before the file is touched. A missing file holds no lines.
 struct ResumePoint {
   size_t lines = 0;
   uint64_t bytes = 0;
@@ -376,6 +375,44 @@ bool StartsLikeOutputLine(const std::string& tail, const Record* record) {
   return tail.compare(0, n, start, 0, n) == 0;
 }
 
+// For --resume: output line `index` (0-based), `kept`, must be what this run
+// computes for records[index]: byte for byte on the CPU; elsewhere, where
+// values depend on the batch to rounding, each token's feature count within
+// one (catches a smaller --k, or other weights under the same SAE name).
+absl::Status CheckComputedAgain(const std::string& kept, size_t index, const std::string& output,
+                                const std::string& input, const std::vector<Record>& records, Engine& engine,
+                                const RunShape& shape, HangWatchdog& watchdog) {
+  const Record& record = records[index];
+  watchdog.Begin(
+      absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", index + 1));
+  std::map<size_t, SequenceResult> again;
+  const absl::Status ran = RunPieces(engine, records, PiecesOf(records, index, index + 1, shape), shape, &again);
+  watchdog.End();
+  RETURN_IF_ERROR(ran);
+  const std::string recomputed = RecordToJson(record, again[index], engine, shape.sae_indices).dump();
+  const std::string where = absl::StrCat(output, ":", index + 1, ": ");
+  if (engine.backend_name() == "cpu") {
+    if (recomputed != kept) {
+      return absl::FailedPreconditionError(absl::StrCat(where, "differs from this run's output for ", input, ":",
+                                                        record.line, " (computed again)", kNotThisRun));
+    }
+    return absl::OkStatus();
+  }
+  const OutJson before = OutJson::parse(kept), now = OutJson::parse(recomputed);
+  for (size_t t = 0; t < record.ids.size(); ++t) {
+    for (int s : shape.sae_indices) {
+      const std::string& name = engine.saes()[s]->name();
+      const size_t a = before["tokens"][t]["features"][name].size(), b = now["tokens"][t]["features"][name].size();
+      if (a + 1 < b || b + 1 < a) {
+        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, ", ", name, " holds ", a,
+                                                          " features; computed again for ", input, ":", record.line,
+                                                          " it has ", b, kNotThisRun));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
                                             const std::vector<Record>& records, Engine& engine, const RunShape& shape,
                                             HangWatchdog& watchdog) {
@@ -404,7 +441,8 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
     end = begin;
   }
   in.seekg(0);
-  std::string line, last_line;
+  std::string line, last_line, longest_line;
+  size_t longest = 0;  // the kept line with the most tokens (the first of them)
   while (point.bytes < whole && std::getline(in, line)) {
     const size_t i = point.lines;
     const std::string where = absl::StrCat(output, ":", i + 1, ": ");
@@ -418,6 +456,10 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
     if (absl::Status s = CheckOutputLine(line, records[i], engine, shape); !s.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat(where, s.message(), " (", input, ":", records[i].line, ")", kNotThisRun));
+    }
+    if (i == 0 || records[i].ids.size() > records[longest].ids.size()) {
+      longest = i;
+      longest_line = line;
     }
     ++point.lines;
     point.bytes += line.size() + 1;
@@ -438,35 +480,12 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
   }
   if (point.lines == 0) return point;
 
-  // The last kept line again, with this run's model, SAEs and options.
-  const Record& record = records[point.lines - 1];
-  watchdog.Begin(
-      absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", point.lines));
-  std::map<size_t, SequenceResult> again;
-  const absl::Status ran =
-      RunPieces(engine, records, PiecesOf(records, point.lines - 1, point.lines, shape), shape, &again);
-  watchdog.End();
-  RETURN_IF_ERROR(ran);
-  const std::string recomputed = RecordToJson(record, again[point.lines - 1], engine, shape.sae_indices).dump();
-  const std::string where = absl::StrCat(output, ":", point.lines, ": ");
-  if (engine.backend_name() == "cpu") {
-    if (recomputed != last_line) {
-      return absl::FailedPreconditionError(absl::StrCat(where, "differs from this run's output for ", input, ":",
-                                                        record.line, " (computed again)", kNotThisRun));
-    }
-    return point;
-  }
-  const OutJson kept = OutJson::parse(last_line), now = OutJson::parse(recomputed);
-  for (size_t t = 0; t < record.ids.size(); ++t) {
-    for (int s : shape.sae_indices) {
-      const std::string& name = engine.saes()[s]->name();
-      const size_t a = kept["tokens"][t]["features"][name].size(), b = now["tokens"][t]["features"][name].size();
-      if (a + 1 < b || b + 1 < a) {
-        return absl::FailedPreconditionError(absl::StrCat(where, "token ", t, ", ", name, " holds ", a,
-                                                          " features; computed again for ", input, ":", record.line,
-                                                          " it has ", b, kNotThisRun));
-      }
-    }
+  // Kept lines computed again with this run's model, SAEs and options: the
+  // last, and the longest (a run with another --max_seq_len split the long
+  // lines differently; affected lines are the longest ones).
+  RETURN_IF_ERROR(CheckComputedAgain(last_line, point.lines - 1, output, input, records, engine, shape, watchdog));
+  if (longest != point.lines - 1) {
+    RETURN_IF_ERROR(CheckComputedAgain(longest_line, longest, output, input, records, engine, shape, watchdog));
   }
   return point;
 }

@@ -1,6 +1,6 @@
 #include "rpc/wire.h"
 
-#include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/support/proto_buffer_writer.h>
 
 #include <climits>
 #include <map>
@@ -11,7 +11,9 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "google/protobuf/descriptor.h"
+#include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/unknown_field_set.h"
+#include "google/protobuf/wire_format_lite.h"
 #include "tokenizer/tokenizer.h"
 
 namespace sae {
@@ -79,18 +81,22 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, google::protobuf::Messa
 }
 
 std::string ReadStringField(const grpc::ByteBuffer& bytes, const Descriptor& type, absl::string_view name) {
+  using google::protobuf::internal::WireFormatLite;
   const FieldDescriptor* fd = type.FindFieldByName(std::string(name));
   const std::optional<std::string> data = Flatten(bytes);
-  UnknownFieldSet fields;
-  if (fd == nullptr || fd->type() != FieldDescriptor::TYPE_STRING || !data.has_value() ||
-      !fields.ParseFromString(*data)) {
-    return "";
-  }
-  std::string value;
-  for (int i = 0; i < fields.field_count(); ++i) {  // the last occurrence wins, as in a parse
-    const UnknownField& field = fields.field(i);
-    if (field.number() == fd->number() && field.type() == UnknownField::TYPE_LENGTH_DELIMITED) {
-      value = field.length_delimited();
+  if (fd == nullptr || fd->type() != FieldDescriptor::TYPE_STRING || !data.has_value()) return "";
+  google::protobuf::io::CodedInputStream in(reinterpret_cast<const uint8_t*>(data->data()),
+                                            static_cast<int>(data->size()));
+  // Field by field up to the first malformed one, so a request cut short
+  // after the field still gives it; the last occurrence wins, as in a parse.
+  std::string value, field;
+  for (uint32_t tag = in.ReadTag(); tag != 0; tag = in.ReadTag()) {
+    if (WireFormatLite::GetTagFieldNumber(tag) == fd->number() &&
+        WireFormatLite::GetTagWireType(tag) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!WireFormatLite::ReadBytes(&in, &field)) break;
+      value = field;
+    } else if (!WireFormatLite::SkipField(&in, tag)) {
+      break;
     }
   }
   return FindInvalidUtf8(value).has_value() ? "" : value;
@@ -102,11 +108,11 @@ absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::By
     return absl::ResourceExhaustedError(
         absl::StrCat("a ", message.GetTypeName(), " of ", size, " bytes is over protobuf's 2 GiB message limit"));
   }
-  bytes->Clear();  // the previous write's message: gRPC serializes only into an empty buffer
-  bool own_buffer = false;
-  const grpc::Status status =
-      grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, bytes, &own_buffer);
-  if (!status.ok()) return absl::InternalError(absl::StrCat("serializing a response: ", status.error_message()));
+  bytes->Clear();  // the previous write's message: the writer appends only to an empty buffer
+  grpc::ProtoBufferWriter writer(bytes, grpc::kProtoBufferWriterMaxBufferLength, static_cast<int>(size));
+  if (!message.SerializeToZeroCopyStream(&writer)) {
+    return absl::InternalError(absl::StrCat("serializing a ", message.GetTypeName(), " failed"));
+  }
   return absl::OkStatus();
 }
 

@@ -1341,6 +1341,15 @@ TEST(ExtractBinaryTest, LongLinesRunAsWindows) {
   std::ofstream(part, std::ios::binary | std::ios::trunc) << windowed_text.substr(0, windowed_text.find('\n') + 1);
   EXPECT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --max_seq_len 0 --resume"), &out), 1) << out;
   EXPECT_NE(out.find("differs from this run's output"), std::string::npos) << out;
+  // The last kept line is as long as a window, so no split changes it: the
+  // longest kept line, computed again too, catches the other --max_seq_len.
+  const size_t two_lines = windowed_text.find('\n', windowed_text.find('\n') + 1) + 1;
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << windowed_text.substr(0, two_lines);
+  EXPECT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --max_seq_len 0 --resume"), &out), 1) << out;
+  EXPECT_NE(out.find(part + ":1: differs from this run's output"), std::string::npos) << out;
+  EXPECT_EQ(ReadFile(part), windowed_text.substr(0, two_lines));  // refused: untouched
+  ASSERT_EQ(RunShell(ExtractCommand(input, part, "--k 4 --max_seq_len 40 --resume"), &out), 0) << out;
+  EXPECT_EQ(ReadFile(part), windowed_text);
 
   // Hook activations are assembled from the windows too.
   const std::string dump = dir + "/hooks.safetensors";

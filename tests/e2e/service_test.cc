@@ -4,7 +4,7 @@
 #include "rpc/service.h"
 
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/impl/codegen/client_unary_call.h>
+#include <grpcpp/impl/client_unary_call.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -603,8 +603,9 @@ class RawClient {
   grpc::Status Extract(const std::string& request, std::vector<v1::ExtractResponse>* responses) {
     grpc::ClientContext context;
     const grpc::ByteBuffer buffer = ToBuffer(request);
-    auto reader = grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
-        channel_.get(), Method("Extract", grpc::internal::RpcMethod::SERVER_STREAMING), &context, buffer);
+    std::unique_ptr<grpc::ClientReader<grpc::ByteBuffer>> reader(
+        grpc::internal::ClientReaderFactory<grpc::ByteBuffer>::Create(
+            channel_.get(), Method("Extract", grpc::internal::RpcMethod::SERVER_STREAMING), &context, buffer));
     for (grpc::ByteBuffer response; reader->Read(&response);) {
       responses->push_back(FromBuffer<v1::ExtractResponse>(response));
     }
@@ -694,6 +695,8 @@ TEST_F(ServiceTest, ExtractStreamAnswersUnparsableRequestsAndKeepsServing) {
   ASSERT_TRUE(
       stream->Write(ToBuffer("\x0a\x05"
                              "ab")));  // request_id cut short: nothing to echo
+  // The id reads, the text after it is cut short: the error carries the id.
+  ASSERT_TRUE(stream->Write(ToBuffer(TextRequest("", "cut-text").SerializeAsString() + "\x12\x09lon")));
   ASSERT_TRUE(stream->Write(ToBuffer(TextRequest("A blue bird.", "good1").SerializeAsString())));
   stream->WritesDone();
 
@@ -705,7 +708,9 @@ TEST_F(ServiceTest, ExtractStreamAnswersUnparsableRequestsAndKeepsServing) {
   const grpc::Status status = stream->Finish();
   EXPECT_TRUE(status.ok()) << status.error_message();
 
-  ASSERT_EQ(by_id.size(), 4u);
+  ASSERT_EQ(by_id.size(), 5u);
+  ASSERT_EQ(by_id["cut-text"].size(), 1u);
+  EXPECT_NE(by_id["cut-text"][0].error().message().find("is not a valid sae.v1.ExtractRequest"), std::string::npos);
   ASSERT_EQ(by_id["bad-text"].size(), 1u);
   EXPECT_TRUE(by_id["bad-text"][0].done());
   EXPECT_EQ(by_id["bad-text"][0].error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
@@ -721,8 +726,10 @@ TEST_F(ServiceTest, ExtractStreamAnswersUnparsableRequestsAndKeepsServing) {
   }
 }
 
-// Mutated requests (flipped bytes, truncations) parse or fail with
-// INVALID_ARGUMENT, never anything else.
+// Mutated requests (flipped bytes, truncations): ParseMessage accepts exactly
+// what protobuf's own parse accepts (its UTF-8 check walks the fields as
+// protobuf does), refusals are INVALID_ARGUMENT, and ReadStringField reads
+// the request_id protobuf reads.
 TEST(WireTest, MutatedRequestsParseOrAreInvalidArgument) {
   v1::ExtractRequest request = TextRequest("The cat sat.", "id-1");
   request.add_saes("L0R");
@@ -738,12 +745,20 @@ TEST(WireTest, MutatedRequestsParseOrAreInvalidArgument) {
     const int n_flips = 1 + static_cast<int>(rng() % 3);
     for (int f = 0; f < n_flips; ++f) mutated[rng() % mutated.size()] = static_cast<char>(rng());
     if (rng() % 4 == 0) mutated.resize(rng() % mutated.size());
-    v1::ExtractRequest parsed;
+    v1::ExtractRequest parsed, by_protobuf;
     const absl::Status status = ParseMessage(ToBuffer(mutated), &parsed);
-    if (!status.ok()) {
+    bool protobuf_ok = false;
+    {
+      google::protobuf::LogSilencer quiet;  // protobuf logs each invalid UTF-8 string it refuses
+      protobuf_ok = by_protobuf.ParseFromString(mutated);
+    }
+    ASSERT_EQ(status.ok(), protobuf_ok) << i << ": " << status;
+    const std::string id = ReadStringField(ToBuffer(mutated), *v1::ExtractRequest::descriptor(), "request_id");
+    if (status.ok()) {
+      EXPECT_EQ(id, parsed.request_id()) << i;
+    } else {
       ++refused;
       ASSERT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
-      ReadStringField(ToBuffer(mutated), *v1::ExtractRequest::descriptor(), "request_id");
     }
   }
   EXPECT_GT(refused, 1000);  // the mutations do reach the error paths

@@ -236,8 +236,10 @@ absl::Status CheckEnvironment(int device_count) {
     if (v == nullptr || v[0] == '\0' || (absl::SimpleAtoi(v, &x) && x >= s.lo && x <= s.hi)) continue;
     return absl::InvalidArgumentError(absl::StrCat(
         "environment variable ", s.name, "=\"", v, "\" is not an integer in [", s.lo, ", ", s.hi, "]",
-        std::string(s.name) == "SAE_CUDA_DEVICE" ? absl::StrCat(" (this host has ", device_count, " CUDA devices)")
-                                                 : ""));
+        std::string(s.name) == "SAE_CUDA_DEVICE"
+            ? absl::StrCat(" (", device_count,
+                           " CUDA devices are visible to this process; CUDA_VISIBLE_DEVICES renumbers them from 0)")
+            : ""));
   }
   const char* attention = std::getenv("SAE_CUDA_ATTENTION");
   if (attention != nullptr && attention[0] != '\0' && std::strcmp(attention, "mma") != 0 &&
