@@ -91,6 +91,7 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
   std::condition_variable cv;
   int in_flight = 0;         // guarded by mu: sent, last response not read yet
   bool stopped = false;      // guarded by mu: the stream ended; stop sending
+  bool all_sent = false;     // guarded by mu: every request sent; the writer only closes its side now
   bool writer_done = false;  // guarded by mu
 
   // Every request gets exactly one response with done=true (its last chunk or
@@ -112,6 +113,10 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
       }
       if (!stream->Send(*request)) return;
     }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      all_sent = true;
+    }
     stream->CloseSend();
   };
   std::thread writer([&] {
@@ -132,7 +137,10 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
   {
     std::lock_guard<std::mutex> lock(mu);
     stopped = true;
-    cancel = !writer_done;
+    // Not once everything was sent: the server ends a stream OK only after
+    // the close, which may still be returning here, and cancelling then
+    // would turn its OK into CANCELLED.
+    cancel = !writer_done && !all_sent;
     cv.notify_one();
   }
   // The server ended the stream before every request was sent: unblock a

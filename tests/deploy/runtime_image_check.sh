@@ -28,14 +28,14 @@ cleanup() {
   fi
   if [[ -n "$r" ]] && mountpoint -q "$r/proc"; then umount "$r/proc" || umount -l "$r/proc"; fi
   # Never delete through a mount.
-  if [[ -n "$work" ]] && ! findmnt -rn -o TARGET | grep -q "^$work/"; then rm -rf "$work"; fi
+  if [[ -n "$work" ]] && ! findmnt -rn -o TARGET | grep "^$work/" >/dev/null; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
 if [[ ! -f "$rootfs/.sae-debootstrap-done" ]]; then
   # debootstrap mounts /proc and /sys inside the root and may leave them
   # mounted when it is stopped.
-  if findmnt -rn -o TARGET | grep -q "^$rootfs/"; then
+  if findmnt -rn -o TARGET | grep "^$rootfs/" >/dev/null; then
     echo "FAIL: $rootfs has mounts inside; unmount them first" >&2
     exit 1
   fi

@@ -53,7 +53,7 @@ grep -q '"piece":" cat","offset":\[[0-9]*,[0-9]*\],"features":{"L1R-8x":\[\[3,' 
 if ((${#cuda_flag[@]})); then
   for l in libcublas.so.13 libcublasLt.so.13; do
     [[ -f "$stage/lib/$l" ]] || fail "lib/$l not staged: $(ls "$stage/lib")"
-    ldd "$stage/lib/libsae_cuda.so" | grep -q "$l => $stage/lib/$l" ||
+    ldd "$stage/lib/libsae_cuda.so" | grep "$l => $stage/lib/$l" >/dev/null ||
       fail "staged libsae_cuda.so does not resolve $l in its own folder: $(ldd "$stage/lib/libsae_cuda.so")"
   done
   set +e
@@ -68,7 +68,7 @@ if ((${#cuda_flag[@]})); then
     fail "libcublas.so.13 did not come from $stage/lib: $(grep 'libcublas.so.13' "$tmp/cuda.log" | head -5)"
   if grep -q 'cannot load libsae_cuda.so' "$tmp/cuda.log"; then fail "$(grep 'cannot load' "$tmp/cuda.log")"; fi
   if ((rc != 0)); then
-    grep -v '^ *[0-9]*:' "$tmp/cuda.log" | grep -q 'backend "cuda": ' ||
+    grep -v '^ *[0-9]*:' "$tmp/cuda.log" | grep 'backend "cuda": ' >/dev/null ||
       fail "sae-extract --backend cuda failed without naming the CUDA error: $(grep -v '^ *[0-9]*:' "$tmp/cuda.log" | tail -5)"
   fi
   echo "cuda: staged libsae_cuda.so and cuBLAS loaded; sae-extract exited $rc: $(grep -v '^ *[0-9]*:' "$tmp/cuda.log" | tail -n 1)"
@@ -93,8 +93,8 @@ for target in cpu gpu; do
     fail "Dockerfile stage $target does not copy build-$target's /out/ to $dir/"
   grep -q "cat $dir/debian-packages" <<<"$stage_block" || fail "Dockerfile stage $target does not install debian-packages"
 done
-block gpu | grep -q '^CMD .*"--backend=cuda"' || fail "the gpu image's CMD does not use --backend=cuda"
-block build-gpu | grep -q 'stage_runtime.sh --cuda /build /out' ||
+block gpu | grep '^CMD .*"--backend=cuda"' >/dev/null || fail "the gpu image's CMD does not use --backend=cuda"
+block build-gpu | grep 'stage_runtime.sh --cuda /build /out' >/dev/null ||
   fail "Dockerfile build-gpu does not stage with --cuda"
 
 # Staging refuses what would not run: a binary loading a library that no
