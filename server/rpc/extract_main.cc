@@ -220,7 +220,6 @@ class HangWatchdog {
   std::thread thread_;
 };
 
-// What sae-extract asks the engine for one input line.
 // What this run asks of every line, and how it splits long ones.
 struct RunShape {
   std::vector<int> sae_indices;  // every loaded SAE, in load order
@@ -231,6 +230,7 @@ struct RunShape {
   std::optional<int32_t> bos;
 };
 
+// What sae-extract asks the engine for one whole input line.
 SequenceRequest MakeRequest(const Record& record, const RunShape& shape) {
   SequenceRequest request;
   request.ids = record.ids;

@@ -583,12 +583,9 @@ grpc::ByteBuffer ToBuffer(const std::string& bytes) {
 
 template <typename T>
 T FromBuffer(const grpc::ByteBuffer& buffer) {
-  std::vector<grpc::Slice> slices;
-  EXPECT_TRUE(buffer.Dump(&slices).ok());
-  std::string bytes;
-  for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   T message;
-  EXPECT_TRUE(message.ParseFromString(bytes));
+  const absl::Status parsed = ParseMessage(buffer, &message);
+  EXPECT_TRUE(parsed.ok()) << parsed;
   return message;
 }
 

@@ -67,6 +67,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -209,31 +210,39 @@ void ConvertHost(const void* src, DType src_type, size_t n, DType dst_type, void
   }
 }
 
-// An integer SAE_CUDA_* setting; unset or empty: `fallback`. Values were
-// checked by CheckEnvironment when the backend was created; one set since
-// (sae-bench-cuda switches SAE_CUDA_SAE_SPLIT between runs) that is out of
-// range also gives the fallback.
-int EnvInt(const char* name, int fallback, int lo, int hi) {
-  const char* v = std::getenv(name);
+// An integer SAE_CUDA_* setting: its name, default and range, in one place
+// for the reads (EnvInt) and the check at creation (CheckEnvironment).
+struct IntSetting {
+  const char* name;
+  int fallback, lo, hi;
+};
+constexpr IntSetting kModelSplit{"SAE_CUDA_MODEL_SPLIT", 1, 1, 3};
+constexpr IntSetting kBf16Activations{"SAE_CUDA_BF16_ACTIVATIONS", 1, 0, 1};
+constexpr IntSetting kSaeSplit{"SAE_CUDA_SAE_SPLIT", 0, 0, 3};
+constexpr IntSetting kSaeScratchMb{"SAE_CUDA_SAE_SCRATCH_MB", 512, 16, 1 << 20};
+IntSetting DeviceSetting(int device_count) { return {"SAE_CUDA_DEVICE", 0, 0, device_count - 1}; }
+
+// The setting's value when its variable holds an integer in range; nullopt
+// when it is unset, empty or not valid.
+std::optional<int> ReadSetting(const IntSetting& s) {
+  const char* v = std::getenv(s.name);
   int x = 0;
-  if (v == nullptr || v[0] == '\0' || !absl::SimpleAtoi(v, &x)) return fallback;
-  return x < lo || x > hi ? fallback : x;
+  if (v == nullptr || !absl::SimpleAtoi(v, &x) || x < s.lo || x > s.hi) return std::nullopt;
+  return x;
 }
+
+// The setting, or its default. Values were checked by CheckEnvironment when
+// the backend was created; one set since (sae-bench-cuda switches
+// SAE_CUDA_SAE_SPLIT between runs) that is not valid also gives the default.
+int EnvInt(const IntSetting& s) { return ReadSetting(s).value_or(s.fallback); }
 
 // Every SAE_CUDA_* setting that is set must be valid: a typo fails the
 // backend's creation naming the variable, instead of quietly running with the
 // default (SAE_CUDA_DEVICE=3 on a two-GPU host would have used GPU 0).
 absl::Status CheckEnvironment(int device_count) {
-  struct Setting {
-    const char* name;
-    int lo, hi;
-  };
-  for (const Setting& s : {Setting{"SAE_CUDA_DEVICE", 0, device_count - 1}, Setting{"SAE_CUDA_MODEL_SPLIT", 1, 3},
-                           Setting{"SAE_CUDA_BF16_ACTIVATIONS", 0, 1}, Setting{"SAE_CUDA_SAE_SPLIT", 0, 3},
-                           Setting{"SAE_CUDA_SAE_SCRATCH_MB", 16, 1 << 20}}) {
+  for (const IntSetting& s : {DeviceSetting(device_count), kModelSplit, kBf16Activations, kSaeSplit, kSaeScratchMb}) {
     const char* v = std::getenv(s.name);
-    int x = 0;
-    if (v == nullptr || v[0] == '\0' || (absl::SimpleAtoi(v, &x) && x >= s.lo && x <= s.hi)) continue;
+    if (v == nullptr || v[0] == '\0' || ReadSetting(s).has_value()) continue;
     return absl::InvalidArgumentError(absl::StrCat(
         "environment variable ", s.name, "=\"", v, "\" is not an integer in [", s.lo, ", ", s.hi, "]",
         std::string(s.name) == "SAE_CUDA_DEVICE"
@@ -375,7 +384,7 @@ class CudaBackend final : public Backend {
     }
     RETURN_IF_ERROR(CheckEnvironment(count));
     auto dev = std::make_shared<Device>();
-    dev->id = EnvInt("SAE_CUDA_DEVICE", 0, 0, count - 1);
+    dev->id = EnvInt(DeviceSetting(count));
     // First, so an error below is probed (ContextLostAfterError) on this device, not on device 0.
     CUDA_RETURN_IF_ERROR(cudaSetDevice(dev->id), "set device");
     cudaDeviceProp prop;
@@ -1103,8 +1112,8 @@ class CudaBackend final : public Backend {
  private:
   explicit CudaBackend(std::shared_ptr<Device> dev)
       : dev_(std::move(dev)),
-        model_split_(EnvInt("SAE_CUDA_MODEL_SPLIT", 1, 1, 3)),
-        bf16_activations_(model_split_ == 1 && EnvInt("SAE_CUDA_BF16_ACTIVATIONS", 1, 0, 1) == 1) {}
+        model_split_(EnvInt(kModelSplit)),
+        bf16_activations_(model_split_ == 1 && EnvInt(kBf16Activations) == 1) {}
 
   // How SAE top-k selection runs for encoder weights of `dtype` (see the
   // file comment): 0 = rescoring (BF16, the default), else the number of
@@ -1120,7 +1129,7 @@ class CudaBackend final : public Backend {
     if (v != nullptr && std::strcmp(v, "mma") == 0) return true;
     return model_split_ == 1;
   }
-  static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt("SAE_CUDA_SAE_SPLIT", 0, 0, 3) : 1; }
+  static int SaeTopKMode(DType dtype) { return dtype == DType::kBF16 ? EnvInt(kSaeSplit) : 1; }
   // JumpReLU reconstruction lists per row: index + h per slot, the dense-row flag.
   static size_t JumpReluListBytesPerRow() { return static_cast<size_t>(cuda::kJumpReluListSlots) * 8 + 4; }
   // Whether a top-k of k_keep <= kSaeTopKMaxK fits the device: the top-k
@@ -1229,7 +1238,7 @@ class CudaBackend final : public Backend {
   // Tokens per SAE chunk so the per-token scratch (row_bytes) fits the
   // budget: d_sae = 131072 and 8k tokens would be 4 GiB at once.
   static int64_t SaeChunkRows(int64_t n_rows, size_t row_bytes) {
-    const size_t budget = static_cast<size_t>(EnvInt("SAE_CUDA_SAE_SCRATCH_MB", 512, 16, 1 << 20)) << 20;
+    const size_t budget = static_cast<size_t>(EnvInt(kSaeScratchMb)) << 20;
     return std::max<int64_t>(1,
                              std::min<int64_t>(n_rows, static_cast<int64_t>(budget / std::max<size_t>(row_bytes, 1))));
   }
