@@ -1,10 +1,9 @@
 #include "core/llama_config.h"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -32,7 +31,11 @@ absl::Status GetInt(const json& j, const std::string& origin, const char* field,
 absl::Status GetDouble(const json& j, const std::string& origin, const char* field, double* out) {
   auto it = j.find(field);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_number() || !(it->get<double>() > 0)) return FieldError(origin, field, "must be a positive number");
+  // The forward pass uses it as a float: 1e-300 or 1e300 would become 0 or inf there.
+  const float as_float = it->is_number() ? it->get<float>() : 0.0f;
+  if (!(std::isfinite(as_float) && as_float > 0)) {
+    return FieldError(origin, field, "must be a positive number in float range");
+  }
   *out = it->get<double>();
   return absl::OkStatus();
 }
@@ -40,11 +43,8 @@ absl::Status GetDouble(const json& j, const std::string& origin, const char* fie
 }  // namespace
 
 absl::StatusOr<LlamaConfig> LlamaConfig::FromFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return FromJson(ss.str(), path);
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+  return FromJson(text, path);
 }
 
 absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const std::string& origin) {
@@ -65,9 +65,20 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const
   RETURN_IF_ERROR(GetInt(j, origin, "max_position_embeddings", false, &c.max_position_embeddings));
   c.head_dim = c.hidden_size / c.num_attention_heads;
   RETURN_IF_ERROR(GetInt(j, origin, "head_dim", false, &c.head_dim));
+  if (c.head_dim == 0) {  // derived: more heads than hidden units
+    return FieldError(origin, "head_dim",
+                      absl::StrCat("missing, and hidden_size / num_attention_heads (", c.hidden_size, " / ",
+                                   c.num_attention_heads, ") is 0"));
+  }
   RETURN_IF_ERROR(GetDouble(j, origin, "rms_norm_eps", &c.rms_norm_eps));
   RETURN_IF_ERROR(GetDouble(j, origin, "rope_theta", &c.rope_theta));
-  if (auto it = j.find("bos_token_id"); it != j.end() && it->is_number_integer()) c.bos_token_id = it->get<int>();
+  if (auto it = j.find("bos_token_id"); it != j.end() && !it->is_null()) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() >= c.vocab_size) {
+      return FieldError(origin, "bos_token_id",
+                        absl::StrCat("must be a token id below vocab_size (", c.vocab_size, "), got ", it->dump()));
+    }
+    c.bos_token_id = it->get<int>();
+  }
   if (auto it = j.find("tie_word_embeddings"); it != j.end() && it->is_boolean())
     c.tie_word_embeddings = it->get<bool>();
   if (c.num_attention_heads % c.num_key_value_heads != 0) {
@@ -76,7 +87,7 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& text, const
         absl::StrCat(c.num_key_value_heads, " does not divide num_attention_heads ", c.num_attention_heads));
   }
   if (c.head_dim % 2 != 0) return FieldError(origin, "head_dim", "must be even for RoPE");
-  if (auto it = j.find("hidden_act"); it != j.end() && it->is_string() && it->get<std::string>() != "silu") {
+  if (auto it = j.find("hidden_act"); it != j.end() && !(it->is_string() && it->get<std::string>() == "silu")) {
     return FieldError(origin, "hidden_act", absl::StrCat("only \"silu\" is supported, got ", it->dump()));
   }
   if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {

@@ -4,11 +4,10 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
 #include "common/status_macros.h"
 #include "core/safetensors.h"
 #include "nlohmann/json.hpp"
@@ -80,11 +79,8 @@ float SaeHyperparams::scale_out() const {
 }
 
 absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j = json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
   SaeHyperparams hp;
   auto get_int = [&](const char* f, int* out) -> absl::Status {
@@ -113,10 +109,16 @@ absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path)
   if (hp.act_fn == "jumprelu") {
     auto it = j.find("jump_relu_threshold");
     if (it == j.end()) return FieldError(path, "jump_relu_threshold", "missing (required for act_fn jumprelu)");
-    if (!it->is_number()) return FieldError(path, "jump_relu_threshold", "must be a number");
+    // Checked as the float it is stored in: 1e300 would become inf and silence every feature.
+    if (!it->is_number() || !std::isfinite(it->get<float>())) {
+      return FieldError(path, "jump_relu_threshold", "must be a number in float range");
+    }
     hp.jump_relu_threshold = it->get<float>();
   } else if (hp.act_fn == "topk") {
     RETURN_IF_ERROR(get_int("top_k", &hp.top_k));
+    if (hp.top_k > hp.d_sae) {
+      return FieldError(path, "top_k", absl::StrCat(hp.top_k, " is larger than d_sae (", hp.d_sae, ")"));
+    }
   } else {
     return FieldError(path, "act_fn", absl::StrCat("\"", hp.act_fn, "\" is not supported (jumprelu, topk)"));
   }
@@ -141,14 +143,18 @@ absl::StatusOr<SaeHyperparams> SaeHyperparams::FromFile(const std::string& path)
     if (it == j.end() || !it->is_object()) {
       return FieldError(path, "dataset_average_activation_norm", "missing (required for dataset-wise norm)");
     }
+    // Checked as the floats they are stored in, and through the scale they
+    // give (sqrt(d_model) / norm): 1e-60 would become 0 and 1e60 inf.
     for (const char* key : {"in", "out"}) {
       auto v = it->find(key);
-      if (v == it->end() || !v->is_number() || !(v->get<double>() > 0)) {
-        return FieldError(path, absl::StrCat("dataset_average_activation_norm.", key), "must be a positive number");
+      const float norm = v != it->end() && v->is_number() ? v->get<float>() : 0.0f;
+      const float scale = std::sqrt(static_cast<float>(hp.d_model)) / norm;
+      if (!(std::isfinite(norm) && norm > 0 && std::isfinite(scale) && scale > 0)) {
+        return FieldError(path, absl::StrCat("dataset_average_activation_norm.", key),
+                          "must be a positive number in float range (its scale sqrt(d_model) / norm must be too)");
       }
+      (key[0] == 'i' ? hp.avg_norm_in : hp.avg_norm_out) = norm;
     }
-    hp.avg_norm_in = (*it)["in"].get<float>();
-    hp.avg_norm_out = (*it)["out"].get<float>();
   } else if (hp.norm_activation != "none") {
     return FieldError(path, "norm_activation",
                       absl::StrCat("\"", hp.norm_activation, "\" is not supported (dataset-wise, none)"));
@@ -191,7 +197,7 @@ absl::StatusOr<std::unique_ptr<Sae>> Sae::Load(const std::string& dir, const std
   if (hp.act_fn == "topk") {
     // A top-k the backend cannot hold would fail every request: refuse it here.
     const int limit = backend->max_sae_top_k(hp.d_model);
-    if (std::min<int64_t>(hp.top_k, hp.d_sae) > limit) {
+    if (hp.top_k > limit) {
       return absl::FailedPreconditionError(
           absl::StrCat(hp_path, ": field \"top_k\" is ", hp.top_k, " but backend ", backend->name(), " keeps at most ",
                        limit, " features per token at d_model ", hp.d_model, " on this device"));

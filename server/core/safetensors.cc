@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/file.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -179,8 +180,8 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
   if (fs::is_directory(path, ec)) {
     const fs::path index_path = fs::path(path) / "model.safetensors.index.json";
     if (fs::exists(index_path, ec)) {
-      std::ifstream in(index_path);
-      json index = json::parse(in, nullptr, /*allow_exceptions=*/false);
+      ASSIGN_OR_RETURN(const std::string text, ReadFileToString(index_path.string()));
+      json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
       if (index.is_discarded() || !index.is_object()) {
         return FileError(index_path.string(), "not valid JSON");
       }

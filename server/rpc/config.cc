@@ -5,11 +5,11 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
-#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/file.h"
+#include "common/status_macros.h"
 
 namespace sae {
 namespace {
@@ -49,11 +49,9 @@ absl::StatusOr<v1::ServerConfig> ParseServerConfig(const std::string& text, cons
 }
 
 absl::StatusOr<v1::ServerConfig> LoadServerConfig(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open the config file"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return ParseServerConfig(buffer.str(), path);
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (!text.ok()) return Prefixed("the config file ", text.status());
+  return ParseServerConfig(*text, path);
 }
 
 int DefaultBatchTimeoutSeconds(const std::string& backend) { return backend == "cuda" ? 120 : 0; }

@@ -46,6 +46,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/types/span.h"
+#include "common/file.h"
 #include "common/status_macros.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
@@ -536,8 +537,8 @@ absl::Status Run() {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required (or --demo)");
   if (options.saes.empty()) return absl::InvalidArgumentError("at least one --sae is required");
 
-  std::ifstream in(input, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(input, ": cannot open the input file"));
+  std::ifstream in;
+  if (absl::Status opened = OpenInputFile(input, &in); !opened.ok()) return Prefixed("the input file ", opened);
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(options));
   if (k > engine->max_k()) {
     return absl::FailedPreconditionError(absl::StrCat("--k=", k, " is larger than ", engine->max_k(),

@@ -14,15 +14,14 @@
 #include <array>
 #include <cctype>
 #include <cstring>
-#include <fstream>
 #include <functional>
-#include <sstream>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/file.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -443,7 +442,9 @@ struct Tokenizer::Impl {
   absl::Status LoadModel(const Json& model);
   absl::Status LoadAddedTokens(const Json& added);
   absl::Status LoadPreTokenizer(const Json& pre);
-  absl::Status LoadPostProcessor(const Json& post, std::string_view field, const Json& root);
+  // `in_sequence`: `post` is an element of a Sequence, which may not be one
+  // itself (Llama 3 nests none; unbounded nesting overflowed the stack).
+  absl::Status LoadPostProcessor(const Json& post, std::string_view field, const Json& root, bool in_sequence = false);
   absl::Status CompileRegex(const std::string& pattern);
 
   absl::Status EncodeSegment(std::string_view text, size_t from, size_t to, bool normalized_pass,
@@ -771,16 +772,18 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const Json& pre) {
   return CompileRegex(*pattern);
 }
 
-absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post, std::string_view field, const Json& root) {
+absl::Status Tokenizer::Impl::LoadPostProcessor(const Json& post, std::string_view field, const Json& root,
+                                                bool in_sequence) {
   const std::string type = TypeOf(post);
   const std::string f(field);
   if (type == "Sequence") {
+    if (in_sequence) return Fail(f + ".type", "a Sequence inside a Sequence is not supported");
     const Json* list = Find(post, "processors");
     if (list == nullptr || !list->is_array()) {
       return Fail(f + ".processors", "missing or not an array");
     }
     for (size_t i = 0; i < list->size(); ++i) {
-      RETURN_IF_ERROR(LoadPostProcessor((*list)[i], absl::StrCat(f, ".processors[", i, "]"), root));
+      RETURN_IF_ERROR(LoadPostProcessor((*list)[i], absl::StrCat(f, ".processors[", i, "]"), root, true));
     }
     return absl::OkStatus();
   }
@@ -1025,16 +1028,9 @@ Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open file"));
-  }
-  std::ostringstream buf;
-  buf << in.rdbuf();
-  if (in.bad()) {
-    return absl::DataLossError(absl::StrCat("tokenizer ", path, ": read error"));
-  }
-  return FromJson(buf.str(), path);
+  absl::StatusOr<std::string> json = ReadFileToString(path);
+  if (!json.ok()) return Prefixed("tokenizer ", json.status());
+  return FromJson(*json, path);
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view json, std::string_view origin) {

@@ -96,6 +96,26 @@ TEST(LlamaConfigTest, ErrorsNameTheFileAndTheField) {
       {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
            "vocab_size": 4, "hidden_act": "gelu"})",
        "\"hidden_act\""},
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "hidden_act": 7})",
+       "\"hidden_act\""},
+      // More heads than hidden units: the derived head_dim is 0.
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 16,
+           "vocab_size": 4})",
+       "\"head_dim\""},
+      // Positive doubles that are 0 or inf as the floats the forward pass uses.
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "rope_theta": 1e300})",
+       "\"rope_theta\""},
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "rms_norm_eps": 1e-300})",
+       "\"rms_norm_eps\""},
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "bos_token_id": 1099511627776})",
+       "\"bos_token_id\""},
+      {R"({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "vocab_size": 4, "bos_token_id": 4})",
+       "\"bos_token_id\""},
   };
   for (const Case& c : cases) {
     auto r = LlamaConfig::FromJson(c.json, "/models/x/config.json");

@@ -129,6 +129,17 @@ TEST_F(SaeErrorTest, HyperparamErrorsNameTheFileAndField) {
       {[](auto& j) { j["hook_point_in"] = "blocks.1.hook_resid_pre"; }, "\"hook_point_in\""},
       {[](auto& j) { j.erase("dataset_average_activation_norm"); }, "\"dataset_average_activation_norm\""},
       {[](auto& j) { j["dataset_average_activation_norm"]["in"] = 0; }, "\"dataset_average_activation_norm.in\""},
+      // Positive doubles that are 0 or inf as floats (no feature, or only biases, would ever fire).
+      {[](auto& j) { j["dataset_average_activation_norm"]["in"] = 1e-60; }, "\"dataset_average_activation_norm.in\""},
+      {[](auto& j) { j["dataset_average_activation_norm"]["out"] = 1e60; }, "\"dataset_average_activation_norm.out\""},
+      {[](auto& j) { j["dataset_average_activation_norm"]["in"] = 1e-40; }, "\"dataset_average_activation_norm.in\""},
+      {[](auto& j) { j["jump_relu_threshold"] = 1e300; }, "\"jump_relu_threshold\""},
+      // A top_k beyond d_sae made every request allocate [tokens, top_k] on the CPU.
+      {[](auto& j) {
+         j["act_fn"] = "topk";
+         j["top_k"] = 1 << 30;
+       },
+       "\"top_k\""},
       {[](auto& j) { j["norm_activation"] = "token-wise"; }, "\"norm_activation\""},
       {[](auto& j) { j["d_sae"] = 100; }, "encoder.weight"},
       {[](auto& j) { j["d_model"] = 4294967360; }, "\"d_model\""},  // 2^32 + 64 must not wrap to 64

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "common/file.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "testing/test_util.h"
@@ -21,6 +22,30 @@ std::string WriteRaw(const std::string& dir, const std::string& name, const std:
   for (int i = 0; i < 8; ++i) out.put(static_cast<char>((len >> (8 * i)) & 0xff));
   out << header << data;
   return path;
+}
+
+// The reader every config, hyperparams, tokenizer and index file goes
+// through: a directory or a missing file is an error naming the path (an
+// std::ifstream on a directory opens, then reads nothing).
+TEST(FileTest, ReadsFilesAndNamesThePathOfWhatItCannotRead) {
+  const std::string dir = testing::MakeTempDir("file-test");
+  std::ofstream(dir + "/a.json", std::ios::binary) << std::string("{\"x\": 1}\0tail", 14);
+  std::ofstream(dir + "/empty.json", std::ios::binary).flush();
+  absl::StatusOr<std::string> text = ReadFileToString(dir + "/a.json");
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, std::string("{\"x\": 1}\0tail", 14));
+  text = ReadFileToString(dir + "/empty.json");
+  ASSERT_TRUE(text.ok()) << text.status();
+  EXPECT_EQ(*text, "");
+  const absl::Status directory = ReadFileToString(dir).status();
+  EXPECT_EQ(directory.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(directory.message(), HasSubstr(dir + ": is a directory"));
+  const absl::Status missing = ReadFileToString(dir + "/b.json").status();
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.message(), HasSubstr(dir + "/b.json: cannot open: No such file or directory"));
+  std::ifstream in;
+  EXPECT_EQ(OpenInputFile(dir, &in).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(OpenInputFile(dir + "/a.json", &in).ok());
 }
 
 TEST(DTypeTest, Bf16RoundsToNearestEven) {

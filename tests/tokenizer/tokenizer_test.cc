@@ -298,6 +298,13 @@ TEST(TokenizerTest, LoaderErrorMatrix) {
        "'post_processor.type'"},
       {"post ids", [](Json& j) { j["post_processor"]["special_tokens"] = Json::object(); },
        "post_processor.special_tokens"},
+      // Unbounded nesting recursed once per level (a deep file overflowed the stack).
+      {"nested post sequence",
+       [](Json& j) {
+         Json inner = {{"type", "Sequence"}, {"processors", Json::array({j["post_processor"]})}};
+         j["post_processor"] = {{"type", "Sequence"}, {"processors", Json::array({inner})}};
+       },
+       "'post_processor.processors[0].type': a Sequence inside a Sequence"},
       {"added lstrip", [](Json& j) { j["added_tokens"][0]["lstrip"] = true; }, "'added_tokens[0].lstrip'"},
       {"added content", [](Json& j) { j["added_tokens"][1].erase("content"); }, "'added_tokens[1].content'"},
   };
@@ -317,6 +324,12 @@ TEST(TokenizerTest, LoaderErrorMatrix) {
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(missing.status().message()), HasSubstr("/nonexistent/tokenizer.json"));
+  // std::ifstream opens a directory and reads nothing: that must not pass as an empty file.
+  const std::string dir = ::testing::TempDir();
+  auto directory = Tokenizer::FromFile(dir);
+  ASSERT_FALSE(directory.ok());
+  EXPECT_EQ(directory.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(directory.status().message()), HasSubstr(dir + ": is a directory"));
 }
 
 TEST(DemoTokenizerTest, DeterministicAndLlama3Shaped) {
