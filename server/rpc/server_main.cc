@@ -391,9 +391,11 @@ int Main(int argc, char** argv) {
   Log(absl::StrCat(device_lost ? "device lost" : absl::StrCat("signal ", sig),
                    ": NOT_SERVING, refusing new requests, draining for up to ", grace, " s"));
   // Load balancers stop sending first; then new requests (also on open
-  // streams) are refused while admitted ones finish.
+  // streams) are refused while admitted ones finish, and open streams end
+  // once their responses are written.
   health->Shutdown();
   (*executor)->StopAdmitting();
+  service.Drain();
   // Waits for running RPCs until the grace period ends, then cancels them
   // (the executor drops their jobs). The executor keeps running meanwhile, so
   // it stops only after the server stopped taking and finishing calls.

@@ -6,7 +6,9 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -31,6 +33,19 @@ Clock::time_point JobDeadline(const grpc::CallbackServerContext* context) {
   if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
   const auto left = deadline - std::chrono::system_clock::now();
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
+// Why a call broke off: its deadline passed or the client cancelled it;
+// counted under that reason in the metrics. The client's own deadline
+// usually fires first, and its cancel reaches the server a network delay
+// before the server's copy of the deadline (arrival + grpc-timeout), so a
+// cancel within kDeadlineSlack of the deadline counts as the deadline.
+absl::Status BrokenOff(const grpc::CallbackServerContext* context, absl::string_view what) {
+  constexpr std::chrono::milliseconds kDeadlineSlack(100);
+  if (context->deadline() <= std::chrono::system_clock::now() + kDeadlineSlack) {
+    return absl::DeadlineExceededError(absl::StrCat("the deadline passed while the ", what, " ran"));
+  }
+  return absl::CancelledError(absl::StrCat("the client cancelled the ", what));
 }
 
 // What every Extract-like reactor needs; outlives them (owned by the service).
@@ -71,7 +86,10 @@ int ChunkEnd(const PreparedRequest& request, int chunk) {
 class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   ExtractReactor(const Shared& shared, grpc::CallbackServerContext* context, const grpc::ByteBuffer& request_bytes)
-      : shared_(shared), start_(Clock::now()), cancelled_(std::make_shared<std::atomic<bool>>(false)) {
+      : shared_(shared),
+        context_(context),
+        start_(Clock::now()),
+        cancelled_(std::make_shared<std::atomic<bool>>(false)) {
     v1::ExtractRequest request;
     if (absl::Status parsed = ParseMessage(request_bytes, &request); !parsed.ok()) {
       FinishNow(parsed);
@@ -120,7 +138,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     Action action;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked(absl::CancelledError("the client cancelled the request"));
+      BreakLocked(BrokenOff(context_, "request"));
       action = NextActionLocked();
     }
     Do(action);
@@ -162,6 +180,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   void BreakLocked(const absl::Status& status) {
+    if (finished_) return;  // final_status_ is being read by Do(kFinish)
     broken_ = true;
     if (final_status_.ok()) final_status_ = status;
     cancelled_->store(true);
@@ -204,6 +223,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   const Shared shared_;
+  grpc::CallbackServerContext* const context_;
   const Clock::time_point start_;
   CancelFlag cancelled_;
   PreparedRequest prepared_;  // immutable once the job is submitted
@@ -220,6 +240,28 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   grpc::ByteBuffer response_;  // in flight until OnWriteDone
 };
 
+class ExtractStreamReactor;
+
+}  // namespace
+
+// The service's open ExtractStreams, so that a shutdown can drain them.
+class OpenStreams {
+ public:
+  // Registers an open stream; false once draining (the stream must drain).
+  bool Add(ExtractStreamReactor* stream);
+  // From the stream's OnDone, before it is deleted.
+  void Remove(ExtractStreamReactor* stream);
+  // Every open stream drains, and every one added from now on.
+  void DrainAll();
+
+ private:
+  std::mutex mu_;
+  bool draining_ = false;                    // guarded by mu_
+  std::set<ExtractStreamReactor*> streams_;  // guarded by mu_
+};
+
+namespace {
+
 // Bidi ExtractStream: requests are admitted as they arrive, results written
 // as their windows complete (responses of different requests may interleave;
 // each carries its request_id). A failing request gets an error response; the
@@ -229,9 +271,14 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 // StartRead / StartWrite / Finish are always called outside mu_.
 class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  ExtractStreamReactor(const Shared& shared, grpc::CallbackServerContext* context)
-      : shared_(shared), deadline_(JobDeadline(context)) {
+  enum class Action { kNone, kWrite, kFinish };
+
+  ExtractStreamReactor(const Shared& shared, grpc::CallbackServerContext* context, OpenStreams* open_streams)
+      : shared_(shared), context_(context), deadline_(JobDeadline(context)), open_streams_(open_streams) {
+    // The first read starts before the stream can be drained: no read may
+    // start after the drain's Finish.
     StartRead(&request_);
+    if (!open_streams_->Add(this)) Do(Drain());  // opened during a shutdown
   }
 
   void OnReadDone(bool ok) override {
@@ -245,37 +292,70 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
       Do(action);
       return;
     }
-    // Last, and only when HandleRequest says so: OnReadDone for the next
+    // Last, and only when HandleRequest reserved it: OnReadDone for the next
     // request may run at once on another thread.
-    if (HandleRequest()) StartRead(&request_);
+    if (HandleRequest()) StartReservedRead();
   }
 
   void OnWriteDone(bool ok) override {
     Action action;
+    bool resume_read = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) BreakLocked();
+      if (!ok) BreakLocked(absl::StatusCode::kCancelled);
+      resume_read = ResumeReadLocked();
       action = NextActionLocked();
     }
     Do(action);
+    if (resume_read) StartReservedRead();
   }
 
   void OnCancel() override {
     Action action;
+    bool resume_read = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked();
+      BreakLocked(BrokenOff(context_, "stream").code());
+      // A paused read is started so that it fails and the stream can finish.
+      resume_read = ResumeReadLocked();
       action = NextActionLocked();
     }
     Do(action);
+    if (resume_read) StartReservedRead();
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    open_streams_->Remove(this);
+    delete this;
+  }
+
+  // Server shutdown (OpenStreams::DrainAll): take no more requests, and
+  // finish once the responses of those taken are written. Returns the step
+  // for the caller to perform with Do, outside any lock.
+  Action Drain() {
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+    return NextActionLocked();
+  }
+
+  // Performs a step NextActionLocked reserved.
+  void Do(Action action) {
+    switch (action) {
+      case Action::kNone:
+        break;
+      case Action::kWrite:
+        StartWrite(&response_);
+        break;
+      case Action::kFinish:
+        // finish_status_ was set under mu_ together with finished_ and never
+        // changes afterwards.
+        Finish(finish_status_);
+        break;
+    }
+  }
 
  private:
-  enum class Action { kNone, kWrite, kFinish };
-
   // One request's responses: chunks written as its windows complete, or an
   // error response.
   struct Outgoing {
@@ -288,28 +368,27 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     bool job_done = false;
     absl::Status status;       // the request's failure, written after its ready chunks
     bool releases_id = false;  // the request_id leaves the in-flight set when this is gone
+    bool refused = false;      // refused before admission: counted in queued_errors_ while queued
     bool settled = false;      // counted in the metrics (see Settle)
   };
   using OutgoingPtr = std::shared_ptr<Outgoing>;
 
-  // Returns whether the caller should start the next read (false: the
-  // executor's on_admitted starts it, once this request is admitted).
+  // Returns whether the caller should start the next read, reserved with
+  // ReserveReadLocked (false: the executor's on_admitted starts it once this
+  // request is admitted, or reading paused, or the stream finished).
   bool HandleRequest() {
     const Clock::time_point start = Clock::now();
     // Everything needed from request_ is taken here: once submitted, the next
     // read may overwrite it.
     v1::ExtractRequest request;
     if (absl::Status parsed = ParseMessage(request_, &request); !parsed.ok()) {
-      QueueError(ReadStringField(request_, *v1::ExtractRequest::descriptor(), "request_id"), start, parsed,
-                 /*releases_id=*/false);
-      return true;
+      return QueueError(ReadStringField(request_, *v1::ExtractRequest::descriptor(), "request_id"), start, parsed);
     }
     const std::string id = request.request_id();
     absl::StatusOr<PreparedRequest> prepared =
         id.empty() ? absl::InvalidArgumentError("request_id is required on ExtractStream") : Prepare(shared_, request);
     if (!prepared.ok()) {
-      QueueError(id, start, prepared.status(), /*releases_id=*/false);
-      return true;
+      return QueueError(id, start, prepared.status());
     }
     auto out = std::make_shared<Outgoing>();
     out->request_id = id;
@@ -320,31 +399,35 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     CancelFlag cancelled = std::make_shared<std::atomic<bool>>(false);
     bool duplicate = false;
     bool backlog_full = false;
+    const bool backpressure = shared_.options->overload_policy == v1::ServerConfig::BACKPRESSURE;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (broken_) return true;
+      if (finished_) {  // drained while this request was on its way
+        out->status = absl::UnavailableError("the server is shutting down");
+        out->releases_id = false;  // never entered in_flight_
+        Settle(out);
+        return false;
+      }
+      if (broken_) return ReserveReadLocked();
       backlog_full = static_cast<int>(in_flight_.size()) >= shared_.options->limits.max_stream_backlog;
       duplicate = !backlog_full && !in_flight_.emplace(id, cancelled).second;
       if (!duplicate && !backlog_full) {
-        ++pending_jobs_;
+        ++pending_jobs_;  // the stream cannot finish before this job is done
         outbox_.push_back(out);
+        if (!backpressure) ReserveReadLocked();  // cannot fail: not finished_
       }
     }
     if (backlog_full) {
-      QueueError(id, start,
-                 absl::ResourceExhaustedError(absl::StrCat("this stream already has ",
-                                                           shared_.options->limits.max_stream_backlog,
-                                                           " requests in flight; read responses before sending more")),
-                 /*releases_id=*/false);
-      return true;
+      return QueueError(id, start,
+                        absl::ResourceExhaustedError(
+                            absl::StrCat("this stream already has ", shared_.options->limits.max_stream_backlog,
+                                         " requests in flight; read responses before sending more")));
     }
     if (duplicate) {
       // The first request with this id keeps its slot.
-      QueueError(id, start, absl::InvalidArgumentError("request_id \"" + id + "\" is already in flight on this stream"),
-                 /*releases_id=*/false);
-      return true;
+      return QueueError(id, start,
+                        absl::InvalidArgumentError("request_id \"" + id + "\" is already in flight on this stream"));
     }
-    const bool backpressure = shared_.options->overload_policy == v1::ServerConfig::BACKPRESSURE;
     Job job;
     job.request = out->request->sequence;
     job.cancelled = cancelled;
@@ -361,15 +444,43 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
       Do(action);
     };
     job.done = [this, out](absl::StatusOr<SequenceResult> result) { OnJobDone(out, result.status()); };
-    if (backpressure) job.on_admitted = [this] { StartRead(&request_); };
+    if (backpressure) {
+      job.on_admitted = [this] {
+        if (ReserveRead()) StartReservedRead();
+      };
+    }
     absl::Status submitted = shared_.executor->Submit(
         std::move(job), backpressure ? Executor::WhenFull::kWait : Executor::WhenFull::kReject);
     if (!submitted.ok()) {
-      // No callback will come: settle the request here.
+      // No callback will come (on_admitted neither): settle the request here.
+      const bool read_next = !backpressure || ReserveRead();
       OnJobDone(out, submitted);
-      return true;
+      return read_next;
     }
     return !backpressure;
+  }
+
+  // Reserves the start of the next read: refused once the stream finished
+  // (no read may start after Finish), and until StartReservedRead has
+  // started it the stream does not finish.
+  bool ReserveReadLocked() {
+    if (finished_) return false;
+    ++reads_starting_;
+    return true;
+  }
+  bool ReserveRead() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ReserveReadLocked();
+  }
+  void StartReservedRead() {
+    StartRead(&request_);
+    Action action;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --reads_starting_;
+      action = NextActionLocked();  // a drain may have waited for this
+    }
+    Do(action);
   }
 
   // On the engine (or scheduler) thread; must not block.
@@ -386,24 +497,49 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     Do(action);
   }
 
-  void QueueError(const std::string& id, Clock::time_point start, const absl::Status& status, bool releases_id) {
+  // Queues the error response of a request refused before admission.
+  // Returns whether the next read may start: at max_stream_backlog unwritten
+  // refusals reading pauses until writes drain them (OnWriteDone), so a
+  // client that writes but never reads is held back by HTTP/2 flow control
+  // instead of growing the outbox without bound.
+  bool QueueError(const std::string& id, Clock::time_point start, const absl::Status& status) {
     auto out = std::make_shared<Outgoing>();
     out->request_id = id;
     out->start = start;
     out->job_done = true;
     out->status = status;
-    out->releases_id = releases_id;
+    out->refused = true;
     Action action;
+    bool read_next = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      if (finished_) {  // drained while this request was on its way
+        Settle(out);
+        return false;
+      }
       if (broken_) {
         Settle(out);
+        read_next = ReserveReadLocked();
       } else {
         outbox_.push_back(std::move(out));
+        if (++queued_errors_ >= shared_.options->limits.max_stream_backlog) {
+          read_paused_ = true;
+        } else {
+          read_next = ReserveReadLocked();
+        }
       }
       action = NextActionLocked();
     }
     Do(action);
+    return read_next;
+  }
+
+  // Whether a paused read starts again now (and reserves it): once the
+  // queued refusals are below the bound, or the stream broke off.
+  bool ResumeReadLocked() {
+    if (!read_paused_ || (!broken_ && queued_errors_ >= shared_.options->limits.max_stream_backlog)) return false;
+    read_paused_ = false;
+    return ReserveReadLocked();
   }
 
   // A request is over (last response handed to the wire, or dropped): its
@@ -413,7 +549,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     out->settled = true;
     if (out->releases_id) in_flight_.erase(out->request_id);
     shared_.metrics->ObserveRequest(Metrics::Rpc::kExtractStream, SecondsSince(out->start));
-    shared_.metrics->CountFailure(broken_ && out->status.ok() ? absl::StatusCode::kCancelled : out->status.code());
+    shared_.metrics->CountFailure(broken_ && out->status.ok() ? break_code_ : out->status.code());
   }
 
   // Decides (and reserves) the next step; the caller performs it unlocked.
@@ -445,6 +581,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
         }
         if (out.job_done && !out.status.ok()) {
           SerializeMessage(BuildErrorResponse(out.request_id, out.status), &response_).IgnoreError();  // small
+          if (out.refused) --queued_errors_;
           Settle(*it);
           outbox_.erase(it);
           writing_ = true;
@@ -452,53 +589,55 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
         }
       }
     }
-    if (!writing_ && reads_done_ && pending_jobs_ == 0 && (outbox_.empty() || broken_)) {
+    // Draining, a stream finishes without waiting for the client to close
+    // its side (a read may be outstanding: it then fails).
+    if (!writing_ && (reads_done_ || draining_) && reads_starting_ == 0 && pending_jobs_ == 0 &&
+        (outbox_.empty() || broken_)) {
       finished_ = true;
-      finish_cancelled_ = broken_;
+      if (broken_) {
+        finish_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled");
+      } else if (!reads_done_) {
+        finish_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                      "the server is shutting down; every request this stream took was answered");
+      }
       return Action::kFinish;
     }
     return Action::kNone;
   }
 
-  // The client is gone or stopped reading: drop queued output and have the
+  // The client is gone, stopped reading or its deadline passed (`why`, for
+  // the metrics of requests it cuts short): drop queued output and have the
   // executor skip this stream's jobs that have not run yet.
-  void BreakLocked() {
+  void BreakLocked(absl::StatusCode why) {
     if (broken_) return;
     broken_ = true;
+    break_code_ = why;
     for (auto& out : outbox_) {
       if (out->job_done) Settle(out);  // the others settle in OnJobDone
     }
     outbox_.clear();
+    queued_errors_ = 0;
     for (auto& [id, flag] : in_flight_) flag->store(true);
   }
 
-  void Do(Action action) {
-    switch (action) {
-      case Action::kNone:
-        break;
-      case Action::kWrite:
-        StartWrite(&response_);
-        break;
-      case Action::kFinish:
-        // finish_cancelled_ was written under mu_ together with finished_ and
-        // never changes afterwards.
-        Finish(finish_cancelled_ ? grpc::Status(grpc::StatusCode::CANCELLED, "the stream was cancelled")
-                                 : grpc::Status::OK);
-        break;
-    }
-  }
-
   const Shared shared_;
+  grpc::CallbackServerContext* const context_;
   const Clock::time_point deadline_;
+  OpenStreams* const open_streams_;
   grpc::ByteBuffer request_;  // target of the one outstanding read
 
   std::mutex mu_;
-  bool reads_done_ = false;        // guarded by mu_
-  bool writing_ = false;           // guarded by mu_
-  bool broken_ = false;            // guarded by mu_
-  bool finished_ = false;          // guarded by mu_
-  bool finish_cancelled_ = false;  // set once, with finished_
-  int pending_jobs_ = 0;           // guarded by mu_: submitted, `done` not called yet
+  bool reads_done_ = false;     // guarded by mu_
+  bool writing_ = false;        // guarded by mu_
+  bool broken_ = false;         // guarded by mu_
+  bool finished_ = false;       // guarded by mu_
+  grpc::Status finish_status_;  // set once, with finished_
+  bool draining_ = false;       // guarded by mu_
+  int reads_starting_ = 0;      // guarded by mu_: reserved reads not started yet (ReserveReadLocked)
+  absl::StatusCode break_code_ = absl::StatusCode::kCancelled;  // guarded by mu_: set with broken_
+  int queued_errors_ = 0;     // guarded by mu_: refused requests' responses in outbox_
+  bool read_paused_ = false;  // guarded by mu_: no read outstanding until ResumeReadLocked
+  int pending_jobs_ = 0;      // guarded by mu_: submitted, `done` not called yet
   // guarded by mu_: request_id -> cancel flag, from admission until the last
   // response is handed to the wire.
   std::map<std::string, CancelFlag> in_flight_;
@@ -522,6 +661,33 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, cons
 
 }  // namespace
 
+bool OpenStreams::Add(ExtractStreamReactor* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (draining_) return false;
+  streams_.insert(stream);
+  return true;
+}
+
+void OpenStreams::Remove(ExtractStreamReactor* stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  streams_.erase(stream);
+}
+
+void OpenStreams::DrainAll() {
+  std::vector<std::pair<ExtractStreamReactor*, ExtractStreamReactor::Action>> steps;
+  {
+    // A stream stays alive while registered: its OnDone waits for mu_ to
+    // Remove it.
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+    for (ExtractStreamReactor* stream : streams_) steps.emplace_back(stream, stream->Drain());
+  }
+  // Outside mu_, as the reactor performs its own steps. A stream whose step
+  // is pending cannot reach OnDone before it is taken: its Finish (or, for a
+  // write, anything that may finish it) is this very step.
+  for (const auto& [stream, action] : steps) stream->Do(action);
+}
+
 absl::Status ApplyLongInputPolicy(const ServiceOptions& options, PreparedRequest* request) {
   if (options.max_seq_len <= 0 || request->n_tokens() <= options.max_seq_len) return absl::OkStatus();
   switch (options.long_input_policy) {
@@ -538,9 +704,14 @@ absl::Status ApplyLongInputPolicy(const ServiceOptions& options, PreparedRequest
   }
 }
 
-SaeServiceImpl::SaeServiceImpl(const ServiceOptions& options) : options_(options) {
+SaeServiceImpl::SaeServiceImpl(const ServiceOptions& options)
+    : options_(options), open_streams_(std::make_unique<OpenStreams>()) {
   if (!options_.metrics) options_.metrics = std::make_shared<Metrics>();
 }
+
+SaeServiceImpl::~SaeServiceImpl() = default;
+
+void SaeServiceImpl::Drain() { open_streams_->DrainAll(); }
 
 void SaeServiceImpl::Attach(const Engine* engine, Executor* executor) {
   engine_ = engine;
@@ -557,7 +728,8 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* SaeServiceImpl::Extract(grpc::Callba
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SaeServiceImpl::ExtractStream(
     grpc::CallbackServerContext* context) {
   if (!ready()) return new FailedReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(NotReadyStatus());
-  return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context);
+  return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context,
+                                  open_streams_.get());
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* context,

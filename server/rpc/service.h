@@ -39,15 +39,26 @@ using SaeServiceBase =
         v1::SaeService::WithRawCallbackMethod_Tokenize<v1::SaeService::WithCallbackMethod_ListSaes<
             v1::SaeService::WithCallbackMethod_Info<v1::SaeService::Service>>>>>;
 
+class OpenStreams;  // service.cc
+
 class SaeServiceImpl final : public SaeServiceBase {
  public:
   explicit SaeServiceImpl(const ServiceOptions& options);
+  ~SaeServiceImpl() override;
 
   // Starts serving; until then every RPC fails with UNAVAILABLE (the server
   // listens, and reports NOT_SERVING, while the model loads). `engine` is only
   // read (tokenizer, config, SAE list); `executor` runs it. Both must outlive
   // the server. Call once.
   void Attach(const Engine* engine, Executor* executor);
+
+  // Shutdown: every open ExtractStream stops taking requests and finishes
+  // (UNAVAILABLE; OK if the client had closed its side) once the responses
+  // of the requests it took are written, and streams opened from now on end
+  // at once, so grpc::Server::Shutdown need not wait out its deadline for
+  // streams that clients keep open. Call after Executor::StopAdmitting
+  // (requests still arriving are refused there), before Server::Shutdown.
+  void Drain();
 
   // Requests: v1::ExtractRequest; responses: v1::ExtractResponse.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Extract(grpc::CallbackServerContext* context,
@@ -70,6 +81,7 @@ class SaeServiceImpl final : public SaeServiceBase {
   const Engine* engine_ = nullptr;
   Executor* executor_ = nullptr;
   std::atomic<bool> ready_{false};
+  std::unique_ptr<OpenStreams> open_streams_;
 };
 
 // Applies the long-input policy to a prepared request: INVALID_ARGUMENT

@@ -6,6 +6,8 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/impl/client_unary_call.h>
 #include <gtest/gtest.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/registry.h>
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +31,7 @@
 #include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/extract_request.h"
+#include "rpc/metrics.h"
 #include "rpc/wire.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
@@ -97,9 +100,30 @@ struct Env {
   std::unique_ptr<Executor> executor;
   std::unique_ptr<SaeServiceImpl> service;
   std::unique_ptr<grpc::Server> server;
+  std::shared_ptr<Metrics> metrics = std::make_shared<Metrics>();
   int port = 0;
 };
 Env* env = nullptr;
+
+// The service's metrics as scraped: a counter or gauge's value, or a
+// histogram's sample count, of the series of `family` with `label`=`value`
+// (the family's first series without a label).
+double MetricValue(const std::string& family, const std::string& label = "", const std::string& value = "") {
+  for (const prometheus::MetricFamily& f : env->metrics->registry()->Collect()) {
+    if (f.name != family) continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      const bool match = label.empty() || std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+                           return l.name == label && l.value == value;
+                         });
+      if (!match) continue;
+      if (f.type == prometheus::MetricType::Histogram) return static_cast<double>(m.histogram.sample_count);
+      if (f.type == prometheus::MetricType::Gauge) return m.gauge.value;
+      return m.counter.value;
+    }
+  }
+  ADD_FAILURE() << "no series " << family << "{" << label << "=" << value << "}";
+  return -1;
+}
 
 EngineOptions DemoEngineOptions() {
   const DemoLayout& demo = testing::Demo();
@@ -140,6 +164,7 @@ class ServiceTest : public ::testing::Test {
     options.limits.chunk_tokens = 64;
     options.limits.max_stream_backlog = kStreamBacklog;
     options.version = "test";
+    options.metrics = env->metrics;
     env->service = std::make_unique<SaeServiceImpl>(options);
     env->service->Attach(env->engine.get(), env->executor.get());
 
@@ -441,6 +466,102 @@ TEST_F(ServiceTest, StreamBacklogIsBounded) {
   for (const auto& [id, responses] : by_id) EXPECT_FALSE(responses.back().has_error()) << id;
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+// A client that writes but never reads: past the stream's backlog every
+// request is refused, and once max_stream_backlog refusals wait unwritten
+// (the client's receive window is full) the server stops reading, so HTTP/2
+// flow control holds the client back instead of the stream queueing
+// responses without bound. When the client reads, every request is answered.
+TEST_F(ServiceTest, StreamThatIsNotReadIsNotReadEither) {
+  env->gate.Close();  // the first kStreamBacklog requests stay in flight
+  const double handled_before = MetricValue("sae_tokenization_seconds");
+  // Without BDP probing the client's receive window stays at its initial
+  // size (64 KiB) and fills after some hundred responses.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  auto stub = v1::SaeService::NewStub(
+      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(env->port), grpc::InsecureChannelCredentials(), args));
+  grpc::ClientContext context;
+  auto stream = stub->ExtractStream(&context);
+  constexpr int kRequests = 20000;
+  std::thread writer([&] {
+    for (int i = 0; i < kRequests; ++i) {
+      if (!stream->Write(TextRequest("a", "r" + std::to_string(i)))) return;
+    }
+    stream->WritesDone();
+  });
+  // Handled (read, validated, answered or refused) requests, once their
+  // count has not moved for a second.
+  double handled = 0;
+  for (int still = 0; still < 10;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const double now = MetricValue("sae_tokenization_seconds") - handled_before;
+    still = now == handled ? still + 1 : 0;
+    handled = now;
+  }
+  std::cerr << "handled while the client did not read: " << handled << " of " << kRequests << "\n";
+  EXPECT_LT(handled, kRequests / 2) << "the server kept reading a stream whose responses nobody read";
+
+  env->gate.Open();
+  std::map<std::string, int> codes;
+  v1::ExtractResponse response;
+  int done = 0;
+  while (done < kRequests && stream->Read(&response)) {
+    if (!response.done()) continue;
+    ++done;
+    ++codes[response.has_error() ? grpc::StatusCode(response.error().code()) == grpc::StatusCode::RESOURCE_EXHAUSTED
+                                       ? "RESOURCE_EXHAUSTED"
+                                       : response.error().message()
+                                 : "OK"];
+  }
+  writer.join();
+  EXPECT_EQ(done, kRequests);
+  EXPECT_GE(codes["OK"], kStreamBacklog);
+  EXPECT_EQ(codes["OK"] + codes["RESOURCE_EXHAUSTED"], kRequests);
+  EXPECT_FALSE(stream->Read(&response));
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+// A deadline that passes while the request is on the engine ends the call
+// (gRPC cancels it): the request is counted as deadline_exceeded, like one
+// whose deadline passes in the queue, not as cancelled by the client.
+TEST_F(ServiceTest, DeadlineDuringTheRunIsCountedAsDeadlineExceeded) {
+  auto failures = [](const char* reason) { return MetricValue("sae_request_failures_total", "reason", reason); };
+  const double deadline_before = failures("deadline_exceeded");
+  const double cancelled_before = failures("cancelled");
+  const auto deadline = [] { return std::chrono::system_clock::now() + std::chrono::seconds(1); };
+  // The client's deadline fires first; the job may run only once the server
+  // saw the call end (its cancel, or its own copy of the deadline), or the
+  // request would simply succeed.
+  const auto server_saw_the_end = [] { std::this_thread::sleep_for(std::chrono::seconds(1)); };
+
+  env->gate.Close();
+  grpc::ClientContext extract_context;
+  extract_context.set_deadline(deadline());
+  auto reader = client_->stub()->Extract(&extract_context, TextRequest(kText));
+  ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));  // on the engine before its deadline
+  v1::ExtractResponse response;
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  server_saw_the_end();
+  env->gate.Open();
+  EXPECT_TRUE(WaitFor([&] { return failures("deadline_exceeded") == deadline_before + 1; }));
+
+  env->gate.Close();
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(deadline());
+  auto stream = client_->stub()->ExtractStream(&stream_context);
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "late")));
+  ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));
+  while (stream->Read(&response)) {
+  }
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  server_saw_the_end();
+  env->gate.Open();
+  EXPECT_TRUE(WaitFor([&] { return failures("deadline_exceeded") == deadline_before + 2; }));
+  EXPECT_EQ(failures("cancelled"), cancelled_before);
 }
 
 TEST_F(ServiceTest, QueuedRequestsRunAsOneBatchWithSameResults) {
@@ -1089,6 +1210,83 @@ TEST_F(ServiceTest, BadOptionsAreInvalidArgument) {
         << c.name << ": " << status.error_message();
     EXPECT_TRUE(responses.empty()) << c.name;
   }
+}
+
+// Shutdown with streams open (clients keep theirs open): Drain ends an idle
+// stream at once, a busy one once its responses are written, both with
+// UNAVAILABLE, and a stream opened afterwards at once; so Server::Shutdown
+// need not wait out its deadline for them.
+TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
+  auto engine = Engine::Create(DemoEngineOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Gate gate;
+  Engine* e = engine->get();
+  auto executor = Executor::Create(BlockingRunner([e, &gate](const std::vector<SequenceRequest>& batch) {
+                                     gate.Pass(batch.size());
+                                     return e->Run(batch);
+                                   }),
+                                   ExecutorOptions{});
+  ASSERT_TRUE(executor.ok()) << executor.status();
+  ServiceOptions options;
+  options.limits.max_tokens_per_request = kMaxTokens;
+  SaeServiceImpl service(options);
+  service.Attach(e, executor->get());
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
+  auto open = [&](grpc::ClientContext* context) {
+    context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    return client->stub()->ExtractStream(context);
+  };
+  auto expect_unavailable = [](grpc::ClientReaderWriter<v1::ExtractRequest, v1::ExtractResponse>* stream,
+                               const char* what) {
+    v1::ExtractResponse response;
+    EXPECT_FALSE(stream->Read(&response)) << what;
+    const grpc::Status status = stream->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << what << ": " << status.error_message();
+    EXPECT_NE(status.error_message().find("shutting down"), std::string::npos) << what;
+  };
+
+  grpc::ClientContext idle_context, busy_context;
+  auto idle = open(&idle_context);
+  auto busy = open(&busy_context);
+  gate.Close();
+  ASSERT_TRUE(busy->Write(TextRequest(kText, "busy")));
+  ASSERT_TRUE(WaitFor([&] { return gate.waiting() == 1; }));
+
+  const auto start = std::chrono::steady_clock::now();
+  (*executor)->StopAdmitting();
+  service.Drain();
+  expect_unavailable(idle.get(), "idle stream");
+  grpc::ClientContext late_context;
+  auto late = open(&late_context);
+  expect_unavailable(late.get(), "stream opened during the drain");
+  gate.Open();
+  auto by_id = ReadUntilDone(busy.get(), {"busy"});
+  EXPECT_FALSE(by_id["busy"].back().has_error()) << by_id["busy"].back().error().message();
+  expect_unavailable(busy.get(), "busy stream");
+
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10))
+      << "Server::Shutdown waited for streams that had nothing left to answer";
+  (*executor)->Shutdown();
+  server->Wait();
+}
+
+// A --config that cannot be read is an error naming it: a directory used to
+// load as an empty config, so the flags alone silently decided everything.
+TEST(ServerConfigTest, UnreadableConfigFileIsNamed) {
+  const std::string dir = testing::MakeTempDir("config-dir");
+  const absl::Status directory = LoadServerConfig(dir).status();
+  EXPECT_EQ(directory.code(), absl::StatusCode::kInvalidArgument) << directory;
+  EXPECT_NE(directory.message().find("the config file " + dir + ": is a directory"), std::string::npos) << directory;
+  const absl::Status missing = LoadServerConfig(dir + "/none.textproto").status();
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound) << missing;
+  EXPECT_NE(missing.message().find(dir + "/none.textproto: cannot open"), std::string::npos) << missing;
 }
 
 // The hung-GPU watchdog is on by default on cuda, off on cpu (where a big
