@@ -106,14 +106,41 @@ void UnaryWorker(SaeClient* client, const BenchOptions& options, int worker, Loa
   }
 }
 
+// Waits for the channel to be READY: UNAVAILABLE when connecting fails,
+// DEADLINE_EXCEEDED when it has not connected by `deadline` (a server that
+// accepts TCP and never answers would otherwise hold the stream's start for
+// gRPC's own connect timeout, about 20 s).
+grpc::Status WaitConnected(grpc::Channel* channel, std::chrono::system_clock::time_point deadline, double timeout_s) {
+  for (grpc_connectivity_state state = channel->GetState(/*try_to_connect=*/true); state != GRPC_CHANNEL_READY;
+       state = channel->GetState(/*try_to_connect=*/true)) {
+    if (state == GRPC_CHANNEL_TRANSIENT_FAILURE || state == GRPC_CHANNEL_SHUTDOWN) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "cannot connect to the server");
+    }
+    if (!channel->WaitForStateChange(state, deadline)) {
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                          absl::StrFormat("not connected to the server within %.1f s", timeout_s));
+    }
+  }
+  return grpc::Status::OK;
+}
+
 // One ExtractStream with up to options.in_flight requests outstanding: this
 // thread sends, a second one reads and matches responses by request_id.
+// A stream that cannot start counts as one failed request.
 void StreamWorker(SaeClient* client, const BenchOptions& options, int worker, Load* load) {
   struct Pending {
     Clock::time_point sent;
     std::optional<Clock::time_point> first;
   };
   const Clock::duration timeout = Seconds(options.timeout_s);
+  const grpc::Status connected = WaitConnected(
+      client->channel().get(),
+      std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(timeout),
+      options.timeout_s);
+  if (!connected.ok()) {
+    load->Failed(connected.error_code(), connected.error_message());
+    return;
+  }
   // The stream lives as long as the load; stalls are caught by the idle
   // check below instead of a deadline.
   std::unique_ptr<ExtractStream> stream = client->OpenExtractStream(std::chrono::system_clock::time_point::max());
@@ -162,6 +189,7 @@ void StreamWorker(SaeClient* client, const BenchOptions& options, int worker, Lo
     return true;
   };
   bool stalled = false;
+  bool sent_any = false;
   const size_t in_flight = static_cast<size_t>(std::max(1, options.in_flight));
   for (;;) {
     {
@@ -178,6 +206,7 @@ void StreamWorker(SaeClient* client, const BenchOptions& options, int worker, Lo
       // Registered before sending: the answer may arrive before Send returns.
       pending[request->request_id()] = Pending{now, std::nullopt};
     }
+    sent_any = true;
     if (!stream->Send(*request)) break;
   }
   if (!stalled) {
@@ -190,6 +219,8 @@ void StreamWorker(SaeClient* client, const BenchOptions& options, int worker, Lo
   if (stalled) stream->Cancel();
   reader.join();
   grpc::Status status = stream->Finish();
+  // The stream failed before its first request (the server refused the call).
+  if (!sent_any && !stalled && !status.ok()) load->Failed(status.error_code(), status.error_message());
   if (stalled) {
     status = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                           absl::StrFormat("no response on the stream for %.1f s", options.timeout_s));
@@ -273,6 +304,8 @@ absl::StatusOr<std::vector<v1::ExtractRequest>> ParseRequestsJsonl(std::istream&
     } else {
       const json& ids = j["token_ids"];
       if (!ids.is_array()) return absl::InvalidArgumentError(where + "\"token_ids\" must be an array");
+      // (As sae-extract: an empty list would be sent as no input at all.)
+      if (ids.empty()) return absl::InvalidArgumentError(where + "no tokens");
       for (const json& id : ids) {
         if (!id.is_number_unsigned() || id.get<uint64_t>() > UINT32_MAX) {
           return absl::InvalidArgumentError(absl::StrCat(where, id.dump(), " is not a token id"));

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -89,10 +90,9 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
   std::unique_ptr<ExtractStream> stream = OpenExtractStream();
   std::mutex mu;
   std::condition_variable cv;
-  int in_flight = 0;         // guarded by mu: sent, last response not read yet
-  bool stopped = false;      // guarded by mu: the stream ended; stop sending
-  bool all_sent = false;     // guarded by mu: every request sent; the writer only closes its side now
-  bool writer_done = false;  // guarded by mu
+  int in_flight = 0;     // guarded by mu: sent, last response not read yet
+  bool stopped = false;  // guarded by mu: the stream ended; stop sending
+  bool in_send = false;  // guarded by mu: the writer is in Send, where flow control may hold it
 
   // Every request gets exactly one response with done=true (its last chunk or
   // its error), so counting those counts finished requests.
@@ -103,6 +103,7 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
         cv.wait(lock, [&] { return stopped || in_flight < max_in_flight; });
         if (stopped) return;
         ++in_flight;
+        in_send = true;
       }
       v1::ExtractRequest named;
       const v1::ExtractRequest* request = &requests[i];
@@ -111,19 +112,16 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
         named.set_request_id(absl::StrCat(i));
         request = &named;
       }
-      if (!stream->Send(*request)) return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      all_sent = true;
+      const bool sent = stream->Send(*request);
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        in_send = false;
+      }
+      if (!sent) return;
     }
     stream->CloseSend();
   };
-  std::thread writer([&] {
-    send_all();
-    std::lock_guard<std::mutex> lock(mu);
-    writer_done = true;
-  });
+  std::thread writer(send_all);
   v1::ExtractResponse response;
   while (stream->Read(&response)) {
     if (response.done()) {
@@ -136,15 +134,13 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
   bool cancel = false;
   {
     std::lock_guard<std::mutex> lock(mu);
-    stopped = true;
-    // Not once everything was sent: the server ends a stream OK only after
-    // the close, which may still be returning here, and cancelling then
-    // would turn its OK into CANCELLED.
-    cancel = !writer_done && !all_sent;
+    stopped = true;  // a writer waiting for a slot, or about to, returns
+    // Only a writer stuck in Send needs the cancel: otherwise it would turn
+    // the stream's own status (DEADLINE_EXCEEDED, or OK while the writer
+    // closes its side) into CANCELLED.
+    cancel = in_send;
     cv.notify_one();
   }
-  // The server ended the stream before every request was sent: unblock a
-  // writer that may be stuck in Send.
   if (cancel) stream->Cancel();
   writer.join();
   return stream->Finish();
@@ -407,6 +403,10 @@ std::string ParseWatch(const std::string& spec, v1::FeatureWatch* watch) {
 }
 
 // Empty on success, else the usage problem.
+// A duration flag's value: positive and finite (nan and inf parse as
+// numbers), and small enough for a clock's duration.
+bool IsSeconds(double s) { return s > 0 && s <= 1e7; }
+
 std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
   for (size_t i = 0; i < argv.size(); ++i) {
     std::string arg = argv[i];
@@ -443,8 +443,10 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
        : arg == "--include-bos" ? a->include_bos
                                 : a->reconstruction_error) = true;
     } else if (arg == "--min-activation") {
-      if (!take(&v) || !absl::SimpleAtod(v, &a->min_activation) || !(a->min_activation >= 0)) {
-        return "--min-activation needs a non-negative number";
+      // Sent as a float: 1e300 would arrive as inf.
+      if (!take(&v) || !absl::SimpleAtod(v, &a->min_activation) || !(a->min_activation >= 0) ||
+          !(a->min_activation <= std::numeric_limits<float>::max())) {
+        return "--min-activation needs a non-negative number in float range";
       }
     } else if (arg == "--addr") {
       if (!take(&a->addr)) return "--addr needs HOST:PORT";
@@ -474,8 +476,8 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
         return "--in-flight needs a positive integer";
       }
     } else if (arg == "--duration") {
-      if (!take(&v) || !absl::SimpleAtod(v, &a->duration_s) || !(a->duration_s > 0)) {
-        return "--duration needs a positive number of seconds";
+      if (!take(&v) || !absl::SimpleAtod(v, &a->duration_s) || !IsSeconds(a->duration_s)) {
+        return "--duration needs a positive number of seconds (at most 1e7)";
       }
     } else if (arg == "--requests") {
       if (!take(&v) || !absl::SimpleAtoi(v, &a->requests) || a->requests < 1) {
@@ -484,8 +486,8 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
     } else if (arg == "--input") {
       if (!take(&a->input)) return "--input needs a JSONL file";
     } else if (arg == "--timeout") {
-      if (!take(&v) || !absl::SimpleAtod(v, &a->timeout_s) || a->timeout_s <= 0) {
-        return "--timeout needs a positive number of seconds";
+      if (!take(&v) || !absl::SimpleAtod(v, &a->timeout_s) || !IsSeconds(a->timeout_s)) {
+        return "--timeout needs a positive number of seconds (at most 1e7)";
       }
     } else {
       return "unknown option " + arg;

@@ -34,6 +34,18 @@ struct Executor::Pending {
   bool completed = false;  // `done` has been queued
   bool abandoned = false;  // failed while on a hung device: complete without its running windows
   SequenceResult merged;   // engine thread: stitched windows (no on_window)
+  std::once_flag admitted_once;
+
+  // Runs job.on_admitted, once: from the action queued when the job left the
+  // admission line, or first thing in any other callback of the job, which
+  // may be queued on another thread and run before that action (the
+  // scheduler can drop a just-admitted job at once). Either way on_admitted
+  // has returned before on_window or `done` starts, as Job promises.
+  void CallOnAdmitted() {
+    std::call_once(admitted_once, [this] {
+      if (job.on_admitted) job.on_admitted();
+    });
+  }
 };
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::Create(BatchRunner runner, const ExecutorOptions& options) {
@@ -167,7 +179,7 @@ void Executor::AdmitLocked(std::shared_ptr<Pending> job, Actions* actions) {
   queued_tokens_.fetch_add(job->n_tokens);
   job->tokens_held = job->n_tokens;
   job->admitted_at = Clock::now();
-  if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
+  if (job->job.on_admitted) actions->push_back([job] { job->CallOnAdmitted(); });
   inbox_.push_back(std::move(job));
   UpdateGaugesLocked();
   scheduler_cv_.notify_one();
@@ -206,6 +218,7 @@ void Executor::MaybeCompleteLocked(const std::shared_ptr<Pending>& job, Actions*
   job->tokens_held = 0;
   AdmitWaitersLocked(actions);
   actions->push_back([job] {
+    job->CallOnAdmitted();
     if (!job->failure.ok()) {
       job->job.done(job->failure);
     } else {
@@ -231,8 +244,10 @@ void Executor::SweepLocked(Clock::time_point now, Actions* actions) {
     it = line_.erase(it);
     // Never admitted: nothing to release.
     job->completed = true;
-    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
-    actions->push_back([job, reason] { job->job.done(reason); });
+    actions->push_back([job, reason] {
+      job->CallOnAdmitted();
+      job->job.done(reason);
+    });
   }
   for (const auto& job : queue_) {
     if (job->failure.ok() && !job->completed) {
@@ -528,6 +543,7 @@ void Executor::Finish(Started started) {
     DropPrependedRow(window, &window_result);
     metrics_->AddTokens(window.end - window.begin);
     if (job.job.on_window) {
+      job.CallOnAdmitted();
       job.job.on_window(window, std::move(window_result));
     } else if (job.windows.size() == 1) {
       job.merged = std::move(window_result);
@@ -553,8 +569,10 @@ void Executor::StopAdmittingLocked(const absl::Status& why, Actions* actions) {
   admitting_ = false;
   for (auto& job : line_) {
     job->completed = true;
-    if (job->job.on_admitted) actions->push_back(std::move(job->job.on_admitted));
-    actions->push_back([job, status = refusal_] { job->job.done(status); });
+    actions->push_back([job, status = refusal_] {
+      job->CallOnAdmitted();
+      job->job.done(status);
+    });
   }
   line_.clear();
   n_waiting_.store(0);

@@ -23,10 +23,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -57,7 +59,7 @@
 #include "rpc/windows.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
-ABSL_FLAG(std::vector<std::string>, sae, {}, "SAE folder (\"DIR\" or \"ALIAS=DIR\"); repeatable");
+ABSL_FLAG(sae::RepeatedFlag, sae, {}, "SAE folder (\"DIR\" or \"ALIAS=DIR\"); repeatable");
 ABSL_FLAG(std::string, input, "", "input JSONL: {\"text\": ...} or {\"token_ids\": [...]} per line");
 ABSL_FLAG(std::string, output, "", "output JSONL, one line per input line");
 ABSL_FLAG(int, k, 16, "features kept per token and SAE");
@@ -491,6 +493,25 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
   return point;
 }
 
+// The hook file is written whole at the end of the run: a path it cannot be
+// written to is found now, before the compute. A file the check creates is
+// removed again.
+absl::Status CheckWritable(const std::string& path) {
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) return absl::InvalidArgumentError(path + ": is a directory");
+  const bool existed = std::filesystem::exists(path, error);
+  {
+    errno = 0;
+    std::ofstream probe(path, std::ios::binary | std::ios::app);
+    if (!probe) {
+      return absl::PermissionDeniedError(
+          absl::StrCat(path, ": cannot create file", errno != 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
+    }
+  }
+  if (!existed) std::filesystem::remove(path, error);
+  return absl::OkStatus();
+}
+
 absl::Status Run() {
   const std::string input = absl::GetFlag(FLAGS_input);
   const std::string output = absl::GetFlag(FLAGS_output);
@@ -519,13 +540,8 @@ absl::Status Run() {
   EngineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.backend = absl::GetFlag(FLAGS_backend);
-  for (const std::string& spec : absl::GetFlag(FLAGS_sae)) {
-    const size_t eq = spec.find('=');
-    if (eq == std::string::npos) {
-      options.saes.push_back({spec, ""});
-    } else {
-      options.saes.push_back({spec.substr(eq + 1), spec.substr(0, eq)});
-    }
+  for (const std::string& spec : absl::GetFlag(FLAGS_sae).values) {
+    options.saes.push_back(ParseSaeSpec(spec));
   }
   if (absl::GetFlag(FLAGS_demo) && options.model_dir.empty()) {
     ASSIGN_OR_RETURN(DemoLayout demo, WriteDemo(absl::GetFlag(FLAGS_demo_dir)));
@@ -539,6 +555,7 @@ absl::Status Run() {
 
   std::ifstream in;
   if (absl::Status opened = OpenInputFile(input, &in); !opened.ok()) return Prefixed("the input file ", opened);
+  if (!dump_path.empty()) RETURN_IF_ERROR(Prefixed("--dump-hooks ", CheckWritable(dump_path)));
   ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, Engine::Create(options));
   if (k > engine->max_k()) {
     return absl::FailedPreconditionError(absl::StrCat("--k=", k, " is larger than ", engine->max_k(),

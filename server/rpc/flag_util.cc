@@ -1,10 +1,12 @@
 #include "rpc/flag_util.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace sae {
 
@@ -24,6 +26,23 @@ std::string NormalizeFlagName(const std::string& arg) {
 }
 
 }  // namespace
+
+bool AbslParseFlag(absl::string_view text, RepeatedFlag* flag, std::string* /*error*/) {
+  flag->values.clear();
+  if (!text.empty()) flag->values = absl::StrSplit(text, kRepeatedFlagSeparator);
+  return true;
+}
+
+std::string AbslUnparseFlag(const RepeatedFlag& flag) {
+  return absl::StrJoin(flag.values, std::string(1, kRepeatedFlagSeparator));
+}
+
+SaeSpec ParseSaeSpec(const std::string& spec) {
+  const size_t eq = spec.find('=');
+  std::error_code ec;
+  if (eq == std::string::npos || spec.find('/') < eq || std::filesystem::is_directory(spec, ec)) return {spec, ""};
+  return {spec.substr(eq + 1), spec.substr(0, eq)};
+}
 
 std::vector<std::string> PrepareArgs(int argc, char** argv, const std::vector<std::string>& names) {
   std::vector<std::string> out;
@@ -64,7 +83,9 @@ std::vector<std::string> PrepareArgs(int argc, char** argv, const std::vector<st
     }
     if (!matched) out.push_back(arg);
   }
-  for (const auto& [name, index] : slot) out[index] = "--" + name + "=" + absl::StrJoin(values[name], ",");
+  for (const auto& [name, index] : slot) {
+    out[index] = "--" + name + "=" + absl::StrJoin(values[name], std::string(1, kRepeatedFlagSeparator));
+  }
   return out;
 }
 

@@ -5,15 +5,33 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
+#include "core/engine.h"
+
 namespace sae {
+
+// A flag that may be given several times: its values in order, each whole
+// (absl's std::vector<std::string> flags split values at commas, which broke
+// a path with a comma into two). PrepareArgs folds the occurrences into one
+// value separated by kRepeatedFlagSeparator.
+struct RepeatedFlag {
+  std::vector<std::string> values;
+};
+inline constexpr char kRepeatedFlagSeparator = '\x1f';  // ASCII unit separator
+bool AbslParseFlag(absl::string_view text, RepeatedFlag* flag, std::string* error);
+std::string AbslUnparseFlag(const RepeatedFlag& flag);
+
+// An --sae value, "DIR" or "ALIAS=DIR". It is a DIR with '=' in it when it
+// names an existing directory or a '/' comes before its first '=' (an alias
+// is a name, not a path).
+SaeSpec ParseSaeSpec(const std::string& spec);
 
 // Rewrites argv for absl::ParseCommandLine:
 //  - dashes in flag names become underscores (`--dump-hooks` = `--dump_hooks`),
 //    since absl flag names cannot contain dashes;
 //  - absl keeps only the last value of a flag given twice, so every
-//    `--name=V` / `--name V` of the `repeated` flags is folded into one
-//    `--name=V1,V2,...`: `--sae A --sae B` fills a std::vector<std::string>
-//    flag with {A, B}.
+//    `--name=V` / `--name V` of the `repeated` flags (RepeatedFlag) is folded
+//    into one: `--sae A --sae B` gives {A, B}.
 // Arguments after "--" are left alone.
 std::vector<std::string> PrepareArgs(int argc, char** argv, const std::vector<std::string>& repeated);
 

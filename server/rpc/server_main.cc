@@ -40,8 +40,7 @@
 ABSL_FLAG(std::string, config, "", "ServerConfig textproto file; the flags below override its fields");
 ABSL_FLAG(std::optional<std::string>, model_dir, std::nullopt,
           "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)");
-ABSL_FLAG(std::vector<std::string>, sae, {},
-          "SAE folder, \"DIR\" or \"ALIAS=DIR\"; repeatable; replaces the config's saes");
+ABSL_FLAG(sae::RepeatedFlag, sae, {}, "SAE folder, \"DIR\" or \"ALIAS=DIR\"; repeatable; replaces the config's saes");
 ABSL_FLAG(std::optional<std::string>, backend, std::nullopt, "cpu or cuda (default cpu)");
 ABSL_FLAG(std::optional<std::string>, listen, std::nullopt,
           "gRPC address (default 0.0.0.0:50051; port 0 picks a free port)");
@@ -93,17 +92,13 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
     config = std::move(*loaded);
   }
   if (auto v = absl::GetFlag(FLAGS_model_dir)) config.set_model_dir(*v);
-  if (const std::vector<std::string> saes = absl::GetFlag(FLAGS_sae); !saes.empty()) {
+  if (const std::vector<std::string> saes = absl::GetFlag(FLAGS_sae).values; !saes.empty()) {
     config.clear_saes();
     for (const std::string& spec : saes) {
+      const SaeSpec parsed = ParseSaeSpec(spec);
       v1::SaeSource* source = config.add_saes();
-      const size_t eq = spec.find('=');
-      if (eq == std::string::npos) {
-        source->set_path(spec);
-      } else {
-        source->set_alias(spec.substr(0, eq));
-        source->set_path(spec.substr(eq + 1));
-      }
+      source->set_path(parsed.dir);
+      if (!parsed.alias.empty()) source->set_alias(parsed.alias);
     }
   }
   if (auto v = absl::GetFlag(FLAGS_backend)) config.set_backend(*v);

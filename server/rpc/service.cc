@@ -40,12 +40,14 @@ Clock::time_point JobDeadline(const grpc::CallbackServerContext* context) {
 // usually fires first, and its cancel reaches the server a network delay
 // before the server's copy of the deadline (arrival + grpc-timeout), so a
 // cancel within kDeadlineSlack of the deadline counts as the deadline.
-absl::Status BrokenOff(const grpc::CallbackServerContext* context, absl::string_view what) {
+// A failed write is the same event seen earlier: the call is gone.
+absl::Status BrokenOff(const grpc::CallbackServerContext* context, absl::string_view what,
+                       absl::string_view cancelled_why) {
   constexpr std::chrono::milliseconds kDeadlineSlack(100);
   if (context->deadline() <= std::chrono::system_clock::now() + kDeadlineSlack) {
     return absl::DeadlineExceededError(absl::StrCat("the deadline passed while the ", what, " ran"));
   }
-  return absl::CancelledError(absl::StrCat("the client cancelled the ", what));
+  return absl::CancelledError(cancelled_why);
 }
 
 // What every Extract-like reactor needs; outlives them (owned by the service).
@@ -128,7 +130,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) BreakLocked(absl::CancelledError("the client stopped reading"));
+      if (!ok) BreakLocked(BrokenOff(context_, "request", "the client stopped reading"));
       action = NextActionLocked();
     }
     Do(action);
@@ -138,7 +140,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     Action action;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked(BrokenOff(context_, "request"));
+      BreakLocked(BrokenOff(context_, "request", "the client cancelled the request"));
       action = NextActionLocked();
     }
     Do(action);
@@ -303,7 +305,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) BreakLocked(absl::StatusCode::kCancelled);
+      if (!ok) BreakLocked(BrokenOff(context_, "stream", "the client stopped reading").code());
       resume_read = ResumeReadLocked();
       action = NextActionLocked();
     }
@@ -316,7 +318,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     bool resume_read = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked(BrokenOff(context_, "stream").code());
+      BreakLocked(BrokenOff(context_, "stream", "the client cancelled the stream").code());
       // A paused read is started so that it fails and the stream can finish.
       resume_read = ResumeReadLocked();
       action = NextActionLocked();
@@ -399,6 +401,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     CancelFlag cancelled = std::make_shared<std::atomic<bool>>(false);
     bool duplicate = false;
     bool backlog_full = false;
+    bool read_next = false;
     const bool backpressure = shared_.options->overload_policy == v1::ServerConfig::BACKPRESSURE;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -414,7 +417,10 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
       if (!duplicate && !backlog_full) {
         ++pending_jobs_;  // the stream cannot finish before this job is done
         outbox_.push_back(out);
-        if (!backpressure) ReserveReadLocked();  // cannot fail: not finished_
+        // The next read, started by the caller or, under backpressure, by
+        // on_admitted: reserved now, so the stream cannot finish before it
+        // starts (false when draining: no more requests are taken).
+        read_next = ReserveReadLocked();
       }
     }
     if (backlog_full) {
@@ -444,33 +450,25 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
       Do(action);
     };
     job.done = [this, out](absl::StatusOr<SequenceResult> result) { OnJobDone(out, result.status()); };
-    if (backpressure) {
-      job.on_admitted = [this] {
-        if (ReserveRead()) StartReservedRead();
-      };
-    }
+    // on_admitted comes before `done` (Job), which the stream may not outlive.
+    if (backpressure && read_next) job.on_admitted = [this] { StartReservedRead(); };
     absl::Status submitted = shared_.executor->Submit(
         std::move(job), backpressure ? Executor::WhenFull::kWait : Executor::WhenFull::kReject);
     if (!submitted.ok()) {
       // No callback will come (on_admitted neither): settle the request here.
-      const bool read_next = !backpressure || ReserveRead();
       OnJobDone(out, submitted);
       return read_next;
     }
-    return !backpressure;
+    return read_next && !backpressure;
   }
 
   // Reserves the start of the next read: refused once the stream finished
-  // (no read may start after Finish), and until StartReservedRead has
-  // started it the stream does not finish.
+  // (no read may start after Finish) or drains (it takes no more requests),
+  // and until StartReservedRead has started it the stream does not finish.
   bool ReserveReadLocked() {
-    if (finished_) return false;
+    if (finished_ || draining_) return false;
     ++reads_starting_;
     return true;
-  }
-  bool ReserveRead() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return ReserveReadLocked();
   }
   void StartReservedRead() {
     StartRead(&request_);

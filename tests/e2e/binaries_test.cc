@@ -2,12 +2,15 @@
 // (health, reflection, config errors, graceful shutdown), the client library
 // (ExtractStream, ExtractMany) and the sae-client CLI (bench included)
 // against it, and sae-extract's JSONL contract and hook dumps.
+#include <arpa/inet.h>
 #include <google/protobuf/descriptor.pb.h>
 #include <google/protobuf/util/field_comparator.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -34,6 +37,7 @@
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "prometheus_scrape.h"
+#include "rpc/flag_util.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
 
@@ -382,6 +386,16 @@ TEST_F(ServerBinaryTest, ClientMinActivationAndReconstructionError) {
   EXPECT_EQ(n_errors, all.size() - 1) << out;
   EXPECT_EQ(RunShell(extract + "--min-activation -1", &out), 2) << out;
   EXPECT_EQ(RunShell(extract + "--reconstruction-error=yes", &out), 2) << out;
+  // Numbers that parse but are no use: usage errors, not an RPC's failure.
+  EXPECT_EQ(RunShell(extract + "--min-activation 1e300", &out), 2) << out;  // inf as a float
+  EXPECT_EQ(RunShell(extract + "--min-activation nan", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--k -1", &out), 2) << out;
+  EXPECT_EQ(RunShell(extract + "--chunk-tokens -3", &out), 2) << out;
+  for (const char* timeout : {"nan", "inf", "-1", "1e300"}) {
+    EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " --timeout " + timeout + " info", &out),
+              2)
+        << timeout << ": " << out;
+  }
 }
 
 TEST_F(ServerBinaryTest, ClientReportsErrors) {
@@ -663,6 +677,16 @@ TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
     EXPECT_EQ(tokens_by_id[id], want_tokens[i]) << id;
     EXPECT_EQ(done_by_id[id], 1) << id;
   }
+
+  // A deadline that passes with requests still unsent is DEADLINE_EXCEEDED
+  // (ExtractMany cancelled the stream to free a writer that was not stuck,
+  // and reported CANCELLED).
+  client->set_timeout(std::chrono::seconds(1));
+  const std::vector<v1::ExtractRequest> many(20000, TextRequest("", texts[1]));
+  int answered = 0;
+  status = client->ExtractMany(many, 2, [&](const v1::ExtractResponse& r) { answered += r.done(); });
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  EXPECT_LT(answered, 20000);
 }
 
 // ---- sae-client bench ----
@@ -700,8 +724,8 @@ TEST(BenchStatsTest, RequestsJsonl) {
   EXPECT_FALSE((*requests)[0].has_add_bos());
   EXPECT_FALSE((*requests)[1].add_bos());
   EXPECT_EQ((*requests)[2].token_ids().ids_size(), 2);
-  for (const std::string bad :
-       {"{\"text\": 1}", "[1]", "{\"token_ids\": [-1]}", "{\"text\": \"a\", \"token_ids\": []}"}) {
+  for (const std::string bad : {"{\"text\": 1}", "[1]", "{\"token_ids\": [-1]}", "{\"text\": \"a\", \"token_ids\": []}",
+                                "{\"token_ids\": []}"}) {
     std::istringstream in("{\"text\": \"fine\"}\n" + bad + "\n");
     auto parsed = client::ParseRequestsJsonl(in, "in.jsonl");
     ASSERT_FALSE(parsed.ok()) << bad;
@@ -813,6 +837,38 @@ TEST_F(BenchTest, TextReportAndUsageErrors) {
   EXPECT_NE(out.find("in.jsonl:2:"), std::string::npos) << out;
 }
 
+// A server that accepts TCP connections and never answers (a hung process):
+// the streams fail after --timeout, one failure each, not after gRPC's own
+// ~20 s connect timeout with nothing counted.
+TEST(BenchUnreachableTest, HungServerFailsAfterTheTimeout) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(listener, 16), 0);  // the kernel completes handshakes; nobody reads
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string address = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  std::string out;
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address +
+                         " --timeout 1 bench --json --requests 4 --concurrency 3",
+                     &out),
+            1)
+      << out;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+  close(listener);
+  const json r = json::parse(out.substr(0, out.find('\n')), nullptr, false);
+  ASSERT_FALSE(r.is_discarded()) << out;
+  EXPECT_EQ(r["ok"], 0);
+  EXPECT_EQ(r["failed"], 3) << out;
+  EXPECT_EQ(r["errors"]["DEADLINE_EXCEEDED"], 3) << out;
+  EXPECT_NE(r["first_error"].get<std::string>().find("not connected to the server within 1.0 s"), std::string::npos)
+      << out;
+}
+
 TEST(BenchUnreachableTest, FailsFastWithoutAServer) {
   for (const std::string mode : {"stream", "unary"}) {
     std::string out;
@@ -826,7 +882,8 @@ TEST(BenchUnreachableTest, FailsFastWithoutAServer) {
     const json r = json::parse(out.substr(0, out.find('\n')), nullptr, false);
     ASSERT_FALSE(r.is_discarded()) << out;
     EXPECT_EQ(r["ok"], 0) << mode;
-    EXPECT_GT(r["errors"]["UNAVAILABLE"].get<int>(), 0) << out;
+    // Unary: each of the 4 requests; stream: each of the 4 streams, once.
+    EXPECT_EQ(r["errors"]["UNAVAILABLE"].get<int>(), 4) << out;
   }
 }
 
@@ -1209,6 +1266,54 @@ TEST(ExtractBinaryTest, BadLineIsNamed) {
     EXPECT_EQ(RunShell(ExtractCommand(input, output, ""), &out), 1) << content;
     EXPECT_NE(out.find(input + where), std::string::npos) << out;
   }
+}
+
+// A hook file that cannot be written fails the run before any compute (it
+// is written at the end: the whole run was lost), and the output is not
+// started.
+TEST(ExtractBinaryTest, UnwritableHookFileFailsFirst) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-dump");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl";
+  std::ofstream(input) << "{\"text\": \"The cat sat.\"}\n";
+  std::string out;
+  EXPECT_EQ(RunShell(ExtractCommand(input, output, "--dump-hooks " + Quote(dir + "/no/such/dir/h.safetensors")), &out),
+            1);
+  EXPECT_NE(out.find("--dump-hooks " + dir + "/no/such/dir/h.safetensors: cannot create file"), std::string::npos)
+      << out;
+  EXPECT_FALSE(std::filesystem::exists(output)) << out;
+  EXPECT_EQ(RunShell(ExtractCommand(input, output, "--dump-hooks " + Quote(dir)), &out), 1);
+  EXPECT_NE(out.find(dir + ": is a directory"), std::string::npos) << out;
+  // A writable path is left as it was until the run writes it.
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--dump-hooks " + Quote(dir + "/h.safetensors")), &out), 0) << out;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/h.safetensors"));
+}
+
+// --sae paths with a comma or an '=' in them (absl split repeated flags at
+// commas; everything before an '=' was taken for an alias).
+TEST(ExtractBinaryTest, SaePathsWithCommasAndEquals) {
+  EXPECT_EQ(ParseSaeSpec("res=/models/L1R-8x").alias, "res");
+  EXPECT_EQ(ParseSaeSpec("res=/models/L1R-8x").dir, "/models/L1R-8x");
+  EXPECT_EQ(ParseSaeSpec("/runs/lr=3/L1R-8x").dir, "/runs/lr=3/L1R-8x");
+  EXPECT_EQ(ParseSaeSpec("/runs/lr=3/L1R-8x").alias, "");
+  EXPECT_EQ(ParseSaeSpec("a=b=/c").alias, "a");
+  EXPECT_EQ(ParseSaeSpec("a=b=/c").dir, "b=/c");
+
+  const std::string dir = testing::MakeTempDir("e2e-extract-paths");
+  const std::string odd = dir + "/a,b/lr=3";
+  std::filesystem::create_directories(odd);
+  std::filesystem::copy(testing::Demo().sae_dirs[0], odd + "/L1R-8x", std::filesystem::copy_options::recursive);
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl";
+  std::ofstream(input) << "{\"text\": \"The cat sat.\"}\n";
+  const std::string command = std::string(SAE_EXTRACT_BIN) + " --model " + Quote(testing::Demo().model_dir) +
+                              " --sae " + Quote(odd + "/L1R-8x") + " --sae " + Quote("cat=" + odd + "/L1R-8x") +
+                              " --input " + Quote(input) + " --output " + Quote(output);
+  std::string out;
+  ASSERT_EQ(RunShell(command, &out), 0) << out;
+  std::ifstream in(output);
+  const json line = json::parse(in);
+  ASSERT_TRUE(line["tokens"][1]["features"].contains("L1R-8x")) << line.dump();
+  EXPECT_TRUE(line["tokens"][1]["features"].contains("cat")) << line.dump();
+  EXPECT_EQ(line["tokens"][1]["features"]["L1R-8x"], line["tokens"][1]["features"]["cat"]);
 }
 
 // --resume after a stop: the whole lines the output holds are kept, a torn

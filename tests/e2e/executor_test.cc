@@ -333,6 +333,51 @@ TEST(ExecutorTest, BackpressureWaitsInLineInOrder) {
   EXPECT_EQ((*executor)->waiting(), 0);
 }
 
+// A job admitted from the line while a batch is delivered has its
+// on_admitted queued on the engine thread, after that batch's on_window
+// callbacks; the scheduler may drop the job (here: cancelled meanwhile) and
+// run its `done` first on its own thread. on_admitted must still come first
+// (ExtractStream's read reservation depends on it; the stream may be gone
+// after `done`).
+TEST(ExecutorTest, OnAdmittedComesBeforeDoneOfAJobDroppedAsItIsAdmitted) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
+  ASSERT_TRUE(executor.ok());
+  CancelFlag cancel_waiter = std::make_shared<std::atomic<bool>>(false);
+  std::atomic<bool> waiter_done{false};
+  Job first;
+  first.request = Seq({1, 2});
+  first.on_window = [&](const Window&, SequenceResult) {
+    // The waiter was admitted just before this (first's slot is free); its
+    // on_admitted is queued behind this callback. Cancelled now, the
+    // scheduler drops it within its sweep interval.
+    cancel_waiter->store(true);
+    WaitFor([&] { return waiter_done.load(); }, std::chrono::milliseconds(300));
+  };
+  first.done = [](absl::StatusOr<SequenceResult>) {};
+  std::atomic<bool> admitted{false};
+  std::atomic<bool> done_before_admitted{false};
+  absl::Status waiter_status;
+  Job waiter;
+  waiter.request = Seq({3, 4});
+  waiter.cancelled = cancel_waiter;
+  waiter.on_admitted = [&] { admitted = true; };
+  waiter.done = [&](absl::StatusOr<SequenceResult> result) {
+    done_before_admitted = !admitted.load();
+    waiter_status = result.status();
+    waiter_done = true;
+  };
+  ASSERT_TRUE((*executor)->Submit(std::move(first), Executor::WhenFull::kWait).ok());
+  fake.WaitEntered();
+  ASSERT_TRUE((*executor)->Submit(std::move(waiter), Executor::WhenFull::kWait).ok());
+  EXPECT_EQ((*executor)->waiting(), 1);
+  fake.Release();
+  ASSERT_TRUE(WaitFor([&] { return waiter_done.load(); }));
+  EXPECT_EQ(waiter_status.code(), absl::StatusCode::kCancelled);
+  EXPECT_FALSE(done_before_admitted.load()) << "done ran before on_admitted";
+}
+
 TEST(ExecutorTest, StopAdmittingFailsTheLineAndFinishesAdmittedJobs) {
   FakeRunner fake;
   fake.Hold();

@@ -125,6 +125,14 @@ double MetricValue(const std::string& family, const std::string& label = "", con
   return -1;
 }
 
+// A server for `service` on a free local port (written to `port`).
+std::unique_ptr<grpc::Server> StartServer(grpc::Service* service, int* port) {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), port);
+  builder.RegisterService(service);
+  return builder.BuildAndStart();
+}
+
 EngineOptions DemoEngineOptions() {
   const DemoLayout& demo = testing::Demo();
   EngineOptions options;
@@ -168,10 +176,7 @@ class ServiceTest : public ::testing::Test {
     env->service = std::make_unique<SaeServiceImpl>(options);
     env->service->Attach(env->engine.get(), env->executor.get());
 
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &env->port);
-    builder.RegisterService(env->service.get());
-    env->server = builder.BuildAndStart();
+    env->server = StartServer(env->service.get(), &env->port);
     ASSERT_NE(env->server, nullptr);
     ASSERT_NE(env->port, 0);
   }
@@ -941,11 +946,8 @@ TEST_F(ServiceTest, CancelledRequestIsDroppedBeforeRunning) {
 
 TEST(ServiceNotReadyTest, UnavailableUntilAttached) {
   SaeServiceImpl service(ServiceOptions{});
-  grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
   ASSERT_NE(server, nullptr);
   auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
   v1::InfoResponse info;
@@ -1231,11 +1233,8 @@ TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
   options.limits.max_tokens_per_request = kMaxTokens;
   SaeServiceImpl service(options);
   service.Attach(e, executor->get());
-  grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
   ASSERT_NE(server, nullptr);
   auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
   auto open = [&](grpc::ClientContext* context) {
