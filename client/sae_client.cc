@@ -143,7 +143,14 @@ grpc::Status SaeClient::ExtractMany(const std::vector<v1::ExtractRequest>& reque
   }
   if (cancel) stream->Cancel();
   writer.join();
-  return stream->Finish();
+  const grpc::Status status = stream->Finish();
+  // CANCELLED past the deadline is the deadline: our cancel of a writer in
+  // Send when it passed, or the server's copy of the deadline firing before
+  // ours (its RST_STREAM reads as CANCELLED here).
+  if (status.error_code() == grpc::StatusCode::CANCELLED && std::chrono::system_clock::now() >= stream->deadline()) {
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded");
+  }
+  return status;
 }
 
 grpc::Status SaeClient::Tokenize(const v1::TokenizeRequest& request, v1::TokenizeResponse* response) {

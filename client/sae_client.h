@@ -45,6 +45,7 @@ class ExtractStream {
   // After Read returned false: the status of the call.
   grpc::Status Finish();
   void Cancel() { context_.TryCancel(); }
+  std::chrono::system_clock::time_point deadline() const { return context_.deadline(); }
 
  private:
   grpc::ClientContext context_;

@@ -30,10 +30,12 @@ struct Executor::Pending {
   int next_window = 0;      // scheduler thread: next window to stage
   int windows_active = 0;   // staged or running
   int windows_done = 0;
-  absl::Status failure;    // first failure; the job stops there
-  bool completed = false;  // `done` has been queued
-  bool abandoned = false;  // failed while on a hung device: complete without its running windows
-  SequenceResult merged;   // engine thread: stitched windows (no on_window)
+  absl::Status failure;        // first failure; the job stops there
+  bool completed = false;      // finished: its admission released, `done` queued or deferred
+  int delivering = 0;          // windows being delivered outside mu_ (Finish): `done` waits for them
+  bool done_deferred = false;  // completed while delivering: Finish queues `done` afterwards
+  bool abandoned = false;      // failed while on a hung device: complete without its running windows
+  SequenceResult merged;       // engine thread: stitched windows (no on_window)
   std::once_flag admitted_once;
 
   // Runs job.on_admitted, once: from the action queued when the job left the
@@ -217,6 +219,17 @@ void Executor::MaybeCompleteLocked(const std::shared_ptr<Pending>& job, Actions*
   queued_tokens_.fetch_sub(job->tokens_held);
   job->tokens_held = 0;
   AdmitWaitersLocked(actions);
+  QueueDoneLocked(job, actions);
+}
+
+void Executor::QueueDoneLocked(const std::shared_ptr<Pending>& job, Actions* actions) {
+  // A window of this job being delivered on the engine thread (another
+  // thread may complete the job meanwhile: a cancel, a deadline, a stop)
+  // comes first; then Finish queues `done`.
+  if (job->delivering > 0) {
+    job->done_deferred = true;
+    return;
+  }
   actions->push_back([job] {
     job->CallOnAdmitted();
     if (!job->failure.ok()) {
@@ -511,13 +524,17 @@ void Executor::Finish(Started started) {
   // Account first, then deliver outside mu_ (callbacks may write to gRPC),
   // then run the `done` actions: a finished request's admission slot is
   // free before its last chunk can reach the client (who may send the next
-  // request at once), and `done` still comes after every window. A job that
-  // failed meanwhile gets nothing more.
+  // request at once), and `done` still comes after every window, also when
+  // the job fails (on another thread) while one is being delivered. A job
+  // that had failed before gets nothing more.
   Actions actions;
   std::vector<bool> deliver(live.size());
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (size_t i = 0; i < live.size(); ++i) deliver[i] = results[i].ok() && live[i].job->failure.ok();
+    for (size_t i = 0; i < live.size(); ++i) {
+      deliver[i] = results[i].ok() && live[i].job->failure.ok();
+      if (deliver[i]) ++live[i].job->delivering;
+    }
     for (size_t i = 0; i < live.size(); ++i) {
       const std::shared_ptr<Pending>& job = live[i].job;
       if (job->abandoned) continue;  // completed, its tokens released, when the device was found hung
@@ -550,6 +567,15 @@ void Executor::Finish(Started started) {
     } else {
       if (live[i].window == 0) job.merged = EmptyResult(job.job.request);
       PlaceWindow(window, window_result, static_cast<int>(job.job.request.ids.size()), &job.merged);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < live.size(); ++i) {
+      const std::shared_ptr<Pending>& job = live[i].job;
+      if (!deliver[i] || --job->delivering > 0 || !job->done_deferred) continue;
+      job->done_deferred = false;
+      QueueDoneLocked(job, &actions);
     }
   }
   Run(actions);

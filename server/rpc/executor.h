@@ -215,6 +215,7 @@ class Executor {
   // Refuses new jobs from now on with `why` (unless already refusing) and
   // fails the admission line with it.
   void StopAdmittingLocked(const absl::Status& why, Actions* actions);
+  void QueueDoneLocked(const std::shared_ptr<Pending>& job, Actions* actions);
   // Fails every job not yet on the engine thread and stops admitting.
   void FailEverythingLocked(const absl::Status& why, Actions* actions);
   // The device failed for good: stop admitting, fail what is queued, tell

@@ -411,7 +411,11 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
         Settle(out);
         return false;
       }
-      if (broken_) return ReserveReadLocked();
+      if (broken_) {
+        out->releases_id = false;  // never entered in_flight_
+        Settle(out);
+        return ReserveReadLocked();
+      }
       backlog_full = static_cast<int>(in_flight_.size()) >= shared_.options->limits.max_stream_backlog;
       duplicate = !backlog_full && !in_flight_.emplace(id, cancelled).second;
       if (!duplicate && !backlog_full) {
@@ -547,7 +551,10 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     out->settled = true;
     if (out->releases_id) in_flight_.erase(out->request_id);
     shared_.metrics->ObserveRequest(Metrics::Rpc::kExtractStream, SecondsSince(out->start));
-    shared_.metrics->CountFailure(broken_ && out->status.ok() ? break_code_ : out->status.code());
+    // Cut short by the break (its job was cancelled by BreakLocked, or it
+    // had not failed): counted under the break's reason.
+    const bool cut_short = out->status.ok() || out->status.code() == absl::StatusCode::kCancelled;
+    shared_.metrics->CountFailure(broken_ && cut_short ? break_code_ : out->status.code());
   }
 
   // Decides (and reserves) the next step; the caller performs it unlocked.
@@ -678,7 +685,12 @@ void OpenStreams::DrainAll() {
     // Remove it.
     std::lock_guard<std::mutex> lock(mu_);
     draining_ = true;
-    for (ExtractStreamReactor* stream : streams_) steps.emplace_back(stream, stream->Drain());
+    for (ExtractStreamReactor* stream : streams_) {
+      // Only streams with a step are touched after mu_: the others may be gone.
+      if (const ExtractStreamReactor::Action action = stream->Drain(); action != ExtractStreamReactor::Action::kNone) {
+        steps.emplace_back(stream, action);
+      }
+    }
   }
   // Outside mu_, as the reactor performs its own steps. A stream whose step
   // is pending cannot reach OnDone before it is taken: its Finish (or, for a

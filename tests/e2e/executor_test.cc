@@ -433,6 +433,40 @@ TEST(ExecutorTest, LongJobRunsAsWindowsStitchedOrStreamedInOrder) {
   EXPECT_EQ(streamed, ids);
 }
 
+// A long job whose next window is still queued fails on the scheduler thread
+// (here: cancelled) while its previous window is being delivered on the
+// engine thread: `done` waits until that on_window has returned (the caller
+// may be gone after `done`).
+TEST(ExecutorTest, DoneWaitsForTheWindowBeingDelivered) {
+  FakeRunner fake;
+  ExecutorOptions options = Options(/*max_batch_tokens=*/4, 4);
+  options.max_seq_len = 4;
+  options.bos_id = 0;
+  auto executor = Executor::Create(fake.Runner(), options);
+  ASSERT_TRUE(executor.ok());
+  CancelFlag cancelled = std::make_shared<std::atomic<bool>>(false);
+  std::atomic<bool> in_window{false}, done_during_window{false}, done{false};
+  absl::Status status;
+  Job job;
+  job.request = Seq({0, 11, 12, 13, 14, 15, 16, 17, 18, 19});  // 3 windows, one per batch
+  job.cancelled = cancelled;
+  job.on_window = [&](const Window&, SequenceResult) {
+    in_window = true;
+    cancelled->store(true);  // the scheduler's sweep drops the windows still queued
+    WaitFor([&] { return done.load(); }, std::chrono::milliseconds(300));
+    in_window = false;
+  };
+  job.done = [&](absl::StatusOr<SequenceResult> result) {
+    done_during_window = in_window.load();
+    status = result.status();
+    done = true;
+  };
+  ASSERT_TRUE((*executor)->Submit(std::move(job)).ok());
+  ASSERT_TRUE(WaitFor([&] { return done.load(); }));
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  EXPECT_FALSE(done_during_window.load()) << "done ran while on_window was running";
+}
+
 TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
   FakeRunner fake;
   ExecutorOptions options = Options(100, 8);

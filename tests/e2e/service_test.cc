@@ -530,7 +530,8 @@ TEST_F(ServiceTest, StreamThatIsNotReadIsNotReadEither) {
 
 // A deadline that passes while the request is on the engine ends the call
 // (gRPC cancels it): the request is counted as deadline_exceeded, like one
-// whose deadline passes in the queue, not as cancelled by the client.
+// whose deadline passes in the queue, not as cancelled by the client; so is
+// a stream's request queued behind it, which the stream's end drops.
 TEST_F(ServiceTest, DeadlineDuringTheRunIsCountedAsDeadlineExceeded) {
   auto failures = [](const char* reason) { return MetricValue("sae_request_failures_total", "reason", reason); };
   const double deadline_before = failures("deadline_exceeded");
@@ -560,12 +561,14 @@ TEST_F(ServiceTest, DeadlineDuringTheRunIsCountedAsDeadlineExceeded) {
   auto stream = client_->stub()->ExtractStream(&stream_context);
   ASSERT_TRUE(stream->Write(TextRequest(kText, "late")));
   ASSERT_TRUE(WaitFor([] { return env->gate.waiting() == 1; }));
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "queued")));  // behind it: dropped when the call ends
+  ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == 2; }));
   while (stream->Read(&response)) {
   }
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   server_saw_the_end();
   env->gate.Open();
-  EXPECT_TRUE(WaitFor([&] { return failures("deadline_exceeded") == deadline_before + 2; }));
+  EXPECT_TRUE(WaitFor([&] { return failures("deadline_exceeded") == deadline_before + 3; }));
   EXPECT_EQ(failures("cancelled"), cancelled_before);
 }
 
