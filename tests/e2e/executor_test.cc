@@ -38,6 +38,14 @@ ExecutorOptions Options(int max_batch_tokens, int max_inflight_requests) {
   return options;
 }
 
+// Windows of 4 tokens (BOS 0 prepended to the later ones), one per batch.
+ExecutorOptions OneWindowPerBatch() {
+  ExecutorOptions options = Options(/*max_batch_tokens=*/4, 4);
+  options.max_seq_len = 4;
+  options.bos_id = 0;
+  return options;
+}
+
 // Records batches; holds the runner while `hold` is set. Its result for a
 // sequence has one SAE with k=1: index = the token id, value = the position
 // in the sequence, so stitching and windowing can be checked.
@@ -399,10 +407,7 @@ TEST(ExecutorTest, StopAdmittingFailsTheLineAndFinishesAdmittedJobs) {
 
 TEST(ExecutorTest, LongJobRunsAsWindowsStitchedOrStreamedInOrder) {
   FakeRunner fake;
-  ExecutorOptions options = Options(/*max_batch_tokens=*/4, 4);
-  options.max_seq_len = 4;
-  options.bos_id = 0;
-  auto executor = Executor::Create(fake.Runner(), options);
+  auto executor = Executor::Create(fake.Runner(), OneWindowPerBatch());
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
   const std::vector<int32_t> ids = {0, 11, 12, 13, 14, 15, 16, 17, 18, 19};
@@ -439,10 +444,7 @@ TEST(ExecutorTest, LongJobRunsAsWindowsStitchedOrStreamedInOrder) {
 // may be gone after `done`).
 TEST(ExecutorTest, DoneWaitsForTheWindowBeingDelivered) {
   FakeRunner fake;
-  ExecutorOptions options = Options(/*max_batch_tokens=*/4, 4);
-  options.max_seq_len = 4;
-  options.bos_id = 0;
-  auto executor = Executor::Create(fake.Runner(), options);
+  auto executor = Executor::Create(fake.Runner(), OneWindowPerBatch());
   ASSERT_TRUE(executor.ok());
   CancelFlag cancelled = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> in_window{false}, done_during_window{false}, done{false};
