@@ -257,10 +257,8 @@ void Executor::SweepLocked(Clock::time_point now, Actions* actions) {
     it = line_.erase(it);
     // Never admitted: nothing to release.
     job->completed = true;
-    actions->push_back([job, reason] {
-      job->CallOnAdmitted();
-      job->job.done(reason);
-    });
+    job->failure = reason;
+    QueueDoneLocked(job, actions);
   }
   for (const auto& job : queue_) {
     if (job->failure.ok() && !job->completed) {
@@ -595,10 +593,8 @@ void Executor::StopAdmittingLocked(const absl::Status& why, Actions* actions) {
   admitting_ = false;
   for (auto& job : line_) {
     job->completed = true;
-    actions->push_back([job, status = refusal_] {
-      job->CallOnAdmitted();
-      job->job.done(status);
-    });
+    job->failure = refusal_;
+    QueueDoneLocked(job, actions);
   }
   line_.clear();
   n_waiting_.store(0);

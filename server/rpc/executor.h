@@ -215,6 +215,8 @@ class Executor {
   // Refuses new jobs from now on with `why` (unless already refusing) and
   // fails the admission line with it.
   void StopAdmittingLocked(const absl::Status& why, Actions* actions);
+  // Queues a completed job's `done` (with its failure, else its result), or
+  // defers it to Finish while a window of the job is being delivered.
   void QueueDoneLocked(const std::shared_ptr<Pending>& job, Actions* actions);
   // Fails every job not yet on the engine thread and stops admitting.
   void FailEverythingLocked(const absl::Status& why, Actions* actions);
