@@ -497,6 +497,18 @@ int Run(const Options& o) {
             const std::string key = absl::StrCat("sae_", label, "_", mode);
             result(key + "_ms", sec * 1e3);
             for (auto [nl, fsec] : fwd) result(absl::StrCat(key, "_share_L", nl, "_pct"), 100 * sec / fsec);
+            // One more run, counting the rows the error bound could not
+            // settle (recomputed over all d_sae features: the slow path).
+            BENCH_ASSIGN(before, b->SaeExactRows());
+            st = b->SaeEncodeTopK(h_f32.get(), w, o.k, sae_out_idx.get(), sae_out_val.get());
+            if (!st.ok()) return fail(st);
+            BENCH_ASSIGN(after, b->SaeExactRows());
+            const double pct = 100.0 * static_cast<double>(after - before) / static_cast<double>(n);
+            std::printf(
+                "      rows recomputed over every feature (the bound could not settle them): %lld of %lld "
+                "(%.2f%%)\n",
+                static_cast<long long>(after - before), static_cast<long long>(n), pct);
+            result(key + "_exact_rows_pct", pct);
           }
         }
       }

@@ -287,6 +287,12 @@ class Backend {
   // shared memory, so it depends on the device (8192 on sm_80 / sm_90, 3277
   // on sm_86 / sm_89 at d_model 4096).
   virtual int max_sae_top_k(int64_t d_model) const { return std::numeric_limits<int>::max(); }
+  // Rows (one token under one SAE) whose exact top-k the fast path could not
+  // settle, so every feature of the row was recomputed exactly, since the
+  // backend was created; waits for the work queued. CUDA: the rescoring
+  // error bound left a feature outside the candidates able to enter the
+  // top-k. UNIMPLEMENTED where every row takes the one path (the CPU).
+  virtual absl::StatusOr<int64_t> SaeExactRows() { return Unimplemented("SaeExactRows"); }
 
  protected:
   absl::Status Unimplemented(absl::string_view op) const {

@@ -1372,6 +1372,47 @@ TEST_P(BackendOpsTest, SaeTopKResolvesDifferencesBelowBf16) {
   }
 }
 
+// At Llama's d_model the rescoring error bound is ~0.16 standard deviations
+// of the pre-activations, wider than the gap between the k-th value and
+// k + k/4 values down: with that few candidates every one of these rows (a
+// TopK-style SAE, half the features active, k = 128) went to the all-features
+// exact path, many times the GEMM's cost (simulated at 131072 features: most
+// rows from k = 50 on). The candidates the backend keeps now settle them
+// (Backend::SaeExactRows counts the others). The top-k is exact either way.
+TEST_P(BackendOpsTest, SaeTopKSettlesRowsFromCandidatesAtLlamaWidth) {
+  const int n = 16, d = 4096, d_sae = 8192, k = 128;
+  const float a = std::sqrt(3.0f / d);  // w . x ~ N(0, 1) over the features
+  const auto x = Random(static_cast<size_t>(n) * d, 91);
+  const auto w = Rounded(Random(static_cast<size_t>(d_sae) * d, 92, a), DType::kBF16);
+  const std::vector<float> b(d_sae, 0.0f);
+  auto tx = Upload(x, n, d), tw = Upload(w, d_sae, d, DType::kBF16), tb = Upload(b, 1, d_sae);
+  const SaeEncoderWeights sae{tw.get(), tb.get(), Tensor(), 1.0f, 0.0f, 0};
+  const absl::StatusOr<int64_t> before = backend_->SaeExactRows();
+  if (GetParam() == "cpu") {
+    EXPECT_EQ(before.status().code(), absl::StatusCode::kUnimplemented);
+  } else {
+    ASSERT_TRUE(before.ok()) << before.status();
+  }
+  auto idx = Zeros(n, k, DType::kI32), val = Zeros(n, k);
+  ASSERT_TRUE(backend_->SaeEncodeTopK(tx.get(), sae, k, idx.get(), val.get()).ok());
+  if (GetParam() == "cuda") {
+    const absl::StatusOr<int64_t> after = backend_->SaeExactRows();
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_LE(*after - *before, n / 8) << "rows the bound could not settle from the candidates";
+  }
+  const auto got_i = Download<int32_t>(idx);
+  const auto got_v = Download<float>(val);
+  for (int t = 0; t < n; ++t) {
+    const auto ref =
+        RefTopK(std::vector<float>(x.begin() + t * d, x.begin() + (t + 1) * d), w, b, {}, d, d_sae, 1.0f, 0.0f, k);
+    ASSERT_EQ(ref.size(), static_cast<size_t>(k));
+    for (int j = 0; j < k; ++j) {
+      EXPECT_EQ(got_i[t * k + j], ref[j].first) << "token " << t << " slot " << j;
+      EXPECT_NEAR(got_v[t * k + j], ref[j].second, 1e-4 + 1e-4 * std::abs(ref[j].second));
+    }
+  }
+}
+
 // The rescoring margin must bound how far the bf16 GEMM moves a value at any
 // scale of x. After bf16 rounding every feature ties at (1 + 2^-7) s; the
 // exact values are C (features 0..49) (1 + 2^-7 + 2^-9) s, B (50..1998)

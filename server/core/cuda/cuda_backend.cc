@@ -444,7 +444,7 @@ class CudaBackend final : public Backend {
     cudaStreamSynchronize(dev_->stream);
     for (cudaEvent_t e : points_) cudaEventDestroy(e);
     for (Scratch* s : {&x_bf16_, &w_f32_, &sae_pre_, &sae_topk_, &sae_rows_, &tile_table_, &mm_parts_, &sae_cand_,
-                       &sae_bound_, &attn_f32_, &attn_kv_, &x_f32_}) {
+                       &sae_bound_, &attn_f32_, &attn_kv_, &x_f32_, &sae_exact_rows_}) {
       if (s->ptr != nullptr) cudaFreeAsync(s->ptr, dev_->stream);
     }
   }
@@ -480,6 +480,13 @@ class CudaBackend final : public Backend {
       (TopKFits(mid, d_model) ? lo : hi) = mid;
     }
     return lo;
+  }
+
+  absl::StatusOr<int64_t> SaeExactRows() override {
+    if (sae_exact_rows_.ptr == nullptr) return 0;  // no rescoring has run
+    unsigned long long n = 0;
+    RETURN_IF_ERROR(CopyToHost(Tensor{sae_exact_rows_.ptr, DType::kI32, 1, 2}, &n));
+    return static_cast<int64_t>(n);
   }
 
   bool asynchronous() const override { return true; }
@@ -967,7 +974,7 @@ class CudaBackend final : public Backend {
     const int n_enc = std::max(mode, 1);
     // Per token: encoder parts, the bf16 GEMM input, the top-k list, rescoring scratch.
     const size_t row_bytes = static_cast<size_t>(n_enc) * d_sae * sizeof(float) + static_cast<size_t>(n_enc * d) * 2 +
-                             static_cast<size_t>(k) * 8 + (k > 0 && mode == 0 ? SaeCandidateBytesPerRow(k) : 0) +
+                             static_cast<size_t>(k) * 8 + (k > 0 && mode == 0 ? SaeCandidateBytesPerRow(k, d) : 0) +
                              (jumprelu_rescore ? sizeof(float) + JumpReluListBytesPerRow() : 0);
     const int64_t chunk = SaeChunkRows(x.rows, row_bytes);
     ASSIGN_OR_RETURN(void* pre_v, Ensure(&sae_pre_, static_cast<size_t>(n_enc * chunk * d_sae) * sizeof(float)));
@@ -1138,9 +1145,9 @@ class CudaBackend final : public Backend {
   // The kernels' static __shared__ variables (tens of bytes, see ptxas -v)
   // come out of the same per-block opt-in budget: the driver refuses a
   // dynamic limit above shared_optin minus them in cudaFuncSetAttribute.
-  bool TopKFits(int k_keep, int64_t d) const {
+  bool TopKFits(int k_keep, int64_t d) const { return CandidatesFit(LeastSaeCandidates(k_keep), d); }
+  bool CandidatesFit(int n_cand, int64_t d) const {
     constexpr size_t kStaticSharedReserve = 1024;
-    const int n_cand = SaeCandidates(k_keep);
     const size_t budget = dev_->shared_optin - std::min(dev_->shared_optin, kStaticSharedReserve);
     return cuda::SaeTopKSharedBytes(n_cand) <= budget && cuda::SaeRescoreSharedBytes(n_cand, d) <= budget;
   }
@@ -1154,14 +1161,36 @@ class CudaBackend final : public Backend {
                      dev_->name, " (", dev_->shared_optin / 1024, " KiB of shared memory per block, d_model ", d, ")"));
   }
   // Rescoring keeps this many candidates per row for a top-k of k_keep.
-  static int SaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
+  // A row is settled from its candidates when its k_keep-th exact value
+  // beats the last candidate's by the error bound, about 0.16 standard
+  // deviations of the pre-activations at d_model 4096. In the tail of 131072
+  // (or 32768) features, k_keep + k_keep / 4 candidates leave a smaller gap
+  // than that from k_keep ~ 50 on, so most rows took the all-features path;
+  // 2 k_keep + 64 leave a gap of 0.3 or more up to k_keep = 4096 (simulated
+  // with Gaussian encoder rows and activations: 0 of 24 rows at k_keep 16 to
+  // 256, where k_keep + k_keep / 4 sent 4 of 8 at 50 and all from 100). Fewer
+  // where the device's shared memory does not hold them, never fewer than
+  // LeastSaeCandidates (what TopKFits and max_sae_top_k count).
+  int SaeCandidates(int k_keep, int64_t d) const {
+    const int least = LeastSaeCandidates(k_keep);
+    int lo = least, hi = static_cast<int>(std::min<int64_t>(cuda::kSaeTopKMaxK, 2 * static_cast<int64_t>(k_keep) + 64));
+    if (hi <= lo || CandidatesFit(hi, d)) return std::max(lo, hi);
+    while (hi - lo > 1) {  // CandidatesFit(lo), !CandidatesFit(hi); monotone in n
+      const int mid = lo + (hi - lo) / 2;
+      (CandidatesFit(mid, d) ? lo : hi) = mid;
+    }
+    return lo;
+  }
+  static int LeastSaeCandidates(int k_keep) { return std::min(cuda::kSaeTopKMaxK, k_keep + std::max(32, k_keep / 4)); }
   // Rescoring scratch per row: candidates (index + value), margin, fallback flag.
-  static size_t SaeCandidateBytesPerRow(int k_keep) { return static_cast<size_t>(SaeCandidates(k_keep)) * 8 + 8; }
+  size_t SaeCandidateBytesPerRow(int k_keep, int64_t d) const {
+    return static_cast<size_t>(SaeCandidates(k_keep, d)) * 8 + 8;
+  }
   // Device bytes per token of ChunkTopK in `mode` (pre-activations, the bf16 GEMM input, candidates).
-  static size_t SaeTopKRowBytes(int mode, int64_t d_sae, int64_t d, int k_keep) {
+  size_t SaeTopKRowBytes(int mode, int64_t d_sae, int64_t d, int k_keep) const {
     const int parts = std::max(mode, 1);
     return static_cast<size_t>(parts) * (d_sae * sizeof(float) + d * 2) +
-           (mode == 0 ? SaeCandidateBytesPerRow(k_keep) : 0);
+           (mode == 0 ? SaeCandidateBytesPerRow(k_keep, d) : 0);
   }
 
   // The error bound's constants of a BF16 encoder (cuda::SaeValueBounds),
@@ -1211,8 +1240,9 @@ class CudaBackend final : public Backend {
     }
     *parts = 0;
     ASSIGN_OR_RETURN(const auto bound, SaeBounds(sae));
-    const int n_cand = SaeCandidates(k_keep);
-    ASSIGN_OR_RETURN(void* cand_v, Ensure(&sae_cand_, static_cast<size_t>(tc) * SaeCandidateBytesPerRow(k_keep)));
+    const int n_cand = SaeCandidates(k_keep, d);
+    ASSIGN_OR_RETURN(void* cand_v, Ensure(&sae_cand_, static_cast<size_t>(tc) * SaeCandidateBytesPerRow(k_keep, d)));
+    ASSIGN_OR_RETURN(unsigned long long* exact_rows, ExactRowCounter());
     auto* cand_idx = static_cast<int32_t*>(cand_v);
     auto* cand_val = reinterpret_cast<float*>(cand_idx + tc * n_cand);
     float* margin = cand_val + tc * n_cand;
@@ -1223,10 +1253,10 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(FromCuda(cuda::LaunchSaeTopK(pre, 1, tc, d_sae, bias, fscale, sae.scale_in, sae.threshold, margin,
                                                  nullptr, n_cand, n_cand, cand_idx, cand_val, dev_->stream),
                              op));
-    RETURN_IF_ERROR(
-        FromCuda(cuda::LaunchSaeRescore(x, sae.encoder.data, tc, d, bias, fscale, sae.scale_in, sae.threshold, margin,
-                                        cand_idx, cand_val, n_cand, k_keep, k, idx, val, fallback, dev_->stream),
-                 op));
+    RETURN_IF_ERROR(FromCuda(
+        cuda::LaunchSaeRescore(x, sae.encoder.data, tc, d, bias, fscale, sae.scale_in, sae.threshold, margin, cand_idx,
+                               cand_val, n_cand, k_keep, k, idx, val, fallback, exact_rows, dev_->stream),
+        op));
     // Rows the bound could not settle: every feature exactly, then the plain top-k.
     RETURN_IF_ERROR(
         FromCuda(cuda::LaunchSaeExactRows(x, sae.encoder.data, tc, d, d_sae, fallback, pre, dev_->stream), op));
@@ -1310,6 +1340,15 @@ class CudaBackend final : public Backend {
       return absl::InvalidArgumentError("cuda sae selected: a feature id is outside [0, d_sae)");
     }
     return absl::InternalError(absl::StrCat("cuda: kernel error code ", code));
+  }
+
+  // SaeExactRows' device counter, zeroed when first made.
+  absl::StatusOr<unsigned long long*> ExactRowCounter() {
+    if (sae_exact_rows_.ptr == nullptr) {
+      ASSIGN_OR_RETURN(void* p, Ensure(&sae_exact_rows_, sizeof(unsigned long long)));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p, 0, sizeof(unsigned long long), dev_->stream), "sae exact-row counter");
+    }
+    return static_cast<unsigned long long*>(sae_exact_rows_.ptr);
   }
 
   absl::StatusOr<void*> Ensure(Scratch* s, size_t bytes) {
@@ -1433,19 +1472,20 @@ class CudaBackend final : public Backend {
   const bool bf16_activations_;       // gemm_input_dtype() is BF16
   int next_io_ = 0;
   int next_in_ = 0;
-  Scratch x_bf16_;      // [n_parts, n, k] bf16 GEMM input
-  Scratch x_f32_;       // a BF16 GEMM input widened for an F32 / F16 weight
-  Scratch attn_f32_;    // fp32 attention output before its BF16 rounding
-  Scratch attn_kv_;     // bf16 k and v for the tensor-core attention
-  Scratch w_f32_;       // F16 weight rows widened to F32
-  Scratch mm_parts_;    // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
-  Scratch sae_pre_;     // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
-  Scratch sae_topk_;    // [chunk, n] I32 indices, then [chunk, n] F32 values (a top-k, or JumpReLU actives + flags)
-  Scratch sae_cand_;    // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags;
-                        // JumpReLU reconstruction and watch list: [chunk] margins
-  Scratch sae_bound_;   // SaeValueBounds: SaeBounds' device result
-  Scratch sae_rows_;    // [m, d_model] watched encoder rows, encoder dtype
-  Scratch tile_table_;  // [n_seqs + 1] I32 attention tile table
+  Scratch x_bf16_;          // [n_parts, n, k] bf16 GEMM input
+  Scratch x_f32_;           // a BF16 GEMM input widened for an F32 / F16 weight
+  Scratch attn_f32_;        // fp32 attention output before its BF16 rounding
+  Scratch attn_kv_;         // bf16 k and v for the tensor-core attention
+  Scratch w_f32_;           // F16 weight rows widened to F32
+  Scratch mm_parts_;        // [n_parts, chunk, m] F32 model GEMM parts (SAE_CUDA_MODEL_SPLIT > 1)
+  Scratch sae_pre_;         // [n_parts, chunk, d_sae] F32 pre-activations (then F [chunk, d_sae])
+  Scratch sae_topk_;        // [chunk, n] I32 indices, then [chunk, n] F32 values (a top-k, or JumpReLU actives + flags)
+  Scratch sae_cand_;        // rescoring: [chunk, n_cand] I32 + F32 candidates, [chunk] margins, [chunk] flags;
+                            // JumpReLU reconstruction and watch list: [chunk] margins
+  Scratch sae_bound_;       // SaeValueBounds: SaeBounds' device result
+  Scratch sae_exact_rows_;  // one u64: rows rescoring sent to the all-features path (SaeExactRows)
+  Scratch sae_rows_;        // [m, d_model] watched encoder rows, encoder dtype
+  Scratch tile_table_;      // [n_seqs + 1] I32 attention tile table
 };
 
 }  // namespace

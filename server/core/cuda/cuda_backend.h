@@ -25,8 +25,8 @@
 // and DeviceStatus(). 4: MatMulShared, MatMulAdd, Copy, CopyToHostAfter,
 // gemm_input_dtype() and Memory() (with MemoryUsage). 5: SaeDecoderWeights'
 // decoder is feature-major [d_sae, d_model]. 6: max_sae_top_k(), and
-// CopyToHostAfter takes the batch's first point (`since`).
-#define SAE_CUDA_BACKEND_ABI_VERSION 6
+// CopyToHostAfter takes the batch's first point (`since`). 7: SaeExactRows().
+#define SAE_CUDA_BACKEND_ABI_VERSION 7
 
 extern "C" {
 // The library's one C entry point. On success returns 0 and stores a new

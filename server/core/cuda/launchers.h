@@ -136,6 +136,7 @@ cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const Sa
 // the k_keep largest exact values > threshold into out_idx/out_val [n_rows, k]
 // when provably right: fallback[r] = 0; else fallback[r] = 1 and the row's
 // outputs are left for LaunchSaeExactRows + LaunchSaeTopK(row_mask = fallback).
+// fallback_count (nullable): incremented once per row with fallback[r] = 1.
 // LaunchSaeRescore's candidate buffer (a power of two >= n_cand), and its
 // dynamic shared memory: the candidates (8 bytes each), the row of x.
 inline uint32_t SaeRescoreCandidateCap(int n_cand) {
@@ -149,7 +150,8 @@ inline size_t SaeRescoreSharedBytes(int n_cand, int64_t d) {
 cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
                              const float* feature_scale, float scale_in, float threshold, const float* margin,
                              const int32_t* cand_idx, const float* cand_val, int n_cand, int k_keep, int k,
-                             int32_t* out_idx, float* out_val, int32_t* fallback, cudaStream_t stream);
+                             int32_t* out_idx, float* out_val, int32_t* fallback, unsigned long long* fallback_count,
+                             cudaStream_t stream);
 // pre [n_rows, d_sae] <- exact w_i . x_r for the rows with fallback[r] != 0.
 cudaError_t LaunchSaeExactRows(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, int64_t d_sae,
                                const int32_t* fallback, float* pre, cudaStream_t stream);

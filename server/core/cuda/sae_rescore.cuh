@@ -168,10 +168,11 @@ struct RescoreParams {
   int n_cand;
   int k_keep;
   int k;
-  uint32_t cap;       // power of two >= n_cand
-  int32_t* out_idx;   // [n_rows, k]
-  float* out_val;     // [n_rows, k]
-  int32_t* fallback;  // [n_rows]
+  uint32_t cap;                        // power of two >= n_cand
+  int32_t* out_idx;                    // [n_rows, k]
+  float* out_val;                      // [n_rows, k]
+  int32_t* fallback;                   // [n_rows]
+  unsigned long long* fallback_count;  // nullable: += 1 per row with fallback 1
 };
 
 // One block per row; shared memory: cap packed candidates, then x's row.
@@ -219,7 +220,10 @@ __global__ void __launch_bounds__(kRescoreThreads) SaeRescoreKernel(RescoreParam
       exact = limit <= p.threshold;
     }
   }
-  if (tid == 0) p.fallback[row] = exact ? 0 : 1;
+  if (tid == 0) {
+    p.fallback[row] = exact ? 0 : 1;
+    if (!exact && p.fallback_count != nullptr) atomicAdd(p.fallback_count, 1ull);
+  }
   if (!exact) return;  // block-uniform: the outputs come from the exact-row path
   WriteTopKRow(cand, min(n_active, static_cast<uint32_t>(p.k_keep)), p.k, p.out_idx + row * p.k, p.out_val + row * p.k);
 }
@@ -405,7 +409,8 @@ cudaError_t LaunchSaeMargins(const float* x, int64_t n_rows, int64_t d, const Sa
 cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n_rows, int64_t d, const float* bias,
                              const float* feature_scale, float scale_in, float threshold, const float* margin,
                              const int32_t* cand_idx, const float* cand_val, int n_cand, int k_keep, int k,
-                             int32_t* out_idx, float* out_val, int32_t* fallback, cudaStream_t stream) {
+                             int32_t* out_idx, float* out_val, int32_t* fallback, unsigned long long* fallback_count,
+                             cudaStream_t stream) {
   if (n_rows == 0 || k == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff || n_cand < 1 || k_keep < 1 || k_keep > n_cand || k_keep > k) return cudaErrorInvalidValue;
   const uint32_t cap = SaeRescoreCandidateCap(n_cand);
@@ -428,7 +433,8 @@ cudaError_t LaunchSaeRescore(const float* x, const void* encoder_bf16, int64_t n
                              cap,
                              out_idx,
                              out_val,
-                             fallback};
+                             fallback,
+                             fallback_count};
   SAE_KERNEL_LAUNCH(SaeRescoreKernel, static_cast<unsigned>(n_rows), kRescoreThreads, smem, stream)(params);
   return cudaGetLastError();
 }
