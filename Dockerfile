@@ -4,8 +4,8 @@
 #   docker build -t sae-server .                  CPU backend (the default target)
 #   docker build --target gpu -t sae-server:gpu . CUDA backend, NVIDIA GPUs sm_80 / sm_90
 #
-# Run the demo:  docker run --rm -p 50051:50051 -p 9090:9090 sae-server
-#                docker run --rm --gpus all -p 50051:50051 -p 9090:9090 sae-server:gpu
+# Run the demo:  docker run --rm -p 50051:50051 -p 9464:9464 sae-server
+#                docker run --rm --gpus all -p 50051:50051 -p 9464:9464 sae-server:gpu
 # Real model:    docker run --rm --gpus all -v /models:/models -p 50051:50051 sae-server:gpu \
 #                  --config=/models/server.textproto
 #
@@ -50,7 +50,7 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAE_BUILD_TESTS=O
 FROM ${RUNTIME_IMAGE} AS runtime
 RUN useradd --system --create-home sae
 ENV PATH=/opt/sae/bin:$PATH
-EXPOSE 50051 9090
+EXPOSE 50051 9464
 # grpc.health.v1 on the default port: SERVING once the model is loaded and warm.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10m CMD ["/opt/sae/bin/sae-client", "--addr", "127.0.0.1:50051", "--timeout", "4", "health"]
 ENTRYPOINT ["/opt/sae/bin/sae-server"]
@@ -63,11 +63,11 @@ RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq 
 # libraries, and refuse to start on a driver older than CUDA 13 (r580).
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 USER sae
-CMD ["--demo", "--demo_dir=/home/sae/demo", "--backend=cuda", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
+CMD ["--demo", "--demo_dir=/home/sae/demo", "--backend=cuda", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9464"]
 
 FROM runtime AS cpu
 COPY --from=build-cpu /out/ /opt/sae/
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       ca-certificates $(cat /opt/sae/debian-packages) && rm -rf /var/lib/apt/lists/*
 USER sae
-CMD ["--demo", "--demo_dir=/home/sae/demo", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
+CMD ["--demo", "--demo_dir=/home/sae/demo", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9464"]

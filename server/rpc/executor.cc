@@ -157,7 +157,9 @@ absl::Status Executor::Submit(Job job, WhenFull when_full) {
       line_.push_back(std::move(pending));
       n_waiting_.store(static_cast<int>(line_.size()));
       UpdateGaugesLocked();
-      // The scheduler sweeps the line for cancelled and expired jobs.
+      // The scheduler sweeps the line for cancelled and expired jobs: poked,
+      // since one idle when the line was empty waits without a timeout.
+      scheduler_poked_ = true;
       scheduler_cv_.notify_one();
     }
   }

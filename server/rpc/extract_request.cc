@@ -123,6 +123,15 @@ absl::StatusOr<PreparedRequest> PrepareRequest(const Engine& engine, const Reque
 
   if (request.input_case() == v1::ExtractRequest::kText) {
     const bool add_bos = request.has_add_bos() ? request.add_bos() : true;
+    // A text certainly over the limit is refused before the tokenizer spends
+    // time on it (a gRPC thread would, up to ~1 s for 4 MB).
+    const size_t max_token_bytes = std::max<size_t>(1, engine.tokenizer().max_token_bytes());
+    if (request.text().size() > static_cast<size_t>(limits.max_tokens_per_request) * max_token_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("the text has ", request.text().size(), " bytes, more than ",
+                                                     limits.max_tokens_per_request, " tokens of at most ",
+                                                     max_token_bytes, " bytes each cover; max_tokens_per_request is ",
+                                                     limits.max_tokens_per_request));
+    }
     // INVALID_ARGUMENT on invalid UTF-8, with the byte offset.
     ASSIGN_OR_RETURN(Encoding enc, engine.tokenizer().Encode(request.text(), add_bos));
     p.sequence.ids = std::move(enc.ids);

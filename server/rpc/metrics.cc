@@ -29,12 +29,16 @@ prometheus::Histogram::BucketBoundaries PowersOfTwo(double last) {
 
 // Failure reasons: the gRPC status code, lower case. Fixed, so every series
 // exists (at 0) from the first scrape and rate() works from the start.
-constexpr absl::StatusCode kReasonCodes[] = {absl::StatusCode::kInvalidArgument, absl::StatusCode::kResourceExhausted,
-                                             absl::StatusCode::kCancelled,       absl::StatusCode::kDeadlineExceeded,
-                                             absl::StatusCode::kUnavailable,     absl::StatusCode::kInternal};
-constexpr const char* kReasonNames[] = {"invalid_argument",  "resource_exhausted", "cancelled",
-                                        "deadline_exceeded", "unavailable",        "internal"};
+constexpr absl::StatusCode kReasonCodes[] = {absl::StatusCode::kInvalidArgument,   absl::StatusCode::kAlreadyExists,
+                                             absl::StatusCode::kResourceExhausted, absl::StatusCode::kCancelled,
+                                             absl::StatusCode::kDeadlineExceeded,  absl::StatusCode::kUnavailable,
+                                             absl::StatusCode::kInternal};
+constexpr const char* kReasonNames[] = {"invalid_argument", "already_exists",    "resource_exhausted",
+                                        "cancelled",        "deadline_exceeded", "unavailable",
+                                        "internal"};
 constexpr int kNumReasons = sizeof(kReasonCodes) / sizeof(kReasonCodes[0]);
+// By Metrics::Rpc.
+constexpr const char* kRpcNames[Metrics::kNumRpcs] = {"Extract", "ExtractStream", "Tokenize", "ListSaes", "Info"};
 
 }  // namespace
 
@@ -46,10 +50,14 @@ struct Metrics::Failures {
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failures_(std::make_unique<Failures>()) {
   auto& request = prometheus::BuildHistogram()
                       .Name("sae_request_duration_seconds")
-                      .Help("Time from a request's arrival to its last response, by RPC (ExtractStream: per request)")
+                      .Help(
+                          "Time from a request's arrival to its last response, by RPC (ExtractStream: per request) "
+                          "and outcome (ok, or error: refused, failed, cancelled, deadline exceeded)")
                       .Register(*registry_);
-  request_extract_ = &request.Add({{"rpc", "Extract"}}, SecondsBuckets());
-  request_extract_stream_ = &request.Add({{"rpc", "ExtractStream"}}, SecondsBuckets());
+  for (int rpc = 0; rpc < kNumRpcs; ++rpc) {
+    request_ok_[rpc] = &request.Add({{"rpc", kRpcNames[rpc]}, {"outcome", "ok"}}, SecondsBuckets());
+    request_error_[rpc] = &request.Add({{"rpc", kRpcNames[rpc]}, {"outcome", "error"}}, SecondsBuckets());
+  }
   tokenization_ = &prometheus::BuildHistogram()
                        .Name("sae_tokenization_seconds")
                        .Help("Validation and tokenization of one request")
@@ -119,8 +127,17 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
 
 Metrics::~Metrics() = default;
 
-void Metrics::ObserveRequest(Rpc rpc, double seconds) {
-  (rpc == Rpc::kExtract ? request_extract_ : request_extract_stream_)->Observe(seconds);
+void Metrics::RequestDone(Rpc rpc, double seconds, absl::StatusCode code) {
+  const int i = static_cast<int>(rpc);
+  (code == absl::StatusCode::kOk ? request_ok_ : request_error_)[i]->Observe(seconds);
+  if (code == absl::StatusCode::kOk) return;
+  for (int r = 0; r < kNumReasons; ++r) {
+    if (kReasonCodes[r] == code) {
+      failures_->by_reason[r]->Increment();
+      return;
+    }
+  }
+  failures_->other->Increment();
 }
 void Metrics::ObserveTokenization(double seconds) { tokenization_->Observe(seconds); }
 void Metrics::ObserveQueueTime(double seconds) { queue_time_->Observe(seconds); }
@@ -139,16 +156,6 @@ void Metrics::ObserveBatch(int64_t n_tokens, int n_sequences) {
   batch_sequences_->Observe(n_sequences);
 }
 void Metrics::AddTokens(int64_t n) { tokens_->Increment(static_cast<double>(n)); }
-void Metrics::CountFailure(absl::StatusCode code) {
-  if (code == absl::StatusCode::kOk) return;
-  for (int i = 0; i < kNumReasons; ++i) {
-    if (kReasonCodes[i] == code) {
-      failures_->by_reason[i]->Increment();
-      return;
-    }
-  }
-  failures_->other->Increment();
-}
 void Metrics::SetInflightRequests(int64_t n) { inflight_->Set(static_cast<double>(n)); }
 void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<double>(n)); }
 void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }

@@ -26,7 +26,8 @@ namespace sae {
 
 class Metrics {
  public:
-  enum class Rpc { kExtract, kExtractStream };
+  enum class Rpc { kExtract, kExtractStream, kTokenize, kListSaes, kInfo };
+  static constexpr int kNumRpcs = 5;
 
   Metrics();
   ~Metrics();
@@ -35,9 +36,11 @@ class Metrics {
 
   const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
 
-  // One finished Extract call, or one request of an ExtractStream (success or
-  // failure), from arrival to its last response.
-  void ObserveRequest(Rpc rpc, double seconds);
+  // One finished call (ExtractStream: one request of the stream; a stream
+  // refused before it could take any, one), from arrival to its last
+  // response: sae_request_duration_seconds{rpc, outcome="ok"|"error"}, and a
+  // failure counted under its reason when `code` is not OK.
+  void RequestDone(Rpc rpc, double seconds, absl::StatusCode code);
   // Validation and tokenization of one request, on the gRPC thread.
   void ObserveTokenization(double seconds);
   // One window, from admission to the start of the batch that runs it.
@@ -51,8 +54,6 @@ class Metrics {
   void ObserveBatch(int64_t n_tokens, int n_sequences);
   // Request tokens whose features were computed.
   void AddTokens(int64_t n);
-  // A request that ended with `code` (not OK): counted under its reason.
-  void CountFailure(absl::StatusCode code);
 
   // Backend memory (Backend::Memory): sae_backend_memory_bytes{kind=...};
   // a kind the backend cannot tell (-1) is not exported.
@@ -64,8 +65,8 @@ class Metrics {
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
-  prometheus::Histogram* request_extract_;
-  prometheus::Histogram* request_extract_stream_;
+  prometheus::Histogram* request_ok_[kNumRpcs];     // by Rpc
+  prometheus::Histogram* request_error_[kNumRpcs];  // by Rpc
   prometheus::Histogram* tokenization_;
   prometheus::Histogram* queue_time_;
   prometheus::Histogram* forward_;

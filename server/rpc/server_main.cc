@@ -73,7 +73,7 @@ ABSL_FLAG(std::optional<uint32_t>, batch_timeout_seconds, std::nullopt,
           "a batch not finished after this long means a hung GPU: fail, NOT_SERVING, exit 3 (default 120 on cuda, "
           "0 = off on cpu)");
 ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
-          "Prometheus metrics address, e.g. 0.0.0.0:9090 (default: none)");
+          "Prometheus metrics address, e.g. 0.0.0.0:9464 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the bound metrics port to this file once listening (for tests)");
 
@@ -389,12 +389,14 @@ int Main(int argc, char** argv) {
   // streams) are refused while admitted ones finish, and open streams end
   // once their responses are written.
   health->Shutdown();
+  const auto cut_off = std::chrono::system_clock::now() + std::chrono::seconds(grace);
+  service.CutOffAt(cut_off);
   (*executor)->StopAdmitting();
   service.Drain();
   // Waits for running RPCs until the grace period ends, then cancels them
   // (the executor drops their jobs). The executor keeps running meanwhile, so
   // it stops only after the server stopped taking and finishing calls.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace));
+  server->Shutdown(cut_off);
   (*executor)->Shutdown();
   server->Wait();
   if ((*executor)->hung()) ExitHung();

@@ -41,22 +41,32 @@ Clock::time_point JobDeadline(const grpc::CallbackServerContext* context) {
 // before the server's copy of the deadline (arrival + grpc-timeout), so a
 // cancel within kDeadlineSlack of the deadline counts as the deadline.
 // A failed write is the same event seen earlier: the call is gone.
-absl::Status BrokenOff(const grpc::CallbackServerContext* context, absl::string_view what,
-                       absl::string_view cancelled_why) {
-  constexpr std::chrono::milliseconds kDeadlineSlack(100);
-  if (context->deadline() <= std::chrono::system_clock::now() + kDeadlineSlack) {
-    return absl::DeadlineExceededError(absl::StrCat("the deadline passed while the ", what, " ran"));
-  }
-  return absl::CancelledError(cancelled_why);
-}
-
 // What every Extract-like reactor needs; outlives them (owned by the service).
 struct Shared {
   const Engine* engine;
   Executor* executor;
   const ServiceOptions* options;
   Metrics* metrics;
+  // SaeServiceImpl::CutOffAt's time (system_clock nanoseconds), or max.
+  const std::atomic<int64_t>* cut_off_ns;
 };
+
+// Calls that Server::Shutdown cancels when the grace period ends are
+// UNAVAILABLE (the server went away), not a client's cancel.
+absl::Status BrokenOff(const Shared& shared, const grpc::CallbackServerContext* context, absl::string_view what,
+                       absl::string_view cancelled_why) {
+  constexpr std::chrono::milliseconds kDeadlineSlack(100);
+  const auto now = std::chrono::system_clock::now();
+  if (std::chrono::duration_cast<std::chrono::nanoseconds>((now + kDeadlineSlack).time_since_epoch()).count() >=
+      shared.cut_off_ns->load()) {
+    return absl::UnavailableError(
+        absl::StrCat("the server shut down before the ", what, " finished (shutdown_grace_seconds ran out)"));
+  }
+  if (context->deadline() <= now + kDeadlineSlack) {
+    return absl::DeadlineExceededError(absl::StrCat("the deadline passed while the ", what, " ran"));
+  }
+  return absl::CancelledError(cancelled_why);
+}
 
 // Validation, tokenization and the long-input policy, timed.
 absl::StatusOr<PreparedRequest> Prepare(const Shared& shared, const v1::ExtractRequest& request) {
@@ -130,7 +140,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) BreakLocked(BrokenOff(context_, "request", "the client stopped reading"));
+      if (!ok) BreakLocked(BrokenOff(shared_, context_, "request", "the client stopped reading"));
       action = NextActionLocked();
     }
     Do(action);
@@ -140,7 +150,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     Action action;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked(BrokenOff(context_, "request", "the client cancelled the request"));
+      BreakLocked(BrokenOff(shared_, context_, "request", "the client cancelled the request"));
       action = NextActionLocked();
     }
     Do(action);
@@ -217,8 +227,7 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
         break;
       case Action::kFinish:
         // final_status_ no longer changes once finished_ is set.
-        shared_.metrics->ObserveRequest(Metrics::Rpc::kExtract, SecondsSince(start_));
-        shared_.metrics->CountFailure(final_status_.code());
+        shared_.metrics->RequestDone(Metrics::Rpc::kExtract, SecondsSince(start_), final_status_.code());
         Finish(ToGrpcStatus(final_status_));
         break;
     }
@@ -305,7 +314,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     {
       std::lock_guard<std::mutex> lock(mu_);
       writing_ = false;
-      if (!ok) BreakLocked(BrokenOff(context_, "stream", "the client stopped reading").code());
+      if (!ok) BreakLocked(BrokenOff(shared_, context_, "stream", "the client stopped reading").code());
       resume_read = ResumeReadLocked();
       action = NextActionLocked();
     }
@@ -318,7 +327,7 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     bool resume_read = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      BreakLocked(BrokenOff(context_, "stream", "the client cancelled the stream").code());
+      BreakLocked(BrokenOff(shared_, context_, "stream", "the client cancelled the stream").code());
       // A paused read is started so that it fails and the stream can finish.
       resume_read = ResumeReadLocked();
       action = NextActionLocked();
@@ -434,9 +443,12 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
                                          " requests in flight; read responses before sending more")));
     }
     if (duplicate) {
-      // The first request with this id keeps its slot.
+      // The first request with this id keeps its slot and runs on. The
+      // refusal is ALREADY_EXISTS, never a code the first request can end
+      // with, so a client matching responses by id can tell the two apart.
       return QueueError(id, start,
-                        absl::InvalidArgumentError("request_id \"" + id + "\" is already in flight on this stream"));
+                        absl::AlreadyExistsError("request_id \"" + id + "\" is already in flight on this stream; " +
+                                                 "that request runs on, this one is refused"));
     }
     Job job;
     job.request = out->request->sequence;
@@ -550,11 +562,11 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     if (out->settled) return;
     out->settled = true;
     if (out->releases_id) in_flight_.erase(out->request_id);
-    shared_.metrics->ObserveRequest(Metrics::Rpc::kExtractStream, SecondsSince(out->start));
     // Cut short by the break (its job was cancelled by BreakLocked, or it
     // had not failed): counted under the break's reason.
     const bool cut_short = out->status.ok() || out->status.code() == absl::StatusCode::kCancelled;
-    shared_.metrics->CountFailure(broken_ && cut_short ? break_code_ : out->status.code());
+    shared_.metrics->RequestDone(Metrics::Rpc::kExtractStream, SecondsSince(out->start),
+                                 broken_ && cut_short ? break_code_ : out->status.code());
   }
 
   // Decides (and reserves) the next step; the caller performs it unlocked.
@@ -650,15 +662,21 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
   grpc::ByteBuffer response_;      // in flight until OnWriteDone
 };
 
-// Ends an RPC that cannot start (e.g. the model is still loading).
+// Ends an RPC that cannot start (e.g. the model is still loading), counted.
 template <typename Base>
 class FailedReactor final : public Base {
  public:
-  explicit FailedReactor(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
+  FailedReactor(Metrics* metrics, Metrics::Rpc rpc, const absl::Status& status) {
+    metrics->RequestDone(rpc, 0, status.code());
+    this->Finish(ToGrpcStatus(status));
+  }
   void OnDone() override { delete this; }
 };
 
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const absl::Status& status) {
+// Ends a unary call that arrived at `start`, counted.
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, Metrics* metrics, Metrics::Rpc rpc,
+                                      Clock::time_point start, const absl::Status& status) {
+  metrics->RequestDone(rpc, SecondsSince(start), status.code());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -723,6 +741,10 @@ SaeServiceImpl::~SaeServiceImpl() = default;
 
 void SaeServiceImpl::Drain() { open_streams_->DrainAll(); }
 
+void SaeServiceImpl::CutOffAt(std::chrono::system_clock::time_point at) {
+  cut_off_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(at.time_since_epoch()).count());
+}
+
 void SaeServiceImpl::Attach(const Engine* engine, Executor* executor) {
   engine_ = engine;
   executor_ = executor;
@@ -731,26 +753,37 @@ void SaeServiceImpl::Attach(const Engine* engine, Executor* executor) {
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SaeServiceImpl::Extract(grpc::CallbackServerContext* context,
                                                                     const grpc::ByteBuffer* request) {
-  if (!ready()) return new FailedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>>(NotReadyStatus());
-  return new ExtractReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context, *request);
+  if (!ready()) {
+    return new FailedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>>(options_.metrics.get(), Metrics::Rpc::kExtract,
+                                                                         NotReadyStatus());
+  }
+  return new ExtractReactor(Shared{engine_, executor_, &options_, options_.metrics.get(), &cut_off_ns_}, context,
+                            *request);
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SaeServiceImpl::ExtractStream(
     grpc::CallbackServerContext* context) {
-  if (!ready()) return new FailedReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(NotReadyStatus());
-  return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get()}, context,
+  if (!ready()) {
+    return new FailedReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(
+        options_.metrics.get(), Metrics::Rpc::kExtractStream, NotReadyStatus());
+  }
+  return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get(), &cut_off_ns_}, context,
                                   open_streams_.get());
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                    const grpc::ByteBuffer* request_bytes,
                                                    grpc::ByteBuffer* response_bytes) {
-  if (!ready()) return FinishUnary(context, NotReadyStatus());
+  const Clock::time_point start = Clock::now();
+  auto finish = [&](const absl::Status& status) {
+    return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kTokenize, start, status);
+  };
+  if (!ready()) return finish(NotReadyStatus());
   v1::TokenizeRequest request;
-  if (absl::Status parsed = ParseMessage(*request_bytes, &request); !parsed.ok()) return FinishUnary(context, parsed);
+  if (absl::Status parsed = ParseMessage(*request_bytes, &request); !parsed.ok()) return finish(parsed);
   const Tokenizer& tokenizer = engine_->tokenizer();
   absl::StatusOr<Encoding> enc = tokenizer.Encode(request.text(), request.has_add_bos() ? request.add_bos() : true);
-  if (!enc.ok()) return FinishUnary(context, enc.status());
+  if (!enc.ok()) return finish(enc.status());
   v1::TokenizeResponse response;
   for (size_t i = 0; i < enc->ids.size(); ++i) {
     v1::Token* token = response.add_tokens();
@@ -759,12 +792,13 @@ grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* 
     token->set_char_start(enc->offsets[i].first);
     token->set_char_end(enc->offsets[i].second);
   }
-  return FinishUnary(context, SerializeMessage(response, response_bytes));
+  return finish(SerializeMessage(response, response_bytes));
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::ListSaes(grpc::CallbackServerContext* context,
                                                    const v1::ListSaesRequest* request, v1::ListSaesResponse* response) {
-  if (!ready()) return FinishUnary(context, NotReadyStatus());
+  const Clock::time_point start = Clock::now();
+  if (!ready()) return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kListSaes, start, NotReadyStatus());
   for (const auto& sae : engine_->saes()) {
     const SaeHyperparams& hp = sae->hyperparams();
     v1::SaeInfo* info = response->add_saes();
@@ -780,12 +814,13 @@ grpc::ServerUnaryReactor* SaeServiceImpl::ListSaes(grpc::CallbackServerContext* 
     info->set_hook_point_out(hp.hook_point_out);
     info->set_path(sae->path());
   }
-  return FinishUnary(context, absl::OkStatus());
+  return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kListSaes, start, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::Info(grpc::CallbackServerContext* context, const v1::InfoRequest* request,
                                                v1::InfoResponse* response) {
-  if (!ready()) return FinishUnary(context, NotReadyStatus());
+  const Clock::time_point start = Clock::now();
+  if (!ready()) return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kInfo, start, NotReadyStatus());
   const LlamaConfig& config = engine_->model_config();
   response->set_model_path(engine_->model_dir());
   response->set_backend(engine_->backend_name());
@@ -799,7 +834,7 @@ grpc::ServerUnaryReactor* SaeServiceImpl::Info(grpc::CallbackServerContext* cont
   if (std::optional<int32_t> bos = engine_->tokenizer().bos_id())
     response->set_bos_token_id(static_cast<uint32_t>(*bos));
   response->set_version(options_.version);
-  return FinishUnary(context, absl::OkStatus());
+  return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kInfo, start, absl::OkStatus());
 }
 
 }  // namespace sae

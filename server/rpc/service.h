@@ -4,6 +4,9 @@
 #define SAE_RPC_SERVICE_H_
 
 #include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -59,6 +62,9 @@ class SaeServiceImpl final : public SaeServiceBase {
   // streams that clients keep open. Call after Executor::StopAdmitting
   // (requests still arriving are refused there), before Server::Shutdown.
   void Drain();
+  // Calls still running at `at`, when Server::Shutdown(at) cancels them,
+  // fail and are counted as UNAVAILABLE, not as cancelled by their client.
+  void CutOffAt(std::chrono::system_clock::time_point at);
 
   // Requests: v1::ExtractRequest; responses: v1::ExtractResponse.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Extract(grpc::CallbackServerContext* context,
@@ -81,6 +87,7 @@ class SaeServiceImpl final : public SaeServiceBase {
   const Engine* engine_ = nullptr;
   Executor* executor_ = nullptr;
   std::atomic<bool> ready_{false};
+  std::atomic<int64_t> cut_off_ns_{std::numeric_limits<int64_t>::max()};
   std::unique_ptr<OpenStreams> open_streams_;
 };
 

@@ -422,6 +422,7 @@ struct Tokenizer::Impl {
   absl::flat_hash_map<uint64_t, MergeInfo> merges;        // (left, right)
   std::vector<std::string> id_bytes;                      // [vocab_size]
   std::vector<uint8_t> id_special;                        // [vocab_size]
+  size_t max_token_bytes = 0;                             // longest entry of id_bytes
   absl::flat_hash_map<std::string, int32_t> added_by_content;
 
   AddedTokenTrie raw_added;         // added tokens with normalized: false
@@ -1039,6 +1040,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
   try {
     const Json root = Json::parse(json.begin(), json.end());
     RETURN_IF_ERROR(impl->Load(root));
+    for (const std::string& bytes : impl->id_bytes)
+      impl->max_token_bytes = std::max(impl->max_token_bytes, bytes.size());
   } catch (const Json::exception& e) {
     // parse_error messages give the byte position.
     return absl::InvalidArgumentError(absl::StrCat("tokenizer ", Av(origin), ": invalid JSON: ", e.what()));
@@ -1088,6 +1091,8 @@ std::string_view Tokenizer::TokenBytes(int32_t id) const {
 }
 
 int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->id_bytes.size()); }
+
+size_t Tokenizer::max_token_bytes() const { return impl_->max_token_bytes; }
 
 std::optional<int32_t> Tokenizer::bos_id() const {
   if (impl_->prefix_ids.empty()) return std::nullopt;

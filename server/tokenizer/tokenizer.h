@@ -53,6 +53,10 @@ class Tokenizer {
 
   // Including added tokens (max id + 1).
   int32_t vocab_size() const;
+  // The most bytes of text one token covers (Llama 3: 128). Tokens partition
+  // the text's bytes (no normalizer, no stripping added tokens), so a text of
+  // n bytes encodes to at least n / max_token_bytes() tokens.
+  size_t max_token_bytes() const;
   // The first special token the post-processor prepends, if any.
   std::optional<int32_t> bos_id() const;
   // `token` as written in tokenizer.json (byte-level form, e.g. "Ġthe", or an

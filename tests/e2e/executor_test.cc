@@ -341,6 +341,37 @@ TEST(ExecutorTest, BackpressureWaitsInLineInOrder) {
   EXPECT_EQ((*executor)->waiting(), 0);
 }
 
+// A job waiting in the admission line whose deadline passes, or whose caller
+// cancels, leaves the line within the sweep interval (20 ms), while the batch
+// ahead still runs: the scheduler, idle when the job joined the line, must
+// wake up for it.
+TEST(ExecutorTest, WaitersInLineAreSweptWhileTheBatchRuns) {
+  FakeRunner fake;
+  fake.Hold();
+  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
+  ASSERT_TRUE(executor.ok());
+  Outcome outcome;
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0), Executor::WhenFull::kWait).ok());
+  fake.WaitEntered();
+  Job late = outcome.MakeJob(Seq({2}), 1);
+  late.deadline = Clock::now() + std::chrono::milliseconds(50);
+  ASSERT_TRUE((*executor)->Submit(std::move(late), Executor::WhenFull::kWait).ok());
+  CancelFlag cancel = std::make_shared<std::atomic<bool>>(false);
+  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2, cancel), Executor::WhenFull::kWait).ok());
+  EXPECT_EQ((*executor)->waiting(), 2);
+  cancel->store(true);
+  const Clock::time_point start = Clock::now();
+  ASSERT_TRUE(WaitFor([&] { return outcome.Done() == 2; }, std::chrono::milliseconds(1000)))
+      << "the waiters are still in line with the batch ahead running";
+  EXPECT_LT(Clock::now() - start, std::chrono::milliseconds(500));
+  EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(outcome.Status(2).code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ((*executor)->waiting(), 0);
+  fake.Release();
+  outcome.WaitDone(3);
+  EXPECT_TRUE(outcome.Status(0).ok());
+}
+
 // A job admitted from the line while a batch is delivered has its
 // on_admitted queued on the engine thread, after that batch's on_window
 // callbacks; the scheduler may drop the job (here: cancelled meanwhile) and

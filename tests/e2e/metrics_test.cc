@@ -56,6 +56,7 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   // Nothing yet: every family is declared, all at zero.
   Scrape before = ParseScrape(HttpGet((*server)->port(), "/metrics"));
   EXPECT_EQ(before.Get("sae_request_failures_total{reason=\"invalid_argument\"}"), 0);
+  EXPECT_EQ(before.Get("sae_request_failures_total{reason=\"already_exists\"}"), 0);
   EXPECT_EQ(before.Get("sae_inflight_requests"), 0);
   EXPECT_FALSE(before.Has("sae_backend_memory_bytes{kind=\"tensors\"}"));  // set by the engine thread per batch
 
@@ -71,6 +72,14 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   v1::ExtractRequest bad = TextRequest("hi");
   bad.set_k(1000);
   ASSERT_EQ(client->Extract(bad, &responses).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("The cat sat.");
+  v1::TokenizeResponse tokenized;
+  ASSERT_TRUE(client->Tokenize(tokenize, &tokenized).ok());
+  v1::ListSaesResponse saes;
+  ASSERT_TRUE(client->ListSaes(&saes).ok());
+  v1::InfoResponse info;
+  ASSERT_TRUE(client->Info(&info).ok());
 
   const Scrape s = ParseScrape(HttpGet((*server)->port(), "/metrics"));
   EXPECT_EQ(s.types.at("sae_request_duration_seconds"), "histogram");
@@ -78,9 +87,14 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   EXPECT_EQ(s.types.at("sae_inflight_requests"), "gauge");
   for (const auto& [name, type] : s.types) EXPECT_FALSE(s.help.at(name).empty()) << name;
 
-  EXPECT_EQ(s.Get("sae_request_duration_seconds_count{rpc=\"Extract\"}"), 4);
-  EXPECT_EQ(s.Get("sae_request_duration_seconds_bucket{rpc=\"Extract\",le=\"+Inf\"}"), 4);
-  EXPECT_EQ(s.Get("sae_request_duration_seconds_count{rpc=\"ExtractStream\"}"), 0);
+  // By RPC and outcome: the served, and the refused apart from them.
+  EXPECT_EQ(s.Get("sae_request_duration_seconds_count{outcome=\"ok\",rpc=\"Extract\"}"), 3);
+  EXPECT_EQ(s.Get("sae_request_duration_seconds_bucket{outcome=\"ok\",rpc=\"Extract\",le=\"+Inf\"}"), 3);
+  EXPECT_EQ(s.Get("sae_request_duration_seconds_count{outcome=\"error\",rpc=\"Extract\"}"), 1);
+  EXPECT_EQ(s.Get("sae_request_duration_seconds_count{outcome=\"ok\",rpc=\"ExtractStream\"}"), 0);
+  for (const char* rpc : {"Tokenize", "ListSaes", "Info"}) {
+    EXPECT_EQ(s.Get(std::string("sae_request_duration_seconds_count{outcome=\"ok\",rpc=\"") + rpc + "\"}"), 1) << rpc;
+  }
   EXPECT_EQ(s.Get("sae_tokenization_seconds_count"), 4);
   EXPECT_EQ(s.Get("sae_request_failures_total{reason=\"invalid_argument\"}"), 1);
   EXPECT_EQ(s.Get("sae_request_failures_total{reason=\"resource_exhausted\"}"), 0);

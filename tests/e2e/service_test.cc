@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/engine.h"
 #include "rpc/config.h"
 #include "rpc/executor.h"
@@ -108,8 +109,9 @@ Env* env = nullptr;
 // The service's metrics as scraped: a counter or gauge's value, or a
 // histogram's sample count, of the series of `family` with `label`=`value`
 // (the family's first series without a label).
-double MetricValue(const std::string& family, const std::string& label = "", const std::string& value = "") {
-  for (const prometheus::MetricFamily& f : env->metrics->registry()->Collect()) {
+double MetricValue(const Metrics& metrics, const std::string& family, const std::string& label = "",
+                   const std::string& value = "") {
+  for (const prometheus::MetricFamily& f : metrics.registry()->Collect()) {
     if (f.name != family) continue;
     for (const prometheus::ClientMetric& m : f.metric) {
       const bool match = label.empty() || std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
@@ -122,6 +124,27 @@ double MetricValue(const std::string& family, const std::string& label = "", con
     }
   }
   ADD_FAILURE() << "no series " << family << "{" << label << "=" << value << "}";
+  return -1;
+}
+
+double MetricValue(const std::string& family, const std::string& label = "", const std::string& value = "") {
+  return MetricValue(*env->metrics, family, label, value);
+}
+
+// Calls of `rpc` that ended with `outcome` ("ok" or "error"), as
+// sae_request_duration_seconds counts them.
+double RequestCount(const Metrics& metrics, const std::string& rpc, const std::string& outcome) {
+  for (const prometheus::MetricFamily& f : metrics.registry()->Collect()) {
+    if (f.name != "sae_request_duration_seconds") continue;
+    for (const prometheus::ClientMetric& m : f.metric) {
+      const auto has = [&](const char* name, const std::string& value) {
+        return std::any_of(m.label.begin(), m.label.end(),
+                           [&](const auto& l) { return l.name == name && l.value == value; });
+      };
+      if (has("rpc", rpc) && has("outcome", outcome)) return static_cast<double>(m.histogram.sample_count);
+    }
+  }
+  ADD_FAILURE() << "no series sae_request_duration_seconds{rpc=" << rpc << ",outcome=" << outcome << "}";
   return -1;
 }
 
@@ -429,6 +452,8 @@ TEST_F(ServiceTest, ExtractStreamKeepsServingAfterBadRequest) {
 TEST_F(ServiceTest, ExtractStreamRejectsDuplicateAndMissingRequestIds) {
   env->gate.Close();
   grpc::ClientContext context;
+  const double already_exists = MetricValue("sae_request_failures_total", "reason", "already_exists");
+  const double invalid = MetricValue("sae_request_failures_total", "reason", "invalid_argument");
   auto stream = client_->stub()->ExtractStream(&context);
   ASSERT_TRUE(stream->Write(TextRequest(kText, "same")));
   // The first is held inside the executor, so it is certainly in flight.
@@ -439,11 +464,15 @@ TEST_F(ServiceTest, ExtractStreamRejectsDuplicateAndMissingRequestIds) {
   ASSERT_TRUE(stream->Read(&response));
   EXPECT_EQ(response.request_id(), "same");
   EXPECT_TRUE(response.done());
-  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  // A code the first "same" cannot end with: the client tells the refusal of
+  // the second from the end of the first.
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::ALREADY_EXISTS));
   EXPECT_NE(response.error().message().find("already in flight"), std::string::npos);
   ASSERT_TRUE(stream->Read(&response));
   EXPECT_EQ(response.request_id(), "");
   EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  EXPECT_EQ(MetricValue("sae_request_failures_total", "reason", "already_exists"), already_exists + 1);
+  EXPECT_EQ(MetricValue("sae_request_failures_total", "reason", "invalid_argument"), invalid + 1);
   env->gate.Open();
   auto by_id = ReadUntilDone(stream.get(), {"same"});
   for (const auto& r : by_id["same"]) EXPECT_FALSE(r.has_error());
@@ -654,6 +683,13 @@ std::vector<BadCase> BadCases() {
   std::string long_text;
   for (int i = 0; i < kMaxTokens; ++i) long_text += " cat";
   cases.push_back({"too long", TextRequest(long_text), grpc::StatusCode::INVALID_ARGUMENT, "max_tokens_per_request"});
+  // A text of more bytes than kMaxTokens of the longest token cover is
+  // refused by its size, untokenized; one byte less is tokenized.
+  const size_t cover = kMaxTokens * env->reference->tokenizer().max_token_bytes();
+  cases.push_back({"too many bytes", TextRequest(std::string(cover + 1, 'a')), grpc::StatusCode::INVALID_ARGUMENT,
+                   absl::StrCat("the text has ", cover + 1, " bytes, more than ", kMaxTokens, " tokens")});
+  cases.push_back({"at the byte bound", TextRequest(std::string(cover, 'a')), grpc::StatusCode::INVALID_ARGUMENT,
+                   "tokens; max_tokens_per_request"});
   v1::ExtractRequest empty_ids;
   empty_ids.mutable_token_ids();
   cases.push_back({"empty token_ids", empty_ids, grpc::StatusCode::INVALID_ARGUMENT, "no tokens"});
@@ -948,7 +984,9 @@ TEST_F(ServiceTest, CancelledRequestIsDroppedBeforeRunning) {
 }
 
 TEST(ServiceNotReadyTest, UnavailableUntilAttached) {
-  SaeServiceImpl service(ServiceOptions{});
+  ServiceOptions options;
+  options.metrics = std::make_shared<Metrics>();
+  SaeServiceImpl service(options);
   int port = 0;
   std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
   ASSERT_NE(server, nullptr);
@@ -957,7 +995,18 @@ TEST(ServiceNotReadyTest, UnavailableUntilAttached) {
   EXPECT_EQ(client->Info(&info).error_code(), grpc::StatusCode::UNAVAILABLE);
   std::vector<v1::ExtractResponse> responses;
   EXPECT_EQ(client->Extract(TextRequest("hi"), &responses).error_code(), grpc::StatusCode::UNAVAILABLE);
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("hi");
+  v1::TokenizeResponse tokenized;
+  EXPECT_EQ(client->Tokenize(tokenize, &tokenized).error_code(), grpc::StatusCode::UNAVAILABLE);
   server->Shutdown();
+  // Refused while loading, and counted so.
+  const Metrics& metrics = *options.metrics;
+  EXPECT_EQ(MetricValue(metrics, "sae_request_failures_total", "reason", "unavailable"), 3);
+  for (const char* rpc : {"Info", "Extract", "Tokenize"}) {
+    EXPECT_EQ(RequestCount(metrics, rpc, "error"), 1) << rpc;
+    EXPECT_EQ(RequestCount(metrics, rpc, "ok"), 0) << rpc;
+  }
 }
 
 // ---- per-request options: min_activation, watch, omit_pieces/offsets, reconstruction_error ----
@@ -1277,6 +1326,64 @@ TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
       << "Server::Shutdown waited for streams that had nothing left to answer";
   (*executor)->Shutdown();
   server->Wait();
+}
+
+// Calls still running when the shutdown grace ends are cancelled by
+// grpc::Server::Shutdown: they count as UNAVAILABLE (the server went away),
+// one running and one queued, not as cancelled by their clients.
+TEST(ServiceDrainTest, CallsCutOffWhenTheGraceEndsAreUnavailable) {
+  auto engine = Engine::Create(DemoEngineOptions());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Gate gate;
+  Engine* e = engine->get();
+  auto executor = Executor::Create(BlockingRunner([e, &gate](const std::vector<SequenceRequest>& batch) {
+                                     gate.Pass(batch.size());
+                                     return e->Run(batch);
+                                   }),
+                                   ExecutorOptions{});
+  ASSERT_TRUE(executor.ok()) << executor.status();
+  ServiceOptions options;
+  options.limits.max_tokens_per_request = kMaxTokens;
+  options.metrics = std::make_shared<Metrics>();
+  const Metrics& metrics = *options.metrics;
+  SaeServiceImpl service(options);
+  service.Attach(e, executor->get());
+  int port = 0;
+  std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
+  ASSERT_NE(server, nullptr);
+  auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
+
+  gate.Close();
+  grpc::Status extract_status;
+  std::thread extract([&] {
+    std::vector<v1::ExtractResponse> responses;
+    extract_status = client->Extract(TextRequest(kText), &responses);
+  });
+  ASSERT_TRUE(WaitFor([&] { return gate.waiting() == 1; }));
+  grpc::ClientContext stream_context;
+  stream_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = client->stub()->ExtractStream(&stream_context);
+  ASSERT_TRUE(stream->Write(TextRequest(kText, "queued")));
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->inflight() == 2; }));
+
+  const auto cut_off = std::chrono::system_clock::now() + std::chrono::milliseconds(200);
+  service.CutOffAt(cut_off);
+  (*executor)->StopAdmitting();
+  service.Drain();
+  std::thread shutdown([&] { server->Shutdown(cut_off); });
+  std::this_thread::sleep_until(cut_off + std::chrono::milliseconds(300));
+  gate.Open();  // the running batch returns; its cancelled job ends
+  shutdown.join();
+  extract.join();
+  EXPECT_FALSE(extract_status.ok());
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+  }
+  EXPECT_FALSE(stream->Finish().ok());
+  (*executor)->Shutdown();
+  server->Wait();
+  EXPECT_EQ(MetricValue(metrics, "sae_request_failures_total", "reason", "unavailable"), 2);
+  EXPECT_EQ(MetricValue(metrics, "sae_request_failures_total", "reason", "cancelled"), 0);
 }
 
 // A --config that cannot be read is an error naming it: a directory used to

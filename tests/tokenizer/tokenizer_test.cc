@@ -374,7 +374,29 @@ TEST(TokenizerTest, LargeInputsEncodeAndRoundTrip) {
     auto enc = (*tok)->Encode(text, true);
     ASSERT_TRUE(enc.ok()) << enc.status();
     EXPECT_EQ((*tok)->Decode(absl::MakeConstSpan(enc->ids).subspan(1)), text);
+    // The bound the server refuses oversized texts by, before encoding.
+    EXPECT_GE((enc->ids.size() - 1) * (*tok)->max_token_bytes(), text.size()) << unit;
   }
+}
+
+TEST(TokenizerTest, MaxTokenBytesIsTheLongestToken) {
+  auto tok = Tokenizer::FromJson(MakeDemoTokenizerJson(), "demo");
+  ASSERT_TRUE(tok.ok());
+  size_t longest = 0;
+  for (int32_t id = 0; id < (*tok)->vocab_size(); ++id) longest = std::max(longest, (*tok)->TokenBytes(id).size());
+  EXPECT_EQ((*tok)->max_token_bytes(), longest);
+  EXPECT_GT(longest, 1u);
+  // An added token longer than every vocab entry is the longest.
+  Json j = BaseJson();
+  const std::string added(200, 'x');
+  j["added_tokens"].push_back(
+      Json{{"id", 2000}, {"content", added}, {"special", false}, {"normalized", false}, {"single_word", false}});
+  auto with_added = Load(j);
+  ASSERT_NE(with_added, nullptr);
+  EXPECT_EQ(with_added->max_token_bytes(), 200u);
+  auto enc = with_added->Encode(added + added, false);
+  ASSERT_TRUE(enc.ok());
+  EXPECT_EQ(enc->ids, (std::vector<int32_t>{2000, 2000}));
 }
 
 TEST(TokenizerTest, OnigToPcre2PatternSpellsOutUnicodeClasses) {
