@@ -314,23 +314,34 @@ TEST(ExecutorTest, JobPastItsDeadlineIsDroppedBeforeRunning) {
   EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1}));
 }
 
-TEST(ExecutorTest, BackpressureWaitsInLineInOrder) {
+// One request in flight at most, and it (slot 0, submitted to wait) is held
+// inside the runner: later submitters find the executor full.
+class HeldExecutorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fake.Hold();
+    auto created = Executor::Create(fake.Runner(), Options(100, 1));
+    ASSERT_TRUE(created.ok());
+    executor = std::move(*created);
+    ASSERT_TRUE(executor->Submit(outcome.MakeJob(Seq({1}), 0), Executor::WhenFull::kWait).ok());
+    fake.WaitEntered();
+  }
+
   FakeRunner fake;
-  fake.Hold();
-  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
-  ASSERT_TRUE(executor.ok());
+  std::unique_ptr<Executor> executor;
   Outcome outcome;
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0), Executor::WhenFull::kWait).ok());
-  fake.WaitEntered();
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1), Executor::WhenFull::kWait).ok());
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2), Executor::WhenFull::kWait).ok());
-  EXPECT_EQ((*executor)->waiting(), 2);
+};
+
+TEST_F(HeldExecutorTest, BackpressureWaitsInLineInOrder) {
+  ASSERT_TRUE(executor->Submit(outcome.MakeJob(Seq({2}), 1), Executor::WhenFull::kWait).ok());
+  ASSERT_TRUE(executor->Submit(outcome.MakeJob(Seq({3}), 2), Executor::WhenFull::kWait).ok());
+  EXPECT_EQ(executor->waiting(), 2);
   {
     std::lock_guard<std::mutex> lock(outcome.mu);
     EXPECT_EQ(outcome.admitted_order, (std::vector<int>{0})) << "only the first was admitted";
   }
   // Nobody overtakes the line, even a rejecting submitter.
-  EXPECT_EQ((*executor)->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(executor->Submit(outcome.MakeJob(Seq({4}), 3)).code(), absl::StatusCode::kResourceExhausted);
   fake.Release();
   outcome.WaitDone(3);
   for (size_t i = 0; i < 3; ++i) {
@@ -338,27 +349,20 @@ TEST(ExecutorTest, BackpressureWaitsInLineInOrder) {
     EXPECT_TRUE(outcome.admitted_before_done[i]) << i;
   }
   EXPECT_EQ(outcome.admitted_order, (std::vector<int>{0, 1, 2}));
-  EXPECT_EQ((*executor)->waiting(), 0);
+  EXPECT_EQ(executor->waiting(), 0);
 }
 
 // A job waiting in the admission line whose deadline passes, or whose caller
 // cancels, leaves the line within the sweep interval (20 ms), while the batch
 // ahead still runs: the scheduler, idle when the job joined the line, must
 // wake up for it.
-TEST(ExecutorTest, WaitersInLineAreSweptWhileTheBatchRuns) {
-  FakeRunner fake;
-  fake.Hold();
-  auto executor = Executor::Create(fake.Runner(), Options(100, 1));
-  ASSERT_TRUE(executor.ok());
-  Outcome outcome;
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1}), 0), Executor::WhenFull::kWait).ok());
-  fake.WaitEntered();
+TEST_F(HeldExecutorTest, WaitersInLineAreSweptWhileTheBatchRuns) {
   Job late = outcome.MakeJob(Seq({2}), 1);
   late.deadline = Clock::now() + std::chrono::milliseconds(50);
-  ASSERT_TRUE((*executor)->Submit(std::move(late), Executor::WhenFull::kWait).ok());
+  ASSERT_TRUE(executor->Submit(std::move(late), Executor::WhenFull::kWait).ok());
   CancelFlag cancel = std::make_shared<std::atomic<bool>>(false);
-  ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({3}), 2, cancel), Executor::WhenFull::kWait).ok());
-  EXPECT_EQ((*executor)->waiting(), 2);
+  ASSERT_TRUE(executor->Submit(outcome.MakeJob(Seq({3}), 2, cancel), Executor::WhenFull::kWait).ok());
+  EXPECT_EQ(executor->waiting(), 2);
   cancel->store(true);
   const Clock::time_point start = Clock::now();
   ASSERT_TRUE(WaitFor([&] { return outcome.Done() == 2; }, std::chrono::milliseconds(1000)))
@@ -366,7 +370,7 @@ TEST(ExecutorTest, WaitersInLineAreSweptWhileTheBatchRuns) {
   EXPECT_LT(Clock::now() - start, std::chrono::milliseconds(500));
   EXPECT_EQ(outcome.Status(1).code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(outcome.Status(2).code(), absl::StatusCode::kCancelled);
-  EXPECT_EQ((*executor)->waiting(), 0);
+  EXPECT_EQ(executor->waiting(), 0);
   fake.Release();
   outcome.WaitDone(3);
   EXPECT_TRUE(outcome.Status(0).ok());

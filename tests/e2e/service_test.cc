@@ -1270,28 +1270,46 @@ TEST_F(ServiceTest, BadOptionsAreInvalidArgument) {
 // stream at once, a busy one once its responses are written, both with
 // UNAVAILABLE, and a stream opened afterwards at once; so Server::Shutdown
 // need not wait out its deadline for them.
-TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
-  auto engine = Engine::Create(DemoEngineOptions());
-  ASSERT_TRUE(engine.ok()) << engine.status();
+// A server of its own (to shut down) on the demo engine, whose batches
+// wait at `gate`, with metrics of its own.
+class ServiceDrainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto engine = Engine::Create(DemoEngineOptions());
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = std::move(*engine);
+    Engine* e = engine_.get();
+    auto executor = Executor::Create(BlockingRunner([e, this](const std::vector<SequenceRequest>& batch) {
+                                       gate.Pass(batch.size());
+                                       return e->Run(batch);
+                                     }),
+                                     ExecutorOptions{});
+    ASSERT_TRUE(executor.ok()) << executor.status();
+    executor_ = std::move(*executor);
+    ServiceOptions options;
+    options.limits.max_tokens_per_request = kMaxTokens;
+    options.metrics = metrics;
+    service_ = std::make_unique<SaeServiceImpl>(options);
+    service_->Attach(e, executor_.get());
+    int port = 0;
+    server_ = StartServer(service_.get(), &port);
+    ASSERT_NE(server_, nullptr);
+    client_ = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
+  }
+
   Gate gate;
-  Engine* e = engine->get();
-  auto executor = Executor::Create(BlockingRunner([e, &gate](const std::vector<SequenceRequest>& batch) {
-                                     gate.Pass(batch.size());
-                                     return e->Run(batch);
-                                   }),
-                                   ExecutorOptions{});
-  ASSERT_TRUE(executor.ok()) << executor.status();
-  ServiceOptions options;
-  options.limits.max_tokens_per_request = kMaxTokens;
-  SaeServiceImpl service(options);
-  service.Attach(e, executor->get());
-  int port = 0;
-  std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
-  ASSERT_NE(server, nullptr);
-  auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
+  std::shared_ptr<Metrics> metrics = std::make_shared<Metrics>();
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Executor> executor_;
+  std::unique_ptr<SaeServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<SaeClient> client_;
+};
+
+TEST_F(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
   auto open = [&](grpc::ClientContext* context) {
     context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    return client->stub()->ExtractStream(context);
+    return client_->stub()->ExtractStream(context);
   };
   auto expect_unavailable = [](grpc::ClientReaderWriter<v1::ExtractRequest, v1::ExtractResponse>* stream,
                                const char* what) {
@@ -1310,8 +1328,8 @@ TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
   ASSERT_TRUE(WaitFor([&] { return gate.waiting() == 1; }));
 
   const auto start = std::chrono::steady_clock::now();
-  (*executor)->StopAdmitting();
-  service.Drain();
+  executor_->StopAdmitting();
+  service_->Drain();
   expect_unavailable(idle.get(), "idle stream");
   grpc::ClientContext late_context;
   auto late = open(&late_context);
@@ -1321,56 +1339,35 @@ TEST(ServiceDrainTest, OpenStreamsEndOnceAnswered) {
   EXPECT_FALSE(by_id["busy"].back().has_error()) << by_id["busy"].back().error().message();
   expect_unavailable(busy.get(), "busy stream");
 
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(30));
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10))
       << "Server::Shutdown waited for streams that had nothing left to answer";
-  (*executor)->Shutdown();
-  server->Wait();
+  executor_->Shutdown();
+  server_->Wait();
 }
 
 // Calls still running when the shutdown grace ends are cancelled by
 // grpc::Server::Shutdown: they count as UNAVAILABLE (the server went away),
 // one running and one queued, not as cancelled by their clients.
-TEST(ServiceDrainTest, CallsCutOffWhenTheGraceEndsAreUnavailable) {
-  auto engine = Engine::Create(DemoEngineOptions());
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  Gate gate;
-  Engine* e = engine->get();
-  auto executor = Executor::Create(BlockingRunner([e, &gate](const std::vector<SequenceRequest>& batch) {
-                                     gate.Pass(batch.size());
-                                     return e->Run(batch);
-                                   }),
-                                   ExecutorOptions{});
-  ASSERT_TRUE(executor.ok()) << executor.status();
-  ServiceOptions options;
-  options.limits.max_tokens_per_request = kMaxTokens;
-  options.metrics = std::make_shared<Metrics>();
-  const Metrics& metrics = *options.metrics;
-  SaeServiceImpl service(options);
-  service.Attach(e, executor->get());
-  int port = 0;
-  std::unique_ptr<grpc::Server> server = StartServer(&service, &port);
-  ASSERT_NE(server, nullptr);
-  auto client = SaeClient::Connect("127.0.0.1:" + std::to_string(port));
-
+TEST_F(ServiceDrainTest, CallsCutOffWhenTheGraceEndsAreUnavailable) {
   gate.Close();
   grpc::Status extract_status;
   std::thread extract([&] {
     std::vector<v1::ExtractResponse> responses;
-    extract_status = client->Extract(TextRequest(kText), &responses);
+    extract_status = client_->Extract(TextRequest(kText), &responses);
   });
   ASSERT_TRUE(WaitFor([&] { return gate.waiting() == 1; }));
   grpc::ClientContext stream_context;
   stream_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  auto stream = client->stub()->ExtractStream(&stream_context);
+  auto stream = client_->stub()->ExtractStream(&stream_context);
   ASSERT_TRUE(stream->Write(TextRequest(kText, "queued")));
-  ASSERT_TRUE(WaitFor([&] { return (*executor)->inflight() == 2; }));
+  ASSERT_TRUE(WaitFor([&] { return executor_->inflight() == 2; }));
 
   const auto cut_off = std::chrono::system_clock::now() + std::chrono::milliseconds(200);
-  service.CutOffAt(cut_off);
-  (*executor)->StopAdmitting();
-  service.Drain();
-  std::thread shutdown([&] { server->Shutdown(cut_off); });
+  service_->CutOffAt(cut_off);
+  executor_->StopAdmitting();
+  service_->Drain();
+  std::thread shutdown([&] { server_->Shutdown(cut_off); });
   std::this_thread::sleep_until(cut_off + std::chrono::milliseconds(300));
   gate.Open();  // the running batch returns; its cancelled job ends
   shutdown.join();
@@ -1380,10 +1377,10 @@ TEST(ServiceDrainTest, CallsCutOffWhenTheGraceEndsAreUnavailable) {
   while (stream->Read(&response)) {
   }
   EXPECT_FALSE(stream->Finish().ok());
-  (*executor)->Shutdown();
-  server->Wait();
-  EXPECT_EQ(MetricValue(metrics, "sae_request_failures_total", "reason", "unavailable"), 2);
-  EXPECT_EQ(MetricValue(metrics, "sae_request_failures_total", "reason", "cancelled"), 0);
+  executor_->Shutdown();
+  server_->Wait();
+  EXPECT_EQ(MetricValue(*metrics, "sae_request_failures_total", "reason", "unavailable"), 2);
+  EXPECT_EQ(MetricValue(*metrics, "sae_request_failures_total", "reason", "cancelled"), 0);
 }
 
 // A --config that cannot be read is an error naming it: a directory used to
