@@ -173,7 +173,7 @@ struct Engine::PendingBatch {
   std::vector<SequenceRequest> batch;
   PackedBatch packed;
   std::vector<SequenceResult> results;  // shaped by Submit, filled by Collect
-  struct TopK {                         // one SAE's top-k over all rows of the batch
+  struct TopK {  // one SAE's top-k [all rows of the batch, k]; computed on the rows of the requests that take it
     size_t sae;
     int k;
     OwnedTensor idx, val;
@@ -192,6 +192,7 @@ struct Engine::PendingBatch {
     OwnedTensor act;
   };
   std::vector<TopK> topk;
+  int64_t topk_rows = 0;  // RunTiming::sae_topk_rows
   std::vector<Capture> captures;
   std::vector<Watched> watched;
   std::vector<Error> errors;
@@ -291,18 +292,38 @@ absl::StatusOr<Engine::Pending> Engine::Submit(const std::vector<SequenceRequest
     for (size_t s = 0; s < saes_.size(); ++s) {
       const Sae& sae = *saes_[s];
       if (!(sae.hook() == hp)) continue;
+      // The requests that take this SAE's top-k (not a watch list), and their largest k.
+      std::vector<bool> takes(batch.size(), false);
       int k_max = 0;
       for (size_t i = 0; i < batch.size(); ++i) {
         for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
-          if (batch[i].sae_indices[j] == static_cast<int>(s) && !HasWatchList(batch[i], j))
+          if (batch[i].sae_indices[j] == static_cast<int>(s) && !HasWatchList(batch[i], j)) {
+            takes[i] = true;
             k_max = std::max(k_max, batch[i].k);
+          }
         }
       }
       if (k_max > 0) {
         PendingBatch::TopK t{s, k_max, OwnedTensor(), OwnedTensor()};
         ASSIGN_OR_RETURN(t.idx, backend_->Alloc(DType::kI32, act.rows, k_max));
         ASSIGN_OR_RETURN(t.val, backend_->Alloc(DType::kF32, act.rows, k_max));
-        RETURN_IF_ERROR(backend_->SaeEncodeTopK(act, sae.encoder(), k_max, t.idx.get(), t.val.get()));
+        // Only over the rows of those requests, a run of adjacent ones at a
+        // time (sequences are packed in order): with SAEs each asked for by
+        // other requests, every SAE would otherwise encode the whole batch.
+        // Collect reads no other row.
+        for (size_t i = 0; i < batch.size();) {
+          if (!takes[i]) {
+            ++i;
+            continue;
+          }
+          size_t end = i + 1;
+          while (end < batch.size() && takes[end]) ++end;
+          const int64_t first = packed.seq_starts[i], n = packed.seq_starts[end] - first;
+          RETURN_IF_ERROR(backend_->SaeEncodeTopK(act.Rows(first, n), sae.encoder(), k_max, t.idx->Rows(first, n),
+                                                  t.val->Rows(first, n)));
+          p->topk_rows += n;
+          i = end;
+        }
         p->topk.push_back(std::move(t));
       }
       for (size_t i = 0; i < batch.size(); ++i) {
@@ -444,6 +465,7 @@ absl::StatusOr<std::vector<SequenceResult>> Engine::Collect(Pending p) {
   absl::StatusOr<double> total = backend_->SecondsBetween(p->start, p->end);
   p->start = p->end = -1;
   if (total.ok()) last_timing_.total_seconds = *total;
+  last_timing_.sae_topk_rows = p->topk_rows;
   RETURN_IF_ERROR(timing);
   RETURN_IF_ERROR(total.status());
   return std::move(p->results);

@@ -72,6 +72,9 @@ struct SequenceResult {
 struct RunTiming {
   double total_seconds = 0;  // the forward pass and the SAE work of the batch
   double sae_seconds = 0;    // SAE encode/top-k, watch lists, reconstruction, hook copies
+  // Rows (tokens) the SAE top-k ran on, summed over the SAEs: each SAE runs
+  // on the rows of the requests that asked for its top-k, not on the batch.
+  int64_t sae_topk_rows = 0;
 };
 
 class Engine {

@@ -114,6 +114,31 @@ TEST_F(EngineTest, BatchInvariance) {
   expect_same(alone[1].saes[0], (*mixed)[2].saes[1], 3);
 }
 
+// Each SAE's top-k runs on the rows of the requests that asked for it only
+// (in runs of adjacent requests), not on the whole batch, with the same
+// results bit for bit as each request alone.
+TEST_F(EngineTest, SaeTopKRunsOnlyOnTheRowsThatAskForIt) {
+  std::vector<SequenceRequest> batch = {Request("The cat sat on the mat."), Request("Paris is big."),
+                                        Request("One two three, the dog ran.")};
+  batch[0].sae_indices = {0};
+  batch[1].sae_indices = {4};
+  batch[2].sae_indices = {4, 0};
+  auto mixed = engine_->Run(batch);
+  ASSERT_TRUE(mixed.ok()) << mixed.status();
+  const int64_t n0 = static_cast<int64_t>(batch[0].ids.size()), n1 = static_cast<int64_t>(batch[1].ids.size()),
+                n2 = static_cast<int64_t>(batch[2].ids.size());
+  // SAE 0: requests 0 and 2 (two runs); SAE 4: requests 1 and 2 (one run).
+  EXPECT_EQ(engine_->last_run_timing().sae_topk_rows, (n0 + n2) + (n1 + n2));
+  for (size_t i = 0; i < batch.size(); ++i) {
+    auto alone = engine_->Run({batch[i]});
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    for (size_t j = 0; j < batch[i].sae_indices.size(); ++j) {
+      EXPECT_EQ((*alone)[0].saes[j].indices, (*mixed)[i].saes[j].indices) << "request " << i << " slot " << j;
+      EXPECT_EQ((*alone)[0].saes[j].values, (*mixed)[i].saes[j].values) << "request " << i << " slot " << j;
+    }
+  }
+}
+
 TEST_F(EngineTest, BosCarriesNoFeaturesUnlessAsked) {
   SequenceRequest r = Request("The dog.");
   ASSERT_EQ(r.ids[0], *engine_->tokenizer().bos_id());
