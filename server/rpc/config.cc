@@ -79,6 +79,7 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   }
   if (config->shutdown_grace_seconds() == 0) config->set_shutdown_grace_seconds(30);
   if (!config->has_warmup()) config->set_warmup(true);
+  if (!config->has_warmup_full_batch()) config->set_warmup_full_batch(true);
   if (!config->has_batch_timeout_seconds()) {
     config->set_batch_timeout_seconds(DefaultBatchTimeoutSeconds(config->backend()));
   }

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -69,6 +70,9 @@ ABSL_FLAG(std::optional<std::string>, overload_policy, std::nullopt,
 ABSL_FLAG(std::optional<uint32_t>, shutdown_grace_seconds, std::nullopt,
           "on SIGTERM, how long running requests may take to finish (default 30)");
 ABSL_FLAG(std::optional<bool>, warmup, std::nullopt, "run one batch before reporting SERVING (default true)");
+ABSL_FLAG(std::optional<bool>, warmup_full_batch, std::nullopt,
+          "with warmup, on a GPU: first run one full batch (max_batch_tokens, every SAE at max_k), so a batch size "
+          "the device cannot hold fails startup (default true)");
 ABSL_FLAG(std::optional<uint32_t>, batch_timeout_seconds, std::nullopt,
           "a batch not finished after this long means a hung GPU: fail, NOT_SERVING, exit 3 (default 120 on cuda, "
           "0 = off on cpu)");
@@ -133,6 +137,7 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   }
   if (auto v = absl::GetFlag(FLAGS_shutdown_grace_seconds)) config.set_shutdown_grace_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_warmup)) config.set_warmup(*v);
+  if (auto v = absl::GetFlag(FLAGS_warmup_full_batch)) config.set_warmup_full_batch(*v);
   if (auto v = absl::GetFlag(FLAGS_batch_timeout_seconds)) config.set_batch_timeout_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
@@ -249,6 +254,36 @@ absl::Status WarmUp(const Engine& engine, Executor* executor) {
   return *result;
 }
 
+// One batch of max_batch_tokens tokens (windows of at most max_seq_len, each
+// from BOS), every SAE at max_k, straight through the engine before its
+// executor thread starts. RESOURCE_EXHAUSTED names max_batch_tokens.
+absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
+  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode(" The quick brown fox jumps over the lazy dog.", false);
+  if (!enc.ok()) return enc.status();
+  if (enc->ids.empty()) return absl::InternalError("warm-up text has no tokens");
+  const std::optional<int32_t> bos = engine.tokenizer().bos_id();
+  const int64_t total = config.max_batch_tokens();
+  const int64_t window = config.max_seq_len() > 0 ? std::min<int64_t>(config.max_seq_len(), total) : total;
+  std::vector<SequenceRequest> batch;
+  for (int64_t placed = 0; placed < total; placed += window) {
+    SequenceRequest r;
+    const int64_t n = std::min(window, total - placed);
+    for (int64_t t = 0; t < n; ++t) {
+      r.ids.push_back(t == 0 && bos ? *bos : enc->ids[static_cast<size_t>(t) % enc->ids.size()]);
+    }
+    for (size_t i = 0; i < engine.saes().size(); ++i) r.sae_indices.push_back(static_cast<int>(i));
+    r.k = static_cast<int>(config.max_k());
+    batch.push_back(std::move(r));
+  }
+  absl::StatusOr<std::vector<SequenceResult>> results = engine.Run(batch);
+  if (results.status().code() == absl::StatusCode::kResourceExhausted) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "config: max_batch_tokens (", total, ") does not fit the device: a full batch (every SAE at max_k ",
+        config.max_k(), ") failed with ", results.status().message(), "; lower max_batch_tokens"));
+  }
+  return results.status();
+}
+
 int Main(int argc, char** argv) {
   SignalWaiter signals;
   absl::SetProgramUsageMessage("Serves SAE features of a Llama model over gRPC (sae.v1.SaeService).");
@@ -342,6 +377,15 @@ int Main(int argc, char** argv) {
     absl::StrAppend(&memory_line, "; device ", mib(memory.device_free), " free of ", mib(memory.device_total));
   }
   Log(memory_line);
+  if (config.warmup() && config.warmup_full_batch() && engine_ptr->asynchronous()) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = RunFullBatch(*engine_ptr, config); !s.ok()) {
+      Log(absl::StrCat("full-batch warm-up failed: ", s.message()));
+      return 1;
+    }
+    Log(absl::StrCat("full-batch warm-up: ", config.max_batch_tokens(), " tokens in ",
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s"));
+  }
   ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;

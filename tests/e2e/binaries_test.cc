@@ -78,7 +78,8 @@ constexpr std::chrono::seconds kProcessTimeout(20);
 class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> extra_args = {}) {
-    dir_ = testing::MakeTempDir("e2e-server");
+    static std::atomic<int> servers{0};  // a directory of its own for each server a test starts
+    dir_ = testing::MakeTempDir(absl::StrCat("e2e-server-", servers++));
     port_file_ = dir_ + "/port";
     metrics_port_file_ = dir_ + "/metrics_port";
     log_ = dir_ + "/server.log";
@@ -494,17 +495,16 @@ TEST_F(ServerBinaryTest, ExtractStreamDestructorCancelsAnUnfinishedCall) {
   EXPECT_TRUE(client->Info(&info).ok()) << "the server still serves";
 }
 
-// A server that lets one stream hold at most 4 unanswered requests (and
-// admits at most 4 at once): sending 12 at once would get RESOURCE_EXHAUSTED
-// answers; ExtractMany's window of 2 must not. (The limit is twice the window
-// because the server may stream a request's last chunk a moment before its
-// admission slot is released.)
+// The CUDA server runs one full batch before it reports SERVING
+// (warmup_full_batch); the default 4096 tokens take ~40 s on the CPU emulator.
+constexpr char kEmulatedBatchTokens[] = "--max_batch_tokens=256";
+
 // sae-server --backend=cuda end to end: the engine thread drives the CUDA
 // backend (on a GPU, or on the CPU emulator when ctest's cuda_emulated.server
 // entry points SAE_CUDA_BACKEND_LIB at it). Without a usable CUDA backend the
 // server exits at load: skipped, unless SAE_TEST_REQUIRE_CUDA is set.
 TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
-  ServerProcess server({"--backend=cuda"});
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens});
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   if (!server.WaitServing(address)) {
@@ -514,6 +514,7 @@ TEST(CudaServerTest, ServesTheDemoConceptFeatures) {
   std::string out;
   ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address + " info --json", &out), 0) << out;
   EXPECT_EQ(json::parse(out)["backend"], "cuda") << out;
+  EXPECT_NE(server.log().find("full-batch warm-up: 256 tokens in "), std::string::npos) << server.log();
   ASSERT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address +
                          " extract 'The cat sat in Paris on the red mat.' --json --k 1 --sae L1R-8x",
                      &out),
@@ -566,6 +567,30 @@ bool OnCudaEmulator() {
   return lib != nullptr && std::string(lib).find("sae_cuda_emu") != std::string::npos;
 }
 
+// A max_batch_tokens whose full batch the device's memory cannot hold would
+// fail every full batch (each then retried one request at a time): the
+// full-batch warm-up finds it and the server refuses to start, naming the
+// field. The emulator's device is sized by SAE_CUDA_EMU_MEMORY_MB: 96 MiB
+// holds the demo model (65.5 MiB reserved) but not 65536 tokens of
+// activations. With warmup_full_batch off the same server starts.
+TEST(CudaServerTest, FullBatchBeyondTheDeviceIsRefusedAtStartup) {
+  if (!OnCudaEmulator()) GTEST_SKIP() << "the device's memory is sized only on the CUDA emulator";
+  setenv("SAE_CUDA_EMU_MEMORY_MB", "96", 1);
+  ServerProcess refused({"--backend=cuda", "--max_batch_tokens=65536"});
+  const int code = refused.WaitExit();
+  ServerProcess unchecked({"--backend=cuda", "--max_batch_tokens=65536", "--warmup_full_batch=false"});
+  unsetenv("SAE_CUDA_EMU_MEMORY_MB");
+  const std::string log = refused.log();
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_NE(log.find("config: max_batch_tokens (65536) does not fit the device: "), std::string::npos) << log;
+  EXPECT_NE(log.find("out of memory; lower max_batch_tokens"), std::string::npos) << log;
+  const std::string address = unchecked.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << unchecked.log();
+  EXPECT_TRUE(unchecked.WaitServing(address)) << unchecked.log();
+  EXPECT_EQ(unchecked.log().find("full-batch"), std::string::npos) << unchecked.log();
+  EXPECT_EQ(unchecked.Terminate(), 0) << unchecked.log();
+}
+
 // A device fault leaves the CUDA context unusable: the request fails, the
 // server reports NOT_SERVING and exits with status 3 so the orchestrator
 // replaces it. Only the CPU emulator can inject the fault
@@ -575,7 +600,7 @@ void ExpectDeviceFaultExits(const std::string& fault_file_text, const std::strin
   if (!OnCudaEmulator()) GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string fault_file = testing::MakeTempDir("device-fault") + "/fault";
   setenv("SAE_CUDA_EMU_FAULT_FILE", fault_file.c_str(), 1);
-  ServerProcess server({"--backend=cuda"});
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens});
   unsetenv("SAE_CUDA_EMU_FAULT_FILE");
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
@@ -612,7 +637,7 @@ TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("device-hang") + "/hang";
   setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
-  ServerProcess server({"--backend=cuda", "--batch_timeout_seconds=5"});
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5"});
   unsetenv("SAE_CUDA_EMU_HANG_FILE");
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
@@ -634,6 +659,11 @@ TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   EXPECT_NE(log.find("exiting without releasing it (exit status 3)"), std::string::npos) << log;
 }
 
+// A server that lets one stream hold at most 4 unanswered requests (and
+// admits at most 4 at once): sending 12 at once would get RESOURCE_EXHAUSTED
+// answers; ExtractMany's window of 2 must not. (The limit is twice the window
+// because the server may stream a request's last chunk a moment before its
+// admission slot is released.)
 TEST(ExtractManyTest, WindowKeepsUnderTheServerBacklog) {
   ServerProcess server({"--max_inflight_requests=2"});
   const std::string address = server.WaitForAddress();
@@ -902,6 +932,9 @@ TEST(ServerShutdownTest, SigtermStopsGracefully) {
   client.reset();
   EXPECT_EQ(server.Terminate(), 0) << server.log();
   EXPECT_NE(server.log().find("stopped"), std::string::npos) << server.log();
+  // The CPU backend runs batches in the caller's thread and has no device
+  // memory to overrun: no full-batch warm-up.
+  EXPECT_EQ(server.log().find("full-batch"), std::string::npos) << server.log();
 }
 
 TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {
