@@ -112,8 +112,12 @@ BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
     return BatchCollector([engine, metrics, pending]() -> BatchResults {
       BatchResults results = engine->Collect(std::move(*pending));
       if (metrics != nullptr) {
-        metrics->ObserveForward(engine->last_run_timing().total_seconds);
-        metrics->ObserveSae(engine->last_run_timing().sae_seconds);
+        // A failed batch has no device time to tell (its timing is zeroed):
+        // observed, it would pull the forward quantiles down.
+        if (results.ok()) {
+          metrics->ObserveForward(engine->last_run_timing().total_seconds);
+          metrics->ObserveSae(engine->last_run_timing().sae_seconds);
+        }
         metrics->SetMemory(engine->memory());
       }
       return results;
@@ -375,6 +379,13 @@ std::vector<absl::StatusOr<SequenceResult>> Executor::CollectIsolated(Started& s
       results = absl::InternalError(
           absl::StrCat("executor: runner returned ", results->size(), " results for ", batch.size(), " requests"));
     }
+    // Batch sizes are observed per batch that ran, as the forward time is:
+    // a failed batch is not, each request retried alone is.
+    if (results.ok()) {
+      int64_t n_tokens = 0;
+      for (const SequenceRequest& r : batch) n_tokens += static_cast<int64_t>(r.ids.size());
+      metrics_->ObserveBatch(n_tokens, static_cast<int>(batch.size()));
+    }
     return results;
   };
   std::vector<absl::StatusOr<SequenceResult>> out;
@@ -430,13 +441,8 @@ std::vector<Executor::Slot> Executor::TakeStagedLocked(Actions* actions) {
 Executor::Started Executor::Start(std::vector<Slot> live) {
   Started started;
   started.requests.reserve(live.size());
-  int64_t n_tokens = 0;
-  for (Slot& slot : live) {
-    n_tokens += static_cast<int64_t>(slot.request.ids.size());
-    started.requests.push_back(std::move(slot.request));
-  }
+  for (Slot& slot : live) started.requests.push_back(std::move(slot.request));
   started.live = std::move(live);
-  metrics_->ObserveBatch(n_tokens, static_cast<int>(started.requests.size()));
   started.collect = Busy([&] { return runner_.start(started.requests); });
   return started;
 }

@@ -10,10 +10,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -153,6 +156,69 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   }
   EXPECT_EQ(previous, 3);
 }
+
+// A batch that fails is retried one request at a time. The batch histograms
+// count batches that ran, like the forward time: the failed batch of two is
+// in none of them (its forward time would be a zero), the good request's
+// retry is in all of them, the bad one's retry fails and is in none.
+// On the CPU a bad token id fails the batch as it is submitted; on the GPU
+// the device finds it and the batch fails when it is collected (ctest's
+// cuda_emulated.metrics entry runs the cuda case on the emulator).
+class BatchMetricsTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(BatchMetricsTest, FailedBatchIsNotObservedItsRetriesAre) {
+  ExecutorOptions executor;
+  executor.max_batch_tokens = 4096;
+  executor.max_inflight_requests = 8;
+  std::string error;
+  auto env = ServingEnv::Start(executor, ServiceOptions(), &error, GetParam());
+  if (env == nullptr && GetParam() == "cuda" && std::getenv("SAE_TEST_REQUIRE_CUDA") == nullptr) {
+    GTEST_SKIP() << "no usable CUDA backend: " << error;
+  }
+  ASSERT_NE(env, nullptr) << error;
+  const int32_t vocab = env->engine->model_config().vocab_size;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<absl::Status> outcomes;
+  auto submit = [&](std::vector<int32_t> ids) {
+    Job job;
+    job.request.ids = std::move(ids);
+    job.request.sae_indices = {0};
+    job.request.k = 2;
+    job.done = [&](absl::StatusOr<SequenceResult> result) {
+      std::lock_guard<std::mutex> lock(mu);
+      outcomes.push_back(result.status());
+      cv.notify_all();
+    };
+    ASSERT_TRUE(env->executor->Submit(std::move(job)).ok());
+  };
+  // The first batch holds at the gate while the next two queue up together.
+  env->gate.Close();
+  submit({1, 2, 3});
+  ASSERT_TRUE(testing::WaitFor([&] { return env->gate.waiting() == 1; }, std::chrono::seconds(10)));
+  submit({4, 5, 6, 7});
+  submit({8, vocab});  // outside the vocabulary: fails any batch it is in
+  env->gate.Open();
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return outcomes.size() == 3; }));
+  }
+  EXPECT_EQ(env->gate.batch_sizes(), (std::vector<size_t>{1, 2, 1, 1})) << "the batch of two and its retries";
+  EXPECT_EQ(std::count_if(outcomes.begin(), outcomes.end(), [](const absl::Status& s) { return s.ok(); }), 2);
+
+  auto server = MetricsServer::Start("127.0.0.1:0", env->metrics->registry());
+  ASSERT_TRUE(server.ok()) << server.status();
+  const Scrape s = ParseScrape(HttpGet((*server)->port(), "/metrics"));
+  EXPECT_EQ(s.Get("sae_forward_seconds_count"), 2);
+  EXPECT_EQ(s.Get("sae_encode_seconds_count"), 2);
+  EXPECT_EQ(s.Get("sae_batch_requests_count"), 2);
+  EXPECT_EQ(s.Get("sae_batch_requests_sum"), 2);
+  EXPECT_EQ(s.Get("sae_batch_tokens_sum"), 7);
+  EXPECT_EQ(s.Get("sae_tokens_total"), 7);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BatchMetricsTest, ::testing::Values("cpu", "cuda"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 
 TEST(MetricsTest, BadListenAddressNamesTheField) {
   auto server = MetricsServer::Start("256.0.0.1:notaport", std::make_shared<Metrics>()->registry());

@@ -57,9 +57,10 @@ std::vector<std::vector<int32_t>> Gate::sequences() {
 
 namespace {
 
-EngineOptions DemoEngineOptions() {
+EngineOptions DemoEngineOptions(const std::string& backend = "cpu") {
   const DemoLayout& demo = Demo();
   EngineOptions options;
+  options.backend = backend;
   options.model_dir = demo.model_dir;
   for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
   return options;
@@ -68,9 +69,9 @@ EngineOptions DemoEngineOptions() {
 }  // namespace
 
 std::unique_ptr<ServingEnv> ServingEnv::Start(ExecutorOptions executor_options, ServiceOptions service_options,
-                                              std::string* error) {
+                                              std::string* error, const std::string& backend) {
   auto env = std::make_unique<ServingEnv>();
-  auto engine = Engine::Create(DemoEngineOptions());
+  auto engine = Engine::Create(DemoEngineOptions(backend));
   auto reference = Engine::Create(DemoEngineOptions());
   if (!engine.ok() || !reference.ok()) {
     *error = engine.ok() ? reference.status().ToString() : engine.status().ToString();

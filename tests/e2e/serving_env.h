@@ -49,9 +49,10 @@ class Gate {
 };
 
 struct ServingEnv {
-  // Null (with the reason in *error) when something failed to start.
+  // Null (with the reason in *error) when something failed to start. The
+  // served engine runs on `backend`; `reference` always on the CPU.
   static std::unique_ptr<ServingEnv> Start(ExecutorOptions executor_options, ServiceOptions service_options,
-                                           std::string* error);
+                                           std::string* error, const std::string& backend = "cpu");
   ~ServingEnv();
 
   std::unique_ptr<client::SaeClient> NewClient() const;
