@@ -41,6 +41,19 @@ v1::ExtractRequest TextRequest(const std::string& text) {
   return request;
 }
 
+// The batch histograms after `batches` batches of `sequences` sequences and
+// `tokens` tokens in all, each with a forward and an SAE time.
+void ExpectBatches(const Scrape& s, int batches, int sequences, int64_t tokens) {
+  EXPECT_EQ(s.Get("sae_forward_seconds_count"), batches);
+  EXPECT_EQ(s.Get("sae_encode_seconds_count"), batches);
+  EXPECT_GT(s.Get("sae_encode_seconds_sum"), 0);
+  EXPECT_LE(s.Get("sae_encode_seconds_sum"), s.Get("sae_forward_seconds_sum"));
+  EXPECT_EQ(s.Get("sae_batch_requests_count"), batches);
+  EXPECT_EQ(s.Get("sae_batch_requests_sum"), sequences);
+  EXPECT_EQ(s.Get("sae_batch_tokens_sum"), static_cast<double>(tokens));
+  EXPECT_EQ(s.Get("sae_tokens_total"), static_cast<double>(tokens));
+}
+
 TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   ExecutorOptions executor;
   executor.max_batch_tokens = 4096;
@@ -102,15 +115,8 @@ TEST(MetricsTest, ScrapeParsesAndCountsRequests) {
   EXPECT_EQ(s.Get("sae_request_failures_total{reason=\"invalid_argument\"}"), 1);
   EXPECT_EQ(s.Get("sae_request_failures_total{reason=\"resource_exhausted\"}"), 0);
   // Sequential requests: one batch each, of exactly their tokens.
-  EXPECT_EQ(s.Get("sae_forward_seconds_count"), 3);
-  EXPECT_EQ(s.Get("sae_encode_seconds_count"), 3);
-  EXPECT_GT(s.Get("sae_encode_seconds_sum"), 0);
-  EXPECT_LE(s.Get("sae_encode_seconds_sum"), s.Get("sae_forward_seconds_sum"));
-  EXPECT_EQ(s.Get("sae_batch_requests_count"), 3);
-  EXPECT_EQ(s.Get("sae_batch_requests_sum"), 3);
-  EXPECT_EQ(s.Get("sae_batch_tokens_sum"), static_cast<double>(n_tokens));
+  ExpectBatches(s, /*batches=*/3, /*sequences=*/3, n_tokens);
   EXPECT_EQ(s.Get("sae_queue_time_seconds_count"), 3);
-  EXPECT_EQ(s.Get("sae_tokens_total"), static_cast<double>(n_tokens));
   EXPECT_EQ(s.Get("sae_inflight_requests"), 0);
   EXPECT_EQ(s.Get("sae_queued_tokens"), 0);
   EXPECT_EQ(s.Get("sae_admission_waiting_requests"), 0);
@@ -209,12 +215,7 @@ TEST_P(BatchMetricsTest, FailedBatchIsNotObservedItsRetriesAre) {
   auto server = MetricsServer::Start("127.0.0.1:0", env->metrics->registry());
   ASSERT_TRUE(server.ok()) << server.status();
   const Scrape s = ParseScrape(HttpGet((*server)->port(), "/metrics"));
-  EXPECT_EQ(s.Get("sae_forward_seconds_count"), 2);
-  EXPECT_EQ(s.Get("sae_encode_seconds_count"), 2);
-  EXPECT_EQ(s.Get("sae_batch_requests_count"), 2);
-  EXPECT_EQ(s.Get("sae_batch_requests_sum"), 2);
-  EXPECT_EQ(s.Get("sae_batch_tokens_sum"), 7);
-  EXPECT_EQ(s.Get("sae_tokens_total"), 7);
+  ExpectBatches(s, /*batches=*/2, /*sequences=*/2, /*tokens=*/7);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, BatchMetricsTest, ::testing::Values("cpu", "cuda"),
