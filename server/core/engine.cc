@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <tuple>
@@ -78,6 +79,12 @@ int Engine::max_k() const {
     if (s->encoder().max_active == 0) limit = std::min(limit, backend_->max_sae_top_k(s->hyperparams().d_model));
   }
   return limit;
+}
+
+std::vector<int> Engine::all_sae_indices() const {
+  std::vector<int> indices(saes_.size());
+  std::iota(indices.begin(), indices.end(), 0);
+  return indices;
 }
 
 absl::StatusOr<int> Engine::FindSae(absl::string_view name) const {

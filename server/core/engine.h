@@ -84,6 +84,8 @@ class Engine {
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const LlamaConfig& model_config() const { return model_->config(); }
   const std::vector<std::unique_ptr<Sae>>& saes() const { return saes_; }
+  // 0, 1, ..., saes().size() - 1: a request's sae_indices for every SAE.
+  std::vector<int> all_sae_indices() const;
   const std::string& model_dir() const { return model_dir_; }
   std::string backend_name() const { return backend_->name(); }
   int n_layers_loaded() const { return model_->n_layers_loaded(); }

@@ -573,7 +573,7 @@ absl::Status Run() {
   }
 
   RunShape shape;
-  for (size_t i = 0; i < engine->saes().size(); ++i) shape.sae_indices.push_back(static_cast<int>(i));
+  shape.sae_indices = engine->all_sae_indices();
   shape.k = k;
   shape.include_bos = include_bos;
   shape.max_seq_len = max_seq_len;

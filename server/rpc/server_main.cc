@@ -230,15 +230,18 @@ void WritePortFile(const std::string& path, int port) {
   std::rename(tmp.c_str(), path.c_str());
 }
 
+// The text of both warm-ups (the full batch repeats its tokens).
+constexpr char kWarmUpText[] = "The quick brown fox jumps over the lazy dog.";
+
 // One short request through the executor, as a client would send it: the
 // first real request then does not pay for lazy initialisation (allocator
 // pools, BLAS threads, CUDA kernels and handles).
 absl::Status WarmUp(const Engine& engine, Executor* executor) {
-  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode("The quick brown fox jumps over the lazy dog.", true);
+  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode(kWarmUpText, true);
   if (!enc.ok()) return enc.status();
   Job job;
   job.request.ids = enc->ids;
-  for (size_t i = 0; i < engine.saes().size(); ++i) job.request.sae_indices.push_back(static_cast<int>(i));
+  job.request.sae_indices = engine.all_sae_indices();
   job.request.k = 1;
   std::mutex mu;
   std::condition_variable cv;
@@ -258,7 +261,7 @@ absl::Status WarmUp(const Engine& engine, Executor* executor) {
 // from BOS), every SAE at max_k, straight through the engine before its
 // executor thread starts. RESOURCE_EXHAUSTED names max_batch_tokens.
 absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
-  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode(" The quick brown fox jumps over the lazy dog.", false);
+  absl::StatusOr<Encoding> enc = engine.tokenizer().Encode(kWarmUpText, false);
   if (!enc.ok()) return enc.status();
   if (enc->ids.empty()) return absl::InternalError("warm-up text has no tokens");
   const std::optional<int32_t> bos = engine.tokenizer().bos_id();
@@ -271,7 +274,7 @@ absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
     for (int64_t t = 0; t < n; ++t) {
       r.ids.push_back(t == 0 && bos ? *bos : enc->ids[static_cast<size_t>(t) % enc->ids.size()]);
     }
-    for (size_t i = 0; i < engine.saes().size(); ++i) r.sae_indices.push_back(static_cast<int>(i));
+    r.sae_indices = engine.all_sae_indices();
     r.k = static_cast<int>(config.max_k());
     batch.push_back(std::move(r));
   }

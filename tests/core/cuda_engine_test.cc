@@ -40,16 +40,6 @@
 namespace sae {
 namespace {
 
-EngineOptions DemoOptions(const std::string& backend, SaeEncodeForm form) {
-  const DemoLayout& demo = testing::Demo();
-  EngineOptions o;
-  o.model_dir = demo.model_dir;
-  for (const auto& d : demo.sae_dirs) o.saes.push_back({d, ""});
-  o.backend = backend;
-  o.encode_form = form;
-  return o;
-}
-
 struct Engines {
   std::unique_ptr<Engine> cpu, cuda, cuda_exact, cuda_f32_activations;
 };
@@ -73,17 +63,17 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     }
     probe->reset();
     for (SaeEncodeForm form : {SaeEncodeForm::kSaeLens, SaeEncodeForm::kLmSaes}) {
-      auto cuda = Engine::Create(DemoOptions("cuda", form));
+      auto cuda = Engine::Create(testing::DemoEngineOptions("cuda", form));
       ASSERT_TRUE(cuda.ok()) << cuda.status();
       setenv("SAE_CUDA_MODEL_SPLIT", "3", 1);  // read when the backend is created
-      auto cuda_exact = Engine::Create(DemoOptions("cuda", form));
+      auto cuda_exact = Engine::Create(testing::DemoEngineOptions("cuda", form));
       unsetenv("SAE_CUDA_MODEL_SPLIT");
       ASSERT_TRUE(cuda_exact.ok()) << cuda_exact.status();
       setenv("SAE_CUDA_BF16_ACTIVATIONS", "0", 1);
-      auto cuda_f32 = Engine::Create(DemoOptions("cuda", form));
+      auto cuda_f32 = Engine::Create(testing::DemoEngineOptions("cuda", form));
       unsetenv("SAE_CUDA_BF16_ACTIVATIONS");
       ASSERT_TRUE(cuda_f32.ok()) << cuda_f32.status();
-      auto cpu = Engine::Create(DemoOptions("cpu", form));
+      auto cpu = Engine::Create(testing::DemoEngineOptions("cpu", form));
       ASSERT_TRUE(cpu.ok()) << cpu.status();
       (*engines_)[form] = Engines{*std::move(cpu), *std::move(cuda), *std::move(cuda_exact), *std::move(cuda_f32)};
     }
@@ -111,7 +101,7 @@ class CudaEngineTest : public ::testing::TestWithParam<SaeEncodeForm> {
     auto enc = cpu_->tokenizer().Encode(text, true);
     EXPECT_TRUE(enc.ok());
     r.ids = enc->ids;
-    for (size_t i = 0; i < cpu_->saes().size(); ++i) r.sae_indices.push_back(static_cast<int>(i));
+    r.sae_indices = cpu_->all_sae_indices();
     r.k = k;
     r.capture_hooks = capture;
     return r;
@@ -427,10 +417,10 @@ TEST(CudaSaeLoadTest, TopKBeyondTheDeviceIsRefusedNamingTheField) {
     EXPECT_NE(sae.status().message().find("at most " + std::to_string(limit)), std::string::npos) << sae.status();
   }
 
-  auto engine = Engine::Create(DemoOptions("cuda", SaeEncodeForm::kSaeLens));
+  auto engine = Engine::Create(testing::DemoEngineOptions("cuda", SaeEncodeForm::kSaeLens));
   ASSERT_TRUE(engine.ok()) << engine.status();
   EXPECT_EQ((*engine)->max_k(), (*backend)->max_sae_top_k((*engine)->model_config().hidden_size));
-  auto cpu = Engine::Create(DemoOptions("cpu", SaeEncodeForm::kSaeLens));
+  auto cpu = Engine::Create(testing::DemoEngineOptions("cpu", SaeEncodeForm::kSaeLens));
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   EXPECT_EQ((*cpu)->max_k(), std::numeric_limits<int>::max());
 }

@@ -18,19 +18,10 @@ namespace {
 
 using ::testing::HasSubstr;
 
-EngineOptions DemoOptions(SaeEncodeForm form = SaeEncodeForm::kSaeLens) {
-  const DemoLayout& demo = testing::Demo();
-  EngineOptions o;
-  o.model_dir = demo.model_dir;
-  for (const auto& d : demo.sae_dirs) o.saes.push_back({d, ""});
-  o.encode_form = form;
-  return o;
-}
-
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto e = Engine::Create(DemoOptions());
+    auto e = Engine::Create(testing::DemoEngineOptions());
     ASSERT_TRUE(e.ok()) << e.status();
     engine_ = e->release();
   }
@@ -44,7 +35,7 @@ class EngineTest : public ::testing::Test {
   SequenceRequest Request(const std::string& text, int k = 8) {
     SequenceRequest r;
     r.ids = Ids(text);
-    for (size_t i = 0; i < engine_->saes().size(); ++i) r.sae_indices.push_back(static_cast<int>(i));
+    r.sae_indices = engine_->all_sae_indices();
     r.k = k;
     return r;
   }
@@ -476,7 +467,7 @@ TEST(EngineLoadTest, ReconstructionErrorNeedsAUsableHookPointOut) {
   std::ifstream(dir + "/hyperparams.json") >> hp;
   hp["hook_point_out"] = "blocks.3.hook_resid_post";  // a later layer: not available in the same pass
   std::ofstream(dir + "/hyperparams.json") << hp.dump();
-  EngineOptions o = DemoOptions();
+  EngineOptions o = testing::DemoEngineOptions();
   o.saes = {{dir, ""}};
   auto e = Engine::Create(o);
   ASSERT_TRUE(e.ok()) << e.status();
@@ -501,7 +492,7 @@ TEST(EngineLoadTest, HookBeyondTheModelNamesTheSae) {
   hp["hook_point_in"] = "blocks.40.hook_resid_post";
   hp["hook_point_out"] = "blocks.40.hook_resid_post";
   std::ofstream(dir + "/hyperparams.json") << hp.dump();
-  EngineOptions o = DemoOptions();
+  EngineOptions o = testing::DemoEngineOptions();
   o.saes = {{dir, ""}};
   auto e = Engine::Create(o);
   EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
@@ -509,7 +500,7 @@ TEST(EngineLoadTest, HookBeyondTheModelNamesTheSae) {
 }
 
 TEST(EngineLoadTest, LoadsOnlyTheLayersItNeeds) {
-  EngineOptions o = DemoOptions();
+  EngineOptions o = testing::DemoEngineOptions();
   o.saes = {{testing::Demo().sae_dirs[0], "first"}};  // L1R
   auto e = Engine::Create(o);
   ASSERT_TRUE(e.ok()) << e.status();
@@ -518,7 +509,7 @@ TEST(EngineLoadTest, LoadsOnlyTheLayersItNeeds) {
 }
 
 TEST(EngineLoadTest, DuplicateSaeNamesAreAnError) {
-  EngineOptions o = DemoOptions();
+  EngineOptions o = testing::DemoEngineOptions();
   o.saes = {{testing::Demo().sae_dirs[0], ""}, {testing::Demo().sae_dirs[0], ""}};
   auto e = Engine::Create(o);
   EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
@@ -526,15 +517,15 @@ TEST(EngineLoadTest, DuplicateSaeNamesAreAnError) {
 }
 
 TEST(EngineLoadTest, UnknownBackendIsAnError) {
-  EngineOptions o = DemoOptions();
+  EngineOptions o = testing::DemoEngineOptions();
   o.backend = "tpu";
   EXPECT_THAT(Engine::Create(o).status().message(), HasSubstr("unknown backend"));
 }
 
 // lm_saes form: value = ||d_i|| * h / s_out, compared with theta directly.
 TEST(EngineLoadTest, LmSaesFormScalesByDecoderNormOverScaleOut) {
-  auto sl = Engine::Create(DemoOptions(SaeEncodeForm::kSaeLens));
-  auto lm = Engine::Create(DemoOptions(SaeEncodeForm::kLmSaes));
+  auto sl = Engine::Create(testing::DemoEngineOptions("cpu", SaeEncodeForm::kSaeLens));
+  auto lm = Engine::Create(testing::DemoEngineOptions("cpu", SaeEncodeForm::kLmSaes));
   ASSERT_TRUE(sl.ok() && lm.ok());
   SequenceRequest r;
   r.ids = (*sl)->tokenizer().Encode("The red cat in Rome.", true)->ids;

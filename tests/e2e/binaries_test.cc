@@ -960,14 +960,6 @@ TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {
 
 // ---- sae-extract ----
 
-EngineOptions DemoOptions() {
-  const DemoLayout& demo = testing::Demo();
-  EngineOptions options;
-  options.model_dir = demo.model_dir;
-  for (const std::string& d : demo.sae_dirs) options.saes.push_back({d, ""});
-  return options;
-}
-
 std::string ExtractCommand(const std::string& input, const std::string& output, const std::string& extra) {
   const DemoLayout& demo = testing::Demo();
   std::string command = std::string(SAE_EXTRACT_BIN) + " --model " + Quote(demo.model_dir);
@@ -976,7 +968,7 @@ std::string ExtractCommand(const std::string& input, const std::string& output, 
 }
 
 TEST(ExtractBinaryTest, WritesJsonlAndHookDump) {
-  auto engine = Engine::Create(DemoOptions());
+  auto engine = Engine::Create(testing::DemoEngineOptions());
   ASSERT_TRUE(engine.ok()) << engine.status();
   const Tokenizer& tokenizer = (*engine)->tokenizer();
   const std::string text = "The cat sat on the red mat.";
@@ -1111,7 +1103,7 @@ int SignificantDigits(const std::string& number) {
 // dump read back with a spec-only reader (names ".<output line>", F32
 // [n_tokens, d_model], values == the engine's hook activations).
 TEST(ExtractBinaryTest, ContractOnNonAsciiTextAndHookDumpValues) {
-  auto engine = Engine::Create(DemoOptions());
+  auto engine = Engine::Create(testing::DemoEngineOptions());
   ASSERT_TRUE(engine.ok()) << engine.status();
   const Tokenizer& tokenizer = (*engine)->tokenizer();
   const int32_t bos = tokenizer.bos_id().value();
@@ -1407,7 +1399,7 @@ TEST(ExtractBinaryTest, ResumeContinuesAnInterruptedRun) {
 // request under long_input_policy WINDOW: each window after the first is BOS
 // + its tokens, a sequence of its own, whatever the batching.
 TEST(ExtractBinaryTest, LongLinesRunAsWindows) {
-  auto engine = Engine::Create(DemoOptions());
+  auto engine = Engine::Create(testing::DemoEngineOptions());
   ASSERT_TRUE(engine.ok()) << engine.status();
   std::string text;
   for (int i = 0; i < 12; ++i) text += "The cat sat on the red mat in Paris. ";

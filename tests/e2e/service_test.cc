@@ -156,22 +156,14 @@ std::unique_ptr<grpc::Server> StartServer(grpc::Service* service, int* port) {
   return builder.BuildAndStart();
 }
 
-EngineOptions DemoEngineOptions() {
-  const DemoLayout& demo = testing::Demo();
-  EngineOptions options;
-  options.model_dir = demo.model_dir;
-  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
-  return options;
-}
-
 class ServiceTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     env = new Env();
-    auto engine = Engine::Create(DemoEngineOptions());
+    auto engine = Engine::Create(testing::DemoEngineOptions());
     ASSERT_TRUE(engine.ok()) << engine.status();
     env->engine = std::move(*engine);
-    auto reference = Engine::Create(DemoEngineOptions());
+    auto reference = Engine::Create(testing::DemoEngineOptions());
     ASSERT_TRUE(reference.ok()) << reference.status();
     env->reference = std::move(*reference);
 
@@ -1275,7 +1267,7 @@ TEST_F(ServiceTest, BadOptionsAreInvalidArgument) {
 class ServiceDrainTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto engine = Engine::Create(DemoEngineOptions());
+    auto engine = Engine::Create(testing::DemoEngineOptions());
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = std::move(*engine);
     Engine* e = engine_.get();

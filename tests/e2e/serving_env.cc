@@ -55,18 +55,7 @@ std::vector<std::vector<int32_t>> Gate::sequences() {
   return sequences_;
 }
 
-namespace {
-
-EngineOptions DemoEngineOptions(const std::string& backend = "cpu") {
-  const DemoLayout& demo = Demo();
-  EngineOptions options;
-  options.backend = backend;
-  options.model_dir = demo.model_dir;
-  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
-  return options;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 std::unique_ptr<ServingEnv> ServingEnv::Start(ExecutorOptions executor_options, ServiceOptions service_options,
                                               std::string* error, const std::string& backend) {

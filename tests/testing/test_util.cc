@@ -24,6 +24,16 @@ const DemoLayout& Demo() {
   return *layout;
 }
 
+EngineOptions DemoEngineOptions(const std::string& backend, SaeEncodeForm form) {
+  const DemoLayout& demo = Demo();
+  EngineOptions options;
+  options.model_dir = demo.model_dir;
+  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
+  options.backend = backend;
+  options.encode_form = form;
+  return options;
+}
+
 std::string MakeTempDir(const std::string& name) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::path(SAE_TEST_SCRATCH_DIR) / absl::StrCat(name, "-", ::getpid());

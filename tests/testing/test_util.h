@@ -15,6 +15,9 @@ namespace sae::testing {
 // reused by every test binary; WriteDemo makes concurrent first calls safe.
 const DemoLayout& Demo();
 
+// Engine options for the demo model and all its SAEs.
+EngineOptions DemoEngineOptions(const std::string& backend = "cpu", SaeEncodeForm form = SaeEncodeForm::kSaeLens);
+
 // A fresh empty directory under the build tree's test scratch area.
 std::string MakeTempDir(const std::string& name);
 
