@@ -190,6 +190,8 @@ TEST(ExecutorTest, PacksQueuedJobsUpToTheTokenBudgetWhileABatchRuns) {
   // Staged behind the held batch: 4 + 4 fit in 10 tokens, the third does not.
   for (size_t i = 1; i <= 3; ++i) ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({1, 2, 3, 4}), i)).ok());
   ASSERT_TRUE(WaitFor([&] { return (*executor)->queued_tokens() == 13; }));
+  // Admitted is not yet staged: the scheduler thread packs them.
+  ASSERT_TRUE(WaitFor([&] { return (*executor)->staged_windows() == 2; }));
   fake.Release();
   outcome.WaitDone(4);
   EXPECT_EQ(fake.Batches(), (std::vector<size_t>{1, 2, 1}));
@@ -507,7 +509,7 @@ TEST(ExecutorTest, DoneWaitsForTheWindowBeingDelivered) {
 TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
   FakeRunner fake;
   ExecutorOptions options = Options(100, 8);
-  options.max_queue_delay = std::chrono::milliseconds(300);
+  options.max_queue_delay = std::chrono::milliseconds(1000);
   auto executor = Executor::Create(fake.Runner(), options);
   ASSERT_TRUE(executor.ok());
   Outcome outcome;
@@ -516,12 +518,12 @@ TEST(ExecutorTest, MaxQueueDelayGathersABatch) {
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq({2}), 1)).ok());
   outcome.WaitDone(2);
   EXPECT_EQ(fake.Batches(), (std::vector<size_t>{2})) << "the engine was idle, yet the first job waited for company";
-  EXPECT_GE(Clock::now() - start, std::chrono::milliseconds(250));
+  EXPECT_GE(Clock::now() - start, std::chrono::milliseconds(900));
   // A full batch does not wait.
   const auto full_start = Clock::now();
   ASSERT_TRUE((*executor)->Submit(outcome.MakeJob(Seq(std::vector<int32_t>(100, 1)), 2)).ok());
   outcome.WaitDone(3);
-  EXPECT_LT(Clock::now() - full_start, std::chrono::milliseconds(250));
+  EXPECT_LT(Clock::now() - full_start, std::chrono::milliseconds(500));
 }
 
 // One SAE with k=1 per sequence: index = the token id, value 1.

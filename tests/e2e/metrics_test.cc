@@ -204,6 +204,7 @@ TEST_P(BatchMetricsTest, FailedBatchIsNotObservedItsRetriesAre) {
   ASSERT_TRUE(testing::WaitFor([&] { return env->gate.waiting() == 1; }, std::chrono::seconds(10)));
   submit({4, 5, 6, 7});
   submit({8, vocab});  // outside the vocabulary: fails any batch it is in
+  ASSERT_TRUE(testing::WaitFor([&] { return env->executor->staged_windows() == 2; }, std::chrono::seconds(10)));
   env->gate.Open();
   {
     std::unique_lock<std::mutex> lock(mu);

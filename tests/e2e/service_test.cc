@@ -603,6 +603,8 @@ TEST_F(ServiceTest, QueuedRequestsRunAsOneBatchWithSameResults) {
   ASSERT_TRUE(stream->Write(TextRequest("The cat sat on the red mat.", "b")));
   ASSERT_TRUE(stream->Write(TextRequest("A blue bird and a green fish.", "c")));
   ASSERT_TRUE(WaitFor([] { return env->executor->inflight() == 3; }));
+  // Admitted is not yet staged: the scheduler thread packs them.
+  ASSERT_TRUE(WaitFor([] { return env->executor->staged_windows() == 2; }));
   env->gate.Open();
   auto by_id = ReadUntilDone(stream.get(), {"a", "b", "c"});
   stream->WritesDone();

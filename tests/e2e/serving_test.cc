@@ -140,6 +140,8 @@ TEST(ServingTest, FeaturesAreIdenticalAloneAndInsideAMixedBatch) {
   ASSERT_TRUE(WaitFor([&] { return env->gate.waiting() == 1; }));
   for (const auto& r : requests) ASSERT_TRUE(stream->Write(r));
   ASSERT_TRUE(WaitFor([&] { return env->executor->inflight() == 5; }));
+  // Admitted is not yet staged: the scheduler thread packs them.
+  ASSERT_TRUE(WaitFor([&] { return env->executor->staged_windows() == 4; }));
   env->gate.Open();
   auto by_id = ReadUntilDone(stream.get(), 5);
   stream->WritesDone();
