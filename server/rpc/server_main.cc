@@ -267,6 +267,7 @@ absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
   const std::optional<int32_t> bos = engine.tokenizer().bos_id();
   const int64_t total = config.max_batch_tokens();
   const int64_t window = config.max_seq_len() > 0 ? std::min<int64_t>(config.max_seq_len(), total) : total;
+  const std::vector<int> every_sae = engine.all_sae_indices();
   std::vector<SequenceRequest> batch;
   for (int64_t placed = 0; placed < total; placed += window) {
     SequenceRequest r;
@@ -274,7 +275,7 @@ absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
     for (int64_t t = 0; t < n; ++t) {
       r.ids.push_back(t == 0 && bos ? *bos : enc->ids[static_cast<size_t>(t) % enc->ids.size()]);
     }
-    r.sae_indices = engine.all_sae_indices();
+    r.sae_indices = every_sae;
     r.k = static_cast<int>(config.max_k());
     batch.push_back(std::move(r));
   }

@@ -239,12 +239,6 @@ SequenceResult RunDirect(const std::vector<int32_t>& ids, const std::vector<int>
   return results.ok() ? std::move(results->front()) : SequenceResult();
 }
 
-std::vector<int> AllSaeIndices() {
-  std::vector<int> all(env->reference->saes().size());
-  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
-  return all;
-}
-
 // Same active features as Engine::Run. `tolerance` 0 demands identical values;
 // a batch of several sequences may round differently in the last bits.
 void ExpectMatchesEngine(const std::vector<v1::TokenFeatures>& tokens, const std::vector<int>& sae_indices, int k,
@@ -334,7 +328,7 @@ TEST_F(ServiceTest, ExtractTextMatchesTokenizeAndIsChunked) {
   EXPECT_EQ(tokens[0].token_id(), static_cast<uint32_t>(*env->reference->tokenizer().bos_id()));
   for (const auto& s : tokens[0].saes()) EXPECT_EQ(s.indices_size(), 0);
   ExpectSortedDescending(tokens);
-  ExpectMatchesEngine(tokens, AllSaeIndices(), 5);
+  ExpectMatchesEngine(tokens, env->reference->all_sae_indices(), 5);
 }
 
 TEST_F(ServiceTest, ConceptFeatureFiresOnConceptWord) {
@@ -429,7 +423,7 @@ TEST_F(ServiceTest, ExtractStreamKeepsServingAfterBadRequest) {
     const auto streamed_tokens = Tokens(responses);
     const auto single_tokens = Tokens(single);
     ASSERT_EQ(streamed_tokens.size(), single_tokens.size());
-    ExpectMatchesEngine(streamed_tokens, AllSaeIndices(), kDefaultK, 0.0f);
+    ExpectMatchesEngine(streamed_tokens, env->reference->all_sae_indices(), kDefaultK, 0.0f);
   }
 
   // Still serving on the same stream.
@@ -610,7 +604,8 @@ TEST_F(ServiceTest, QueuedRequestsRunAsOneBatchWithSameResults) {
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
   EXPECT_EQ(env->gate.TakeMaxBatch(), 2) << "b and c were queued together";
-  for (const std::string id : {"b", "c"}) ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK, 0.0f);
+  for (const std::string id : {"b", "c"})
+    ExpectMatchesEngine(Tokens(by_id[id]), env->reference->all_sae_indices(), kDefaultK, 0.0f);
 }
 
 TEST_F(ServiceTest, TokenizeListSaesInfo) {
@@ -878,7 +873,7 @@ TEST_F(ServiceTest, ExtractStreamAnswersUnparsableRequestsAndKeepsServing) {
     ASSERT_FALSE(by_id[id].empty()) << id;
     EXPECT_TRUE(by_id[id].back().done()) << id;
     for (const auto& r : by_id[id]) EXPECT_FALSE(r.has_error()) << id << ": " << r.error().message();
-    ExpectMatchesEngine(Tokens(by_id[id]), AllSaeIndices(), kDefaultK);
+    ExpectMatchesEngine(Tokens(by_id[id]), env->reference->all_sae_indices(), kDefaultK);
   }
 }
 
@@ -1154,7 +1149,7 @@ TEST_F(ServiceTest, ReconstructionErrorPerTokenAndSae) {
   ASSERT_GT(got.size(), 2u);
   SequenceRequest direct;
   direct.ids = IdsOf(got);
-  direct.sae_indices = AllSaeIndices();
+  direct.sae_indices = env->reference->all_sae_indices();
   direct.k = kDefaultK;
   direct.reconstruction_error = true;
   const SequenceResult want = RunDirectRequest(direct);

@@ -55,8 +55,6 @@ std::vector<std::vector<int32_t>> Gate::sequences() {
   return sequences_;
 }
 
-namespace {}  // namespace
-
 std::unique_ptr<ServingEnv> ServingEnv::Start(ExecutorOptions executor_options, ServiceOptions service_options,
                                               std::string* error, const std::string& backend) {
   auto env = std::make_unique<ServingEnv>();
