@@ -2,6 +2,7 @@
 
 #include <google/protobuf/io/tokenizer.h>
 #include <google/protobuf/text_format.h>
+#include <grpc/grpc.h>
 
 #include <algorithm>
 #include <chrono>
@@ -83,6 +84,9 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   if (!config->has_batch_timeout_seconds()) {
     config->set_batch_timeout_seconds(DefaultBatchTimeoutSeconds(config->backend()));
   }
+  if (config->keepalive_time_seconds() == 0) config->set_keepalive_time_seconds(7200);
+  if (config->keepalive_timeout_seconds() == 0) config->set_keepalive_timeout_seconds(20);
+  if (!config->has_min_client_ping_interval_seconds()) config->set_min_client_ping_interval_seconds(10);
 }
 
 absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
@@ -131,6 +135,18 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
                                                    "; at most ", kMaxBatchTimeoutSeconds,
                                                    " (one day; 0 turns the watchdog off)"));
   }
+  // gRPC takes these in milliseconds, as an int.
+  for (const auto& [name, value] :
+       {std::pair<const char*, uint32_t>{"keepalive_time_seconds", config.keepalive_time_seconds()},
+        {"keepalive_timeout_seconds", config.keepalive_timeout_seconds()},
+        {"min_client_ping_interval_seconds", config.min_client_ping_interval_seconds()},
+        {"max_connection_age_seconds", config.max_connection_age_seconds()},
+        {"max_connection_age_grace_seconds", config.max_connection_age_grace_seconds()}}) {
+    if (value > kMaxConnectionSeconds) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config: ", name, " is ", value, "; at most ", kMaxConnectionSeconds, " (24 days)"));
+    }
+  }
   if (!v1::ServerConfig::LongInputPolicy_IsValid(config.long_input_policy()) ||
       config.long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {
     return absl::InvalidArgumentError(
@@ -171,6 +187,28 @@ ExecutorOptions ExecutorOptionsFromConfig(const v1::ServerConfig& config) {
   options.max_seq_len = static_cast<int>(config.max_seq_len());
   options.batch_timeout = std::chrono::seconds(config.batch_timeout_seconds());
   return options;
+}
+
+std::vector<std::pair<std::string, int>> GrpcServerChannelArgs(const v1::ServerConfig& config) {
+  auto ms = [](uint32_t seconds) { return static_cast<int>(seconds * 1000); };
+  std::vector<std::pair<std::string, int>> args = {
+      {GRPC_ARG_KEEPALIVE_TIME_MS, ms(config.keepalive_time_seconds())},
+      {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(config.keepalive_timeout_seconds())},
+      // The server's own pings keep going on a quiet connection (gRPC stops
+      // after 2 without data), and also probe connections with no call.
+      {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0},
+      {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
+      {GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, ms(config.min_client_ping_interval_seconds())},
+  };
+  // 0: no ping is too frequent, so none is a strike.
+  if (config.min_client_ping_interval_seconds() == 0) args.emplace_back(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  if (config.max_connection_age_seconds() > 0) {
+    args.emplace_back(GRPC_ARG_MAX_CONNECTION_AGE_MS, ms(config.max_connection_age_seconds()));
+    if (config.max_connection_age_grace_seconds() > 0) {
+      args.emplace_back(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ms(config.max_connection_age_grace_seconds()));
+    }
+  }
+  return args;
 }
 
 ServiceOptions ServiceOptionsFromConfig(const v1::ServerConfig& config) {

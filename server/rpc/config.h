@@ -3,7 +3,10 @@
 #ifndef SAE_RPC_CONFIG_H_
 #define SAE_RPC_CONFIG_H_
 
+#include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/engine.h"
@@ -28,6 +31,10 @@ absl::StatusOr<v1::ServerConfig> ParseServerConfig(const std::string& text, cons
 int DefaultBatchTimeoutSeconds(const std::string& backend);
 inline constexpr int kMaxBatchTimeoutSeconds = 86400;
 
+// The largest value of each connection setting (keepalive_time_seconds,
+// max_connection_age_seconds, ...): gRPC takes them as int milliseconds.
+inline constexpr uint32_t kMaxConnectionSeconds = 2147483;
+
 // Fills unset (zero / empty) fields with the defaults.
 void ApplyConfigDefaults(v1::ServerConfig* config);
 
@@ -40,6 +47,10 @@ EngineOptions EngineOptionsFromConfig(const v1::ServerConfig& config);
 // tokenizer) and the shared metrics.
 ExecutorOptions ExecutorOptionsFromConfig(const v1::ServerConfig& config);
 ServiceOptions ServiceOptionsFromConfig(const v1::ServerConfig& config);
+// The gRPC server's channel arguments for the connection settings (keepalive,
+// client ping policy, connection age), as (name, value) pairs for
+// grpc::ServerBuilder::AddChannelArgument.
+std::vector<std::pair<std::string, int>> GrpcServerChannelArgs(const v1::ServerConfig& config);
 
 }  // namespace sae
 

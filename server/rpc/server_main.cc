@@ -76,6 +76,18 @@ ABSL_FLAG(std::optional<bool>, warmup_full_batch, std::nullopt,
 ABSL_FLAG(std::optional<uint32_t>, batch_timeout_seconds, std::nullopt,
           "a batch not finished after this long means a hung GPU: fail, NOT_SERVING, exit 3 (default 120 on cuda, "
           "0 = off on cpu)");
+ABSL_FLAG(std::optional<uint32_t>, keepalive_time_seconds, std::nullopt,
+          "ping a client connection quiet this long (default 7200)");
+ABSL_FLAG(std::optional<uint32_t>, keepalive_timeout_seconds, std::nullopt,
+          "close a connection whose keepalive ping is not acknowledged within this long (default 20)");
+ABSL_FLAG(std::optional<uint32_t>, min_client_ping_interval_seconds, std::nullopt,
+          "shortest interval between client keepalive pings accepted; more often: GOAWAY too_many_pings (default "
+          "10; 0: any)");
+ABSL_FLAG(std::optional<uint32_t>, max_connection_age_seconds, std::nullopt,
+          "send GOAWAY to connections older than this, so clients reconnect and spread over replicas (default 0: "
+          "never)");
+ABSL_FLAG(std::optional<uint32_t>, max_connection_age_grace_seconds, std::nullopt,
+          "how long calls on a connection past its age may still run (default 0: until they end)");
 ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
           "Prometheus metrics address, e.g. 0.0.0.0:9464 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
@@ -139,6 +151,13 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_warmup)) config.set_warmup(*v);
   if (auto v = absl::GetFlag(FLAGS_warmup_full_batch)) config.set_warmup_full_batch(*v);
   if (auto v = absl::GetFlag(FLAGS_batch_timeout_seconds)) config.set_batch_timeout_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_keepalive_time_seconds)) config.set_keepalive_time_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_keepalive_timeout_seconds)) config.set_keepalive_timeout_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_min_client_ping_interval_seconds)) config.set_min_client_ping_interval_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_connection_age_seconds)) config.set_max_connection_age_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_connection_age_grace_seconds)) {
+    config.set_max_connection_age_grace_seconds(*v);
+  }
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) {
@@ -326,6 +345,7 @@ int Main(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(config.listen(), grpc::InsecureServerCredentials(), &port);
+  for (const auto& [name, value] : GrpcServerChannelArgs(config)) builder.AddChannelArgument(name, value);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
@@ -337,6 +357,16 @@ int Main(int argc, char** argv) {
   health->SetServingStatus(service_name, false);
   health->SetServingStatus(false);
   Log(absl::StrCat("listening on ", config.listen(), " (port ", port, "), health NOT_SERVING while loading"));
+  Log(absl::StrCat("connections: keepalive ping after ", config.keepalive_time_seconds(), " s quiet (timeout ",
+                   config.keepalive_timeout_seconds(), " s); client pings accepted every ",
+                   config.min_client_ping_interval_seconds(), " s or more; max connection age ",
+                   config.max_connection_age_seconds() == 0
+                       ? std::string("none")
+                       : absl::StrCat(config.max_connection_age_seconds(), " s (grace ",
+                                      config.max_connection_age_grace_seconds() == 0
+                                          ? std::string("until calls end")
+                                          : absl::StrCat(config.max_connection_age_grace_seconds(), " s"),
+                                      ")")));
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
 
   if (config.demo() && config.model_dir().empty()) {

@@ -9,6 +9,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -22,6 +23,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -935,6 +937,208 @@ TEST(ServerShutdownTest, SigtermStopsGracefully) {
   // The CPU backend runs batches in the caller's thread and has no device
   // memory to overrun: no full-batch warm-up.
   EXPECT_EQ(server.log().find("full-batch"), std::string::npos) << server.log();
+}
+
+// ---- connections: keepalive, client pings, connection age ----
+
+// A raw HTTP/2 connection to the server, below gRPC: it sends exactly the
+// frames a test asks for (PINGs at a chosen rate, which gRPC's own client
+// throttles) and answers nothing (no PING ACK), like a peer that vanished.
+class RawHttp2Connection {
+ public:
+  struct Frame {
+    uint8_t type = 0;
+    uint8_t flags = 0;
+    std::string payload;
+  };
+  static constexpr uint8_t kPing = 6, kGoAway = 7;
+
+  // Connects to `address` (127.0.0.1:port) and sends the client preface, an
+  // empty SETTINGS frame and, blindly, the ACK of the server's SETTINGS.
+  explicit RawHttp2Connection(const std::string& address) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd_ < 0) {
+      ADD_FAILURE() << "socket: " << std::strerror(errno);
+      return;
+    }
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(std::stoi(address.substr(address.rfind(':') + 1))));
+    if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      ADD_FAILURE() << "connect to " << address << ": " << std::strerror(errno);
+      return;
+    }
+    Send(std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") + FrameBytes(4, 0, "") + FrameBytes(4, 1, ""));
+  }
+  ~RawHttp2Connection() {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  void SendPing() { Send(FrameBytes(kPing, 0, std::string(8, 'p'))); }
+
+  // Reads frames for `period`; false once the server closed the connection.
+  bool ReadFor(std::chrono::milliseconds period) {
+    const auto end = std::chrono::steady_clock::now() + period;
+    while (!closed_ && std::chrono::steady_clock::now() < end) {
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 20) <= 0) continue;
+      char buffer[4096];
+      const ssize_t n = recv(fd_, buffer, sizeof(buffer), 0);
+      if (n <= 0) {
+        closed_ = true;
+        break;
+      }
+      pending_.append(buffer, static_cast<size_t>(n));
+      while (pending_.size() >= 9) {
+        const auto byte = [&](size_t i) { return static_cast<uint8_t>(pending_[i]); };
+        const size_t length = (size_t{byte(0)} << 16) | (size_t{byte(1)} << 8) | byte(2);
+        if (pending_.size() < 9 + length) break;
+        frames_.push_back(Frame{byte(3), byte(4), pending_.substr(9, length)});
+        pending_.erase(0, 9 + length);
+      }
+    }
+    return !closed_;
+  }
+
+  bool closed() const { return closed_; }
+  // The GOAWAY frame's debug data (after the last stream id and the error
+  // code), or nullopt when none came.
+  std::optional<std::string> GoAwayDebugData() const {
+    for (const Frame& f : frames_) {
+      if (f.type == kGoAway) return f.payload.size() > 8 ? f.payload.substr(8) : std::string();
+    }
+    return std::nullopt;
+  }
+
+ private:
+  // A frame on stream 0.
+  static std::string FrameBytes(uint8_t type, uint8_t flags, const std::string& payload) {
+    const size_t n = payload.size();
+    std::string header = {static_cast<char>(n >> 16), static_cast<char>(n >> 8), static_cast<char>(n),
+                          static_cast<char>(type), static_cast<char>(flags)};
+    return header + std::string(4, '\0') + payload;
+  }
+  void Send(const std::string& bytes) {
+    if (fd_ < 0 || closed_) return;
+    if (send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(bytes.size())) closed_ = true;
+  }
+
+  int fd_ = -1;
+  bool closed_ = false;
+  std::string pending_;
+  std::vector<Frame> frames_;
+};
+
+// A client pinging every `interval`, `pings` times, with no call in flight.
+void PingRepeatedly(RawHttp2Connection* connection, std::chrono::milliseconds interval, int pings) {
+  for (int i = 0; i < pings && !connection->closed(); ++i) {
+    connection->SendPing();
+    connection->ReadFor(interval);
+  }
+}
+
+// min_client_ping_interval_seconds=1: pings every 1.5 s, with no call in
+// flight, are accepted (gRPC's own policy would send GOAWAY: without calls
+// it allows one ping per two hours).
+TEST(ServerConnectionTest, ClientPingsAreAcceptedDownToTheConfiguredInterval) {
+  ServerProcess server({"--min_client_ping_interval_seconds=1"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  EXPECT_NE(server.log().find("client pings accepted every 1 s or more"), std::string::npos) << server.log();
+  RawHttp2Connection connection(address);
+  PingRepeatedly(&connection, std::chrono::milliseconds(1500), 5);
+  EXPECT_FALSE(connection.closed());
+  EXPECT_EQ(connection.GoAwayDebugData(), std::nullopt);
+}
+
+// The shared server has the default (10 s): a client pinging every 200 ms is
+// sent GOAWAY too_many_pings and disconnected; the server goes on serving.
+TEST_F(ServerBinaryTest, ClientPingingMoreOftenThanAllowedIsSentAway) {
+  EXPECT_NE(server_->log().find("client pings accepted every 10 s or more"), std::string::npos) << server_->log();
+  RawHttp2Connection connection(address_);
+  PingRepeatedly(&connection, std::chrono::milliseconds(200), 10);
+  connection.ReadFor(std::chrono::seconds(2));
+  EXPECT_TRUE(connection.closed());
+  EXPECT_EQ(connection.GoAwayDebugData(), "too_many_pings");
+  v1::InfoResponse info;
+  EXPECT_TRUE(client::SaeClient::Connect(address_)->Info(&info).ok()) << "the server still serves";
+}
+
+// keepalive_time_seconds / keepalive_timeout_seconds: a connection whose
+// peer stopped answering is closed once a ping goes unacknowledged (here
+// after 1 + 1 s), so a vanished client does not hold the server's resources;
+// with the defaults (two hours) the shared server keeps it.
+TEST(ServerConnectionTest, UnansweredKeepalivePingClosesTheConnection) {
+  ServerProcess server({"--keepalive_time_seconds=1", "--keepalive_timeout_seconds=1"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  EXPECT_NE(server.log().find("keepalive ping after 1 s quiet (timeout 1 s)"), std::string::npos) << server.log();
+  RawHttp2Connection connection(address);
+  EXPECT_FALSE(connection.ReadFor(std::chrono::seconds(8)));
+}
+
+TEST_F(ServerBinaryTest, MuteConnectionIsKeptWithDefaultKeepalive) {
+  RawHttp2Connection connection(address_);
+  EXPECT_TRUE(connection.ReadFor(std::chrono::seconds(4)));
+}
+
+// An ExtractStream that stays quiet for `quiet` between two requests (a bulk
+// client waiting on its input); the stream's status at the end.
+grpc::Status StreamWithAQuietGap(client::SaeClient* client, std::chrono::milliseconds quiet) {
+  auto stream = client->OpenExtractStream();
+  auto extract = [&](const std::string& id) {
+    if (!stream->Send(TextRequest(id, "The cat sat on the red mat."))) return false;
+    v1::ExtractResponse response;
+    while (stream->Read(&response)) {
+      if (response.request_id() == id && response.done()) return !response.has_error();
+    }
+    return false;
+  };
+  if (extract("before")) {
+    std::this_thread::sleep_for(quiet);
+    if (extract("after")) {
+      stream->CloseSend();
+      v1::ExtractResponse rest;
+      while (stream->Read(&rest)) {
+      }
+    }
+  }
+  return stream->Finish();
+}
+
+// max_connection_age_seconds: the connection is sent GOAWAY after about a
+// second; the stream open across it finishes (no grace limit), the channel
+// drops the old connection and the next call reconnects.
+TEST(ServerConnectionTest, OldConnectionsAreSentAwayWhileTheirStreamsFinish) {
+  ServerProcess server({"--max_connection_age_seconds=1"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  EXPECT_NE(server.log().find("max connection age 1 s (grace until calls end)"), std::string::npos) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  client->set_timeout(std::chrono::seconds(60));
+  const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::milliseconds(2500));
+  EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+  // The connection past its age closes once its last call ended.
+  EXPECT_TRUE(testing::WaitFor([&] { return client->channel()->GetState(false) != GRPC_CHANNEL_READY; },
+                               std::chrono::seconds(5)));
+  v1::InfoResponse info;
+  EXPECT_TRUE(client->Info(&info).ok());
+}
+
+// With a grace period the stream still running after age + grace is cut off.
+TEST(ServerConnectionTest, GracePeriodCutsOffStreamsOnOldConnections) {
+  ServerProcess server({"--max_connection_age_seconds=1", "--max_connection_age_grace_seconds=1"});
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  client->set_timeout(std::chrono::seconds(60));
+  const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::seconds(4));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
 }
 
 TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {

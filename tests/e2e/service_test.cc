@@ -1410,10 +1410,60 @@ TEST(ServerConfigTest, BatchTimeoutDefaultsFollowTheBackend) {
   EXPECT_NE(too_long.message().find("batch_timeout_seconds is 86401; at most 86400"), std::string::npos) << too_long;
 }
 
+// The connection settings become the gRPC server's channel arguments, in
+// milliseconds: keepalive defaults to gRPC's own (two hours, 20 s), client
+// pings are accepted every 10 s (0: at any rate, no strikes), also with no
+// call in flight, and a connection age only when one is set; values that do
+// not fit gRPC's int milliseconds are refused, naming the field.
+TEST(ServerConfigTest, ConnectionSettingsBecomeChannelArguments) {
+  auto args = [](const std::string& text) -> absl::StatusOr<std::map<std::string, int>> {
+    absl::StatusOr<v1::ServerConfig> config = ParseServerConfig(text, "test.textproto");
+    if (!config.ok()) return config.status();
+    ApplyConfigDefaults(&*config);
+    if (absl::Status s = ValidateServerConfig(*config); !s.ok()) return s;
+    std::map<std::string, int> out;
+    for (const auto& [name, value] : GrpcServerChannelArgs(*config)) {
+      EXPECT_TRUE(out.emplace(name, value).second) << text << ": " << name << " twice";
+    }
+    return out;
+  };
+  const absl::StatusOr<std::map<std::string, int>> defaults = args("demo: true");
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(*defaults, (std::map<std::string, int>{{GRPC_ARG_KEEPALIVE_TIME_MS, 7200000},
+                                                   {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000},
+                                                   {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0},
+                                                   {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
+                                                   {GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000}}));
+  const absl::StatusOr<std::map<std::string, int>> set = args(
+      "demo: true keepalive_time_seconds: 30 keepalive_timeout_seconds: 5 min_client_ping_interval_seconds: 0 "
+      "max_connection_age_seconds: 600 max_connection_age_grace_seconds: 2147483");
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(*set, (std::map<std::string, int>{{GRPC_ARG_KEEPALIVE_TIME_MS, 30000},
+                                              {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000},
+                                              {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0},
+                                              {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
+                                              {GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 0},
+                                              {GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0},
+                                              {GRPC_ARG_MAX_CONNECTION_AGE_MS, 600000},
+                                              {GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 2147483000}}));
+  // A grace without an age means nothing: no argument.
+  const absl::StatusOr<std::map<std::string, int>> grace_only = args("demo: true max_connection_age_grace_seconds: 5");
+  ASSERT_TRUE(grace_only.ok()) << grace_only.status();
+  EXPECT_EQ(grace_only->count(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS), 0u);
+  for (const std::string field :
+       {"keepalive_time_seconds", "keepalive_timeout_seconds", "min_client_ping_interval_seconds",
+        "max_connection_age_seconds", "max_connection_age_grace_seconds"}) {
+    const absl::Status too_long = args("demo: true " + field + ": 2147484").status();
+    EXPECT_EQ(too_long.code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_EQ(too_long.message(), "config: " + field + " is 2147484; at most 2147483 (24 days)") << too_long;
+  }
+}
+
 // The configurations that ship in deploy/ load and validate as sae-server
 // would load them: deploy/server.textproto, and the textproto inside the
 // Kubernetes ConfigMap, whose shutdown grace must end before the pod's
-// terminationGracePeriodSeconds and whose pod must run the GPU image.
+// terminationGracePeriodSeconds and whose pod must run the GPU image; both
+// with the connection settings the README quotes.
 TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
   const std::string deploy = SAE_DEPLOY_DIR;
   auto check = [](absl::StatusOr<v1::ServerConfig> config, const std::string& origin) -> v1::ServerConfig {
@@ -1425,6 +1475,9 @@ TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
     EXPECT_EQ(config->backend(), "cuda") << origin;
     EXPECT_GT(config->saes_size(), 0) << origin;
     EXPECT_GT(config->batch_timeout_seconds(), 0u) << origin;
+    // The README's Connections section quotes these.
+    EXPECT_EQ(config->keepalive_time_seconds(), 60u) << origin;
+    EXPECT_EQ(config->keepalive_timeout_seconds(), 20u) << origin;
     if (config->long_input_policy() == v1::ServerConfig::WINDOW) {
       EXPECT_GT(config->max_tokens_per_request(), config->max_seq_len())
           << origin << ": WINDOW never applies when no request may be longer than max_seq_len";
@@ -1466,6 +1519,8 @@ TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
   ASSERT_FALSE(textproto.empty()) << "no server.textproto in the ConfigMap";
   const v1::ServerConfig pod = check(ParseServerConfig(textproto, "kubernetes.yaml ConfigMap"), "kubernetes.yaml");
   EXPECT_GT(grace_period, 0);
+  EXPECT_EQ(pod.max_connection_age_seconds(), 1800u) << "connections rebalance over replicas";
+  EXPECT_EQ(pod.max_connection_age_grace_seconds(), 0u) << "a running stream is not cut off";
   EXPECT_LT(static_cast<int>(pod.shutdown_grace_seconds()), grace_period)
       << "in-flight streams must finish before the kubelet's SIGKILL";
   EXPECT_EQ(image, "sae-server:gpu") << "the Dockerfile's gpu target (docker build --target gpu -t sae-server:gpu .)";
