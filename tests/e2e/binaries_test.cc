@@ -158,6 +158,13 @@ class ServerProcess {
     return serving;
   }
 
+  // WaitForAddress, then WaitServing: the address once SERVING, or "" when
+  // the server did not get there in time (the log says why).
+  std::string WaitServingAddress() {
+    const std::string address = WaitForAddress();
+    return !address.empty() && WaitServing(address) ? address : "";
+  }
+
   std::string log() const { return ReadFile(log_); }
 
   // Whether the child has exited (reaps it).
@@ -178,9 +185,8 @@ class ServerBinaryTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     server_ = new ServerProcess();
-    address_ = server_->WaitForAddress();
+    address_ = server_->WaitServingAddress();
     ASSERT_FALSE(address_.empty()) << server_->log();
-    ASSERT_TRUE(server_->WaitServing(address_)) << server_->log();
   }
   static void TearDownTestSuite() {
     delete server_;
@@ -604,9 +610,8 @@ void ExpectDeviceFaultExits(const std::string& fault_file_text, const std::strin
   setenv("SAE_CUDA_EMU_FAULT_FILE", fault_file.c_str(), 1);
   ServerProcess server({"--backend=cuda", kEmulatedBatchTokens});
   unsetenv("SAE_CUDA_EMU_FAULT_FILE");
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   const std::string extract = std::string(SAE_CLIENT_BIN) + " --addr " + address + " extract 'The red cat.' --json";
   std::string out;
   ASSERT_EQ(RunShell(extract, &out), 0) << out;
@@ -641,9 +646,8 @@ TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
   ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5"});
   unsetenv("SAE_CUDA_EMU_HANG_FILE");
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   const std::string extract =
       std::string(SAE_CLIENT_BIN) + " --addr " + address + " --timeout 60 extract 'The red cat.' --json";
   std::string out;
@@ -1043,9 +1047,8 @@ void PingRepeatedly(RawHttp2Connection* connection, std::chrono::milliseconds in
 // it allows one ping per two hours).
 TEST(ServerConnectionTest, ClientPingsAreAcceptedDownToTheConfiguredInterval) {
   ServerProcess server({"--min_client_ping_interval_seconds=1"});
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   EXPECT_NE(server.log().find("client pings accepted every 1 s or more"), std::string::npos) << server.log();
   RawHttp2Connection connection(address);
   PingRepeatedly(&connection, std::chrono::milliseconds(1500), 5);
@@ -1072,9 +1075,8 @@ TEST_F(ServerBinaryTest, ClientPingingMoreOftenThanAllowedIsSentAway) {
 // with the defaults (two hours) the shared server keeps it.
 TEST(ServerConnectionTest, UnansweredKeepalivePingClosesTheConnection) {
   ServerProcess server({"--keepalive_time_seconds=1", "--keepalive_timeout_seconds=1"});
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   EXPECT_NE(server.log().find("keepalive ping after 1 s quiet (timeout 1 s)"), std::string::npos) << server.log();
   RawHttp2Connection connection(address);
   EXPECT_FALSE(connection.ReadFor(std::chrono::seconds(8)));
@@ -1114,9 +1116,8 @@ grpc::Status StreamWithAQuietGap(client::SaeClient* client, std::chrono::millise
 // drops the old connection and the next call reconnects.
 TEST(ServerConnectionTest, OldConnectionsAreSentAwayWhileTheirStreamsFinish) {
   ServerProcess server({"--max_connection_age_seconds=1"});
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   EXPECT_NE(server.log().find("max connection age 1 s (grace until calls end)"), std::string::npos) << server.log();
   auto client = client::SaeClient::Connect(address);
   client->set_timeout(std::chrono::seconds(60));
@@ -1132,9 +1133,8 @@ TEST(ServerConnectionTest, OldConnectionsAreSentAwayWhileTheirStreamsFinish) {
 // With a grace period the stream still running after age + grace is cut off.
 TEST(ServerConnectionTest, GracePeriodCutsOffStreamsOnOldConnections) {
   ServerProcess server({"--max_connection_age_seconds=1", "--max_connection_age_grace_seconds=1"});
-  const std::string address = server.WaitForAddress();
+  const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
-  ASSERT_TRUE(server.WaitServing(address)) << server.log();
   auto client = client::SaeClient::Connect(address);
   client->set_timeout(std::chrono::seconds(60));
   const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::seconds(4));
