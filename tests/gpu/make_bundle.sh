@@ -14,11 +14,13 @@ if [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
   exit 2
 fi
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build build -j "$(nproc)" --target sae_cuda sae_cuda_emu backend_ops_test cuda_engine_test sae-bench-cuda
+cmake --build build -j "$(nproc)" --target sae_cuda sae_cuda_emu backend_ops_test cuda_engine_test sae-bench-cuda \
+  sae-bench-serving
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/lib"
-bins=(build/tests/core/backend_ops_test build/tests/core/cuda_engine_test build/server/bench/sae-bench-cuda)
+bins=(build/tests/core/backend_ops_test build/tests/core/cuda_engine_test build/server/bench/sae-bench-cuda
+  build/tests/e2e/sae-bench-serving)
 libs=(build/server/core/cuda/libsae_cuda.so build/tests/cuda_emu/libsae_cuda_emu.so)
 for f in "${bins[@]}"; do strip --strip-debug -o "$dir/bin/$(basename "$f")" "$f"; done
 for f in "${libs[@]}"; do strip --strip-debug -o "$dir/lib/$(basename "$f")" "$f"; done

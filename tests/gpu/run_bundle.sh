@@ -2,11 +2,12 @@
 # The GPU checks, run from a bundle made by tests/gpu/make_bundle.sh (as
 # run.sh inside it). Writes summary.txt and one log per step to $OUT (or
 # <bundle>/out): nvidia-smi, sae-bench-cuda at Llama-3.1-8B shapes (its
-# RESULT lines copied into summary.txt), the CUDA cases of backend_ops_test,
-# all of cuda_engine_test, and compute-sanitizer memcheck and racecheck on
-# the fast op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1
-# runs the tests on the CPU emulator instead (to check a bundle on a machine
-# without a GPU; no sanitizer or benchmark then).
+# RESULT lines copied into summary.txt), sae-bench-serving (the host side
+# alone, its RESULT lines too), the CUDA cases of backend_ops_test, all of
+# cuda_engine_test, and compute-sanitizer memcheck and racecheck on the fast
+# op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1 runs the
+# tests on the CPU emulator instead (to check a bundle on a machine without a
+# GPU; no sanitizer or CUDA benchmark then).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
@@ -48,6 +49,10 @@ if [[ "$emulate" != 1 ]]; then
   step bench timeout -k 10 240 "$here/bin/sae-bench-cuda" --tokens=8192 --seq_len=1024 --layers=8,16,32 --k=50
   grep '^RESULT ' "$out/bench.log" >>"$out/summary.txt"
 fi
+# The host side alone (no GPU): what the serving layer moves per second on
+# this machine's cores, beside the forward pass's tokens/s above.
+step serving timeout -k 5 60 "$here/bin/sae-bench-serving" --duration=5
+grep '^RESULT ' "$out/serving.log" >>"$out/summary.txt"
 test_cap=${SAE_BUNDLE_TEST_S:-150}
 [[ "$emulate" == 1 ]] && test_cap=${SAE_BUNDLE_TEST_S:-900}  # the emulator is slow, and has no deadline
 step ops timeout -k 10 "$test_cap" "$here/bin/backend_ops_test" --gtest_filter='*/cuda'
