@@ -460,4 +460,11 @@ absl::StatusOr<DemoLayout> WriteDemo(const std::string& dir_str) {
   return layout;
 }
 
+EngineOptions EngineOptionsForDemo(const DemoLayout& demo) {
+  EngineOptions options;
+  options.model_dir = demo.model_dir;
+  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
+  return options;
+}
+
 }  // namespace sae

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/engine.h"
 
 namespace sae {
 
@@ -29,6 +30,10 @@ struct DemoLayout {
 // output is byte-for-byte deterministic. When `dir` already holds a complete
 // demo of the same version, nothing is rewritten.
 absl::StatusOr<DemoLayout> WriteDemo(const std::string& dir);
+
+// Engine options for the demo model with every demo SAE under its folder
+// name; the other options keep their defaults.
+EngineOptions EngineOptionsForDemo(const DemoLayout& demo);
 
 }  // namespace sae
 

@@ -546,9 +546,7 @@ absl::Status Run() {
   if (absl::GetFlag(FLAGS_demo) && options.model_dir.empty()) {
     ASSIGN_OR_RETURN(DemoLayout demo, WriteDemo(absl::GetFlag(FLAGS_demo_dir)));
     options.model_dir = demo.model_dir;
-    if (options.saes.empty()) {
-      for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
-    }
+    if (options.saes.empty()) options.saes = EngineOptionsForDemo(demo).saes;
   }
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required (or --demo)");
   if (options.saes.empty()) return absl::InvalidArgumentError("at least one --sae is required");

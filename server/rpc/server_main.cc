@@ -357,16 +357,15 @@ int Main(int argc, char** argv) {
   health->SetServingStatus(service_name, false);
   health->SetServingStatus(false);
   Log(absl::StrCat("listening on ", config.listen(), " (port ", port, "), health NOT_SERVING while loading"));
+  std::string age = "none";
+  if (config.max_connection_age_seconds() > 0) {
+    const uint32_t grace = config.max_connection_age_grace_seconds();
+    age = absl::StrCat(config.max_connection_age_seconds(), " s (grace ",
+                       grace == 0 ? std::string("until calls end") : absl::StrCat(grace, " s"), ")");
+  }
   Log(absl::StrCat("connections: keepalive ping after ", config.keepalive_time_seconds(), " s quiet (timeout ",
                    config.keepalive_timeout_seconds(), " s); client pings accepted every ",
-                   config.min_client_ping_interval_seconds(), " s or more; max connection age ",
-                   config.max_connection_age_seconds() == 0
-                       ? std::string("none")
-                       : absl::StrCat(config.max_connection_age_seconds(), " s (grace ",
-                                      config.max_connection_age_grace_seconds() == 0
-                                          ? std::string("until calls end")
-                                          : absl::StrCat(config.max_connection_age_grace_seconds(), " s"),
-                                      ")")));
+                   config.min_client_ping_interval_seconds(), " s or more; max connection age ", age));
   WritePortFile(absl::GetFlag(FLAGS_port_file), port);
 
   if (config.demo() && config.model_dir().empty()) {

@@ -30,9 +30,7 @@ class ReferenceTest : public ::testing::TestWithParam<SaeEncodeForm> {
  protected:
   void SetUp() override {
     const DemoLayout& demo = testing::Demo();
-    EngineOptions o;
-    o.model_dir = demo.model_dir;
-    for (const auto& d : demo.sae_dirs) o.saes.push_back({d, ""});
+    EngineOptions o = EngineOptionsForDemo(demo);
     o.encode_form = GetParam();
     auto e = Engine::Create(o);
     ASSERT_TRUE(e.ok()) << e.status();

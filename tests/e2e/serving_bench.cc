@@ -20,13 +20,11 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "bench.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
@@ -116,11 +114,11 @@ std::vector<SequenceResult> SyntheticResults(const std::vector<SequenceRequest>&
 // tokens (BOS included; at least one sentence); its token count in *n.
 std::string TextOfAtMost(const Engine& engine, int tokens, int* n) {
   const std::string sentence = "The cat sat on the red mat in Paris with one dog and 42 blue birds. ";
-  std::string text = sentence;
-  *n = static_cast<int>(engine.tokenizer().Encode(text, /*add_bos=*/true)->ids.size());
+  std::string text;
+  *n = 0;
   while (true) {
     absl::StatusOr<Encoding> longer = engine.tokenizer().Encode(text + sentence, /*add_bos=*/true);
-    if (!longer.ok() || static_cast<int>(longer->ids.size()) > tokens) return text;
+    if (!longer.ok() || (!text.empty() && static_cast<int>(longer->ids.size()) > tokens)) return text;
     text += sentence;
     *n = static_cast<int>(longer->ids.size());
   }
@@ -144,10 +142,7 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "sae-bench-serving: %s\n", std::string(demo.status().message()).c_str());
     return 1;
   }
-  EngineOptions engine_options;
-  engine_options.model_dir = demo->model_dir;
-  for (const std::string& dir : demo->sae_dirs) engine_options.saes.push_back({dir, ""});
-  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(engine_options);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(EngineOptionsForDemo(*demo));
   if (!engine.ok()) {
     std::fprintf(stderr, "sae-bench-serving: %s\n", std::string(engine.status().message()).c_str());
     return 1;
@@ -180,7 +175,7 @@ int Main(int argc, char** argv) {
   }
   ServiceOptions service_options;
   service_options.limits.max_k = std::max(256, o.k);
-  service_options.limits.max_tokens_per_request = std::max(o.tokens, 2);
+  service_options.limits.max_tokens_per_request = o.tokens;
   service_options.limits.max_stream_backlog = 1024;
   service_options.max_seq_len = executor_options.max_seq_len;
   service_options.metrics = executor_options.metrics;

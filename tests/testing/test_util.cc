@@ -25,10 +25,7 @@ const DemoLayout& Demo() {
 }
 
 EngineOptions DemoEngineOptions(const std::string& backend, SaeEncodeForm form) {
-  const DemoLayout& demo = Demo();
-  EngineOptions options;
-  options.model_dir = demo.model_dir;
-  for (const std::string& dir : demo.sae_dirs) options.saes.push_back({dir, ""});
+  EngineOptions options = EngineOptionsForDemo(Demo());
   options.backend = backend;
   options.encode_form = form;
   return options;
