@@ -3,6 +3,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <fstream>
 #include <limits>
@@ -19,11 +20,27 @@
 
 namespace sae::client {
 
-std::unique_ptr<SaeClient> SaeClient::Connect(const std::string& address) {
+grpc::ChannelArguments ClientChannelArguments(const ConnectOptions& options) {
   grpc::ChannelArguments args;
   // Large k times many SAEs and big chunks can pass gRPC's 4 MiB default.
   args.SetMaxReceiveMessageSize(256 << 20);
-  return std::make_unique<SaeClient>(grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+  if (options.keepalive.count() > 0) {
+    const auto ms = [](std::chrono::milliseconds d) {
+      return static_cast<int>(std::min<int64_t>(d.count(), std::numeric_limits<int>::max()));
+    };
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms(options.keepalive));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms(options.keepalive_timeout));
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    // gRPC's client otherwise stops pinging after two pings with no data
+    // sent in between: a quiet stream would be kept alive for two pings.
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
+  return args;
+}
+
+std::unique_ptr<SaeClient> SaeClient::Connect(const std::string& address, const ConnectOptions& options) {
+  return std::make_unique<SaeClient>(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ClientChannelArguments(options)));
 }
 
 SaeClient::SaeClient(std::shared_ptr<grpc::Channel> channel)
@@ -349,7 +366,8 @@ std::string ToJson(const google::protobuf::Message& message) {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] COMMAND ...\n"
+    "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] [--keepalive SECONDS [--keepalive-timeout SECONDS]]\n"
+    "                  COMMAND ...\n"
     "  extract TEXT [--sae NAME ...] [--k K] [--watch SAE:F1,F2,... ...] [--chunk-tokens N] [--no-bos]\n"
     "          [--include-bos] [--min-activation X] [--reconstruction-error] [--json]\n"
     "  extract --ids 1,2,3 [...]      token ids instead of text\n"
@@ -365,11 +383,15 @@ constexpr char kUsage[] =
     "        [--input FILE.jsonl] [--sae NAME ...] [--k K] [--watch SAE:F,...] [--chunk-tokens N] [--json]\n"
     "                                 load generator; stops at the first bound reached (default --duration 10);\n"
     "                                 exit 1 when any request failed\n"
-    "default --addr: localhost:50051\n";
+    "default --addr: localhost:50051; --keepalive: off (pings a quiet connection after SECONDS, closes it\n"
+    "  when a ping goes unanswered for --keepalive-timeout, default 20; sae-server accepts 10 or more)\n";
 
 struct Args {
   std::string addr = "localhost:50051";
   double timeout_s = 60;
+  double keepalive_s = 0;
+  double keepalive_timeout_s = 20;
+  bool has_keepalive_timeout = false;
   std::vector<std::string> positional;
   std::vector<std::string> saes;
   std::vector<v1::FeatureWatch> watch;
@@ -413,6 +435,8 @@ std::string ParseWatch(const std::string& spec, v1::FeatureWatch* watch) {
 // A duration flag's value: positive and finite (nan and inf parse as
 // numbers), and small enough for a clock's duration.
 bool IsSeconds(double s) { return s > 0 && s <= 1e7; }
+// Seconds that gRPC's int milliseconds hold, at least one.
+bool IsGrpcMilliseconds(double s) { return s >= 0.001 && s <= 2147483; }
 
 std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
   for (size_t i = 0; i < argv.size(); ++i) {
@@ -496,6 +520,16 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
       if (!take(&v) || !absl::SimpleAtod(v, &a->timeout_s) || !IsSeconds(a->timeout_s)) {
         return "--timeout needs a positive number of seconds (at most 1e7)";
       }
+    } else if (arg == "--keepalive") {
+      if (!take(&v) || !absl::SimpleAtod(v, &a->keepalive_s) ||
+          !(a->keepalive_s == 0 || IsGrpcMilliseconds(a->keepalive_s))) {
+        return "--keepalive needs 0 (off) or a number of seconds from 0.001 to 2147483";
+      }
+    } else if (arg == "--keepalive-timeout") {
+      if (!take(&v) || !absl::SimpleAtod(v, &a->keepalive_timeout_s) || !IsGrpcMilliseconds(a->keepalive_timeout_s)) {
+        return "--keepalive-timeout needs a number of seconds from 0.001 to 2147483";
+      }
+      a->has_keepalive_timeout = true;
     } else {
       return "unknown option " + arg;
     }
@@ -566,13 +600,21 @@ int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostr
     err << "sae-client: " << problem << "\n" << kUsage;
     return 2;
   }
+  if (a.has_keepalive_timeout && a.keepalive_s == 0) {
+    err << "sae-client: --keepalive-timeout needs --keepalive\n" << kUsage;
+    return 2;
+  }
   if (a.positional.empty()) {
     err << kUsage;
     return 2;
   }
   const std::string command = a.positional[0];
   const std::vector<std::string> rest(a.positional.begin() + 1, a.positional.end());
-  std::unique_ptr<SaeClient> client = SaeClient::Connect(a.addr);
+  ConnectOptions connect;
+  const auto to_ms = [](double s) { return std::chrono::milliseconds(static_cast<int64_t>(std::llround(s * 1000))); };
+  connect.keepalive = to_ms(a.keepalive_s);
+  connect.keepalive_timeout = to_ms(a.keepalive_timeout_s);
+  std::unique_ptr<SaeClient> client = SaeClient::Connect(a.addr, connect);
   client->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(a.timeout_s * 1000)));
 
   if (command == "extract") {

@@ -53,10 +53,28 @@ class ExtractStream {
   bool finished_ = false;
 };
 
+// How a SaeClient's channel keeps its connection alive.
+struct ConnectOptions {
+  // Sends an HTTP/2 ping once the connection has been quiet this long, also
+  // during a quiet call and with no call at all, and closes the connection
+  // (failing its calls with UNAVAILABLE) when the ping is not acknowledged
+  // within `keepalive_timeout`. This keeps long quiet ExtractStream calls
+  // through load balancers that drop idle flows, and notices a server that
+  // stopped answering before the call's deadline. 0: no pings (gRPC's
+  // default). sae-server accepts pings every 10 s or more by default
+  // (min_client_ping_interval_seconds); pinging more often gets the
+  // connection closed.
+  std::chrono::milliseconds keepalive{0};
+  std::chrono::milliseconds keepalive_timeout{20000};
+};
+
+// The channel arguments of `options` (and of the message size limit).
+grpc::ChannelArguments ClientChannelArguments(const ConnectOptions& options);
+
 class SaeClient {
  public:
   // Insecure channel to `address` ("host:port"); connects lazily.
-  static std::unique_ptr<SaeClient> Connect(const std::string& address);
+  static std::unique_ptr<SaeClient> Connect(const std::string& address, const ConnectOptions& options = {});
   explicit SaeClient(std::shared_ptr<grpc::Channel> channel);
 
   // Every call fails with DEADLINE_EXCEEDED after this long.

@@ -167,6 +167,12 @@ class ServerProcess {
 
   std::string log() const { return ReadFile(log_); }
 
+  // Sends `signal` to the server (SIGSTOP freezes it: the kernel still
+  // accepts its connections' bytes, nothing answers them).
+  void Signal(int signal) {
+    if (pid_ > 0) kill(pid_, signal);
+  }
+
   // Whether the child has exited (reaps it).
   bool Exited() {
     if (pid_ <= 0) return true;
@@ -417,6 +423,44 @@ TEST_F(ServerBinaryTest, ClientReportsErrors) {
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " --addr 127.0.0.1:1 --timeout 2 info", &out), 1);
   EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
   EXPECT_EQ(RunShell(std::string(SAE_CLIENT_BIN) + " frobnicate", &out), 2);
+}
+
+TEST_F(ServerBinaryTest, ClientKeepaliveFlags) {
+  const std::string client = std::string(SAE_CLIENT_BIN) + " --addr " + address_ + " ";
+  std::string out;
+  EXPECT_EQ(RunShell(client + "--keepalive 10 --keepalive-timeout 5 info", &out), 0) << out;
+  EXPECT_EQ(RunShell(client + "--keepalive=0 info", &out), 0) << out;  // off
+  for (const char* bad : {"-1", "nan", "inf", "0.0001", "2147484"}) {
+    EXPECT_EQ(RunShell(client + "--keepalive " + bad + " info", &out), 2) << bad << ": " << out;
+    EXPECT_NE(out.find("--keepalive needs 0 (off) or a number of seconds from 0.001 to 2147483"), std::string::npos)
+        << out;
+    EXPECT_EQ(RunShell(client + "--keepalive 10 --keepalive-timeout " + bad + " info", &out), 2) << bad << ": " << out;
+  }
+  EXPECT_EQ(RunShell(client + "--keepalive-timeout 5 info", &out), 2) << out;
+  EXPECT_NE(out.find("--keepalive-timeout needs --keepalive"), std::string::npos) << out;
+}
+
+// ConnectOptions as channel arguments: none for keepalive when it is off;
+// when on, pings also on quiet streams and idle connections.
+TEST(ClientChannelArgumentsTest, KeepaliveArguments) {
+  auto ints = [](const client::ConnectOptions& options) {
+    const grpc::ChannelArguments args = client::ClientChannelArguments(options);
+    std::map<std::string, int> out;
+    const grpc_channel_args c = args.c_channel_args();
+    for (size_t i = 0; i < c.num_args; ++i) {
+      if (c.args[i].type == GRPC_ARG_INTEGER) out[c.args[i].key] = c.args[i].value.integer;
+    }
+    return out;
+  };
+  EXPECT_EQ(ints({}), (std::map<std::string, int>{{GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20}}));
+  client::ConnectOptions on;
+  on.keepalive = std::chrono::seconds(30);
+  on.keepalive_timeout = std::chrono::milliseconds(2500);
+  EXPECT_EQ(ints(on), (std::map<std::string, int>{{GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 256 << 20},
+                                                  {GRPC_ARG_KEEPALIVE_TIME_MS, 30000},
+                                                  {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 2500},
+                                                  {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
+                                                  {GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0}}));
 }
 
 // ---- the streaming client API ----
@@ -956,6 +1000,7 @@ class RawHttp2Connection {
     std::string payload;
   };
   static constexpr uint8_t kPing = 6, kGoAway = 7;
+  static constexpr uint8_t kAck = 1;
 
   // Connects to `address` (127.0.0.1:port) and sends the client preface, an
   // empty SETTINGS frame and, blindly, the ACK of the server's SETTINGS.
@@ -980,6 +1025,13 @@ class RawHttp2Connection {
   }
 
   void SendPing() { Send(FrameBytes(kPing, 0, std::string(8, 'p'))); }
+  // From now on acknowledge the server's pings, like a live peer.
+  void AnswerPings() { answer_pings_ = true; }
+  // How many pings the server has sent (not counting ACKs of ours).
+  int PingsReceived() const {
+    return static_cast<int>(std::count_if(frames_.begin(), frames_.end(),
+                                          [](const Frame& f) { return f.type == kPing && !(f.flags & kAck); }));
+  }
 
   // Reads frames for `period`; false once the server closed the connection.
   bool ReadFor(std::chrono::milliseconds period) {
@@ -1000,6 +1052,8 @@ class RawHttp2Connection {
         if (pending_.size() < 9 + length) break;
         frames_.push_back(Frame{byte(3), byte(4), pending_.substr(9, length)});
         pending_.erase(0, 9 + length);
+        const Frame& f = frames_.back();
+        if (answer_pings_ && f.type == kPing && (f.flags & kAck) == 0) Send(FrameBytes(kPing, kAck, f.payload));
       }
     }
     return !closed_;
@@ -1030,6 +1084,7 @@ class RawHttp2Connection {
 
   int fd_ = -1;
   bool closed_ = false;
+  bool answer_pings_ = false;
   std::string pending_;
   std::vector<Frame> frames_;
 };
@@ -1082,26 +1137,42 @@ TEST(ServerConnectionTest, UnansweredKeepalivePingClosesTheConnection) {
   EXPECT_FALSE(connection.ReadFor(std::chrono::seconds(8)));
 }
 
+// A live peer (it acknowledges pings) on a connection that stays quiet is
+// pinged every keepalive_time_seconds, not just once: that is what keeps the
+// flow open through a load balancer's idle timeout and notices the peer
+// vanishing later.
+TEST(ServerConnectionTest, QuietLiveConnectionIsPingedEveryKeepaliveTime) {
+  ServerProcess server({"--keepalive_time_seconds=1", "--keepalive_timeout_seconds=10"});
+  const std::string address = server.WaitServingAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  RawHttp2Connection connection(address);
+  connection.AnswerPings();
+  EXPECT_TRUE(connection.ReadFor(std::chrono::milliseconds(6500)));
+  EXPECT_GE(connection.PingsReceived(), 4);
+}
+
 TEST_F(ServerBinaryTest, MuteConnectionIsKeptWithDefaultKeepalive) {
   RawHttp2Connection connection(address_);
   EXPECT_TRUE(connection.ReadFor(std::chrono::seconds(4)));
+}
+
+// One request on `stream`, read to its last chunk; whether it succeeded.
+bool ExtractOnStream(client::ExtractStream* stream, const std::string& id) {
+  if (!stream->Send(TextRequest(id, "The cat sat on the red mat."))) return false;
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+    if (response.request_id() == id && response.done()) return !response.has_error();
+  }
+  return false;
 }
 
 // An ExtractStream that stays quiet for `quiet` between two requests (a bulk
 // client waiting on its input); the stream's status at the end.
 grpc::Status StreamWithAQuietGap(client::SaeClient* client, std::chrono::milliseconds quiet) {
   auto stream = client->OpenExtractStream();
-  auto extract = [&](const std::string& id) {
-    if (!stream->Send(TextRequest(id, "The cat sat on the red mat."))) return false;
-    v1::ExtractResponse response;
-    while (stream->Read(&response)) {
-      if (response.request_id() == id && response.done()) return !response.has_error();
-    }
-    return false;
-  };
-  if (extract("before")) {
+  if (ExtractOnStream(stream.get(), "before")) {
     std::this_thread::sleep_for(quiet);
-    if (extract("after")) {
+    if (ExtractOnStream(stream.get(), "after")) {
       stream->CloseSend();
       v1::ExtractResponse rest;
       while (stream->Read(&rest)) {
@@ -1139,6 +1210,74 @@ TEST(ServerConnectionTest, GracePeriodCutsOffStreamsOnOldConnections) {
   client->set_timeout(std::chrono::seconds(60));
   const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::seconds(4));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+}
+
+// ---- the client's keepalive (ConnectOptions, sae-client --keepalive) ----
+
+client::ConnectOptions Keepalive(std::chrono::milliseconds time, std::chrono::milliseconds timeout) {
+  client::ConnectOptions options;
+  options.keepalive = time;
+  options.keepalive_timeout = timeout;
+  return options;
+}
+
+// A stream whose server froze (SIGSTOP: TCP still accepts, nothing answers)
+// fails with UNAVAILABLE once a keepalive ping goes unanswered (1 + 1 s
+// here), long before its 60 s deadline.
+TEST(ClientKeepaliveTest, StreamToAFrozenServerFailsWhenAPingGoesUnanswered) {
+  ServerProcess server;
+  const std::string address = server.WaitServingAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client = client::SaeClient::Connect(address, Keepalive(std::chrono::seconds(1), std::chrono::seconds(1)));
+  client->set_timeout(std::chrono::seconds(60));
+  auto stream = client->OpenExtractStream();
+  ASSERT_TRUE(ExtractOnStream(stream.get(), "before"));
+  server.Signal(SIGSTOP);
+  const auto start = std::chrono::steady_clock::now();
+  stream->Send(TextRequest("frozen", "The cat sat on the red mat."));  // buffered, never answered
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+  }
+  const grpc::Status status = stream->Finish();
+  const auto waited = std::chrono::steady_clock::now() - start;
+  server.Signal(SIGCONT);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_LT(waited, std::chrono::seconds(15));
+}
+
+// A client pinging more often than the server's min_client_ping_interval
+// (every 200 ms against 60 s) has its connection closed at the third ping
+// too early: the quiet stream on it fails with UNAVAILABLE.
+TEST(ClientKeepaliveTest, PingingMoreOftenThanTheServerAllowsFailsTheStream) {
+  ServerProcess server({"--min_client_ping_interval_seconds=60"});
+  const std::string address = server.WaitServingAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client =
+      client::SaeClient::Connect(address, Keepalive(std::chrono::milliseconds(200), std::chrono::seconds(20)));
+  client->set_timeout(std::chrono::seconds(60));
+  auto stream = client->OpenExtractStream();
+  ASSERT_TRUE(ExtractOnStream(stream.get(), "before"));
+  const auto start = std::chrono::steady_clock::now();
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+  }
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_EQ(status.error_message(), "Too many pings");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
+}
+
+// Pinging within the server's interval (every 1.5 s against 1 s) keeps a
+// stream that stays quiet for several pings, and it goes on serving.
+TEST(ClientKeepaliveTest, QuietStreamIsKeptWhenPingsRespectTheServersInterval) {
+  ServerProcess server({"--min_client_ping_interval_seconds=1"});
+  const std::string address = server.WaitServingAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto client =
+      client::SaeClient::Connect(address, Keepalive(std::chrono::milliseconds(1500), std::chrono::seconds(20)));
+  client->set_timeout(std::chrono::seconds(60));
+  const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::seconds(6));
+  EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
 }
 
 TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {
