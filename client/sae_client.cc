@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench.h"
+#include "common/file.h"
 
 namespace sae::client {
 
@@ -35,12 +37,22 @@ grpc::ChannelArguments ClientChannelArguments(const ConnectOptions& options) {
     // sent in between: a quiet stream would be kept alive for two pings.
     args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   }
+  if (options.tls && !options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
   return args;
+}
+
+std::shared_ptr<grpc::ChannelCredentials> ClientChannelCredentials(const ConnectOptions& options) {
+  if (!options.tls) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = options.tls_ca_pem;
+  ssl.pem_cert_chain = options.tls_cert_pem;
+  ssl.pem_private_key = options.tls_key_pem;
+  return grpc::SslCredentials(ssl);
 }
 
 std::unique_ptr<SaeClient> SaeClient::Connect(const std::string& address, const ConnectOptions& options) {
   return std::make_unique<SaeClient>(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ClientChannelArguments(options)));
+      grpc::CreateCustomChannel(address, ClientChannelCredentials(options), ClientChannelArguments(options)));
 }
 
 SaeClient::SaeClient(std::shared_ptr<grpc::Channel> channel)
@@ -367,6 +379,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: sae-client [--addr HOST:PORT] [--timeout SECONDS] [--keepalive SECONDS [--keepalive-timeout SECONDS]]\n"
+    "                  [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE] [--tls-server-name NAME]\n"
     "                  COMMAND ...\n"
     "  extract TEXT [--sae NAME ...] [--k K] [--watch SAE:F1,F2,... ...] [--chunk-tokens N] [--no-bos]\n"
     "          [--include-bos] [--min-activation X] [--reconstruction-error] [--json]\n"
@@ -384,7 +397,10 @@ constexpr char kUsage[] =
     "                                 load generator; stops at the first bound reached (default --duration 10);\n"
     "                                 exit 1 when any request failed\n"
     "default --addr: localhost:50051; --keepalive: off (pings a quiet connection after SECONDS, closes it\n"
-    "  when a ping goes unanswered for --keepalive-timeout, default 20; sae-server accepts 10 or more)\n";
+    "  when a ping goes unanswered for --keepalive-timeout, default 20; sae-server accepts 10 or more)\n"
+    "--tls: connect with TLS, trusting the system's CAs or the PEM --tls-ca (which implies --tls); --tls-cert\n"
+    "  and --tls-key: a client certificate (mutual TLS); --tls-server-name: the name the server's certificate\n"
+    "  must carry, when not the host of --addr\n";
 
 struct Args {
   std::string addr = "localhost:50051";
@@ -392,6 +408,8 @@ struct Args {
   double keepalive_s = 0;
   double keepalive_timeout_s = 20;
   bool has_keepalive_timeout = false;
+  bool tls = false;
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;
   std::vector<std::string> positional;
   std::vector<std::string> saes;
   std::vector<v1::FeatureWatch> watch;
@@ -467,7 +485,17 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
       return true;
     };
     std::string v;
-    if (arg == "--json" || arg == "--no-bos" || arg == "--include-bos" || arg == "--reconstruction-error") {
+    if (arg == "--tls") {
+      if (has_value) return "--tls takes no value";
+      a->tls = true;
+    } else if (arg == "--tls-ca" || arg == "--tls-cert" || arg == "--tls-key" || arg == "--tls-server-name") {
+      std::string* out = arg == "--tls-ca"     ? &a->tls_ca
+                         : arg == "--tls-cert" ? &a->tls_cert
+                         : arg == "--tls-key"  ? &a->tls_key
+                                               : &a->tls_server_name;
+      if (!take(out) || out->empty()) return arg + (arg == "--tls-server-name" ? " needs a name" : " needs a PEM file");
+      a->tls = true;
+    } else if (arg == "--json" || arg == "--no-bos" || arg == "--include-bos" || arg == "--reconstruction-error") {
       if (has_value) return arg + " takes no value";
       (arg == "--json"          ? a->json
        : arg == "--no-bos"      ? a->no_bos
@@ -537,6 +565,15 @@ std::string ParseArgs(const std::vector<std::string>& argv, Args* a) {
   return "";
 }
 
+// A PEM file's text; the error starts with the path.
+absl::StatusOr<std::string> ReadPemFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFileToString(path);
+  if (text.ok() && text->find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(path + ": not a PEM file (no \"-----BEGIN\" line)");
+  }
+  return text;
+}
+
 // The per-request options of the command line, shared by extract and bench.
 void ApplyRequestOptions(const Args& a, v1::ExtractRequest* request) {
   for (const std::string& s : a.saes) request->add_saes(s);
@@ -559,9 +596,9 @@ int RunBenchCommand(const Args& a, SaeClient* client, std::ostream& out, std::os
   if (a.input.empty()) {
     mix = DefaultBenchMix();
   } else {
-    std::ifstream in(a.input, std::ios::binary);
-    if (!in) {
-      err << "sae-client: " << a.input << ": cannot open\n";
+    std::ifstream in;
+    if (absl::Status opened = OpenInputFile(a.input, &in); !opened.ok()) {
+      err << "sae-client: " << opened.message() << "\n";
       return 2;
     }
     absl::StatusOr<std::vector<v1::ExtractRequest>> parsed = ParseRequestsJsonl(in, a.input);
@@ -610,7 +647,25 @@ int RunClient(const std::vector<std::string>& argv, std::ostream& out, std::ostr
   }
   const std::string command = a.positional[0];
   const std::vector<std::string> rest(a.positional.begin() + 1, a.positional.end());
+  if (a.tls_cert.empty() != a.tls_key.empty()) {
+    err << "sae-client: --tls-cert and --tls-key go together (a client certificate and its private key)\n" << kUsage;
+    return 2;
+  }
   ConnectOptions connect;
+  connect.tls = a.tls;
+  connect.tls_server_name = a.tls_server_name;
+  for (const auto& [flag, path, pem] :
+       {std::tuple<const char*, const std::string&, std::string*>{"--tls-ca", a.tls_ca, &connect.tls_ca_pem},
+        {"--tls-cert", a.tls_cert, &connect.tls_cert_pem},
+        {"--tls-key", a.tls_key, &connect.tls_key_pem}}) {
+    if (path.empty()) continue;
+    absl::StatusOr<std::string> text = ReadPemFile(path);
+    if (!text.ok()) {
+      err << "sae-client: " << flag << ": " << text.status().message() << "\n";
+      return 2;
+    }
+    *pem = std::move(*text);
+  }
   const auto to_ms = [](double s) { return std::chrono::milliseconds(static_cast<int64_t>(std::llround(s * 1000))); };
   connect.keepalive = to_ms(a.keepalive_s);
   connect.keepalive_timeout = to_ms(a.keepalive_timeout_s);

@@ -66,14 +66,30 @@ struct ConnectOptions {
   // connection closed.
   std::chrono::milliseconds keepalive{0};
   std::chrono::milliseconds keepalive_timeout{20000};
+
+  // TLS (for a server with tls_cert_file). Off unless `tls` is set.
+  bool tls = false;
+  // PEM roots the server's certificate must chain to; empty: gRPC's default
+  // roots (the system's, or GRPC_DEFAULT_SSL_ROOTS_FILE_PATH).
+  std::string tls_ca_pem;
+  // The client's certificate chain and private key, for a server that
+  // requires client certificates (tls_client_ca_file); both or neither.
+  std::string tls_cert_pem;
+  std::string tls_key_pem;
+  // The name the server's certificate must carry when it is not the host of
+  // the address (connecting by IP address, or through a tunnel).
+  std::string tls_server_name;
 };
 
 // The channel arguments of `options` (and of the message size limit).
 grpc::ChannelArguments ClientChannelArguments(const ConnectOptions& options);
+// Plaintext, or TLS with the options' roots and client certificate.
+std::shared_ptr<grpc::ChannelCredentials> ClientChannelCredentials(const ConnectOptions& options);
 
 class SaeClient {
  public:
-  // Insecure channel to `address` ("host:port"); connects lazily.
+  // Channel to `address` ("host:port"), plaintext unless options.tls;
+  // connects lazily.
   static std::unique_ptr<SaeClient> Connect(const std::string& address, const ConnectOptions& options = {});
   explicit SaeClient(std::shared_ptr<grpc::Channel> channel);
 

@@ -87,6 +87,7 @@ void ApplyConfigDefaults(v1::ServerConfig* config) {
   if (config->keepalive_time_seconds() == 0) config->set_keepalive_time_seconds(7200);
   if (config->keepalive_timeout_seconds() == 0) config->set_keepalive_timeout_seconds(20);
   if (!config->has_min_client_ping_interval_seconds()) config->set_min_client_ping_interval_seconds(10);
+  if (config->tls_reload_seconds() == 0) config->set_tls_reload_seconds(60);
 }
 
 absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
@@ -146,6 +147,20 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
       return absl::InvalidArgumentError(
           absl::StrCat("config: ", name, " is ", value, "; at most ", kMaxConnectionSeconds, " (24 days)"));
     }
+  }
+  if (config.tls_cert_file().empty() != config.tls_key_file().empty()) {
+    return absl::InvalidArgumentError(
+        config.tls_cert_file().empty()
+            ? "config: tls_key_file is set without tls_cert_file (the certificate it signs for)"
+            : "config: tls_cert_file is set without tls_key_file (its private key)");
+  }
+  if (!config.tls_client_ca_file().empty() && config.tls_cert_file().empty()) {
+    return absl::InvalidArgumentError(
+        "config: tls_client_ca_file is set without tls_cert_file and tls_key_file (client certificates need TLS)");
+  }
+  if (config.tls_reload_seconds() > 86400) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: tls_reload_seconds is ", config.tls_reload_seconds(), "; at most 86400 (one day)"));
   }
   if (!v1::ServerConfig::LongInputPolicy_IsValid(config.long_input_policy()) ||
       config.long_input_policy() == v1::ServerConfig::LONG_INPUT_POLICY_UNSPECIFIED) {

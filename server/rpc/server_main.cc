@@ -37,6 +37,7 @@
 #include "rpc/flag_util.h"
 #include "rpc/metrics.h"
 #include "rpc/service.h"
+#include "rpc/tls.h"
 
 ABSL_FLAG(std::string, config, "", "ServerConfig textproto file; the flags below override its fields");
 ABSL_FLAG(std::optional<std::string>, model_dir, std::nullopt,
@@ -88,6 +89,13 @@ ABSL_FLAG(std::optional<uint32_t>, max_connection_age_seconds, std::nullopt,
           "never)");
 ABSL_FLAG(std::optional<uint32_t>, max_connection_age_grace_seconds, std::nullopt,
           "how long calls on a connection past its age may still run (default 0: until they end)");
+ABSL_FLAG(std::optional<std::string>, tls_cert_file, std::nullopt,
+          "PEM certificate chain: the gRPC port speaks TLS (with --tls_key_file)");
+ABSL_FLAG(std::optional<std::string>, tls_key_file, std::nullopt, "PEM private key of --tls_cert_file");
+ABSL_FLAG(std::optional<std::string>, tls_client_ca_file, std::nullopt,
+          "PEM CA certificates: clients must present a certificate they signed (mutual TLS)");
+ABSL_FLAG(std::optional<uint32_t>, tls_reload_seconds, std::nullopt,
+          "how often the TLS files are re-read, for renewed certificates (default 60)");
 ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
           "Prometheus metrics address, e.g. 0.0.0.0:9464 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
@@ -158,6 +166,10 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_max_connection_age_grace_seconds)) {
     config.set_max_connection_age_grace_seconds(*v);
   }
+  if (auto v = absl::GetFlag(FLAGS_tls_cert_file)) config.set_tls_cert_file(*v);
+  if (auto v = absl::GetFlag(FLAGS_tls_key_file)) config.set_tls_key_file(*v);
+  if (auto v = absl::GetFlag(FLAGS_tls_client_ca_file)) config.set_tls_client_ca_file(*v);
+  if (auto v = absl::GetFlag(FLAGS_tls_reload_seconds)) config.set_tls_reload_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) {
@@ -336,6 +348,12 @@ int Main(int argc, char** argv) {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
   }
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = GrpcServerCredentials(config);
+  if (!credentials.ok()) {
+    Log(std::string(credentials.status().message()));
+    return 1;
+  }
+
   // Listen first so health checks can say NOT_SERVING while the model loads.
   ServiceOptions service_options = ServiceOptionsFromConfig(config);
   service_options.metrics = metrics;
@@ -344,7 +362,7 @@ int Main(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config.listen(), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(config.listen(), *credentials, &port);
   for (const auto& [name, value] : GrpcServerChannelArgs(config)) builder.AddChannelArgument(name, value);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -356,7 +374,8 @@ int Main(int argc, char** argv) {
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(service_name, false);
   health->SetServingStatus(false);
-  Log(absl::StrCat("listening on ", config.listen(), " (port ", port, "), health NOT_SERVING while loading"));
+  Log(absl::StrCat("listening on ", config.listen(), " (port ", port, ", ", DescribeTransportSecurity(config),
+                   "), health NOT_SERVING while loading"));
   std::string age = "none";
   if (config.max_connection_age_seconds() > 0) {
     const uint32_t grace = config.max_connection_age_grace_seconds();

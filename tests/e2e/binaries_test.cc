@@ -40,6 +40,7 @@
 #include "nlohmann/json.hpp"
 #include "prometheus_scrape.h"
 #include "rpc/flag_util.h"
+#include "rpc/tls.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
 
@@ -143,8 +144,8 @@ class ServerProcess {
 
   // Polls gRPC health at `address` until SERVING; false if the process exits
   // first or the time runs out (listening comes before loading).
-  bool WaitServing(const std::string& address) {
-    auto client = client::SaeClient::Connect(address);
+  bool WaitServing(const std::string& address, const client::ConnectOptions& options = {}) {
+    auto client = client::SaeClient::Connect(address, options);
     client->set_timeout(std::chrono::seconds(2));
     bool serving = false;
     testing::WaitFor(
@@ -160,9 +161,9 @@ class ServerProcess {
 
   // WaitForAddress, then WaitServing: the address once SERVING, or "" when
   // the server did not get there in time (the log says why).
-  std::string WaitServingAddress() {
+  std::string WaitServingAddress(const client::ConnectOptions& options = {}) {
     const std::string address = WaitForAddress();
-    return !address.empty() && WaitServing(address) ? address : "";
+    return !address.empty() && WaitServing(address, options) ? address : "";
   }
 
   std::string log() const { return ReadFile(log_); }
@@ -1278,6 +1279,174 @@ TEST(ClientKeepaliveTest, QuietStreamIsKeptWhenPingsRespectTheServersInterval) {
   client->set_timeout(std::chrono::seconds(60));
   const grpc::Status status = StreamWithAQuietGap(client.get(), std::chrono::seconds(6));
   EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+}
+
+// ---- TLS on the gRPC port ----
+
+// tests/testing/make_certs.sh: a CA `name` and the server and client
+// certificates it signed, in `dir` (NAME-ca.pem, NAME-server.pem / .key for
+// localhost and 127.0.0.1, NAME-client.pem / .key).
+void MakeCertificates(const std::string& dir, const std::string& name) {
+  std::string out;
+  ASSERT_EQ(RunShell(absl::StrCat("bash ", Quote(SAE_MAKE_CERTS), " ", Quote(dir), " ", name), &out), 0) << out;
+}
+
+class TlsTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(testing::MakeTempDir("e2e-tls"));
+    MakeCertificates(*dir_, "a");
+    MakeCertificates(*dir_, "b");
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+  static std::string File(const std::string& name) { return *dir_ + "/" + name; }
+  // sae-client with `flags` (TLS and others) running `command` at `address`.
+  static int Client(const std::string& address, const std::string& flags, const std::string& command,
+                    std::string* out) {
+    return RunShell(std::string(SAE_CLIENT_BIN) + " --addr " + address + " --timeout 5 " + flags + " " + command, out);
+  }
+  // ConnectOptions trusting CA `name`, with its client certificate when asked.
+  static client::ConnectOptions TrustCa(const std::string& name, bool client_certificate = false) {
+    client::ConnectOptions options;
+    options.tls = true;
+    options.tls_ca_pem = ReadFile(File(name + "-ca.pem"));
+    if (client_certificate) {
+      options.tls_cert_pem = ReadFile(File(name + "-client.pem"));
+      options.tls_key_pem = ReadFile(File(name + "-client.key"));
+    }
+    return options;
+  }
+  static std::string* dir_;
+};
+std::string* TlsTest::dir_ = nullptr;
+
+// With tls_cert_file and tls_key_file the port speaks only TLS: a client
+// that trusts the CA gets answers (the certificate names 127.0.0.1, or
+// --tls-server-name picks the name), plaintext and other CAs' clients fail.
+TEST_F(TlsTest, ServesTlsToClientsThatTrustItsCertificate) {
+  ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("a-server.key")});
+  const std::string address = server.WaitServingAddress(TrustCa("a"));
+  ASSERT_FALSE(address.empty()) << server.log();
+  EXPECT_NE(server.log().find("(port " + address.substr(address.rfind(':') + 1) + ", TLS, files re-read every 60 s)"),
+            std::string::npos)
+      << server.log();
+  std::string out;
+  const std::string trust_a = "--tls-ca " + Quote(File("a-ca.pem"));
+  EXPECT_EQ(Client(address, trust_a, "info", &out), 0) << out;
+  EXPECT_EQ(Client(address, trust_a, "extract 'red cat' --sae L1R-8x --k 2", &out), 0) << out;
+  EXPECT_NE(out.find("L1R-8x"), std::string::npos) << out;
+  EXPECT_EQ(Client(address, trust_a + " --tls-server-name localhost", "info", &out), 0) << out;
+  EXPECT_EQ(Client(address, trust_a + " --tls-server-name other.example", "info", &out), 1) << out;
+  EXPECT_EQ(Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out), 1) << out;
+  EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
+  EXPECT_EQ(Client(address, "", "info", &out), 1) << out;  // plaintext
+  EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
+  // The server keeps serving after the failed handshakes.
+  EXPECT_EQ(Client(address, trust_a, "health", &out), 0) << out;
+}
+
+// tls_client_ca_file: only clients with a certificate from that CA get in.
+TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
+  ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("a-server.key"),
+                        "--tls_client_ca_file=" + File("a-ca.pem")});
+  const std::string address = server.WaitServingAddress(TrustCa("a", true));
+  ASSERT_FALSE(address.empty()) << server.log();
+  EXPECT_NE(server.log().find("mutual TLS: client certificates required, files re-read every 60 s"), std::string::npos)
+      << server.log();
+  const std::string trust_a = "--tls-ca " + Quote(File("a-ca.pem"));
+  std::string out;
+  EXPECT_EQ(Client(address,
+                   trust_a + " --tls-cert " + Quote(File("a-client.pem")) + " --tls-key " + Quote(File("a-client.key")),
+                   "info", &out),
+            0)
+      << out;
+  EXPECT_EQ(Client(address, trust_a, "info", &out), 1) << out;
+  EXPECT_EQ(Client(address,
+                   trust_a + " --tls-cert " + Quote(File("b-client.pem")) + " --tls-key " + Quote(File("b-client.key")),
+                   "info", &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
+}
+
+// The files are re-read every tls_reload_seconds: a renewed certificate
+// (here from another CA, so the switch shows) is served without a restart.
+TEST_F(TlsTest, RenewedCertificateIsServedWithoutARestart) {
+  const std::string cert = File("live-server.pem"), key = File("live-server.key");
+  auto install = [&](const std::string& name) {
+    // Written aside and renamed into place, as a Kubernetes Secret volume
+    // swaps its files.
+    for (const auto& [from, to] : {std::pair{File(name + "-server.pem"), cert}, {File(name + "-server.key"), key}}) {
+      std::ofstream(to + ".new", std::ios::binary) << ReadFile(from);
+      ASSERT_EQ(std::rename((to + ".new").c_str(), to.c_str()), 0);
+    }
+  };
+  install("a");
+  ServerProcess server({"--tls_cert_file=" + cert, "--tls_key_file=" + key, "--tls_reload_seconds=1"});
+  const std::string address = server.WaitServingAddress(TrustCa("a"));
+  ASSERT_FALSE(address.empty()) << server.log();
+  std::string out;
+  EXPECT_EQ(Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out), 1) << out;
+  install("b");
+  EXPECT_TRUE(
+      testing::WaitFor([&] { return Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out) == 0; },
+                       std::chrono::seconds(15)))
+      << out << server.log();
+  EXPECT_EQ(Client(address, "--tls-ca " + Quote(File("a-ca.pem")), "info", &out), 1) << out;
+}
+
+// Bad TLS files stop the server at startup with the field and the file named.
+TEST_F(TlsTest, BadFilesAreNamedWithTheirField) {
+  const std::string junk_ca = File("junk-ca.pem");
+  std::ofstream(junk_ca) << "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+  struct Case {
+    std::string cert, key, client_ca, message;
+  };
+  const std::vector<Case> cases = {
+      {File("missing.pem"), File("a-server.key"), "",
+       "config: tls_cert_file: " + File("missing.pem") + ": cannot open"},
+      {File("a-server.pem"), File("a-server.pem"), "",
+       "config: tls_key_file \"" + File("a-server.pem") +
+           "\" holds no PEM private key (a \"-----BEGIN ...PRIVATE KEY-----\" block)"},
+      {File("a-server.key"), File("a-server.key"), "",
+       "config: tls_cert_file \"" + File("a-server.key") + "\" holds no PEM certificate"},
+      {File("a-server.pem"), File("b-server.key"), "",
+       "config: tls_key_file \"" + File("b-server.key") + "\" is not the private key of tls_cert_file \"" +
+           File("a-server.pem") + "\""},
+      {File("a-server.pem"), File("a-server.key"), File("a-ca.key"),
+       "config: tls_client_ca_file \"" + File("a-ca.key") + "\" holds no PEM CA certificate"},
+      {File("a-server.pem"), File("a-server.key"), junk_ca,
+       "config: tls_client_ca_file \"" + junk_ca + "\" holds no usable CA certificate"},
+  };
+  for (const Case& c : cases) {
+    v1::ServerConfig config;
+    config.set_tls_cert_file(c.cert);
+    config.set_tls_key_file(c.key);
+    config.set_tls_client_ca_file(c.client_ca);
+    config.set_tls_reload_seconds(60);
+    const absl::Status status = GrpcServerCredentials(config).status();
+    EXPECT_NE(status.message().find(c.message), std::string::npos) << status << "\n  wanted: " << c.message;
+  }
+  // In sae-server: the message and exit status 1, before anything loads.
+  ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("b-server.key")});
+  EXPECT_EQ(server.WaitExit(), 1) << server.log();
+  EXPECT_NE(server.log().find("is not the private key of tls_cert_file"), std::string::npos) << server.log();
+}
+
+TEST_F(TlsTest, ClientFlagErrors) {
+  std::string out;
+  const std::string client = std::string(SAE_CLIENT_BIN) + " --addr 127.0.0.1:1 ";
+  EXPECT_EQ(RunShell(client + "--tls-cert " + Quote(File("a-client.pem")) + " info", &out), 2) << out;
+  EXPECT_NE(out.find("--tls-cert and --tls-key go together"), std::string::npos) << out;
+  EXPECT_EQ(RunShell(client + "--tls-ca " + Quote(File("missing.pem")) + " info", &out), 2) << out;
+  EXPECT_NE(out.find("--tls-ca: " + File("missing.pem") + ": cannot open"), std::string::npos) << out;
+  EXPECT_EQ(RunShell(client + "--tls-ca " + Quote(File("a-san")) + " info", &out), 2) << out;
+  EXPECT_NE(out.find("--tls-ca: " + File("a-san") + ": not a PEM file"), std::string::npos) << out;
+  EXPECT_EQ(RunShell(client + "--tls=yes info", &out), 2) << out;
+  EXPECT_EQ(RunShell(client + "--tls-server-name '' info", &out), 2) << out;
 }
 
 TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {

@@ -1464,6 +1464,40 @@ TEST(ServerConfigTest, ConnectionSettingsBecomeChannelArguments) {
 // Kubernetes ConfigMap, whose shutdown grace must end before the pod's
 // terminationGracePeriodSeconds and whose pod must run the GPU image; both
 // with the connection settings the README quotes.
+// The tls_* fields go together as TLS needs them; the files themselves are
+// checked when the credentials are built (TlsTest in e2e_binaries_test).
+TEST(ServerConfigTest, TlsFieldsComeTogether) {
+  auto validate = [](const std::string& text) {
+    absl::StatusOr<v1::ServerConfig> config = ParseServerConfig(text, "test.textproto");
+    if (!config.ok()) return config.status();
+    ApplyConfigDefaults(&*config);
+    return ValidateServerConfig(*config);
+  };
+  EXPECT_TRUE(validate("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem'").ok());
+  EXPECT_TRUE(validate("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem' tls_client_ca_file: 'ca.pem' "
+                       "tls_reload_seconds: 86400")
+                  .ok());
+  struct Case {
+    std::string text, message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"tls_cert_file: 'c.pem'", "config: tls_cert_file is set without tls_key_file (its private key)"},
+           {"tls_key_file: 'k.pem'",
+            "config: tls_key_file is set without tls_cert_file (the certificate it signs for)"},
+           {"tls_client_ca_file: 'ca.pem'",
+            "config: tls_client_ca_file is set without tls_cert_file and tls_key_file (client certificates need TLS)"},
+           {"tls_reload_seconds: 86401", "config: tls_reload_seconds is 86401; at most 86400 (one day)"},
+       }) {
+    const absl::Status status = validate("demo: true " + c.text);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_EQ(status.message(), c.message) << c.text;
+  }
+  absl::StatusOr<v1::ServerConfig> defaults = ParseServerConfig("demo: true", "test.textproto");
+  ASSERT_TRUE(defaults.ok());
+  ApplyConfigDefaults(&*defaults);
+  EXPECT_EQ(defaults->tls_reload_seconds(), 60u);
+}
+
 TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
   const std::string deploy = SAE_DEPLOY_DIR;
   auto check = [](absl::StatusOr<v1::ServerConfig> config, const std::string& origin) -> v1::ServerConfig {

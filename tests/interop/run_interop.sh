@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # ctest driver of the Node interop test: starts `sae-server --demo` on a free
 # loopback port (--port_file), runs sae_interop.js against it, stops the server.
-#   run_interop.sh SAE_SERVER_BIN DEMO_DIR SCRATCH_DIR
+# With "mtls" the server requires mutual TLS (certificates from
+# tests/testing/make_certs.sh) and the Node client presents its certificate.
+#   run_interop.sh SAE_SERVER_BIN DEMO_DIR SCRATCH_DIR [mtls]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 server_bin=$1
 demo_dir=$2
 scratch=$3
+mode=${4:-plaintext}
 
 if ! command -v node >/dev/null; then
   echo "FAIL: node (Node.js >= 18) is not on PATH; install it, then run 'npm ci' in $here" >&2
@@ -19,7 +22,15 @@ fi
 
 rm -rf "$scratch"
 mkdir -p "$scratch"
-"$server_bin" --demo --demo_dir="$demo_dir" --listen=127.0.0.1:0 --port_file="$scratch/port" \
+server_tls=()
+client_tls=()
+if [[ $mode == mtls ]]; then
+  bash "$here/../testing/make_certs.sh" "$scratch" t
+  server_tls=(--tls_cert_file="$scratch/t-server.pem" --tls_key_file="$scratch/t-server.key"
+    --tls_client_ca_file="$scratch/t-ca.pem")
+  client_tls=("$scratch/t-ca.pem" "$scratch/t-client.pem" "$scratch/t-client.key")
+fi
+"$server_bin" --demo --demo_dir="$demo_dir" --listen=127.0.0.1:0 --port_file="$scratch/port" "${server_tls[@]}" \
   >"$scratch/server.log" 2>&1 &
 server_pid=$!
 stop_server() {
@@ -44,7 +55,7 @@ if [[ ! -s "$scratch/port" ]]; then
 fi
 
 status=0
-node "$here/sae_interop.js" "127.0.0.1:$(cat "$scratch/port")" || status=$?
+node "$here/sae_interop.js" "127.0.0.1:$(cat "$scratch/port")" "${client_tls[@]}" || status=$?
 if [[ $status -ne 0 ]]; then
   echo "--- sae-server log ---" >&2
   cat "$scratch/server.log" >&2

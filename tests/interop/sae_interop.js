@@ -5,9 +5,13 @@
 // Tokenize, Info, ListSaes, grpc.health.v1 Check and server reflection, checks
 // every answer, and exits non-zero on the first mismatch or after 30 s.
 //
-//   node sae_interop.js 127.0.0.1:PORT
+//   node sae_interop.js 127.0.0.1:PORT [CA.pem CLIENT.pem CLIENT.key]
+//
+// With the three PEM files it connects over TLS, trusting CA.pem and
+// presenting the client certificate (a server with tls_client_ca_file).
 'use strict';
 
+const fs = require('fs');
 const path = require('path');
 const assert = require('assert/strict');
 const grpc = require('@grpc/grpc-js');
@@ -144,8 +148,13 @@ function assertSameFeatures(got, want, label) {
 
 async function main() {
   const address = process.argv[2];
-  if (!address) throw new Error('usage: node sae_interop.js HOST:PORT');
-  const credentials = grpc.credentials.createInsecure();
+  const tlsFiles = process.argv.slice(3);
+  if (!address || (tlsFiles.length !== 0 && tlsFiles.length !== 3)) {
+    throw new Error('usage: node sae_interop.js HOST:PORT [CA.pem CLIENT.pem CLIENT.key]');
+  }
+  const credentials = tlsFiles.length === 0 ?
+      grpc.credentials.createInsecure() :
+      grpc.credentials.createSsl(fs.readFileSync(tlsFiles[0]), fs.readFileSync(tlsFiles[2]), fs.readFileSync(tlsFiles[1]));
   const service = new sae.SaeService(address, credentials);
   const healthClient = new health.Health(address, credentials);
   const reflectionClient = new reflection.ServerReflection(address, credentials);
