@@ -180,4 +180,6 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
 
 MetricsServer::~MetricsServer() = default;
 
+const char* Metrics::RpcName(Rpc rpc) { return kRpcNames[static_cast<int>(rpc)]; }
+
 }  // namespace sae

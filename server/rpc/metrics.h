@@ -27,6 +27,8 @@ namespace sae {
 class Metrics {
  public:
   enum class Rpc { kExtract, kExtractStream, kTokenize, kListSaes, kInfo };
+  // "Extract", "ExtractStream", ...: the method's name, as in the rpc label.
+  static const char* RpcName(Rpc rpc);
   static constexpr int kNumRpcs = 5;
 
   Metrics();

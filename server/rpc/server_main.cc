@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -32,6 +33,7 @@
 #include "absl/strings/str_join.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
+#include "rpc/access_log.h"
 #include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/flag_util.h"
@@ -96,6 +98,8 @@ ABSL_FLAG(std::optional<std::string>, tls_client_ca_file, std::nullopt,
           "PEM CA certificates: clients must present a certificate they signed (mutual TLS)");
 ABSL_FLAG(std::optional<uint32_t>, tls_reload_seconds, std::nullopt,
           "how often the TLS files are re-read, for renewed certificates (default 60)");
+ABSL_FLAG(std::optional<std::string>, access_log, std::nullopt,
+          "one JSON line per finished call: \"-\" for stderr, or a file (reopened on SIGHUP)");
 ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
           "Prometheus metrics address, e.g. 0.0.0.0:9464 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
@@ -170,6 +174,7 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_tls_key_file)) config.set_tls_key_file(*v);
   if (auto v = absl::GetFlag(FLAGS_tls_client_ca_file)) config.set_tls_client_ca_file(*v);
   if (auto v = absl::GetFlag(FLAGS_tls_reload_seconds)) config.set_tls_reload_seconds(*v);
+  if (auto v = absl::GetFlag(FLAGS_access_log)) config.set_access_log(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) {
@@ -204,9 +209,18 @@ class SignalWaiter {
     action.sa_flags = SA_RESTART;
     sigaction(SIGINT, &action, nullptr);
     sigaction(SIGTERM, &action, nullptr);
+    sigaction(SIGHUP, &action, nullptr);
     std::thread([this] {
       unsigned char byte = 0;
-      while (read(g_signal_pipe[0], &byte, 1) != 1) {
+      for (;;) {
+        if (read(g_signal_pipe[0], &byte, 1) != 1) continue;
+        if (byte != SIGHUP) break;
+        std::function<void()> on_hangup;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          on_hangup = on_hangup_;
+        }
+        if (on_hangup) on_hangup();
       }
       std::lock_guard<std::mutex> lock(mu_);
       signal_ = byte;
@@ -222,6 +236,12 @@ class SignalWaiter {
   void SetServing() {
     std::lock_guard<std::mutex> lock(mu_);
     serving_ = true;
+  }
+
+  // What SIGHUP does (on the watcher thread); nothing until set.
+  void OnHangup(std::function<void()> handler) {
+    std::lock_guard<std::mutex> lock(mu_);
+    on_hangup_ = std::move(handler);
   }
 
   // Wakes Wait as a signal would, with kDeviceLost.
@@ -243,6 +263,7 @@ class SignalWaiter {
   std::condition_variable cv_;
   int signal_ = 0;
   bool serving_ = false;
+  std::function<void()> on_hangup_;
 };
 
 // After the executor's watchdog found the GPU hung: its engine thread is
@@ -348,6 +369,21 @@ int Main(int argc, char** argv) {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
   }
 
+  std::shared_ptr<AccessLog> access_log;
+  if (!config.access_log().empty()) {
+    absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(config.access_log());
+    if (!opened.ok()) {
+      Log(std::string(opened.status().message()));
+      return 1;
+    }
+    access_log = std::move(*opened);
+    signals.OnHangup([access_log] {  // logrotate moved the file away
+      const absl::Status reopened = access_log->Reopen();
+      Log(reopened.ok() ? "SIGHUP: access log reopened"
+                        : absl::StrCat("SIGHUP: ", reopened.message(), "; still writing to the old file"));
+    });
+    Log(absl::StrCat("access log: ", config.access_log() == "-" ? "standard error" : config.access_log()));
+  }
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = GrpcServerCredentials(config);
   if (!credentials.ok()) {
     Log(std::string(credentials.status().message()));
@@ -357,6 +393,7 @@ int Main(int argc, char** argv) {
   // Listen first so health checks can say NOT_SERVING while the model loads.
   ServiceOptions service_options = ServiceOptionsFromConfig(config);
   service_options.metrics = metrics;
+  service_options.access_log = access_log;
   SaeServiceImpl service(service_options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -27,6 +27,38 @@ const absl::Status& NotReadyStatus() {
 
 double SecondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
+// The identity of the TLS client certificate (its first subject alternative
+// name, else its common name); "" without one.
+std::string ClientIdentity(const grpc::CallbackServerContext* context) {
+  const std::shared_ptr<const grpc::AuthContext> auth = context->auth_context();
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return "";
+  const std::vector<grpc::string_ref> identity = auth->GetPeerIdentity();
+  return identity.empty() ? "" : std::string(identity[0].data(), identity[0].size());
+}
+
+// A call, or one request of an ExtractStream, is over: counted in the
+// metrics and, with the access log on, logged. `request` (null when it was
+// refused before being understood) gives the Extract fields.
+void CallDone(const ServiceOptions& options, Metrics::Rpc rpc, const grpc::CallbackServerContext* context,
+              double seconds, const absl::Status& status, const PreparedRequest* request = nullptr,
+              const std::string& request_id = "") {
+  options.metrics->RequestDone(rpc, seconds, status.code());
+  if (options.access_log == nullptr) return;
+  AccessRecord record;
+  record.rpc = Metrics::RpcName(rpc);
+  record.peer = context->peer();
+  record.client = ClientIdentity(context);
+  record.request_id = request != nullptr ? request->request_id : request_id;
+  record.status = status;
+  if (request != nullptr) {
+    record.tokens = request->n_tokens();
+    record.saes = request->sae_names;
+    record.k = request->sequence.k;
+  }
+  record.seconds = seconds;
+  options.access_log->Write(record);
+}
+
 // The RPC's deadline on the executor's clock; max() when none was set.
 Clock::time_point JobDeadline(const grpc::CallbackServerContext* context) {
   const auto deadline = context->deadline();
@@ -227,7 +259,8 @@ class ExtractReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
         break;
       case Action::kFinish:
         // final_status_ no longer changes once finished_ is set.
-        shared_.metrics->RequestDone(Metrics::Rpc::kExtract, SecondsSince(start_), final_status_.code());
+        CallDone(*shared_.options, Metrics::Rpc::kExtract, context_, SecondsSince(start_), final_status_,
+                 prepared_.sequence.ids.empty() ? nullptr : &prepared_);
         Finish(ToGrpcStatus(final_status_));
         break;
     }
@@ -565,8 +598,10 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
     // Cut short by the break (its job was cancelled by BreakLocked, or it
     // had not failed): counted under the break's reason.
     const bool cut_short = out->status.ok() || out->status.code() == absl::StatusCode::kCancelled;
-    shared_.metrics->RequestDone(Metrics::Rpc::kExtractStream, SecondsSince(out->start),
-                                 broken_ && cut_short ? break_code_ : out->status.code());
+    CallDone(
+        *shared_.options, Metrics::Rpc::kExtractStream, context_, SecondsSince(out->start),
+        broken_ && cut_short ? absl::Status(break_code_, "the stream ended before this request finished") : out->status,
+        out->request.get(), out->request_id);
   }
 
   // Decides (and reserves) the next step; the caller performs it unlocked.
@@ -666,17 +701,18 @@ class ExtractStreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuff
 template <typename Base>
 class FailedReactor final : public Base {
  public:
-  FailedReactor(Metrics* metrics, Metrics::Rpc rpc, const absl::Status& status) {
-    metrics->RequestDone(rpc, 0, status.code());
+  FailedReactor(const ServiceOptions& options, Metrics::Rpc rpc, const grpc::CallbackServerContext* context,
+                const absl::Status& status) {
+    CallDone(options, rpc, context, 0, status);
     this->Finish(ToGrpcStatus(status));
   }
   void OnDone() override { delete this; }
 };
 
 // Ends a unary call that arrived at `start`, counted.
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, Metrics* metrics, Metrics::Rpc rpc,
-                                      Clock::time_point start, const absl::Status& status) {
-  metrics->RequestDone(rpc, SecondsSince(start), status.code());
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, const ServiceOptions& options,
+                                      Metrics::Rpc rpc, Clock::time_point start, const absl::Status& status) {
+  CallDone(options, rpc, context, SecondsSince(start), status);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
@@ -754,7 +790,7 @@ void SaeServiceImpl::Attach(const Engine* engine, Executor* executor) {
 grpc::ServerWriteReactor<grpc::ByteBuffer>* SaeServiceImpl::Extract(grpc::CallbackServerContext* context,
                                                                     const grpc::ByteBuffer* request) {
   if (!ready()) {
-    return new FailedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>>(options_.metrics.get(), Metrics::Rpc::kExtract,
+    return new FailedReactor<grpc::ServerWriteReactor<grpc::ByteBuffer>>(options_, Metrics::Rpc::kExtract, context,
                                                                          NotReadyStatus());
   }
   return new ExtractReactor(Shared{engine_, executor_, &options_, options_.metrics.get(), &cut_off_ns_}, context,
@@ -765,7 +801,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SaeServiceImpl::Ext
     grpc::CallbackServerContext* context) {
   if (!ready()) {
     return new FailedReactor<grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>>(
-        options_.metrics.get(), Metrics::Rpc::kExtractStream, NotReadyStatus());
+        options_, Metrics::Rpc::kExtractStream, context, NotReadyStatus());
   }
   return new ExtractStreamReactor(Shared{engine_, executor_, &options_, options_.metrics.get(), &cut_off_ns_}, context,
                                   open_streams_.get());
@@ -776,7 +812,7 @@ grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* 
                                                    grpc::ByteBuffer* response_bytes) {
   const Clock::time_point start = Clock::now();
   auto finish = [&](const absl::Status& status) {
-    return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kTokenize, start, status);
+    return FinishUnary(context, options_, Metrics::Rpc::kTokenize, start, status);
   };
   if (!ready()) return finish(NotReadyStatus());
   v1::TokenizeRequest request;
@@ -798,7 +834,7 @@ grpc::ServerUnaryReactor* SaeServiceImpl::Tokenize(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* SaeServiceImpl::ListSaes(grpc::CallbackServerContext* context,
                                                    const v1::ListSaesRequest* request, v1::ListSaesResponse* response) {
   const Clock::time_point start = Clock::now();
-  if (!ready()) return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kListSaes, start, NotReadyStatus());
+  if (!ready()) return FinishUnary(context, options_, Metrics::Rpc::kListSaes, start, NotReadyStatus());
   for (const auto& sae : engine_->saes()) {
     const SaeHyperparams& hp = sae->hyperparams();
     v1::SaeInfo* info = response->add_saes();
@@ -814,13 +850,13 @@ grpc::ServerUnaryReactor* SaeServiceImpl::ListSaes(grpc::CallbackServerContext* 
     info->set_hook_point_out(hp.hook_point_out);
     info->set_path(sae->path());
   }
-  return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kListSaes, start, absl::OkStatus());
+  return FinishUnary(context, options_, Metrics::Rpc::kListSaes, start, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* SaeServiceImpl::Info(grpc::CallbackServerContext* context, const v1::InfoRequest* request,
                                                v1::InfoResponse* response) {
   const Clock::time_point start = Clock::now();
-  if (!ready()) return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kInfo, start, NotReadyStatus());
+  if (!ready()) return FinishUnary(context, options_, Metrics::Rpc::kInfo, start, NotReadyStatus());
   const LlamaConfig& config = engine_->model_config();
   response->set_model_path(engine_->model_dir());
   response->set_backend(engine_->backend_name());
@@ -834,7 +870,7 @@ grpc::ServerUnaryReactor* SaeServiceImpl::Info(grpc::CallbackServerContext* cont
   if (std::optional<int32_t> bos = engine_->tokenizer().bos_id())
     response->set_bos_token_id(static_cast<uint32_t>(*bos));
   response->set_version(options_.version);
-  return FinishUnary(context, options_.metrics.get(), Metrics::Rpc::kInfo, start, absl::OkStatus());
+  return FinishUnary(context, options_, Metrics::Rpc::kInfo, start, absl::OkStatus());
 }
 
 }  // namespace sae

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "core/engine.h"
+#include "rpc/access_log.h"
 #include "rpc/executor.h"
 #include "rpc/extract_request.h"
 #include "rpc/metrics.h"
@@ -31,6 +32,8 @@ struct ServiceOptions {
   v1::ServerConfig::OverloadPolicy overload_policy = v1::ServerConfig::OVERLOAD_REJECT;
   // Null: a private registry nobody scrapes.
   std::shared_ptr<Metrics> metrics;
+  // Null: no access log.
+  std::shared_ptr<AccessLog> access_log;
 };
 
 // The callback service with Extract, ExtractStream and Tokenize registered

@@ -39,6 +39,7 @@
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "prometheus_scrape.h"
+#include "rpc/access_log.h"
 #include "rpc/flag_util.h"
 #include "rpc/tls.h"
 #include "sae_client.h"
@@ -1281,6 +1282,17 @@ TEST(ClientKeepaliveTest, QuietStreamIsKeptWhenPingsRespectTheServersInterval) {
   EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
 }
 
+// The lines of an access log file, parsed.
+std::vector<json> AccessLines(const std::string& path) {
+  std::vector<json> lines;
+  std::istringstream in(ReadFile(path));
+  for (std::string line; std::getline(in, line);) {
+    lines.push_back(json::parse(line, nullptr, false));
+    EXPECT_FALSE(lines.back().is_discarded()) << line;
+  }
+  return lines;
+}
+
 // ---- TLS on the gRPC port ----
 
 // tests/testing/make_certs.sh: a CA `name` and the server and client
@@ -1351,7 +1363,7 @@ TEST_F(TlsTest, ServesTlsToClientsThatTrustItsCertificate) {
 // tls_client_ca_file: only clients with a certificate from that CA get in.
 TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
   ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("a-server.key"),
-                        "--tls_client_ca_file=" + File("a-ca.pem")});
+                        "--tls_client_ca_file=" + File("a-ca.pem"), "--access_log=" + File("mtls-access.log")});
   const std::string address = server.WaitServingAddress(TrustCa("a", true));
   ASSERT_FALSE(address.empty()) << server.log();
   EXPECT_NE(server.log().find("mutual TLS: client certificates required, files re-read every 60 s"), std::string::npos)
@@ -1363,6 +1375,10 @@ TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
                    "info", &out),
             0)
       << out;
+  // The access log names the client by its certificate.
+  const std::vector<json> lines = AccessLines(*dir_ + "/mtls-access.log");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0]["client"], "client");
   EXPECT_EQ(Client(address, trust_a, "info", &out), 1) << out;
   EXPECT_EQ(Client(address,
                    trust_a + " --tls-cert " + Quote(File("b-client.pem")) + " --tls-key " + Quote(File("b-client.key")),
@@ -1447,6 +1463,126 @@ TEST_F(TlsTest, ClientFlagErrors) {
   EXPECT_NE(out.find("--tls-ca: " + File("a-san") + ": not a PEM file"), std::string::npos) << out;
   EXPECT_EQ(RunShell(client + "--tls=yes info", &out), 2) << out;
   EXPECT_EQ(RunShell(client + "--tls-server-name '' info", &out), 2) << out;
+}
+
+// ---- the access log ----
+
+// One JSON line per call and per ExtractStream request, with what was asked
+// and how it ended; SIGHUP opens the path again after a rotation.
+TEST(AccessLogTest, OneLinePerCallAndStreamRequestReopenedOnSighup) {
+  const std::string dir = testing::MakeTempDir("e2e-access-log");
+  const std::string path = dir + "/access.log";
+  ServerProcess server({"--access_log=" + path});
+  const std::string address = server.WaitServingAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  EXPECT_NE(server.log().find("access log: " + path), std::string::npos) << server.log();
+  auto client = client::SaeClient::Connect(address);
+  // The health checks of WaitServingAddress are not SaeService calls.
+  EXPECT_EQ(ReadFile(path), "");
+  v1::ExtractRequest extract;
+  extract.set_text("The red cat.");
+  extract.add_saes("L1R-8x");
+  extract.set_k(3);
+  std::vector<v1::ExtractResponse> responses;
+  ASSERT_TRUE(client->Extract(extract, &responses).ok());
+  const int n_tokens = static_cast<int>(responses.back().total_tokens());
+  extract.set_saes(0, "nope");
+  EXPECT_EQ(client->Extract(extract, &responses).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  {
+    auto stream = client->OpenExtractStream();
+    ASSERT_TRUE(ExtractOnStream(stream.get(), "first"));
+    ASSERT_TRUE(ExtractOnStream(stream.get(), "second"));
+    stream->CloseSend();
+    v1::ExtractResponse rest;
+    while (stream->Read(&rest)) {
+    }
+    ASSERT_TRUE(stream->Finish().ok());
+  }
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("hi");
+  v1::TokenizeResponse tokens;
+  ASSERT_TRUE(client->Tokenize(tokenize, &tokens).ok());
+
+  const std::vector<json> lines = AccessLines(path);
+  ASSERT_EQ(lines.size(), 5u) << ReadFile(path);
+  const json& ok = lines[0];
+  EXPECT_EQ(ok["rpc"], "Extract");
+  EXPECT_EQ(ok["code"], "OK");
+  EXPECT_EQ(ok["tokens"], n_tokens);
+  EXPECT_EQ(ok["saes"], json::array({"L1R-8x"}));
+  EXPECT_EQ(ok["k"], 3);
+  EXPECT_EQ(ok.count("error"), 0u);
+  EXPECT_TRUE(std::regex_match(ok["time"].get<std::string>(), std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)")))
+      << ok["time"];
+  EXPECT_TRUE(std::regex_match(ok["peer"].get<std::string>(), std::regex(R"(ipv4:127\.0\.0\.1:\d+)"))) << ok["peer"];
+  EXPECT_GT(ok["ms"].get<double>(), 0);
+  EXPECT_EQ(ok.count("client"), 0u);  // plaintext: no certificate
+  const json& refused = lines[1];
+  EXPECT_EQ(refused["code"], "INVALID_ARGUMENT");
+  EXPECT_NE(refused["error"].get<std::string>().find("unknown SAE \"nope\""), std::string::npos) << refused;
+  EXPECT_EQ(refused.count("tokens"), 0u);
+  // A stream's request is logged once its last response went out, which
+  // may come after the client read it: the two in either order.
+  EXPECT_EQ(lines[2]["rpc"], "ExtractStream");
+  EXPECT_EQ(lines[3]["rpc"], "ExtractStream");
+  EXPECT_EQ((std::set<std::string>{lines[2]["request_id"], lines[3]["request_id"]}),
+            (std::set<std::string>{"first", "second"}));
+  EXPECT_EQ(lines[3]["code"], "OK");
+  EXPECT_EQ(lines[2]["peer"], lines[3]["peer"]);  // one stream, one connection
+  EXPECT_EQ(lines[4]["rpc"], "Tokenize");
+
+  // logrotate: the file is moved away, SIGHUP, and the next line goes to a
+  // new file at the path.
+  ASSERT_EQ(std::rename(path.c_str(), (path + ".1").c_str()), 0);
+  server.Signal(SIGHUP);
+  ASSERT_TRUE(testing::WaitFor([&] { return server.log().find("SIGHUP: access log reopened") != std::string::npos; },
+                               std::chrono::seconds(10)))
+      << server.log();
+  v1::InfoResponse info;
+  ASSERT_TRUE(client->Info(&info).ok());
+  EXPECT_EQ(AccessLines(path + ".1").size(), 5u);
+  const std::vector<json> after = AccessLines(path);
+  ASSERT_EQ(after.size(), 1u);
+  EXPECT_EQ(after[0]["rpc"], "Info");
+  // SIGHUP does not stop the server.
+  EXPECT_TRUE(client->Info(&info).ok());
+}
+
+TEST(AccessLogTest, StandardErrorAndAnUnwritablePath) {
+  {
+    ServerProcess server({"--access_log=-"});
+    const std::string address = server.WaitServingAddress();
+    ASSERT_FALSE(address.empty()) << server.log();
+    v1::InfoResponse info;
+    ASSERT_TRUE(client::SaeClient::Connect(address)->Info(&info).ok());
+    EXPECT_TRUE(
+        testing::WaitFor([&] { return server.log().find("{\"time\":") != std::string::npos; }, std::chrono::seconds(5)))
+        << server.log();
+    EXPECT_NE(server.log().find("\"rpc\":\"Info\""), std::string::npos) << server.log();
+  }
+  const std::string path = testing::MakeTempDir("e2e-access-log-bad") + "/missing-dir/access.log";
+  ServerProcess server({"--access_log=" + path});
+  EXPECT_EQ(server.WaitExit(), 1) << server.log();
+  EXPECT_NE(server.log().find("config: access_log: " + path + ": cannot open for appending: No such file or directory"),
+            std::string::npos)
+      << server.log();
+}
+
+TEST(AccessLogTest, LineFormat) {
+  AccessRecord record;
+  record.rpc = "ExtractStream";
+  record.peer = "ipv6:[::1]:5000";
+  record.client = "svc-a";
+  record.request_id = "r\"1";
+  record.status = absl::ResourceExhaustedError("full");
+  record.tokens = 12;
+  record.saes = {"L1R-8x", "L3R-32x"};
+  record.k = 4;
+  record.seconds = 0.0123456;
+  EXPECT_EQ(AccessLog::Format(record, 1796310245.5),
+            R"({"time":"2026-12-03T15:04:05.500Z","rpc":"ExtractStream","peer":"ipv6:[::1]:5000","client":"svc-a",)"
+            R"("request_id":"r\"1","code":"RESOURCE_EXHAUSTED","error":"full","tokens":12,"saes":["L1R-8x","L3R-32x"],)"
+            R"("k":4,"ms":12.346})");
 }
 
 TEST(ServerConfigTest, BadConfigNamesFileLineAndField) {
