@@ -28,6 +28,7 @@
 #include "bench.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
+#include "rpc/access_log.h"
 #include "rpc/executor.h"
 #include "rpc/metrics.h"
 #include "rpc/service.h"
@@ -45,7 +46,8 @@ struct Options {
   int chunk_tokens = 64;
   bool stream = true;
   int max_batch_tokens = 8192;
-  std::string demo_dir;  // default: $TMPDIR (or /tmp)/sae-bench-serving-demo
+  std::string demo_dir;    // default: $TMPDIR (or /tmp)/sae-bench-serving-demo
+  std::string access_log;  // default: none
 };
 
 bool ParseFlags(int argc, char** argv, Options* o) {
@@ -70,13 +72,15 @@ bool ParseFlags(int argc, char** argv, Options* o) {
       o->max_batch_tokens = n;
     } else if (name == "--demo_dir" && !value.empty()) {
       o->demo_dir = value;
+    } else if (name == "--access_log" && !value.empty()) {
+      o->access_log = value;
     } else if (name == "--mode" && (value == "stream" || value == "unary")) {
       o->stream = value == "stream";
     } else {
       std::fprintf(stderr,
                    "sae-bench-serving: bad argument %s\nusage: sae-bench-serving [--duration=5] [--concurrency=8] "
                    "[--in_flight=4] [--tokens=512] [--k=32] [--chunk_tokens=64] [--mode=stream|unary] "
-                   "[--max_batch_tokens=8192] [--demo_dir=DIR]\n",
+                   "[--max_batch_tokens=8192] [--demo_dir=DIR] [--access_log=PATH|-]\n",
                    a.c_str());
       return false;
     }
@@ -175,10 +179,19 @@ int Main(int argc, char** argv) {
   }
   ServiceOptions service_options;
   service_options.limits.max_k = std::max(256, o.k);
-  service_options.limits.max_tokens_per_request = o.tokens;
+  // At least one whole sentence is sent, which may pass a small --tokens.
+  service_options.limits.max_tokens_per_request = executor_options.max_seq_len;
   service_options.limits.max_stream_backlog = 1024;
   service_options.max_seq_len = executor_options.max_seq_len;
   service_options.metrics = executor_options.metrics;
+  if (!o.access_log.empty()) {
+    absl::StatusOr<std::unique_ptr<AccessLog>> log = AccessLog::Open(o.access_log);
+    if (!log.ok()) {
+      std::fprintf(stderr, "sae-bench-serving: %s\n", std::string(log.status().message()).c_str());
+      return 1;
+    }
+    service_options.access_log = std::move(*log);
+  }
   SaeServiceImpl service(service_options);
   service.Attach(engine->get(), executor->get());
   grpc::ServerBuilder builder;
@@ -215,15 +228,17 @@ int Main(int argc, char** argv) {
   std::printf("%s", client::FormatBenchReport(report).c_str());
   std::printf(
       "serving layer, device removed: %d tokens per request (text, tokenized by the server), %zu SAEs x k=%d, "
-      "chunks of %d tokens, %s x %d in flight\n",
+      "chunks of %d tokens, %s x %d in flight%s\n",
       n_tokens, sae_names.size(), o.k, o.chunk_tokens,
-      o.stream ? absl::StrCat(o.concurrency, " streams").c_str() : "unary", o.stream ? o.in_flight : o.concurrency);
+      o.stream ? absl::StrCat(o.concurrency, " streams").c_str() : "unary", o.stream ? o.in_flight : o.concurrency,
+      o.access_log.empty() ? "" : absl::StrCat(", access log to ", o.access_log).c_str());
   std::printf("batches: %lld, %.0f tokens each on average\n", static_cast<long long>(batches.load()),
               batches > 0 ? static_cast<double>(batch_tokens.load()) / batches.load() : 0.0);
   std::printf("CPU (client and server together): %.2f s for %lld tokens, %.2f us per token, %.1f ns per feature\n",
               cpu_s, static_cast<long long>(report.tokens), report.tokens > 0 ? 1e6 * cpu_s / report.tokens : 0.0,
               entries > 0 ? 1e9 * cpu_s / entries : 0.0);
   std::printf("RESULT serving_tokens_per_s=%.0f\n", report.tokens_per_s());
+  std::printf("RESULT serving_requests_per_s=%.0f\n", report.requests_per_s());
   std::printf("RESULT serving_features_per_s=%.0f\n", report.wall_s > 0 ? entries / report.wall_s : 0.0);
   std::printf("RESULT serving_cpu_us_per_token=%.3f\n", report.tokens > 0 ? 1e6 * cpu_s / report.tokens : 0.0);
   std::printf("RESULT serving_latency_p50_ms=%.2f\n", report.latency_ms.p50);
