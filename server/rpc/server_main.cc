@@ -369,6 +369,11 @@ int Main(int argc, char** argv) {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
   }
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = GrpcServerCredentials(config);
+  if (!credentials.ok()) {
+    Log(std::string(credentials.status().message()));
+    return 1;
+  }
   std::shared_ptr<AccessLog> access_log;
   if (!config.access_log().empty()) {
     absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(config.access_log());
@@ -383,11 +388,6 @@ int Main(int argc, char** argv) {
                         : absl::StrCat("SIGHUP: ", reopened.message(), "; still writing to the old file"));
     });
     Log(absl::StrCat("access log: ", config.access_log() == "-" ? "standard error" : config.access_log()));
-  }
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = GrpcServerCredentials(config);
-  if (!credentials.ok()) {
-    Log(std::string(credentials.status().message()));
-    return 1;
   }
 
   // Listen first so health checks can say NOT_SERVING while the model loads.

@@ -58,30 +58,32 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcServerCredentials(c
   if (!cert.ok()) return cert.status();
   absl::StatusOr<std::string> key = ReadPem("tls_key_file", config.tls_key_file(), "PRIVATE KEY", "private key");
   if (!key.ok()) return key.status();
-  if (!GrpcAcceptsPems(*key, *cert, "")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config: tls_key_file \"", config.tls_key_file(), "\" is not the private key of tls_cert_file \"",
-                     config.tls_cert_file(), "\", or one of them is malformed (gRPC's log lines above say which)"));
-  }
-  std::string client_ca;
+  std::string client_ca_pem;
   if (!config.tls_client_ca_file().empty()) {
     absl::StatusOr<std::string> ca =
         ReadPem("tls_client_ca_file", config.tls_client_ca_file(), "CERTIFICATE", "CA certificate");
     if (!ca.ok()) return ca.status();
-    if (!GrpcAcceptsPems(*key, *cert, *ca)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("config: tls_client_ca_file \"", config.tls_client_ca_file(),
-                       "\" holds no usable CA certificate (gRPC's log lines above say why)"));
+    client_ca_pem = std::move(*ca);
+  }
+  // One trial server when all is well; a second only to tell which file
+  // gRPC refused.
+  if (!GrpcAcceptsPems(*key, *cert, client_ca_pem)) {
+    if (client_ca_pem.empty() || !GrpcAcceptsPems(*key, *cert, "")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "config: tls_key_file \"", config.tls_key_file(), "\" is not the private key of tls_cert_file \"",
+          config.tls_cert_file(), "\", or one of them is malformed (gRPC's log lines above say which)"));
     }
-    client_ca = config.tls_client_ca_file();
+    return absl::InvalidArgumentError(
+        absl::StrCat("config: tls_client_ca_file \"", config.tls_client_ca_file(),
+                     "\" holds no usable CA certificate (gRPC's log lines above say why)"));
   }
   // Re-reads the files every tls_reload_seconds; a handshake uses the last
   // pair that loaded.
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-      config.tls_key_file(), config.tls_cert_file(), client_ca, config.tls_reload_seconds());
+      config.tls_key_file(), config.tls_cert_file(), config.tls_client_ca_file(), config.tls_reload_seconds());
   grpc::experimental::TlsServerCredentialsOptions options(provider);
   options.watch_identity_key_cert_pairs();
-  if (client_ca.empty()) {
+  if (config.tls_client_ca_file().empty()) {
     options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   } else {
     options.watch_root_certs();

@@ -1168,6 +1168,14 @@ bool ExtractOnStream(client::ExtractStream* stream, const std::string& id) {
   return false;
 }
 
+// Reads the responses left on `stream`; the call's status.
+grpc::Status ReadToEnd(client::ExtractStream* stream) {
+  v1::ExtractResponse response;
+  while (stream->Read(&response)) {
+  }
+  return stream->Finish();
+}
+
 // An ExtractStream that stays quiet for `quiet` between two requests (a bulk
 // client waiting on its input); the stream's status at the end.
 grpc::Status StreamWithAQuietGap(client::SaeClient* client, std::chrono::milliseconds quiet) {
@@ -1176,9 +1184,7 @@ grpc::Status StreamWithAQuietGap(client::SaeClient* client, std::chrono::millise
     std::this_thread::sleep_for(quiet);
     if (ExtractOnStream(stream.get(), "after")) {
       stream->CloseSend();
-      v1::ExtractResponse rest;
-      while (stream->Read(&rest)) {
-      }
+      return ReadToEnd(stream.get());
     }
   }
   return stream->Finish();
@@ -1237,10 +1243,7 @@ TEST(ClientKeepaliveTest, StreamToAFrozenServerFailsWhenAPingGoesUnanswered) {
   server.Signal(SIGSTOP);
   const auto start = std::chrono::steady_clock::now();
   stream->Send(TextRequest("frozen", "The cat sat on the red mat."));  // buffered, never answered
-  v1::ExtractResponse response;
-  while (stream->Read(&response)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status = ReadToEnd(stream.get());
   const auto waited = std::chrono::steady_clock::now() - start;
   server.Signal(SIGCONT);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
@@ -1260,10 +1263,7 @@ TEST(ClientKeepaliveTest, PingingMoreOftenThanTheServerAllowsFailsTheStream) {
   auto stream = client->OpenExtractStream();
   ASSERT_TRUE(ExtractOnStream(stream.get(), "before"));
   const auto start = std::chrono::steady_clock::now();
-  v1::ExtractResponse response;
-  while (stream->Read(&response)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status = ReadToEnd(stream.get());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_EQ(status.error_message(), "Too many pings");
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
@@ -1432,6 +1432,10 @@ TEST_F(TlsTest, BadFilesAreNamedWithTheirField) {
       {File("a-server.pem"), File("b-server.key"), "",
        "config: tls_key_file \"" + File("b-server.key") + "\" is not the private key of tls_cert_file \"" +
            File("a-server.pem") + "\""},
+      // With a good CA as well, the pair is still named.
+      {File("a-server.pem"), File("b-server.key"), File("a-ca.pem"),
+       "config: tls_key_file \"" + File("b-server.key") + "\" is not the private key of tls_cert_file \"" +
+           File("a-server.pem") + "\""},
       {File("a-server.pem"), File("a-server.key"), File("a-ca.key"),
        "config: tls_client_ca_file \"" + File("a-ca.key") + "\" holds no PEM CA certificate"},
       {File("a-server.pem"), File("a-server.key"), junk_ca,
@@ -1493,10 +1497,7 @@ TEST(AccessLogTest, OneLinePerCallAndStreamRequestReopenedOnSighup) {
     ASSERT_TRUE(ExtractOnStream(stream.get(), "first"));
     ASSERT_TRUE(ExtractOnStream(stream.get(), "second"));
     stream->CloseSend();
-    v1::ExtractResponse rest;
-    while (stream->Read(&rest)) {
-    }
-    ASSERT_TRUE(stream->Finish().ok());
+    ASSERT_TRUE(ReadToEnd(stream.get()).ok());
   }
   v1::TokenizeRequest tokenize;
   tokenize.set_text("hi");
