@@ -6,6 +6,7 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <chrono>
 #include <exception>
 #include <utility>
 #include <vector>
@@ -123,6 +124,21 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                        .Register(*registry_);
   for (int i = 0; i < kNumReasons; ++i) failures_->by_reason[i] = &failures.Add({{"reason", kReasonNames[i]}});
   failures_->other = &failures.Add({{"reason", "other"}});
+  serving_ = &prometheus::BuildGauge()
+                  .Name("sae_serving")
+                  .Help(
+                      "1 while the server reports SERVING on its health service, 0 while it loads, drains or "
+                      "after a device failure")
+                  .Register(*registry_)
+                  .Add({});
+  // The conventional name (Prometheus client libraries export it), so
+  // changes() counts restarts the way dashboards and rules expect.
+  prometheus::BuildGauge()
+      .Name("process_start_time_seconds")
+      .Help("Start time of the process since the Unix epoch, in seconds")
+      .Register(*registry_)
+      .Add({})
+      .Set(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
 }
 
 Metrics::~Metrics() = default;
@@ -159,6 +175,7 @@ void Metrics::AddTokens(int64_t n) { tokens_->Increment(static_cast<double>(n));
 void Metrics::SetInflightRequests(int64_t n) { inflight_->Set(static_cast<double>(n)); }
 void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<double>(n)); }
 void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }
+void Metrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& address,
                                                                     std::shared_ptr<prometheus::Registry> registry) {

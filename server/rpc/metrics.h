@@ -65,6 +65,10 @@ class Metrics {
   void SetQueuedTokens(int64_t n);
   void SetWaitingRequests(int64_t n);
 
+  // sae_serving: 1 while the health service reports SERVING (after the load
+  // and the warm-up), 0 while loading, draining or after a device failure.
+  void SetServing(bool serving);
+
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Histogram* request_ok_[kNumRpcs];     // by Rpc
@@ -79,6 +83,7 @@ class Metrics {
   prometheus::Gauge* inflight_;
   prometheus::Gauge* queued_tokens_;
   prometheus::Gauge* waiting_;
+  prometheus::Gauge* serving_;
   prometheus::Family<prometheus::Gauge>* memory_;
   struct Failures;
   std::unique_ptr<Failures> failures_;

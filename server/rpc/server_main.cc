@@ -274,6 +274,41 @@ class SignalWaiter {
   std::_Exit(3);
 }
 
+// The executor's watchdog for work on the main thread before the executor
+// starts (the full-batch warm-up): when the work has not ended `seconds`
+// after the watchdog was made (0: never), the GPU is presumed hung and the
+// process exits with status 3 (ExitHung), so a hang at startup ends like one
+// while serving instead of holding the process forever.
+class StartupWatchdog {
+ public:
+  StartupWatchdog(uint32_t seconds, std::string what) {
+    if (seconds == 0) return;
+    thread_ = std::thread([this, seconds, what = std::move(what)] {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (cv_.wait_for(lock, std::chrono::seconds(seconds), [this] { return done_; })) return;
+      Log(absl::StrCat("device lost: ", what, " has been on the device for ", seconds,
+                       " s (batch_timeout_seconds): the GPU is presumed hung; NOT_SERVING, exiting"));
+      ExitHung();
+    });
+  }
+  ~StartupWatchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  StartupWatchdog(const StartupWatchdog&) = delete;
+  StartupWatchdog& operator=(const StartupWatchdog&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
 // Writes `port` to `path` via a temporary name, so a reader never sees half a number.
 void WritePortFile(const std::string& path, int port) {
   if (path.empty()) return;
@@ -338,6 +373,14 @@ absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
         config.max_k(), ") failed with ", results.status().message(), "; lower max_batch_tokens"));
   }
   return results.status();
+}
+
+// The health service's answer (overall and for the SAE service) and the
+// sae_serving metric, set together.
+void SetServing(grpc::HealthCheckServiceInterface* health, const std::string& service, Metrics& metrics, bool serving) {
+  health->SetServingStatus(service, serving);
+  health->SetServingStatus(serving);
+  metrics.SetServing(serving);
 }
 
 int Main(int argc, char** argv) {
@@ -409,8 +452,7 @@ int Main(int argc, char** argv) {
   }
   const std::string service_name = v1::SaeService::service_full_name();
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(service_name, false);
-  health->SetServingStatus(false);
+  SetServing(health, service_name, *metrics, false);
   Log(absl::StrCat("listening on ", config.listen(), " (port ", port, ", ", DescribeTransportSecurity(config),
                    "), health NOT_SERVING while loading"));
   std::string age = "none";
@@ -468,7 +510,12 @@ int Main(int argc, char** argv) {
   Log(memory_line);
   if (config.warmup() && config.warmup_full_batch() && engine_ptr->asynchronous()) {
     const auto start = std::chrono::steady_clock::now();
-    if (absl::Status s = RunFullBatch(*engine_ptr, config); !s.ok()) {
+    absl::Status s;
+    {
+      StartupWatchdog watchdog(config.batch_timeout_seconds(), "the full-batch warm-up");
+      s = RunFullBatch(*engine_ptr, config);
+    }
+    if (!s.ok()) {
       Log(absl::StrCat("full-batch warm-up failed: ", s.message()));
       return 1;
     }
@@ -480,12 +527,11 @@ int Main(int argc, char** argv) {
   executor_options.metrics = metrics;
   grpc::HealthCheckServiceInterface* const health_service = health;
   const std::string sae_service = service_name;
-  executor_options.on_device_lost = [&signals, health_service, sae_service](const absl::Status& fault) {
+  executor_options.on_device_lost = [&signals, health_service, sae_service, metrics](const absl::Status& fault) {
     // Nothing can run on this process again: fail readiness at once, then
     // shut down and exit non-zero so the orchestrator starts a fresh one.
     Log(absl::StrCat("device lost: ", fault.message(), "; NOT_SERVING, exiting"));
-    health_service->SetServingStatus(sae_service, false);
-    health_service->SetServingStatus(false);
+    SetServing(health_service, sae_service, *metrics, false);
     signals.DeviceLost();
   };
   absl::StatusOr<std::unique_ptr<Executor>> executor =
@@ -505,8 +551,7 @@ int Main(int argc, char** argv) {
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s"));
   }
   service.Attach(engine->get(), executor->get());
-  health->SetServingStatus(service_name, true);
-  health->SetServingStatus(true);
+  SetServing(health, service_name, *metrics, true);
   signals.SetServing();
   Log(absl::StrCat("SERVING ", service_name, " (max_batch_tokens=", config.max_batch_tokens(),
                    ", max_seq_len=", config.max_seq_len(), ", max_inflight_requests=", config.max_inflight_requests(),
@@ -522,6 +567,7 @@ int Main(int argc, char** argv) {
   // streams) are refused while admitted ones finish, and open streams end
   // once their responses are written.
   health->Shutdown();
+  metrics->SetServing(false);
   const auto cut_off = std::chrono::system_clock::now() + std::chrono::seconds(grace);
   service.CutOffAt(cut_off);
   (*executor)->StopAdmitting();

@@ -215,6 +215,13 @@ TEST_F(ServerBinaryTest, HealthIsServing) {
     ASSERT_TRUE(status.ok()) << service << ": " << status.error_message();
     EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
   }
+  // The same on the Prometheus endpoint, with the process's start time (the
+  // alerting rules count restarts by it).
+  const testing::Scrape s = testing::ParseScrape(testing::HttpGet(server_->MetricsPort(), "/metrics"));
+  EXPECT_EQ(s.Get("sae_serving"), 1);
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  EXPECT_LE(s.Get("process_start_time_seconds"), now);
+  EXPECT_GT(s.Get("process_start_time_seconds"), now - 600);
 }
 
 TEST_F(ServerBinaryTest, ReflectionListsTheService) {
@@ -709,6 +716,85 @@ TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   EXPECT_NE(log.find("device lost: a batch has been on the device for"), std::string::npos) << log;
   EXPECT_NE(log.find("NOT_SERVING"), std::string::npos) << log;
   EXPECT_NE(log.find("exiting without releasing it (exit status 3)"), std::string::npos) << log;
+}
+
+// A device that hangs before the server is SERVING ends the same way: exit
+// status 3 after batch_timeout_seconds, in the full-batch warm-up (on the
+// main thread, before the executor and its watchdog exist) and in the small
+// one (through the executor).
+TEST(CudaServerTest, HangDuringTheWarmUpExits) {
+  if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
+  const std::string hang_file = testing::MakeTempDir("warm-up-hang") + "/hang";
+  std::ofstream(hang_file) << "hang\n";
+  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
+  ServerProcess full({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2"});
+  ServerProcess small(
+      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2", "--warmup_full_batch=false"});
+  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+  EXPECT_EQ(full.WaitExit(), 3) << full.log();
+  EXPECT_EQ(small.WaitExit(), 3) << small.log();
+  std::remove(hang_file.c_str());
+  EXPECT_NE(full.log().find("the full-batch warm-up has been on the device for 2 s"), std::string::npos) << full.log();
+  EXPECT_NE(small.log().find("a batch has been on the device for"), std::string::npos) << small.log();
+  for (const std::string& log : {full.log(), small.log()}) {
+    EXPECT_NE(log.find("exiting without releasing it (exit status 3)"), std::string::npos) << log;
+    EXPECT_EQ(log.find("SERVING sae.v1"), std::string::npos) << log;
+  }
+}
+
+// sae_serving follows the health service through a server's life: 0 while it
+// loads and warms up (here the emulated device holds the warm-up back), 1 once
+// SERVING, 0 again while it drains after SIGTERM (a request stuck on the
+// device keeps it draining), so SaeNotServing (deploy/prometheus-rules.yml)
+// sees loading and draining servers.
+TEST(CudaServerTest, ServingMetricFollowsHealth) {
+  if (!OnCudaEmulator()) GTEST_SKIP() << "the device is held back only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
+  const std::string hang_file = testing::MakeTempDir("serving-metric") + "/hang";
+  std::ofstream(hang_file) << "hang\n";
+  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=60"});
+  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+  const std::string address = server.WaitForAddress();
+  ASSERT_FALSE(address.empty()) << server.log();
+  const int metrics_port = server.MetricsPort();
+  ASSERT_GT(metrics_port, 0) << server.log();
+  auto health = [&] {
+    auto client = client::SaeClient::Connect(address);
+    grpc::health::v1::HealthCheckResponse response;
+    const grpc::Status status = client->Health("", &response);
+    return status.ok() ? response.status() : grpc::health::v1::HealthCheckResponse::UNKNOWN;
+  };
+  auto serving_metric = [&] {
+    return testing::ParseScrape(testing::HttpGet(metrics_port, "/metrics")).Get("sae_serving");
+  };
+  EXPECT_EQ(serving_metric(), 0);
+  EXPECT_EQ(health(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+
+  std::remove(hang_file.c_str());
+  ASSERT_TRUE(server.WaitServing(address)) << server.log();
+  EXPECT_EQ(serving_metric(), 1);
+
+  // A request held on the device, then SIGTERM: the server drains.
+  std::ofstream(hang_file) << "hang\n";
+  std::string out;
+  int request_code = -1;
+  std::thread request([&] {
+    request_code = RunShell(
+        std::string(SAE_CLIENT_BIN) + " --addr " + address + " --timeout 60 extract 'The red cat.' --json", &out);
+  });
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        return testing::ParseScrape(testing::HttpGet(metrics_port, "/metrics")).Get("sae_inflight_requests") == 1;
+      },
+      kProcessTimeout));
+  server.Signal(SIGTERM);
+  EXPECT_TRUE(testing::WaitFor([&] { return server.log().find("draining") != std::string::npos; }, kProcessTimeout))
+      << server.log();
+  EXPECT_EQ(serving_metric(), 0);
+  std::remove(hang_file.c_str());
+  request.join();
+  EXPECT_EQ(request_code, 0) << out;  // admitted before SIGTERM: it finishes
+  EXPECT_EQ(server.WaitExit(), 0) << server.log();
 }
 
 // A server that lets one stream hold at most 4 unanswered requests (and
