@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -34,10 +33,8 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -56,6 +53,7 @@
 #include "nlohmann/json.hpp"
 #include "rpc/config.h"
 #include "rpc/flag_util.h"
+#include "rpc/hang_watchdog.h"
 #include "rpc/windows.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder");
@@ -169,59 +167,6 @@ void ShowProgress(size_t done, size_t total) {
   if (done == total) std::fprintf(stderr, "\n");
   std::fflush(stderr);
 }
-
-// Ends the process when one engine batch has run longer than the timeout:
-// on a hung GPU (a kernel that never ends) the run would otherwise stall for
-// good, and nothing can release the GPU or finish the batch. Exit status 3,
-// as sae-server after a device failure; the output holds every line of the
-// batches that finished (it is flushed after each).
-class HangWatchdog {
- public:
-  explicit HangWatchdog(std::chrono::seconds timeout) : timeout_(timeout) {
-    if (timeout_.count() > 0) thread_ = std::thread([this] { Loop(); });
-  }
-  ~HangWatchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
-  }
-  // A batch starts; `what` names it in the message (input lines, output state).
-  void Begin(std::string what) {
-    std::lock_guard<std::mutex> lock(mu_);
-    what_ = std::move(what);
-    since_ = std::chrono::steady_clock::now();
-  }
-  void End() {
-    std::lock_guard<std::mutex> lock(mu_);
-    since_.reset();
-  }
-
- private:
-  void Loop() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stop_; })) {
-      if (!since_) continue;
-      const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - *since_).count();
-      if (busy < static_cast<double>(timeout_.count())) continue;
-      std::fprintf(stderr,
-                   "\nsae-extract: %s: the batch has run for %.1f s, longer than --batch_timeout_seconds (%lld): the "
-                   "GPU is presumed hung; exiting (status 3)\n",
-                   what_.c_str(), busy, static_cast<long long>(timeout_.count()));
-      std::_Exit(3);  // the main thread is stuck in the GPU: nothing can be released
-    }
-  }
-
-  const std::chrono::seconds timeout_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;                                           // guarded by mu_
-  std::optional<std::chrono::steady_clock::time_point> since_;  // guarded by mu_
-  std::string what_;                                            // guarded by mu_
-  std::thread thread_;
-};
 
 // What this run asks of every line, and how it splits long ones.
 struct RunShape {
@@ -576,7 +521,14 @@ absl::Status Run() {
   shape.include_bos = include_bos;
   shape.max_seq_len = max_seq_len;
   shape.bos = engine->tokenizer().bos_id();
-  HangWatchdog watchdog{std::chrono::seconds(timeout_s)};
+  // Exit status 3, as sae-server after a device failure; the output holds
+  // every line of the batches that finished (it is flushed after each).
+  HangWatchdog watchdog(std::chrono::seconds(timeout_s), [timeout_s](const std::string& what, double busy) {
+    std::fprintf(stderr,
+                 "\nsae-extract: %s: the batch has run for %.1f s, longer than --batch_timeout_seconds (%d): the GPU "
+                 "is presumed hung; exiting (status 3)\n",
+                 what.c_str(), busy, timeout_s);
+  });
   ResumePoint resume_at;
   if (resume) {
     ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, shape, watchdog));

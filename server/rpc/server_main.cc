@@ -37,6 +37,7 @@
 #include "rpc/config.h"
 #include "rpc/executor.h"
 #include "rpc/flag_util.h"
+#include "rpc/hang_watchdog.h"
 #include "rpc/metrics.h"
 #include "rpc/service.h"
 #include "rpc/tls.h"
@@ -274,41 +275,6 @@ class SignalWaiter {
   std::_Exit(3);
 }
 
-// The executor's watchdog for work on the main thread before the executor
-// starts (the full-batch warm-up): when the work has not ended `seconds`
-// after the watchdog was made (0: never), the GPU is presumed hung and the
-// process exits with status 3 (ExitHung), so a hang at startup ends like one
-// while serving instead of holding the process forever.
-class StartupWatchdog {
- public:
-  StartupWatchdog(uint32_t seconds, std::string what) {
-    if (seconds == 0) return;
-    thread_ = std::thread([this, seconds, what = std::move(what)] {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (cv_.wait_for(lock, std::chrono::seconds(seconds), [this] { return done_; })) return;
-      Log(absl::StrCat("device lost: ", what, " has been on the device for ", seconds,
-                       " s (batch_timeout_seconds): the GPU is presumed hung; NOT_SERVING, exiting"));
-      ExitHung();
-    });
-  }
-  ~StartupWatchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
-  }
-  StartupWatchdog(const StartupWatchdog&) = delete;
-  StartupWatchdog& operator=(const StartupWatchdog&) = delete;
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
-
 // Writes `port` to `path` via a temporary name, so a reader never sees half a number.
 void WritePortFile(const std::string& path, int port) {
   if (path.empty()) return;
@@ -510,11 +476,19 @@ int Main(int argc, char** argv) {
   Log(memory_line);
   if (config.warmup() && config.warmup_full_batch() && engine_ptr->asynchronous()) {
     const auto start = std::chrono::steady_clock::now();
-    absl::Status s;
-    {
-      StartupWatchdog watchdog(config.batch_timeout_seconds(), "the full-batch warm-up");
-      s = RunFullBatch(*engine_ptr, config);
-    }
+    // It runs before the executor and its watchdog: a GPU that hangs here
+    // ends the process the same way.
+    HangWatchdog watchdog(
+        std::chrono::seconds(config.batch_timeout_seconds()), [](const std::string& what, double busy) {
+          Log(absl::StrFormat(
+              "device lost: %s has been on the device for %.1f s, longer than batch_timeout_seconds: the "
+              "GPU is presumed hung; NOT_SERVING, exiting",
+              what, busy));
+          ExitHung();
+        });
+    watchdog.Begin("the full-batch warm-up");
+    const absl::Status s = RunFullBatch(*engine_ptr, config);
+    watchdog.End();
     if (!s.ok()) {
       Log(absl::StrCat("full-batch warm-up failed: ", s.message()));
       return 1;

@@ -734,7 +734,7 @@ TEST(CudaServerTest, HangDuringTheWarmUpExits) {
   EXPECT_EQ(full.WaitExit(), 3) << full.log();
   EXPECT_EQ(small.WaitExit(), 3) << small.log();
   std::remove(hang_file.c_str());
-  EXPECT_NE(full.log().find("the full-batch warm-up has been on the device for 2 s"), std::string::npos) << full.log();
+  EXPECT_NE(full.log().find("the full-batch warm-up has been on the device for "), std::string::npos) << full.log();
   EXPECT_NE(small.log().find("a batch has been on the device for"), std::string::npos) << small.log();
   for (const std::string& log : {full.log(), small.log()}) {
     EXPECT_NE(log.find("exiting without releasing it (exit status 3)"), std::string::npos) << log;
