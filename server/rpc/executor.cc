@@ -101,6 +101,11 @@ BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<Sequence
 }
 
 BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics) {
+  if (metrics != nullptr) {
+    std::vector<std::string> names;
+    for (const auto& sae : engine->saes()) names.push_back(sae->name());
+    metrics->SetSaes(names);
+  }
   BatchRunner runner;
   runner.overlapped = engine->asynchronous();
   runner.device_status = [engine] { return engine->device_status(); };
@@ -565,6 +570,7 @@ void Executor::Finish(Started started) {
     SequenceResult window_result = std::move(*results[i]);
     DropPrependedRow(window, &window_result);
     metrics_->AddTokens(window.end - window.begin);
+    metrics_->AddSaeTokens(job.job.request.sae_indices, window.end - window.begin);
     if (job.job.on_window) {
       job.CallOnAdmitted();
       job.job.on_window(window, std::move(window_result));

@@ -72,7 +72,8 @@ BatchRunner BlockingRunner(std::function<BatchResults(const std::vector<Sequence
 
 // The production runner: Engine::Submit / Engine::Collect, overlapped when
 // the engine's backend is asynchronous. Records every collected batch's
-// device time and its SAE share in `metrics` (may be null).
+// device time and its SAE share in `metrics` (may be null), and gives it the
+// engine's SAE names for sae_encoded_tokens_total.
 BatchRunner EngineRunner(Engine* engine, std::shared_ptr<Metrics> metrics);
 
 using Clock = std::chrono::steady_clock;

@@ -96,6 +96,10 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                  .Help("Request tokens whose features were computed")
                  .Register(*registry_)
                  .Add({});
+  sae_tokens_family_ = &prometheus::BuildCounter()
+                            .Name("sae_encoded_tokens_total")
+                            .Help("Request tokens whose features were computed, by SAE (name as in ListSaes)")
+                            .Register(*registry_);
   inflight_ = &prometheus::BuildGauge()
                    .Name("sae_inflight_requests")
                    .Help("Requests admitted and not finished (queued or running)")
@@ -172,6 +176,15 @@ void Metrics::ObserveBatch(int64_t n_tokens, int n_sequences) {
   batch_sequences_->Observe(n_sequences);
 }
 void Metrics::AddTokens(int64_t n) { tokens_->Increment(static_cast<double>(n)); }
+void Metrics::SetSaes(const std::vector<std::string>& names) {
+  sae_tokens_.clear();
+  for (const std::string& name : names) sae_tokens_.push_back(&sae_tokens_family_->Add({{"sae", name}}));
+}
+void Metrics::AddSaeTokens(const std::vector<int>& sae_indices, int64_t n) {
+  for (const int i : sae_indices) {
+    if (i >= 0 && static_cast<size_t>(i) < sae_tokens_.size()) sae_tokens_[i]->Increment(static_cast<double>(n));
+  }
+}
 void Metrics::SetInflightRequests(int64_t n) { inflight_->Set(static_cast<double>(n)); }
 void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<double>(n)); }
 void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }

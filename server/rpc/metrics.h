@@ -56,6 +56,12 @@ class Metrics {
   void ObserveBatch(int64_t n_tokens, int n_sequences);
   // Request tokens whose features were computed.
   void AddTokens(int64_t n);
+  // The engine's SAEs, in its order: sae_encoded_tokens_total{sae} gets a
+  // series per name, at 0 (EngineRunner sets them before any batch runs).
+  void SetSaes(const std::vector<std::string>& names);
+  // `n` request tokens whose features were computed for each SAE of
+  // `sae_indices` (indices into SetSaes' names).
+  void AddSaeTokens(const std::vector<int>& sae_indices, int64_t n);
 
   // Backend memory (Backend::Memory): sae_backend_memory_bytes{kind=...};
   // a kind the backend cannot tell (-1) is not exported.
@@ -80,6 +86,8 @@ class Metrics {
   prometheus::Histogram* batch_tokens_;
   prometheus::Histogram* batch_sequences_;
   prometheus::Counter* tokens_;
+  prometheus::Family<prometheus::Counter>* sae_tokens_family_;
+  std::vector<prometheus::Counter*> sae_tokens_;  // by SAE index; set before batches run, read-only after
   prometheus::Gauge* inflight_;
   prometheus::Gauge* queued_tokens_;
   prometheus::Gauge* waiting_;

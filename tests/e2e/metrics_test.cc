@@ -222,6 +222,50 @@ TEST_P(BatchMetricsTest, FailedBatchIsNotObservedItsRetriesAre) {
 INSTANTIATE_TEST_SUITE_P(Backends, BatchMetricsTest, ::testing::Values("cpu", "cuda"),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 
+// sae_encoded_tokens_total counts, per SAE, the tokens of the requests that
+// asked for it (watched SAEs included): every loaded SAE has its series from
+// the start, at 0, so operators see which SAEs nobody uses.
+TEST(MetricsTest, EncodedTokensBySae) {
+  ExecutorOptions executor;
+  executor.max_batch_tokens = 4096;
+  std::string error;
+  auto env = ServingEnv::Start(executor, ServiceOptions(), &error);
+  ASSERT_NE(env, nullptr) << error;
+  auto server = MetricsServer::Start("127.0.0.1:0", env->metrics->registry());
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::vector<std::string> names;
+  for (const auto& sae : env->engine->saes()) names.push_back(sae->name());
+  ASSERT_GE(names.size(), 3u);
+  auto series = [](const std::string& name) { return "sae_encoded_tokens_total{sae=\"" + name + "\"}"; };
+  const Scrape before = ParseScrape(HttpGet((*server)->port(), "/metrics"));
+  for (const std::string& name : names) EXPECT_EQ(before.Get(series(name)), 0) << name;
+
+  auto client = env->NewClient();
+  auto extract = [&](v1::ExtractRequest request) {
+    std::vector<v1::ExtractResponse> responses;
+    EXPECT_TRUE(client->Extract(request, &responses).ok());
+    return responses.empty() ? 0 : responses.back().total_tokens();
+  };
+  v1::ExtractRequest first_only = TextRequest("The cat sat.");
+  first_only.add_saes(names[0]);
+  v1::ExtractRequest first_and_last = TextRequest("A blue bird and a green fish.");
+  first_and_last.add_saes(names[0]);
+  first_and_last.add_saes(names.back());
+  v1::FeatureWatch* watch = first_and_last.add_watch();
+  watch->set_sae(names.back());
+  watch->add_features(0);
+  const int64_t a = extract(first_only);
+  const int64_t b = extract(first_and_last);
+  ASSERT_GT(a, 0);
+  ASSERT_GT(b, 0);
+
+  const Scrape s = ParseScrape(HttpGet((*server)->port(), "/metrics"));
+  EXPECT_EQ(s.Get(series(names[0])), static_cast<double>(a + b));
+  EXPECT_EQ(s.Get(series(names.back())), static_cast<double>(b));
+  for (size_t i = 1; i + 1 < names.size(); ++i) EXPECT_EQ(s.Get(series(names[i])), 0) << names[i];
+  EXPECT_EQ(s.Get("sae_tokens_total"), static_cast<double>(a + b));
+}
+
 TEST(MetricsTest, BadListenAddressNamesTheField) {
   auto server = MetricsServer::Start("256.0.0.1:notaport", std::make_shared<Metrics>()->registry());
   ASSERT_FALSE(server.ok());
