@@ -173,9 +173,16 @@ absl::Status ValidateServerConfig(const v1::ServerConfig& config) {
         absl::StrCat("config: overload_policy has no valid value (", config.overload_policy(), ")"));
   }
   // Port 0 (any free port) gives two different ports.
-  const std::string& metrics = config.metrics_listen();
-  if (!metrics.empty() && metrics == config.listen() && metrics.substr(metrics.rfind(':') + 1) != "0") {
+  auto same_port = [](const std::string& a, const std::string& b) {
+    return !a.empty() && a == b && a.substr(a.rfind(':') + 1) != "0";
+  };
+  if (same_port(config.metrics_listen(), config.listen())) {
     return absl::InvalidArgumentError("config: metrics_listen must differ from listen (a separate port)");
+  }
+  if (same_port(config.health_listen(), config.listen()) ||
+      same_port(config.health_listen(), config.metrics_listen())) {
+    return absl::InvalidArgumentError(
+        "config: health_listen must differ from listen and metrics_listen (a port of its own)");
   }
   if (config.model_dir().empty() && !config.demo()) {
     return absl::InvalidArgumentError("config: model_dir is empty (set model_dir, or demo: true)");

@@ -105,6 +105,10 @@ ABSL_FLAG(std::optional<std::string>, metrics_listen, std::nullopt,
           "Prometheus metrics address, e.g. 0.0.0.0:9464 (default: none)");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening (for tests)");
 ABSL_FLAG(std::string, metrics_port_file, "", "write the bound metrics port to this file once listening (for tests)");
+ABSL_FLAG(std::optional<std::string>, health_listen, std::nullopt,
+          "a plaintext gRPC address serving only grpc.health.v1.Health, for probes when listen uses TLS "
+          "(default: none)");
+ABSL_FLAG(std::string, health_port_file, "", "write the bound health probe port to this file (for tests)");
 
 namespace sae {
 namespace {
@@ -177,6 +181,7 @@ absl::StatusOr<v1::ServerConfig> BuildConfig() {
   if (auto v = absl::GetFlag(FLAGS_tls_reload_seconds)) config.set_tls_reload_seconds(*v);
   if (auto v = absl::GetFlag(FLAGS_access_log)) config.set_access_log(*v);
   if (auto v = absl::GetFlag(FLAGS_metrics_listen)) config.set_metrics_listen(*v);
+  if (auto v = absl::GetFlag(FLAGS_health_listen)) config.set_health_listen(*v);
   ApplyConfigDefaults(&config);
   if (absl::Status s = ValidateServerConfig(config); !s.ok()) {
     // The value may come from the file or from a flag: name both.
@@ -341,13 +346,27 @@ absl::Status RunFullBatch(Engine& engine, const v1::ServerConfig& config) {
   return results.status();
 }
 
-// The health service's answer (overall and for the SAE service) and the
-// sae_serving metric, set together.
-void SetServing(grpc::HealthCheckServiceInterface* health, const std::string& service, Metrics& metrics, bool serving) {
-  health->SetServingStatus(service, serving);
-  health->SetServingStatus(serving);
-  metrics.SetServing(serving);
-}
+// What the server tells of its state, always together: the health services
+// (the gRPC port's and, with health_listen, the probe port's; overall and
+// for the SAE service) and the sae_serving metric.
+struct ServingState {
+  std::vector<grpc::HealthCheckServiceInterface*> health;
+  std::string service;
+  Metrics* metrics = nullptr;
+
+  void Set(bool serving) const {
+    for (grpc::HealthCheckServiceInterface* h : health) {
+      h->SetServingStatus(service, serving);
+      h->SetServingStatus(serving);
+    }
+    metrics->SetServing(serving);
+  }
+  // NOT_SERVING for good (shutdown): Watch calls get it and end.
+  void Shutdown() const {
+    for (grpc::HealthCheckServiceInterface* h : health) h->Shutdown();
+    metrics->SetServing(false);
+  }
+};
 
 int Main(int argc, char** argv) {
   SignalWaiter signals;
@@ -417,8 +436,26 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const std::string service_name = v1::SaeService::service_full_name();
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  SetServing(health, service_name, *metrics, false);
+  ServingState serving{{server->GetHealthCheckService()}, service_name, metrics.get()};
+  // The probe port: a server of its own with no service registered, so it
+  // answers the default health service (and the reflection plugin, which
+  // gRPC adds to every server of the process) and nothing else.
+  std::unique_ptr<grpc::Server> probe_server;
+  if (!config.health_listen().empty()) {
+    grpc::ServerBuilder probe_builder;
+    int probe_port = 0;
+    probe_builder.AddListeningPort(config.health_listen(), grpc::InsecureServerCredentials(), &probe_port);
+    probe_server = probe_builder.BuildAndStart();
+    if (!probe_server || probe_port == 0) {
+      Log(absl::StrCat("config: health_listen \"", config.health_listen(), "\": cannot listen there"));
+      return 1;
+    }
+    serving.health.push_back(probe_server->GetHealthCheckService());
+    Log(absl::StrCat("health probes on ", config.health_listen(), " (port ", probe_port,
+                     ", plaintext, grpc.health.v1.Health only)"));
+    WritePortFile(absl::GetFlag(FLAGS_health_port_file), probe_port);
+  }
+  serving.Set(false);
   Log(absl::StrCat("listening on ", config.listen(), " (port ", port, ", ", DescribeTransportSecurity(config),
                    "), health NOT_SERVING while loading"));
   std::string age = "none";
@@ -499,13 +536,11 @@ int Main(int argc, char** argv) {
   ExecutorOptions executor_options = ExecutorOptionsFromConfig(config);
   executor_options.bos_id = engine_ptr->tokenizer().bos_id();
   executor_options.metrics = metrics;
-  grpc::HealthCheckServiceInterface* const health_service = health;
-  const std::string sae_service = service_name;
-  executor_options.on_device_lost = [&signals, health_service, sae_service, metrics](const absl::Status& fault) {
+  executor_options.on_device_lost = [&signals, serving](const absl::Status& fault) {
     // Nothing can run on this process again: fail readiness at once, then
     // shut down and exit non-zero so the orchestrator starts a fresh one.
     Log(absl::StrCat("device lost: ", fault.message(), "; NOT_SERVING, exiting"));
-    SetServing(health_service, sae_service, *metrics, false);
+    serving.Set(false);
     signals.DeviceLost();
   };
   absl::StatusOr<std::unique_ptr<Executor>> executor =
@@ -525,7 +560,7 @@ int Main(int argc, char** argv) {
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s"));
   }
   service.Attach(engine->get(), executor->get());
-  SetServing(health, service_name, *metrics, true);
+  serving.Set(true);
   signals.SetServing();
   Log(absl::StrCat("SERVING ", service_name, " (max_batch_tokens=", config.max_batch_tokens(),
                    ", max_seq_len=", config.max_seq_len(), ", max_inflight_requests=", config.max_inflight_requests(),
@@ -540,8 +575,7 @@ int Main(int argc, char** argv) {
   // Load balancers stop sending first; then new requests (also on open
   // streams) are refused while admitted ones finish, and open streams end
   // once their responses are written.
-  health->Shutdown();
-  metrics->SetServing(false);
+  serving.Shutdown();
   const auto cut_off = std::chrono::system_clock::now() + std::chrono::seconds(grace);
   service.CutOffAt(cut_off);
   (*executor)->StopAdmitting();
@@ -553,7 +587,9 @@ int Main(int argc, char** argv) {
   (*executor)->Shutdown();
   server->Wait();
   if ((*executor)->hung()) ExitHung();
+  if (probe_server) probe_server->Shutdown(std::chrono::system_clock::now());  // a probe's call is cut off
   server.reset();
+  probe_server.reset();
   executor->reset();
   metrics_server.reset();
   engine->reset();

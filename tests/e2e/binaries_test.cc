@@ -86,6 +86,7 @@ class ServerProcess {
     dir_ = testing::MakeTempDir(absl::StrCat("e2e-server-", servers++));
     port_file_ = dir_ + "/port";
     metrics_port_file_ = dir_ + "/metrics_port";
+    health_port_file_ = dir_ + "/health_port";
     log_ = dir_ + "/server.log";
     std::vector<std::string> args = {SAE_SERVER_BIN,
                                      "--demo",
@@ -93,7 +94,8 @@ class ServerProcess {
                                      "--listen=127.0.0.1:0",
                                      "--port_file=" + port_file_,
                                      "--metrics_listen=127.0.0.1:0",
-                                     "--metrics_port_file=" + metrics_port_file_};
+                                     "--metrics_port_file=" + metrics_port_file_,
+                                     "--health_port_file=" + health_port_file_};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     pid_ = fork();
     if (pid_ == 0) {
@@ -125,6 +127,13 @@ class ServerProcess {
   int MetricsPort() {
     if (!testing::WaitFor([this] { return !ReadFile(metrics_port_file_).empty(); }, kProcessTimeout)) return -1;
     return std::stoi(ReadFile(metrics_port_file_));
+  }
+
+  // With --health_listen: the probe port's address (written before the model
+  // loads), or "".
+  std::string WaitForHealthAddress() {
+    if (!testing::WaitFor([this] { return !ReadFile(health_port_file_).empty(); }, kProcessTimeout)) return "";
+    return "127.0.0.1:" + std::to_string(std::stoi(ReadFile(health_port_file_)));
   }
 
   // SIGTERM, then the exit code (-1 if it did not exit normally in time).
@@ -185,7 +194,7 @@ class ServerProcess {
   }
 
  private:
-  std::string dir_, port_file_, metrics_port_file_, log_;
+  std::string dir_, port_file_, metrics_port_file_, health_port_file_, log_;
   pid_t pid_ = -1;
 };
 
@@ -752,17 +761,26 @@ TEST(CudaServerTest, ServingMetricFollowsHealth) {
   const std::string hang_file = testing::MakeTempDir("serving-metric") + "/hang";
   std::ofstream(hang_file) << "hang\n";
   setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
-  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=60"});
+  ServerProcess server(
+      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=60", "--health_listen=127.0.0.1:0"});
   unsetenv("SAE_CUDA_EMU_HANG_FILE");
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
+  const std::string probe_address = server.WaitForHealthAddress();
+  ASSERT_FALSE(probe_address.empty()) << server.log();
   const int metrics_port = server.MetricsPort();
   ASSERT_GT(metrics_port, 0) << server.log();
-  auto health = [&] {
-    auto client = client::SaeClient::Connect(address);
+  auto health_at = [](const std::string& at) {
+    auto client = client::SaeClient::Connect(at);
     grpc::health::v1::HealthCheckResponse response;
     const grpc::Status status = client->Health("", &response);
     return status.ok() ? response.status() : grpc::health::v1::HealthCheckResponse::UNKNOWN;
+  };
+  // The gRPC port and the probe port (health_listen) answer alike.
+  auto health = [&] {
+    const auto main_port = health_at(address);
+    EXPECT_EQ(health_at(probe_address), main_port);
+    return main_port;
   };
   auto serving_metric = [&] {
     return testing::ParseScrape(testing::HttpGet(metrics_port, "/metrics")).Get("sae_serving");
@@ -773,6 +791,7 @@ TEST(CudaServerTest, ServingMetricFollowsHealth) {
   std::remove(hang_file.c_str());
   ASSERT_TRUE(server.WaitServing(address)) << server.log();
   EXPECT_EQ(serving_metric(), 1);
+  EXPECT_EQ(health(), grpc::health::v1::HealthCheckResponse::SERVING);
 
   // A request held on the device, then SIGTERM: the server drains.
   std::ofstream(hang_file) << "hang\n";
@@ -791,6 +810,7 @@ TEST(CudaServerTest, ServingMetricFollowsHealth) {
   EXPECT_TRUE(testing::WaitFor([&] { return server.log().find("draining") != std::string::npos; }, kProcessTimeout))
       << server.log();
   EXPECT_EQ(serving_metric(), 0);
+  EXPECT_EQ(health_at(probe_address), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
   std::remove(hang_file.c_str());
   request.join();
   EXPECT_EQ(request_code, 0) << out;  // admitted before SIGTERM: it finishes
@@ -1444,6 +1464,32 @@ TEST_F(TlsTest, ServesTlsToClientsThatTrustItsCertificate) {
   EXPECT_NE(out.find("UNAVAILABLE"), std::string::npos) << out;
   // The server keeps serving after the failed handshakes.
   EXPECT_EQ(Client(address, trust_a, "health", &out), 0) << out;
+}
+
+// Probes that cannot speak TLS (Kubernetes' grpc probes, Docker's
+// HEALTHCHECK) use health_listen: a plaintext port beside the TLS one that
+// answers grpc.health.v1.Health and no SaeService call.
+TEST_F(TlsTest, PlaintextHealthPortBesideTls) {
+  ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("a-server.key"),
+                        "--tls_client_ca_file=" + File("a-ca.pem"), "--health_listen=127.0.0.1:0"});
+  const std::string address = server.WaitServingAddress(TrustCa("a", true));
+  ASSERT_FALSE(address.empty()) << server.log();
+  const std::string probe = server.WaitForHealthAddress();
+  ASSERT_FALSE(probe.empty()) << server.log();
+  EXPECT_NE(server.log().find("health probes on 127.0.0.1:0 (port " + probe.substr(probe.rfind(':') + 1) +
+                              ", plaintext, grpc.health.v1.Health only)"),
+            std::string::npos)
+      << server.log();
+  std::string out;
+  EXPECT_EQ(Client(probe, "", "health", &out), 0) << out;
+  EXPECT_EQ(Client(probe, "", "health --service sae.v1.SaeService", &out), 0) << out;
+  EXPECT_EQ(out, "SERVING\n");
+  EXPECT_EQ(Client(address, "", "health", &out), 1) << out;  // the gRPC port itself stays TLS only
+  for (const char* command : {"info", "list-saes", "tokenize 'red cat'", "extract 'red cat'"}) {
+    EXPECT_EQ(Client(probe, "", command, &out), 1) << command << ": " << out;
+    EXPECT_NE(out.find("UNIMPLEMENTED"), std::string::npos) << command << ": " << out;
+  }
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
 // tls_client_ca_file: only clients with a certificate from that CA get in.

@@ -1459,23 +1459,37 @@ TEST(ServerConfigTest, ConnectionSettingsBecomeChannelArguments) {
   }
 }
 
-// The configurations that ship in deploy/ load and validate as sae-server
-// would load them: deploy/server.textproto, and the textproto inside the
-// Kubernetes ConfigMap, whose shutdown grace must end before the pod's
-// terminationGracePeriodSeconds and whose pod must run the GPU image; both
-// with the connection settings the README quotes.
+// A config's text through sae-server's own parsing, defaults and validation.
+absl::Status ValidateConfigText(const std::string& text) {
+  absl::StatusOr<v1::ServerConfig> config = ParseServerConfig(text, "test.textproto");
+  if (!config.ok()) return config.status();
+  ApplyConfigDefaults(&*config);
+  return ValidateServerConfig(*config);
+}
+
+// The metrics and health ports are ports of their own (port 0, any free
+// port, is never the same port twice).
+TEST(ServerConfigTest, PortsAreDistinct) {
+  EXPECT_TRUE(ValidateConfigText("demo: true listen: ':1' metrics_listen: ':2' health_listen: ':3'").ok());
+  EXPECT_TRUE(ValidateConfigText("demo: true listen: ':0' metrics_listen: ':0' health_listen: ':0'").ok());
+  const std::string health = "config: health_listen must differ from listen and metrics_listen (a port of its own)";
+  for (const auto& [text, message] : std::vector<std::pair<std::string, std::string>>{
+           {"listen: ':1' metrics_listen: ':1'", "config: metrics_listen must differ from listen (a separate port)"},
+           {"listen: ':1' health_listen: ':1'", health},
+           {"listen: ':1' metrics_listen: ':2' health_listen: ':2'", health},
+       }) {
+    const absl::Status status = ValidateConfigText("demo: true " + text);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << text;
+    EXPECT_EQ(status.message(), message) << text;
+  }
+}
+
 // The tls_* fields go together as TLS needs them; the files themselves are
 // checked when the credentials are built (TlsTest in e2e_binaries_test).
 TEST(ServerConfigTest, TlsFieldsComeTogether) {
-  auto validate = [](const std::string& text) {
-    absl::StatusOr<v1::ServerConfig> config = ParseServerConfig(text, "test.textproto");
-    if (!config.ok()) return config.status();
-    ApplyConfigDefaults(&*config);
-    return ValidateServerConfig(*config);
-  };
-  EXPECT_TRUE(validate("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem'").ok());
-  EXPECT_TRUE(validate("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem' tls_client_ca_file: 'ca.pem' "
-                       "tls_reload_seconds: 86400")
+  EXPECT_TRUE(ValidateConfigText("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem'").ok());
+  EXPECT_TRUE(ValidateConfigText("demo: true tls_cert_file: 'c.pem' tls_key_file: 'k.pem' tls_client_ca_file: 'ca.pem' "
+                                 "tls_reload_seconds: 86400")
                   .ok());
   struct Case {
     std::string text, message;
@@ -1488,7 +1502,7 @@ TEST(ServerConfigTest, TlsFieldsComeTogether) {
             "config: tls_client_ca_file is set without tls_cert_file and tls_key_file (client certificates need TLS)"},
            {"tls_reload_seconds: 86401", "config: tls_reload_seconds is 86401; at most 86400 (one day)"},
        }) {
-    const absl::Status status = validate("demo: true " + c.text);
+    const absl::Status status = ValidateConfigText("demo: true " + c.text);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << c.text;
     EXPECT_EQ(status.message(), c.message) << c.text;
   }
@@ -1498,6 +1512,11 @@ TEST(ServerConfigTest, TlsFieldsComeTogether) {
   EXPECT_EQ(defaults->tls_reload_seconds(), 60u);
 }
 
+// The configurations that ship in deploy/ load and validate as sae-server
+// would load them: deploy/server.textproto, and the textproto inside the
+// Kubernetes ConfigMap, whose shutdown grace must end before the pod's
+// terminationGracePeriodSeconds and whose pod must run the GPU image; both
+// with the connection settings the README quotes.
 TEST(ServerConfigTest, ShippedDeployConfigsAreValid) {
   const std::string deploy = SAE_DEPLOY_DIR;
   auto check = [](absl::StatusOr<v1::ServerConfig> config, const std::string& origin) -> v1::ServerConfig {
