@@ -78,10 +78,14 @@ std::string ReadFile(const std::string& path) {
 // Child processes (start, exit) get longer than in-process waits.
 constexpr std::chrono::seconds kProcessTimeout(20);
 
-// sae-server --demo on a free loopback port, as a child process.
+// Variables set in a child process's environment on top of this one's.
+using EnvOverrides = std::vector<std::pair<std::string, std::string>>;
+
+// sae-server --demo on a free loopback port, as a child process, with `env`
+// added to its environment (the emulator's SAE_CUDA_EMU_* settings).
 class ServerProcess {
  public:
-  explicit ServerProcess(std::vector<std::string> extra_args = {}) {
+  explicit ServerProcess(std::vector<std::string> extra_args = {}, const EnvOverrides& env = {}) {
     static std::atomic<int> servers{0};  // a directory of its own for each server a test starts
     dir_ = testing::MakeTempDir(absl::StrCat("e2e-server-", servers++));
     port_file_ = dir_ + "/port";
@@ -97,15 +101,29 @@ class ServerProcess {
                                      "--metrics_port_file=" + metrics_port_file_,
                                      "--health_port_file=" + health_port_file_};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
+    // Built before fork: the child only execs (the test's threads may hold
+    // the allocator's locks at fork time).
+    std::vector<std::string> environment;
+    for (char** e = environ; *e != nullptr; ++e) {
+      const std::string entry = *e;
+      const std::string name = entry.substr(0, entry.find('='));
+      if (std::none_of(env.begin(), env.end(), [&](const auto& o) { return o.first == name; })) {
+        environment.push_back(entry);
+      }
+    }
+    for (const auto& [name, value] : env) environment.push_back(name + "=" + value);
+    std::vector<char*> envp;
+    for (std::string& e : environment) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
     pid_ = fork();
     if (pid_ == 0) {
       FILE* log = std::freopen(log_.c_str(), "w", stderr);
       if (log == nullptr) _exit(127);
       dup2(fileno(stderr), STDOUT_FILENO);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
+      execve(argv[0], argv.data(), envp.data());
       _exit(127);
     }
   }
@@ -645,11 +663,10 @@ bool OnCudaEmulator() {
 // activations. With warmup_full_batch off the same server starts.
 TEST(CudaServerTest, FullBatchBeyondTheDeviceIsRefusedAtStartup) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "the device's memory is sized only on the CUDA emulator";
-  setenv("SAE_CUDA_EMU_MEMORY_MB", "96", 1);
-  ServerProcess refused({"--backend=cuda", "--max_batch_tokens=65536"});
+  const EnvOverrides small_device = {{"SAE_CUDA_EMU_MEMORY_MB", "96"}};
+  ServerProcess refused({"--backend=cuda", "--max_batch_tokens=65536"}, small_device);
   const int code = refused.WaitExit();
-  ServerProcess unchecked({"--backend=cuda", "--max_batch_tokens=65536", "--warmup_full_batch=false"});
-  unsetenv("SAE_CUDA_EMU_MEMORY_MB");
+  ServerProcess unchecked({"--backend=cuda", "--max_batch_tokens=65536", "--warmup_full_batch=false"}, small_device);
   const std::string log = refused.log();
   EXPECT_EQ(code, 1) << log;
   EXPECT_NE(log.find("config: max_batch_tokens (65536) does not fit the device: "), std::string::npos) << log;
@@ -669,9 +686,7 @@ TEST(CudaServerTest, FullBatchBeyondTheDeviceIsRefusedAtStartup) {
 void ExpectDeviceFaultExits(const std::string& fault_file_text, const std::string& error_name) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "faults are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string fault_file = testing::MakeTempDir("device-fault") + "/fault";
-  setenv("SAE_CUDA_EMU_FAULT_FILE", fault_file.c_str(), 1);
-  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens});
-  unsetenv("SAE_CUDA_EMU_FAULT_FILE");
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens}, {{"SAE_CUDA_EMU_FAULT_FILE", fault_file}});
   const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   const std::string extract = std::string(SAE_CLIENT_BIN) + " --addr " + address + " extract 'The red cat.' --json";
@@ -705,9 +720,8 @@ TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExi
 TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("device-hang") + "/hang";
-  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
-  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5"});
-  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5"},
+                       {{"SAE_CUDA_EMU_HANG_FILE", hang_file}});
   const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   const std::string extract =
@@ -735,11 +749,10 @@ TEST(CudaServerTest, HangDuringTheWarmUpExits) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("warm-up-hang") + "/hang";
   std::ofstream(hang_file) << "hang\n";
-  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
-  ServerProcess full({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2"});
+  const EnvOverrides hang = {{"SAE_CUDA_EMU_HANG_FILE", hang_file}};
+  ServerProcess full({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2"}, hang);
   ServerProcess small(
-      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2", "--warmup_full_batch=false"});
-  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=2", "--warmup_full_batch=false"}, hang);
   EXPECT_EQ(full.WaitExit(), 3) << full.log();
   EXPECT_EQ(small.WaitExit(), 3) << small.log();
   std::remove(hang_file.c_str());
@@ -760,10 +773,9 @@ TEST(CudaServerTest, ServingMetricFollowsHealth) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "the device is held back only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("serving-metric") + "/hang";
   std::ofstream(hang_file) << "hang\n";
-  setenv("SAE_CUDA_EMU_HANG_FILE", hang_file.c_str(), 1);
   ServerProcess server(
-      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=60", "--health_listen=127.0.0.1:0"});
-  unsetenv("SAE_CUDA_EMU_HANG_FILE");
+      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=60", "--health_listen=127.0.0.1:0"},
+      {{"SAE_CUDA_EMU_HANG_FILE", hang_file}});
   const std::string address = server.WaitForAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   const std::string probe_address = server.WaitForHealthAddress();
