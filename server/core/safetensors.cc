@@ -25,7 +25,7 @@ using json = nlohmann::json;
 namespace fs = std::filesystem;
 
 // Guards against absurd headers (a corrupt length field) before allocating.
-constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+constexpr uint64_t kMaxHeaderBytes = kMaxSafetensorsHeaderBytes;
 
 absl::Status FileError(const std::string& path, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": ", what));
@@ -248,39 +248,129 @@ std::string TensorStore::FileOf(absl::string_view name) const {
   return it == index_.end() ? origin_ : it->second.first->path();
 }
 
+uint64_t TensorSpec::nbytes() const {
+  uint64_t n = DTypeSize(dtype);
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
+    const std::string& path, const std::vector<TensorSpec>& tensors,
+    const std::map<std::string, std::string>& metadata) {
+  return Create(
+      path, tensors.size(), [&tensors](size_t i) { return tensors[i]; }, metadata);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
+    const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
+    const std::map<std::string, std::string>& metadata) {
+  // The header is built as text, a tensor at a time: a JSON tree of a few
+  // hundred thousand entries would cost far more memory than the text.
+  std::string header = "{";
+  if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
+  std::set<std::string, std::less<>> names;
+  std::vector<std::pair<std::string, uint64_t>> order;
+  uint64_t offset = 0;
+  for (size_t i = 0; i < n_tensors; ++i) {
+    const TensorSpec t = tensor(i);
+    if (t.name.empty() || t.name == "__metadata__" || !names.insert(t.name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor name \"", t.name, "\" is ", t.name.empty() ? "empty" : "reserved or repeated"));
+    }
+    const uint64_t n = t.nbytes();
+    if (header.size() > 1) header += ",";
+    absl::StrAppend(&header, json(t.name).dump(), ":{\"dtype\":\"", DTypeName(t.dtype),
+                    "\",\"shape\":", json(t.shape).dump(), ",\"data_offsets\":[", offset, ",", offset + n, "]}");
+    if (header.size() > kMaxSafetensorsHeaderBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": the header of ", n_tensors, " tensors would pass the ", kMaxSafetensorsHeaderBytes >> 20,
+          " MiB safetensors readers accept (at tensor ", order.size() + 1, ", \"", t.name, "\")"));
+    }
+    offset += n;
+    order.emplace_back(t.name, n);
+  }
+  header += "}";
+  while ((header.size() + 8) % 8 != 0) header.push_back(' ');  // keep tensor data aligned
+
+  std::unique_ptr<SafetensorsWriter> writer(new SafetensorsWriter(path, std::move(order)));
+  errno = 0;
+  writer->out_.open(path + ".partial", std::ios::binary | std::ios::trunc);
+  if (!writer->out_) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(path, ".partial: cannot create file", errno != 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
+  }
+  char len_bytes[8];
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
+  writer->out_.write(len_bytes, 8);
+  writer->out_.write(header.data(), static_cast<std::streamsize>(header.size()));
+  if (!writer->out_) return absl::DataLossError(absl::StrCat(path, ".partial: write failed"));
+  return writer;
+}
+
+SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<std::pair<std::string, uint64_t>> order)
+    : path_(std::move(path)), order_(std::move(order)) {}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (finished_) return;
+  out_.close();
+  std::error_code error;
+  fs::remove(path_ + ".partial", error);
+}
+
+absl::Status SafetensorsWriter::Append(absl::string_view name, const void* data, uint64_t nbytes) {
+  if (next_ == order_.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path_, ": tensor \"", name, "\" written after all ", order_.size(), " declared ones"));
+  }
+  const auto& [expected, size] = order_[next_];
+  if (name != expected || nbytes != size) {
+    return absl::FailedPreconditionError(absl::StrCat(path_, ": tensor \"", name, "\" of ", nbytes,
+                                                      " bytes written where \"", expected, "\" of ", size,
+                                                      " bytes was declared"));
+  }
+  out_.write(static_cast<const char*>(data), static_cast<std::streamsize>(nbytes));
+  if (!out_) return absl::DataLossError(absl::StrCat(path_, ".partial: write failed"));
+  ++next_;
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::Flush() {
+  out_.flush();
+  if (!out_) return absl::DataLossError(absl::StrCat(path_, ".partial: write failed"));
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::Finish() {
+  if (next_ != order_.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path_, ": ", next_, " of the ", order_.size(), " declared tensors written"));
+  }
+  out_.close();
+  if (!out_) return absl::DataLossError(absl::StrCat(path_, ".partial: write failed"));
+  std::error_code error;
+  fs::rename(path_ + ".partial", path_, error);
+  if (error)
+    return absl::PermissionDeniedError(absl::StrCat(path_, ": cannot rename from .partial: ", error.message()));
+  finished_ = true;
+  return absl::OkStatus();
+}
+
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                               const std::map<std::string, std::string>& metadata) {
   std::vector<const TensorToWrite*> sorted;
   for (const auto& t : tensors) sorted.push_back(&t);
   std::sort(sorted.begin(), sorted.end(), [](auto* a, auto* b) { return a->name < b->name; });
-  json header = json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  uint64_t offset = 0;
+  std::vector<TensorSpec> specs;
   for (const TensorToWrite* t : sorted) {
-    size_t expect = DTypeSize(t->dtype);
-    for (int64_t d : t->shape) expect *= static_cast<size_t>(d);
-    if (expect != t->bytes.size()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor ", t->name, ": ", t->bytes.size(), " bytes for a shape needing ", expect));
+    specs.push_back({t->name, t->dtype, t->shape});
+    if (specs.back().nbytes() != t->bytes.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", t->name, ": ", t->bytes.size(),
+                                                     " bytes for a shape needing ", specs.back().nbytes()));
     }
-    header[t->name] = {{"dtype", std::string(DTypeName(t->dtype))},
-                       {"shape", t->shape},
-                       {"data_offsets", {offset, offset + t->bytes.size()}}};
-    offset += t->bytes.size();
   }
-  std::string h = header.dump();
-  while ((h.size() + 8) % 8 != 0) h.push_back(' ');  // keep tensor data aligned
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot create file"));
-  uint64_t len = h.size();
-  char len_bytes[8];
-  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
-  out.write(len_bytes, 8);
-  out.write(h.data(), static_cast<std::streamsize>(h.size()));
-  for (const TensorToWrite* t : sorted) out.write(t->bytes.data(), static_cast<std::streamsize>(t->bytes.size()));
-  out.close();
-  if (!out) return absl::DataLossError(absl::StrCat(path, ": write failed"));
-  return absl::OkStatus();
+  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsWriter> writer, SafetensorsWriter::Create(path, specs, metadata));
+  for (const TensorToWrite* t : sorted) RETURN_IF_ERROR(writer->Append(t->name, t->bytes.data(), t->bytes.size()));
+  return writer->Finish();
 }
 
 TensorToWrite MakeTensor(std::string name, DType dtype, std::vector<int64_t> shape, const std::vector<float>& values) {

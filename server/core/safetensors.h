@@ -7,11 +7,14 @@
 #define SAE_CORE_SAFETENSORS_H_
 
 #include <cstdint>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/dtype.h"
@@ -78,6 +81,59 @@ struct TensorToWrite {
   DType dtype;
   std::vector<int64_t> shape;
   std::string bytes;
+};
+
+// The largest header the reader accepts (as Hugging Face's safetensors,
+// which refuses headers over 100 MB).
+inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100ull << 20;
+
+// What a tensor will be, before its bytes exist.
+struct TensorSpec {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  uint64_t nbytes() const;
+};
+
+// Writes a .safetensors file whose tensors are all declared up front: the
+// header goes out first, then each tensor's bytes in the declared order as
+// they are produced, so a file larger than memory never sits in memory. The
+// file is written as PATH.partial and renamed to PATH by Finish(); a writer
+// destroyed before that removes the partial file.
+class SafetensorsWriter {
+ public:
+  // INVALID_ARGUMENT for a repeated or empty name, or a header over
+  // kMaxSafetensorsHeaderBytes (it names the tensor count); PERMISSION_DENIED
+  // when PATH.partial cannot be created.
+  static absl::StatusOr<std::unique_ptr<SafetensorsWriter>> Create(
+      const std::string& path, const std::vector<TensorSpec>& tensors,
+      const std::map<std::string, std::string>& metadata = {});
+  // The same for `n_tensors` tensors made one at a time by `tensor(i)`, so
+  // millions of them are never all in memory (a header too large is refused
+  // as soon as it is).
+  static absl::StatusOr<std::unique_ptr<SafetensorsWriter>> Create(
+      const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
+      const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+
+  // The bytes of the next declared tensor; FAILED_PRECONDITION when its
+  // name or size is not that tensor's, or every tensor is written.
+  absl::Status Append(absl::string_view name, const void* data, uint64_t nbytes);
+  // Hands what was appended so far to the file system.
+  absl::Status Flush();
+  // After the last tensor: flushes, closes and renames PATH.partial to PATH.
+  absl::Status Finish();
+
+ private:
+  SafetensorsWriter(std::string path, std::vector<std::pair<std::string, uint64_t>> order);
+
+  std::string path_;
+  std::vector<std::pair<std::string, uint64_t>> order_;  // name, bytes, in write order
+  size_t next_ = 0;
+  std::ofstream out_;
+  bool finished_ = false;
 };
 
 // Writes a .safetensors file (tensors sorted by name, 8-byte aligned header).

@@ -13,7 +13,9 @@
 // most 9 significant digits (they read back as the same float).
 // --dump-hooks: one F32 tensor [n_tokens, d_model] per hook, named like the
 // hook ("L15R", "L15TC" = the transcoder input); with several input lines,
-// named "<hook>.<i>" for output line i.
+// named "<hook>.<i>" for output line i. Streamed as the lines are written.
+// Memory: every line is checked before the compute, then read again when a
+// batch reaches it (InputLines); neither tokens nor hooks pile up.
 // --resume: continue a run that stopped (a hung GPU's exit 3, a kill): the
 // whole lines OUT already holds are checked against this input and kept, a
 // torn last line is dropped, and the run appends from the next line.
@@ -28,12 +30,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -136,6 +140,96 @@ absl::StatusOr<Record> ParseLine(const std::string& text, int line_number, const
   return record;
 }
 
+// The input's non-blank lines. Each is parsed and tokenized up front, so a
+// bad line fails the run before any compute, and again when the run reaches
+// it: a regular file is read a second time from the offsets of the first
+// pass, so the run holds 24 bytes per line rather than its tokens (about 5
+// bytes per input byte). An input that cannot be read twice (a pipe:
+// --input <(zcat IN.jsonl.gz)) has its non-blank lines' bytes held instead.
+class InputLines {
+ public:
+  // `in` is `path`, opened.
+  static absl::StatusOr<std::unique_ptr<InputLines>> Read(const std::string& path, std::ifstream in,
+                                                          const Engine& engine) {
+    auto lines = std::unique_ptr<InputLines>(new InputLines(path, engine));
+    lines->in_ = std::move(in);
+    std::error_code error;
+    lines->reread_ = std::filesystem::is_regular_file(path, error);
+    std::string line;
+    uint64_t offset = 0;
+    for (int line_number = 1; std::getline(lines->in_, line); ++line_number) {
+      const uint64_t begin = offset;
+      offset += line.size() + 1;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines carry no record
+      ASSIGN_OR_RETURN(Record record, ParseLine(line, line_number, engine, path));
+      lines->index_.push_back({lines->reread_ ? begin : lines->Hold(line), std::hash<std::string>()(line), line_number,
+                               static_cast<uint32_t>(record.ids.size())});
+    }
+    if (lines->in_.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
+    lines->in_.clear();
+    lines->position_ = offset + 1;  // nowhere: the first Get seeks
+    return lines;
+  }
+
+  size_t size() const { return index_.size(); }
+  int line_number(size_t i) const { return index_[i].line; }
+  size_t n_tokens(size_t i) const { return index_[i].n_tokens; }
+
+  // Record i (0-based, blank lines not counted). Reading in order does not
+  // seek. FAILED_PRECONDITION when the line changed since the first pass.
+  absl::StatusOr<Record> Get(size_t i) {
+    const Entry& entry = index_[i];
+    if (!reread_) {
+      const std::string& chunk = held_[entry.offset >> 32];
+      const size_t begin = entry.offset & 0xffffffff;
+      return ParseLine(chunk.substr(begin, chunk.find('\n', begin) - begin), entry.line, engine_, path_);
+    }
+    if (position_ != entry.offset) {
+      in_.clear();
+      in_.seekg(static_cast<std::streamoff>(entry.offset));
+    }
+    std::string line;
+    const bool read = static_cast<bool>(std::getline(in_, line));
+    position_ = entry.offset + line.size() + 1;
+    if (!read || std::hash<std::string>()(line) != entry.hash) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path_, ":", entry.line,
+                       ": changed since sae-extract checked it (the input file must not change during the run)"));
+    }
+    return ParseLine(line, entry.line, engine_, path_);
+  }
+
+ private:
+  struct Entry {
+    uint64_t offset;  // of the line in the file; when !reread_, Hold's
+    size_t hash;      // of its bytes, to notice a file changed under the run
+    int line;         // 1-based line number, for messages
+    uint32_t n_tokens;
+  };
+  InputLines(std::string path, const Engine& engine) : path_(std::move(path)), engine_(engine) {}
+
+  // Keeps `line`; where: the chunk's index in the high 32 bits, the line's
+  // start in it in the low 32.
+  uint64_t Hold(const std::string& line) {
+    if (held_.empty() || held_.back().size() + line.size() + 1 > held_.back().capacity()) {
+      held_.emplace_back().reserve(std::max<size_t>(1 << 20, line.size() + 1));
+    }
+    const uint64_t where = (uint64_t{held_.size() - 1} << 32) | held_.back().size();
+    absl::StrAppend(&held_.back(), line, "\n");
+    return where;
+  }
+
+  const std::string path_;
+  const Engine& engine_;
+  std::ifstream in_;
+  bool reread_ = false;
+  uint64_t position_ = 0;  // where in_ will read next
+  std::vector<Entry> index_;
+  // When !reread_: the non-blank lines, each ending in \n, in chunks of about
+  // 1 MiB (a single growing buffer would take twice the input as it grows).
+  std::vector<std::string> held_;
+};
+
 OutJson RecordToJson(const Record& record, const SequenceResult& result, const Engine& engine,
                      const std::vector<int>& sae_indices) {
   OutJson tokens = OutJson::array();
@@ -195,28 +289,27 @@ struct Piece {
   Window window;
 };
 
-// The pieces of records [begin, end), in order (a record's are contiguous).
-std::vector<Piece> PiecesOf(const std::vector<Record>& records, size_t begin, size_t end, const RunShape& shape) {
+// The pieces of `record`, record number `index`, in order.
+std::vector<Piece> PiecesOf(const Record& record, size_t index, const RunShape& shape) {
   std::vector<Piece> pieces;
-  for (size_t r = begin; r < end; ++r) {
-    for (const Window& window : SplitIntoWindows(records[r].ids, shape.max_seq_len, shape.bos)) {
-      pieces.push_back({r, window});
-    }
+  for (const Window& window : SplitIntoWindows(record.ids, shape.max_seq_len, shape.bos)) {
+    pieces.push_back({index, window});
   }
   return pieces;
 }
 
 // Runs `pieces` as one engine batch and places each window's result into
-// (*lines)[its record], started as an EmptyResult by the record's first piece.
-absl::Status RunPieces(Engine& engine, const std::vector<Record>& records, absl::Span<const Piece> pieces,
+// (*lines)[its record], started as an EmptyResult by the record's first
+// piece. `records` holds the record of every piece, by record number.
+absl::Status RunPieces(Engine& engine, const std::map<size_t, Record>& records, absl::Span<const Piece> pieces,
                        const RunShape& shape, std::map<size_t, SequenceResult>* lines) {
   std::vector<SequenceRequest> batch;
   for (const Piece& piece : pieces) {
-    batch.push_back(WindowRequest(MakeRequest(records[piece.record], shape), piece.window, shape.bos));
+    batch.push_back(WindowRequest(MakeRequest(records.at(piece.record), shape), piece.window, shape.bos));
   }
   ASSIGN_OR_RETURN(std::vector<SequenceResult> results, engine.Run(batch));
   for (size_t i = 0; i < pieces.size(); ++i) {
-    const Record& record = records[pieces[i].record];
+    const Record& record = records.at(pieces[i].record);
     auto [line, first] = lines->try_emplace(pieces[i].record);
     if (first) line->second = EmptyResult(MakeRequest(record, shape));
     DropPrependedRow(pieces[i].window, &results[i]);
@@ -328,13 +421,15 @@ bool StartsLikeOutputLine(const std::string& tail, const Record* record) {
 // values depend on the batch to rounding, each token's feature count within
 // one (catches a smaller --k, or other weights under the same SAE name).
 absl::Status CheckComputedAgain(const std::string& kept, size_t index, const std::string& output,
-                                const std::string& input, const std::vector<Record>& records, Engine& engine,
-                                const RunShape& shape, HangWatchdog& watchdog) {
-  const Record& record = records[index];
+                                const std::string& input, InputLines& records, Engine& engine, const RunShape& shape,
+                                HangWatchdog& watchdog) {
+  std::map<size_t, Record> one;
+  ASSIGN_OR_RETURN(one[index], records.Get(index));
+  const Record& record = one[index];
   watchdog.Begin(
       absl::StrCat("--resume: computing ", input, ":", record.line, " again to check ", output, ":", index + 1));
   std::map<size_t, SequenceResult> again;
-  const absl::Status ran = RunPieces(engine, records, PiecesOf(records, index, index + 1, shape), shape, &again);
+  const absl::Status ran = RunPieces(engine, one, PiecesOf(record, index, shape), shape, &again);
   watchdog.End();
   RETURN_IF_ERROR(ran);
   const std::string recomputed = RecordToJson(record, again[index], engine, shape.sae_indices).dump();
@@ -361,9 +456,8 @@ absl::Status CheckComputedAgain(const std::string& kept, size_t index, const std
   return absl::OkStatus();
 }
 
-absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input,
-                                            const std::vector<Record>& records, Engine& engine, const RunShape& shape,
-                                            HangWatchdog& watchdog) {
+absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input, InputLines& records,
+                                            Engine& engine, const RunShape& shape, HangWatchdog& watchdog) {
   ResumePoint point;
   std::error_code error;
   const std::filesystem::file_status status = std::filesystem::status(output, error);
@@ -401,11 +495,12 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
     if (!line.empty() && line.back() == '\r') {
       return absl::FailedPreconditionError(absl::StrCat(where, "ends in \\r\\n; sae-extract writes \\n", kNotThisRun));
     }
-    if (absl::Status s = CheckOutputLine(line, records[i], engine, shape); !s.ok()) {
+    ASSIGN_OR_RETURN(const Record record, records.Get(i));
+    if (absl::Status s = CheckOutputLine(line, record, engine, shape); !s.ok()) {
       return absl::FailedPreconditionError(
-          absl::StrCat(where, s.message(), " (", input, ":", records[i].line, ")", kNotThisRun));
+          absl::StrCat(where, s.message(), " (", input, ":", record.line, ")", kNotThisRun));
     }
-    if (i == 0 || records[i].ids.size() > records[longest].ids.size()) {
+    if (i == 0 || records.n_tokens(i) > records.n_tokens(longest)) {
       longest = i;
       longest_line = line;
     }
@@ -419,11 +514,14 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
     in.clear();
     in.seekg(static_cast<std::streamoff>(whole));
     in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
-    const Record* next = point.lines < records.size() ? &records[point.lines] : nullptr;
-    if (!in || next == nullptr || !StartsLikeOutputLine(tail, next)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(output, ":", point.lines + 1, ": an unfinished line that is not the start of this run's line",
-                       next == nullptr ? " (the input has no more lines)" : "", kNotThisRun));
+    std::optional<Record> next;
+    if (point.lines < records.size()) {
+      ASSIGN_OR_RETURN(next, records.Get(point.lines));
+    }
+    if (!in || !next || !StartsLikeOutputLine(tail, &*next)) {
+      return absl::FailedPreconditionError(absl::StrCat(output, ":", point.lines + 1,
+                                                        ": an unfinished line that is not the start of this run's line",
+                                                        !next ? " (the input has no more lines)" : "", kNotThisRun));
     }
   }
   if (point.lines == 0) return point;
@@ -507,13 +605,9 @@ absl::Status Run() {
   }
 
   // Every line is checked before any compute starts.
-  std::vector<Record> records;
-  std::string line;
-  for (int line_number = 1; std::getline(in, line); ++line_number) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;  // blank lines carry no record
-    ASSIGN_OR_RETURN(Record record, ParseLine(line, line_number, *engine, input));
-    records.push_back(std::move(record));
-  }
+  ASSIGN_OR_RETURN(std::unique_ptr<InputLines> read, InputLines::Read(input, std::move(in), *engine));
+  InputLines& records = *read;
+  const size_t n_records = records.size();
 
   RunShape shape;
   shape.sae_indices = engine->all_sae_indices();
@@ -539,60 +633,95 @@ absl::Status Run() {
     }
     std::fprintf(stderr, "sae-extract: resuming after the %zu lines %s holds\n", resume_at.lines, output.c_str());
   }
+
+  // The hook file's header goes out now (every line's token count is known),
+  // each line's tensors as the line is written: hooks never pile up in memory.
+  const bool dump = !dump_path.empty();
+  const int d_model = engine->model_config().hidden_size;
+  std::unique_ptr<SafetensorsWriter> hooks_out;
+  if (dump) {
+    std::set<std::string> hook_set;
+    for (int s : shape.sae_indices) hook_set.insert(engine->saes()[s]->hook().Name());
+    const std::vector<std::string> hooks(hook_set.begin(), hook_set.end());
+    auto tensor = [&](size_t t) {
+      const size_t line = t / hooks.size();
+      // Suffixed by output line when there are several, so names stay unique.
+      return TensorSpec{n_records > 1 ? absl::StrCat(hooks[t % hooks.size()], ".", line) : hooks[t % hooks.size()],
+                        DType::kF32,
+                        {static_cast<int64_t>(records.n_tokens(line)), d_model}};
+    };
+    absl::StatusOr<std::unique_ptr<SafetensorsWriter>> created =
+        SafetensorsWriter::Create(dump_path, n_records * hooks.size(), tensor, {{"format", "pt"}});
+    if (!created.ok()) return Prefixed("--dump-hooks ", created.status());
+    hooks_out = *std::move(created);
+  }
+
   std::ofstream out(output, std::ios::binary | (resume_at.lines > 0 ? std::ios::app : std::ios::trunc));
   if (!out) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot open the output file"));
-  const bool dump = !dump_path.empty();
   const bool progress = isatty(STDERR_FILENO) == 1;
-  const int d_model = engine->model_config().hidden_size;
-  std::vector<TensorToWrite> tensors;
 
+  // Lines are read from the input as the batches reach them; only the lines
+  // of the batch being run (and a long line's windows still to run) are held.
   shape.capture_hooks = dump;
   const int batch_tokens = std::max(1, absl::GetFlag(FLAGS_batch_tokens));
-  const std::vector<Piece> pieces = PiecesOf(records, resume_at.lines, records.size(), shape);
-  std::map<size_t, SequenceResult> lines;  // lines with pieces run, not yet written
+  std::map<size_t, Record> open;           // lines read, not yet written
+  std::deque<Piece> queue;                 // their windows not yet run
+  std::map<size_t, SequenceResult> lines;  // lines with windows run, not yet written
+  size_t next = resume_at.lines;           // the next line to read
   size_t written = resume_at.lines;
-  for (size_t p = 0; p < pieces.size();) {
+  while (written < n_records) {
     // Pack consecutive pieces up to the token budget (at least one).
-    size_t q = p;
+    std::vector<Piece> batch;
     size_t n_tokens = 0;
-    while (q < pieces.size() &&
-           (q == p || n_tokens + pieces[q].window.n_tokens() <= static_cast<size_t>(batch_tokens))) {
-      n_tokens += pieces[q++].window.n_tokens();
+    while (true) {
+      if (queue.empty()) {
+        if (next == n_records) break;
+        absl::StatusOr<Record> record = records.Get(next);
+        if (!record.ok()) {
+          if (batch.empty()) return record.status();
+          break;  // the lines before are run and written first (the next batch fails)
+        }
+        for (Piece& piece : PiecesOf(*record, next, shape)) queue.push_back(piece);
+        open.emplace(next++, *std::move(record));
+      }
+      const size_t size = queue.front().window.n_tokens();
+      if (!batch.empty() && n_tokens + size > static_cast<size_t>(batch_tokens)) break;
+      n_tokens += size;
+      batch.push_back(queue.front());
+      queue.pop_front();
     }
-    const std::string lines_run =
-        absl::StrCat(input, ":", records[pieces[p].record].line, "-", records[pieces[q - 1].record].line);
+    const std::string lines_run = absl::StrCat(input, ":", records.line_number(batch.front().record), "-",
+                                               records.line_number(batch.back().record));
     watchdog.Begin(absl::StrCat(lines_run, " (", output, " holds the ", written, " lines before",
                                 dump ? "" : "; --resume continues from there", ")"));
-    const absl::Status ran = RunPieces(*engine, records, absl::MakeConstSpan(pieces).subspan(p, q - p), shape, &lines);
+    const absl::Status ran = RunPieces(*engine, open, batch, shape, &lines);
     watchdog.End();
     if (!ran.ok()) return absl::Status(ran.code(), absl::StrCat(lines_run, ": ", ran.message()));
     // Every line before the next piece's has all its windows.
-    const size_t complete = q < pieces.size() ? pieces[q].record : records.size();
+    const size_t complete = queue.empty() ? next : queue.front().record;
     for (; written < complete; ++written) {
       const SequenceResult& result = lines[written];
-      out << RecordToJson(records[written], result, *engine, shape.sae_indices).dump() << "\n";
+      out << RecordToJson(open.at(written), result, *engine, shape.sae_indices).dump() << "\n";
       if (dump) {
-        const int64_t n = static_cast<int64_t>(records[written].ids.size());
         for (const auto& [hook, values] : result.hooks) {
-          // Suffix by record index when there are several, so names stay unique.
-          std::string name = records.size() > 1 ? absl::StrCat(hook, ".", written) : hook;
-          tensors.push_back(MakeTensor(std::move(name), DType::kF32, {n, d_model}, values));
+          RETURN_IF_ERROR(hooks_out->Append(n_records > 1 ? absl::StrCat(hook, ".", written) : hook, values.data(),
+                                            values.size() * sizeof(float)));
         }
       }
       lines.erase(written);
+      open.erase(written);
     }
     out.flush();  // whole lines on disk after every batch, should a later one hang
     if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
-    p = q;
-    if (progress) ShowProgress(written, records.size());
+    if (dump) RETURN_IF_ERROR(hooks_out->Flush());
+    if (progress) ShowProgress(written, n_records);
   }
   out.close();
   if (!out) return absl::DataLossError(absl::StrCat(output, ": write failed"));
-  if (dump) RETURN_IF_ERROR(WriteSafetensors(dump_path, tensors, {{"format", "pt"}}));
+  if (dump) RETURN_IF_ERROR(hooks_out->Finish());
   std::fprintf(
-      stderr, "sae-extract: %zu lines -> %s%s%s\n", records.size(), output.c_str(),
-      resume ? absl::StrCat(" (", resume_at.lines, " kept, ", records.size() - resume_at.lines, " appended)").c_str()
-             : "",
+      stderr, "sae-extract: %zu lines -> %s%s%s\n", n_records, output.c_str(),
+      resume ? absl::StrCat(" (", resume_at.lines, " kept, ", n_records - resume_at.lines, " appended)").c_str() : "",
       dump ? absl::StrCat(", hooks -> ", dump_path).c_str() : "");
   return absl::OkStatus();
 }

@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "common/file.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -83,6 +85,64 @@ TEST(SafetensorsTest, RoundTripsEveryDType) {
     EXPECT_EQ(back, values) << name;
   }
   EXPECT_EQ((*file)->tensors().at("bf16").shape, (std::vector<int64_t>{3, 2}));
+}
+
+// The streaming writer: header first, tensors in the declared order (here
+// not the name order), under PATH.partial until Finish.
+TEST(SafetensorsTest, WriterStreamsDeclaredTensors) {
+  const std::string dir = testing::MakeTempDir("st-writer");
+  const std::string path = dir + "/w.safetensors";
+  const std::vector<float> b = {1.5f, -2.0f, 3.0f}, a = {4.0f, 5.0f};
+  {
+    auto writer = SafetensorsWriter::Create(path, {{"b.0", DType::kF32, {3}}, {"a.0", DType::kF32, {1, 2}}});
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    EXPECT_TRUE(std::filesystem::exists(path + ".partial"));
+    EXPECT_FALSE(std::filesystem::exists(path));
+    // Out of order, the wrong size, unfinished: refused.
+    EXPECT_EQ((*writer)->Append("a.0", a.data(), 8).code(), absl::StatusCode::kFailedPrecondition);
+    const absl::Status short_write = (*writer)->Append("b.0", b.data(), 8);
+    EXPECT_EQ(short_write.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(short_write.message(), ::testing::HasSubstr("\"b.0\" of 8 bytes written where \"b.0\" of 12 bytes"));
+    ASSERT_TRUE((*writer)->Append("b.0", b.data(), 12).ok());
+    EXPECT_THAT((*writer)->Finish().message(), ::testing::HasSubstr("1 of the 2 declared tensors written"));
+    ASSERT_TRUE((*writer)->Append("a.0", a.data(), 8).ok());
+    EXPECT_EQ((*writer)->Append("c", a.data(), 0).code(), absl::StatusCode::kFailedPrecondition);
+    ASSERT_TRUE((*writer)->Finish().ok());
+  }
+  EXPECT_FALSE(std::filesystem::exists(path + ".partial"));
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  std::vector<float> back(3);
+  ConvertToF32((*file)->tensors().at("b.0").data, DType::kF32, 3, back.data());
+  EXPECT_EQ(back, b);
+  back.resize(2);
+  ConvertToF32((*file)->tensors().at("a.0").data, DType::kF32, 2, back.data());
+  EXPECT_EQ(back, a);
+  EXPECT_EQ((*file)->tensors().at("a.0").shape, (std::vector<int64_t>{1, 2}));
+
+  // A writer given up on leaves no file, not even the partial one.
+  {
+    auto writer = SafetensorsWriter::Create(dir + "/dropped.safetensors", {{"x", DType::kF32, {1}}});
+    ASSERT_TRUE(writer.ok()) << writer.status();
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir + "/dropped.safetensors.partial"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/dropped.safetensors"));
+
+  // Names must be unique and not empty; the header must stay under the
+  // 100 MiB readers accept (refused as soon as it passes, naming the count).
+  auto repeated = SafetensorsWriter::Create(dir + "/r.safetensors", {{"x", DType::kF32, {1}}, {"x", DType::kF32, {2}}});
+  EXPECT_EQ(repeated.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(repeated.status().message(), ::testing::HasSubstr("tensor name \"x\" is reserved or repeated"));
+  size_t made = 0;
+  const std::string prefix(20000, 'h');  // long names reach the limit sooner
+  auto huge = SafetensorsWriter::Create(dir + "/h.safetensors", 10'000'000, [&](size_t i) {
+    ++made;
+    return TensorSpec{absl::StrCat(i, prefix), DType::kF32, {100, 4096}};
+  });
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(huge.status().message(), ::testing::HasSubstr("the header of 10000000 tensors would pass the 100 MiB"));
+  EXPECT_LT(made, 10'000u);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/h.safetensors.partial"));
 }
 
 TEST(SafetensorsTest, ShardedStoreUsesTheIndex) {

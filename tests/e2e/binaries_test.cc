@@ -11,6 +11,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -21,8 +22,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <regex>
 #include <set>
@@ -81,26 +84,11 @@ constexpr std::chrono::seconds kProcessTimeout(20);
 // Variables set in a child process's environment on top of this one's.
 using EnvOverrides = std::vector<std::pair<std::string, std::string>>;
 
-// sae-server --demo on a free loopback port, as a child process, with `env`
-// added to its environment (the emulator's SAE_CUDA_EMU_* settings).
-class ServerProcess {
+// A program run as a child process: `args` (args[0] the binary), stdout and
+// stderr into the file `log`, `env` added to this process's environment.
+class ChildProcess {
  public:
-  explicit ServerProcess(std::vector<std::string> extra_args = {}, const EnvOverrides& env = {}) {
-    static std::atomic<int> servers{0};  // a directory of its own for each server a test starts
-    dir_ = testing::MakeTempDir(absl::StrCat("e2e-server-", servers++));
-    port_file_ = dir_ + "/port";
-    metrics_port_file_ = dir_ + "/metrics_port";
-    health_port_file_ = dir_ + "/health_port";
-    log_ = dir_ + "/server.log";
-    std::vector<std::string> args = {SAE_SERVER_BIN,
-                                     "--demo",
-                                     "--demo_dir=" + dir_ + "/demo",
-                                     "--listen=127.0.0.1:0",
-                                     "--port_file=" + port_file_,
-                                     "--metrics_listen=127.0.0.1:0",
-                                     "--metrics_port_file=" + metrics_port_file_,
-                                     "--health_port_file=" + health_port_file_};
-    args.insert(args.end(), extra_args.begin(), extra_args.end());
+  ChildProcess(std::vector<std::string> args, std::string log, const EnvOverrides& env = {}) : log_(std::move(log)) {
     // Built before fork: the child only execs (the test's threads may hold
     // the allocator's locks at fork time).
     std::vector<std::string> environment;
@@ -120,19 +108,77 @@ class ServerProcess {
     argv.push_back(nullptr);
     pid_ = fork();
     if (pid_ == 0) {
-      FILE* log = std::freopen(log_.c_str(), "w", stderr);
-      if (log == nullptr) _exit(127);
+      FILE* log_file = std::freopen(log_.c_str(), "w", stderr);
+      if (log_file == nullptr) _exit(127);
       dup2(fileno(stderr), STDOUT_FILENO);
       execve(argv[0], argv.data(), envp.data());
       _exit(127);
     }
   }
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
 
-  ~ServerProcess() {
+  ~ChildProcess() {
     if (pid_ > 0) {
       kill(pid_, SIGKILL);
       waitpid(pid_, nullptr, 0);
     }
+  }
+
+  // Sends `signal` (SIGSTOP freezes the child: a server's kernel still
+  // accepts its connections' bytes, nothing answers them).
+  void Signal(int signal) {
+    if (pid_ > 0) kill(pid_, signal);
+  }
+
+  // Waits for the child to exit on its own; its exit code (-1 if it did not
+  // exit normally within `timeout`).
+  int WaitExit(std::chrono::milliseconds timeout = kProcessTimeout) {
+    if (!testing::WaitFor([this] { return Exited(); }, timeout)) return -1;
+    return WIFEXITED(status_) ? WEXITSTATUS(status_) : -1;
+  }
+
+  // Whether the child has exited (reaps it).
+  bool Exited() {
+    if (pid_ <= 0) return true;
+    rusage usage{};
+    if (wait4(pid_, &status_, WNOHANG, &usage) != pid_) return false;
+    peak_rss_kib_ = usage.ru_maxrss;
+    pid_ = -1;
+    return true;
+  }
+
+  // Once exited: the most memory the child had resident at once, in KiB.
+  long peak_rss_kib() const { return peak_rss_kib_; }
+  std::string log() const { return ReadFile(log_); }
+
+ private:
+  std::string log_;
+  pid_t pid_ = -1;
+  int status_ = 0;
+  long peak_rss_kib_ = 0;
+};
+
+// sae-server --demo on a free loopback port, as a child process, with `env`
+// added to its environment (the emulator's SAE_CUDA_EMU_* settings).
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> extra_args = {}, const EnvOverrides& env = {}) {
+    static std::atomic<int> servers{0};  // a directory of its own for each server a test starts
+    dir_ = testing::MakeTempDir(absl::StrCat("e2e-server-", servers++));
+    port_file_ = dir_ + "/port";
+    metrics_port_file_ = dir_ + "/metrics_port";
+    health_port_file_ = dir_ + "/health_port";
+    std::vector<std::string> args = {SAE_SERVER_BIN,
+                                     "--demo",
+                                     "--demo_dir=" + dir_ + "/demo",
+                                     "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file_,
+                                     "--metrics_listen=127.0.0.1:0",
+                                     "--metrics_port_file=" + metrics_port_file_,
+                                     "--health_port_file=" + health_port_file_};
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    child_ = std::make_unique<ChildProcess>(std::move(args), dir_ + "/server.log", env);
   }
 
   // Waits for the port file; the address, or "" on timeout.
@@ -156,19 +202,11 @@ class ServerProcess {
 
   // SIGTERM, then the exit code (-1 if it did not exit normally in time).
   int Terminate() {
-    kill(pid_, SIGTERM);
+    child_->Signal(SIGTERM);
     return WaitExit();
   }
 
-  // Waits for the child to exit on its own; its exit code (-1 if it did not
-  // exit normally in time).
-  int WaitExit() {
-    int status = 0;
-    const bool exited = testing::WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, kProcessTimeout);
-    if (!exited) return -1;
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
+  int WaitExit() { return child_->WaitExit(); }
 
   // Polls gRPC health at `address` until SERVING; false if the process exits
   // first or the time runs out (listening comes before loading).
@@ -194,26 +232,13 @@ class ServerProcess {
     return !address.empty() && WaitServing(address, options) ? address : "";
   }
 
-  std::string log() const { return ReadFile(log_); }
-
-  // Sends `signal` to the server (SIGSTOP freezes it: the kernel still
-  // accepts its connections' bytes, nothing answers them).
-  void Signal(int signal) {
-    if (pid_ > 0) kill(pid_, signal);
-  }
-
-  // Whether the child has exited (reaps it).
-  bool Exited() {
-    if (pid_ <= 0) return true;
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) != pid_) return false;
-    pid_ = -1;
-    return true;
-  }
+  std::string log() const { return child_->log(); }
+  void Signal(int signal) { child_->Signal(signal); }
+  bool Exited() { return child_->Exited(); }
 
  private:
-  std::string dir_, port_file_, metrics_port_file_, health_port_file_, log_;
-  pid_t pid_ = -1;
+  std::string dir_, port_file_, metrics_port_file_, health_port_file_;
+  std::unique_ptr<ChildProcess> child_;
 };
 
 class ServerBinaryTest : public ::testing::Test {
@@ -720,8 +745,11 @@ TEST(CudaServerTest, UnlistedStickyErrorIsFoundByProbing) { ExpectDeviceFaultExi
 TEST(CudaServerTest, HungDeviceFailsTheRequestAndExits) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string hang_file = testing::MakeTempDir("device-hang") + "/hang";
-  ServerProcess server({"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5"},
-                       {{"SAE_CUDA_EMU_HANG_FILE", hang_file}});
+  // No full-batch warm-up: on a loaded machine the emulator's can take longer
+  // than the 5 s (HangDuringTheWarmUpExits covers hangs there).
+  ServerProcess server(
+      {"--backend=cuda", kEmulatedBatchTokens, "--batch_timeout_seconds=5", "--warmup_full_batch=false"},
+      {{"SAE_CUDA_EMU_HANG_FILE", hang_file}});
   const std::string address = server.WaitServingAddress();
   ASSERT_FALSE(address.empty()) << server.log();
   const std::string extract =
@@ -2379,6 +2407,113 @@ TEST(ExtractBinaryTest, ResumeRefusesAnotherRunsOutput) {
 
 // sae-extract --backend=cuda refuses a --k its JumpReLU SAEs cannot be asked
 // for on this device (see CudaServerTest.MaxKBeyondTheDeviceIsRefusedAtStartup).
+// Every line is checked before any compute, yet no line's tokens are kept
+// for later: a regular file is read again as the batches reach its lines
+// (24 bytes held per line), a pipe's lines are held as their bytes. Held as
+// tokens (the ids, offsets and vectors of each line), the input took 3 to 6
+// times its size. Runs that fail at the last line measure the check alone.
+TEST(ExtractBinaryTest, CheckingTheInputHoldsNoTokens) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-memory");
+  const std::string small = dir + "/small.jsonl", big = dir + "/big.jsonl", output = dir + "/out.jsonl";
+  std::string text;
+  while (text.size() < 400) text += "The quick brown fox jumps over the lazy dog near 17 red barns. ";
+  constexpr int kLines = 80'000;  // 34 MB
+  {
+    std::ofstream(small) << json{{"text", text}}.dump() << "\n{\"text\": 5}\n";
+    std::ofstream out(big);
+    const std::string line = json{{"text", text}}.dump() + "\n";
+    for (int i = 0; i < kLines; ++i) out << line;
+    out << "{\"text\": 5}\n";
+  }
+  const long big_kib = static_cast<long>(std::filesystem::file_size(big) / 1024);
+  // Exit code and peak resident memory (KiB) of a shell command (its
+  // children's included).
+  auto run = [&](const std::string& command, const std::string& names) {
+    ChildProcess child({"/bin/sh", "-c", command}, dir + "/log");
+    EXPECT_EQ(child.WaitExit(std::chrono::seconds(120)), 1) << child.log();
+    EXPECT_NE(child.log().find(names + ": \"text\" must be a string"), std::string::npos) << child.log();
+    return child.peak_rss_kib();
+  };
+  const long baseline = run(ExtractCommand(small, output, ""), small + ":2");
+  const long from_file = run(ExtractCommand(big, output, ""), big + ":" + std::to_string(kLines + 1));
+  const long from_pipe = run("cat " + Quote(big) + " | " + ExtractCommand("/dev/stdin", output, ""),
+                             "/dev/stdin:" + std::to_string(kLines + 1));
+  RecordProperty("input_kib", big_kib);
+  std::printf("input %ld KiB; peak RSS %ld KiB for 2 lines, %ld KiB from the file, %ld KiB from a pipe\n", big_kib,
+              baseline, from_file, from_pipe);
+  EXPECT_LT(from_file - baseline, big_kib / 8);
+  EXPECT_LT(from_pipe - baseline, big_kib * 3 / 2);
+  EXPECT_FALSE(std::filesystem::exists(output));
+
+  // A pipe's lines give the file's output.
+  const std::string few = dir + "/few.jsonl", piped = dir + "/piped.jsonl";
+  std::ofstream(few) << json{{"text", "The cat sat."}}.dump() << "\n\n"
+                     << json{{"token_ids", {992, 299}}}.dump() << "\n";
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(few, output, "--k 3"), &out), 0) << out;
+  ASSERT_EQ(RunShell("cat " + Quote(few) + " | " + ExtractCommand("/dev/stdin", piped, "--k 3"), &out), 0) << out;
+  const std::string expected = ReadFile(output);
+  EXPECT_EQ(ReadFile(piped), expected);
+  EXPECT_EQ(std::count(expected.begin(), expected.end(), '\n'), 2);
+}
+
+// Lines are read again as the batches reach them: a line changed after the
+// check fails the run naming it, with the lines before it written. The hook
+// file is written as the lines are, as F.partial until the run ends (and
+// removed when it fails).
+TEST(ExtractBinaryTest, LinesAreReadAsTheRunReachesThem) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-reread");
+  const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", dump = dir + "/hooks.safetensors";
+  constexpr int kLines = 300;
+  auto write_input = [&](const std::string& last) {
+    std::ofstream in(input, std::ios::trunc);
+    for (int i = 1; i < kLines; ++i)
+      in << json{{"text", absl::StrCat("Line ", i, ": the cat sat on the mat.")}}.dump() << "\n";
+    in << json{{"text", last}}.dump() << "\n";
+  };
+  write_input("The last line.");
+  ChildProcess child(
+      {"/bin/sh", "-c", "exec " + ExtractCommand(input, output, "--k 2 --batch_tokens 16 --dump-hooks " + Quote(dump))},
+      dir + "/log");
+  ASSERT_TRUE(testing::WaitFor([&] { return ReadFile(output).find('\n') != std::string::npos; }, kProcessTimeout))
+      << child.log();
+  child.Signal(SIGSTOP);
+  const std::string written = ReadFile(output);
+  const size_t lines_written = std::count(written.begin(), written.end(), '\n');
+  ASSERT_LT(lines_written, static_cast<size_t>(kLines)) << "the run ended before it could be stopped";
+  // The header, then the hook tensors of every line written.
+  const std::string partial = ReadFile(dump + ".partial");
+  ASSERT_GE(partial.size(), 8u);
+  uint64_t header_size = 0;
+  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | static_cast<unsigned char>(partial[i]);
+  ASSERT_GE(partial.size(), 8 + header_size);
+  const json header = json::parse(partial.substr(8, header_size));
+  EXPECT_EQ(header.size(), 1 + 5 * kLines);  // __metadata__, then 5 hooks a line
+  uint64_t lines_end = 0;
+  for (size_t line = 0; line < lines_written; ++line) {
+    for (const char* hook : {"L1R", "L2A", "L2M", "L2TC", "L3R"}) {
+      lines_end = std::max(lines_end, header.at(absl::StrCat(hook, ".", line)).at("data_offsets")[1].get<uint64_t>());
+    }
+  }
+  EXPECT_GE(partial.size(), 8 + header_size + lines_end);
+  EXPECT_FALSE(std::filesystem::exists(dump));
+
+  write_input("The last line, changed.");
+  child.Signal(SIGCONT);
+  EXPECT_EQ(child.WaitExit(), 1) << child.log();
+  EXPECT_NE(child.log().find(absl::StrCat(input, ":", kLines,
+                                          ": changed since sae-extract checked it (the input file must not change "
+                                          "during the run)")),
+            std::string::npos)
+      << child.log();
+  const std::string kept = ReadFile(output);
+  EXPECT_EQ(kept.substr(0, written.size()), written);
+  EXPECT_EQ(std::count(kept.begin(), kept.end(), '\n'), kLines - 1);
+  EXPECT_EQ(kept.back(), '\n');
+  EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
+  EXPECT_FALSE(std::filesystem::exists(dump));
+}
+
 TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
   const std::string dir = testing::MakeTempDir("e2e-extract-k");
   const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl";
