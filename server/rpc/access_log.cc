@@ -3,11 +3,15 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <ctime>
+#include <mutex>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace sae {
@@ -35,15 +39,63 @@ std::string Rfc3339Millis(double unix_seconds) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<AccessLog>> AccessLog::Open(const std::string& path) {
-  if (path == "-") return std::unique_ptr<AccessLog>(new AccessLog(path, stderr));
-  absl::StatusOr<std::FILE*> file = OpenForAppend(path);
-  if (!file.ok()) return file.status();
-  return std::unique_ptr<AccessLog>(new AccessLog(path, *file));
+struct AccessLog::State {
+  std::mutex mu;
+  std::condition_variable wake;     // lines queued, a file to switch to, or stop
+  std::condition_variable drained;  // the writer exited
+  std::string queued;               // whole lines, not yet handed to the writer
+  std::FILE* file = nullptr;        // the writer's only; stderr for "-"
+  std::FILE* next_file = nullptr;   // from Reopen: the writer switches to it
+  bool stop = false;
+  bool exited = false;
+  int64_t dropped = 0;
+  std::function<void()> on_drop;
+  std::string path;
+
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu);
+    while (true) {
+      wake.wait(lock, [this] { return stop || !queued.empty() || next_file != nullptr; });
+      std::FILE* const replaced = next_file != nullptr ? file : nullptr;
+      if (next_file != nullptr) {
+        file = next_file;
+        next_file = nullptr;
+      }
+      std::string batch;
+      batch.swap(queued);
+      if (batch.empty() && replaced == nullptr) break;  // stopped, and every line written
+      lock.unlock();
+      if (replaced != nullptr) std::fclose(replaced);
+      if (!batch.empty()) {
+        std::fwrite(batch.data(), 1, batch.size(), file);
+        std::fflush(file);
+      }
+      lock.lock();
+    }
+    if (file != stderr) std::fclose(file);
+    exited = true;
+    drained.notify_all();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<AccessLog>> AccessLog::Open(const std::string& path, std::function<void()> on_drop) {
+  auto state = std::make_shared<State>();
+  if (path == "-") {
+    state->file = stderr;
+  } else {
+    ASSIGN_OR_RETURN(state->file, OpenForAppend(path));
+  }
+  state->on_drop = std::move(on_drop);
+  state->path = path;
+  std::thread([state] { state->Run(); }).detach();
+  return std::unique_ptr<AccessLog>(new AccessLog(state));
 }
 
 AccessLog::~AccessLog() {
-  if (file_ != stderr) std::fclose(file_);
+  std::unique_lock<std::mutex> lock(state_->mu);
+  state_->stop = true;
+  state_->wake.notify_all();
+  state_->drained.wait_for(lock, std::chrono::seconds(5), [this] { return state_->exited; });
 }
 
 std::string AccessLog::Format(const AccessRecord& r, double unix_seconds) {
@@ -68,19 +120,31 @@ std::string AccessLog::Format(const AccessRecord& r, double unix_seconds) {
 void AccessLog::Write(const AccessRecord& record) {
   const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   const std::string line = Format(record, now) + "\n";
-  std::lock_guard<std::mutex> lock(mu_);
-  std::fwrite(line.data(), 1, line.size(), file_);
-  std::fflush(file_);
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (state_->queued.size() + line.size() <= kMaxQueuedBytes) {
+      state_->queued += line;
+      state_->wake.notify_one();
+      return;
+    }
+    ++state_->dropped;
+  }
+  if (state_->on_drop) state_->on_drop();
 }
 
 absl::Status AccessLog::Reopen() {
-  if (file_ == stderr) return absl::OkStatus();
-  absl::StatusOr<std::FILE*> file = OpenForAppend(path_);
-  if (!file.ok()) return file.status();
-  std::lock_guard<std::mutex> lock(mu_);
-  std::fclose(file_);
-  file_ = *file;
+  if (state_->path == "-") return absl::OkStatus();
+  ASSIGN_OR_RETURN(std::FILE * file, OpenForAppend(state_->path));
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->next_file != nullptr) std::fclose(state_->next_file);  // two SIGHUPs before the writer's turn
+  state_->next_file = file;
+  state_->wake.notify_one();
   return absl::OkStatus();
+}
+
+int64_t AccessLog::dropped() const {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->dropped;
 }
 
 }  // namespace sae

@@ -5,8 +5,8 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -29,30 +29,43 @@ struct AccessRecord {
   double seconds = 0;  // arrival to last response
 };
 
+// Lines are written by a thread of the log's own: a call that ends never
+// waits on the file. A file that stops taking lines (a full disk, a stuck
+// log collector behind standard error) holds up only that thread; lines
+// that would queue past kMaxQueuedBytes are dropped and counted.
 class AccessLog {
  public:
+  static constexpr size_t kMaxQueuedBytes = 4 << 20;
+
   // "-": standard error; otherwise `path`, created if needed and appended to.
-  // The error names the field and the file.
-  static absl::StatusOr<std::unique_ptr<AccessLog>> Open(const std::string& path);
+  // The error names the field and the file. `on_drop` (may be empty) is
+  // called for each line dropped, on the caller's thread.
+  static absl::StatusOr<std::unique_ptr<AccessLog>> Open(const std::string& path,
+                                                         std::function<void()> on_drop = nullptr);
+  // Waits up to 5 s for the queued lines to be written (then leaves them to
+  // the writer thread, which the exiting process ends).
   ~AccessLog();
   AccessLog(const AccessLog&) = delete;
   AccessLog& operator=(const AccessLog&) = delete;
 
-  // Appends one line (thread-safe; flushed, so a crash loses nothing).
+  // Queues one line (thread-safe; never blocks on the file). The writer
+  // flushes after each batch of lines, so a crash loses only those queued.
   void Write(const AccessRecord& record);
-  // Opens the path again (after logrotate moved the file away); on failure
-  // keeps writing to the old file and says why.
+  // Opens the path again (after logrotate moved the file away): lines
+  // written from now on go to the new file. On failure keeps writing to the
+  // old file and says why.
   absl::Status Reopen();
+  // Lines dropped so far because the file was not taking them.
+  int64_t dropped() const;
 
   // The JSON line of `record` at `unix_seconds`, without the newline.
   static std::string Format(const AccessRecord& record, double unix_seconds);
 
  private:
-  AccessLog(std::string path, std::FILE* file) : path_(std::move(path)), file_(file) {}
+  struct State;  // shared with the writer thread, which may outlive this
+  explicit AccessLog(std::shared_ptr<State> state) : state_(std::move(state)) {}
 
-  const std::string path_;
-  std::mutex mu_;
-  std::FILE* file_;  // guarded by mu_; stderr for "-"
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace sae

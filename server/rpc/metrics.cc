@@ -135,6 +135,13 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                       "after a device failure")
                   .Register(*registry_)
                   .Add({});
+  access_log_dropped_ = &prometheus::BuildCounter()
+                             .Name("sae_access_log_dropped_lines_total")
+                             .Help(
+                                 "Access-log lines dropped because the file (or standard error) was not taking "
+                                 "them and 4 MiB were already queued")
+                             .Register(*registry_)
+                             .Add({});
   // The conventional name (Prometheus client libraries export it), so
   // changes() counts restarts the way dashboards and rules expect.
   prometheus::BuildGauge()
@@ -189,6 +196,7 @@ void Metrics::SetInflightRequests(int64_t n) { inflight_->Set(static_cast<double
 void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<double>(n)); }
 void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }
 void Metrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
+void Metrics::AccessLogLineDropped() { access_log_dropped_->Increment(); }
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& address,
                                                                     std::shared_ptr<prometheus::Registry> registry) {

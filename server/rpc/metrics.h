@@ -75,6 +75,10 @@ class Metrics {
   // and the warm-up), 0 while loading, draining or after a device failure.
   void SetServing(bool serving);
 
+  // One access-log line dropped because the file was not taking lines
+  // (sae_access_log_dropped_lines_total; the series exists from the start).
+  void AccessLogLineDropped();
+
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Histogram* request_ok_[kNumRpcs];     // by Rpc
@@ -92,6 +96,7 @@ class Metrics {
   prometheus::Gauge* queued_tokens_;
   prometheus::Gauge* waiting_;
   prometheus::Gauge* serving_;
+  prometheus::Counter* access_log_dropped_;
   prometheus::Family<prometheus::Gauge>* memory_;
   struct Failures;
   std::unique_ptr<Failures> failures_;

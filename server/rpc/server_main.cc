@@ -404,7 +404,8 @@ int Main(int argc, char** argv) {
   }
   std::shared_ptr<AccessLog> access_log;
   if (!config.access_log().empty()) {
-    absl::StatusOr<std::unique_ptr<AccessLog>> opened = AccessLog::Open(config.access_log());
+    absl::StatusOr<std::unique_ptr<AccessLog>> opened =
+        AccessLog::Open(config.access_log(), [metrics] { metrics->AccessLogLineDropped(); });
     if (!opened.ok()) {
       Log(std::string(opened.status().message()));
       return 1;

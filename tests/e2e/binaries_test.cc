@@ -3,6 +3,7 @@
 // (ExtractStream, ExtractMany) and the sae-client CLI (bench included)
 // against it, and sae-extract's JSONL contract and hook dumps.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <google/protobuf/descriptor.pb.h>
 #include <google/protobuf/util/field_comparator.h>
 #include <google/protobuf/util/message_differencer.h>
@@ -13,6 +14,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,6 +26,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <memory>
 #include <optional>
@@ -44,6 +47,7 @@
 #include "prometheus_scrape.h"
 #include "rpc/access_log.h"
 #include "rpc/flag_util.h"
+#include "rpc/metrics.h"
 #include "rpc/tls.h"
 #include "sae_client.h"
 #include "testing/test_util.h"
@@ -1429,7 +1433,13 @@ TEST(ClientKeepaliveTest, QuietStreamIsKeptWhenPingsRespectTheServersInterval) {
 }
 
 // The lines of an access log file, parsed.
-std::vector<json> AccessLines(const std::string& path) {
+// The lines of an access log once it holds at least `expected` (its writer
+// thread writes them shortly after the calls end), or after 10 s.
+std::vector<json> AccessLines(const std::string& path, size_t expected) {
+  testing::WaitFor([&] {
+    const std::string text = ReadFile(path);
+    return static_cast<size_t>(std::count(text.begin(), text.end(), '\n')) >= expected;
+  });
   std::vector<json> lines;
   std::istringstream in(ReadFile(path));
   for (std::string line; std::getline(in, line);) {
@@ -1548,7 +1558,7 @@ TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
             0)
       << out;
   // The access log names the client by its certificate.
-  const std::vector<json> lines = AccessLines(*dir_ + "/mtls-access.log");
+  const std::vector<json> lines = AccessLines(*dir_ + "/mtls-access.log", 1);
   ASSERT_EQ(lines.size(), 1u);
   EXPECT_EQ(lines[0]["client"], "client");
   EXPECT_EQ(Client(address, trust_a, "info", &out), 1) << out;
@@ -1676,7 +1686,7 @@ TEST(AccessLogTest, OneLinePerCallAndStreamRequestReopenedOnSighup) {
   v1::TokenizeResponse tokens;
   ASSERT_TRUE(client->Tokenize(tokenize, &tokens).ok());
 
-  const std::vector<json> lines = AccessLines(path);
+  const std::vector<json> lines = AccessLines(path, 5);
   ASSERT_EQ(lines.size(), 5u) << ReadFile(path);
   const json& ok = lines[0];
   EXPECT_EQ(ok["rpc"], "Extract");
@@ -1713,12 +1723,90 @@ TEST(AccessLogTest, OneLinePerCallAndStreamRequestReopenedOnSighup) {
       << server.log();
   v1::InfoResponse info;
   ASSERT_TRUE(client->Info(&info).ok());
-  EXPECT_EQ(AccessLines(path + ".1").size(), 5u);
-  const std::vector<json> after = AccessLines(path);
+  EXPECT_EQ(AccessLines(path + ".1", 5).size(), 5u);
+  const std::vector<json> after = AccessLines(path, 1);
   ASSERT_EQ(after.size(), 1u);
   EXPECT_EQ(after[0]["rpc"], "Info");
   // SIGHUP does not stop the server.
   EXPECT_TRUE(client->Info(&info).ok());
+  const testing::Scrape scrape = testing::ParseScrape(testing::HttpGet(server.MetricsPort(), "/metrics"));
+  EXPECT_EQ(scrape.Get("sae_access_log_dropped_lines_total"), 0);
+}
+
+// A file that stops taking lines (here a pipe nobody reads, as a stuck log
+// collector behind standard error) never holds up a call that ends: Write
+// only queues; past 4 MiB queued, lines are dropped and counted
+// (sae_access_log_dropped_lines_total). Once the file takes lines again, the
+// queued ones follow, in order.
+TEST(AccessLogTest, StalledFileDropsLinesWithoutBlocking) {
+  const std::string fifo = testing::MakeTempDir("access-log-stall") + "/access.pipe";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  const int reader = open(fifo.c_str(), O_RDONLY | O_NONBLOCK);  // so the log's open does not wait
+  ASSERT_GE(reader, 0) << std::strerror(errno);
+  auto metrics = std::make_shared<Metrics>();
+  auto log = AccessLog::Open(fifo, [metrics] { metrics->AccessLogLineDropped(); });
+  ASSERT_TRUE(log.ok()) << log.status();
+
+  // Written until lines are dropped: 64 KiB in the pipe, 4 MiB queued.
+  std::future<int> writes = std::async(std::launch::async, [&log] {
+    AccessRecord record;
+    record.rpc = "Info";
+    record.peer = "ipv4:127.0.0.1:5000";
+    int n = 0;
+    while ((*log)->dropped() < 100 && n < 1'000'000) {
+      record.request_id = absl::StrCat("r", n++);
+      (*log)->Write(record);
+    }
+    return n;
+  });
+  const bool returned = writes.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  // Read what the log wrote (this also frees a Write the old way blocked).
+  std::string received;
+  auto drain = [&] {
+    char buffer[1 << 16];
+    ssize_t n;
+    while ((n = read(reader, buffer, sizeof(buffer))) > 0) received.append(buffer, static_cast<size_t>(n));
+  };
+  ASSERT_TRUE(returned) << "Write blocked on a file that takes no lines";
+  const int written = writes.get();
+  const int64_t dropped = (*log)->dropped();
+  EXPECT_GE(dropped, 100);
+  auto server = MetricsServer::Start("127.0.0.1:0", metrics->registry());
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ(
+      testing::ParseScrape(testing::HttpGet((*server)->port(), "/metrics")).Get("sae_access_log_dropped_lines_total"),
+      static_cast<double>(dropped));
+
+  // Every line not dropped arrives, in the order written.
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        drain();
+        return std::count(received.begin(), received.end(), '\n') == written - dropped;
+      },
+      std::chrono::seconds(30)))
+      << std::count(received.begin(), received.end(), '\n') << " lines of " << written << " - " << dropped;
+  // The file takes lines again: the next one is written.
+  AccessRecord last;
+  last.rpc = "Info";
+  last.request_id = absl::StrCat("r", written);
+  (*log)->Write(last);
+  ASSERT_TRUE(testing::WaitFor([&] {
+    drain();
+    return std::count(received.begin(), received.end(), '\n') == written - dropped + 1;
+  }));
+  EXPECT_EQ((*log)->dropped(), dropped);
+  log->reset();  // nothing left to write: returns at once
+  close(reader);
+  std::istringstream lines(received);
+  int previous = -1;
+  for (std::string line; std::getline(lines, line);) {
+    const json j = json::parse(line, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << line;
+    const int id = std::stoi(j["request_id"].get<std::string>().substr(1));
+    ASSERT_GT(id, previous);
+    previous = id;
+  }
+  EXPECT_EQ(previous, written);
 }
 
 TEST(AccessLogTest, StandardErrorAndAnUnwritablePath) {
