@@ -638,6 +638,11 @@ absl::Status Run() {
   // each line's tensors as the line is written: hooks never pile up in memory.
   const bool dump = !dump_path.empty();
   const int d_model = engine->model_config().hidden_size;
+  // A hook's tensor for output line `line`: suffixed by the line when there
+  // are several, so names stay unique.
+  auto hook_tensor_name = [n_records](const std::string& hook, size_t line) {
+    return n_records > 1 ? absl::StrCat(hook, ".", line) : hook;
+  };
   std::unique_ptr<SafetensorsWriter> hooks_out;
   if (dump) {
     std::set<std::string> hook_set;
@@ -645,8 +650,7 @@ absl::Status Run() {
     const std::vector<std::string> hooks(hook_set.begin(), hook_set.end());
     auto tensor = [&](size_t t) {
       const size_t line = t / hooks.size();
-      // Suffixed by output line when there are several, so names stay unique.
-      return TensorSpec{n_records > 1 ? absl::StrCat(hooks[t % hooks.size()], ".", line) : hooks[t % hooks.size()],
+      return TensorSpec{hook_tensor_name(hooks[t % hooks.size()], line),
                         DType::kF32,
                         {static_cast<int64_t>(records.n_tokens(line)), d_model}};
     };
@@ -704,8 +708,8 @@ absl::Status Run() {
       out << RecordToJson(open.at(written), result, *engine, shape.sae_indices).dump() << "\n";
       if (dump) {
         for (const auto& [hook, values] : result.hooks) {
-          RETURN_IF_ERROR(hooks_out->Append(n_records > 1 ? absl::StrCat(hook, ".", written) : hook, values.data(),
-                                            values.size() * sizeof(float)));
+          RETURN_IF_ERROR(
+              hooks_out->Append(hook_tensor_name(hook, written), values.data(), values.size() * sizeof(float)));
         }
       }
       lines.erase(written);
