@@ -142,6 +142,22 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                                  "them and 4 MiB were already queued")
                              .Register(*registry_)
                              .Add({});
+  auto& tls_reloads = prometheus::BuildCounter()
+                          .Name("sae_tls_reloads_total")
+                          .Help(
+                              "Changes found in the TLS files by their periodic re-read, by result: served (new "
+                              "connections get them) or refused (gRPC's TLS stack does not accept them together; "
+                              "the last files that passed are still served)")
+                          .Register(*registry_);
+  tls_served_ = &tls_reloads.Add({{"result", "served"}});
+  tls_refused_ = &tls_reloads.Add({{"result", "refused"}});
+  tls_files_refused_ = &prometheus::BuildGauge()
+                            .Name("sae_tls_files_refused")
+                            .Help(
+                                "1 while the TLS files on disk are ones the re-read refused (new connections get "
+                                "the last files that passed), else 0")
+                            .Register(*registry_)
+                            .Add({});
   // The conventional name (Prometheus client libraries export it), so
   // changes() counts restarts the way dashboards and rules expect.
   prometheus::BuildGauge()
@@ -197,6 +213,11 @@ void Metrics::SetQueuedTokens(int64_t n) { queued_tokens_->Set(static_cast<doubl
 void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(n)); }
 void Metrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
 void Metrics::AccessLogLineDropped() { access_log_dropped_->Increment(); }
+
+void Metrics::TlsFilesReread(bool served) {
+  (served ? tls_served_ : tls_refused_)->Increment();
+  tls_files_refused_->Set(served ? 0 : 1);
+}
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& address,
                                                                     std::shared_ptr<prometheus::Registry> registry) {

@@ -79,6 +79,11 @@ class Metrics {
   // (sae_access_log_dropped_lines_total; the series exists from the start).
   void AccessLogLineDropped();
 
+  // The TLS files were found changed on a re-read: served to new connections,
+  // or refused (sae_tls_reloads_total{result}); sae_tls_files_refused is 1
+  // from a refusal until files that pass are served.
+  void TlsFilesReread(bool served);
+
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Histogram* request_ok_[kNumRpcs];     // by Rpc
@@ -97,6 +102,9 @@ class Metrics {
   prometheus::Gauge* waiting_;
   prometheus::Gauge* serving_;
   prometheus::Counter* access_log_dropped_;
+  prometheus::Counter* tls_served_;
+  prometheus::Counter* tls_refused_;
+  prometheus::Gauge* tls_files_refused_;
   prometheus::Family<prometheus::Gauge>* memory_;
   struct Failures;
   std::unique_ptr<Failures> failures_;

@@ -397,9 +397,17 @@ int Main(int argc, char** argv) {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
   }
 
-  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = GrpcServerCredentials(config);
-  if (!credentials.ok()) {
-    Log(std::string(credentials.status().message()));
+  // Declared before the servers, so it outlives them: their TLS watcher
+  // reads the files it holds.
+  absl::StatusOr<std::unique_ptr<ServerTls>> tls =
+      ServerTls::Start(config, [metrics](bool served, const std::string& problem) {
+        metrics->TlsFilesReread(served);
+        Log(served ? std::string("TLS files changed: new connections get them")
+                   : absl::StrCat("TLS files changed but refused: ", problem,
+                                  "; new connections still get the last files that passed"));
+      });
+  if (!tls.ok()) {
+    Log(std::string(tls.status().message()));
     return 1;
   }
   std::shared_ptr<AccessLog> access_log;
@@ -428,7 +436,7 @@ int Main(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config.listen(), *credentials, &port);
+  builder.AddListeningPort(config.listen(), (*tls)->credentials(), &port);
   for (const auto& [name, value] : GrpcServerChannelArgs(config)) builder.AddChannelArgument(name, value);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

@@ -1,33 +1,71 @@
 #include "rpc/tls.h"
 
+#include <fcntl.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "common/file.h"
 
 namespace sae {
 namespace {
 
-// The file of `field`, with a check that it holds a PEM block whose BEGIN
-// line ends in `label` ("CERTIFICATE", "PRIVATE KEY").
-absl::StatusOr<std::string> ReadPem(const std::string& field, const std::string& path, const std::string& label,
-                                    const std::string& what) {
+// How often gRPC's watcher reads the in-memory files: a local read of a few
+// KiB, so a checked change reaches new connections within about a second.
+constexpr unsigned kWatcherSeconds = 1;
+
+// Calls `visit(label, block)` for each PEM block of `pem` ("-----BEGIN
+// label-----" ... "-----END label-----", both lines included).
+template <typename Visit>
+void ForEachPemBlock(absl::string_view pem, Visit visit) {
+  constexpr absl::string_view kBegin = "-----BEGIN ";
+  for (size_t at = pem.find(kBegin); at != absl::string_view::npos; at = pem.find(kBegin, at + 1)) {
+    const size_t label_end = pem.find("-----", at + kBegin.size());
+    if (label_end == absl::string_view::npos) return;
+    const absl::string_view label = pem.substr(at + kBegin.size(), label_end - at - kBegin.size());
+    const std::string end_line = absl::StrCat("-----END ", label, "-----");
+    const size_t end = pem.find(end_line, label_end);
+    if (end == absl::string_view::npos) return;
+    visit(label, pem.substr(at, end + end_line.size() - at));
+  }
+}
+
+// The blocks of `pem` whose label ends in `kind` ("CERTIFICATE", "PRIVATE
+// KEY": "EC PRIVATE KEY" is one), each ending in a newline.
+std::string PemBlocks(absl::string_view pem, absl::string_view kind) {
+  std::string blocks;
+  ForEachPemBlock(pem, [&](absl::string_view label, absl::string_view block) {
+    if (absl::EndsWith(label, kind)) absl::StrAppend(&blocks, block, "\n");
+  });
+  return blocks;
+}
+
+// The file of `field`, with a check that it holds a complete PEM block whose
+// label ends in `kind`.
+absl::StatusOr<std::string> ReadPem(const std::string& field, const std::string& path, absl::string_view kind,
+                                    absl::string_view what) {
   absl::StatusOr<std::string> pem = ReadFileToString(path);
   if (!pem.ok())
     return absl::Status(pem.status().code(), absl::StrCat("config: ", field, ": ", pem.status().message()));
-  // "-----BEGIN CERTIFICATE-----", "-----BEGIN EC PRIVATE KEY-----", ...
-  for (size_t at = pem->find("-----BEGIN "); at != std::string::npos; at = pem->find("-----BEGIN ", at + 1)) {
-    const size_t end = pem->find("-----", at + 11);
-    if (end != std::string::npos && absl::EndsWith(absl::string_view(*pem).substr(at + 11, end - at - 11), label)) {
-      return pem;
-    }
+  if (PemBlocks(*pem, kind).empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("config: ", field, " \"", path, "\" holds no PEM ", what,
+                                                   " (a \"-----BEGIN ...", kind, "-----\" block)"));
   }
-  return absl::InvalidArgumentError(absl::StrCat("config: ", field, " \"", path, "\" holds no PEM ", what,
-                                                 " (a \"-----BEGIN ...", label, "-----\" block)"));
+  return pem;
 }
 
 // Whether gRPC can build a TLS server from these PEMs: its handshaker
@@ -50,25 +88,69 @@ bool GrpcAcceptsPems(const std::string& key, const std::string& cert, const std:
   return true;
 }
 
+// An in-memory file holding `contents`, modified at `mtime` (seconds).
+absl::StatusOr<int> MemoryFile(const char* name, const std::string& contents, int64_t mtime) {
+  const int fd = memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0) return absl::InternalError(absl::StrCat("TLS: memfd_create: ", std::strerror(errno)));
+  for (size_t done = 0; done < contents.size();) {
+    const ssize_t n = write(fd, contents.data() + done, contents.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int error = errno;
+      close(fd);
+      return absl::InternalError(absl::StrCat("TLS: writing an in-memory file: ", std::strerror(error)));
+    }
+    done += static_cast<size_t>(n);
+  }
+  const struct timespec times[2] = {{static_cast<time_t>(mtime), 0}, {static_cast<time_t>(mtime), 0}};
+  if (futimens(fd, times) != 0) {
+    const int error = errno;
+    close(fd);
+    return absl::InternalError(absl::StrCat("TLS: futimens: ", std::strerror(error)));
+  }
+  return fd;
+}
+
+std::string FdPath(int fd) { return absl::StrCat("/proc/self/fd/", fd); }
+
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcServerCredentials(const v1::ServerConfig& config) {
-  if (config.tls_cert_file().empty()) return grpc::InsecureServerCredentials();
-  absl::StatusOr<std::string> cert = ReadPem("tls_cert_file", config.tls_cert_file(), "CERTIFICATE", "certificate");
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadPem("tls_key_file", config.tls_key_file(), "PRIVATE KEY", "private key");
-  if (!key.ok()) return key.status();
-  std::string client_ca_pem;
-  if (!config.tls_client_ca_file().empty()) {
-    absl::StatusOr<std::string> ca =
-        ReadPem("tls_client_ca_file", config.tls_client_ca_file(), "CERTIFICATE", "CA certificate");
-    if (!ca.ok()) return ca.status();
-    client_ca_pem = std::move(*ca);
+// What the tls_* files hold, each checked for its kind of PEM block.
+struct ServerTls::Files {
+  std::string key, cert, client_ca;
+
+  static absl::StatusOr<Files> Read(const v1::ServerConfig& config) {
+    Files files;
+    absl::StatusOr<std::string> cert = ReadPem("tls_cert_file", config.tls_cert_file(), "CERTIFICATE", "certificate");
+    if (!cert.ok()) return cert.status();
+    files.cert = std::move(*cert);
+    absl::StatusOr<std::string> key = ReadPem("tls_key_file", config.tls_key_file(), "PRIVATE KEY", "private key");
+    if (!key.ok()) return key.status();
+    files.key = std::move(*key);
+    if (!config.tls_client_ca_file().empty()) {
+      absl::StatusOr<std::string> ca =
+          ReadPem("tls_client_ca_file", config.tls_client_ca_file(), "CERTIFICATE", "CA certificate");
+      if (!ca.ok()) return ca.status();
+      files.client_ca = std::move(*ca);
+    }
+    return files;
   }
-  // One trial server when all is well; a second only to tell which file
-  // gRPC refused.
-  if (!GrpcAcceptsPems(*key, *cert, client_ca_pem)) {
-    if (client_ca_pem.empty() || !GrpcAcceptsPems(*key, *cert, "")) {
+
+  // The one file gRPC's watcher reads as both the private key and the
+  // certificate chain: OpenSSL's PEM readers skip blocks of other kinds, so
+  // each finds its own. Only those blocks are kept, so that neither reader
+  // can find one in the other's file (a key file that also holds a
+  // certificate, say).
+  std::string Identity() const { return PemBlocks(key, "PRIVATE KEY") + PemBlocks(cert, "CERTIFICATE"); }
+
+  // OK when gRPC's TLS stack accepts the files together, as the watcher
+  // will hand them to it; else names the field and the file at fault. One
+  // trial server when all is well; a second only to tell which file gRPC
+  // refused.
+  absl::Status Check(const v1::ServerConfig& config) const {
+    const std::string identity = Identity();
+    if (GrpcAcceptsPems(identity, identity, client_ca)) return absl::OkStatus();
+    if (client_ca.empty() || !GrpcAcceptsPems(identity, identity, "")) {
       return absl::InvalidArgumentError(absl::StrCat(
           "config: tls_key_file \"", config.tls_key_file(), "\" is not the private key of tls_cert_file \"",
           config.tls_cert_file(), "\", or one of them is malformed (gRPC's log lines above say which)"));
@@ -77,24 +159,102 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcServerCredentials(c
         absl::StrCat("config: tls_client_ca_file \"", config.tls_client_ca_file(),
                      "\" holds no usable CA certificate (gRPC's log lines above say why)"));
   }
-  // Re-reads the files every tls_reload_seconds; a handshake uses the last
-  // pair that loaded.
+
+  // What a re-read compares with the last one.
+  std::string Contents() const { return absl::StrCat(key.size(), ":", key, cert.size(), ":", cert, client_ca); }
+};
+
+ServerTls::ServerTls(const v1::ServerConfig& config, ReloadObserver observer)
+    : config_(config), observer_(std::move(observer)) {}
+
+ServerTls::~ServerTls() {
+  stop_.Notify();
+  if (thread_.joinable()) thread_.join();
+  // The last reference to gRPC's watcher (the servers are gone): it stops
+  // reading before its files close.
+  credentials_.reset();
+  if (identity_fd_ >= 0) close(identity_fd_);
+  if (ca_fd_ >= 0) close(ca_fd_);
+}
+
+absl::StatusOr<std::unique_ptr<ServerTls>> ServerTls::Start(const v1::ServerConfig& config, ReloadObserver observer) {
+  std::unique_ptr<ServerTls> tls(new ServerTls(config, std::move(observer)));
+  if (config.tls_cert_file().empty()) {
+    tls->credentials_ = grpc::InsecureServerCredentials();
+    return tls;
+  }
+  absl::StatusOr<Files> files = Files::Read(config);
+  if (!files.ok()) return files.status();
+  if (absl::Status checked = files->Check(config); !checked.ok()) return checked;
+  if (absl::Status published = tls->Publish(*files); !published.ok()) return published;
+  tls->last_read_ = files->Contents();
+
+  const std::string identity = FdPath(tls->identity_fd_);
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-      config.tls_key_file(), config.tls_cert_file(), config.tls_client_ca_file(), config.tls_reload_seconds());
+      identity, identity, tls->ca_fd_ >= 0 ? FdPath(tls->ca_fd_) : "", kWatcherSeconds);
   grpc::experimental::TlsServerCredentialsOptions options(provider);
   options.watch_identity_key_cert_pairs();
-  if (config.tls_client_ca_file().empty()) {
+  if (tls->ca_fd_ < 0) {
     options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   } else {
     options.watch_root_certs();
     options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   }
-  return grpc::experimental::TlsServerCredentials(options);
+  tls->credentials_ = grpc::experimental::TlsServerCredentials(options);
+
+  ServerTls* self = tls.get();
+  tls->thread_ = std::thread([self] {
+    while (!self->stop_.WaitForNotificationWithTimeout(absl::Seconds(self->config_.tls_reload_seconds()))) {
+      self->Reread().IgnoreError();  // told to the observer
+    }
+  });
+  return tls;
+}
+
+absl::Status ServerTls::Reread() {
+  if (config_.tls_cert_file().empty()) return absl::OkStatus();
+  absl::StatusOr<Files> files = Files::Read(config_);
+  // An unreadable file is told once, as a change is, until it reads again.
+  std::string read = files.ok() ? files->Contents() : absl::StrCat("error: ", files.status().message());
+  if (read == last_read_) return absl::OkStatus();
+  last_read_ = std::move(read);
+  absl::Status status = files.ok() ? files->Check(config_) : files.status();
+  if (status.ok()) status = Publish(*files);
+  if (observer_) observer_(status.ok(), std::string(status.message()));
+  return status;
+}
+
+absl::Status ServerTls::Publish(const Files& files) {
+  // Each generation is modified later than the one before, so the watcher's
+  // before/after check sees a swap made while it reads.
+  const int64_t mtime = std::max<int64_t>(std::time(nullptr), last_mtime_ + 1);
+  // Swapped into a descriptor the watcher already reads: dup3 replaces it
+  // in one step.
+  auto install = [&](const char* name, const std::string& contents, int* fd) -> absl::Status {
+    absl::StatusOr<int> made = MemoryFile(name, contents, mtime);
+    if (!made.ok()) return made.status();
+    if (*fd < 0) {
+      *fd = *made;
+      return absl::OkStatus();
+    }
+    const bool swapped = dup3(*made, *fd, O_CLOEXEC) >= 0;
+    const int error = errno;
+    close(*made);
+    if (!swapped) return absl::InternalError(absl::StrCat("TLS: dup3: ", std::strerror(error)));
+    return absl::OkStatus();
+  };
+  if (absl::Status status = install("sae-tls-identity", files.Identity(), &identity_fd_); !status.ok()) return status;
+  if (!files.client_ca.empty()) {
+    if (absl::Status status = install("sae-tls-client-ca", files.client_ca, &ca_fd_); !status.ok()) return status;
+  }
+  last_mtime_ = mtime;
+  return absl::OkStatus();
 }
 
 std::string DescribeTransportSecurity(const v1::ServerConfig& config) {
   if (config.tls_cert_file().empty()) return "plaintext";
-  const std::string reload = absl::StrCat("files re-read every ", config.tls_reload_seconds(), " s");
+  const std::string reload =
+      absl::StrCat("files re-read every ", config.tls_reload_seconds(), " s, served once gRPC accepts them");
   if (config.tls_client_ca_file().empty()) return absl::StrCat("TLS, ", reload);
   return absl::StrCat("mutual TLS: client certificates required, ", reload);
 }

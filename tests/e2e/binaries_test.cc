@@ -7,6 +7,7 @@
 #include <google/protobuf/descriptor.pb.h>
 #include <google/protobuf/util/field_comparator.h>
 #include <google/protobuf/util/message_differencer.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -1459,6 +1460,13 @@ void MakeCertificates(const std::string& dir, const std::string& name) {
   ASSERT_EQ(RunShell(absl::StrCat("bash ", Quote(SAE_MAKE_CERTS), " ", Quote(dir), " ", name), &out), 0) << out;
 }
 
+// `to` gets the bytes of `from`, written aside and renamed into place (as a
+// Kubernetes Secret volume swaps its files), so a reader sees all or none.
+void ReplaceFile(const std::string& from, const std::string& to) {
+  std::ofstream(to + ".new", std::ios::binary) << ReadFile(from);
+  ASSERT_EQ(std::rename((to + ".new").c_str(), to.c_str()), 0);
+}
+
 class TlsTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -1487,6 +1495,34 @@ class TlsTest : public ::testing::Test {
     }
     return options;
   }
+  // A gRPC server in this process on the credentials of `tls`, with no
+  // method: enough for handshakes.
+  class InProcessServer {
+   public:
+    explicit InProcessServer(const ServerTls& tls) {
+      grpc::ServerBuilder builder;
+      builder.AddListeningPort("127.0.0.1:0", tls.credentials(), &port_);
+      builder.RegisterCallbackGenericService(&no_methods_);
+      server_ = builder.BuildAndStart();
+      EXPECT_NE(port_, 0);
+    }
+    ~InProcessServer() {
+      if (server_) server_->Shutdown();
+    }
+    // Whether a new connection with `options` completes its handshake.
+    bool Handshakes(const client::ConnectOptions& options) const {
+      grpc::ChannelArguments args;
+      args.SetInt("grpc.use_local_subchannel_pool", 1);  // a connection of its own
+      std::shared_ptr<grpc::Channel> channel =
+          grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_), client::ClientChannelCredentials(options), args);
+      return channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    }
+
+   private:
+    grpc::CallbackGenericService no_methods_;
+    int port_ = 0;
+    std::unique_ptr<grpc::Server> server_;
+  };
   static std::string* dir_;
 };
 std::string* TlsTest::dir_ = nullptr;
@@ -1498,7 +1534,8 @@ TEST_F(TlsTest, ServesTlsToClientsThatTrustItsCertificate) {
   ServerProcess server({"--tls_cert_file=" + File("a-server.pem"), "--tls_key_file=" + File("a-server.key")});
   const std::string address = server.WaitServingAddress(TrustCa("a"));
   ASSERT_FALSE(address.empty()) << server.log();
-  EXPECT_NE(server.log().find("(port " + address.substr(address.rfind(':') + 1) + ", TLS, files re-read every 60 s)"),
+  EXPECT_NE(server.log().find("(port " + address.substr(address.rfind(':') + 1) +
+                              ", TLS, files re-read every 60 s, served once gRPC accepts them)"),
             std::string::npos)
       << server.log();
   std::string out;
@@ -1548,7 +1585,9 @@ TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
                         "--tls_client_ca_file=" + File("a-ca.pem"), "--access_log=" + File("mtls-access.log")});
   const std::string address = server.WaitServingAddress(TrustCa("a", true));
   ASSERT_FALSE(address.empty()) << server.log();
-  EXPECT_NE(server.log().find("mutual TLS: client certificates required, files re-read every 60 s"), std::string::npos)
+  EXPECT_NE(server.log().find(
+                "mutual TLS: client certificates required, files re-read every 60 s, served once gRPC accepts them"),
+            std::string::npos)
       << server.log();
   const std::string trust_a = "--tls-ca " + Quote(File("a-ca.pem"));
   std::string out;
@@ -1575,12 +1614,8 @@ TEST_F(TlsTest, MutualTlsRequiresAClientCertificateFromTheCa) {
 TEST_F(TlsTest, RenewedCertificateIsServedWithoutARestart) {
   const std::string cert = File("live-server.pem"), key = File("live-server.key");
   auto install = [&](const std::string& name) {
-    // Written aside and renamed into place, as a Kubernetes Secret volume
-    // swaps its files.
-    for (const auto& [from, to] : {std::pair{File(name + "-server.pem"), cert}, {File(name + "-server.key"), key}}) {
-      std::ofstream(to + ".new", std::ios::binary) << ReadFile(from);
-      ASSERT_EQ(std::rename((to + ".new").c_str(), to.c_str()), 0);
-    }
+    ReplaceFile(File(name + "-server.pem"), cert);
+    ReplaceFile(File(name + "-server.key"), key);
   };
   install("a");
   ServerProcess server({"--tls_cert_file=" + cert, "--tls_key_file=" + key, "--tls_reload_seconds=1"});
@@ -1594,6 +1629,111 @@ TEST_F(TlsTest, RenewedCertificateIsServedWithoutARestart) {
                        std::chrono::seconds(15)))
       << out << server.log();
   EXPECT_EQ(Client(address, "--tls-ca " + Quote(File("a-ca.pem")), "info", &out), 1) << out;
+}
+
+// A renewal that gRPC's TLS stack would refuse is not served: the key
+// renewed before its certificate (or a wrong key) leaves the last files that
+// passed in service, where gRPC's own file watcher would load the pair and
+// fail every handshake. ServerTls in-process, re-read when the test says.
+TEST_F(TlsTest, RefusedRenewalKeepsServingTheLastFilesThatPassed) {
+  const std::string cert = File("inproc-server.pem"), key = File("inproc-server.key");
+  ReplaceFile(File("a-server.pem"), cert);
+  ReplaceFile(File("a-server.key"), key);
+  v1::ServerConfig config;
+  config.set_tls_cert_file(cert);
+  config.set_tls_key_file(key);
+  config.set_tls_reload_seconds(86400);  // only the test's Reread()
+  std::vector<std::pair<bool, std::string>> told;
+  absl::StatusOr<std::unique_ptr<ServerTls>> tls =
+      ServerTls::Start(config, [&](bool served, const std::string& problem) { told.emplace_back(served, problem); });
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  InProcessServer server(**tls);
+  auto handshakes = [&](const std::string& name) { return server.Handshakes(TrustCa(name)); };
+  ASSERT_TRUE(handshakes("a"));
+  EXPECT_TRUE((*tls)->Reread().ok());  // unchanged: nothing told
+  EXPECT_TRUE(told.empty());
+
+  // The key renewed first: refused, named, told once.
+  ReplaceFile(File("b-server.key"), key);
+  const absl::Status refused = (*tls)->Reread();
+  EXPECT_NE(refused.message().find("tls_key_file \"" + key + "\" is not the private key of tls_cert_file \"" + cert),
+            std::string::npos)
+      << refused;
+  EXPECT_TRUE((*tls)->Reread().ok());  // the same files again
+  ASSERT_EQ(told.size(), 1u);
+  EXPECT_FALSE(told[0].first);
+  EXPECT_EQ(told[0].second, refused.message());
+  // gRPC's watcher reads its files every second: past two, new connections
+  // still get certificate a.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_TRUE(handshakes("a"));
+  EXPECT_FALSE(handshakes("b"));
+
+  // A file gone mid-rotation: refused, with the field and the file.
+  ASSERT_EQ(std::rename(cert.c_str(), (cert + ".away").c_str()), 0);
+  EXPECT_NE((*tls)->Reread().message().find("config: tls_cert_file: " + cert + ": cannot open"), std::string::npos);
+  ASSERT_EQ(std::rename((cert + ".away").c_str(), cert.c_str()), 0);
+
+  // Its certificate follows: the pair passes and is served.
+  ReplaceFile(File("b-server.pem"), cert);
+  EXPECT_TRUE((*tls)->Reread().ok());
+  ASSERT_EQ(told.size(), 3u);  // refused, gone, served
+  EXPECT_TRUE(told.back().first);
+  EXPECT_TRUE(testing::WaitFor([&] { return handshakes("b"); }, std::chrono::seconds(10)));
+  EXPECT_FALSE(handshakes("a"));
+}
+
+// The key and the certificate chain may share one file (both fields name
+// it), and a key file may hold a certificate too: each field's blocks of
+// its own kind are the ones served.
+TEST_F(TlsTest, CombinedPemFiles) {
+  const std::string combined = File("combined.pem"), key_and_other = File("key-and-other-cert.pem");
+  std::ofstream(combined) << ReadFile(File("a-server.key")) << ReadFile(File("a-server.pem"));
+  std::ofstream(key_and_other) << ReadFile(File("b-server.pem")) << ReadFile(File("a-server.key"));
+  for (const auto& [cert, key] : {std::pair{combined, combined}, {File("a-server.pem"), key_and_other}}) {
+    v1::ServerConfig config;
+    config.set_tls_cert_file(cert);
+    config.set_tls_key_file(key);
+    config.set_tls_reload_seconds(60);
+    absl::StatusOr<std::unique_ptr<ServerTls>> tls = ServerTls::Start(config, nullptr);
+    ASSERT_TRUE(tls.ok()) << tls.status();
+    InProcessServer server(**tls);
+    EXPECT_TRUE(server.Handshakes(TrustCa("a"))) << cert << " " << key;
+  }
+}
+
+// In sae-server the re-read runs every tls_reload_seconds, says what it
+// found in the log and in sae_tls_reloads_total / sae_tls_files_refused.
+TEST_F(TlsTest, RefusedRenewalIsLoggedAndCounted) {
+  const std::string cert = File("counted-server.pem"), key = File("counted-server.key");
+  ReplaceFile(File("a-server.pem"), cert);
+  ReplaceFile(File("a-server.key"), key);
+  ServerProcess server({"--tls_cert_file=" + cert, "--tls_key_file=" + key, "--tls_reload_seconds=1"});
+  const std::string address = server.WaitServingAddress(TrustCa("a"));
+  ASSERT_FALSE(address.empty()) << server.log();
+  auto scrape = [&] { return testing::ParseScrape(testing::HttpGet(server.MetricsPort(), "/metrics")); };
+  EXPECT_EQ(scrape().Get("sae_tls_files_refused"), 0);
+  ReplaceFile(File("b-server.key"), key);  // the key renewed, its certificate not yet
+  ASSERT_TRUE(testing::WaitFor([&] { return scrape().Get("sae_tls_files_refused") == 1; })) << server.log();
+  EXPECT_EQ(scrape().Get("sae_tls_reloads_total{result=\"refused\"}"), 1);
+  EXPECT_NE(server.log().find("TLS files changed but refused: config: tls_key_file \"" + key +
+                              "\" is not the private key of tls_cert_file \"" + cert + "\""),
+            std::string::npos)
+      << server.log();
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::string out;
+  EXPECT_EQ(Client(address, "--tls-ca " + Quote(File("a-ca.pem")), "info", &out), 0) << out;
+  ReplaceFile(File("b-server.pem"), cert);
+  ASSERT_TRUE(testing::WaitFor([&] { return scrape().Get("sae_tls_files_refused") == 0; })) << server.log();
+  const testing::Scrape s = scrape();
+  EXPECT_EQ(s.Get("sae_tls_reloads_total{result=\"served\"}"), 1);
+  EXPECT_EQ(s.Get("sae_tls_reloads_total{result=\"refused\"}"), 1);
+  EXPECT_NE(server.log().find("TLS files changed: new connections get them"), std::string::npos) << server.log();
+  EXPECT_TRUE(testing::WaitFor([&] {
+    return Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out) == 0;
+  })) << out
+      << server.log();
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
 // Bad TLS files stop the server at startup with the field and the file named.
@@ -1629,7 +1769,7 @@ TEST_F(TlsTest, BadFilesAreNamedWithTheirField) {
     config.set_tls_key_file(c.key);
     config.set_tls_client_ca_file(c.client_ca);
     config.set_tls_reload_seconds(60);
-    const absl::Status status = GrpcServerCredentials(config).status();
+    const absl::Status status = ServerTls::Start(config, nullptr).status();
     EXPECT_NE(status.message().find(c.message), std::string::npos) << status << "\n  wanted: " << c.message;
   }
   // In sae-server: the message and exit status 1, before anything loads.
