@@ -261,15 +261,16 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
       path, tensors.size(), [&tensors](size_t i) { return tensors[i]; }, metadata);
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
+absl::StatusOr<SafetensorsWriter::Layout> SafetensorsWriter::MakeLayout(
     const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
     const std::map<std::string, std::string>& metadata) {
   // The header is built as text, a tensor at a time: a JSON tree of a few
   // hundred thousand entries would cost far more memory than the text.
-  std::string header = "{";
+  Layout layout;
+  std::string& header = layout.header;
+  header = "{";
   if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
   std::set<std::string, std::less<>> names;
-  std::vector<std::pair<std::string, uint64_t>> order;
   uint64_t offset = 0;
   for (size_t i = 0; i < n_tensors; ++i) {
     const TensorSpec t = tensor(i);
@@ -284,26 +285,78 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
     if (header.size() > kMaxSafetensorsHeaderBytes) {
       return absl::InvalidArgumentError(absl::StrCat(
           path, ": the header of ", n_tensors, " tensors would pass the ", kMaxSafetensorsHeaderBytes >> 20,
-          " MiB safetensors readers accept (at tensor ", order.size() + 1, ", \"", t.name, "\")"));
+          " MiB safetensors readers accept (at tensor ", layout.order.size() + 1, ", \"", t.name, "\")"));
     }
     offset += n;
-    order.emplace_back(t.name, n);
+    layout.order.emplace_back(t.name, n);
   }
   header += "}";
   while ((header.size() + 8) % 8 != 0) header.push_back(' ');  // keep tensor data aligned
+  std::string prefix(8, '\0');
+  for (int i = 0; i < 8; ++i) prefix[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
+  header.insert(0, prefix);
+  return layout;
+}
 
-  std::unique_ptr<SafetensorsWriter> writer(new SafetensorsWriter(path, std::move(order)));
+absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
+    const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
+    const std::map<std::string, std::string>& metadata) {
+  ASSIGN_OR_RETURN(Layout layout, MakeLayout(path, n_tensors, tensor, metadata));
+  std::unique_ptr<SafetensorsWriter> writer(new SafetensorsWriter(path, std::move(layout.order)));
   errno = 0;
   writer->out_.open(path + ".partial", std::ios::binary | std::ios::trunc);
   if (!writer->out_) {
     return absl::PermissionDeniedError(
         absl::StrCat(path, ".partial: cannot create file", errno != 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
   }
-  char len_bytes[8];
-  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((uint64_t{header.size()} >> (8 * i)) & 0xff);
-  writer->out_.write(len_bytes, 8);
-  writer->out_.write(header.data(), static_cast<std::streamsize>(header.size()));
+  writer->out_.write(layout.header.data(), static_cast<std::streamsize>(layout.header.size()));
   if (!writer->out_) return absl::DataLossError(absl::StrCat(path, ".partial: write failed"));
+  return writer;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Continue(
+    const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
+    const std::map<std::string, std::string>& metadata, size_t max_tensors, size_t multiple_of) {
+  ASSIGN_OR_RETURN(Layout layout, MakeLayout(path, n_tensors, tensor, metadata));
+  const std::string partial = path + ".partial";
+  std::error_code error;
+  const fs::file_status status = fs::status(partial, error);
+  if (status.type() == fs::file_type::not_found) return absl::NotFoundError(absl::StrCat(partial, ": not found"));
+  if (status.type() != fs::file_type::regular) {
+    return absl::FailedPreconditionError(absl::StrCat(partial, ": not a regular file"));
+  }
+  const uint64_t size = fs::file_size(partial, error);
+  std::ifstream in(partial, std::ios::binary);
+  if (!in || error) return absl::PermissionDeniedError(absl::StrCat(partial, ": cannot read it"));
+  std::string header(static_cast<size_t>(std::min<uint64_t>(size, layout.header.size())), '\0');
+  in.read(header.data(), static_cast<std::streamsize>(header.size()));
+  if (!in) return absl::DataLossError(absl::StrCat(partial, ": read failed"));
+  if (header != layout.header) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        partial, ": ",
+        header.size() < layout.header.size() ? "shorter than the header this run writes"
+                                             : "its header is not the one this run writes (other tensors or shapes)"));
+  }
+  in.close();
+  // The tensors it holds whole, at most max_tensors, in whole multiples.
+  uint64_t end = layout.header.size();
+  size_t whole = 0;
+  while (whole < std::min(max_tensors, layout.order.size()) && end + layout.order[whole].second <= size) {
+    end += layout.order[whole++].second;
+  }
+  for (size_t keep = whole - whole % std::max<size_t>(multiple_of, 1); whole > keep;) {
+    end -= layout.order[--whole].second;
+  }
+  fs::resize_file(partial, end, error);
+  if (error) return absl::PermissionDeniedError(absl::StrCat(partial, ": cannot truncate: ", error.message()));
+  std::unique_ptr<SafetensorsWriter> writer(new SafetensorsWriter(path, std::move(layout.order)));
+  writer->next_ = whole;
+  errno = 0;
+  writer->out_.open(partial, std::ios::binary | std::ios::app);
+  if (!writer->out_) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(partial, ": cannot open it", errno != 0 ? absl::StrCat(": ", std::strerror(errno)) : ""));
+  }
   return writer;
 }
 
@@ -311,7 +364,7 @@ SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<std::pair<std
     : path_(std::move(path)), order_(std::move(order)) {}
 
 SafetensorsWriter::~SafetensorsWriter() {
-  if (finished_) return;
+  if (finished_ || keep_partial_) return;
   out_.close();
   std::error_code error;
   fs::remove(path_ + ".partial", error);

@@ -99,7 +99,7 @@ struct TensorSpec {
 // header goes out first, then each tensor's bytes in the declared order as
 // they are produced, so a file larger than memory never sits in memory. The
 // file is written as PATH.partial and renamed to PATH by Finish(); a writer
-// destroyed before that removes the partial file.
+// destroyed before that removes the partial file (unless set_keep_partial).
 class SafetensorsWriter {
  public:
   // INVALID_ARGUMENT for a repeated or empty name, or a header over
@@ -114,6 +114,17 @@ class SafetensorsWriter {
   static absl::StatusOr<std::unique_ptr<SafetensorsWriter>> Create(
       const std::string& path, size_t n_tensors, absl::FunctionRef<TensorSpec(size_t)> tensor,
       const std::map<std::string, std::string>& metadata = {});
+  // Continues PATH.partial, left by a writer of the same declaration that
+  // stopped (a killed process, or one with keep_partial): its header must be
+  // byte for byte the one these tensors make (FAILED_PRECONDITION otherwise;
+  // NOT_FOUND without the file). Of the tensors it holds whole, the first
+  // ones are kept, at most `max_tensors` and a multiple of `multiple_of`; the
+  // bytes after them are cut off, and Append() goes on from there
+  // (written() says where).
+  static absl::StatusOr<std::unique_ptr<SafetensorsWriter>> Continue(const std::string& path, size_t n_tensors,
+                                                                     absl::FunctionRef<TensorSpec(size_t)> tensor,
+                                                                     const std::map<std::string, std::string>& metadata,
+                                                                     size_t max_tensors, size_t multiple_of = 1);
   ~SafetensorsWriter();
   SafetensorsWriter(const SafetensorsWriter&) = delete;
   SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
@@ -125,8 +136,21 @@ class SafetensorsWriter {
   absl::Status Flush();
   // After the last tensor: flushes, closes and renames PATH.partial to PATH.
   absl::Status Finish();
+  // Leave PATH.partial when destroyed before Finish(), for Continue().
+  void set_keep_partial(bool keep) { keep_partial_ = keep; }
+  // How many tensors the file holds.
+  size_t written() const { return next_; }
 
  private:
+  // The header (with its 8-byte length) and the tensors' names and sizes in
+  // file order.
+  struct Layout {
+    std::string header;
+    std::vector<std::pair<std::string, uint64_t>> order;
+  };
+  static absl::StatusOr<Layout> MakeLayout(const std::string& path, size_t n_tensors,
+                                           absl::FunctionRef<TensorSpec(size_t)> tensor,
+                                           const std::map<std::string, std::string>& metadata);
   SafetensorsWriter(std::string path, std::vector<std::pair<std::string, uint64_t>> order);
 
   std::string path_;
@@ -134,6 +158,7 @@ class SafetensorsWriter {
   size_t next_ = 0;
   std::ofstream out_;
   bool finished_ = false;
+  bool keep_partial_ = false;
 };
 
 // Writes a .safetensors file (tensors sorted by name, 8-byte aligned header).

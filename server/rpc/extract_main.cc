@@ -18,7 +18,9 @@
 // batch reaches it (InputLines); neither tokens nor hooks pile up.
 // --resume: continue a run that stopped (a hung GPU's exit 3, a kill): the
 // whole lines OUT already holds are checked against this input and kept, a
-// torn last line is dropped, and the run appends from the next line.
+// torn last line is dropped, and the run appends from the next line. With
+// --dump-hooks, F.partial (a stopped or failed run leaves it) goes on too:
+// its header must be this run's, and lines whose tensors it lacks are redone.
 // --max_seq_len: a longer line runs as windows, split as the server's
 // long_input_policy WINDOW splits a request (rpc/windows.h), so both give the
 // same features for the same text; its output line is assembled from them.
@@ -81,7 +83,7 @@ ABSL_FLAG(int, max_seq_len, 2048,
           "request under long_input_policy WINDOW; 0: every line as one sequence, however long");
 ABSL_FLAG(bool, resume, false,
           "continue an interrupted run: keep the whole lines --output already holds (checked to be this input's first "
-          "lines, with these SAEs) and append the rest");
+          "lines, with these SAEs) and append the rest; with --dump-hooks F, F.partial is continued too");
 
 namespace sae {
 namespace {
@@ -456,6 +458,18 @@ absl::Status CheckComputedAgain(const std::string& kept, size_t index, const std
   return absl::OkStatus();
 }
 
+// The length in bytes of the first `n` lines of `path` (which has them).
+absl::StatusOr<uint64_t> BytesOfLines(const std::string& path, size_t n) {
+  std::ifstream in(path, std::ios::binary);
+  uint64_t bytes = 0;
+  std::string line;
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::getline(in, line)) return absl::DataLossError(absl::StrCat(path, ": read failed"));
+    bytes += line.size() + 1;
+  }
+  return bytes;
+}
+
 absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std::string& input, InputLines& records,
                                             Engine& engine, const RunShape& shape, HangWatchdog& watchdog) {
   ResumePoint point;
@@ -536,9 +550,9 @@ absl::StatusOr<ResumePoint> FindResumePoint(const std::string& output, const std
   return point;
 }
 
-// The hook file is written whole at the end of the run: a path it cannot be
-// written to is found now, before the compute. A file the check creates is
-// removed again.
+// The hook file goes to F.partial and is renamed F at the end of the run: a
+// path F cannot be written to is found now, before the compute. A file the
+// check creates is removed again.
 absl::Status CheckWritable(const std::string& path) {
   std::error_code error;
   if (std::filesystem::is_directory(path, error)) return absl::InvalidArgumentError(path + ": is a directory");
@@ -564,10 +578,6 @@ absl::Status Run() {
   if (k <= 0) return absl::InvalidArgumentError(absl::StrCat("--k must be positive, got ", k));
   const bool resume = absl::GetFlag(FLAGS_resume);
   const bool include_bos = absl::GetFlag(FLAGS_include_bos);
-  if (resume && !dump_path.empty()) {
-    return absl::InvalidArgumentError(
-        "--resume cannot be used with --dump-hooks: the hook file is written whole at the end of a run");
-  }
   const int max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
   if (max_seq_len != 0 && max_seq_len < 2) {
     return absl::InvalidArgumentError(
@@ -626,12 +636,6 @@ absl::Status Run() {
   ResumePoint resume_at;
   if (resume) {
     ASSIGN_OR_RETURN(resume_at, FindResumePoint(output, input, records, *engine, shape, watchdog));
-    if (resume_at.lines > 0) {
-      std::error_code error;
-      std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
-      if (error) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot truncate: ", error.message()));
-    }
-    std::fprintf(stderr, "sae-extract: resuming after the %zu lines %s holds\n", resume_at.lines, output.c_str());
   }
 
   // The hook file's header goes out now (every line's token count is known),
@@ -654,10 +658,51 @@ absl::Status Run() {
                         DType::kF32,
                         {static_cast<int64_t>(records.n_tokens(line)), d_model}};
     };
-    absl::StatusOr<std::unique_ptr<SafetensorsWriter>> created =
-        SafetensorsWriter::Create(dump_path, n_records * hooks.size(), tensor, {{"format", "pt"}});
+    const size_t n_tensors = n_records * hooks.size();
+    const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+    absl::StatusOr<std::unique_ptr<SafetensorsWriter>> created;
+    if (resume_at.lines == 0) {
+      created = SafetensorsWriter::Create(dump_path, n_tensors, tensor, metadata);
+    } else {
+      // The stopped run's F.partial goes on from the last line whose tensors
+      // it holds whole (it may lag the output by a batch). A run that
+      // finished has only F: its header is checked the same way.
+      std::error_code error;
+      const std::string partial = dump_path + ".partial";
+      bool finished = false;
+      if (resume_at.lines == n_records && !std::filesystem::exists(partial, error) &&
+          std::filesystem::is_regular_file(dump_path, error)) {
+        std::filesystem::rename(dump_path, partial, error);
+        finished = !error;
+      }
+      created = SafetensorsWriter::Continue(dump_path, n_tensors, tensor, metadata, resume_at.lines * hooks.size(),
+                                            hooks.size());
+      if (!created.ok() && finished) std::filesystem::rename(partial, dump_path, error);  // left as it was
+      if (created.ok() && (*created)->written() / hooks.size() < resume_at.lines) {
+        const size_t lines_with_hooks = (*created)->written() / hooks.size();
+        ASSIGN_OR_RETURN(resume_at.bytes, BytesOfLines(output, lines_with_hooks));
+        std::fprintf(stderr, "sae-extract: %s holds the hooks of %zu of the %zu lines %s holds; the rest are redone\n",
+                     partial.c_str(), lines_with_hooks, resume_at.lines, output.c_str());
+        resume_at.lines = lines_with_hooks;
+      }
+      if (absl::IsNotFound(created.status())) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("--resume with --dump-hooks: ", created.status().message(),
+                         "; the stopped run's hook file is needed to continue (or run without --resume)"));
+      }
+    }
     if (!created.ok()) return Prefixed("--dump-hooks ", created.status());
     hooks_out = *std::move(created);
+    // A failed run leaves F.partial, as it leaves the lines it wrote, for --resume.
+    hooks_out->set_keep_partial(true);
+  }
+  if (resume) {
+    if (resume_at.lines > 0) {
+      std::error_code error;
+      std::filesystem::resize_file(output, resume_at.bytes, error);  // drops a torn last line
+      if (error) return absl::PermissionDeniedError(absl::StrCat(output, ": cannot truncate: ", error.message()));
+    }
+    std::fprintf(stderr, "sae-extract: resuming after the %zu lines %s holds\n", resume_at.lines, output.c_str());
   }
 
   std::ofstream out(output, std::ios::binary | (resume_at.lines > 0 ? std::ios::app : std::ios::trunc));
@@ -697,7 +742,7 @@ absl::Status Run() {
     const std::string lines_run = absl::StrCat(input, ":", records.line_number(batch.front().record), "-",
                                                records.line_number(batch.back().record));
     watchdog.Begin(absl::StrCat(lines_run, " (", output, " holds the ", written, " lines before",
-                                dump ? "" : "; --resume continues from there", ")"));
+                                "; --resume continues from there)"));
     const absl::Status ran = RunPieces(*engine, open, batch, shape, &lines);
     watchdog.End();
     if (!ran.ok()) return absl::Status(ran.code(), absl::StrCat(lines_run, ": ", ran.message()));

@@ -3,7 +3,8 @@
 # (debootstrap --variant=minbase, what debian:12-slim is), the staged tree in
 # /opt/sae, its debian-packages installed the way the stage installs them,
 # then, as an unprivileged user, sae-server --demo answering sae-client over
-# gRPC, and --backend=cuda failing with the CUDA error where no GPU is.
+# gRPC over TLS, and --backend=cuda failing with the CUDA error where no GPU
+# is.
 # Needs root, chroot with a /proc mount, and Debian's mirror; where one is
 # missing it says SKIP and exits 0, and it fails only on what the image
 # would hold. tests/run_all.sh runs it (SAE_SKIP_IMAGE=1 skips it); not in
@@ -66,21 +67,29 @@ fail() {
 }
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Served over TLS, as production is: the image's libssl, and the in-memory
+# files gRPC's watcher reads through /proc/self/fd (server/rpc/tls.h).
+mkdir -p "$r/home/sae/tls"
+bash "$root/tests/testing/make_certs.sh" "$r/home/sae/tls" image
+chroot "$r" chown -R sae:sae /home/sae/tls
+tls=(--tls-ca /home/sae/tls/image-ca.pem)
 # exec: $! is then sae-server itself, which cleanup stops.
 (exec chroot --userspec=sae:sae "$r" env HOME=/home/sae /opt/sae/bin/sae-server --demo \
-  --demo_dir=/home/sae/demo --listen="127.0.0.1:$port" >"$work/server.log" 2>&1) &
+  --demo_dir=/home/sae/demo --listen="127.0.0.1:$port" --tls_cert_file=/home/sae/tls/image-server.pem \
+  --tls_key_file=/home/sae/tls/image-server.key >"$work/server.log" 2>&1) &
 server=$!
 healthy=0
 for _ in $(seq 1 240); do
   kill -0 "$server" 2>/dev/null || fail "sae-server exited: $(tail -n 5 "$work/server.log")"
-  if as_sae sae-client --addr "127.0.0.1:$port" --timeout 2 health >/dev/null 2>&1; then
+  if as_sae sae-client --addr "127.0.0.1:$port" "${tls[@]}" --timeout 2 health >/dev/null 2>&1; then
     healthy=1
     break
   fi
   sleep 0.5
 done
 ((healthy)) || fail "sae-server not SERVING after 120 s: $(tail -n 5 "$work/server.log")"
-as_sae sae-client --addr "127.0.0.1:$port" extract "The cat sat on the red mat." --sae L1R-8x --k 3 |
+grep -q ', TLS, files re-read every' "$work/server.log" || fail "not serving TLS: $(cat "$work/server.log")"
+as_sae sae-client --addr "127.0.0.1:$port" "${tls[@]}" extract "The cat sat on the red mat." --sae L1R-8x --k 3 |
   tee "$work/extract.txt"
 grep -q '" cat" *L1R-8x *3:' "$work/extract.txt" || fail "no feature 3 on \" cat\": $(cat "$work/server.log")"
 if ((${#cuda[@]})); then
@@ -96,4 +105,4 @@ if ((${#cuda[@]})); then
   grep -q 'cannot load libsae_cuda.so' "$work/cuda.log" && fail "$(cat "$work/cuda.log")"
   ((rc == 0)) || grep -q 'backend "cuda": ' "$work/cuda.log" || fail "sae-extract --backend cuda: $(cat "$work/cuda.log")"
 fi
-echo "PASS: the runtime stage serves the demo (installed: $(tr '\n' ' ' <"$r/opt/sae/debian-packages"))"
+echo "PASS: the runtime stage serves the demo over TLS (installed: $(tr '\n' ' ' <"$r/opt/sae/debian-packages"))"

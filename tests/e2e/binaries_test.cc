@@ -2628,9 +2628,16 @@ TEST(ExtractBinaryTest, ResumeRefusesAnotherRunsOutput) {
       << out;
   EXPECT_EQ(RunShell(ExtractCommand(input, dir, "--k 4 --resume"), &out), 1) << out;
   EXPECT_NE(out.find(dir + ": not a regular file; cannot resume it"), std::string::npos) << out;
-  EXPECT_EQ(RunShell(ExtractCommand(input, output, "--resume --dump-hooks " + Quote(dir + "/h.safetensors")), &out), 1)
+  // Output lines to keep, but no hook file to continue.
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--k 4"), &out), 0) << out;
+  EXPECT_EQ(
+      RunShell(ExtractCommand(input, output, "--k 4 --resume --dump-hooks " + Quote(dir + "/h.safetensors")), &out), 1)
       << out;
-  EXPECT_NE(out.find("--resume cannot be used with --dump-hooks"), std::string::npos) << out;
+  EXPECT_NE(out.find("--resume with --dump-hooks: " + dir +
+                     "/h.safetensors.partial: not found; the stopped run's hook file is needed to continue (or run "
+                     "without --resume)"),
+            std::string::npos)
+      << out;
 }
 
 // sae-extract --backend=cuda refuses a --k its JumpReLU SAEs cannot be asked
@@ -2685,10 +2692,33 @@ TEST(ExtractBinaryTest, CheckingTheInputHoldsNoTokens) {
   EXPECT_EQ(std::count(expected.begin(), expected.end(), '\n'), 2);
 }
 
+// The header of a safetensors file's bytes (and its size, from the 8-byte
+// prefix); an empty object when the bytes are too short for it.
+json SafetensorsHeader(const std::string& bytes, uint64_t* header_size) {
+  *header_size = 0;
+  if (bytes.size() < 8) return json::object();
+  for (int i = 7; i >= 0; --i) *header_size = (*header_size << 8) | static_cast<unsigned char>(bytes[i]);
+  if (bytes.size() < 8 + *header_size) return json::object();
+  return json::parse(bytes.substr(8, *header_size));
+}
+
+// Where the tensors of hook-file lines [0, n) end in the file's bytes.
+uint64_t HookLinesEnd(const json& header, uint64_t header_size, size_t n) {
+  uint64_t end = 0;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const size_t dot = name.rfind('.');
+    if (dot != std::string::npos && std::stoul(name.substr(dot + 1)) < n) {
+      end = std::max(end, entry.at("data_offsets")[1].get<uint64_t>());
+    }
+  }
+  return 8 + header_size + end;
+}
+
 // Lines are read again as the batches reach them: a line changed after the
 // check fails the run naming it, with the lines before it written. The hook
-// file is written as the lines are, as F.partial until the run ends (and
-// removed when it fails).
+// file is written as the lines are, as F.partial until the run ends; a failed
+// run leaves it, and --resume completes both files once the line is back.
 TEST(ExtractBinaryTest, LinesAreReadAsTheRunReachesThem) {
   const std::string dir = testing::MakeTempDir("e2e-extract-reread");
   const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", dump = dir + "/hooks.safetensors";
@@ -2711,19 +2741,13 @@ TEST(ExtractBinaryTest, LinesAreReadAsTheRunReachesThem) {
   ASSERT_LT(lines_written, static_cast<size_t>(kLines)) << "the run ended before it could be stopped";
   // The header, then the hook tensors of every line written.
   const std::string partial = ReadFile(dump + ".partial");
-  ASSERT_GE(partial.size(), 8u);
   uint64_t header_size = 0;
-  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | static_cast<unsigned char>(partial[i]);
-  ASSERT_GE(partial.size(), 8 + header_size);
-  const json header = json::parse(partial.substr(8, header_size));
+  const json header = SafetensorsHeader(partial, &header_size);
   EXPECT_EQ(header.size(), 1 + 5 * kLines);  // __metadata__, then 5 hooks a line
-  uint64_t lines_end = 0;
-  for (size_t line = 0; line < lines_written; ++line) {
-    for (const char* hook : {"L1R", "L2A", "L2M", "L2TC", "L3R"}) {
-      lines_end = std::max(lines_end, header.at(absl::StrCat(hook, ".", line)).at("data_offsets")[1].get<uint64_t>());
-    }
+  for (const char* hook : {"L1R", "L2A", "L2M", "L2TC", "L3R"}) {
+    EXPECT_TRUE(header.contains(absl::StrCat(hook, ".", lines_written - 1))) << hook;
   }
-  EXPECT_GE(partial.size(), 8 + header_size + lines_end);
+  EXPECT_GE(partial.size(), HookLinesEnd(header, header_size, lines_written));
   EXPECT_FALSE(std::filesystem::exists(dump));
 
   write_input("The last line, changed.");
@@ -2738,8 +2762,112 @@ TEST(ExtractBinaryTest, LinesAreReadAsTheRunReachesThem) {
   EXPECT_EQ(kept.substr(0, written.size()), written);
   EXPECT_EQ(std::count(kept.begin(), kept.end(), '\n'), kLines - 1);
   EXPECT_EQ(kept.back(), '\n');
-  EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
+  EXPECT_TRUE(std::filesystem::exists(dump + ".partial"));
   EXPECT_FALSE(std::filesystem::exists(dump));
+
+  // The line back as it was: --resume completes both files, as one run would.
+  write_input("The last line.");
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--k 2 --resume --dump-hooks " + Quote(dump)), &out), 0) << out;
+  EXPECT_NE(out.find(absl::StrCat("(", kLines - 1, " kept, 1 appended)")), std::string::npos) << out;
+  const std::string whole_output = dir + "/whole.jsonl", whole_dump = dir + "/whole.safetensors";
+  ASSERT_EQ(RunShell(ExtractCommand(input, whole_output, "--k 2 --dump-hooks " + Quote(whole_dump)), &out), 0) << out;
+  EXPECT_EQ(ReadFile(output), ReadFile(whole_output));
+  EXPECT_TRUE(ReadFile(dump) == ReadFile(whole_dump));
+  EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
+}
+
+// --resume with --dump-hooks: the stopped run's F.partial is continued from
+// the last line whose tensors it holds whole; output lines it has no
+// tensors for (the hooks lag the output when a stop falls between their
+// writes) are computed again. Both files end as one uninterrupted run's.
+TEST(ExtractBinaryTest, ResumeContinuesTheHookFile) {
+  const std::string dir = testing::MakeTempDir("e2e-extract-resume-hooks");
+  const std::string input = dir + "/in.jsonl", full = dir + "/full.jsonl", full_dump = dir + "/full.safetensors";
+  const std::string part = dir + "/part.jsonl", dump = dir + "/part.safetensors";
+  {
+    std::ofstream in(input);
+    for (const char* text :
+         {"The cat sat.", "A red bird flew over Paris.", "One two three.", "Dogs and cats.", "Tokyo is big."}) {
+      in << json{{"text", text}}.dump() << "\n";
+    }
+  }
+  std::string out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, full, "--k 3 --dump-hooks " + Quote(full_dump)), &out), 0) << out;
+  const std::string expected = ReadFile(full), expected_hooks = ReadFile(full_dump);
+  std::vector<size_t> line_ends;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (expected[i] == '\n') line_ends.push_back(i + 1);
+  }
+  ASSERT_EQ(line_ends.size(), 5u);
+  uint64_t header_size = 0;
+  const json header = SafetensorsHeader(expected_hooks, &header_size);
+  ASSERT_FALSE(header.empty());
+
+  struct Stop {
+    size_t output_bytes;  // of the output file at the stop
+    uint64_t hook_bytes;  // of F.partial
+    size_t kept;          // lines kept by --resume
+  };
+  const std::vector<Stop> stops = {
+      // Hooks of 3 lines and a torn tensor; the output 3 lines and a torn one.
+      {line_ends[2] + 20, HookLinesEnd(header, header_size, 3) + 100, 3},
+      // The output 4 lines, the hooks 2: lines 3 and 4 are redone.
+      {line_ends[3], HookLinesEnd(header, header_size, 2), 2},
+      // Hooks ahead of the output: cut back to it.
+      {line_ends[0], HookLinesEnd(header, header_size, 4), 1},
+      // Two of line 4's five tensors whole: line 4 is redone whole.
+      {line_ends[3], 8 + header_size + header.at("L2A.3").at("data_offsets")[1].get<uint64_t>() + 50, 3},
+      // Nothing past the header.
+      {line_ends[1], 8 + header_size, 0},
+  };
+  for (const Stop& stop : stops) {
+    SCOPED_TRACE(absl::StrCat(stop.output_bytes, " ", stop.hook_bytes));
+    std::ofstream(part, std::ios::binary | std::ios::trunc) << expected.substr(0, stop.output_bytes);
+    std::ofstream(dump + ".partial", std::ios::binary | std::ios::trunc) << expected_hooks.substr(0, stop.hook_bytes);
+    ASSERT_EQ(
+        RunShell(ExtractCommand(input, part, "--k 3 --resume --batch_tokens 4 --dump-hooks " + Quote(dump)), &out), 0)
+        << out;
+    EXPECT_EQ(ReadFile(part), expected);
+    EXPECT_TRUE(ReadFile(dump) == expected_hooks);
+    EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
+    EXPECT_NE(out.find(absl::StrCat("resuming after the ", stop.kept, " lines")), std::string::npos) << out;
+    const size_t output_lines = std::count(expected.begin(), expected.begin() + stop.output_bytes, '\n');
+    if (stop.kept < output_lines) {
+      EXPECT_NE(out.find(absl::StrCat(dump, ".partial holds the hooks of ", stop.kept, " of the ", output_lines,
+                                      " lines ", part, " holds; the rest are redone")),
+                std::string::npos)
+          << out;
+    }
+  }
+
+  // A finished run: nothing to do, and F is checked and left as it was.
+  ASSERT_EQ(RunShell(ExtractCommand(input, part, "--k 3 --resume --dump-hooks " + Quote(dump)), &out), 0) << out;
+  EXPECT_NE(out.find("(5 kept, 0 appended)"), std::string::npos) << out;
+  EXPECT_TRUE(ReadFile(dump) == expected_hooks);
+
+  // Another run's hook file (other lines, so other shapes) is refused, the
+  // files left as they were.
+  const std::string other_input = dir + "/other.jsonl", other_dump = dir + "/other.safetensors";
+  std::ofstream(other_input) << json{{"text", "Something else entirely."}}.dump() << "\n"
+                             << json{{"text", "And more."}}.dump() << "\n";
+  ASSERT_EQ(
+      RunShell(ExtractCommand(other_input, dir + "/other.jsonl.out", "--k 3 --dump-hooks " + Quote(other_dump)), &out),
+      0)
+      << out;
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << expected.substr(0, line_ends[1]);
+  std::ofstream(dump + ".partial", std::ios::binary | std::ios::trunc) << ReadFile(other_dump);
+  EXPECT_EQ(RunShell(ExtractCommand(input, part, "--k 3 --resume --dump-hooks " + Quote(dump)), &out), 1) << out;
+  EXPECT_NE(out.find(dump + ".partial: its header is not the one this run writes"), std::string::npos) << out;
+  EXPECT_EQ(ReadFile(part), expected.substr(0, line_ends[1]));
+  // A finished run's F from another input is refused, and stays F.
+  std::filesystem::remove(dump + ".partial");
+  std::ofstream(part, std::ios::binary | std::ios::trunc) << expected;
+  std::filesystem::copy_file(other_dump, dump, std::filesystem::copy_options::overwrite_existing);
+  EXPECT_EQ(RunShell(ExtractCommand(input, part, "--k 3 --resume --dump-hooks " + Quote(dump)), &out), 1) << out;
+  EXPECT_NE(out.find("its header is not the one this run writes"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::exists(dump));
+  EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
 }
 
 TEST(CudaExtractTest, KBeyondTheDeviceIsRefused) {
@@ -2765,6 +2893,7 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   if (!OnCudaEmulator()) GTEST_SKIP() << "hangs are injected only by the CUDA emulator (SAE_CUDA_BACKEND_LIB)";
   const std::string dir = testing::MakeTempDir("e2e-extract-hang");
   const std::string input = dir + "/in.jsonl", output = dir + "/out.jsonl", hang_file = dir + "/hang";
+  const std::string dump = dir + "/hooks.safetensors", with_dump = " --dump-hooks " + Quote(dump);
   constexpr int kLines = 100;
   {
     std::ofstream in(input);
@@ -2782,7 +2911,8 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   int code = -1;
   std::atomic<bool> finished{false};
   std::thread run([&] {
-    code = RunShell(ExtractCommand(input, output, "--backend=cuda --batch_tokens=1 --batch_timeout_seconds=5"), &out);
+    code = RunShell(
+        ExtractCommand(input, output, "--backend=cuda --batch_tokens=1 --batch_timeout_seconds=5" + with_dump), &out);
     finished = true;
   });
   const bool started = testing::WaitFor([&] { return !lines_out().empty(); }, std::chrono::seconds(60));
@@ -2804,18 +2934,28 @@ TEST(CudaExtractTest, HungDeviceExitsAndKeepsFinishedLines) {
   EXPECT_NE(out.find(absl::StrCat("holds the ", lines.size(), " lines before")), std::string::npos) << out;
   for (const std::string& line : lines) EXPECT_FALSE(json::parse(line, nullptr, false).is_discarded()) << line;
   EXPECT_NE(out.find("--resume continues from there"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::exists(dump + ".partial"));
 
   // Once the GPU is healthy again, --resume keeps those lines and adds the
-  // rest; resuming the finished file then checks them all against the input.
-  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume --batch_tokens=4096"), &out), 0) << out;
+  // rest (and the hook file's); resuming the finished file then checks them
+  // all against the input.
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume --batch_tokens=4096" + with_dump), &out), 0)
+      << out;
+  const std::string hooks = ReadFile(dump);
+  uint64_t header_size = 0;
+  const json header = SafetensorsHeader(hooks, &header_size);
+  EXPECT_EQ(header.size(), 1 + 5 * kLines);  // __metadata__, then 5 hooks a line
+  EXPECT_EQ(hooks.size(), HookLinesEnd(header, header_size, kLines));
+  EXPECT_FALSE(std::filesystem::exists(dump + ".partial"));
   const std::vector<std::string> resumed = lines_out();
   ASSERT_EQ(resumed.size(), static_cast<size_t>(kLines)) << out;
   EXPECT_TRUE(std::equal(lines.begin(), lines.end(), resumed.begin())) << "kept lines changed";
   EXPECT_NE(out.find(absl::StrCat("(", lines.size(), " kept, ", kLines - lines.size(), " appended)")),
             std::string::npos)
       << out;
-  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume"), &out), 0) << out;
+  ASSERT_EQ(RunShell(ExtractCommand(input, output, "--backend=cuda --resume" + with_dump), &out), 0) << out;
   EXPECT_NE(out.find(absl::StrCat("(", kLines, " kept, 0 appended)")), std::string::npos) << out;
+  EXPECT_TRUE(ReadFile(dump) == hooks);
 }
 
 }  // namespace
