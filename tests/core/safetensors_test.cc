@@ -145,6 +145,71 @@ TEST(SafetensorsTest, WriterStreamsDeclaredTensors) {
   EXPECT_FALSE(std::filesystem::exists(dir + "/h.safetensors.partial"));
 }
 
+// A writer kept (set_keep_partial) leaves PATH.partial; Continue() goes on
+// from its whole tensors, in whole multiples, after checking that its header
+// is the one the same declaration makes.
+TEST(SafetensorsTest, ContinueGoesOnFromTheWholeTensors) {
+  const std::string dir = testing::MakeTempDir("st-continue");
+  const std::string path = dir + "/c.safetensors", whole = dir + "/whole.safetensors";
+  const std::vector<TensorSpec> specs = {
+      {"p", DType::kF32, {2}}, {"q", DType::kF32, {2}}, {"r", DType::kF32, {2}}, {"s", DType::kF32, {2}}};
+  auto spec = [&](size_t i) { return specs[i]; };
+  const float data[4][2] = {{1, 2}, {3, 4}, {5, 6}, {7, 8}};
+  auto write = [&](SafetensorsWriter& writer, size_t from, size_t to) {
+    for (size_t i = from; i < to; ++i) ASSERT_TRUE(writer.Append(specs[i].name, data[i], 8).ok()) << i;
+  };
+  {
+    auto writer = SafetensorsWriter::Create(whole, specs);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    write(**writer, 0, 4);
+    ASSERT_TRUE((*writer)->Finish().ok());
+  }
+  const absl::StatusOr<std::string> expected = ReadFileToString(whole);
+  ASSERT_TRUE(expected.ok());
+  auto stop_after = [&](size_t n, const std::string& torn) {
+    auto writer = SafetensorsWriter::Create(path, specs);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    write(**writer, 0, n);
+    (*writer)->set_keep_partial(true);
+    ASSERT_TRUE((*writer)->Flush().ok());
+    writer->reset();
+    std::ofstream(path + ".partial", std::ios::binary | std::ios::app) << torn;
+  };
+
+  // Three whole tensors and a torn fourth: at most 2 asked, in pairs.
+  stop_after(3, "xyz");
+  auto continued = SafetensorsWriter::Continue(path, specs.size(), spec, {}, 2, 2);
+  ASSERT_TRUE(continued.ok()) << continued.status();
+  EXPECT_EQ((*continued)->written(), 2u);
+  write(**continued, 2, 4);
+  ASSERT_TRUE((*continued)->Finish().ok());
+  EXPECT_EQ(ReadFileToString(path).value(), *expected);
+  EXPECT_FALSE(std::filesystem::exists(path + ".partial"));
+
+  // Three whole, in pairs: two kept (the third is cut off).
+  stop_after(3, "");
+  continued = SafetensorsWriter::Continue(path, specs.size(), spec, {}, 4, 2);
+  ASSERT_TRUE(continued.ok()) << continued.status();
+  EXPECT_EQ((*continued)->written(), 2u);
+  continued->reset();  // not kept: removed
+  EXPECT_FALSE(std::filesystem::exists(path + ".partial"));
+
+  // Another declaration's file; a file shorter than the header; none.
+  stop_after(1, "");
+  std::vector<TensorSpec> other = specs;
+  other[3].shape = {3};
+  continued = SafetensorsWriter::Continue(
+      path, other.size(), [&](size_t i) { return other[i]; }, {}, 4);
+  EXPECT_EQ(continued.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(continued.status().message(), ::testing::HasSubstr("its header is not the one this run writes"));
+  std::filesystem::resize_file(path + ".partial", 20);
+  continued = SafetensorsWriter::Continue(path, specs.size(), spec, {}, 4);
+  EXPECT_THAT(continued.status().message(), ::testing::HasSubstr("shorter than the header this run writes"));
+  std::filesystem::remove(path + ".partial");
+  continued = SafetensorsWriter::Continue(path, specs.size(), spec, {}, 4);
+  EXPECT_EQ(continued.status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(SafetensorsTest, ShardedStoreUsesTheIndex) {
   const std::string dir = testing::MakeTempDir("st-sharded");
   ASSERT_TRUE(WriteSafetensors(dir + "/s1.safetensors", {MakeTensor("a", DType::kF32, {1}, {1})}).ok());
