@@ -6,7 +6,7 @@ set -euo pipefail
 
 build_pkgs=(cmake ninja-build g++ pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev prometheus-cpp-dev libpcre2-dev nlohmann-json3-dev)
+  libabsl-dev prometheus-cpp-dev libpcre2-dev nlohmann-json3-dev libssl-dev)
 test_pkgs=(libgtest-dev libgmock-dev libbenchmark-dev
   python3-torch python3-numpy clang libclang-rt-14-dev clang-format openssl)
 

@@ -1,13 +1,18 @@
 #include "rpc/metrics.h"
 
+#include <netdb.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <exception>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -158,6 +163,12 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()), failur
                                 "the last files that passed), else 0")
                             .Register(*registry_)
                             .Add({});
+  tls_not_after_ = &prometheus::BuildGauge()
+                        .Name("sae_tls_certificate_expiration_timestamp_seconds")
+                        .Help(
+                            "When the TLS certificate new connections get expires (notAfter of the first "
+                            "certificate of tls_cert_file), in seconds since the epoch; absent without TLS")
+                        .Register(*registry_);
   // The conventional name (Prometheus client libraries export it), so
   // changes() counts restarts the way dashboards and rules expect.
   prometheus::BuildGauge()
@@ -214,10 +225,46 @@ void Metrics::SetWaitingRequests(int64_t n) { waiting_->Set(static_cast<double>(
 void Metrics::SetServing(bool serving) { serving_->Set(serving ? 1 : 0); }
 void Metrics::AccessLogLineDropped() { access_log_dropped_->Increment(); }
 
+void Metrics::SetTlsCertificateNotAfter(int64_t seconds_since_epoch) {
+  tls_not_after_->Add({}).Set(static_cast<double>(seconds_since_epoch));
+}
+
 void Metrics::TlsFilesReread(bool served) {
   (served ? tls_served_ : tls_refused_)->Increment();
   tls_files_refused_->Set(served ? 0 : 1);
 }
+
+namespace {
+
+// The address a connection to a listener bound to `address` ("host:port",
+// "[v6]:port", "port") goes to: the host, or loopback for a wildcard.
+std::string LoopbackOrHost(const std::string& address) {
+  if (!address.empty() && address.front() == '[') {
+    const std::string host = address.substr(1, address.find(']') - 1);
+    return host == "::" ? "::1" : host;
+  }
+  const size_t colon = address.rfind(':');
+  const std::string host = colon == std::string::npos ? "" : address.substr(0, colon);
+  return host.empty() || host == "0.0.0.0" ? "127.0.0.1" : host;
+}
+
+// Connects to host:port and hangs up at once; nothing when the host is not
+// a numeric address or nothing listens.
+void ConnectAndClose(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) return;
+  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd >= 0) {
+    connect(fd, found->ai_addr, found->ai_addrlen);
+    close(fd);
+  }
+  freeaddrinfo(found);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& address,
                                                                     std::shared_ptr<prometheus::Registry> registry) {
@@ -234,10 +281,27 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
   if (ports.empty())
     return absl::InvalidArgumentError(absl::StrCat("config: metrics_listen \"", address, "\": no port"));
   server->port_ = ports.front();
+  server->wake_host_ = LoopbackOrHost(address);
   return server;
 }
 
-MetricsServer::~MetricsServer() = default;
+MetricsServer::~MetricsServer() {
+  // civetweb's listener looks for a stop between polls of its socket, which
+  // time out every 2 s: closing would wait out the current one (on average
+  // 1 s, counted against the pod's termination grace). A connection ends the
+  // poll, so one is made every 20 ms until the listener has stopped; those
+  // accepted before the stop are read to their end by a worker, at once.
+  std::atomic<bool> closed{false};
+  std::thread waker([this, &closed] {
+    while (!closed.load()) {
+      ConnectAndClose(wake_host_, port_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  exposer_.reset();
+  closed = true;
+  waker.join();
+}
 
 const char* Metrics::RpcName(Rpc rpc) { return kRpcNames[static_cast<int>(rpc)]; }
 

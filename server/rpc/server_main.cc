@@ -31,6 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "core/demo_model.h"
 #include "core/engine.h"
 #include "rpc/access_log.h"
@@ -399,16 +400,28 @@ int Main(int argc, char** argv) {
 
   // Declared before the servers, so it outlives them: their TLS watcher
   // reads the files it holds.
+  auto valid_until = [](int64_t not_after) {
+    return absl::FormatTime("%Y-%m-%d %H:%M:%S UTC", absl::FromUnixSeconds(not_after), absl::UTCTimeZone());
+  };
   absl::StatusOr<std::unique_ptr<ServerTls>> tls =
-      ServerTls::Start(config, [metrics](bool served, const std::string& problem) {
-        metrics->TlsFilesReread(served);
-        Log(served ? std::string("TLS files changed: new connections get them")
-                   : absl::StrCat("TLS files changed but refused: ", problem,
-                                  "; new connections still get the last files that passed"));
+      ServerTls::Start(config, [metrics, valid_until](const ServerTls::Reload& reload) {
+        metrics->TlsFilesReread(reload.served);
+        if (reload.served) {
+          metrics->SetTlsCertificateNotAfter(reload.not_after);
+          Log(absl::StrCat("TLS files changed: new connections get them (certificate valid until ",
+                           valid_until(reload.not_after), ")"));
+        } else {
+          Log(absl::StrCat("TLS files changed but refused: ", reload.problem,
+                           "; new connections still get the last files that passed"));
+        }
       });
   if (!tls.ok()) {
     Log(std::string(tls.status().message()));
     return 1;
+  }
+  if (!config.tls_cert_file().empty()) {
+    metrics->SetTlsCertificateNotAfter((*tls)->certificate_not_after());
+    Log(absl::StrCat("TLS certificate valid until ", valid_until((*tls)->certificate_not_after())));
   }
   std::shared_ptr<AccessLog> access_log;
   if (!config.access_log().empty()) {

@@ -5,6 +5,11 @@
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
 #include <grpcpp/server_builder.h>
+#include <openssl/asn1.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -113,6 +118,21 @@ absl::StatusOr<int> MemoryFile(const char* name, const std::string& contents, in
 
 std::string FdPath(int fd) { return absl::StrCat("/proc/self/fd/", fd); }
 
+// notAfter of the first certificate of `pem`, in seconds since the epoch; 0
+// when OpenSSL cannot read it (gRPC's check has read it by then).
+int64_t FirstCertificateNotAfter(const std::string& pem) {
+  BIO* bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  if (bio == nullptr) return 0;
+  X509* cert = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+  BIO_free(bio);
+  int64_t seconds = 0;
+  struct tm when {};
+  if (cert != nullptr && ASN1_TIME_to_tm(X509_get0_notAfter(cert), &when) == 1) seconds = timegm(&when);
+  X509_free(cert);
+  ERR_clear_error();  // this thread's OpenSSL errors, if any, are told by the 0
+  return seconds;
+}
+
 }  // namespace
 
 // What the tls_* files hold, each checked for its kind of PEM block.
@@ -190,6 +210,13 @@ absl::StatusOr<std::unique_ptr<ServerTls>> ServerTls::Start(const v1::ServerConf
   tls->last_read_ = files->Contents();
 
   const std::string identity = FdPath(tls->identity_fd_);
+  // gRPC's watcher reads the in-memory files by these paths.
+  absl::StatusOr<std::string> readable = ReadFileToString(identity);
+  if (!readable.ok() || *readable != files->Identity()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("TLS: the server's in-memory copy of the key and certificate cannot be read back at ", identity,
+                     " (is /proc mounted?)"));
+  }
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       identity, identity, tls->ca_fd_ >= 0 ? FdPath(tls->ca_fd_) : "", kWatcherSeconds);
   grpc::experimental::TlsServerCredentialsOptions options(provider);
@@ -220,7 +247,7 @@ absl::Status ServerTls::Reread() {
   last_read_ = std::move(read);
   absl::Status status = files.ok() ? files->Check(config_) : files.status();
   if (status.ok()) status = Publish(*files);
-  if (observer_) observer_(status.ok(), std::string(status.message()));
+  if (observer_) observer_(Reload{status.ok(), std::string(status.message()), status.ok() ? not_after_.load() : 0});
   return status;
 }
 
@@ -248,6 +275,7 @@ absl::Status ServerTls::Publish(const Files& files) {
     if (absl::Status status = install("sae-tls-client-ca", files.client_ca, &ca_fd_); !status.ok()) return status;
   }
   last_mtime_ = mtime;
+  not_after_ = FirstCertificateNotAfter(PemBlocks(files.cert, "CERTIFICATE"));
   return absl::OkStatus();
 }
 

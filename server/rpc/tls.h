@@ -7,6 +7,7 @@
 
 #include <grpcpp/security/server_credentials.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -38,9 +39,13 @@ namespace sae {
 // swap carries a later time). The private key is not copied to any disk.
 class ServerTls {
  public:
-  // Told of each change the re-read finds: `served` when new connections get
-  // the new files, else `problem` says why they were refused.
-  using ReloadObserver = std::function<void(bool served, const std::string& problem)>;
+  // A change the re-read found.
+  struct Reload {
+    bool served = false;    // new connections get the new files
+    std::string problem;    // else why they were refused
+    int64_t not_after = 0;  // served: when the new certificate expires (see certificate_not_after)
+  };
+  using ReloadObserver = std::function<void(const Reload&)>;
 
   // Plaintext credentials when no tls_* file is set. Otherwise reads the
   // files, checks that each holds what its field says (a certificate chain,
@@ -57,6 +62,10 @@ class ServerTls {
   ServerTls& operator=(const ServerTls&) = delete;
 
   std::shared_ptr<grpc::ServerCredentials> credentials() const { return credentials_; }
+
+  // When the certificate new connections get expires (notAfter of the first
+  // certificate of tls_cert_file), in seconds since the epoch; 0 without TLS.
+  int64_t certificate_not_after() const { return not_after_.load(); }
 
   // Re-reads the files now (the thread does it every tls_reload_seconds).
   // Returns OK when they are unchanged or were handed to the watcher, else
@@ -75,7 +84,8 @@ class ServerTls {
   int identity_fd_ = -1;    // private key blocks, then the certificate blocks
   int ca_fd_ = -1;          // the client CA file, with mutual TLS
   int64_t last_mtime_ = 0;  // of the files last published, in seconds
-  std::string last_read_;   // what the last re-read found (contents, or its error)
+  std::atomic<int64_t> not_after_{0};
+  std::string last_read_;  // what the last re-read found (contents, or its error)
   absl::Notification stop_;
   std::thread thread_;
 };

@@ -6,9 +6,9 @@
 #    deploy/prometheus.yml names exist (promtool check config cannot read the
 #    config itself: Debian's promtool is built without Kubernetes discovery).
 # 2. The rules' unit tests pass (tests/deploy/prometheus_rules_test.yml).
-# 3. A real sae-server's /metrics passes promtool check metrics (exposition
-#    format and naming conventions), and exports every sae_* metric and
-#    process_start_time_seconds that the rules query.
+# 3. A real sae-server's /metrics (TLS on) passes promtool check metrics
+#    (exposition format and naming conventions), and exports every sae_*
+#    metric and process_start_time_seconds that the rules query.
 set -euo pipefail
 build=$(cd "${1:?usage: prometheus_check.sh BUILD_DIR}" && pwd)
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,13 +36,16 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+# With TLS on, so that the TLS series exist too.
+bash tests/testing/make_certs.sh "$work" m
 "$build/server/rpc/sae-server" --demo --demo_dir="$work/demo" --listen=127.0.0.1:0 --port_file="$work/port" \
-  --metrics_listen=127.0.0.1:0 --metrics_port_file="$work/metrics_port" >"$work/log" 2>&1 &
+  --metrics_listen=127.0.0.1:0 --metrics_port_file="$work/metrics_port" --tls_cert_file="$work/m-server.pem" \
+  --tls_key_file="$work/m-server.key" >"$work/log" 2>&1 &
 server_pid=$!
 serving=0
 for _ in $(seq 100); do
-  if [[ -s "$work/port" ]] &&
-    "$build/client/sae-client" --addr "127.0.0.1:$(cat "$work/port")" --timeout 2 health >/dev/null 2>&1; then
+  if [[ -s "$work/port" ]] && "$build/client/sae-client" --addr "127.0.0.1:$(cat "$work/port")" \
+    --tls-ca "$work/m-ca.pem" --timeout 2 health >/dev/null 2>&1; then
     serving=1
     break
   fi

@@ -279,6 +279,7 @@ TEST_F(ServerBinaryTest, HealthIsServing) {
   const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   EXPECT_LE(s.Get("process_start_time_seconds"), now);
   EXPECT_GT(s.Get("process_start_time_seconds"), now - 600);
+  EXPECT_FALSE(s.Has("sae_tls_certificate_expiration_timestamp_seconds")) << "plaintext: no certificate";
 }
 
 TEST_F(ServerBinaryTest, ReflectionListsTheService) {
@@ -1455,9 +1456,20 @@ std::vector<json> AccessLines(const std::string& path, size_t expected) {
 // tests/testing/make_certs.sh: a CA `name` and the server and client
 // certificates it signed, in `dir` (NAME-ca.pem, NAME-server.pem / .key for
 // localhost and 127.0.0.1, NAME-client.pem / .key).
-void MakeCertificates(const std::string& dir, const std::string& name) {
+void MakeCertificates(const std::string& dir, const std::string& name, int days = 30) {
   std::string out;
-  ASSERT_EQ(RunShell(absl::StrCat("bash ", Quote(SAE_MAKE_CERTS), " ", Quote(dir), " ", name), &out), 0) << out;
+  ASSERT_EQ(RunShell(absl::StrCat("bash ", Quote(SAE_MAKE_CERTS), " ", Quote(dir), " ", name, " ", days), &out), 0)
+      << out;
+}
+
+// notAfter of a PEM certificate file, in seconds since the epoch, as the
+// openssl command reads it.
+int64_t NotAfter(const std::string& pem) {
+  std::string out;
+  EXPECT_EQ(RunShell("date -u -d \"$(openssl x509 -enddate -noout -in " + Quote(pem) + " | cut -d= -f2)\" +%s", &out),
+            0)
+      << out;
+  return std::stoll(out);
 }
 
 // `to` gets the bytes of `from`, written aside and renamed into place (as a
@@ -1472,7 +1484,7 @@ class TlsTest : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new std::string(testing::MakeTempDir("e2e-tls"));
     MakeCertificates(*dir_, "a");
-    MakeCertificates(*dir_, "b");
+    MakeCertificates(*dir_, "b", 60);
   }
   static void TearDownTestSuite() {
     delete dir_;
@@ -1539,6 +1551,10 @@ TEST_F(TlsTest, ServesTlsToClientsThatTrustItsCertificate) {
             std::string::npos)
       << server.log();
   std::string out;
+  ASSERT_EQ(RunShell(absl::StrCat("date -u -d @", NotAfter(File("a-server.pem")), " '+%Y-%m-%d %H:%M:%S UTC'"), &out),
+            0);
+  EXPECT_NE(server.log().find("TLS certificate valid until " + out.substr(0, out.size() - 1)), std::string::npos)
+      << server.log();
   const std::string trust_a = "--tls-ca " + Quote(File("a-ca.pem"));
   EXPECT_EQ(Client(address, trust_a, "info", &out), 0) << out;
   EXPECT_EQ(Client(address, trust_a, "extract 'red cat' --sae L1R-8x --k 2", &out), 0) << out;
@@ -1643,9 +1659,9 @@ TEST_F(TlsTest, RefusedRenewalKeepsServingTheLastFilesThatPassed) {
   config.set_tls_cert_file(cert);
   config.set_tls_key_file(key);
   config.set_tls_reload_seconds(86400);  // only the test's Reread()
-  std::vector<std::pair<bool, std::string>> told;
+  std::vector<ServerTls::Reload> told;
   absl::StatusOr<std::unique_ptr<ServerTls>> tls =
-      ServerTls::Start(config, [&](bool served, const std::string& problem) { told.emplace_back(served, problem); });
+      ServerTls::Start(config, [&](const ServerTls::Reload& reload) { told.push_back(reload); });
   ASSERT_TRUE(tls.ok()) << tls.status();
   InProcessServer server(**tls);
   auto handshakes = [&](const std::string& name) { return server.Handshakes(TrustCa(name)); };
@@ -1661,8 +1677,9 @@ TEST_F(TlsTest, RefusedRenewalKeepsServingTheLastFilesThatPassed) {
       << refused;
   EXPECT_TRUE((*tls)->Reread().ok());  // the same files again
   ASSERT_EQ(told.size(), 1u);
-  EXPECT_FALSE(told[0].first);
-  EXPECT_EQ(told[0].second, refused.message());
+  EXPECT_FALSE(told[0].served);
+  EXPECT_EQ(told[0].problem, refused.message());
+  EXPECT_EQ((*tls)->certificate_not_after(), NotAfter(File("a-server.pem")));
   // gRPC's watcher reads its files every second: past two, new connections
   // still get certificate a.
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
@@ -1678,7 +1695,11 @@ TEST_F(TlsTest, RefusedRenewalKeepsServingTheLastFilesThatPassed) {
   ReplaceFile(File("b-server.pem"), cert);
   EXPECT_TRUE((*tls)->Reread().ok());
   ASSERT_EQ(told.size(), 3u);  // refused, gone, served
-  EXPECT_TRUE(told.back().first);
+  EXPECT_TRUE(told.back().served);
+  // b is valid for 60 days, a for 30.
+  EXPECT_EQ(told.back().not_after, NotAfter(File("b-server.pem")));
+  EXPECT_EQ((*tls)->certificate_not_after(), NotAfter(File("b-server.pem")));
+  EXPECT_GT(NotAfter(File("b-server.pem")), NotAfter(File("a-server.pem")) + 29 * 86400);
   EXPECT_TRUE(testing::WaitFor([&] { return handshakes("b"); }, std::chrono::seconds(10)));
   EXPECT_FALSE(handshakes("a"));
 }
@@ -1713,6 +1734,7 @@ TEST_F(TlsTest, RefusedRenewalIsLoggedAndCounted) {
   ASSERT_FALSE(address.empty()) << server.log();
   auto scrape = [&] { return testing::ParseScrape(testing::HttpGet(server.MetricsPort(), "/metrics")); };
   EXPECT_EQ(scrape().Get("sae_tls_files_refused"), 0);
+  EXPECT_EQ(scrape().Get("sae_tls_certificate_expiration_timestamp_seconds"), NotAfter(File("a-server.pem")));
   ReplaceFile(File("b-server.key"), key);  // the key renewed, its certificate not yet
   ASSERT_TRUE(testing::WaitFor([&] { return scrape().Get("sae_tls_files_refused") == 1; })) << server.log();
   EXPECT_EQ(scrape().Get("sae_tls_reloads_total{result=\"refused\"}"), 1);
@@ -1728,7 +1750,10 @@ TEST_F(TlsTest, RefusedRenewalIsLoggedAndCounted) {
   const testing::Scrape s = scrape();
   EXPECT_EQ(s.Get("sae_tls_reloads_total{result=\"served\"}"), 1);
   EXPECT_EQ(s.Get("sae_tls_reloads_total{result=\"refused\"}"), 1);
-  EXPECT_NE(server.log().find("TLS files changed: new connections get them"), std::string::npos) << server.log();
+  EXPECT_EQ(s.Get("sae_tls_certificate_expiration_timestamp_seconds"), NotAfter(File("b-server.pem")));
+  EXPECT_NE(server.log().find("TLS files changed: new connections get them (certificate valid until 20"),
+            std::string::npos)
+      << server.log();
   EXPECT_TRUE(testing::WaitFor([&] {
     return Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out) == 0;
   })) << out
