@@ -222,12 +222,12 @@ class SignalWaiter {
       for (;;) {
         if (read(g_signal_pipe[0], &byte, 1) != 1) continue;
         if (byte != SIGHUP) break;
-        std::function<void()> on_hangup;
+        std::vector<std::function<void()>> on_hangup;
         {
           std::lock_guard<std::mutex> lock(mu_);
           on_hangup = on_hangup_;
         }
-        if (on_hangup) on_hangup();
+        for (const auto& handler : on_hangup) handler();
       }
       std::lock_guard<std::mutex> lock(mu_);
       signal_ = byte;
@@ -245,10 +245,10 @@ class SignalWaiter {
     serving_ = true;
   }
 
-  // What SIGHUP does (on the watcher thread); nothing until set.
+  // Something SIGHUP does (on the watcher thread, in the order added).
   void OnHangup(std::function<void()> handler) {
     std::lock_guard<std::mutex> lock(mu_);
-    on_hangup_ = std::move(handler);
+    on_hangup_.push_back(std::move(handler));
   }
 
   // Wakes Wait as a signal would, with kDeviceLost.
@@ -270,7 +270,7 @@ class SignalWaiter {
   std::condition_variable cv_;
   int signal_ = 0;
   bool serving_ = false;
-  std::function<void()> on_hangup_;
+  std::vector<std::function<void()>> on_hangup_;
 };
 
 // After the executor's watchdog found the GPU hung: its engine thread is
@@ -419,9 +419,16 @@ int Main(int argc, char** argv) {
     Log(std::string(tls.status().message()));
     return 1;
   }
+  // Shared with the SIGHUP handler, which `signals` (declared first, so
+  // destroyed after the servers) holds.
+  const std::shared_ptr<ServerTls> server_tls = *std::move(tls);
   if (!config.tls_cert_file().empty()) {
-    metrics->SetTlsCertificateNotAfter((*tls)->certificate_not_after());
-    Log(absl::StrCat("TLS certificate valid until ", valid_until((*tls)->certificate_not_after())));
+    signals.OnHangup([server_tls] {
+      Log("SIGHUP: re-reading the TLS files");
+      server_tls->Reread().IgnoreError();  // the observer tells what it found
+    });
+    metrics->SetTlsCertificateNotAfter(server_tls->certificate_not_after());
+    Log(absl::StrCat("TLS certificate valid until ", valid_until(server_tls->certificate_not_after())));
   }
   std::shared_ptr<AccessLog> access_log;
   if (!config.access_log().empty()) {
@@ -449,7 +456,7 @@ int Main(int argc, char** argv) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config.listen(), (*tls)->credentials(), &port);
+  builder.AddListeningPort(config.listen(), server_tls->credentials(), &port);
   for (const auto& [name, value] : GrpcServerChannelArgs(config)) builder.AddChannelArgument(name, value);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

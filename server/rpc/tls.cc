@@ -240,6 +240,7 @@ absl::StatusOr<std::unique_ptr<ServerTls>> ServerTls::Start(const v1::ServerConf
 
 absl::Status ServerTls::Reread() {
   if (config_.tls_cert_file().empty()) return absl::OkStatus();
+  std::lock_guard<std::mutex> lock(reread_mu_);
   absl::StatusOr<Files> files = Files::Read(config_);
   // An unreadable file is told once, as a change is, until it reads again.
   std::string read = files.ok() ? files->Contents() : absl::StrCat("error: ", files.status().message());

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -67,9 +68,9 @@ class ServerTls {
   // certificate of tls_cert_file), in seconds since the epoch; 0 without TLS.
   int64_t certificate_not_after() const { return not_after_.load(); }
 
-  // Re-reads the files now (the thread does it every tls_reload_seconds).
-  // Returns OK when they are unchanged or were handed to the watcher, else
-  // why they were refused. Not to be called concurrently (the thread calls it).
+  // Re-reads the files now (the thread does it every tls_reload_seconds;
+  // sae-server on SIGHUP too). Returns OK when they are unchanged or were
+  // handed to the watcher, else why they were refused. Thread-safe.
   absl::Status Reread();
 
  private:
@@ -85,6 +86,7 @@ class ServerTls {
   int ca_fd_ = -1;          // the client CA file, with mutual TLS
   int64_t last_mtime_ = 0;  // of the files last published, in seconds
   std::atomic<int64_t> not_after_{0};
+  std::mutex reread_mu_;   // one Reread at a time
   std::string last_read_;  // what the last re-read found (contents, or its error)
   absl::Notification stop_;
   std::thread thread_;

@@ -1761,6 +1761,32 @@ TEST_F(TlsTest, RefusedRenewalIsLoggedAndCounted) {
   EXPECT_EQ(server.Terminate(), 0) << server.log();
 }
 
+// SIGHUP re-reads the files at once, whatever tls_reload_seconds says (and
+// still reopens the access log).
+TEST_F(TlsTest, SighupRereadsTheFilesAtOnce) {
+  const std::string cert = File("hup-server.pem"), key = File("hup-server.key"), log = File("hup-access.log");
+  ReplaceFile(File("a-server.pem"), cert);
+  ReplaceFile(File("a-server.key"), key);
+  ServerProcess server(
+      {"--tls_cert_file=" + cert, "--tls_key_file=" + key, "--tls_reload_seconds=86400", "--access_log=" + log});
+  const std::string address = server.WaitServingAddress(TrustCa("a"));
+  ASSERT_FALSE(address.empty()) << server.log();
+  ReplaceFile(File("b-server.pem"), cert);
+  ReplaceFile(File("b-server.key"), key);
+  ASSERT_EQ(std::rename(log.c_str(), (log + ".1").c_str()), 0);
+  server.Signal(SIGHUP);
+  std::string out;
+  EXPECT_TRUE(testing::WaitFor([&] {
+    return Client(address, "--tls-ca " + Quote(File("b-ca.pem")), "info", &out) == 0;
+  })) << out
+      << server.log();
+  EXPECT_NE(server.log().find("SIGHUP: re-reading the TLS files"), std::string::npos) << server.log();
+  EXPECT_NE(server.log().find("TLS files changed: new connections get them"), std::string::npos) << server.log();
+  EXPECT_NE(server.log().find("SIGHUP: access log reopened"), std::string::npos) << server.log();
+  EXPECT_TRUE(std::filesystem::exists(log));
+  EXPECT_EQ(server.Terminate(), 0) << server.log();
+}
+
 // Bad TLS files stop the server at startup with the field and the file named.
 TEST_F(TlsTest, BadFilesAreNamedWithTheirField) {
   const std::string junk_ca = File("junk-ca.pem");
