@@ -286,6 +286,7 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
 }
 
 MetricsServer::~MetricsServer() {
+  if (exposer_ == nullptr) return;  // Start failed: nothing listens
   // civetweb's listener looks for a stop between polls of its socket, which
   // time out every 2 s: closing would wait out the current one (on average
   // 1 s, counted against the pod's termination grace). A connection ends the

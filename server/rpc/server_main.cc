@@ -398,8 +398,6 @@ int Main(int argc, char** argv) {
     WritePortFile(absl::GetFlag(FLAGS_metrics_port_file), metrics_server->port());
   }
 
-  // Declared before the servers, so it outlives them: their TLS watcher
-  // reads the files it holds.
   auto valid_until = [](int64_t not_after) {
     return absl::FormatTime("%Y-%m-%d %H:%M:%S UTC", absl::FromUnixSeconds(not_after), absl::UTCTimeZone());
   };
@@ -419,8 +417,9 @@ int Main(int argc, char** argv) {
     Log(std::string(tls.status().message()));
     return 1;
   }
-  // Shared with the SIGHUP handler, which `signals` (declared first, so
-  // destroyed after the servers) holds.
+  // Outlives the servers (their TLS watcher reads the files it holds):
+  // declared before them, and shared with the SIGHUP handler, which
+  // `signals` (declared first, so destroyed after them) holds.
   const std::shared_ptr<ServerTls> server_tls = *std::move(tls);
   if (!config.tls_cert_file().empty()) {
     signals.OnHangup([server_tls] {

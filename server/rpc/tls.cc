@@ -138,6 +138,12 @@ int64_t FirstCertificateNotAfter(const std::string& pem) {
 // What the tls_* files hold, each checked for its kind of PEM block.
 struct ServerTls::Files {
   std::string key, cert, client_ca;
+  // The one file gRPC's watcher reads as both the private key and the
+  // certificate chain: OpenSSL's PEM readers skip blocks of other kinds, so
+  // each finds its own. Only those blocks are kept, so that neither reader
+  // can find one in the other's file (a key file that also holds a
+  // certificate, say).
+  std::string identity;
 
   static absl::StatusOr<Files> Read(const v1::ServerConfig& config) {
     Files files;
@@ -153,22 +159,15 @@ struct ServerTls::Files {
       if (!ca.ok()) return ca.status();
       files.client_ca = std::move(*ca);
     }
+    files.identity = PemBlocks(files.key, "PRIVATE KEY") + PemBlocks(files.cert, "CERTIFICATE");
     return files;
   }
-
-  // The one file gRPC's watcher reads as both the private key and the
-  // certificate chain: OpenSSL's PEM readers skip blocks of other kinds, so
-  // each finds its own. Only those blocks are kept, so that neither reader
-  // can find one in the other's file (a key file that also holds a
-  // certificate, say).
-  std::string Identity() const { return PemBlocks(key, "PRIVATE KEY") + PemBlocks(cert, "CERTIFICATE"); }
 
   // OK when gRPC's TLS stack accepts the files together, as the watcher
   // will hand them to it; else names the field and the file at fault. One
   // trial server when all is well; a second only to tell which file gRPC
   // refused.
   absl::Status Check(const v1::ServerConfig& config) const {
-    const std::string identity = Identity();
     if (GrpcAcceptsPems(identity, identity, client_ca)) return absl::OkStatus();
     if (client_ca.empty() || !GrpcAcceptsPems(identity, identity, "")) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -209,16 +208,16 @@ absl::StatusOr<std::unique_ptr<ServerTls>> ServerTls::Start(const v1::ServerConf
   if (absl::Status published = tls->Publish(*files); !published.ok()) return published;
   tls->last_read_ = files->Contents();
 
-  const std::string identity = FdPath(tls->identity_fd_);
+  const std::string identity_path = FdPath(tls->identity_fd_);
   // gRPC's watcher reads the in-memory files by these paths.
-  absl::StatusOr<std::string> readable = ReadFileToString(identity);
-  if (!readable.ok() || *readable != files->Identity()) {
+  absl::StatusOr<std::string> readable = ReadFileToString(identity_path);
+  if (!readable.ok() || *readable != files->identity) {
     return absl::FailedPreconditionError(
-        absl::StrCat("TLS: the server's in-memory copy of the key and certificate cannot be read back at ", identity,
-                     " (is /proc mounted?)"));
+        absl::StrCat("TLS: the server's in-memory copy of the key and certificate cannot be read back at ",
+                     identity_path, " (is /proc mounted?)"));
   }
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
-      identity, identity, tls->ca_fd_ >= 0 ? FdPath(tls->ca_fd_) : "", kWatcherSeconds);
+      identity_path, identity_path, tls->ca_fd_ >= 0 ? FdPath(tls->ca_fd_) : "", kWatcherSeconds);
   grpc::experimental::TlsServerCredentialsOptions options(provider);
   options.watch_identity_key_cert_pairs();
   if (tls->ca_fd_ < 0) {
@@ -271,7 +270,7 @@ absl::Status ServerTls::Publish(const Files& files) {
     if (!swapped) return absl::InternalError(absl::StrCat("TLS: dup3: ", std::strerror(error)));
     return absl::OkStatus();
   };
-  if (absl::Status status = install("sae-tls-identity", files.Identity(), &identity_fd_); !status.ok()) return status;
+  if (absl::Status status = install("sae-tls-identity", files.identity, &identity_fd_); !status.ok()) return status;
   if (!files.client_ca.empty()) {
     if (absl::Status status = install("sae-tls-client-ca", files.client_ca, &ca_fd_); !status.ok()) return status;
   }

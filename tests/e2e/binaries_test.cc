@@ -2150,6 +2150,18 @@ TEST(ExtractBinaryTest, WritesJsonlAndHookDump) {
   }
 }
 
+// The header of a safetensors file's bytes (and its size, from the 8-byte
+// little-endian prefix); an empty object when the bytes are too short for it
+// or it is not JSON.
+json SafetensorsHeader(const std::string& bytes, uint64_t* header_size) {
+  *header_size = 0;
+  if (bytes.size() < 8) return json::object();
+  for (int i = 7; i >= 0; --i) *header_size = (*header_size << 8) | static_cast<unsigned char>(bytes[i]);
+  if (bytes.size() < 8 + *header_size) return json::object();
+  json header = json::parse(bytes.substr(8, *header_size), nullptr, false);
+  return header.is_discarded() ? json::object() : header;
+}
+
 // A safetensors file read with nothing but its spec (8-byte little-endian
 // header size, JSON header, raw data), independent of core/safetensors.
 struct RawTensor {
@@ -2160,11 +2172,8 @@ struct RawTensor {
 std::map<std::string, RawTensor> ReadSafetensorsRaw(const std::string& path) {
   const std::string bytes = ReadFile(path);
   std::map<std::string, RawTensor> tensors;
-  if (bytes.size() < 8) return tensors;
   uint64_t header_size = 0;
-  for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | static_cast<unsigned char>(bytes[i]);
-  const json header = json::parse(bytes.substr(8, header_size), nullptr, false);
-  if (header.is_discarded()) return tensors;
+  const json header = SafetensorsHeader(bytes, &header_size);
   const size_t data = 8 + header_size;
   for (const auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
@@ -2743,16 +2752,6 @@ TEST(ExtractBinaryTest, CheckingTheInputHoldsNoTokens) {
   const std::string expected = ReadFile(output);
   EXPECT_EQ(ReadFile(piped), expected);
   EXPECT_EQ(std::count(expected.begin(), expected.end(), '\n'), 2);
-}
-
-// The header of a safetensors file's bytes (and its size, from the 8-byte
-// prefix); an empty object when the bytes are too short for it.
-json SafetensorsHeader(const std::string& bytes, uint64_t* header_size) {
-  *header_size = 0;
-  if (bytes.size() < 8) return json::object();
-  for (int i = 7; i >= 0; --i) *header_size = (*header_size << 8) | static_cast<unsigned char>(bytes[i]);
-  if (bytes.size() < 8 + *header_size) return json::object();
-  return json::parse(bytes.substr(8, *header_size));
 }
 
 // Where the tensors of hook-file lines [0, n) end in the file's bytes.
