@@ -269,8 +269,16 @@ sae_emu_switch:
 
 enum class Wait { kNone, kBlock, kWarp };
 
+// A cp.async issued by a thread and not yet landed (SAE_CP_ASYNC_16).
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
 struct Fiber {
   int tid = 0, warp = 0, lane = 0;
+  std::vector<AsyncCopy> async_copies;  // issued, oldest first
+  std::vector<size_t> async_groups;     // committed groups in flight: each one's end in async_copies
   dim3 idx;
   bool done = false;
   Wait wait = Wait::kNone;
@@ -600,6 +608,71 @@ void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b) {
       d[2 * r + c] = acc;
     }
   }
+}
+
+namespace {
+
+// Aborts unless [p, p + bytes) lies in the block's dynamic shared memory.
+void CheckDynamicShared(const void* p, size_t bytes, int line, const char* what) {
+  const BlockState& b = Block();
+  const auto* begin = reinterpret_cast<const char*>(b.dynamic_shared.data());
+  const auto* end = begin + b.dynamic_shared.size() * sizeof(uint64_t);
+  const auto* q = static_cast<const char*>(p);
+  if (q < begin || q + bytes > end) {
+    Fatal(std::string(what) + " at line " + std::to_string(line) + " is outside the block's dynamic shared memory");
+  }
+}
+
+}  // namespace
+
+void LdMatrixX4(int line, uint32_t* r, const void* row, bool trans) {
+  CheckDynamicShared(row, 16, line, "an ldmatrix row");
+  CheckAligned(row, 16, line);
+  const uint64_t* all = WarpGather(0xffffffffu, reinterpret_cast<uint64_t>(row), line);
+  const int lane = LaneId(), g = lane >> 2, t = lane & 3;
+  uint32_t out[4];
+  for (int i = 0; i < 4; ++i) {
+    // Element (row rr, column cc) of matrix i: 16 bits at column cc of the row lane 8i + rr named.
+    auto element = [&](int rr, int cc) -> uint32_t {
+      uint16_t v;
+      std::memcpy(&v, reinterpret_cast<const char*>(all[8 * i + rr]) + 2 * cc, sizeof(v));
+      return v;
+    };
+    out[i] =
+        trans ? element(2 * t, g) | (element(2 * t + 1, g) << 16) : element(g, 2 * t) | (element(g, 2 * t + 1) << 16);
+  }
+  // Like the MMA: no lane goes on (and may write shared memory) before all have read.
+  WarpGather(0xffffffffu, 0, line);
+  std::memcpy(r, out, sizeof(out));
+}
+
+void CpAsync16(int line, void* dst, const void* src, int src_bytes) {
+  CheckDynamicShared(dst, 16, line, "a cp.async destination");
+  CheckAligned(dst, 16, line);
+  CheckAligned(src, 16, line);
+  if (src_bytes < 0 || src_bytes > 16)
+    Fatal("cp.async at line " + std::to_string(line) + " with a source size over 16");
+  AsyncCopy c{dst, {}};
+  std::memcpy(c.bytes, src, static_cast<size_t>(src_bytes));
+  Block();
+  cur_fiber->async_copies.push_back(c);
+}
+
+void CpAsyncCommit() {
+  Block();
+  cur_fiber->async_groups.push_back(cur_fiber->async_copies.size());
+}
+
+void CpAsyncWait(int n) {
+  Block();
+  Fiber* f = cur_fiber;
+  if (f->async_groups.size() <= static_cast<size_t>(n)) return;
+  const size_t landing = f->async_groups.size() - static_cast<size_t>(n);
+  const size_t end = f->async_groups[landing - 1];
+  for (size_t i = 0; i < end; ++i) std::memcpy(f->async_copies[i].dst, f->async_copies[i].bytes, 16);
+  f->async_copies.erase(f->async_copies.begin(), f->async_copies.begin() + static_cast<std::ptrdiff_t>(end));
+  f->async_groups.erase(f->async_groups.begin(), f->async_groups.begin() + static_cast<std::ptrdiff_t>(landing));
+  for (size_t& e : f->async_groups) e -= end;
 }
 
 void EnqueueKernel(const LaunchConfig& c, std::function<void()> thread_body) {

@@ -60,6 +60,13 @@ step engine timeout -k 10 "$test_cap" "$here/bin/cuda_engine_test"
 # Each sanitizer run is capped at min(150 s, what is left); a cap hit is
 # rc=124. A runtime where compute-sanitizer cannot attach to the device (it
 # says "Device not supported" under gVisor) is noted, not a failure.
+# memcheck reports every failed API call, so the case that asks for more
+# memory than the device has (its out-of-memory error is the point) is left
+# out. racecheck hazards reported only inside cuBLAS's own kernels (nvjet,
+# xmma, cutlass, gemm in the name; H200, 2026-12-04: one in
+# nvjet_sm90_tss_64x16_64x16_2x1_v_bz_TNT, a library kernel we cannot
+# change) are noted in summary.txt, not failures; a hazard in one of our
+# kernels fails the step.
 sanitize() {
   local tool=$1 left=$((deadline - SECONDS))
   local cap=$((left < 150 ? left : 150))
@@ -70,11 +77,18 @@ sanitize() {
   local start=$SECONDS
   echo "== $tool (cap $cap s)"
   timeout -k 10 "$cap" compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/bin/backend_ops_test" \
-    --gtest_filter='*/cuda:-*AttentionLong*:*ModelShapes*' >"$out/$tool.log" 2>&1
+    --gtest_filter='*/cuda:-*AttentionLong*:*ModelShapes*:*AllocBeyondMemory*' >"$out/$tool.log" 2>&1
   local rc=$?
   if ((rc != 0)) && grep -q "Device not supported" "$out/$tool.log"; then
     echo "$tool: unavailable on this runtime (compute-sanitizer: Device not supported)" | tee -a "$out/summary.txt"
     return
+  fi
+  if [[ "$tool" == racecheck ]] && ((rc == 1)) && grep -q "access at" "$out/$tool.log" &&
+    ! grep "access at" "$out/$tool.log" | grep -Eqiv "access at (void )?[^ ]*(nvjet|xmma|cutlass|gemm)"; then
+    echo "racecheck: hazards inside cuBLAS kernels only, not counted:" \
+      "$(grep -Eio "access at [^ +]*" "$out/$tool.log" | sort -u | sed 's/access at //' | tr '\n' ' ')" |
+      tee -a "$out/summary.txt"
+    rc=0
   fi
   echo "$tool: rc=$rc in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
   tail -n 4 "$out/$tool.log"

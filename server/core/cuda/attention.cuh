@@ -243,7 +243,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // AttentionKvToBf16Kernel (not once per query tile and head: with 1024-token
 // sequences and 4 query heads per KV head that was ~34 passes over each K/V
 // row, and the bf16 copies, 32 MiB for Llama-3.1-8B at 8k tokens, fit in an
-// H100's L2 where the fp32 ones do not). Q arrives in fp32 and is rounded to
+// H100's L2 where the fp32 ones do not), which also marks each (token, kv
+// head) whose V holds an inf or NaN. Q arrives in fp32 and is rounded to
 // bf16, pre-scaled by log2(e)/sqrt(head_dim), when staged in shared memory;
 // per 64-key tile each warp computes S = Q K^T [16 x 64] with mma.m16n8k16
 // (fp32 accumulators), applies the causal mask, updates its online softmax in
@@ -251,15 +252,18 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 // The accumulator layout of S (two 8-key tiles) is the A-operand layout of P
 // for the 16-key PV step, so P never leaves registers.
 //
-// Shared memory holds bf16 pairs as 32-bit words: sq/sk [row][HD/2 + 4]
-// (+4 words: the 8 rows g of a fragment load land 4 banks apart, no
-// conflicts), svt [d][BK/2 + 4] = V transposed, so each B fragment register
-// of PV (two consecutive keys of one dim) is one 32-bit load.
+// K/V tiles stream through two shared-memory stages with cp.async: tile
+// i + 1 is in flight while tile i is computed. Both are stored row-major as
+// bf16 pairs, [key][HD/2 + 4 words] (+4 words: the 8 rows of an 8x8 matrix
+// land 4 banks apart, so ldmatrix has no conflicts); ldmatrix.x4 gives the
+// B fragments of QK^T from K, and ldmatrix.x4.trans those of PV from V (no
+// transposed copy). Q is staged in stage 1's K area before the first
+// prefetch needs it.
 //
-// Non-finite values stay causal: a tile whose V holds an inf or NaN (flagged
-// while it is loaded) does P.V key by key over each row's visible keys, since
-// the MMA would add 0 * inf = NaN from keys in a row's future. A NaN in K
-// needs no care: masked scores are replaced by -inf.
+// Non-finite values stay causal: a tile with a marked V row does P.V key by
+// key over each row's visible keys, since the MMA would add 0 * inf = NaN
+// from keys in a row's future. A NaN in K needs no care: masked scores are
+// replaced by -inf.
 constexpr int kAttnMmaRows = 64;  // query rows per block: 16 per warp
 constexpr int kAttnMmaKeys = 64;  // keys per shared-memory tile
 constexpr int kAttnMmaWarps = 4;
@@ -268,30 +272,27 @@ bool AttentionMmaSupportsHeadDim(int head_dim) {
   return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
+// Two stages of a K tile and a V tile, [kAttnMmaKeys][HD/2 + 4] words each.
 template <int HD>
 constexpr size_t AttentionMmaSharedBytes() {
-  return sizeof(uint32_t) * (static_cast<size_t>(kAttnMmaRows + kAttnMmaKeys) * (HD / 2 + 4) +
-                             static_cast<size_t>(HD) * (kAttnMmaKeys / 2 + 4));
+  return sizeof(uint32_t) * 2 * 2 * static_cast<size_t>(kAttnMmaKeys) * (HD / 2 + 4);
 }
 
 template <int HD, typename O>
 __global__ void __launch_bounds__(kAttnMmaWarps * 32)
     AttentionMmaKernel(const float* __restrict__ q, const uint32_t* __restrict__ kb, const uint32_t* __restrict__ vb,
-                       const int32_t* __restrict__ seq_starts, const int32_t* __restrict__ tile_start, int n_seqs,
-                       int n_heads, int n_kv_heads, float scale_log2, O* __restrict__ out) {
+                       const uint8_t* __restrict__ v_nonfinite, const int32_t* __restrict__ seq_starts,
+                       const int32_t* __restrict__ tile_start, int n_seqs, int n_heads, int n_kv_heads,
+                       float scale_log2, O* __restrict__ out) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim: a multiple of 16, at most 128");
   constexpr int BQ = kAttnMmaRows, BK = kAttnMmaKeys;
-  constexpr int QW = HD / 2 + 4;  // words per sq / sk row
-  constexpr int VW = BK / 2 + 4;  // words per svt row
-  constexpr int NT = BK / 8;      // 8-key tiles of S
-  constexpr int KQ = HD / 16;     // 16-dim steps of QK^T
-  constexpr int DT = HD / 8;      // 8-dim tiles of O
-  // (extern shared arrays of different types must not share a name)
+  static_assert(BQ == BK, "Q is staged in a K tile's place");
+  constexpr int QW = HD / 2 + 4;       // words per K / V / Q row in shared memory
+  constexpr int kStage = 2 * BK * QW;  // words per stage: the K tile, then the V tile
+  constexpr int NT = BK / 8;           // 8-key tiles of S
+  constexpr int KQ = HD / 16;          // 16-dim steps of QK^T
+  constexpr int DT = HD / 8;           // 8-dim tiles of O
   SAE_DYNAMIC_SHARED(uint32_t, smem_words);
-  uint32_t* sq = smem_words;        // [BQ][QW] Q, pre-scaled, bf16 pairs
-  uint32_t* sk = sq + BQ * QW;      // [BK][QW] K tile
-  uint32_t* svt = sk + BK * QW;     // [HD][VW] V tile, transposed: key pairs of one dim
-  __shared__ int v_nonfinite_tile;  // kt of the last tile found to hold an inf or NaN in V
 
   AttnTile tile;
   if (!FindAttnTile(seq_starts, tile_start, n_seqs, BQ, n_heads, n_kv_heads, HD, &tile)) return;
@@ -301,8 +302,43 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
   const int r0 = warp * 16;               // the warp's first row in the tile
+  const int n_kv_tiles = (kv_len + BK - 1) / BK;
 
-  // Rows past the sequence's end are zeros (computed, never stored).
+  // Starts the copy of K/V tile `it` into stage it % 2 and commits it as one
+  // group. Keys past kv_len are zero-filled: P is 0 there, and 0 * V must not
+  // be NaN (the next sequence's V may hold anything).
+  auto load_tile = [&](int it) {
+    uint32_t* sk = smem_words + (it & 1) * kStage;
+    uint32_t* sv = sk + BK * QW;
+    const int kt = it * BK;
+    for (int i = tid; i < BK * (HD / 8); i += blockDim.x) {
+      const int j = i / (HD / 8), c = i - j * (HD / 8);
+      const bool in = kt + j < kv_len;
+      const int64_t off = (seq_begin + (in ? kt + j : 0)) * kv_words + kvh * (HD / 2) + 4 * c;
+      SAE_CP_ASYNC_16(sk + j * QW + 4 * c, kb + off, in ? 16 : 0);
+      SAE_CP_ASYNC_16(sv + j * QW + 4 * c, vb + off, in ? 16 : 0);
+    }
+    SAE_CP_ASYNC_COMMIT();
+  };
+  // Whether a V row among this lane's keys of tile `it` (kt + lane, kt + 32 +
+  // lane) holds an inf or NaN. Read a tile ahead, so the load's latency hides
+  // behind the previous tile's work.
+  auto lane_v_nonfinite = [&](int it) {
+    bool bad = false;
+#pragma unroll
+    for (int half = 0; half < BK / 32; ++half) {
+      const int j = it * BK + 32 * half + lane;
+      bad = bad || (j < kv_len && v_nonfinite[(seq_begin + j) * n_kv_heads + kvh] != 0);
+    }
+    return bad;
+  };
+  load_tile(0);
+  bool next_v_nonfinite = lane_v_nonfinite(0);
+
+  // Q, staged in stage 1's K area (tile 1 goes there only after the barrier
+  // below). Rows past the sequence's end are zeros (computed, never stored).
+  uint32_t* sq = smem_words + kStage;
+#pragma unroll 4
   for (int i = tid; i < BQ * (HD / 2); i += blockDim.x) {
     const int r = i / (HD / 2), c = i - r * (HD / 2);
     float x0 = 0.0f, x1 = 0.0f;
@@ -313,16 +349,11 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
     }
     sq[r * QW + c] = PackBf16x2(x0, x1);
   }
-  if (tid == 0) v_nonfinite_tile = -1;
   __syncthreads();
   uint32_t qf[KQ][4];  // the warp's Q rows as A fragments, one per 16 dims
 #pragma unroll
-  for (int kk = 0; kk < KQ; ++kk) {
-    qf[kk][0] = sq[(r0 + g) * QW + kk * 8 + t];
-    qf[kk][1] = sq[(r0 + g + 8) * QW + kk * 8 + t];
-    qf[kk][2] = sq[(r0 + g) * QW + kk * 8 + 4 + t];
-    qf[kk][3] = sq[(r0 + g + 8) * QW + kk * 8 + 4 + t];
-  }
+  for (int kk = 0; kk < KQ; ++kk) SAE_LDMATRIX_X4(qf[kk], sq + (r0 + (lane & 15)) * QW + kk * 8 + (lane >> 4) * 4);
+  __syncthreads();  // every warp has its Q before tile 1 overwrites sq
 
   float o[DT][4];  // O rows g, g + 8 (see MmaBf16M16N8K16's d)
 #pragma unroll
@@ -331,130 +362,129 @@ __global__ void __launch_bounds__(kAttnMmaWarps * 32)
   const int pos = q_first + r0 + g;  // row g's position in the sequence (row g + 8: pos + 8)
   const int warp_last = q_first + r0 + 15;
 
-  for (int kt = 0; kt < kv_len; kt += BK) {
-    __syncthreads();  // the previous tile is consumed
-    // Keys past kv_len are zeros: P is 0 there, and 0 * V must not be NaN.
-    // K rows: 16-byte copies (8 dims each) into sk.
-    for (int i = tid; i < BK * (HD / 8); i += blockDim.x) {
-      const int j = i / (HD / 8), c = i - j * (HD / 8);
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
-      if (kt + j < kv_len) w = Load16(kb + (seq_begin + kt + j) * kv_words + kvh * (HD / 2) + 4 * c);
-      Store16(sk + j * QW + 4 * c, w);
+  for (int it = 0; it < n_kv_tiles; ++it) {
+    const int kt = it * BK;
+    const bool my_v_nonfinite = next_v_nonfinite;
+    if (it + 1 < n_kv_tiles) {
+      load_tile(it + 1);
+      next_v_nonfinite = lane_v_nonfinite(it + 1);
+    } else {
+      SAE_CP_ASYNC_COMMIT();  // an empty group keeps the count the wait below expects
     }
-    // V: keys j, j + 1 (pair jp) and dims 2dp, 2dp + 1 give one word of
-    // svt row 2dp (the low halves) and one of row 2dp + 1 (the high halves).
-    // A warp covers 4 pairs x 8 word columns: 32-byte global segments, and
-    // two lanes per bank on the stores.
-    for (int i = tid; i < (BK / 2) * (HD / 2); i += blockDim.x) {
-      const int jp = (i >> 3) & (BK / 2 - 1), dp = ((i >> 3) / (BK / 2)) * 8 + (i & 7);
-      const int j = kt + 2 * jp;
-      const uint32_t* p = vb + (seq_begin + j) * kv_words + kvh * (HD / 2) + dp;
-      const uint32_t w0 = j < kv_len ? p[0] : 0u;
-      const uint32_t w1 = j + 1 < kv_len ? p[kv_words] : 0u;
-      if (Bf16x2NonFinite(w0) || Bf16x2NonFinite(w1)) v_nonfinite_tile = kt;
-      svt[(2 * dp) * VW + jp] = (w0 & 0xffffu) | (w1 << 16);
-      svt[(2 * dp + 1) * VW + jp] = (w0 >> 16) | (w1 & 0xffff0000u);
-    }
-    __syncthreads();
-    if (kt > warp_last) continue;  // warp-uniform: every key of the tile is in the warp's future
+    SAE_CP_ASYNC_WAIT(1);  // this thread's copies of tile it have landed
+    __syncthreads();       // and everyone's
+    const uint32_t* sk = smem_words + (it & 1) * kStage;
+    const uint32_t* sv = sk + BK * QW;
+    if (kt <= warp_last) {  // warp-uniform: else every key of the tile is in the warp's future
+      const bool v_bad = __ballot_sync(kFullMask, my_v_nonfinite) != 0;  // a V row of the tile is inf / NaN
 
-    float sc[NT][4];  // S: rows g, g + 8; keys kt + 8 nt + 2t, +1
+      float sc[NT][4];  // S: rows g, g + 8; keys kt + 8 nt + 2t, +1
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+      for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < KQ; ++kk) {
+      for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          // Matrices: keys of S tile 2np (lanes 0-15) / 2np + 1 (16-31), dims +0..7 / +8..15 (lane bit 3).
+          uint32_t b[4];
+          SAE_LDMATRIX_X4(b, sk + ((2 * np + (lane >> 4)) * 8 + (lane & 7)) * QW + kk * 8 + ((lane >> 3) & 1) * 4);
+          SAE_MMA_BF16_M16N8K16(sc[2 * np], qf[kk], b);
+          SAE_MMA_BF16_M16N8K16(sc[2 * np + 1], qf[kk], b + 2);
+        }
+      }
+      if (kt + BK - 1 > q_first + r0) {  // the tile reaches past the warp's first row: causal mask
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (kt + nt * 8 + 2 * t + (e & 1) > pos + 8 * (e >> 1)) sc[nt][e] = -CUDART_INF_F;
+          }
+        }
+      }
+
+      // Online softmax; a row's 64 scores are spread over the 4 lanes of its group.
+      float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t b[2] = {sk[(nt * 8 + g) * QW + kk * 8 + t], sk[(nt * 8 + g) * QW + kk * 8 + 4 + t]};
-        SAE_MMA_BF16_M16N8K16(sc[nt], qf[kk], b);
+        tile_max[0] = fmaxf(tile_max[0], fmaxf(sc[nt][0], sc[nt][1]));
+        tile_max[1] = fmaxf(tile_max[1], fmaxf(sc[nt][2], sc[nt][3]));
       }
-    }
-    if (kt + BK - 1 > q_first + r0) {  // the tile reaches past the warp's first row: causal mask
+      float base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 2));
+        const float m_new = fmaxf(m[r], tile_max[r]);
+        base[r] = m_new == -CUDART_INF_F ? 0.0f : m_new;  // a row with nothing visible yet stays at 0
+        const float corr = exp2f(m[r] - base[r]);         // 0 on the row's first visible tile
+        m[r] = m_new;
+        l[r] *= corr;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[dt][2 * r] *= corr;
+          o[dt][2 * r + 1] *= corr;
+        }
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (kt + nt * 8 + 2 * t + (e & 1) > pos + 8 * (e >> 1)) sc[nt][e] = -CUDART_INF_F;
+          sc[nt][e] = exp2f(sc[nt][e] - base[e >> 1]);
+          l[e >> 1] += sc[nt][e];
         }
       }
-    }
 
-    // Online softmax; a row's 64 scores are spread over the 4 lanes of its group.
-    float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+      if (!v_bad) {
+        // O += P V: P's 16-key chunk kc is S tiles 2kc (keys +0..7) and 2kc+1 (+8..15).
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      tile_max[0] = fmaxf(tile_max[0], fmaxf(sc[nt][0], sc[nt][1]));
-      tile_max[1] = fmaxf(tile_max[1], fmaxf(sc[nt][2], sc[nt][3]));
-    }
-    float base[2];
+        for (int kc = 0; kc < BK / 16; ++kc) {
+          const uint32_t pa[4] = {PackBf16x2(sc[2 * kc][0], sc[2 * kc][1]), PackBf16x2(sc[2 * kc][2], sc[2 * kc][3]),
+                                  PackBf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
+                                  PackBf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFullMask, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
-      base[r] = m_new == -CUDART_INF_F ? 0.0f : m_new;  // a row with nothing visible yet stays at 0
-      const float corr = exp2f(m[r] - base[r]);         // 0 on the row's first visible tile
-      m[r] = m_new;
-      l[r] *= corr;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[dt][2 * r] *= corr;
-        o[dt][2 * r + 1] *= corr;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = exp2f(sc[nt][e] - base[e >> 1]);
-        l[e >> 1] += sc[nt][e];
-      }
-    }
-
-    if (v_nonfinite_tile != kt) {
-      // O += P V: P's 16-key chunk kc is S tiles 2kc (keys +0..7) and 2kc+1 (+8..15).
-#pragma unroll
-      for (int kc = 0; kc < BK / 16; ++kc) {
-        const uint32_t pa[4] = {PackBf16x2(sc[2 * kc][0], sc[2 * kc][1]), PackBf16x2(sc[2 * kc][2], sc[2 * kc][3]),
-                                PackBf16x2(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
-                                PackBf16x2(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          const uint32_t b[2] = {svt[(dt * 8 + g) * VW + kc * 8 + t], svt[(dt * 8 + g) * VW + kc * 8 + 4 + t]};
-          SAE_MMA_BF16_M16N8K16(o[dt], pa, b);
+          for (int dp = 0; dp < DT / 2; ++dp) {
+            // Matrices (transposed): keys +0..7 / +8..15 (lane bit 3) of O tile 2dp (lanes 0-15) / 2dp + 1.
+            uint32_t b[4];
+            SAE_LDMATRIX_X4_TRANS(
+                b, sv + (kc * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * QW + (2 * dp + (lane >> 4)) * 4);
+            SAE_MMA_BF16_M16N8K16(o[2 * dp], pa, b);
+            SAE_MMA_BF16_M16N8K16(o[2 * dp + 1], pa, b + 2);
+          }
         }
-      }
-    } else {
-      // A V value of this tile is inf or NaN. The MMA would add P * V = 0 * inf = NaN for keys in a row's
-      // future, so a later token's inf would reach earlier rows: here each row sums its visible keys only,
-      // key by key, with P rounded to bf16 as the MMA takes it. Rare, so kept small: P goes through a local
-      // copy (indexed at run time; sc itself stays in registers).
-      float pl[NT][4];
+      } else {
+        // A V value of this tile is inf or NaN. The MMA would add P * V = 0 * inf = NaN for keys in a row's
+        // future, so a later token's inf would reach earlier rows: here each row sums its visible keys only,
+        // key by key, with P rounded to bf16 as the MMA takes it. Rare, so kept small: P goes through a local
+        // copy (indexed at run time; sc itself stays in registers).
+        float pl[NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) pl[nt][e] = sc[nt][e];
-      }
+          for (int e = 0; e < 4; ++e) pl[nt][e] = sc[nt][e];
+        }
 #pragma unroll 1
-      for (int j = 0; j < BK; ++j) {
-        const int src = (lane & ~3) | ((j & 7) >> 1);  // the lane of this row group holding key j
-        float pj[2];
+        for (int j = 0; j < BK; ++j) {
+          const int src = (lane & ~3) | ((j & 7) >> 1);  // the lane of this row group holding key j
+          float pj[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) pj[r] = RoundToBf16(__shfl_sync(kFullMask, pl[j >> 3][(j & 1) + 2 * r], src));
+          for (int r = 0; r < 2; ++r) pj[r] = RoundToBf16(__shfl_sync(kFullMask, pl[j >> 3][(j & 1) + 2 * r], src));
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (kt + j > pos + 8 * r) continue;  // key j is in row g + 8r's future
+          for (int r = 0; r < 2; ++r) {
+            if (kt + j > pos + 8 * r) continue;  // key j is in row g + 8r's future
 #pragma unroll
-          for (int dt = 0; dt < DT; ++dt) {
+            for (int dt = 0; dt < DT; ++dt) {
+              // V[key j][dims dt*8 + 2t, +1]: one word of row j.
+              const uint32_t pair = sv[j * QW + dt * 4 + t];
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const uint32_t pair = svt[(dt * 8 + 2 * t + c) * VW + j / 2];
-              o[dt][2 * r + c] = fmaf(pj[r], Bf16BitsToFloat(pair >> (16 * (j & 1))), o[dt][2 * r + c]);
+              for (int c = 0; c < 2; ++c) {
+                o[dt][2 * r + c] = fmaf(pj[r], Bf16BitsToFloat(pair >> (16 * c)), o[dt][2 * r + c]);
+              }
             }
           }
         }
       }
     }
+    __syncthreads();  // stage it % 2 is consumed before the next iteration refills it
   }
 
 #pragma unroll
@@ -508,57 +538,74 @@ cudaError_t LaunchAttentionDpl(const float* q, const float* k, const float* v, c
 }
 
 template <int HD, typename O>
-cudaError_t LaunchAttentionMma(const float* q, const uint32_t* kb, const uint32_t* vb, const int32_t* seq_starts,
-                               const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads, int n_kv_heads,
-                               O* out, cudaStream_t stream) {
+cudaError_t LaunchAttentionMma(const float* q, const uint32_t* kb, const uint32_t* vb, const uint8_t* v_nonfinite,
+                               const int32_t* seq_starts, const int32_t* tile_table, int n_seqs, int64_t n_tokens,
+                               int n_heads, int n_kv_heads, O* out, cudaStream_t stream) {
   return LaunchAttentionTiles(AttentionMmaKernel<HD, O>, kAttnMmaRows, kAttnMmaWarps, AttentionMmaSharedBytes<HD>(),
-                              n_tokens, n_seqs, n_heads, stream, q, kb, vb, seq_starts, tile_table, n_seqs, n_heads,
-                              n_kv_heads, AttentionScaleLog2(HD), out);
+                              n_tokens, n_seqs, n_heads, stream, q, kb, vb, v_nonfinite, seq_starts, tile_table, n_seqs,
+                              n_heads, n_kv_heads, AttentionScaleLog2(HD), out);
 }
 
 // K and V rounded to bf16 (nearest even, finite values saturated as Bf16Part
 // does) for the tensor-core kernel, two elements per word: kb/vb[i] =
-// bf16x2(k/v[2i], k/v[2i + 1]).
-__global__ void AttentionKvToBf16Kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n_pairs,
-                                        uint32_t* __restrict__ kb, uint32_t* __restrict__ vb) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_pairs;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    kb[i] = PackBf16Parts(k[2 * i], k[2 * i + 1]);
-    vb[i] = PackBf16Parts(v[2 * i], v[2 * i + 1]);
+// bf16x2(k/v[2i], k/v[2i + 1]); and v_nonfinite[row] = 1 where V row `row`
+// (one token's one kv head, head_dim values) holds an inf or NaN, else 0.
+// One warp per row.
+__global__ void AttentionKvToBf16Kernel(const float* __restrict__ k, const float* __restrict__ v, int64_t n_rows,
+                                        int head_dim, uint32_t* __restrict__ kb, uint32_t* __restrict__ vb,
+                                        uint8_t* __restrict__ v_nonfinite) {
+  const int lane = threadIdx.x & 31, pairs = head_dim / 2;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; row < n_rows;
+       row += warps) {  // warp-uniform
+    bool bad = false;
+    for (int p = lane; p < pairs; p += 32) {
+      const int64_t i = row * pairs + p;
+      kb[i] = PackBf16Parts(k[2 * i], k[2 * i + 1]);
+      const uint32_t w = PackBf16Parts(v[2 * i], v[2 * i + 1]);
+      vb[i] = w;
+      bad = bad || Bf16x2NonFinite(w);
+    }
+    bad = __ballot_sync(kFullMask, bad) != 0;
+    if (lane == 0) v_nonfinite[row] = bad ? 1 : 0;
   }
 }
 
+// The scratch: K in bf16, V in bf16, then the V rows' non-finite marks.
 template <typename O>
 cudaError_t LaunchAttentionMmaHeadDim(const float* q, const float* k, const float* v, const int32_t* seq_starts,
                                       const int32_t* tile_table, int n_seqs, int64_t n_tokens, int n_heads,
                                       int n_kv_heads, int head_dim, uint32_t* kv_bf16, O* out, cudaStream_t stream) {
-  const int64_t n_pairs = n_tokens * n_kv_heads * head_dim / 2;
+  const int64_t n_rows = n_tokens * n_kv_heads;
+  const int64_t n_pairs = n_rows * head_dim / 2;
   uint32_t* kb = kv_bf16;
   uint32_t* vb = kv_bf16 + n_pairs;
+  uint8_t* v_nonfinite = reinterpret_cast<uint8_t*>(vb + n_pairs);
   constexpr int kThreads = 256;
-  SAE_KERNEL_LAUNCH(AttentionKvToBf16Kernel, GridFor(n_pairs, kThreads), kThreads, 0, stream)
-  (k, v, n_pairs, kb, vb);
+  SAE_KERNEL_LAUNCH(AttentionKvToBf16Kernel, GridFor(n_rows * 32, kThreads), kThreads, 0, stream)
+  (k, v, n_rows, head_dim, kb, vb, v_nonfinite);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (head_dim) {
     case 16:
-      return LaunchAttentionMma<16>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                    stream);
+      return LaunchAttentionMma<16>(q, kb, vb, v_nonfinite, seq_starts, tile_table, n_seqs, n_tokens, n_heads,
+                                    n_kv_heads, out, stream);
     case 32:
-      return LaunchAttentionMma<32>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                    stream);
+      return LaunchAttentionMma<32>(q, kb, vb, v_nonfinite, seq_starts, tile_table, n_seqs, n_tokens, n_heads,
+                                    n_kv_heads, out, stream);
     case 64:
-      return LaunchAttentionMma<64>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                    stream);
+      return LaunchAttentionMma<64>(q, kb, vb, v_nonfinite, seq_starts, tile_table, n_seqs, n_tokens, n_heads,
+                                    n_kv_heads, out, stream);
     default:
-      return LaunchAttentionMma<128>(q, kb, vb, seq_starts, tile_table, n_seqs, n_tokens, n_heads, n_kv_heads, out,
-                                     stream);
+      return LaunchAttentionMma<128>(q, kb, vb, v_nonfinite, seq_starts, tile_table, n_seqs, n_tokens, n_heads,
+                                     n_kv_heads, out, stream);
   }
 }
 
 size_t AttentionKvScratchBytes(int64_t n_tokens, int n_kv_heads, int head_dim, bool tensor_cores) {
   if (!tensor_cores || !AttentionMmaSupportsHeadDim(head_dim)) return 0;
-  return 2 * sizeof(uint16_t) * static_cast<size_t>(n_tokens) * n_kv_heads * head_dim;  // k and v in bf16
+  // K and V in bf16, and a byte per V row.
+  return (2 * sizeof(uint16_t) * static_cast<size_t>(head_dim) + 1) * static_cast<size_t>(n_tokens) * n_kv_heads;
 }
 
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,

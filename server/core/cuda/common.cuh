@@ -58,6 +58,69 @@ __device__ __forceinline__ void MmaBf16M16N8K16(float* d, const uint32_t* a, con
 #define SAE_MMA_BF16_M16N8K16(d, a, b) ::sae::cuda::MmaBf16M16N8K16(d, a, b)
 #endif
 
+// Shared-memory fragment loads and asynchronous global->shared copies (sm_80+).
+// The CPU emulator provides its own, same contracts, through the macros.
+//
+// SAE_LDMATRIX_X4(r, row): ldmatrix.sync.aligned.m8n8.x4.shared.b16, one warp.
+// Four 8x8 matrices of 16-bit elements; lanes 8i..8i+7 give the addresses of
+// matrix i's rows 0..7 (16 bytes each, 16-byte aligned, shared memory). Lane
+// l receives in r[i] row l/4, columns 2(l%4) and 2(l%4)+1 of matrix i (lower
+// column in the low half): the layout of mma's A and B fragments.
+// SAE_LDMATRIX_X4_TRANS(r, row): the same with .trans: r[i] holds rows
+// 2(l%4) and 2(l%4)+1 of column l/4 (lower row in the low half), so a
+// row-major [k][n] tile in shared memory gives mma's B fragments directly.
+//
+// SAE_CP_ASYNC_16(dst, src, src_bytes): cp.async.cg.shared.global of 16
+// bytes (both 16-byte aligned); bytes past src_bytes (0 or 16 here) are
+// zero-filled, not read. The copy lands only once the thread has waited for
+// its group: SAE_CP_ASYNC_COMMIT() closes the thread's current group and
+// SAE_CP_ASYNC_WAIT(n) (n a constant) waits until at most n of its committed
+// groups are still in flight. Other threads see the data after that wait and
+// a __syncthreads.
+#ifndef SAE_LDMATRIX_X4
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void LdMatrixX4(uint32_t* r, const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row))
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row))
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SharedAddress(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#define SAE_LDMATRIX_X4(r, row) ::sae::cuda::LdMatrixX4(r, row)
+#define SAE_LDMATRIX_X4_TRANS(r, row) ::sae::cuda::LdMatrixX4Trans(r, row)
+#define SAE_CP_ASYNC_16(dst, src, src_bytes) ::sae::cuda::CpAsync16(dst, src, src_bytes)
+#define SAE_CP_ASYNC_COMMIT() ::sae::cuda::CpAsyncCommit()
+#define SAE_CP_ASYNC_WAIT(n) ::sae::cuda::CpAsyncWait<n>()
+#endif
+
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for a grid-stride loop over n items: enough blocks to fill the

@@ -66,7 +66,8 @@ bool AttentionMmaSupportsHeadDim(int head_dim);
 // the tensor cores (fp32 accumulation and softmax) where the head dim allows,
 // else fp32 FMA throughout. tile_table: device scratch of n_seqs + 1 ints.
 // kv_bf16: device scratch of AttentionKvScratchBytes bytes (the tensor-core
-// kernel's bf16 copies of k and v; 256-byte aligned, as cudaMalloc returns).
+// kernel's bf16 copies of k and v and a mark per V row holding an inf or
+// NaN; 256-byte aligned, as cudaMalloc returns).
 // Bad seq_starts set *error_flag (those sequences are skipped). out_type:
 // kF32, or kBF16 with the tensor-core kernel only (cudaErrorInvalidValue else).
 cudaError_t LaunchAttention(const float* q, const float* k, const float* v, const int32_t* seq_starts, int n_seqs,

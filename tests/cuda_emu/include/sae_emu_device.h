@@ -92,6 +92,22 @@ inline unsigned Ballot(int line, unsigned mask, int predicate) {
 // and summed in fp32 in k order.
 void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b);
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for the calling warp (see
+// SAE_LDMATRIX_X4 in server/core/cuda/common.cuh): every lane gives one row
+// address (16-byte aligned, inside the block's dynamic shared memory) and
+// receives its four registers once all lanes have arrived.
+void LdMatrixX4(int line, uint32_t* r, const void* row, bool trans);
+
+// cp.async of 16 bytes (src_bytes of them read, the rest zeros). The source
+// is read at the call; the bytes reach dst (which must lie in the block's
+// dynamic shared memory) only when the calling thread waits for the copy's
+// group, so a reader that skips the wait or the barrier after it sees the
+// old contents, as it may on a GPU.
+void CpAsync16(int line, void* dst, const void* src, int src_bytes);
+void CpAsyncCommit();
+// Lands the copies of every committed group but the newest n.
+void CpAsyncWait(int n);
+
 // Aborts unless p is a multiple of `bytes` (a vector access a GPU would fault on).
 void CheckAligned(const void* p, size_t bytes, int line);
 
@@ -173,6 +189,11 @@ T AtomicCas(T* address, T compare, T value) {
 #define __shfl_up_sync(...) ::sae_emu::ShflUp(__LINE__, __VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::sae_emu::Ballot(__LINE__, mask, predicate)
 #define SAE_MMA_BF16_M16N8K16(d, a, b) ::sae_emu::MmaBf16M16N8K16(__LINE__, d, a, b)
+#define SAE_LDMATRIX_X4(r, row) ::sae_emu::LdMatrixX4(__LINE__, r, row, false)
+#define SAE_LDMATRIX_X4_TRANS(r, row) ::sae_emu::LdMatrixX4(__LINE__, r, row, true)
+#define SAE_CP_ASYNC_16(dst, src, src_bytes) ::sae_emu::CpAsync16(__LINE__, dst, src, src_bytes)
+#define SAE_CP_ASYNC_COMMIT() ::sae_emu::CpAsyncCommit()
+#define SAE_CP_ASYNC_WAIT(n) ::sae_emu::CpAsyncWait(n)
 #define SAE_CHECK_ALIGNED(p, bytes) ::sae_emu::CheckAligned(p, bytes, __LINE__)
 
 #define atomicAdd(address, value) ::sae_emu::AtomicAdd(address, value)
