@@ -58,6 +58,16 @@ namespace {
 
 using json = nlohmann::json;
 
+// The binaries under test: where the build put them, unless the environment
+// names others (tests/gpu/run_bundle.sh runs the CUDA cases from its bundle).
+const char* BinaryPath(const char* env, const char* built) {
+  const char* v = std::getenv(env);
+  return v != nullptr && *v != '\0' ? v : built;
+}
+#define SAE_SERVER_BIN BinaryPath("SAE_SERVER_BIN", SAE_SERVER_BUILT)
+#define SAE_CLIENT_BIN BinaryPath("SAE_CLIENT_BIN", SAE_CLIENT_BUILT)
+#define SAE_EXTRACT_BIN BinaryPath("SAE_EXTRACT_BIN", SAE_EXTRACT_BUILT)
+
 std::string Quote(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Packs the CUDA tests and benchmark into one folder that runs on an x86-64
+# Packs the CUDA tests and benchmark (and the server binaries with their
+# end-to-end test) into one folder that runs on an x86-64
 # Linux GPU machine without this project's build dependencies (no Debian
 # packages, no compiler): the binaries, libsae_cuda.so (cudart linked in),
 # the CUDA emulator library, every shared library they need beyond glibc,
@@ -15,12 +16,13 @@ if [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
 fi
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$(nproc)" --target sae_cuda sae_cuda_emu backend_ops_test cuda_engine_test sae-bench-cuda \
-  sae-bench-serving
+  sae-bench-serving e2e_binaries_test sae-server sae-client sae-extract
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/lib"
 bins=(build/tests/core/backend_ops_test build/tests/core/cuda_engine_test build/server/bench/sae-bench-cuda
-  build/tests/e2e/sae-bench-serving)
+  build/tests/e2e/sae-bench-serving build/tests/e2e/e2e_binaries_test build/server/rpc/sae-server
+  build/client/sae-client build/server/rpc/sae-extract)
 libs=(build/server/core/cuda/libsae_cuda.so build/tests/cuda_emu/libsae_cuda_emu.so)
 for f in "${bins[@]}"; do strip --strip-debug -o "$dir/bin/$(basename "$f")" "$f"; done
 for f in "${libs[@]}"; do strip --strip-debug -o "$dir/lib/$(basename "$f")" "$f"; done

@@ -4,10 +4,11 @@
 # <bundle>/out): nvidia-smi, sae-bench-cuda at Llama-3.1-8B shapes (its
 # RESULT lines copied into summary.txt), sae-bench-serving (the host side
 # alone, its RESULT lines too), the CUDA cases of backend_ops_test, all of
-# cuda_engine_test, and compute-sanitizer memcheck and racecheck on the fast
-# op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1 runs the
-# tests on the CPU emulator instead (to check a bundle on a machine without a
-# GPU; no sanitizer or CUDA benchmark then).
+# cuda_engine_test, the CUDA cases of e2e_binaries_test (sae-server,
+# sae-client, sae-extract), and compute-sanitizer memcheck and racecheck on
+# the fast op cases. Exits non-zero if any step failed. SAE_BUNDLE_EMULATE=1
+# runs the tests on the CPU emulator instead (to check a bundle on a machine
+# without a GPU; no sanitizer or CUDA benchmark then).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
@@ -57,6 +58,12 @@ test_cap=${SAE_BUNDLE_TEST_S:-150}
 [[ "$emulate" == 1 ]] && test_cap=${SAE_BUNDLE_TEST_S:-900}  # the emulator is slow, and has no deadline
 step ops timeout -k 10 "$test_cap" "$here/bin/backend_ops_test" --gtest_filter='*/cuda'
 step engine timeout -k 10 "$test_cap" "$here/bin/cuda_engine_test"
+# The real binaries: sae-server --backend=cuda on the demo model queried by
+# sae-client, and sae-extract (the fault and hang cases need the emulator
+# and skip on a GPU).
+SAE_SERVER_BIN=$here/bin/sae-server SAE_CLIENT_BIN=$here/bin/sae-client SAE_EXTRACT_BIN=$here/bin/sae-extract \
+  step server timeout -k 10 "$test_cap" "$here/bin/e2e_binaries_test" \
+  --gtest_filter='CudaServerTest.*:CudaExtractTest.*'
 # Each sanitizer run is capped at min(150 s, what is left); a cap hit is
 # rc=124. A runtime where compute-sanitizer cannot attach to the device (it
 # says "Device not supported" under gVisor) is noted, not a failure.
