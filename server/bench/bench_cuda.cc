@@ -388,6 +388,7 @@ int Run(const Options& o) {
   if (peak > 0) result("gemm_pct_of_peak", gemm_pct);
 
   // ---- attention alone: both kernels (SAE_CUDA_ATTENTION picks one per call) ----
+  double attn_mma_sec = 0;
   std::printf("\n-- attention (packed causal, GQA 32/8, head_dim 128), one layer --\n");
   for (const char* kernel : {"mma", "fp32"}) {
     setenv("SAE_CUDA_ATTENTION", kernel, 1);
@@ -402,6 +403,7 @@ int Run(const Options& o) {
                 std::strcmp(kernel, "mma") == 0 ? "(bf16 tensor cores, the default)" : "(fp32 CUDA cores, exact mode)",
                 attn_sec * 1e3, attn_flops_layer / attn_sec / 1e12, pct(attn_flops_layer, attn_sec));
     result(absl::StrCat("attention_", kernel, "_ms_per_layer"), attn_sec * 1e3);
+    if (std::strcmp(kernel, "mma") == 0) attn_mma_sec = attn_sec;
   }
   unsetenv("SAE_CUDA_ATTENTION");
 
@@ -436,6 +438,52 @@ int Run(const Options& o) {
                   nl, sec * 1e3);
       result(absl::StrCat("request_", small.n_tokens(), "_tokens_L", nl, "_ms"), sec * 1e3);
     }
+  }
+
+  // ---- the rest of a layer, each op alone ----
+  // What a layer spends beside its GEMMs and attention: the memory-bound ops,
+  // timed alone on this batch, with the bytes each must move at least (so the
+  // bandwidth it reaches), and what is left of the deepest forward's time per
+  // layer after the GEMMs, attention (its bf16 K/V pass included) and these.
+  {
+    std::printf("\n-- the rest of a layer, each op alone (%lld tokens) --\n", static_cast<long long>(n));
+    BENCH_ASSIGN(pos, b->Alloc(DType::kI32, n, 1));
+    if (absl::Status s = b->CopyFromHost(batch.positions.data(), pos.get()); !s.ok()) return fail(s);
+    const LlamaModel::Layer& L = model->layer(0);
+    const double f32 = 4.0, gin_bytes = gin == DType::kBF16 ? 2.0 : 4.0;
+    struct Op {
+      const char* name;
+      int per_layer;  // calls per layer
+      double bytes;   // moved per call, at least
+      std::function<absl::Status()> run;
+    };
+    const std::vector<Op> ops = {
+        {"rmsnorm", 2, n * d * (f32 + gin_bytes),
+         [&] { return b->RmsNorm(resid.get(), L.input_norm.get(), eps, h.get()); }},
+        {"rope_q", 1, 2.0 * n * q_dim * f32,
+         [&] { return b->Rope(q.get(), pos.get(), model->inv_freq().get(), static_cast<int>(hd)); }},
+        {"rope_k", 1, 2.0 * n * kv_dim * f32,
+         [&] { return b->Rope(k.get(), pos.get(), model->inv_freq().get(), static_cast<int>(hd)); }},
+        {"silu_mul", 1, n * ffn * (2 * f32 + gin_bytes), [&] { return b->SiluMul(gate.get(), up.get(), act.get()); }},
+    };
+    double rest_sec = 0;
+    for (const Op& op : ops) {
+      const double sec = Seconds(op.run, b, 4 * o.iters, &st);
+      if (!st.ok()) return fail(st);
+      rest_sec += op.per_layer * sec;
+      std::printf("  %-9s x%d per layer  %8.3f ms each  %7.0f GB/s\n", op.name, op.per_layer, sec * 1e3,
+                  op.bytes / sec / 1e9);
+      result(absl::StrCat(op.name, "_ms"), sec * 1e3);
+    }
+    const std::pair<int, double> deepest = *std::max_element(fwd.begin(), fwd.end());
+    const double layer_sec = deepest.second / deepest.first;
+    const double left = layer_sec - gemm_sec / max_layers - attn_mma_sec - rest_sec;
+    std::printf(
+        "  per layer of the %d-layer forward: %.3f ms = GEMMs %.3f + attention %.3f + these ops %.3f + the rest %.3f "
+        "(embedding, launch gaps, timing noise)\n",
+        deepest.first, layer_sec * 1e3, gemm_sec / max_layers * 1e3, attn_mma_sec * 1e3, rest_sec * 1e3, left * 1e3);
+    result("other_ops_ms_per_layer", rest_sec * 1e3);
+    result("unattributed_ms_per_layer", left * 1e3);
   }
 
   print_memory(absl::StrCat("after the forward passes (", n, " tokens)").c_str());

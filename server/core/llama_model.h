@@ -69,6 +69,8 @@ class LlamaModel {
     OwnedTensor w_down;      // [d, ffn]
   };
   const Layer& layer(int l) const { return layers_[l]; }
+  // RoPE's inverse frequencies, [1, head_dim / 2] F32 (llama3 scaling applied).
+  const OwnedTensor& inv_freq() const { return inv_freq_; }
 
  private:
   LlamaModel() = default;
