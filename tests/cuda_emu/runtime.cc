@@ -506,13 +506,6 @@ int LaneId() {
 }
 void* DynamicSharedMemory() { return Block().dynamic_shared.data(); }
 
-void CheckAligned(const void* p, size_t bytes, int line) {
-  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
-    Fatal("misaligned " + std::to_string(bytes) + "-byte access at address " +
-          std::to_string(reinterpret_cast<uintptr_t>(p)) + " (line " + std::to_string(line) + ")");
-  }
-}
-
 void SyncThreads(int line) {
   BlockState& b = Block();
   Fiber* f = cur_fiber;
@@ -612,6 +605,14 @@ void MmaBf16M16N8K16(int line, float* d, const uint32_t* a, const uint32_t* b) {
 
 namespace {
 
+// Aborts unless p is a multiple of `bytes` (a vector access a GPU would fault on).
+void CheckAligned(const void* p, size_t bytes, int line) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    Fatal("misaligned " + std::to_string(bytes) + "-byte access at address " +
+          std::to_string(reinterpret_cast<uintptr_t>(p)) + " (line " + std::to_string(line) + ")");
+  }
+}
+
 // Aborts unless [p, p + bytes) lies in the block's dynamic shared memory.
 void CheckDynamicShared(const void* p, size_t bytes, int line, const char* what) {
   const BlockState& b = Block();
@@ -654,7 +655,6 @@ void CpAsync16(int line, void* dst, const void* src, int src_bytes) {
     Fatal("cp.async at line " + std::to_string(line) + " with a source size over 16");
   AsyncCopy c{dst, {}};
   std::memcpy(c.bytes, src, static_cast<size_t>(src_bytes));
-  Block();
   cur_fiber->async_copies.push_back(c);
 }
 

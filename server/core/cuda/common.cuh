@@ -130,20 +130,6 @@ inline unsigned GridFor(int64_t n, int threads) {
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks));
 }
 
-// 16-byte copies; p must be 16-byte aligned (a GPU faults on a misaligned
-// vector access; the emulator aborts through SAE_CHECK_ALIGNED).
-#ifndef SAE_CHECK_ALIGNED
-#define SAE_CHECK_ALIGNED(p, bytes)
-#endif
-__device__ __forceinline__ uint4 Load16(const void* p) {
-  SAE_CHECK_ALIGNED(p, 16);
-  return *static_cast<const uint4*>(p);
-}
-__device__ __forceinline__ void Store16(void* p, uint4 v) {
-  SAE_CHECK_ALIGNED(p, 16);
-  *static_cast<uint4*>(p) = v;
-}
-
 // Raises `kernel`'s dynamic shared memory limit on the current device to at
 // least `bytes`. The attribute belongs to the process, not to a launch, so it
 // is only ever raised: setting a lower value for one call could fail the

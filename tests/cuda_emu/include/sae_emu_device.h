@@ -108,9 +108,6 @@ void CpAsyncCommit();
 // Lands the copies of every committed group but the newest n.
 void CpAsyncWait(int n);
 
-// Aborts unless p is a multiple of `bytes` (a vector access a GPU would fault on).
-void CheckAligned(const void* p, size_t bytes, int line);
-
 // A kernel launch: `SAE_KERNEL_LAUNCH(k, grid, block, smem, stream)(args...)`.
 // Arguments are converted to the kernel's parameter types and copied, as a
 // real launch does; the grid runs when the stream reaches it.
@@ -194,7 +191,6 @@ T AtomicCas(T* address, T compare, T value) {
 #define SAE_CP_ASYNC_16(dst, src, src_bytes) ::sae_emu::CpAsync16(__LINE__, dst, src, src_bytes)
 #define SAE_CP_ASYNC_COMMIT() ::sae_emu::CpAsyncCommit()
 #define SAE_CP_ASYNC_WAIT(n) ::sae_emu::CpAsyncWait(n)
-#define SAE_CHECK_ALIGNED(p, bytes) ::sae_emu::CheckAligned(p, bytes, __LINE__)
 
 #define atomicAdd(address, value) ::sae_emu::AtomicAdd(address, value)
 #define atomicMax(address, value) ::sae_emu::AtomicMax(address, value)
